@@ -1,0 +1,485 @@
+"""Load a training dataset (local file or Hugging Face Hub) and its eval split, validated and normalized.
+
+Every row that will be used is checked here, before any compute is spent, so a bad row far into a file is
+reported as one line naming the file, the line and the field. Size limits follow the spec's Data
+Preparation section: at most 20,000 training rows and 2,000 eval rows, and Hub datasets are always streamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import DataError
+from posttrain.pipeline.data_formats import (
+    CHAT_FORMATS,
+    FormatName,
+    detect_format,
+    normalize_row,
+    required_fields,
+)
+
+__all__ = [
+    "FormatName",
+    "LoadedData",
+    "default_train_on_what",
+    "detect_format",
+    "load_data",
+    "normalize_row",
+    "read_rows",
+]
+
+SHUFFLE_BUFFER = 10_000
+EVAL_FRACTION = 0.1
+_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonlines")
+SUPPORTED_SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".csv", ".parquet")
+# A missing name with one of these endings was meant as a file, not a Hub dataset.
+_FILE_LIKE_SUFFIXES = (*SUPPORTED_SUFFIXES, ".tsv", ".txt", ".gz", ".zst", ".xlsx", ".arrow")
+# CSV cells are text; these columns may hold a JSON list of messages instead of plain text.
+_JSON_CELL_COLUMNS = frozenset({"messages", "conversations", "prompt", "completion", "chosen", "rejected"})
+_ALWAYS_LIST_COLUMNS = frozenset({"messages", "conversations"})
+_JSON_CONTAINER_KEYS = ("data", "train", "rows")
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    format: FormatName
+    train: list[dict]
+    eval: list[dict]
+    source: str
+    eval_source: str
+    notes: list[str]
+
+
+@dataclass
+class _Part:
+    """Validated rows from one source, before train/eval are settled."""
+
+    format: FormatName
+    rows: list[dict]
+    source: str
+    notes: list[str]
+
+
+# --- reading local files ---------------------------------------------------------------------------
+
+
+def _short_reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def read_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a local .jsonl/.json/.csv/.parquet file, each with a `where` such as "data.jsonl line 3".
+
+    The path is checked at call time, so a missing file or unknown extension fails before iteration.
+    """
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"{path}: file not found")
+    if file.is_dir():
+        raise DataError(f"{path}: is a directory; pass a data file ({', '.join(SUPPORTED_SUFFIXES)})")
+    suffix = file.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        return _read_jsonl(file, path)
+    if suffix == ".json":
+        return _read_json(file, path)
+    if suffix == ".csv":
+        return _read_csv(file, path)
+    if suffix == ".parquet":
+        return _read_parquet(file, path)
+    raise DataError(
+        f'{path}: unsupported file type "{file.suffix or "(no extension)"}"; '
+        f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+    )
+
+
+def _read_jsonl(file: Path, name: str) -> Iterator[tuple[str, dict]]:
+    # Binary read so a bad byte is reported with its line number rather than as a stream error.
+    with file.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{name} line {lineno}"
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected one JSON object per line, got {type(row).__name__}")
+            yield where, row
+
+
+def _read_json(file: Path, name: str) -> Iterator[tuple[str, dict]]:
+    try:
+        document = json.loads(file.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    items = _json_items(document, name)
+    for index, item in enumerate(items, start=1):
+        where = f"{name} row {index}"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        yield where, item
+
+
+def _json_items(document: Any, name: str) -> list:
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict):
+        for key in _JSON_CONTAINER_KEYS:
+            if isinstance(document.get(key), list):
+                return document[key]
+    got = type(document).__name__ if not isinstance(document, dict) else "an object without such a list"
+    raise DataError(
+        f'{name}: expected a JSON list of objects (or an object with a list under "data", "train" or "rows"), got {got}'
+    )
+
+
+def _read_csv(file: Path, name: str) -> Iterator[tuple[str, dict]]:
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            header = [h.strip() for h in header]
+            previous_end = reader.line_num
+            for record in reader:
+                # A record may span several physical lines; report the line it starts on.
+                start, previous_end = previous_end + 1, reader.line_num
+                if not any(cell.strip() for cell in record):
+                    continue
+                where = f"{name} line {start}"
+                if len(record) != len(header):
+                    raise DataError(
+                        f"{where}: expected {len(header)} cells ({', '.join(header)}), got {len(record)}"
+                    )
+                yield (
+                    where,
+                    {key: _csv_cell(key, cell, where) for key, cell in zip(header, record, strict=True)},
+                )
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"{name} line {reader.line_num}: cannot parse CSV ({_short_reason(exc)})"
+            ) from exc
+
+
+def _csv_cell(column: str, cell: str, where: str) -> Any:
+    if column not in _JSON_CELL_COLUMNS or not cell.lstrip().startswith("["):
+        return cell
+    try:
+        parsed = json.loads(cell)
+    except json.JSONDecodeError as exc:
+        # Plain prompt text may legitimately start with "["; only message columns must be JSON.
+        if column in _ALWAYS_LIST_COLUMNS:
+            raise DataError(
+                f'{where}: field "{column}" looks like a JSON list but is not valid JSON ({exc.msg})'
+            ) from exc
+        return cell
+    if column in _ALWAYS_LIST_COLUMNS:
+        return parsed
+    return parsed if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed) else cell
+
+
+def _read_parquet(file: Path, name: str) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+        index = 0
+        # Batches keep memory flat and let us stop early once the row cap is reached.
+        for batch in parquet.iter_batches(batch_size=1_024):
+            for row in batch.to_pylist():
+                index += 1
+                yield f"{name} row {index}", row
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(f"{name}: cannot read as Parquet ({_short_reason(exc)})") from exc
+
+
+# --- validating rows -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collected:
+    format: FormatName
+    rows: list[dict]
+    more_available: bool
+
+
+def _collect(rows: Iterable[tuple[str, dict]], limit: int, label: str, probe_more: bool) -> _Collected:
+    """Detect the format from the first row, then validate and normalize up to `limit` rows."""
+    iterator = iter(rows)
+    fmt: FormatName | None = None
+    fields: tuple[str, ...] = ()
+    first_where = ""
+    normalized: list[dict] = []
+    for where, row in islice(iterator, limit):
+        if fmt is None:
+            fmt, first_where = detect_format(row, where), where
+            fields = required_fields(row, fmt)
+        _check_same_format(row, fmt, fields, where, first_where)
+        normalized.append(normalize_row(row, fmt, where))
+    if fmt is None:
+        raise DataError(f"{label}: no rows found (it is empty)")
+    return _Collected(fmt, normalized, probe_more and _has_more(iterator))
+
+
+def _check_same_format(
+    row: dict, fmt: FormatName, fields: tuple[str, ...], where: str, first_where: str
+) -> None:
+    for field in fields:
+        if row.get(field) is None:
+            looks_like = ""
+            try:
+                looks_like = f'; this row looks like "{detect_format(row, where)}"'
+            except DataError:
+                pass
+            raise DataError(
+                f'{where}: field "{field}" is missing; {first_where} set the format to "{fmt}" '
+                f"and every row must use the same format{looks_like}"
+            )
+
+
+def _has_more(iterator: Iterator[tuple[str, dict]]) -> bool:
+    # Rows past the cap are never used, so a broken one there only tells us the source continues.
+    try:
+        next(iterator)
+    except StopIteration:
+        return False
+    except DataError:
+        return True
+    return True
+
+
+def _shape(fmt: FormatName) -> str:
+    return "chat" if fmt in CHAT_FORMATS else fmt
+
+
+# --- local files -----------------------------------------------------------------------------------
+
+
+def _looks_local(dataset: str) -> bool:
+    path = Path(dataset).expanduser()
+    if path.exists():
+        return True
+    if dataset.lower().endswith(_FILE_LIKE_SUFFIXES):
+        return True
+    # Hub names are "name" or "owner/name"; anything else path-like was meant as a file.
+    return dataset.startswith(("/", "./", "../", "~", ".\\")) or dataset.count("/") > 1 or "\\" in dataset
+
+
+def _load_local(path: str, limit: int, role: str) -> _Part:
+    collected = _collect(read_rows(path), limit, path, probe_more=True)
+    notes = [f'{path}: format "{collected.format}", {len(collected.rows):,} {role} rows read']
+    if collected.more_available:
+        notes.append(
+            f"{path}: has more than {limit:,} rows; used the first {limit:,} (cap on {role} rows), "
+            "the rest was not read"
+        )
+    return _Part(collected.format, collected.rows, path, notes)
+
+
+# --- Hugging Face Hub --------------------------------------------------------------------------------
+
+
+def _hf_label(name: str, config: str | None, split: str, quoted: bool = False) -> str:
+    config_part = f" [{config}]" if config else ""
+    shown = f'dataset "{name}"' if quoted else name
+    return f"{shown}{config_part} split={split}"
+
+
+def _hf_unreachable(name: str, exc: BaseException) -> DataError:
+    return DataError(
+        f'dataset "{name}": cannot load from the Hugging Face Hub ({_short_reason(exc)}); '
+        "pass a local file or check the name/network"
+    )
+
+
+def _hf_split_names(name: str, config: str | None) -> list[str]:
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(name, config))
+    except Exception:  # no split listing means we carve eval from train; loading already proved access
+        return []
+
+
+def _stream_rows(dataset: Iterable[dict], where_prefix: str, name: str) -> Iterator[tuple[str, dict]]:
+    iterator = iter(dataset)
+    index = 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # network and decoding failures surface lazily, mid-stream
+            raise _hf_unreachable(name, exc) from exc
+        index += 1
+        yield f"{where_prefix} row {index}", dict(row)
+
+
+def _hf_known_size(dataset: Any, split: str) -> int | None:
+    try:
+        return int(dataset.info.splits[split].num_examples)
+    except Exception:  # size metadata is optional on the Hub
+        return None
+
+
+def _load_hf(name: str, config: str | None, split: str, limit: int, seed: int, role: str) -> _Part:
+    import datasets
+
+    label = _hf_label(name, config, split)
+    where_prefix = _hf_label(name, config, split, quoted=True)
+    try:
+        # Always stream: some Hub datasets are 100GB+ and we need at most `limit` rows.
+        streamed = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as exc:  # offline, unknown name, gated, bad config/split: all reported the same way
+        raise _hf_unreachable(name, exc) from exc
+    shuffled = streamed.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    collected = _collect(
+        _stream_rows(shuffled.take(limit), where_prefix, name), limit, where_prefix, probe_more=False
+    )
+    notes = [
+        f'{label}: format "{collected.format}", streamed {len(collected.rows):,} {role} rows '
+        f"(shuffled with buffer {SHUFFLE_BUFFER:,}, seed {seed})"
+    ]
+    total = _hf_known_size(streamed, split)
+    if len(collected.rows) >= limit:
+        of_total = f" of {total:,}" if total is not None else ""
+        notes.append(f"{label}: capped at {limit:,} {role} rows{of_total}")
+    return _Part(collected.format, collected.rows, f"{label} (streamed)", notes)
+
+
+# --- train / eval --------------------------------------------------------------------------------------
+
+
+def _carve_eval(rows: list[dict], max_eval_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
+    n = len(rows)
+    size = min(max(int(n * EVAL_FRACTION), 1 if n >= 2 else 0), max_eval_rows)
+    picked = random.Random(seed).sample(range(n), size)
+    held_out = set(picked)
+    return [r for i, r in enumerate(rows) if i not in held_out], [rows[i] for i in picked]
+
+
+def _load_source(dataset: str, config: str | None, split: str, limit: int, seed: int, role: str) -> _Part:
+    if _looks_local(dataset):
+        return _load_local(dataset, limit, role)
+    return _load_hf(dataset, config, split, limit, seed, role)
+
+
+def _pick_hub_eval_split(name: str, config: str | None, train_split: str) -> str | None:
+    names = _hf_split_names(name, config)
+    return next((s for s in ("test", "validation") if s in names and s != train_split), None)
+
+
+def _explicit_eval(
+    eval_dataset: str,
+    train_dataset: str,
+    config: str | None,
+    eval_split: str | None,
+    train_split: str,
+    limit: int,
+    seed: int,
+) -> _Part:
+    if _looks_local(eval_dataset):
+        return _load_local(eval_dataset, limit, "eval")
+    # The training config names a config of the training dataset, not necessarily of this one.
+    eval_config = config if eval_dataset == train_dataset else None
+    split = eval_split or _pick_hub_eval_split(eval_dataset, eval_config, "") or train_split
+    return _load_hf(eval_dataset, eval_config, split, limit, seed, "eval")
+
+
+def _check_eval_shape(train: _Part, eval_part: _Part) -> None:
+    if _shape(train.format) != _shape(eval_part.format):
+        raise DataError(
+            f'{eval_part.source}: eval rows are in "{eval_part.format}" format, which does not match '
+            f'the training format "{train.format}"'
+        )
+
+
+def load_data(
+    dataset: str,
+    *,
+    dataset_config: str | None = None,
+    split: str = "train",
+    eval_dataset: str | None = None,
+    eval_split: str | None = None,
+    max_train_rows: int = 20_000,
+    max_eval_rows: int = 2_000,
+    seed: int = 42,
+) -> LoadedData:
+    """Training rows and eval rows, both validated and normalized; see the module docstring for limits."""
+    is_local = _looks_local(dataset)
+    train = _load_source(dataset, dataset_config, split, max_train_rows, seed, "training")
+    notes = list(train.notes)
+    if is_local and dataset_config:
+        notes.append(f"dataset config {dataset_config!r} ignored: {dataset} is a local file")
+
+    eval_part: _Part | None = None
+    eval_source = ""
+    if eval_dataset:
+        eval_part = _explicit_eval(
+            eval_dataset, dataset, dataset_config, eval_split, split, max_eval_rows, seed
+        )
+        eval_source = eval_part.source
+    elif not is_local:
+        hub_split = eval_split or _pick_hub_eval_split(dataset, dataset_config, split)
+        if hub_split:
+            eval_part = _load_hf(dataset, dataset_config, hub_split, max_eval_rows, seed, "eval")
+            eval_source = f"{hub_split} split"
+    elif eval_split:
+        notes.append(f"eval split {eval_split!r} ignored: {dataset} is a local file")
+
+    if eval_part is not None:
+        _check_eval_shape(train, eval_part)
+        notes.extend(eval_part.notes)
+        return LoadedData(
+            train.format, train.rows, eval_part.rows, _describe(train, is_local), eval_source, notes
+        )
+
+    train_rows, eval_rows = _carve_eval(train.rows, max_eval_rows, seed)
+    notes.append(
+        f"eval: {len(eval_rows):,} rows held out from the {len(train.rows):,} training rows "
+        f"(10%, at most {max_eval_rows:,}, seed {seed}); {len(train_rows):,} left for training"
+    )
+    eval_source = f"10% of training rows (seed {seed})"
+    return LoadedData(train.format, train_rows, eval_rows, _describe(train, is_local), eval_source, notes)
+
+
+def _describe(part: _Part, is_local: bool) -> str:
+    return f"{part.source} (local file)" if is_local else part.source
+
+
+def default_train_on_what(data: LoadedData) -> str:
+    """The cookbook `TrainOnWhat` value the spec recommends for this data.
+
+    Multi-turn chats train on every assistant turn; everything else (single-turn, reasoning traces, rows
+    with a system prompt) trains on the last assistant message. System-prompt baking (all_tokens) changes
+    what the model learns, so it is only ever chosen explicitly by the user.
+    """
+    # Imported here: the cookbook's renderers pull in torch, which costs seconds at import.
+    from tinker_cookbook.renderers import TrainOnWhat
+
+    if data.format in CHAT_FORMATS and any(_assistant_turns(row) >= 2 for row in data.train):
+        return TrainOnWhat.ALL_ASSISTANT_MESSAGES.value
+    return TrainOnWhat.LAST_ASSISTANT_MESSAGE.value
+
+
+def _assistant_turns(row: dict) -> int:
+    return sum(1 for message in row.get("messages", ()) if message.get("role") == "assistant")

@@ -1,0 +1,327 @@
+"""Row formats: which known layout a row uses, and how each layout becomes one normalized shape.
+
+Chat-like layouts (messages, prompt/completion, alpaca instruction, ShareGPT) all become
+`{"messages": [{"role", "content"}, ...]}` ending with a non-empty assistant message; question/answer
+layouts become `{"question", "answer", "final_answer"}`; preference pairs become
+`{"prompt": [messages], "chosen", "rejected"}`. Every error names `where` (file + line, or dataset + row)
+and the offending field, so a user can fix the row without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from posttrain.errors import DataError
+
+FormatName = Literal[
+    "messages", "prompt_completion", "instruction", "sharegpt", "question_answer", "preference"
+]
+
+CHAT_FORMATS: frozenset[str] = frozenset({"messages", "prompt_completion", "instruction", "sharegpt"})
+
+# Tried in this order; the first pair present names the question and the answer.
+QA_FIELD_PAIRS: tuple[tuple[str, str], ...] = (
+    ("question", "answer"),
+    ("problem", "solution"),
+    ("question", "ground_truth"),
+    ("prompt", "ground_truth"),
+    ("problem", "answer"),
+)
+
+# ShareGPT and OpenAI-style exports use several names for the same three roles.
+_ROLE_ALIASES: dict[str, str] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+
+_EXPECTED_LAYOUTS = (
+    "messages; conversations (ShareGPT); instruction+output; prompt+completion; prompt+chosen+rejected; "
+    "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer)"
+)
+
+
+def _has(row: dict, key: str) -> bool:
+    # Hugging Face fills columns a row lacks with None, so None means "absent" here.
+    return row.get(key) is not None
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _qa_pair(row: dict) -> tuple[str, str] | None:
+    for question_key, answer_key in QA_FIELD_PAIRS:
+        if _has(row, question_key) and _has(row, answer_key):
+            return question_key, answer_key
+    return None
+
+
+def detect_format(row: dict, where: str) -> FormatName:
+    """The layout of one row; raises DataError naming `where` and the fields found if none fits."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {_type_name(row)}")
+    # Preference rows often also carry "prompt", so they must win over prompt/completion.
+    if _has(row, "chosen") and _has(row, "rejected"):
+        return "preference"
+    if _has(row, "messages"):
+        return "messages"
+    if _has(row, "conversations"):
+        return "sharegpt"
+    if _has(row, "instruction") and _has(row, "output"):
+        return "instruction"
+    if _has(row, "prompt") and _has(row, "completion"):
+        return "prompt_completion"
+    if _qa_pair(row) is not None:
+        return "question_answer"
+    fields = ", ".join(sorted(str(k) for k in row)) or "none"
+    raise DataError(
+        f"{where}: no known data format (fields found: {fields}); expected one of: {_EXPECTED_LAYOUTS}"
+    )
+
+
+def required_fields(row: dict, fmt: FormatName) -> tuple[str, ...]:
+    """The fields the first row of a dataset commits every later row to carry."""
+    if fmt == "preference":
+        return ("prompt", "chosen", "rejected") if _has(row, "prompt") else ("chosen", "rejected")
+    if fmt == "messages":
+        return ("messages",)
+    if fmt == "sharegpt":
+        return ("conversations",)
+    if fmt == "instruction":
+        return ("instruction", "output")
+    if fmt == "prompt_completion":
+        return ("prompt", "completion")
+    pair = _qa_pair(row)
+    return pair if pair is not None else QA_FIELD_PAIRS[0]
+
+
+def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
+    """Convert one row of a known layout into its normalized shape, validating every field it uses."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {_type_name(row)}")
+    for field in required_fields(row, fmt):
+        if not _has(row, field):
+            raise DataError(f'{where}: field "{field}" is missing (required by the "{fmt}" format)')
+    if fmt == "messages":
+        messages = _parse_messages(row["messages"], where, "messages")
+        return {"messages": _require_assistant_last(messages, where, "messages")}
+    if fmt == "sharegpt":
+        messages = _parse_messages(row["conversations"], where, "conversations")
+        return {"messages": _require_assistant_last(messages, where, "conversations")}
+    if fmt == "instruction":
+        return {"messages": _instruction_messages(row, where)}
+    if fmt == "prompt_completion":
+        return {"messages": _prompt_completion_messages(row, where)}
+    if fmt == "question_answer":
+        return _question_answer(row, where)
+    if fmt == "preference":
+        return _preference(row, where)
+    raise DataError(f"{where}: unknown data format {fmt!r}")
+
+
+# --- chat messages -----------------------------------------------------------------------------
+
+
+def _content_text(value: Any, where: str, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    # OpenAI-style content parts: only text parts can be trained on by a text model.
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        texts: list[str] = []
+        for i, part in enumerate(value):
+            if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                raise DataError(
+                    f'{where}: field "{field}[{i}]" must be a text part {{"type": "text", "text": str}}, '
+                    f"got type {part.get('type')!r}"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f'{where}: field "{field}" must be a string, got {_type_name(value)}')
+
+
+def _parse_message(message: Any, where: str, field: str) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise DataError(
+            f'{where}: field "{field}" must be a {{role, content}} object, got {_type_name(message)}'
+        )
+    # ShareGPT uses from/value; OpenAI style uses role/content. Accept either in both layouts.
+    role_key = "role" if "role" in message else "from"
+    content_key = "content" if "content" in message else "value"
+    if role_key not in message:
+        raise DataError(f'{where}: field "{field}" has no "role" (or "from"); keys: {", ".join(message)}')
+    if content_key not in message:
+        raise DataError(f'{where}: field "{field}" has no "content" (or "value"); keys: {", ".join(message)}')
+    raw_role = message[role_key]
+    role = _ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
+    if role is None:
+        raise DataError(
+            f'{where}: field "{field}.{role_key}" must be one of system, user, assistant, tool '
+            f"(or human, gpt), got {raw_role!r}"
+        )
+    content = _content_text(message[content_key], where, f"{field}.{content_key}")
+    return {"role": role, "content": content}
+
+
+def _parse_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else _type_name(value)
+        raise DataError(
+            f'{where}: field "{field}" must be a non-empty list of {{role, content}} objects, got {got}'
+        )
+    return [_parse_message(m, where, f"{field}[{i}]") for i, m in enumerate(value)]
+
+
+def _require_assistant_last(messages: list[dict[str, str]], where: str, field: str) -> list[dict[str, str]]:
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise DataError(
+            f'{where}: field "{field}" must end with an assistant message to train on, '
+            f'but the last message has role "{last["role"]}"'
+        )
+    if not last["content"].strip():
+        raise DataError(
+            f'{where}: field "{field}[{len(messages) - 1}].content" (the last assistant message) is empty'
+        )
+    return messages
+
+
+def _non_empty_str(row: dict, field: str, where: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str):
+        raise DataError(f'{where}: field "{field}" must be a string, got {_type_name(value)}')
+    if not value.strip():
+        raise DataError(f'{where}: field "{field}" is empty')
+    return value
+
+
+def _instruction_messages(row: dict, where: str) -> list[dict[str, str]]:
+    instruction = _non_empty_str(row, "instruction", where)
+    output = _non_empty_str(row, "output", where)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f'{where}: field "input" must be a string, got {_type_name(extra)}')
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f'{where}: field "system" must be a string, got {_type_name(system)}')
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _side(value: Any, where: str, field: str, default_role: str) -> list[dict[str, str]]:
+    """A prompt/completion side given either as plain text or as a list of messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f'{where}: field "{field}" is empty')
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, list):
+        return _parse_messages(value, where, field)
+    raise DataError(
+        f'{where}: field "{field}" must be a string or a list of {{role, content}} objects, got {_type_name(value)}'
+    )
+
+
+def _prompt_completion_messages(row: dict, where: str) -> list[dict[str, str]]:
+    prompt = _side(row["prompt"], where, "prompt", "user")
+    completion = _side(row["completion"], where, "completion", "assistant")
+    return _require_assistant_last([*prompt, *completion], where, "completion")
+
+
+# --- preference pairs ----------------------------------------------------------------------------
+
+
+def _response_text(value: Any, where: str, field: str) -> tuple[str, list[dict[str, str]]]:
+    """The response text of a chosen/rejected side, plus the turns before it when given as messages."""
+    messages = _side(value, where, field, "assistant")
+    _require_assistant_last(messages, where, field)
+    return messages[-1]["content"], messages[:-1]
+
+
+def _preference(row: dict, where: str) -> dict:
+    chosen, chosen_context = _response_text(row["chosen"], where, "chosen")
+    rejected, _ = _response_text(row["rejected"], where, "rejected")
+    if _has(row, "prompt"):
+        prompt = _side(row["prompt"], where, "prompt", "user")
+    elif chosen_context:
+        # Anthropic-HH style: the conversation so far is repeated inside chosen/rejected.
+        prompt = chosen_context
+    else:
+        raise DataError(
+            f'{where}: field "prompt" is missing and "chosen" holds no earlier turns to use as the prompt'
+        )
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# --- question / answer -----------------------------------------------------------------------------
+
+
+def _answer_text(value: Any, where: str, field: str) -> str:
+    # Ground-truth columns are often numeric; bool is an int subclass but never a real answer.
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(f'{where}: field "{field}" must be a string or a number, got {_type_name(value)}')
+    text = str(value)
+    if not text.strip():
+        raise DataError(f'{where}: field "{field}" is empty')
+    return text
+
+
+def _question_answer(row: dict, where: str) -> dict:
+    pair = _qa_pair(row)
+    if pair is None:
+        raise DataError(
+            f'{where}: field "question" or "answer" is missing (required by the "question_answer" format)'
+        )
+    question_key, answer_key = pair
+    question = _non_empty_str(row, question_key, where)
+    answer = _answer_text(row[answer_key], where, answer_key)
+    return {"question": question, "answer": answer, "final_answer": final_answer(answer)}
+
+
+def _gsm8k_final(text: str) -> str | None:
+    # Same rule as the cookbook's GSM8K grader: text after "####" on the last such line, commas dropped.
+    for line in reversed(text.splitlines()):
+        stripped = line.strip()
+        if stripped.startswith("####"):
+            return stripped[4:].lstrip(": ").replace(",", "").strip()
+    match = re.findall(r"####\s*(.+)", text)
+    return match[-1].replace(",", "").strip() if match else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, matching nested braces; None when there is none."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        bare = re.findall(r"\\boxed\s+([A-Za-z0-9.\-]+)", text)
+        return bare[-1] if bare else None
+    depth = 0
+    begin = start + len("\\boxed{")
+    for i in range(begin - 1, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i].strip()
+    return None
+
+
+def final_answer(answer: str) -> str:
+    """The short answer a grader compares against: GSM8K's '#### x', a LaTeX \\boxed{x}, or the whole answer."""
+    if "####" in answer:
+        gsm8k = _gsm8k_final(answer)
+        if gsm8k:
+            return gsm8k
+    if "\\boxed" in answer:
+        boxed = extract_boxed(answer)
+        if boxed:
+            return boxed
+    return answer.strip()
