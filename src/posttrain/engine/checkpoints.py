@@ -1,0 +1,189 @@
+"""Checkpoints on disk, addressed as `tinker://RUN/weights|sampler_weights/NAME`.
+
+Layout: `<root>/<run_id>/run.json` (base model, LoRA settings, metadata) and
+`<root>/<run_id>/<kind>/<name>/{adapter.safetensors, optimizer.pt, meta.json}`. Every write goes to a staging
+directory first and is renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from posttrain.engine.wire import WireError
+
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+_SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    run_id: str
+    kind: str  # "weights" | "sampler_weights"
+    name: str
+
+    @property
+    def tinker_path(self) -> str:
+        return f"tinker://{self.run_id}/{self.kind}/{self.name}"
+
+
+def check_name(name: str, what: str = "checkpoint name") -> str:
+    if not _SAFE_NAME.match(name) or name in {".", ".."}:
+        raise WireError(
+            f"{what} {name!r} is not allowed: use letters, digits, '.', '_' and '-' (no '/', no leading '.')"
+        )
+    return name
+
+
+def parse_tinker_path(path: str) -> CheckpointRef:
+    if not path.startswith("tinker://"):
+        raise WireError(f"{path!r} is not a tinker:// checkpoint path")
+    parts = path[len("tinker://") :].split("/")
+    if len(parts) != 3 or parts[1] not in KINDS:
+        raise WireError(
+            f"{path!r}: expected tinker://RUN_ID/weights/NAME or tinker://RUN_ID/sampler_weights/NAME"
+        )
+    run_id, kind, name = parts
+    if not _SAFE_RUN.match(run_id):
+        raise WireError(f"{path!r}: invalid run id {run_id!r}")
+    return CheckpointRef(run_id, kind, check_name(name))
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+class CheckpointStore:
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def run_dir(self, run_id: str) -> Path:
+        if not _SAFE_RUN.match(run_id):
+            raise WireError(f"invalid run id {run_id!r}")
+        return self.root / run_id
+
+    def _dir(self, ref: CheckpointRef) -> Path:
+        return self.run_dir(ref.run_id) / ref.kind / ref.name
+
+    # runs -----------------------------------------------------------------------------------------------
+    def write_run(self, run_id: str, info: dict) -> None:
+        directory = self.run_dir(run_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_text(directory / "run.json", json.dumps(info, indent=2))
+
+    def read_run(self, run_id: str) -> dict | None:
+        try:
+            return json.loads((self.run_dir(run_id) / "run.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def list_runs(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob("*/run.json"))
+
+    # checkpoints ----------------------------------------------------------------------------------------
+    def exists(self, ref: CheckpointRef) -> bool:
+        return (self._dir(ref) / "meta.json").exists()
+
+    def save(
+        self,
+        ref: CheckpointRef,
+        adapter: dict[str, torch.Tensor],
+        meta: dict,
+        optimizer: dict | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        target = self._dir(ref)
+        if target.exists() and not overwrite:
+            raise WireError(
+                f"checkpoint {ref.tinker_path} already exists (pass overwrite=True to replace it)"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+        try:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+                staging / "adapter.safetensors",
+            )
+            if optimizer is not None:
+                torch.save(optimizer, staging / "optimizer.pt")
+            (staging / "meta.json").write_text(json.dumps({**meta, "time": time.time()}, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def load(
+        self, ref: CheckpointRef, with_optimizer: bool
+    ) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
+        directory = self._dir(ref)
+        if not (directory / "meta.json").exists():
+            raise WireError(f"checkpoint {ref.tinker_path} not found")
+        meta = json.loads((directory / "meta.json").read_text())
+        adapter = load_file(directory / "adapter.safetensors")
+        optimizer = None
+        if with_optimizer:
+            if not (directory / "optimizer.pt").exists():
+                raise WireError(
+                    f"checkpoint {ref.tinker_path} has no optimizer state (it was saved for sampling)"
+                )
+            optimizer = torch.load(directory / "optimizer.pt", weights_only=True)
+        return adapter, meta, optimizer
+
+    def meta(self, ref: CheckpointRef) -> dict:
+        try:
+            return json.loads((self._dir(ref) / "meta.json").read_text())
+        except (OSError, ValueError):
+            raise WireError(f"checkpoint {ref.tinker_path} not found") from None
+
+    def delete(self, ref: CheckpointRef) -> bool:
+        target = self._dir(ref)
+        if not target.exists():
+            return False
+        shutil.rmtree(target)
+        return True
+
+    def list(self, run_id: str) -> list[dict]:
+        out = []
+        for kind, ctype in KINDS.items():
+            for meta_file in sorted((self.run_dir(run_id) / kind).glob("*/meta.json")):
+                try:
+                    meta = json.loads(meta_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                ref = CheckpointRef(run_id, kind, meta_file.parent.name)
+                size = sum(f.stat().st_size for f in meta_file.parent.iterdir() if f.is_file())
+                entry = {
+                    "checkpoint_id": f"{kind}/{ref.name}",
+                    "checkpoint_type": ctype,
+                    "time": _iso(meta.get("time", meta_file.stat().st_mtime)),
+                    "tinker_path": ref.tinker_path,
+                    "size_bytes": size,
+                    "public": False,
+                }
+                if meta.get("ttl_seconds"):
+                    entry["expires_at"] = _iso(meta["time"] + meta["ttl_seconds"])
+                if meta.get("user_metadata"):
+                    entry["user_metadata"] = meta["user_metadata"]
+                out.append(entry)
+        return sorted(out, key=lambda e: e["time"])
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,401 @@
+"""Engine state and scheduling: sessions, training runs, samplers, and the single compute thread.
+
+Training requests run in arrival order, which is the SDK's submission order (it sends request k+1 only after
+request k's POST has returned). The one exception, forward_backward chunks of one call posted in parallel,
+only accumulates gradients, which commutes. Sampling requests that arrive while the compute thread is busy
+are batched into one generation call per sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.engine import runtime
+from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_name, parse_tinker_path
+from posttrain.engine.futures import Future, FutureStore
+from posttrain.engine.models import ModelSource
+from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
+from posttrain.engine.sampling import GenerationRequest, SamplingSpec, generate
+from posttrain.engine.wire import (
+    FwdBwdRequest,
+    WireError,
+    encode_forward_backward_output,
+    encode_sample_response,
+)
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_GATHER_SECONDS = 0.005  # let concurrent asample POSTs that arrive together share one batch
+MAX_SAMPLE_TOKENS = 4096
+
+
+@dataclass
+class Sampler:
+    sampler_id: str
+    base: ServedModel
+    model_path: str | None
+    snapshot_key: str | None  # None: the base model
+
+
+@dataclass
+class PendingSample:
+    future: Future
+    sampler: Sampler
+    request: GenerationRequest
+
+
+class Engine:
+    def __init__(self, sources: list[ModelSource], checkpoint_dir: Path, dtype: torch.dtype):
+        self.dtype = dtype
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.models: dict[str, ServedModel] = {}
+        for source in sources:
+            logger.info("loading %s from %s (%s)", source.name, source.path, dtype)
+            self.models[source.name] = ServedModel(source, dtype)
+        self.store = CheckpointStore(checkpoint_dir)
+        self.futures = FutureStore()
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.runs: dict[str, TrainingRun] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self.snapshots = SnapshotCache()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-compute")
+        self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
+        self._sample_queue: list[PendingSample] = []
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # lifecycle --------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._scheduler())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None or name not in self.models:
+            raise WireError(
+                f"model {name!r} is not served by this engine; available: {', '.join(self.models)}"
+            )
+        return self.models[name]
+
+    def run(self, model_id: str) -> TrainingRun:
+        run = self.runs.get(model_id)
+        if run is None:
+            raise WireError(
+                f"unknown model_id {model_id!r} (training runs live until the server stops; "
+                "resume from a checkpoint with create_training_client_from_state)"
+            )
+        return run
+
+    def new_session(self, body: dict) -> str:
+        session_id = f"s{uuid.uuid4().hex[:12]}"
+        self.sessions[session_id] = {
+            "created": time.time(),
+            "tags": body.get("tags", []),
+            "last": time.time(),
+        }
+        return session_id
+
+    # scheduling ----------------------------------------------------------------------------------------------
+    def submit_training(self, key: tuple | None, fn: Callable[[], Any]) -> Future:
+        future, new = self.futures.create(key)
+        if new:
+            self._train_queue.append((future, fn))
+            self._poke()
+        return future
+
+    def submit_sample(self, key: tuple, sampler: Sampler, request: GenerationRequest) -> tuple[Future, bool]:
+        future, new = self.futures.create(key)
+        if new:
+            self._sample_queue.append(PendingSample(future, sampler, request))
+            self._poke()
+        return future, new
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _scheduler(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._train_queue or self._sample_queue:
+                if self._train_queue:
+                    future, fn = self._train_queue.popleft()
+                    await self._run_job(loop, future, fn)
+                if self._sample_queue:
+                    await asyncio.sleep(SAMPLE_GATHER_SECONDS)
+                    await self._run_sample_batch(loop)
+
+    async def _run_job(self, loop: asyncio.AbstractEventLoop, future: Future, fn: Callable[[], Any]) -> None:
+        try:
+            result = await loop.run_in_executor(self._executor, fn)
+        except WireError as exc:
+            future.set_error(str(exc), "user")
+        except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
+            logger.error("request %s failed:\n%s", future.request_id, traceback.format_exc())
+            future.set_error(f"internal error in the local engine: {type(exc).__name__}: {exc}", "server")
+        else:
+            future.set_result(result)
+
+    async def _run_sample_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One sampler (= one set of weights) per batch: every request for it that is waiting now.
+        first = self._sample_queue[0].sampler
+        key = (first.base.name, first.snapshot_key)
+        batch = [p for p in self._sample_queue if (p.sampler.base.name, p.sampler.snapshot_key) == key]
+        self._sample_queue = [
+            p for p in self._sample_queue if (p.sampler.base.name, p.sampler.snapshot_key) != key
+        ]
+
+        def work() -> list[bytes]:
+            snapshot = self._snapshot(first)
+            with first.base.sampling_model(first.snapshot_key, snapshot) as module:
+                results = generate(
+                    module,
+                    [p.request for p in batch],
+                    tokenizer=first.base.tokenizer,
+                    eos_token_ids=first.base.eos_token_ids,
+                    compute_dtype=first.base.dtype,
+                    max_context=first.base.max_context,
+                )
+            return [
+                encode_sample_response(
+                    [(s.tokens, s.logprobs, s.stop_reason) for s in r.sequences], r.prompt_logprobs
+                )
+                for r in results
+            ]
+
+        try:
+            encoded = await loop.run_in_executor(self._executor, work)
+        except WireError as exc:
+            for p in batch:
+                p.future.set_error(str(exc), "user")
+        except Exception as exc:  # noqa: BLE001
+            logger.error("sampling batch failed:\n%s", traceback.format_exc())
+            for p in batch:
+                p.future.set_error(
+                    f"internal error in the local engine: {type(exc).__name__}: {exc}", "server"
+                )
+        else:
+            for p, payload in zip(batch, encoded, strict=True):
+                p.future.set_result(payload)
+
+    # training operations (run on the compute thread) -----------------------------------------------------------
+    def create_run(
+        self, model_id: str, base_model: str, spec: LoraSpec, user_metadata: dict | None
+    ) -> TrainingRun:
+        base = self.model(base_model)
+        if spec.rank < 1 or spec.rank > 512:
+            raise WireError(f"lora rank must be between 1 and 512, got {spec.rank}")
+        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+            raise WireError("at least one of train_attn, train_mlp, train_unembed must be true")
+        adapter = f"run{len(self.runs)}-{uuid.uuid4().hex[:6]}"
+        base.add_adapter(adapter, spec)
+        run = TrainingRun(
+            run_id=model_id,
+            base=base,
+            spec=spec,
+            adapter=adapter,
+            optimizer=runtime.new_optimizer(base.adapter_params(adapter)),
+            user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()},
+        )
+        self.runs[model_id] = run
+        self.store.write_run(model_id, run.info())
+        return run
+
+    def do_forward_backward(self, request: FwdBwdRequest) -> bytes:
+        run = self.run(request.model_id)
+        outputs, metrics = runtime.forward_backward(run, request)
+        return encode_forward_backward_output(outputs, metrics)
+
+    def do_optim_step(self, model_id: str, adam: dict) -> dict:
+        return {"metrics": runtime.optim_step(self.run(model_id), adam)}
+
+    def _meta(self, run: TrainingRun, extra: dict) -> dict:
+        return {"base_model": run.base.name, "lora": run.spec.__dict__, "step": run.steps, **extra}
+
+    def do_save_state(
+        self, model_id: str, name: str, ttl: int | None, overwrite: bool, metadata: dict | None
+    ) -> dict:
+        run = self.run(model_id)
+        ref = CheckpointRef(model_id, "weights", check_name(name))
+        self.store.save(
+            ref,
+            run.adapter_state(),
+            self._meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}}),
+            optimizer=run.optimizer.state_dict(),
+            overwrite=overwrite,
+        )
+        return {"path": ref.tinker_path, "type": "save_weights"}
+
+    def do_save_for_sampler(
+        self, model_id: str, name: str | None, sampler_seq: int | None, ttl: int | None, metadata: dict | None
+    ) -> dict:
+        run = self.run(model_id)
+        snapshot = Snapshot(run.spec, run.adapter_state())
+        if name is None:
+            # Ephemeral: kept in memory only, addressed through a sampling session.
+            sampler_id = (
+                f"{model_id}:sampler:{sampler_seq if sampler_seq is not None else uuid.uuid4().hex[:8]}"
+            )
+            key = f"ephemeral:{sampler_id}:{time.time_ns()}"
+            self.snapshots.put(key, snapshot)
+            self.samplers[sampler_id] = Sampler(sampler_id, run.base, None, key)
+            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+        ref = CheckpointRef(model_id, "sampler_weights", check_name(name))
+        self.store.save(
+            ref,
+            snapshot.weights,
+            self._meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}}),
+            overwrite=True,
+        )
+        self.snapshots.put(ref.tinker_path, snapshot)
+        return {"path": ref.tinker_path, "type": "save_weights_for_sampler"}
+
+    def do_load(
+        self,
+        model_id: str,
+        path: str,
+        with_optimizer: bool,
+        base_model: str | None,
+        user_metadata: dict | None,
+    ) -> dict:
+        ref = parse_tinker_path(path)
+        adapter, meta, optimizer = self.store.load(ref, with_optimizer)
+        if base_model and base_model != meta["base_model"]:
+            raise WireError(f"{path} was trained on {meta['base_model']}, not {base_model}")
+        spec = LoraSpec.from_dict(meta["lora"])
+        run = self.runs.get(model_id)
+        if run is None:
+            run = self.create_run(model_id, meta["base_model"], spec, user_metadata)
+        elif run.steps > 0:
+            raise WireError("load_weights is only allowed as the first request of a training client")
+        from peft.utils import set_peft_model_state_dict
+
+        assert run.base.peft is not None
+        set_peft_model_state_dict(run.base.peft, adapter, adapter_name=run.adapter)
+        if optimizer is not None:
+            run.optimizer.load_state_dict(optimizer)
+        run.steps = int(meta.get("step", 0))
+        return {"path": path, "model_id": model_id, "type": "load_weights"}
+
+    # samplers --------------------------------------------------------------------------------------------------
+    def create_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None) -> Sampler:
+        if model_path:
+            ref = parse_tinker_path(model_path)
+            meta = self.store.meta(ref)
+            if base_model and base_model != meta["base_model"]:
+                raise WireError(f"{model_path} was trained on {meta['base_model']}, not {base_model}")
+            sampler = Sampler(sampler_id, self.model(meta["base_model"]), model_path, ref.tinker_path)
+        else:
+            sampler = Sampler(sampler_id, self.model(base_model), None, None)
+        self.samplers[sampler_id] = sampler
+        return sampler
+
+    def _snapshot(self, sampler: Sampler) -> Snapshot | None:
+        if sampler.snapshot_key is None:
+            return None
+        snap = self.snapshots.get(sampler.snapshot_key)
+        if snap is not None:
+            return snap
+        if sampler.snapshot_key.startswith("ephemeral:"):
+            raise WireError(
+                f"sampler {sampler.sampler_id}: its weights were evicted; save them with a name to keep them"
+            )
+        ref = parse_tinker_path(sampler.snapshot_key)
+        weights, meta, _ = self.store.load(ref, with_optimizer=False)
+        snap = Snapshot(LoraSpec.from_dict(meta["lora"]), weights)
+        self.snapshots.put(sampler.snapshot_key, snap)
+        return snap
+
+    def generation_request(self, sampler: Sampler, body: dict, prompt: list[int]) -> GenerationRequest:
+        base = sampler.base
+        base.check_tokens(prompt, "prompt")
+        params = body.get("sampling_params") or {}
+        stop = params.get("stop")
+        stop_strings: list[str] = []
+        stop_tokens: list[int] | None = None
+        if isinstance(stop, str):
+            stop_strings = [stop]
+        elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
+            stop_strings = list(stop)
+        elif isinstance(stop, list):
+            stop_tokens = [int(s) for s in stop]  # [] disables every stop, EOS included
+            base.check_tokens(stop_tokens or [0], "sampling_params.stop")
+        max_tokens = params.get("max_tokens")
+        if max_tokens is not None and (int(max_tokens) < 1):
+            raise WireError(f"sampling_params.max_tokens must be >= 1, got {max_tokens}")
+        if len(prompt) >= base.max_context:
+            raise WireError(
+                f"prompt has {len(prompt)} tokens; the context length of {base.name} is {base.max_context}"
+            )
+        num_samples = int(body.get("num_samples", 1))
+        if num_samples < 1 or num_samples > 1024:
+            raise WireError(f"num_samples must be between 1 and 1024, got {num_samples}")
+        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if int(body.get(unsupported) or 0) > 0:
+                raise WireError(f"{unsupported} is not supported by the local engine")
+        spec = SamplingSpec(
+            max_tokens=min(int(max_tokens), MAX_SAMPLE_TOKENS) if max_tokens is not None else None,
+            temperature=float(params.get("temperature", 1.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            top_k=int(params.get("top_k", -1)),
+            seed=params.get("seed"),
+            stop_strings=stop_strings,
+            stop_token_ids=stop_tokens,
+        )
+        return GenerationRequest(
+            prompt_tokens=prompt,
+            num_samples=num_samples,
+            spec=spec,
+            prompt_logprobs=bool(body.get("prompt_logprobs", False)),
+        )
+
+    # REST views ------------------------------------------------------------------------------------------------
+    def training_run_view(self, run_id: str) -> dict:
+        live = self.runs.get(run_id)
+        info = live.info() if live else self.store.read_run(run_id)
+        if info is None:
+            raise KeyError(run_id)
+        checkpoints = self.store.list(run_id)
+        training = [c for c in checkpoints if c["checkpoint_type"] == "training"]
+        sampler = [c for c in checkpoints if c["checkpoint_type"] == "sampler"]
+        last = live.last_request if live else info.get("created", time.time())
+        return {
+            "training_run_id": run_id,
+            "base_model": info["base_model"],
+            "model_owner": "local",
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": info["lora"]["rank"],
+            "last_request_time": _iso(last),
+            "last_checkpoint": training[-1] if training else None,
+            "last_sampler_checkpoint": sampler[-1] if sampler else None,
+            "user_metadata": info.get("user_metadata") or None,
+        }
+
+    def run_ids(self) -> list[str]:
+        return sorted(set(self.store.list_runs()) | set(self.runs))
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat()

