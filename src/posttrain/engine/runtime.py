@@ -83,7 +83,9 @@ class TrainingRun:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {
             k: v.detach().clone()
-            for k, v in get_peft_model_state_dict(self.base.peft, adapter_name=self.adapter).items()
+            for k, v in get_peft_model_state_dict(
+                self.base.peft, adapter_name=self.adapter, save_embedding_layers=False
+            ).items()
         }
 
     def info(self) -> dict[str, Any]:
