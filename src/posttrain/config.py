@@ -1,0 +1,456 @@
+"""The run configuration: one `TrainConfig` (a chz class), parsed from `key=value` arguments.
+
+Public API
+----------
+- `TrainConfig` -- every setting a run accepts, with its default.
+- `parse_train_args(argv) -> TrainConfig` -- parses `key=value` arguments (a leading `--` is tolerated,
+  `--key=value` == `key=value`) with chz, then `validate()`s the result.
+- `validate(cfg) -> None` -- checks enumerated values and ranges; raises `ConfigError` (one line, naming
+  the option and the allowed values).
+- `config_to_dict(cfg) -> dict` -- every field and its value (JSON-serializable), for summary.json.
+- `HelpRequested` -- raised by `parse_train_args` when `--help`/`-h`/`help` is in argv. It is NOT a
+  `UserError`: the CLI should print `exc.text` to stdout and exit with `exc.exit_code` (0).
+
+Unsupported settings
+--------------------
+Anything that is not a `TrainConfig` field is rejected -- the keys people reach for when they want a setting
+Tinker does not expose (PPO clip epsilon, GAE lambda, dynamic batch size, optimizer choice, gradient
+clipping, warmup, mixed precision, model parallelism; see `UNSUPPORTED_SETTINGS`) and any other unknown
+key alike -- and so is an `lr_schedule` outside `LR_SCHEDULES`. The error is an `UnsupportedConfigError`
+(a `ConfigError`) whose message is the product's fixed sentence `UNSUPPORTED_SENTENCE`, then on the same
+line ` Unsupported: <keys>. Supported parameters: <sorted field names>.`
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+import typing
+from typing import Any
+
+import chz
+from chz.blueprint import (
+    ConstructionException,
+    EntrypointHelpException,
+    ExtraneousBlueprintArg,
+    InvalidBlueprintArg,
+    MissingBlueprintArg,
+)
+
+from posttrain.errors import ConfigError
+
+UNSUPPORTED_SENTENCE = (
+    "This configuration is not currently available in the Tinker training configs. "
+    "The available parameters are listed in the Config classes. "
+    "Let me know if you'd like to proceed with the supported options."
+)
+
+TASKS = ("auto", "sft", "rl", "dpo", "distillation")
+BACKENDS = ("auto", "tinker", "local")
+# What tinker_cookbook 0.5.8 accepts (tinker_cookbook.utils.lr_scheduling.LRSchedule).
+LR_SCHEDULES = ("linear", "cosine", "constant")
+# The RL losses the product exposes (a subset of tinker.types.LossFnType).
+LOSS_FNS = ("importance_sampling", "ppo", "cispo", "dro")
+# tinker_cookbook.renderers.TrainOnWhat values, minus CUSTOMIZED (needs per-token weights we never build).
+TRAIN_ON_WHAT = (
+    "last_assistant_message",
+    "last_assistant_turn",
+    "all_assistant_messages",
+    "all_messages",
+    "all_tokens",
+    "all_user_and_system_messages",
+)
+# What the local engine accepts (posttrain.engine.models.choose_dtype).
+DTYPES = ("auto", "bf16", "fp32")
+RL_ENVS = ("math", "arithmetic", "reasoning_gym:TASK")
+
+# What chz raises for arguments it cannot turn into a TrainConfig.
+_CHZ_ERRORS = (
+    ConstructionException,
+    ExtraneousBlueprintArg,
+    InvalidBlueprintArg,
+    MissingBlueprintArg,
+    ValueError,
+    TypeError,
+)
+
+# The spec's hard dataset limits.
+MAX_TRAIN_ROWS_LIMIT = 20_000
+MAX_EVAL_ROWS_LIMIT = 2_000
+
+# Keys people use for settings the Tinker training configs do not expose, by category. Every unknown key is
+# rejected; these are listed so the rejection can also say what the setting is (`unsupported_category`).
+UNSUPPORTED_SETTINGS: dict[str, str] = {
+    **dict.fromkeys(
+        ("clip_epsilon", "ppo_clip", "ppo_clip_epsilon", "clip_range", "cliprange", "clip_ratio", "epsilon"),
+        "custom PPO clipping (epsilon is fixed internally)",
+    ),
+    **dict.fromkeys(("gae_lambda", "lam", "lambda_", "gae"), "custom GAE lambda"),
+    **dict.fromkeys(
+        ("dynamic_batch_size", "dynamic_batching", "auto_batch_size", "adaptive_batch_size"),
+        "dynamic batch sizing during training",
+    ),
+    **dict.fromkeys(
+        ("optimizer", "optim", "optimizer_type", "optimizer_name"), "optimizer choice (only Adam)"
+    ),
+    **dict.fromkeys(
+        (
+            "grad_clip",
+            "max_grad_norm",
+            "gradient_clipping",
+            "grad_clip_norm",
+            "clip_grad_norm",
+            "grad_norm_clip",
+        ),
+        "gradient clipping",
+    ),
+    **dict.fromkeys(
+        ("warmup_steps", "warmup_ratio", "warmup", "lr_warmup_steps", "num_warmup_steps", "warmup_fraction"),
+        "learning-rate warmup",
+    ),
+    **dict.fromkeys(
+        ("mixed_precision", "fp16", "bf16", "precision", "amp", "half_precision"), "mixed precision"
+    ),
+    **dict.fromkeys(
+        (
+            "tensor_parallel",
+            "tensor_parallel_size",
+            "tp_size",
+            "tp",
+            "pipeline_parallel",
+            "pipeline_parallel_size",
+            "pp_size",
+            "model_parallel",
+            "fsdp",
+            "deepspeed",
+            "zero_stage",
+        ),
+        "model parallelism",
+    ),
+}
+
+
+class HelpRequested(Exception):
+    """`--help` was asked for: print `.text` (to stdout) and exit with `.exit_code` (0). Not an error."""
+
+    exit_code = 0
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+class UnsupportedConfigError(ConfigError):
+    """A setting the Tinker training configs do not expose. `.keys` holds the offending key(s)."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = list(keys)
+        super().__init__(
+            f"{UNSUPPORTED_SENTENCE} Unsupported: {', '.join(self.keys)}. "
+            f"Supported parameters: {', '.join(supported_parameters())}."
+        )
+
+
+@chz.chz
+class TrainConfig:
+    """posttrain: LoRA fine-tuning through the Tinker API (or the bundled local engine)."""
+
+    # What to train and on what
+    task: str = chz.field(default="auto", doc="auto|sft|rl|dpo|distillation (auto: inferred from the data)")
+    dataset: str | None = chz.field(
+        default=None,
+        doc="local file (jsonl/json/csv/parquet) or HF dataset name; None = embedded default data",
+    )
+    dataset_config: str | None = chz.field(default=None, doc="HF dataset config (subset) name")
+    dataset_split: str = chz.field(default="train", doc="split to train on")
+    eval_dataset: str | None = chz.field(default=None, doc="separate evaluation data (file or HF dataset)")
+    eval_split: str | None = chz.field(
+        default=None, doc="evaluation split (None: test split or a held-out 10%)"
+    )
+    model_name: str = chz.field(default="HuggingFaceTB/SmolLM2-135M-Instruct", doc="base model")
+    renderer_name: str | None = chz.field(default=None, doc="chat renderer (None: recommended for the model)")
+
+    # Where it runs and where results go
+    backend: str = chz.field(default="auto", doc="auto|tinker|local")
+    base_url: str | None = chz.field(default=None, doc="Tinker service URL (None: the default service)")
+    run_name: str | None = chz.field(
+        default=None, doc="run name (None: generated); logs in results/logs/<run_name>"
+    )
+    results_dir: str = chz.field(default="results", doc="results folder")
+
+    # Optimisation
+    learning_rate: float | None = chz.field(
+        default=None, doc="peak learning rate (None: recommended for the model)"
+    )
+    lr_schedule: str = chz.field(default="linear", doc="linear|cosine|constant")
+    num_epochs: int = chz.field(default=1, doc="passes over the training data")
+    max_steps: int | None = chz.field(
+        default=None, doc="cap on training steps (None: num_epochs over the data)"
+    )
+    batch_size: int = chz.field(default=32, doc="examples (SFT) or problems (RL) per step")
+    lora_rank: int = chz.field(default=32, doc="LoRA rank")
+    max_length: int = chz.field(default=2048, doc="max tokens per training example")
+    train_on_what: str | None = chz.field(
+        default=None, doc="SFT loss tokens: " + "|".join(TRAIN_ON_WHAT) + " (None: chosen from the data)"
+    )
+    max_train_rows: int = chz.field(
+        default=20_000, doc=f"training rows used (at most {MAX_TRAIN_ROWS_LIMIT})"
+    )
+    max_eval_rows: int = chz.field(default=2_000, doc=f"evaluation rows used (at most {MAX_EVAL_ROWS_LIMIT})")
+    eval_concurrency: int = chz.field(default=64, doc="concurrent evaluation requests")
+    seed: int = chz.field(default=0, doc="random seed (shuffling, splits)")
+
+    # RL
+    env: str | None = chz.field(default=None, doc="RL environment: math|arithmetic|reasoning_gym:TASK")
+    group_size: int = chz.field(default=8, doc="RL rollouts per problem")
+    max_tokens: int = chz.field(default=256, doc="max sampled tokens per completion")
+    temperature: float = chz.field(default=1.0, doc="sampling temperature for RL rollouts")
+    eval_temperature: float = chz.field(default=0.0, doc="sampling temperature for evaluation (0: greedy)")
+    loss_fn: str = chz.field(default="importance_sampling", doc="|".join(LOSS_FNS))
+    kl_penalty_coef: float = chz.field(default=0.0, doc="KL penalty against the base policy")
+
+    # Tracking and checkpoints
+    wandb_project: str | None = chz.field(default=None, doc="W&B project (None: WANDB_PROJECT from .env)")
+    save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
+    eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
+    dtype: str = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
+
+
+def supported_parameters() -> list[str]:
+    """The sorted names of every `TrainConfig` field."""
+    return sorted(chz.chz_fields(TrainConfig))
+
+
+def unsupported_category(key: str) -> str | None:
+    """What an unsupported key is (e.g. 'gradient clipping'), or None for a key not in the table."""
+    return UNSUPPORTED_SETTINGS.get(_normalize_key(key))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Every field of `cfg` with its value (plain JSON types), in declaration order."""
+    return {name: getattr(cfg, name) for name in chz.chz_fields(TrainConfig)}
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _normalize_key(key: str) -> str:
+    key = key.strip().lstrip("-").split(".", 1)[0]
+    return key.replace("-", "_").lower()
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _describe_type(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        base = " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in inner)
+        return f"{base} or None" if len(inner) < len(args) else base
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _example_value(name: str) -> str:
+    default = getattr(TrainConfig(), name)
+    if default is None:
+        hint = _field_types()[name]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return {int: "100", float: "1e-4"}.get(inner[0] if inner else str, "VALUE")
+    return str(default)
+
+
+def help_text() -> str:
+    """The `--help` text: every setting, its default and what it does."""
+    hints = _field_types()
+    defaults = TrainConfig()
+    fields = chz.chz_fields(TrainConfig)
+    rows = []
+    for name, f in fields.items():
+        tp = _describe_type(hints[name]).replace("an integer", "int").replace("a number", "float")
+        tp = tp.replace("a string", "str")
+        rows.append((name, tp, repr(getattr(defaults, name)), f._doc))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    lines = [
+        "usage: posttrain train [key=value ...]",
+        "",
+        "Fine-tune a model with LoRA through Tinker (or the local engine). Settings, as key=value:",
+        "",
+    ]
+    for name, tp, default, doc in rows:
+        lines.append(f"  {name:<{w0}}  {tp:<{w1}}  {default:<{w2}}  {doc}")
+    lines += [
+        "",
+        "Not available (rejected): PPO clip epsilon, GAE lambda, dynamic batch size, optimizer choice "
+        "(Adam only), gradient clipping, warmup, mixed precision, model parallelism.",
+        "Example: posttrain train task=sft dataset=data.jsonl learning_rate=2e-4 num_epochs=2",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_HELP_FLAGS = ("--help", "-h", "help")
+
+
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """Parse `key=value` arguments into a validated `TrainConfig`.
+
+    Raises `HelpRequested` for --help/-h/help, `UnsupportedConfigError` for unknown or unsupported keys (and an
+    lr_schedule outside LR_SCHEDULES), `ConfigError` for malformed arguments and values.
+    """
+    argv = list(argv)
+    if any(a in _HELP_FLAGS for a in argv):
+        raise HelpRequested(help_text())
+
+    known = set(chz.chz_fields(TrainConfig))
+    pairs: list[tuple[str, str]] = []
+    unsupported: list[str] = []
+    seen: dict[str, str] = {}
+    for arg in argv:
+        raw_key, sep, value = arg.partition("=")
+        key = raw_key.strip()
+        if key.startswith("--"):
+            key = key[2:]
+        if not key:
+            raise ConfigError(f"Invalid argument {arg!r}: expected key=value, e.g. learning_rate=1e-4")
+        if key not in known:
+            if key not in unsupported:
+                unsupported.append(key)
+            continue
+        if not sep:
+            raise ConfigError(
+                f"Invalid argument {arg!r}: expected key=value, e.g. {key}={_example_value(key)}"
+            )
+        if key in seen and seen[key] != value:
+            raise ConfigError(f"{key} is given twice ({key}={seen[key]} and {key}={value}); give it once")
+        seen[key] = value
+        pairs.append((key, value))
+    lr_schedule = seen.get("lr_schedule")
+    if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
+        unsupported.append(f"lr_schedule={lr_schedule}")
+    if unsupported:
+        raise UnsupportedConfigError(unsupported)
+
+    cfg = _make(pairs)
+    validate(cfg)
+    return cfg
+
+
+def _make(pairs: list[tuple[str, str]]) -> TrainConfig:
+    try:
+        return chz.Blueprint(TrainConfig).make_from_argv([f"{k}={v}" for k, v in pairs])
+    except EntrypointHelpException as e:  # pragma: no cover - --help is intercepted earlier
+        raise HelpRequested(help_text()) from e
+    except _CHZ_ERRORS as e:
+        bad = _first_bad_pair(pairs)
+        if bad is None:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"Invalid settings: {first_line}") from None
+        key, value = bad
+        expected = _describe_type(_field_types()[key])
+        raise ConfigError(
+            f"Invalid value for {key}: {value!r} is not {expected} (e.g. {key}={_example_value(key)})"
+        ) from None
+
+
+def _first_bad_pair(pairs: list[tuple[str, str]]) -> tuple[str, str] | None:
+    for key, value in pairs:
+        try:
+            chz.Blueprint(TrainConfig).make_from_argv([f"{key}={value}"])
+        except _CHZ_ERRORS:
+            return key, value
+    return None
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+
+
+def _at_least(name: str, value: Any, low: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < low
+    ):
+        raise ConfigError(f"{name}={value!r} is not valid; expected a number >= {low:g}")
+
+
+def _between(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (low <= value <= high):
+        raise ConfigError(f"{name}={value!r} is not valid; expected a number from {low:g} to {high:g}")
+
+
+_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check enumerated values and ranges; raise `ConfigError` (one line) on the first problem."""
+    _choice("task", cfg.task, TASKS)
+    _choice("backend", cfg.backend, BACKENDS)
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UnsupportedConfigError([f"lr_schedule={cfg.lr_schedule}"])
+    _choice("loss_fn", cfg.loss_fn, LOSS_FNS)
+    _choice("dtype", cfg.dtype, DTYPES)
+    if cfg.train_on_what is not None:
+        _choice("train_on_what", cfg.train_on_what, TRAIN_ON_WHAT)
+    if cfg.env is not None:
+        ok = cfg.env in ("math", "arithmetic") or (
+            cfg.env.startswith("reasoning_gym:") and cfg.env.split(":", 1)[1].strip() != ""
+        )
+        if not ok:
+            raise ConfigError(f"env={cfg.env!r} is not valid; allowed values: {', '.join(RL_ENVS)}")
+
+    for name in ("dataset", "dataset_config", "eval_dataset", "eval_split", "renderer_name", "wandb_project"):
+        value = getattr(cfg, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{name} is empty; give a value or leave it out")
+    for name in ("dataset_split", "model_name", "results_dir"):
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"{name} is empty; give a value")
+    if cfg.run_name is not None and (not _RUN_NAME_RE.match(cfg.run_name) or ".." in cfg.run_name):
+        raise ConfigError(
+            f"run_name={cfg.run_name!r} is not valid; use letters, digits, '.', '_' and '-' "
+            "(it names the folder results/logs/<run_name>)"
+        )
+    if cfg.base_url is not None and not cfg.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"base_url={cfg.base_url!r} is not valid; expected an http:// or https:// URL")
+    if cfg.wandb_project is not None and "/" in cfg.wandb_project:
+        raise ConfigError(f"wandb_project={cfg.wandb_project!r} is not valid; a W&B project name has no '/'")
+
+    if cfg.learning_rate is not None:
+        if not (isinstance(cfg.learning_rate, int | float) and 0 < cfg.learning_rate < 1):
+            raise ConfigError(
+                f"learning_rate={cfg.learning_rate!r} is not valid; expected a number in (0, 1)"
+            )
+    _at_least("num_epochs", cfg.num_epochs, 1)
+    _at_least("max_steps", cfg.max_steps, 1, allow_none=True)
+    _at_least("batch_size", cfg.batch_size, 1)
+    _at_least("lora_rank", cfg.lora_rank, 1)
+    _at_least("max_length", cfg.max_length, 16)
+    _between("max_train_rows", cfg.max_train_rows, 1, MAX_TRAIN_ROWS_LIMIT)
+    _between("max_eval_rows", cfg.max_eval_rows, 1, MAX_EVAL_ROWS_LIMIT)
+    _at_least("eval_concurrency", cfg.eval_concurrency, 1)
+    _at_least("seed", cfg.seed, 0)
+    if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size < 2:
+        raise ConfigError(
+            f"group_size={cfg.group_size!r} is not valid; expected an integer >= 2 "
+            "(RL advantages compare rollouts within a group)"
+        )
+    _at_least("max_tokens", cfg.max_tokens, 1)
+    if not (isinstance(cfg.temperature, int | float) and 0 < cfg.temperature <= 2):
+        raise ConfigError(f"temperature={cfg.temperature!r} is not valid; expected a number in (0, 2]")
+    _between("eval_temperature", cfg.eval_temperature, 0, 2)
+    _at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
+    _at_least("save_every", cfg.save_every, 0)
+    _at_least("eval_every", cfg.eval_every, 0)

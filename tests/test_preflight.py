@@ -1,0 +1,213 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from posttrain.errors import PreflightError
+from posttrain.pipeline.preflight import (
+    REQUIRED_ENV_VARS,
+    TINKER_LINEUP,
+    builtin_renderer_names,
+    check_credentials,
+    check_model,
+    load_env,
+    redact,
+    resolve_renderer,
+)
+
+TINKER_SECRET = "tk-SECRET-0123456789abcdef"
+WANDB_SECRET = "wb-SECRET-fedcba9876543210"
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No credentials in the environment (restored after the test, even if load_env sets them) and cwd=tmp."""
+    for name in (*REQUIRED_ENV_VARS, "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.setenv(name, "placeholder")  # recorded, so teardown restores the real state
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_lineup_is_the_spec_table():
+    assert len(TINKER_LINEUP) == 21
+    assert TINKER_LINEUP["Qwen/Qwen3-8B"] == "Hybrid"
+    assert TINKER_LINEUP["Qwen/Qwen3-VL-30B-A3B-Instruct"] == "Vision"
+    assert TINKER_LINEUP["openai/gpt-oss-20b"] == "Reasoning"
+    assert TINKER_LINEUP["meta-llama/Llama-3.2-1B"] == "Base"
+    assert TINKER_LINEUP["moonshotai/Kimi-K2-Thinking"] == "Reasoning"
+    assert set(TINKER_LINEUP.values()) == {"Vision", "Instruction", "Hybrid", "Base", "Reasoning"}
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" not in TINKER_LINEUP
+
+
+def test_load_env_reads_dotenv_and_returns_only_booleans(clean_env):
+    (clean_env / ".env").write_text(
+        f"TINKER_API_KEY={TINKER_SECRET}\nWANDB_API_KEY={WANDB_SECRET}\nWANDB_PROJECT=my-project\n"
+    )
+    status = load_env()
+    assert status == {"TINKER_API_KEY": True, "WANDB_API_KEY": True, "WANDB_PROJECT": True}
+    assert all(isinstance(v, bool) for v in status.values())
+    assert TINKER_SECRET not in repr(status) and WANDB_SECRET not in repr(status)
+    assert os.environ["TINKER_API_KEY"] == TINKER_SECRET and os.environ["WANDB_PROJECT"] == "my-project"
+
+
+def test_load_env_does_not_override_the_environment_but_fills_empty(clean_env, monkeypatch):
+    env_file = clean_env / "custom.env"
+    env_file.write_text("WANDB_PROJECT=from-file\nTINKER_API_KEY=from-file-key\n")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("TINKER_API_KEY", "")
+    status = load_env(env_file)
+    assert os.environ["WANDB_PROJECT"] == "from-env"
+    assert os.environ["TINKER_API_KEY"] == "from-file-key"
+    assert status == {"TINKER_API_KEY": True, "WANDB_API_KEY": False, "WANDB_PROJECT": True}
+
+
+def test_load_env_without_file_reports_missing(clean_env):
+    assert load_env(clean_env / "nope.env") == dict.fromkeys(REQUIRED_ENV_VARS, False)
+
+
+def test_tinker_backend_lists_missing_names_never_values(clean_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
+    with pytest.raises(PreflightError) as exc:
+        check_credentials("tinker")
+    msg = str(exc.value)
+    assert (
+        msg
+        == f"Missing required environment variables: TINKER_API_KEY, WANDB_PROJECT (set them in .env in {Path.cwd()})"
+    )
+    assert WANDB_SECRET not in msg
+
+
+def test_tinker_backend_missing_one_with_secret_present(clean_env, monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", TINKER_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
+    monkeypatch.setenv("WANDB_PROJECT", "   ")  # blank counts as missing
+    with pytest.raises(PreflightError) as exc:
+        check_credentials("tinker")
+    assert "Missing required environment variables: WANDB_PROJECT (" in str(exc.value)
+    assert TINKER_SECRET not in str(exc.value) and WANDB_SECRET not in str(exc.value)
+
+
+def test_tinker_backend_all_set(clean_env, monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", TINKER_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    notes = check_credentials("tinker")
+    assert notes and any("proj" in n for n in notes)
+    assert not any(TINKER_SECRET in n or WANDB_SECRET in n for n in notes)
+
+
+def test_local_backend_needs_nothing_and_explains_offline_wandb(clean_env):
+    notes = check_credentials("local")
+    text = "\n".join(notes)
+    assert "offline" in text and "wandb sync" in text and "WANDB_PROJECT" in text
+
+
+def test_local_backend_online_when_key_present(clean_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
+    notes = check_credentials("local")
+    assert any("online" in n for n in notes) and not any(WANDB_SECRET in n for n in notes)
+
+
+def test_check_model_tinker_lineup():
+    check_model("Qwen/Qwen3-8B", "tinker", None)
+    with pytest.raises(PreflightError) as exc:
+        check_model("HuggingFaceTB/SmolLM2-135M-Instruct", "tinker", None)
+    msg = str(exc.value)
+    assert "SmolLM2" in msg and "Qwen/Qwen3-8B" in msg and "meta-llama/Llama-3.2-1B" in msg
+
+
+def test_check_model_uses_server_capabilities_when_given():
+    check_model("Qwen/Qwen3-8B", "tinker", ["Qwen/Qwen3-8B", "meta-llama/Llama-3.2-1B"])
+    with pytest.raises(PreflightError) as exc:
+        check_model("Qwen/Qwen3-32B", "tinker", ["Qwen/Qwen3-8B"])
+    assert "Available: Qwen/Qwen3-8B" in str(exc.value)
+
+
+def test_check_model_local_engine():
+    check_model("HuggingFaceTB/SmolLM2-135M-Instruct", "local", ["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    with pytest.raises(PreflightError) as exc:
+        check_model("Qwen/Qwen3-8B", "local", ["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert "local engine" in str(exc.value) and "SmolLM2-135M-Instruct" in str(exc.value)
+
+
+def test_resolve_renderer(clean_env):
+    assert resolve_renderer("Qwen/Qwen3-8B", "llama3") == ("llama3", "explicit")
+    assert resolve_renderer("Qwen/Qwen3-8B", None) == ("qwen3", "cookbook recommendation")
+    assert resolve_renderer("meta-llama/Llama-3.1-8B-Instruct", None) == ("llama3", "cookbook recommendation")
+    assert resolve_renderer("Qwen/Qwen3-4B-Instruct-2507", None)[0] == "qwen3_instruct"
+    name, source = resolve_renderer("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    assert name == "qwen3_instruct" and source.startswith("fallback: ") and "ChatML" in source
+    name, source = resolve_renderer("someorg/mystery-7b", None)
+    assert name == "role_colon" and source.startswith("fallback: ")
+    with pytest.raises(PreflightError, match="not-a-renderer"):
+        resolve_renderer("Qwen/Qwen3-8B", "not-a-renderer")
+
+
+def test_builtin_renderer_names_match_the_cookbook_dispatch(clean_env):
+    names = builtin_renderer_names()
+    spec_table = ["llama3", "qwen3", "qwen3_instruct", "qwen3_disable_thinking", "qwen3_vl", "qwen3_vl_instruct",
+                  "deepseekv3", "deepseekv3_thinking", "gpt_oss_low_reasoning", "gpt_oss_medium_reasoning",
+                  "gpt_oss_high_reasoning", "kimi_k2", "role_colon"]  # fmt: skip
+    assert set(spec_table) <= set(names)
+    from tinker_cookbook import renderers
+
+    for name in names:  # every scraped name really is dispatched by get_renderer
+        try:
+            renderers.get_renderer(name, tokenizer=None)
+        except Exception as e:
+            assert "Unknown renderer" not in str(e), name
+    with pytest.raises(Exception, match="Unknown renderer"):
+        renderers.get_renderer("definitely_not_a_renderer", tokenizer=None)
+
+    renderers.register_renderer("posttrain-test/custom", lambda tok, img: None)
+    try:
+        assert resolve_renderer("Qwen/Qwen3-8B", "posttrain-test/custom") == (
+            "posttrain-test/custom",
+            "explicit",
+        )
+    finally:
+        renderers.unregister_renderer("posttrain-test/custom")
+
+
+def test_smollm2_fallback_renderer_matches_its_chat_template(clean_env):
+    """qwen3_instruct must produce exactly the tokens of SmolLM2's own ChatML template (cached tokenizer only)."""
+    pytest.importorskip("transformers")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download("HuggingFaceTB/SmolLM2-135M-Instruct", local_files_only=True)
+    except Exception:
+        pytest.skip("SmolLM2 tokenizer not in the local HF cache")
+    from tinker_cookbook.renderers import get_renderer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(local)
+    renderer = get_renderer(resolve_renderer("HuggingFaceTB/SmolLM2-135M-Instruct", None)[0], tok)
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+
+    def ids(x):
+        return list(x["input_ids"] if hasattr(x, "keys") else x)
+
+    reference = ids(tok.apply_chat_template(msgs, tokenize=True))
+    rendered, _weights = renderer.build_supervised_example(msgs)
+    assert rendered.to_ints() == reference[: len(rendered.to_ints())]
+    prompt = renderer.build_generation_prompt(msgs[:2]).to_ints()
+    assert prompt == ids(tok.apply_chat_template(msgs[:2], tokenize=True, add_generation_prompt=True))
+    assert renderer.get_stop_sequences() == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_redact(monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", TINKER_SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
+    text = f"auth {TINKER_SECRET} and {WANDB_SECRET}!"
+    out = redact(text)
+    assert out == "auth *** and ***!"
+    monkeypatch.delenv("TINKER_API_KEY")
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert redact(text) == text
