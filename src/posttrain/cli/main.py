@@ -1,0 +1,74 @@
+"""`posttrain train key=value ...` and `posttrain serve --model ...`.
+
+A `UserError` (bad input, settings, missing keys) is printed as one line, without a traceback, exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+USAGE = """usage: posttrain <command> [args]
+
+commands:
+  train key=value ...   run post-training end to end (default: SFT of SmolLM2-135M on the local engine)
+  serve [--model M]     serve models over the Tinker wire protocol (the local engine)
+
+`posttrain train --help` lists every setting.
+"""
+
+
+def train_main(argv: list[str]) -> int:
+    from posttrain.config import HelpRequested, parse_train_args
+    from posttrain.errors import UserError
+
+    try:
+        cfg = parse_train_args(argv)
+    except HelpRequested as exc:
+        print(exc.text, end="")
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    from posttrain.netcheck import hub_offline_if_unreachable
+
+    if hub_offline_if_unreachable():
+        print(
+            "note: the Hugging Face Hub is not reachable: models and datasets come from local caches",
+            flush=True,
+        )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from posttrain.pipeline.preflight import redact
+    from posttrain.pipeline.run import run
+
+    try:
+        summary = run(cfg)
+    except UserError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: partial results were written to the results folder", file=sys.stderr)
+        return 130
+    return 0 if summary.get("verdict") == "improved" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    if command == "serve":
+        from posttrain.engine.serve import main as serve_main
+
+        return serve_main(rest)
+    print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

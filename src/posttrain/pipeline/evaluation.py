@@ -1,0 +1,134 @@
+"""The same evaluation for the base model and the trained model, with concurrent requests.
+
+SFT: per example, the NLL of the held-out completion tokens (the tokens `train_on_what` trains on), computed
+the way the cookbook's `SamplerNLLEvaluator` does (`compute_logprobs` on the full sequence); the aggregate is
+the token-weighted mean, the cookbook's `compute_mean_nll`.
+RL: per problem, one sampled answer with the training prompt, extracted and graded the same way as the reward.
+A failed example is recorded with its error and does not stop the evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import tinker
+from tinker_cookbook import renderers
+from tinker_cookbook.supervised.nll_evaluator import SamplerNLLEvaluator
+from tqdm.asyncio import tqdm_asyncio
+
+from posttrain.pipeline.rl_envs import extract_answer, grade, prompt_messages
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_tokens: int
+    temperature: float
+    seed: int
+
+
+async def _bounded(
+    items: Sequence[Any], work: Callable[[int, Any], Awaitable[T]], concurrency: int, desc: str
+) -> list[T]:
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, item: Any) -> T:
+        async with semaphore:
+            return await work(i, item)
+
+    return list(await tqdm_asyncio.gather(*[one(i, x) for i, x in enumerate(items)], desc=desc, leave=False))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+async def evaluate_nll(
+    client: tinker.SamplingClient,
+    datums: Sequence[tinker.Datum],
+    rows: Sequence[dict],
+    concurrency: int,
+    desc: str,
+) -> tuple[list[dict], float]:
+    """Return (per-example rows in the SFT schema, token-weighted mean NLL over the successful examples)."""
+
+    async def one(i: int, datum: tinker.Datum) -> dict:
+        prompt, completion = _prompt_and_completion(rows[i])
+        record: dict[str, Any] = {"index": i, "prompt": prompt, "completion": completion, "nll": None}
+        try:
+            logprobs = await SamplerNLLEvaluator._compute_logprobs(client, datum)
+            lp = logprobs.to_numpy().astype(np.float64)
+            weights = datum.loss_fn_inputs["weights"].to_numpy().astype(np.float64)
+            if weights.sum() <= 0:
+                raise ValueError(
+                    "no completion tokens to score (all weights are zero; is max_length too short?)"
+                )
+            record["nll"] = float(-(lp * weights).sum() / weights.sum())
+            record["_sum"] = float(-(lp * weights).sum())
+            record["_tokens"] = float(weights.sum())
+        except Exception as exc:  # noqa: BLE001 - one bad example must not stop the evaluation
+            record["error"] = _short(exc)
+        return record
+
+    records = await _bounded(list(datums), one, concurrency, desc)
+    total = sum(r.pop("_sum", 0.0) for r in records)
+    tokens = sum(r.pop("_tokens", 0.0) for r in records)
+    return records, (total / tokens if tokens else float("nan"))
+
+
+def _prompt_and_completion(row: dict) -> tuple[str, str]:
+    messages = row["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages[:last])
+    return prompt, messages[last]["content"]
+
+
+async def evaluate_accuracy(
+    client: tinker.SamplingClient,
+    problems: Sequence[dict],
+    renderer: renderers.Renderer,
+    instruction: str,
+    settings: SamplingSettings,
+    concurrency: int,
+    desc: str,
+) -> tuple[list[dict], float]:
+    """Return (per-problem rows in the RL schema, accuracy over all problems; failures count as wrong)."""
+    stop = renderer.get_stop_sequences()
+
+    async def one(i: int, problem: dict) -> dict:
+        record: dict[str, Any] = {
+            "index": i,
+            "question": problem["question"],
+            "ground_truth": str(problem["answer"]),
+            "completion": "",
+            "extracted_answer": "",
+            "correct": False,
+        }
+        try:
+            prompt = renderer.build_generation_prompt(prompt_messages(problem, instruction))
+            params = tinker.SamplingParams(
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                stop=stop,
+                seed=settings.seed + i,
+            )
+            response = await client.sample_async(prompt, num_samples=1, sampling_params=params)
+            message, _ = renderer.parse_response(response.sequences[0].tokens)
+            completion = renderers.get_text_content(message)
+            extracted = extract_answer(completion)
+            record.update(
+                completion=completion, extracted_answer=extracted, correct=bool(grade(problem, extracted))
+            )
+        except Exception as exc:  # noqa: BLE001
+            record["error"] = _short(exc)
+        return record
+
+    records = await _bounded(list(problems), one, concurrency, desc)
+    accuracy = sum(1 for r in records if r["correct"]) / len(records) if records else float("nan")
+    return records, accuracy
