@@ -25,6 +25,7 @@ class EngineProcess:
         port: int = 0,
         log_file: str | Path | None = None,
         env: dict[str, str] | None = None,
+        threads: int | None = None,
     ):
         self.args = [
             sys.executable,
@@ -42,6 +43,8 @@ class EngineProcess:
         self.args += ["--dtype", dtype]
         if api_key:
             self.args += ["--api-key", api_key]
+        if threads:
+            self.args += ["--threads", str(threads)]
         self.env = {**os.environ, **(env or {})}
         self.log_file = Path(log_file) if log_file else None
         self.url: str | None = None

@@ -86,16 +86,14 @@ def check_inputs(loss_fn: str, index: int, n_tokens: int, inputs: LossInputs) ->
                 f"datum {index}: loss_fn {loss_fn!r} needs loss_fn_inputs[{key!r}], which is missing"
             )
     target = inputs["target_tokens"]
-    if target.shape[0] != n_tokens:
+    if target.dim() not in (1, 2) or target.shape[0] != n_tokens:
         raise WireError(
-            f"datum {index}: target_tokens has {target.shape[0]} positions but model_input has {n_tokens} tokens"
+            f"datum {index}: target_tokens has shape {list(target.shape)}; expected [{n_tokens}] or "
+            f"[{n_tokens}, K] for a model_input of {n_tokens} tokens"
         )
     for key, tensor in inputs.items():
-        if (
-            key != "target_tokens"
-            and tensor.shape[0] != n_tokens
-            and key in REQUIRED_INPUTS["ppo"] + ("weights",)
-        ):
+        if key in REQUIRED_INPUTS["ppo"] + ("weights",) and tensor.shape != target.shape:
             raise WireError(
-                f"datum {index}: loss_fn_inputs[{key!r}] has {tensor.shape[0]} positions, expected {n_tokens}"
+                f"datum {index}: loss_fn_inputs[{key!r}] has shape {list(tensor.shape)}, "
+                f"expected {list(target.shape)} like target_tokens"
             )

@@ -8,9 +8,11 @@ shape into which a snapshot's weights are copied before a sampling batch runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,12 +59,18 @@ class LoraSpec:
         )
 
 
+_snapshot_versions = itertools.count(1)
+
+
 @dataclass
 class Snapshot:
     """Adapter weights frozen for sampling (None = the base model itself)."""
 
     spec: LoraSpec
     weights: dict[str, torch.Tensor]
+    # Identifies these exact weights in a sampling slot. A key such as a tinker:// path is not enough: saving a
+    # sampler checkpoint again under the same name must not leave the old weights loaded in the slot.
+    version: int = field(default_factory=lambda: next(_snapshot_versions))
 
 
 @dataclass
@@ -114,7 +122,7 @@ class ServedModel:
         self.max_context = max_context_length(source.path) or 4096
         self.eos_token_ids = self._eos_ids()
         self.peft: PeftModel | None = None
-        self.slots: dict[str, str | None] = {}  # sampling slot adapter -> id of the snapshot loaded in it
+        self.slots: dict[str, int] = {}  # sampling slot adapter -> version of the snapshot loaded in it
         self._linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
     def _eos_ids(self) -> list[int]:
@@ -154,7 +162,11 @@ class ServedModel:
             bias="none",
         )
         # The seed makes the LoRA A initialisation reproducible (B starts at zero, so the model starts as the base).
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            # With train_unembed on a tied-embedding model, peft warns that the lm_head adapter is not tied to the
+            # input embedding. That is what Tinker's train_unembed means (a LoRA on the unembedding only), and
+            # adapters are never merged into the shared base weight, so the warning does not apply.
+            warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*", category=UserWarning)
             torch.manual_seed(spec.seed if spec.seed is not None else int(time.time_ns() % 2**31))
             if self.peft is None:
                 self.peft = get_peft_model(self.model, config, adapter_name=adapter)
@@ -179,7 +191,7 @@ class ServedModel:
         self.peft.active_adapter = adapter
 
     @contextlib.contextmanager
-    def sampling_model(self, snapshot_id: str | None, snapshot: Snapshot | None):
+    def sampling_model(self, snapshot: Snapshot | None):
         """Yield a module whose forward is the base model with the snapshot's adapter (or none)."""
         if snapshot is None:
             if self.peft is None:
@@ -192,13 +204,13 @@ class ServedModel:
         if self.peft is None or slot not in self.peft.peft_config:
             self.add_adapter(slot, snapshot.spec)
         assert self.peft is not None
-        if self.slots.get(slot) != snapshot_id:
+        if self.slots.get(slot) != snapshot.version:
             result = set_peft_model_state_dict(self.peft, snapshot.weights, adapter_name=slot)
             if result.unexpected_keys:
                 raise WireError(
                     f"sampler weights do not fit {self.name}: unexpected {result.unexpected_keys[:3]}"
                 )
-            self.slots[slot] = snapshot_id
+            self.slots[slot] = snapshot.version
         self.activate(slot)
         yield self.peft
 
@@ -262,18 +274,26 @@ def forward_backward(
             mask[row, : lengths[i]] = 1
         with grad_context, base.autocast:
             logits = base.peft(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with grad_context:
+            # One log-softmax and one gather over the whole micro-batch. Slicing per datum before them would make
+            # backward materialise a zero tensor the size of all the logits once per datum (seconds for 16 rows).
+            targets = [request.data[i].inputs["target_tokens"].long() for i in group]
+            columns = max(1 if t.dim() == 1 else t.shape[1] for t in targets)
+            index = torch.zeros(len(group), width, columns, dtype=torch.long)
+            for row, t in enumerate(targets):
+                index[row, : t.shape[0], : 1 if t.dim() == 1 else t.shape[1]] = t.view(t.shape[0], -1)
+            logits32 = logits.float()
+            all_lp = logits32.gather(-1, index) - torch.logsumexp(logits32, dim=-1, keepdim=True)
         group_loss = None
         for row, i in enumerate(group):
             n = lengths[i]
             inputs = request.data[i].inputs
-            targets = inputs["target_tokens"].long()
             with grad_context:
-                row_logits = logits[row, :n].float()
-                logz = torch.logsumexp(row_logits, dim=-1)
-                if targets.dim() == 1:
-                    lp = row_logits.gather(-1, targets[:, None])[:, 0] - logz
-                else:
-                    lp = row_logits.gather(-1, targets) - logz[:, None]
+                lp = (
+                    all_lp[row, :n, 0]
+                    if targets[row].dim() == 1
+                    else all_lp[row, :n, : targets[row].shape[1]]
+                )
                 float_inputs = {k: v.float() for k, v in inputs.items() if k != "target_tokens"}
                 per_token = loss_fn(lp, float_inputs, request.loss_fn_config)
                 datum_loss = per_token.sum()
@@ -285,7 +305,7 @@ def forward_backward(
             }
         if not request.forward_only and group_loss is not None and group_loss.requires_grad:
             group_loss.backward()
-        del logits
+        del logits, logits32, all_lp
     return outputs, {"loss:sum": total}
 
 

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where checkpoints live (default: $POSTTRAIN_CACHE/checkpoints, i.e. ~/.cache/posttrain/checkpoints)",
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch compute threads (default 0: half the available processors, at least one)",
+    )
     parser.add_argument("--api-key", default=None, help="refuse requests whose X-API-Key is not this value")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -65,27 +71,27 @@ def main(argv: list[str] | None = None) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((args.host, args.port))
+            sock.listen(2048)  # connections made right after the ready line wait in the backlog
         except OSError as exc:
             raise UserError(
                 f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror})"
             ) from None
-        engine = Engine(sources, checkpoint_dir, dtype)
+        engine = Engine(sources, checkpoint_dir, dtype, threads=args.threads)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{port}"
-    app = create_app(engine, api_key=args.api_key)
 
-    @app.on_event("startup")
-    async def _announce() -> None:
+    def announce() -> None:
         print(
             f"{READY_PREFIX}{url}  (models: {', '.join(engine.models)}; checkpoints: {checkpoint_dir}; "
-            f"dtype: {str(dtype).removeprefix('torch.')})",
+            f"dtype: {str(dtype).removeprefix('torch.')}; threads: {engine.threads})",
             flush=True,
         )
 
+    app = create_app(engine, api_key=args.api_key, on_ready=announce)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=75)
     server = uvicorn.Server(config)
     server.run(sockets=[sock])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -27,8 +29,20 @@ def _future_reply(future: Any, **extra: Any) -> dict:
     return {"request_id": future.request_id, **extra}
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="posttrain local engine", docs_url=None, redoc_url=None)
+def create_app(
+    engine: Engine, api_key: str | None = None, on_ready: Callable[[], None] | None = None
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="posttrain local engine", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     def failed(exc: WireError, **extra: Any) -> dict:
         # A bad request to a future-returning endpoint becomes a failed future: the SDK raises it as
@@ -36,14 +50,6 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         future, _ = engine.futures.create(None)
         future.set_error(str(exc), "user")
         return _future_reply(future, **extra)
-
-    @app.on_event("startup")
-    async def _startup() -> None:
-        await engine.start()
-
-    @app.on_event("shutdown")
-    async def _shutdown() -> None:
-        await engine.stop()
 
     @app.middleware("http")
     async def _auth_and_errors(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -317,9 +323,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             )
         prompt = tokens_from_model_input(data.get("prompt") or {})
         gen = engine.generation_request(sampler, data, prompt)
+        # Without a seq_id a request cannot be recognised as a retry: it always gets a fresh future.
         key = ("sample", sampler.sampler_id, data.get("seq_id")) if data.get("seq_id") is not None else None
-        if key is None:
-            key = ("sample-unkeyed", id(data))
         future, _ = engine.submit_sample(key, sampler, gen)
         ids = [f"{future.request_id}:{i}" for i in range(gen.num_samples)]
         return _future_reply(future, sample_sequence_ids=ids)

@@ -105,13 +105,22 @@ def _batched(arrays: list[np.ndarray], dtype: np.dtype, proto_dtype: int) -> pb.
 
 
 def encode_forward_backward_output(outputs: list[dict[str, np.ndarray]], metrics: dict[str, float]) -> bytes:
-    record = pb.ArrayRecord(num_datums=len(outputs))
-    for name in outputs[0] if outputs else []:
-        record.fields[name].CopyFrom(
-            _batched([o[name] for o in outputs], np.dtype(np.float32), pb.DTYPE_FLOAT32)
-        )
     msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    msg.loss_fn_outputs.append(record)
+    # One ArrayRecord per run of consecutive datums whose fields share trailing shapes (e.g. [N] targets next to
+    # [N, K] ones): a BatchedTensor has a single trailing shape, and the SDK concatenates the records in order.
+    start = 0
+    while start < len(outputs):
+        shapes = {name: a.shape[1:] for name, a in outputs[start].items()}
+        stop = start + 1
+        while stop < len(outputs) and {n: a.shape[1:] for n, a in outputs[stop].items()} == shapes:
+            stop += 1
+        record = msg.loss_fn_outputs.add()
+        record.num_datums = stop - start
+        for name in shapes:
+            record.fields[name].CopyFrom(
+                _batched([o[name] for o in outputs[start:stop]], np.dtype(np.float32), pb.DTYPE_FLOAT32)
+            )
+        start = stop
     for key, value in metrics.items():
         msg.metrics[key] = float(value)
     return msg.SerializeToString()
