@@ -37,27 +37,41 @@ class FwdBwdRequest:
     data: list[FwdBwdDatum] = field(default_factory=list)
 
 
+def _buffer(name: str, data: bytes, dtype: type) -> np.ndarray:
+    try:
+        return np.frombuffer(data, dtype=dtype)
+    except ValueError:
+        raise WireError(
+            f"loss_fn_inputs[{name!r}]: {len(data)} bytes is not a whole number of {dtype.__name__}"
+        ) from None
+
+
 def _tensor_from_proto(name: str, msg: pb.Tensor) -> torch.Tensor:
     dtype = _NUMPY_OF.get(msg.dtype)
     if dtype is None:
         raise WireError(f"loss_fn_inputs[{name!r}]: unsupported dtype {msg.dtype}")
     shape = [int(s) for s in msg.shape]
     if msg.HasField("sparse_csr"):
-        if len(shape) != 2:
+        if len(shape) != 2 or min(shape) < 0:
             raise WireError(f"loss_fn_inputs[{name!r}]: a sparse tensor needs a 2-D shape, got {shape}")
-        values = np.frombuffer(msg.sparse_csr.values, dtype=dtype)
-        crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype=np.int64)
-        col = np.frombuffer(msg.sparse_csr.col_indices, dtype=np.int64)
-        if len(crow) != shape[0] + 1 or len(col) != len(values):
-            raise WireError(f"loss_fn_inputs[{name!r}]: inconsistent sparse CSR indices")
-        sparse = torch.sparse_csr_tensor(
-            torch.from_numpy(crow.copy()),
-            torch.from_numpy(col.copy()),
-            torch.from_numpy(values.copy()),
-            size=shape,
-        )
-        return sparse.to_dense()
-    flat = torch.from_numpy(np.frombuffer(msg.dense, dtype=dtype).copy())
+        values = _buffer(name, msg.sparse_csr.values, dtype)
+        crow = _buffer(name, msg.sparse_csr.crow_indices, np.int64)
+        col = _buffer(name, msg.sparse_csr.col_indices, np.int64)
+        # Checked by hand: the bytes come from the network, and torch's sparse constructors skip these checks.
+        counts = np.diff(crow)
+        if (
+            len(crow) != shape[0] + 1
+            or len(col) != len(values)
+            or crow[0] != 0
+            or crow[-1] != len(values)
+            or (counts < 0).any()
+            or (len(col) and (col.min() < 0 or col.max() >= shape[1]))
+        ):
+            raise WireError(f"loss_fn_inputs[{name!r}]: inconsistent sparse CSR indices for shape {shape}")
+        dense = np.zeros(shape, dtype=dtype)
+        dense[np.repeat(np.arange(shape[0]), counts), col] = values
+        return torch.from_numpy(dense)
+    flat = torch.from_numpy(_buffer(name, msg.dense, dtype).copy())
     if not shape:
         return flat
     if math.prod(shape) != flat.numel():
