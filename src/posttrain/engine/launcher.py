@@ -96,6 +96,12 @@ class EngineProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def restart(self, timeout: float = 600.0) -> str:
+        """Stop the server and start it again with the same arguments (a new port when it was 0)."""
+        self.stop()
+        self.url = None
+        return self.start(timeout)
+
     def __enter__(self) -> EngineProcess:
         self.start()
         return self
