@@ -84,11 +84,29 @@ def grade(problem: dict, extracted: str) -> bool:
     return math_equal(extracted, str(problem["answer"]))
 
 
-def reasoning_gym_problems(task: str, n: int, seed: int) -> list[dict]:
+def parse_reasoning_gym_env(spec: str) -> tuple[str, dict[str, Any]]:
+    """`TASK` or `TASK:key=value,key=value` (values parsed as JSON when they can be: numbers, lists, booleans)."""
+    task, _, options = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"env=reasoning_gym:{spec}: options must be key=value, got {item!r}")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except ValueError:
+            kwargs[key.strip()] = value
+        if isinstance(kwargs[key.strip()], list):
+            kwargs[key.strip()] = tuple(kwargs[key.strip()])
+    return task.strip(), kwargs
+
+
+def reasoning_gym_problems(spec: str, n: int, seed: int) -> list[dict]:
     import reasoning_gym
 
+    task, options = parse_reasoning_gym_env(spec)
     try:
-        dataset = reasoning_gym.create_dataset(task, size=n, seed=seed)
+        dataset = reasoning_gym.create_dataset(task, size=n, seed=seed, **options)
     except Exception as exc:  # noqa: BLE001 - unknown task names raise various errors
         raise ConfigError(
             f"env=reasoning_gym:{task}: cannot create this reasoning-gym task ({exc})"
