@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     hub_offline_if_unreachable()
     # Heavy imports after the hub check: huggingface_hub reads HF_HUB_OFFLINE when imported.
     import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server log
 
     from posttrain.engine.engine import Engine
     from posttrain.engine.models import cache_root, choose_dtype, resolve_model
