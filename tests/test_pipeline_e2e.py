@@ -18,13 +18,22 @@ SECRET_TINKER = "tml-very-secret-tinker-key-123"
 SECRET_WANDB = "wandb-very-secret-key-456"
 
 
-def train(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, timeout: int = 900,
-          unset: tuple[str, ...] = ()):
+def train(
+    args: list[str],
+    cwd: Path,
+    extra_env: dict[str, str] | None = None,
+    timeout: int = 900,
+    unset: tuple[str, ...] = (),
+):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     for name in unset:
         env.pop(name, None)
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -45,9 +54,20 @@ def sft_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_data: Path) -> None:
     (tmp_path / ".env").write_text(f"TINKER_API_KEY={SECRET_TINKER}\nWANDB_API_KEY={SECRET_WANDB}\n")
     proc = train(
-        [f"dataset={sft_data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.01",
-         "batch_size=8", "max_steps=6", "eval_every=3", "save_every=0", "run_name=sft_e2e", "backend=local",
-         "lora_rank=8", "wandb_project=posttrain-tests"],
+        [
+            f"dataset={sft_data}",
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            "learning_rate=0.01",
+            "batch_size=8",
+            "max_steps=6",
+            "eval_every=3",
+            "save_every=0",
+            "run_name=sft_e2e",
+            "backend=local",
+            "lora_rank=8",
+            "wandb_project=posttrain-tests",
+        ],
         tmp_path,
         unset=("TINKER_API_KEY", "WANDB_API_KEY"),  # so both come from the .env file
     )
@@ -82,14 +102,28 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     proc2 = train(["dataset=/nonexistent/data.jsonl", "backend=local"], tmp_path)
     assert proc2.returncode == 2 and "Traceback" not in proc2.stderr
     assert "data.jsonl" in proc2.stderr and len(proc2.stderr.strip().splitlines()) == 1
-    assert json.loads((results / "summary.json").read_text())["run_name"] == "sft_e2e"  # bad input lost nothing
+    assert (
+        json.loads((results / "summary.json").read_text())["run_name"] == "sft_e2e"
+    )  # bad input lost nothing
 
 
 def test_rl_run_on_arithmetic_env(tmp_path: Path, tiny_model: str) -> None:
     proc = train(
-        ["env=arithmetic", f"model_name={tiny_model}", "renderer_name=role_colon", "batch_size=2", "group_size=2",
-         "max_steps=2", "max_tokens=6", "max_eval_rows=6", "save_every=0", "eval_every=0", "run_name=rl_e2e",
-         "backend=local", "lora_rank=4"],
+        [
+            "env=arithmetic",
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            "batch_size=2",
+            "group_size=2",
+            "max_steps=2",
+            "max_tokens=6",
+            "max_eval_rows=6",
+            "save_every=0",
+            "eval_every=0",
+            "run_name=rl_e2e",
+            "backend=local",
+            "lora_rank=4",
+        ],
         tmp_path,
     )
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
