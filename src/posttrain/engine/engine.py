@@ -9,6 +9,7 @@ are batched into one generation call per sampler.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_GATHER_SECONDS = 0.005  # let concurrent asample POSTs that arrive together share one batch
 MAX_SAMPLE_TOKENS = 4096
+STOP_GRACE_SECONDS = 5.0  # on shutdown, how long a running compute job may take to finish
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Engine:
         self._sample_queue: list[PendingSample] = []
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._running: concurrent.futures.Future | None = None
 
     # lifecycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -95,7 +98,20 @@ class Engine:
     async def stop(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Let a job that is about to finish (a checkpoint being written) complete, but never wait for a long
+        # generation or training step: checkpoints are renamed into place, so exiting mid-job is safe.
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def busy(self) -> bool:
+        """Whether the compute thread is still running a job."""
+        return self._running is not None and not self._running.done()
+
+    async def _compute(self, fn: Callable[[], Any]) -> Any:
+        self._running = self._executor.submit(fn)
+        return await asyncio.wrap_future(self._running)
 
     def model(self, name: str | None) -> ServedModel:
         if name is None or name not in self.models:
@@ -145,21 +161,20 @@ class Engine:
 
     async def _scheduler(self) -> None:
         assert self._wake is not None
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._train_queue or self._sample_queue:
                 if self._train_queue:
                     future, fn = self._train_queue.popleft()
-                    await self._run_job(loop, future, fn)
+                    await self._run_job(future, fn)
                 if self._sample_queue:
                     await asyncio.sleep(SAMPLE_GATHER_SECONDS)
-                    await self._run_sample_batch(loop)
+                    await self._run_sample_batch()
 
-    async def _run_job(self, loop: asyncio.AbstractEventLoop, future: Future, fn: Callable[[], Any]) -> None:
+    async def _run_job(self, future: Future, fn: Callable[[], Any]) -> None:
         try:
-            result = await loop.run_in_executor(self._executor, fn)
+            result = await self._compute(fn)
         except WireError as exc:
             future.set_error(str(exc), "user")
         except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
@@ -168,7 +183,7 @@ class Engine:
         else:
             future.set_result(result)
 
-    async def _run_sample_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_sample_batch(self) -> None:
         # One sampler (= one set of weights) per batch: every request for it that is waiting now.
         first = self._sample_queue[0].sampler
         key = (first.base.name, first.snapshot_key)
@@ -196,7 +211,7 @@ class Engine:
             ]
 
         try:
-            encoded = await loop.run_in_executor(self._executor, work)
+            encoded = await self._compute(work)
         except WireError as exc:
             for p in batch:
                 p.future.set_error(str(exc), "user")

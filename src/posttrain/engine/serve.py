@@ -95,9 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     app = create_app(engine, api_key=args.api_key, on_ready=announce)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=75)
+    # Clients long-poll retrieve_future for up to 25 s; on shutdown, do not wait for those polls to time out.
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_keep_alive=75, timeout_graceful_shutdown=3
+    )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
+    if engine.busy():
+        # The interpreter would join the compute thread at exit, i.e. wait for a long generation to finish.
+        print("posttrain engine stopped while a request was still computing; it was abandoned", flush=True)
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
