@@ -582,7 +582,23 @@ def test_checkpoints_survive_a_server_restart(keyed_engine, tiny_model_b):
     uninterrupted = _probe(tc)
     run_id = tc.model_id
 
-    keyed_engine.restart()
+    # A long generation is still computing when the server is told to stop: it must not delay the stop.
+    sampler = service.create_sampling_client(base_model=tiny_model_b).result()
+    long_job = {
+        "sampling_session_id": sampler._sampling_session_id,
+        "seq_id": 1000,
+        "num_samples": 64,
+        "prompt": prompt.model_dump(mode="json"),
+        "sampling_params": {"max_tokens": 2000, "stop": []},
+    }
+    headers = {"X-API-Key": os.environ["TINKER_API_KEY"]}
+    _post(keyed_engine.url, "asample", json=long_job, headers=headers)
+    time.sleep(1.0)
+    started = time.monotonic()
+    keyed_engine.stop()
+    assert time.monotonic() - started < 15
+    keyed_engine.start()
+
     service = tinker.ServiceClient(base_url=keyed_engine.url)
     rest = tinker.RestClient(base_url=keyed_engine.url)
     ids = {c.checkpoint_id for c in rest.list_checkpoints(run_id).result().checkpoints}
