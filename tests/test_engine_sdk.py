@@ -299,6 +299,12 @@ def test_retried_requests_with_the_same_seq_id_run_once(engine, service, tiny_mo
     assert ids[0] == ids[1] != other
     sampled = response_conv.deserialize_sample_response(_retrieve(url, ids[0]).content)
     assert len(sampled.sequences[0].tokens) == 3
+    # Without a seq_id nothing identifies a retry: every request is new work.
+    for n in range(1, 6):
+        unkeyed = {**body, "sampling_params": {"max_tokens": n, "stop": []}}
+        del unkeyed["seq_id"]
+        reply = _retrieve(url, _post(url, "asample", json=unkeyed).json()["request_id"])
+        assert len(response_conv.deserialize_sample_response(reply.content).sequences[0].tokens) == n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,6 +339,18 @@ def test_sampled_logprobs_agree_with_forward_and_compute_logprobs(trained_sample
         # The sampler really uses the trained adapter: the base model scores the same tokens differently.
         base_lps = base.compute_logprobs(types.ModelInput.from_ints(full)).result()
         assert np.abs(np.array(base_lps[1:]) - forward).max() > 1e-2
+
+
+def test_sampler_weights_saved_again_under_the_same_name_are_served(service, tiny_model):
+    tc = service.create_lora_training_client(base_model=tiny_model, rank=4, seed=22).result()
+    full = types.ModelInput.from_ints(PROMPT)
+    path = tc.save_weights_for_sampler("latest").result().path
+    before = service.create_sampling_client(model_path=path).result().compute_logprobs(full).result()
+    _step(tc, _batch(23), lr=5e-2)
+    assert tc.save_weights_for_sampler("latest").result().path == path
+    after = service.create_sampling_client(model_path=path).result().compute_logprobs(full).result()
+    np.testing.assert_allclose(after[1:], _probe(tc), atol=1e-4)  # the new weights, not the old ones
+    assert np.abs(np.array(after[1:]) - np.array(before[1:])).max() > 1e-2
 
 
 def test_a_fixed_seed_gives_identical_samples(trained_sampler):
