@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,20 @@ async def _train_and_evaluate(
     return summary
 
 
+async def _train(
+    state: RunState,
+    log_path: Path,
+    service: tinker.ServiceClient,
+    wandb_mode: str,
+    loop: Coroutine[Any, Any, Any],
+) -> tinker.SamplingClient:
+    """Run a cookbook training loop, then return a sampler on its final checkpoint."""
+    with _timed(state, "training"), tracking.wandb_environment(wandb_mode):
+        await loop
+    _final_paths(state, log_path)
+    return await service.create_sampling_client_async(model_path=state.sampler_path)
+
+
 def _final_paths(state: RunState, log_path: Path) -> None:
     record = checkpoint_utils.get_last_checkpoint(str(log_path), required_key="sampler_path")
     if record is None or not record.sampler_path:
@@ -384,10 +399,7 @@ async def _sft(
         lr_schedule=cfg.lr_schedule,
         num_epochs=cfg.num_epochs,
     )
-    with _timed(state, "training"), tracking.wandb_environment(wandb_mode):
-        await sl_train.main(config)
-    _final_paths(state, log_path)
-    trained_client = await service.create_sampling_client_async(model_path=state.sampler_path)
+    trained_client = await _train(state, log_path, service, wandb_mode, sl_train.main(config))
     with _timed(state, "trained_eval"):
         trained_rows, state.trained = await evaluate_nll(
             trained_client, eval_datums, data.eval, cfg.eval_concurrency, "trained model"
@@ -485,10 +497,7 @@ async def _rl(
         kl_penalty_coef=cfg.kl_penalty_coef,
         max_steps=cfg.max_steps,
     )
-    with _timed(state, "training"), tracking.wandb_environment(wandb_mode):
-        await rl_train.main(config)
-    _final_paths(state, log_path)
-    trained_client = await service.create_sampling_client_async(model_path=state.sampler_path)
+    trained_client = await _train(state, log_path, service, wandb_mode, rl_train.main(config))
     with _timed(state, "trained_eval"):
         trained_rows, state.trained = await evaluate_accuracy(
             trained_client,
