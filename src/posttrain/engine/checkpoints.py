@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.engine.fsutil import replaced_directory
 from posttrain.engine.wire import WireError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
@@ -109,9 +110,7 @@ class CheckpointStore:
             raise WireError(
                 f"checkpoint {ref.tinker_path} already exists (pass overwrite=True to replace it)"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-        try:
+        with replaced_directory(target) as staging:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in adapter.items()},
                 staging / "adapter.safetensors",
@@ -119,12 +118,6 @@ class CheckpointStore:
             if optimizer is not None:
                 torch.save(optimizer, staging / "optimizer.pt")
             (staging / "meta.json").write_text(json.dumps({**meta, "time": time.time()}, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def load(
         self, ref: CheckpointRef, with_optimizer: bool

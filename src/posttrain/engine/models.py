@@ -14,14 +14,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from posttrain.engine.fsutil import replaced_directory
 from posttrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -122,17 +121,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
+    with replaced_directory(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _repair_gguf_tokenizer(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _repair_gguf_tokenizer(directory: Path) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -50,6 +51,18 @@ def create_app(
         future, _ = engine.futures.create(None)
         future.set_error(str(exc), "user")
         return _future_reply(future, **extra)
+
+    def returns_failed_future(
+        handler: Callable[[Request], Awaitable[dict]],
+    ) -> Callable[[Request], Awaitable[dict]]:
+        @functools.wraps(handler)
+        async def endpoint(request: Request) -> dict:
+            try:
+                return await handler(request)
+            except WireError as exc:
+                return failed(exc)
+
+        return endpoint
 
     @app.middleware("http")
     async def _auth_and_errors(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -126,13 +139,8 @@ def create_app(
 
     # training -------------------------------------------------------------------------------------------------
     @app.post(f"{API}/create_model")
+    @returns_failed_future
     async def create_model(request: Request) -> dict:
-        try:
-            return await _create_model(request)
-        except WireError as exc:
-            return failed(exc)
-
-    async def _create_model(request: Request) -> dict:
         data = await body(request)
         session_id = data.get("session_id", "")
         seq = data.get("model_seq_id", 0)
@@ -167,13 +175,8 @@ def create_app(
         }
 
     @app.post(f"{API}/forward_backward")
+    @returns_failed_future
     async def forward_backward(request: Request) -> dict:
-        try:
-            return await _forward_backward(request)
-        except WireError as exc:
-            return failed(exc)
-
-    async def _forward_backward(request: Request) -> dict:
         raw = await request.body()
         if "protobuf" in request.headers.get("content-type", ""):
             fb = decode_forward_backward(raw, request.headers.get("content-encoding"))
@@ -189,13 +192,8 @@ def create_app(
         return await forward_backward(request)  # the SDK >= 0.25 sends forward as forward_only here
 
     @app.post(f"{API}/optim_step")
+    @returns_failed_future
     async def optim_step(request: Request) -> dict:
-        try:
-            return await _optim_step(request)
-        except WireError as exc:
-            return failed(exc)
-
-    async def _optim_step(request: Request) -> dict:
         data = await body(request)
         model_id = data.get("model_id", "")
         engine.run(model_id)
@@ -206,13 +204,8 @@ def create_app(
         return _future_reply(future, model_id=model_id)
 
     @app.post(f"{API}/save_weights")
+    @returns_failed_future
     async def save_weights(request: Request) -> dict:
-        try:
-            return await _save_weights(request)
-        except WireError as exc:
-            return failed(exc)
-
-    async def _save_weights(request: Request) -> dict:
         data = await body(request)
         model_id = data.get("model_id", "")
         engine.run(model_id)
@@ -231,13 +224,8 @@ def create_app(
         return _future_reply(future, model_id=model_id)
 
     @app.post(f"{API}/save_weights_for_sampler")
+    @returns_failed_future
     async def save_weights_for_sampler(request: Request) -> dict:
-        try:
-            return await _save_weights_for_sampler(request)
-        except WireError as exc:
-            return failed(exc)
-
-    async def _save_weights_for_sampler(request: Request) -> dict:
         data = await body(request)
         model_id = data.get("model_id", "")
         engine.run(model_id)
@@ -258,13 +246,8 @@ def create_app(
         return _future_reply(future, model_id=model_id)
 
     @app.post(f"{API}/load_weights")
+    @returns_failed_future
     async def load_weights(request: Request) -> dict:
-        try:
-            return await _load_weights(request)
-        except WireError as exc:
-            return failed(exc)
-
-    async def _load_weights(request: Request) -> dict:
         data = await body(request)
         path = str(data.get("path") or "")
         parse_tinker_path(path)
