@@ -82,15 +82,17 @@ def test_unknown_key_gives_exact_sentence_and_supported_list():
 def test_each_named_unsupported_setting_is_rejected(key):
     with pytest.raises(UnsupportedConfigError) as exc:
         parse_train_args([f"{key}=1"])
-    assert str(exc.value) == f"{UNSUPPORTED_SENTENCE} Unsupported: {key}.{SUPPORTED_TAIL}"
+    category = unsupported_category(key)
+    assert category is not None
+    assert str(exc.value) == f"{UNSUPPORTED_SENTENCE} Unsupported: {key} ({category}).{SUPPORTED_TAIL}"
     assert exc.value.keys == [key]
-    assert unsupported_category(key) is not None
 
 
 def test_several_unsupported_keys_are_listed_together_and_are_user_errors():
     with pytest.raises(UnsupportedConfigError) as exc:
         parse_train_args(["warmup_steps=100", "learning_rate=1e-4", "max_grad_norm=1.0", "lr_schedule=step"])
-    assert f"Unsupported: warmup_steps, max_grad_norm, lr_schedule=step.{SUPPORTED_TAIL}" in str(exc.value)
+    expected = "warmup_steps (learning-rate warmup), max_grad_norm (gradient clipping), lr_schedule=step"
+    assert f"Unsupported: {expected}.{SUPPORTED_TAIL}" in str(exc.value)
     assert isinstance(exc.value, UserError) and exc.value.exit_code == 2
 
 
@@ -141,7 +143,7 @@ def test_help_raises_help_requested_with_every_field(flag):
 @pytest.mark.parametrize(
     "kwargs, names",
     [
-        ({"task": "pretrain"}, ["task", "sft", "rl", "dpo", "distillation"]),
+        ({"task": "pretrain"}, ["task", "auto", "sft", "rl"]),
         ({"backend": "gpu"}, ["backend", "tinker", "local"]),
         ({"loss_fn": "grpo"}, ["loss_fn", "importance_sampling", "ppo", "cispo", "dro"]),
         ({"dtype": "fp16"}, ["dtype", "bf16", "fp32"]),
@@ -195,3 +197,27 @@ def test_config_to_dict_records_every_field():
     assert set(d) == EXPECTED_FIELDS
     assert d["learning_rate"] == pytest.approx(3e-4) and d["task"] == "sft" and d["max_steps"] == 7
     assert json.loads(json.dumps(d)) == d
+
+
+def test_enumerations_follow_the_cookbook_and_the_method_registry():
+    """The Literal settings agree with the cookbook types they stand for and with the methods that exist."""
+    import typing
+
+    import tinker
+    from tinker_cookbook.renderers import TrainOnWhat
+    from tinker_cookbook.utils.lr_scheduling import LRSchedule
+
+    from posttrain.config import RLLossFn, TaskName, TrainOnWhatName, choices
+    from posttrain.pipeline.methods import METHODS
+
+    assert typing.get_type_hints(TrainConfig)["lr_schedule"] is LRSchedule
+    assert set(choices(RLLossFn)) <= set(typing.get_args(tinker.types.LossFnType))
+    assert set(choices(TrainOnWhatName)) == {t.value for t in TrainOnWhat} - {"customized"}
+    assert set(choices(TaskName)) == {"auto", *METHODS}
+
+
+@pytest.mark.parametrize("arg", ["task=dpo", "backend=gpu", "loss_fn=grpo", "dtype=fp16"])
+def test_enumerated_values_from_the_command_line_name_the_allowed_ones(arg):
+    key = arg.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{key}=.* is not valid; allowed values: "):
+        parse_train_args([arg])

@@ -5,15 +5,15 @@ import pytest
 
 from posttrain.errors import PreflightError
 from posttrain.pipeline.preflight import (
+    BUILTIN_RENDERERS,
     REQUIRED_ENV_VARS,
     TINKER_LINEUP,
-    builtin_renderer_names,
     check_credentials,
     check_model,
     load_env,
-    redact,
     resolve_renderer,
 )
+from posttrain.util import redact
 
 TINKER_SECRET = "tk-SECRET-0123456789abcdef"
 WANDB_SECRET = "wb-SECRET-fedcba9876543210"
@@ -146,14 +146,14 @@ def test_resolve_renderer(clean_env):
 
 
 def test_builtin_renderer_names_match_the_cookbook_dispatch(clean_env):
-    names = builtin_renderer_names()
+    names = BUILTIN_RENDERERS
     spec_table = ["llama3", "qwen3", "qwen3_instruct", "qwen3_disable_thinking", "qwen3_vl", "qwen3_vl_instruct",
                   "deepseekv3", "deepseekv3_thinking", "gpt_oss_low_reasoning", "gpt_oss_medium_reasoning",
                   "gpt_oss_high_reasoning", "kimi_k2", "role_colon"]  # fmt: skip
     assert set(spec_table) <= set(names)
     from tinker_cookbook import renderers
 
-    for name in names:  # every scraped name really is dispatched by get_renderer
+    for name in names:  # every pinned name really is dispatched by get_renderer
         try:
             renderers.get_renderer(name, tokenizer=None)
         except Exception as e:

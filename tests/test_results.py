@@ -3,50 +3,59 @@ import os
 
 import pytest
 
+from posttrain import util
 from posttrain.config import TrainConfig, config_to_dict
-from posttrain.pipeline import results as results_mod
 from posttrain.pipeline.results import (
     RL_KEYS,
     SFT_KEYS,
+    Outcome,
     ResultsDir,
     RLExample,
+    RunFacts,
     SFTExample,
     build_summary,
     compare_examples,
     compute_improvement,
     headline,
-    mean_metric,
-    read_jsonl,
     validate_rows,
     validate_summary,
     write_report,
     write_summary,
 )
+from posttrain.pipeline.results import report as report_mod
+from posttrain.pipeline.results.rows import mean_metric
+from posttrain.util import read_jsonl
 
+KIND = {"sft": "nll", "rl": "score"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _summary(task_type="sft", baseline=2.8, trained=1.9, **overrides):
-    kwargs = dict(
+    facts = dict(
         task_type=task_type,
         run_name="run_001",
         tinker_run_id="tinker-run-123",
         log_path="results/logs/run_001",
         wandb_url="https://wandb.ai/me/proj/runs/abc123",
-        baseline=baseline,
-        trained=trained,
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
         backend="local",
         renderer="qwen3_instruct",
         renderer_source="fallback: ChatML",
-        dataset={"name": "embedded", "split": "train"},
-        sizes={"train_rows": 100, "eval_rows": 10},
         hyperparameters=config_to_dict(TrainConfig()),
         durations={"train": 12.5, "eval": 3.0},
-        wandb_verification={"mode": "offline", "verified": True, "detail": "ok"},
     )
-    kwargs.update(overrides)
-    return build_summary(**kwargs)
+    verification = overrides.pop("wandb_verification", {"mode": "offline", "verified": True, "detail": "ok"})
+    facts.update(overrides)
+    outcome = Outcome(
+        kind=KIND[task_type],
+        base_rows=[],
+        trained_rows=[],
+        baseline=baseline,
+        trained=trained,
+        dataset={"name": "embedded", "split": "train"},
+        sizes={"train_rows": 100, "eval_rows": 10},
+    )
+    return build_summary(RunFacts(**facts), outcome, verification)
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -58,24 +67,24 @@ def test_row_dataclasses_have_exactly_the_spec_keys():
     assert tuple(rl) == RL_KEYS and tuple(sft) == SFT_KEYS
     failed = SFTExample(1, "p", "c", None, error="timeout").to_dict()
     assert failed["error"] == "timeout" and failed["nll"] is None
-    validate_rows([rl, RLExample(1, "q", "1", "", None, None, error="sampling failed")], "rl")
-    validate_rows([sft, failed], "sft")
+    validate_rows([rl, RLExample(1, "q", "1", "", None, None, error="sampling failed")], "score")
+    validate_rows([sft, failed], "nll")
 
 
 @pytest.mark.parametrize(
     "rows, task, fragment",
     [
-        ([{"index": 0, "prompt": "p", "completion": "c"}], "sft", "missing ['nll']"),
+        ([{"index": 0, "prompt": "p", "completion": "c"}], "nll", "missing ['nll']"),
         (
             [{"index": 0, "prompt": "p", "completion": "c", "nll": 1.0, "extra": 1}],
-            "sft",
+            "nll",
             "unexpected ['extra']",
         ),
-        ([{"index": 0, "prompt": "p", "completion": "c", "nll": -1.0}], "sft", "nll must be"),
-        ([{"index": 0, "prompt": "p", "completion": "c", "nll": None}], "sft", "null only with an error"),
-        ([SFTExample(0, "p", "c", 1.0), SFTExample(0, "p", "c", 1.0)], "sft", "unique"),
-        ([RLExample(0, "q", "1", "c", "1", None)], "rl", "correct must be"),
-        ([RLExample(0, "q", 1, "c", "1", True)], "rl", "ground_truth must be a string"),
+        ([{"index": 0, "prompt": "p", "completion": "c", "nll": -1.0}], "nll", "nll must be"),
+        ([{"index": 0, "prompt": "p", "completion": "c", "nll": None}], "nll", "null only with an error"),
+        ([SFTExample(0, "p", "c", 1.0), SFTExample(0, "p", "c", 1.0)], "nll", "unique"),
+        ([RLExample(0, "q", "1", "c", "1", None)], "score", "correct must be"),
+        ([RLExample(0, "q", 1, "c", "1", True)], "score", "ground_truth must be a string"),
     ],
 )
 def test_validate_rows_rejects_bad_rows(rows, task, fragment):
@@ -90,9 +99,9 @@ def test_mean_metric_skips_failed_examples():
         SFTExample(1, "p", "c", 4.0),
         SFTExample(2, "p", "c", None, error="x"),
     ]
-    assert mean_metric(rows, "sft") == pytest.approx(3.0)
+    assert mean_metric(rows, "nll") == pytest.approx(3.0)
     rl = [RLExample(i, "q", "1", "c", "1", i < 3) for i in range(4)]
-    assert mean_metric(rl, "rl") == pytest.approx(0.75)
+    assert mean_metric(rl, "score") == pytest.approx(0.75)
 
 
 # ------------------------------------------------------------------------------------------ results dir
@@ -117,7 +126,7 @@ def test_atomic_write_keeps_old_content_when_replace_fails(tmp_path, monkeypatch
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results_mod.os, "replace", boom)
+    monkeypatch.setattr(util.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         rd.write_text("report.md", "new report\n")
     monkeypatch.undo()
@@ -237,7 +246,7 @@ def test_headlines():
     assert headline(_summary()) == "Base NLL: 2.80 → Trained NLL: 1.90 (32.1% reduction)"
     assert headline(_summary("rl", 0.42, 0.67)) == "Base accuracy: 42.0% → Trained: 67.0% (+25.0 points)"
     assert headline(_summary(baseline=2.0, trained=2.1)).endswith("(5.0% increase)")
-    imp = compute_improvement("rl", 0.4, 0.6)
+    imp = compute_improvement("score", 0.4, 0.6)
     assert imp["points"] == pytest.approx(20.0) and imp["relative"] == pytest.approx(0.5) and imp["improved"]
 
 
@@ -254,7 +263,7 @@ def test_compare_examples_sft_counts_with_tolerance():
         SFTExample(4, "p4", "c", None, error="failed"),  # error
         SFTExample(7, "p7", "c", 1.0),  # unpaired
     ]
-    c = compare_examples(base, trained, "sft")
+    c = compare_examples(base, trained, "nll")
     assert (c["paired"], c["improved"], c["regressed"], c["unchanged"], c["errors"]) == (5, 2, 1, 1, 1)
     assert c["unpaired_base"] == [5] and c["unpaired_trained"] == [7]
     assert [e["index"] for e in c["top_improved"]] == [0, 1]
@@ -272,7 +281,7 @@ def test_compare_examples_rl_flips():
         RLExample(i, f"q{i}", str(i), "c", str(i), ok)
         for i, ok in enumerate([True, False, True, False, True])
     ]
-    c = compare_examples(trained_rows=trained, base_rows=base, task_type="rl")
+    c = compare_examples(trained_rows=trained, base_rows=base, kind="score")
     assert (c["improved"], c["regressed"], c["unchanged"]) == (2, 1, 2)
     assert {e["index"] for e in c["top_improved"]} == {0, 4}
     assert c["top_regressed"][0]["trained_answer"] == "3"
@@ -307,7 +316,7 @@ def test_write_report_sft(tmp_path):
     metrics = _cookbook_metrics(rd.log_dir("run_001"))
     base = [SFTExample(i, f"prompt number {i}", "c", 2.8) for i in range(5)]
     trained = [SFTExample(i, f"prompt number {i}", "c", 1.9 if i else 3.0) for i in range(5)]
-    comparison = compare_examples(base, trained, "sft")
+    comparison = compare_examples(base, trained, "nll")
     warning = write_report(rd, _summary(), comparison, metrics)
     assert warning is None
     report = (rd.path / "report.md").read_text()
@@ -317,7 +326,7 @@ def test_write_report_sft(tmp_path):
     assert "training_curves.png" in report
     png = (rd.path / "training_curves.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
-    assert results_mod._series(results_mod.load_metrics(metrics))[1].keys() == {"test/nll"}
+    assert report_mod._series(report_mod.load_metrics(metrics))[1].keys() == {"test/nll"}
 
 
 def test_write_report_rl_not_improved_warns_loudly(tmp_path):
@@ -326,7 +335,7 @@ def test_write_report_rl_not_improved_warns_loudly(tmp_path):
     summary = _summary("rl", baseline=0.5, trained=0.4)
     base = [RLExample(i, "q", "1", "c", "1", i < 5) for i in range(10)]
     trained = [RLExample(i, "q", "1", "c", "1", i < 4) for i in range(10)]
-    warning = write_report(rd, summary, compare_examples(base, trained, "rl"), metrics)
+    warning = write_report(rd, summary, compare_examples(base, trained, "score"), metrics)
     assert warning and "did NOT improve" in warning
     for topic in ("learning rate", "steps", "reward signal", "constant-reward", "data quality"):
         assert topic in warning
@@ -337,7 +346,7 @@ def test_write_report_rl_not_improved_warns_loudly(tmp_path):
 
 
 def test_write_report_without_metrics_still_plots_scores(tmp_path):
-    warning = write_report(tmp_path, _summary(), compare_examples([], [], "sft"), None)
+    warning = write_report(tmp_path, _summary(), compare_examples([], [], "nll"), None)
     assert warning is None
     assert (tmp_path / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
     assert "no metrics.jsonl" in (tmp_path / "report.md").read_text()

@@ -16,7 +16,7 @@ Unsupported settings
 Anything that is not a `TrainConfig` field is rejected -- the keys people reach for when they want a setting
 Tinker does not expose (PPO clip epsilon, GAE lambda, dynamic batch size, optimizer choice, gradient
 clipping, warmup, mixed precision, model parallelism; see `UNSUPPORTED_SETTINGS`) and any other unknown
-key alike -- and so is an `lr_schedule` outside `LR_SCHEDULES`. The error is an `UnsupportedConfigError`
+key alike -- and so is an `lr_schedule` outside the cookbook's `LRSchedule`. The error is an `UnsupportedConfigError`
 (a `ConfigError`) whose message is the product's fixed sentence `UNSUPPORTED_SENTENCE`, then on the same
 line ` Unsupported: <keys>. Supported parameters: <sorted field names>.`
 """
@@ -27,7 +27,7 @@ import math
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 import chz
 from chz.blueprint import (
@@ -37,6 +37,7 @@ from chz.blueprint import (
     InvalidBlueprintArg,
     MissingBlueprintArg,
 )
+from tinker_cookbook.utils.lr_scheduling import LRSchedule
 
 from posttrain.errors import ConfigError
 
@@ -46,24 +47,35 @@ UNSUPPORTED_SENTENCE = (
     "Let me know if you'd like to proceed with the supported options."
 )
 
-TASKS = ("auto", "sft", "rl", "dpo", "distillation")
-BACKENDS = ("auto", "tinker", "local")
-# What tinker_cookbook 0.5.8 accepts (tinker_cookbook.utils.lr_scheduling.LRSchedule).
-LR_SCHEDULES = ("linear", "cosine", "constant")
-# The RL losses the product exposes (a subset of tinker.types.LossFnType).
-LOSS_FNS = ("importance_sampling", "ppo", "cispo", "dro")
-# tinker_cookbook.renderers.TrainOnWhat values, minus CUSTOMIZED (needs per-token weights we never build).
-TRAIN_ON_WHAT = (
+# Enumerated settings: one Literal each, the allowed values read from it (`choices`). Where the cookbook has the
+# type, it is the cookbook's; tests pin the others to the cookbook's (a subset where the local engine or the
+# product supports fewer).
+TaskName = Literal["auto", "sft", "rl"]  # the method registry (pipeline/methods) plus auto
+Backend = Literal["auto", "tinker", "local"]
+# The RL losses both Tinker and the local engine implement (a subset of tinker.types.LossFnType).
+RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro"]
+# tinker_cookbook.renderers.TrainOnWhat values, minus CUSTOMIZED (needs per-token weights we never build);
+# spelled out because importing the renderers pulls in torch, and settings are checked before that.
+TrainOnWhatName = Literal[
     "last_assistant_message",
     "last_assistant_turn",
     "all_assistant_messages",
     "all_messages",
     "all_tokens",
     "all_user_and_system_messages",
-)
+]
 # What the local engine accepts (posttrain.engine.models.choose_dtype).
-DTYPES = ("auto", "bf16", "fp32")
+EngineDtype = Literal["auto", "bf16", "fp32"]
 RL_ENVS = ("math", "arithmetic", "reasoning_gym:TASK")
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values of a Literal type (or of the Literal inside `X | None`)."""
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return ()
+
 
 # What chz raises for arguments it cannot turn into a TrainConfig.
 _CHZ_ERRORS = (
@@ -146,8 +158,9 @@ class UnsupportedConfigError(ConfigError):
 
     def __init__(self, keys: list[str]):
         self.keys = list(keys)
+        described = [f"{k} ({c})" if (c := unsupported_category(k)) else k for k in self.keys]
         super().__init__(
-            f"{UNSUPPORTED_SENTENCE} Unsupported: {', '.join(self.keys)}. "
+            f"{UNSUPPORTED_SENTENCE} Unsupported: {', '.join(described)}. "
             f"Supported parameters: {', '.join(supported_parameters())}."
         )
 
@@ -157,7 +170,7 @@ class TrainConfig:
     """posttrain: LoRA fine-tuning through the Tinker API (or the bundled local engine)."""
 
     # What to train and on what
-    task: str = chz.field(default="auto", doc="auto|sft|rl|dpo|distillation (auto: inferred from the data)")
+    task: TaskName = chz.field(default="auto", doc="auto|sft|rl (auto: inferred from the data)")
     dataset: str | None = chz.field(
         default=None,
         doc="local file (jsonl/json/csv/parquet) or HF dataset name; None = embedded default data",
@@ -172,7 +185,7 @@ class TrainConfig:
     renderer_name: str | None = chz.field(default=None, doc="chat renderer (None: recommended for the model)")
 
     # Where it runs and where results go
-    backend: str = chz.field(default="auto", doc="auto|tinker|local")
+    backend: Backend = chz.field(default="auto", doc="auto|tinker|local")
     base_url: str | None = chz.field(default=None, doc="Tinker service URL (None: the default service)")
     run_name: str | None = chz.field(
         default=None, doc="run name (None: generated); logs in results/logs/<run_name>"
@@ -183,7 +196,7 @@ class TrainConfig:
     learning_rate: float | None = chz.field(
         default=None, doc="peak learning rate (None: recommended for the model)"
     )
-    lr_schedule: str = chz.field(default="linear", doc="linear|cosine|constant")
+    lr_schedule: LRSchedule = chz.field(default="linear", doc="linear|cosine|constant")
     num_epochs: int = chz.field(default=1, doc="passes over the training data")
     max_steps: int | None = chz.field(
         default=None, doc="cap on training steps (None: num_epochs over the data)"
@@ -191,15 +204,20 @@ class TrainConfig:
     batch_size: int = chz.field(default=32, doc="examples (SFT) or problems (RL) per step")
     lora_rank: int = chz.field(default=32, doc="LoRA rank")
     max_length: int = chz.field(default=2048, doc="max tokens per training example")
-    train_on_what: str | None = chz.field(
-        default=None, doc="SFT loss tokens: " + "|".join(TRAIN_ON_WHAT) + " (None: chosen from the data)"
+    train_on_what: TrainOnWhatName | None = chz.field(
+        default=None,
+        doc="SFT loss tokens: " + "|".join(choices(TrainOnWhatName)) + " (None: chosen from the data)",
     )
     max_train_rows: int = chz.field(
         default=20_000, doc=f"training rows used (at most {MAX_TRAIN_ROWS_LIMIT})"
     )
     max_eval_rows: int = chz.field(default=2_000, doc=f"evaluation rows used (at most {MAX_EVAL_ROWS_LIMIT})")
     eval_concurrency: int = chz.field(default=64, doc="concurrent evaluation requests")
-    seed: int = chz.field(default=0, doc="random seed (shuffling, splits)")
+    seed: int = chz.field(
+        default=0,
+        doc="random seed (training order, generated RL problems, sampling); data shuffling and the "
+        "held-out split use 42, as the user guide does",
+    )
 
     # RL
     env: str | None = chz.field(default=None, doc="RL environment: math|arithmetic|reasoning_gym:TASK")
@@ -207,14 +225,14 @@ class TrainConfig:
     max_tokens: int = chz.field(default=256, doc="max sampled tokens per completion")
     temperature: float = chz.field(default=1.0, doc="sampling temperature for RL rollouts")
     eval_temperature: float = chz.field(default=0.0, doc="sampling temperature for evaluation (0: greedy)")
-    loss_fn: str = chz.field(default="importance_sampling", doc="|".join(LOSS_FNS))
+    loss_fn: RLLossFn = chz.field(default="importance_sampling", doc="|".join(choices(RLLossFn)))
     kl_penalty_coef: float = chz.field(default=0.0, doc="KL penalty against the base policy")
 
     # Tracking and checkpoints
     wandb_project: str | None = chz.field(default=None, doc="W&B project (None: WANDB_PROJECT from .env)")
     save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
     eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
-    dtype: str = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
+    dtype: EngineDtype = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
 
 
 def supported_parameters() -> list[str]:
@@ -238,6 +256,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def _normalize_key(key: str) -> str:
     key = key.strip().lstrip("-").split(".", 1)[0]
     return key.replace("-", "_").lower()
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
 
 
 def _field_types() -> dict[str, Any]:
@@ -300,7 +322,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     """Parse `key=value` arguments into a validated `TrainConfig`.
 
     Raises `HelpRequested` for --help/-h/help, `UnsupportedConfigError` for unknown or unsupported keys (and an
-    lr_schedule outside LR_SCHEDULES), `ConfigError` for malformed arguments and values.
+    lr_schedule outside LRSchedule), `ConfigError` for malformed arguments and values.
     """
     argv = list(argv)
     if any(a in _HELP_FLAGS for a in argv):
@@ -330,10 +352,15 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         seen[key] = value
         pairs.append((key, value))
     lr_schedule = seen.get("lr_schedule")
-    if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
+    if lr_schedule is not None and lr_schedule not in choices(LRSchedule):
         unsupported.append(f"lr_schedule={lr_schedule}")
     if unsupported:
         raise UnsupportedConfigError(unsupported)
+    hints = _field_types()
+    for key, value in pairs:
+        allowed = choices(hints[key])
+        if allowed and value not in allowed and not (value == "None" and _optional(hints[key])):
+            _choice(key, value, allowed)
 
     cfg = _make(pairs)
     validate(cfg)
@@ -396,14 +423,13 @@ _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def validate(cfg: TrainConfig) -> None:
     """Check enumerated values and ranges; raise `ConfigError` (one line) on the first problem."""
-    _choice("task", cfg.task, TASKS)
-    _choice("backend", cfg.backend, BACKENDS)
-    if cfg.lr_schedule not in LR_SCHEDULES:
+    hints = _field_types()
+    for name in ("task", "backend", "loss_fn", "dtype", "train_on_what"):
+        value = getattr(cfg, name)
+        if value is not None:
+            _choice(name, value, choices(hints[name]))
+    if cfg.lr_schedule not in choices(LRSchedule):
         raise UnsupportedConfigError([f"lr_schedule={cfg.lr_schedule}"])
-    _choice("loss_fn", cfg.loss_fn, LOSS_FNS)
-    _choice("dtype", cfg.dtype, DTYPES)
-    if cfg.train_on_what is not None:
-        _choice("train_on_what", cfg.train_on_what, TRAIN_ON_WHAT)
     if cfg.env is not None:
         ok = cfg.env in ("math", "arithmetic") or (
             cfg.env.startswith("reasoning_gym:") and cfg.env.split(":", 1)[1].strip() != ""

@@ -39,8 +39,8 @@ def train_main(argv: list[str]) -> int:
             flush=True,
         )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from posttrain.pipeline.preflight import redact
     from posttrain.pipeline.run import run
+    from posttrain.util import redact
 
     try:
         summary = run(cfg)

@@ -24,6 +24,7 @@ from posttrain.pipeline.data_formats import (
     normalize_row,
     required_fields,
 )
+from posttrain.util import short_error
 
 __all__ = [
     "FormatName",
@@ -68,12 +69,6 @@ class _Part:
 
 
 # --- reading local files ---------------------------------------------------------------------------
-
-
-def _short_reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def read_rows(path: str) -> Iterator[tuple[str, dict]]:
@@ -174,7 +169,7 @@ def _read_csv(file: Path, name: str) -> Iterator[tuple[str, dict]]:
                 )
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DataError(
-                f"{name} line {reader.line_num}: cannot parse CSV ({_short_reason(exc)})"
+                f"{name} line {reader.line_num}: cannot parse CSV ({short_error(exc, limit=200, with_type=False)})"
             ) from exc
 
 
@@ -209,7 +204,9 @@ def _read_parquet(file: Path, name: str) -> Iterator[tuple[str, dict]]:
     except DataError:
         raise
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise DataError(f"{name}: cannot read as Parquet ({_short_reason(exc)})") from exc
+        raise DataError(
+            f"{name}: cannot read as Parquet ({short_error(exc, limit=200, with_type=False)})"
+        ) from exc
 
 
 # --- validating rows -------------------------------------------------------------------------------
@@ -306,7 +303,7 @@ def _hf_label(name: str, config: str | None, split: str, quoted: bool = False) -
 
 def _hf_unreachable(name: str, exc: BaseException) -> DataError:
     return DataError(
-        f'dataset "{name}": cannot load from the Hugging Face Hub ({_short_reason(exc)}); '
+        f'dataset "{name}": cannot load from the Hugging Face Hub ({short_error(exc, limit=200, with_type=False)}); '
         "pass a local file or check the name/network"
     )
 

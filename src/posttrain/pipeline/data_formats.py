@@ -9,10 +9,10 @@ and the offending field, so a user can fix the row without reading a traceback.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from posttrain.errors import DataError
+from posttrain.pipeline.grading import final_answer
 
 FormatName = Literal[
     "messages", "prompt_completion", "instruction", "sharegpt", "question_answer", "preference"
@@ -284,44 +284,3 @@ def _question_answer(row: dict, where: str) -> dict:
     question = _non_empty_str(row, question_key, where)
     answer = _answer_text(row[answer_key], where, answer_key)
     return {"question": question, "answer": answer, "final_answer": final_answer(answer)}
-
-
-def _gsm8k_final(text: str) -> str | None:
-    # Same rule as the cookbook's GSM8K grader: text after "####" on the last such line, commas dropped.
-    for line in reversed(text.splitlines()):
-        stripped = line.strip()
-        if stripped.startswith("####"):
-            return stripped[4:].lstrip(": ").replace(",", "").strip()
-    match = re.findall(r"####\s*(.+)", text)
-    return match[-1].replace(",", "").strip() if match else None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, matching nested braces; None when there is none."""
-    start = text.rfind("\\boxed{")
-    if start == -1:
-        bare = re.findall(r"\\boxed\s+([A-Za-z0-9.\-]+)", text)
-        return bare[-1] if bare else None
-    depth = 0
-    begin = start + len("\\boxed{")
-    for i in range(begin - 1, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i].strip()
-    return None
-
-
-def final_answer(answer: str) -> str:
-    """The short answer a grader compares against: GSM8K's '#### x', a LaTeX \\boxed{x}, or the whole answer."""
-    if "####" in answer:
-        gsm8k = _gsm8k_final(answer)
-        if gsm8k:
-            return gsm8k
-    if "\\boxed" in answer:
-        boxed = extract_boxed(answer)
-        if boxed:
-            return boxed
-    return answer.strip()

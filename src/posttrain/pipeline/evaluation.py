@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 import numpy as np
 import tinker
 from tinker_cookbook import renderers
-from tinker_cookbook.supervised.nll_evaluator import SamplerNLLEvaluator
 from tqdm.asyncio import tqdm_asyncio
 
-from posttrain.pipeline.rl_envs import extract_answer, grade, prompt_messages
+from posttrain.pipeline.grading import extract_answer, grade
+from posttrain.pipeline.results import RLExample, SFTExample
+from posttrain.pipeline.rl_envs import prompt_messages
+from posttrain.util import short_error
 
 T = TypeVar("T")
 
@@ -44,9 +46,16 @@ async def _bounded(
     return list(await tqdm_asyncio.gather(*[one(i, x) for i, x in enumerate(items)], desc=desc, leave=False))
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+async def _completion_logprobs(client: tinker.SamplingClient, datum: tinker.Datum) -> np.ndarray:
+    """Per-token logprobs aligned with the datum's weights (the cookbook's NLL evaluator does the same).
+
+    A datum's model_input drops the last token and its weights align with target_tokens; compute_logprobs
+    scores every position but the first, so the full sequence is rebuilt and the leading None dropped.
+    """
+    target_tokens = datum.loss_fn_inputs["target_tokens"].data
+    full_sequence = datum.model_input.append_int(int(target_tokens[-1]))
+    logprobs = await client.compute_logprobs_async(full_sequence)
+    return np.array(logprobs[1:], dtype=np.float64)
 
 
 async def evaluate_nll(
@@ -55,31 +64,30 @@ async def evaluate_nll(
     rows: Sequence[dict],
     concurrency: int,
     desc: str,
-) -> tuple[list[dict], float]:
+) -> tuple[list[SFTExample], float]:
     """Return (per-example rows in the SFT schema, token-weighted mean NLL over the successful examples)."""
 
-    async def one(i: int, datum: tinker.Datum) -> dict:
+    async def one(i: int, datum: tinker.Datum) -> tuple[SFTExample, float, float]:
         prompt, completion = _prompt_and_completion(rows[i])
-        record: dict[str, Any] = {"index": i, "prompt": prompt, "completion": completion, "nll": None}
+        record = SFTExample(index=i, prompt=prompt, completion=completion, nll=None)
         try:
-            logprobs = await SamplerNLLEvaluator._compute_logprobs(client, datum)
-            lp = logprobs.to_numpy().astype(np.float64)
+            lp = await _completion_logprobs(client, datum)
             weights = datum.loss_fn_inputs["weights"].to_numpy().astype(np.float64)
             if weights.sum() <= 0:
                 raise ValueError(
                     "no completion tokens to score (all weights are zero; is max_length too short?)"
                 )
-            record["nll"] = float(-(lp * weights).sum() / weights.sum())
-            record["_sum"] = float(-(lp * weights).sum())
-            record["_tokens"] = float(weights.sum())
+            total = float(-(lp * weights).sum())
+            record.nll = total / float(weights.sum())
+            return record, total, float(weights.sum())
         except Exception as exc:  # noqa: BLE001 - one bad example must not stop the evaluation
-            record["error"] = _short(exc)
-        return record
+            record.error = short_error(exc)
+            return record, 0.0, 0.0
 
-    records = await _bounded(list(datums), one, concurrency, desc)
-    total = sum(r.pop("_sum", 0.0) for r in records)
-    tokens = sum(r.pop("_tokens", 0.0) for r in records)
-    return records, (total / tokens if tokens else float("nan"))
+    scored = await _bounded(list(datums), one, concurrency, desc)
+    total = sum(s[1] for s in scored)
+    tokens = sum(s[2] for s in scored)
+    return [s[0] for s in scored], (total / tokens if tokens else float("nan"))
 
 
 def _prompt_and_completion(row: dict) -> tuple[str, str]:
@@ -97,19 +105,19 @@ async def evaluate_accuracy(
     settings: SamplingSettings,
     concurrency: int,
     desc: str,
-) -> tuple[list[dict], float]:
+) -> tuple[list[RLExample], float]:
     """Return (per-problem rows in the RL schema, accuracy over all problems; failures count as wrong)."""
     stop = renderer.get_stop_sequences()
 
-    async def one(i: int, problem: dict) -> dict:
-        record: dict[str, Any] = {
-            "index": i,
-            "question": problem["question"],
-            "ground_truth": str(problem["answer"]),
-            "completion": "",
-            "extracted_answer": "",
-            "correct": False,
-        }
+    async def one(i: int, problem: dict) -> RLExample:
+        record = RLExample(
+            index=i,
+            question=problem["question"],
+            ground_truth=str(problem["answer"]),
+            completion="",
+            extracted_answer="",
+            correct=False,
+        )
         try:
             prompt = renderer.build_generation_prompt(prompt_messages(problem, instruction))
             params = tinker.SamplingParams(
@@ -122,13 +130,12 @@ async def evaluate_accuracy(
             message, _ = renderer.parse_response(response.sequences[0].tokens)
             completion = renderers.get_text_content(message)
             extracted = extract_answer(completion)
-            record.update(
-                completion=completion, extracted_answer=extracted, correct=bool(grade(problem, extracted))
-            )
-        except Exception as exc:  # noqa: BLE001
-            record["error"] = _short(exc)
+            record.completion, record.extracted_answer = completion, extracted
+            record.correct = bool(grade(problem, extracted))
+        except Exception as exc:  # noqa: BLE001 - one bad example must not stop the evaluation
+            record.error = short_error(exc)
         return record
 
     records = await _bounded(list(problems), one, concurrency, desc)
-    accuracy = sum(1 for r in records if r["correct"]) / len(records) if records else float("nan")
+    accuracy = sum(1 for r in records if r.correct) / len(records) if records else float("nan")
     return records, accuracy

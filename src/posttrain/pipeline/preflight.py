@@ -7,13 +7,11 @@
 - `check_model(model_name, backend, available)`: the model must be one the backend serves.
 - `resolve_renderer(model_name, renderer_name)`: explicit > cookbook recommendation > a documented fallback.
   Never loads a tokenizer (no hub access).
-- `redact(text)`: removes the values of TINKER_API_KEY and WANDB_API_KEY from text before it is logged/written.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -21,11 +19,9 @@ from typing import Literal
 from dotenv import dotenv_values, load_dotenv
 
 from posttrain.errors import PreflightError
+from posttrain.pipeline.tracking import DEFAULT_WANDB_PROJECT
 
 REQUIRED_ENV_VARS = ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT")
-SECRET_ENV_VARS = ("TINKER_API_KEY", "WANDB_API_KEY")
-# Used for local-engine runs when WANDB_PROJECT is not set.
-DEFAULT_LOCAL_WANDB_PROJECT = "posttrain-local"
 
 # The spec's "Supported Models" table (the Tinker model lineup): model name -> type.
 TINKER_LINEUP: dict[str, str] = {
@@ -114,7 +110,7 @@ def check_credentials(backend: Backend) -> list[str]:
     if _is_set("WANDB_PROJECT"):
         notes.append(f"W&B project: {os.environ['WANDB_PROJECT'].strip()!r}")
     else:
-        notes.append(f"W&B: no WANDB_PROJECT, using project {DEFAULT_LOCAL_WANDB_PROJECT!r}")
+        notes.append(f"W&B: no WANDB_PROJECT, using project {DEFAULT_WANDB_PROJECT!r}")
     return notes
 
 
@@ -156,40 +152,33 @@ _CHATML_FAMILIES = ("smollm", "qwen2", "qwen1.5", "openhermes", "hermes-2", "tin
 _LLAMA3_FAMILIES = ("llama-3", "llama3")
 
 
-def builtin_renderer_names() -> list[str]:
-    """The renderer names `tinker_cookbook.renderers.get_renderer` dispatches on, read from its source.
-
-    Reading the source keeps preflight fast: importing the renderers package pulls in torch (seconds).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("tinker_cookbook.renderers")
-    if spec is None or spec.origin is None:
-        return []
-    try:
-        source = Path(spec.origin).read_text(encoding="utf-8")
-    except OSError:
-        return []
-    return sorted(set(re.findall(r'\bname == "([A-Za-z0-9_.-]+)"', source)))
+# The renderer names tinker_cookbook 0.5.8's `renderers.get_renderer` dispatches on (a test checks each one
+# against the cookbook, so a pin bump that drops one fails loudly). Listed rather than looked up because
+# importing the renderers pulls in torch (seconds), and settings are checked before that.
+BUILTIN_RENDERERS = (
+    "deepseekv3", "deepseekv3_disable_thinking", "deepseekv3_thinking", "deepseekv4_1",
+    "deepseekv4_1_disable_thinking", "deepseekv4_1_low_reasoning", "deepseekv4_1_max_reasoning",
+    "deepseekv4_1_preserve_thinking", "glm5_3_high_reasoning", "glm5_3_low_reasoning", "glm5_3_max_reasoning",
+    "gpt_oss_high_reasoning", "gpt_oss_low_reasoning", "gpt_oss_medium_reasoning", "gpt_oss_no_sysprompt",
+    "kimi_k2", "kimi_k25", "kimi_k25_disable_thinking", "kimi_k26", "kimi_k26_disable_thinking",
+    "kimi_k26_preserve_thinking", "llama3", "nemotron3", "nemotron3_disable_thinking", "nemotron3_low_thinking",
+    "nemotron3_preserve_thinking", "nemotron3_ultra", "nemotron3_ultra_disable_thinking",
+    "nemotron3_ultra_medium_thinking", "nemotron3_ultra_preserve_thinking", "qwen3", "qwen3_5",
+    "qwen3_5_disable_thinking", "qwen3_5_preserve_thinking", "qwen3_8_disable_thinking", "qwen3_8_low_reasoning",
+    "qwen3_8_medium_reasoning", "qwen3_8_xhigh_reasoning", "qwen3_disable_thinking", "qwen3_instruct", "qwen3_vl",
+    "qwen3_vl_instruct", "role_colon", "tml_v0",
+)  # fmt: skip
 
 
 def _renderer_exists(name: str) -> bool:
-    """Whether the cookbook knows the renderer name (built-in or registered), without loading a tokenizer."""
-    builtin = builtin_renderer_names()
-    if name in builtin:
+    """A built-in renderer, or one registered through the cookbook's public `register_renderer`."""
+    if name in BUILTIN_RENDERERS:
         return True
-    if builtin and "tinker_cookbook.renderers" not in sys.modules:
-        return False  # custom renderers can only be registered once the package is imported
+    if "tinker_cookbook.renderers" not in sys.modules:
+        return False  # nothing can have been registered before the package is imported
     from tinker_cookbook import renderers
 
-    if renderers.is_renderer_registered(name):
-        return True
-    try:
-        renderers.get_renderer(name, tokenizer=None)  # type: ignore[arg-type]
-    except Exception as e:
-        # Only an unknown name fails with this message; a known one fails later, on the missing tokenizer.
-        return not (type(e).__name__ == "RendererError" and "Unknown renderer" in str(e))
-    return True
+    return renderers.is_renderer_registered(name)
 
 
 def resolve_renderer(model_name: str, renderer_name: str | None) -> tuple[str, str]:
@@ -225,18 +214,3 @@ def resolve_renderer(model_name: str, renderer_name: str | None) -> tuple[str, s
         "fallback: not in the cookbook's model table and chat template unknown; role_colon is the "
         "cookbook's generic 'User: ... Assistant: ...' format (set renderer_name to override)"
     )
-
-
-# ------------------------------------------------------------------------------------------- redaction
-
-
-def redact(text: str) -> str:
-    """Replace the values of TINKER_API_KEY and WANDB_API_KEY (from os.environ) in `text` with '***'."""
-    secrets = sorted(
-        {v for name in SECRET_ENV_VARS if (v := os.environ.get(name, "").strip()) and len(v) >= 4},
-        key=len,
-        reverse=True,
-    )
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text

@@ -1,21 +1,16 @@
-"""Verifiable-reward problems for RL: answer extraction, grading, and the cookbook Env/Dataset classes over them.
+"""The cookbook RL environment over verifiable-reward problems: one `ProblemEnv` per problem, and the dataset
+builder the cookbook's `rl.train` loop calls.
 
-A problem is a dict `{"question", "answer", "grader", ...}` where `grader` is "math" (numeric/string match
-after extracting the final answer) or "reasoning_gym:TASK" (the task's own scorer, which needs the entry).
-Problems are written to a JSONL file in the run's log directory, so a run can be reproduced from its logs,
-and the dataset builder (a `chz` config, like every cookbook builder) only carries that path.
+Problems (see `problems` and `grading`) are written to a JSONL file in the run's log directory, so a run can
+be reproduced from its logs, and the dataset builder (a `chz` config, like every cookbook builder) only carries
+that path.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import re
 from collections.abc import Sequence
-from functools import cache, partial
-from pathlib import Path
-from typing import Any
+from functools import partial
 
 import chz
 from tinker_cookbook import renderers
@@ -23,122 +18,10 @@ from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder
 from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from posttrain.errors import ConfigError
-from posttrain.pipeline.data_formats import extract_boxed
+from posttrain.pipeline.grading import extract_answer, grade
+from posttrain.util import read_jsonl
 
 ANSWER_INSTRUCTION = "Give only the final answer after ####."
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-
-
-def extract_answer(completion: str) -> str:
-    """The model's final answer: after the last `####`, else the last \\boxed{}, else 'answer is/Answer:', else the last number."""
-    if "####" in completion:
-        tail = completion.rsplit("####", 1)[1].strip()
-        return tail.splitlines()[0].strip() if tail else ""
-    boxed = extract_boxed(completion)
-    if boxed:
-        return boxed.strip()
-    match = re.search(r"answer(?: is)?\s*[:=]?\s*([^\n]+)", completion, flags=re.IGNORECASE)
-    if match:
-        return match.group(1).strip().rstrip(".")
-    numbers = _NUMBER.findall(completion.replace(",", ""))
-    return (
-        numbers[-1] if numbers else completion.strip().splitlines()[-1].strip() if completion.strip() else ""
-    )
-
-
-def _as_number(text: str) -> float | None:
-    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        if "/" in cleaned:
-            num, den = cleaned.split("/", 1)
-            return float(num) / float(den)
-        return float(cleaned)
-    except (ValueError, ZeroDivisionError):
-        numbers = _NUMBER.findall(cleaned)
-        if len(numbers) == 1 and cleaned.startswith(numbers[0]):
-            return _as_number(numbers[0])
-        return None
-
-
-def math_equal(extracted: str, truth: str) -> bool:
-    a, b = _as_number(extracted), _as_number(truth)
-    if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    norm = lambda s: re.sub(r"\s+", " ", s.strip().strip(".").lower())  # noqa: E731
-    return bool(extracted) and norm(extracted) == norm(truth)
-
-
-@cache
-def _rg_scorer(task: str) -> Any:
-    import reasoning_gym
-
-    return reasoning_gym.get_score_answer_fn(task)
-
-
-def grade(problem: dict, extracted: str) -> bool:
-    grader = problem.get("grader", "math")
-    if grader.startswith("reasoning_gym:"):
-        scorer = _rg_scorer(grader.split(":", 1)[1])
-        return float(scorer(extracted, problem["entry"])) >= 1.0
-    return math_equal(extracted, str(problem["answer"]))
-
-
-def parse_reasoning_gym_env(spec: str) -> tuple[str, dict[str, Any]]:
-    """`TASK` or `TASK:key=value,key=value` (values parsed as JSON when they can be: numbers, lists, booleans)."""
-    task, _, options = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (o.strip() for o in options.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"env=reasoning_gym:{spec}: options must be key=value, got {item!r}")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except ValueError:
-            kwargs[key.strip()] = value
-        if isinstance(kwargs[key.strip()], list):
-            kwargs[key.strip()] = tuple(kwargs[key.strip()])
-    return task.strip(), kwargs
-
-
-def reasoning_gym_problems(spec: str, n: int, seed: int) -> list[dict]:
-    import reasoning_gym
-
-    task, options = parse_reasoning_gym_env(spec)
-    try:
-        dataset = reasoning_gym.create_dataset(task, size=n, seed=seed, **options)
-    except Exception as exc:  # noqa: BLE001 - unknown task names raise various errors
-        raise ConfigError(
-            f"env=reasoning_gym:{task}: cannot create this reasoning-gym task ({exc})"
-        ) from None
-    problems = []
-    for entry in dataset:
-        entry = json.loads(json.dumps(entry, default=str))  # JSON-safe, since problems are written to disk
-        problems.append(
-            {
-                "question": entry["question"],
-                "answer": str(entry["answer"]),
-                "grader": f"reasoning_gym:{task}",
-                "entry": entry,
-            }
-        )
-    return problems
-
-
-def arithmetic_problems(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        x, y = rng.randint(0, 100), rng.randint(0, 100)
-        out.append({"question": f"What is {x} + {y}?", "answer": str(x + y), "grader": "math"})
-    return out
-
-
-def qa_problems(rows: list[dict]) -> list[dict]:
-    return [
-        {"question": r["question"], "answer": r.get("final_answer") or r["answer"], "grader": "math"}
-        for r in rows
-    ]
 
 
 def prompt_messages(problem: dict, instruction: str = ANSWER_INSTRUCTION) -> list[renderers.Message]:
@@ -221,7 +104,7 @@ class ProblemFileBuilder(RLDatasetBuilder):
     seed: int = 0
 
     async def __call__(self) -> tuple[ProblemDataset, None]:
-        problems = read_problems(self.problems_file)
+        problems = read_jsonl(self.problems_file)
         renderer = renderers.get_renderer(
             self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
         )
@@ -235,15 +118,3 @@ class ProblemFileBuilder(RLDatasetBuilder):
             self.seed,
         )
         return dataset, None
-
-
-def write_problems(path: Path, problems: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps(p) + "\n")
-
-
-def read_problems(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

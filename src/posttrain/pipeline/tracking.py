@@ -18,9 +18,8 @@ How an offline run is read
 wandb 0.31 has no Python reader for `.wandb` transaction logs any more (the old `wandb.sdk.internal.datastore`
 is gone); its reader lives in the bundled `wandb-core` binary, exposed as `wandb leet inspect --json` (one JSON
 object per record). `read_wandb_records` runs that binary directly (`wandb-core leet inspect --no-observability
---json --run-file <file> <wandb dir>`: local only, no telemetry). If the binary is unavailable it falls back to a
-small reader of the same LevelDB-log framing that decodes each record with wandb's own protobuf classes
-(`wandb.proto.wandb_internal_pb2.Record`).
+--json --run-file <file> <wandb dir>`: local only, no telemetry). Without that binary an offline run cannot be
+verified, and the verification says so (it is part of every wandb wheel).
 
 Final metrics (`log_final_metrics`)
 -----------------------------------
@@ -37,15 +36,21 @@ import contextlib
 import json
 import math
 import os
-import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.pipeline.preflight import redact
+from posttrain.util import redact
 
 _OFF_MODES = ("offline", "disabled", "dryrun")
+# The project when neither wandb_project= nor WANDB_PROJECT says one.
+DEFAULT_WANDB_PROJECT = "posttrain"
+
+
+def resolve_project(explicit: str | None) -> str:
+    """wandb_project= if given, else WANDB_PROJECT from the environment (.env), else DEFAULT_WANDB_PROJECT."""
+    return explicit or os.environ.get("WANDB_PROJECT", "").strip() or DEFAULT_WANDB_PROJECT
 
 
 def wandb_mode() -> str:
@@ -112,11 +117,7 @@ def read_wandb_records(wandb_file: str | Path) -> tuple[list[dict[str, Any]], st
     History records are normalised to `{"type": "history", "history": {"item": {key: value}, "step": int|None}}`
     and run records carry at least `run_id`, `project`, `display_name`.
     """
-    wandb_file = Path(wandb_file)
-    try:
-        return _read_with_wandb_core(wandb_file), "wandb-core leet inspect"
-    except Exception:
-        return _read_with_python(wandb_file), "wandb protobuf records (python reader)"
+    return _read_with_wandb_core(Path(wandb_file)), "wandb-core leet inspect"
 
 
 def _read_with_wandb_core(wandb_file: Path) -> list[dict[str, Any]]:
@@ -158,85 +159,6 @@ def _json_or_raw(value: str | None) -> Any:
         return json.loads(value)
     except ValueError:
         return value
-
-
-# The `.wandb` framing (LevelDB log format with a W&B file header), as the old wandb datastore documented it.
-_FILE_HEADER = struct.Struct("<4sHB")  # ":W&B", magic 0xBEE1, version 0
-_RECORD_HEADER = struct.Struct("<IHB")  # checksum, length, type
-_BLOCK = 32768
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _iter_raw_records(data: bytes) -> Iterator[bytes]:
-    ident, magic, _version = _FILE_HEADER.unpack_from(data, 0)
-    if ident != b":W&B" or magic != 0xBEE1:
-        raise ValueError("not a .wandb transaction log (bad header)")
-    pos = _FILE_HEADER.size
-    pending = b""
-    while pos + _RECORD_HEADER.size <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _RECORD_HEADER.size:
-            pos += left_in_block  # zero padding at the end of a block
-            continue
-        _crc, length, kind = _RECORD_HEADER.unpack_from(data, pos)
-        pos += _RECORD_HEADER.size
-        if kind == 0 and length == 0:  # preallocated / padding
-            pos += left_in_block - _RECORD_HEADER.size
-            continue
-        chunk = data[pos : pos + length]
-        if len(chunk) < length:
-            break  # truncated tail (run still writing)
-        pos += length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield pending + chunk
-            pending = b""
-        else:
-            raise ValueError(f"unknown record type {kind} at offset {pos - length}")
-
-
-def _read_with_python(wandb_file: Path) -> list[dict[str, Any]]:
-    from google.protobuf.json_format import MessageToDict
-    from wandb.proto import wandb_internal_pb2
-
-    records: list[dict[str, Any]] = []
-    for raw in _iter_raw_records(wandb_file.read_bytes()):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
-        if kind is None:
-            continue
-        if kind == "history":
-            item = {
-                _item_key({"key": i.key, "nested_key": list(i.nested_key)}): _json_or_raw(i.value_json)
-                for i in rec.history.item
-            }
-            step = rec.history.step.num if rec.history.HasField("step") else None
-            records.append({"type": "history", "history": {"item": item, "step": step}})
-        elif kind == "run":
-            run = rec.run
-            records.append(
-                {
-                    "type": "run",
-                    "run": {
-                        "run_id": run.run_id,
-                        "project": run.project,
-                        "entity": run.entity,
-                        "display_name": run.display_name,
-                        "run_group": run.run_group,
-                    },
-                }
-            )
-        else:
-            records.append(
-                {"type": kind, kind: MessageToDict(getattr(rec, kind), preserving_proto_field_name=True)}
-            )
-    return records
 
 
 def _is_user_metric(key: str, value: Any) -> bool:

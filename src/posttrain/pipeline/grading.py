@@ -1,0 +1,82 @@
+"""Final-answer extraction and grading for verifiable-reward problems, on the cookbook's math grader.
+
+The reward during RL and the accuracy in evaluation both come from here, so the two cannot disagree.
+A problem is a dict `{"question", "answer", "grader", ...}`: grader "math" compares with the cookbook's
+`safe_grade` (sympy equivalence and normalisation, with a timeout, as its math_rl recipe does);
+"reasoning_gym:TASK" uses the task's own scorer on the problem's `entry`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Any
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_ANSWER_IS = re.compile(r"answer(?: is)?\s*[:=]?\s*([^\n]+)", flags=re.IGNORECASE)
+GRADE_TIMEOUT_SECONDS = 1.0
+
+
+def _gsm8k(text: str) -> str | None:
+    from tinker_cookbook.recipes.math_rl.math_env import extract_gsm8k_final_answer
+
+    try:
+        return extract_gsm8k_final_answer(text) or None
+    except ValueError:
+        return None
+
+
+def _boxed(text: str) -> str | None:
+    from tinker_cookbook.recipes.math_rl.math_grading import extract_boxed
+
+    try:
+        return extract_boxed(text).strip() or None
+    except ValueError:  # no \boxed, or unbalanced braces
+        return None
+
+
+def final_answer(answer: str) -> str:
+    """The short answer of a reference solution: GSM8K's '#### x', a LaTeX \\boxed{x}, or the whole answer."""
+    found = (_gsm8k(answer) if "####" in answer else None) or (
+        _boxed(answer) if "\\boxed" in answer else None
+    )
+    return found or answer.strip()
+
+
+def extract_answer(completion: str) -> str:
+    """A model's final answer: after the last '####', else the last \\boxed{}, else 'answer is ...', else the
+    last number, else the last line."""
+    if "####" in completion:
+        tail = completion.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else ""
+    boxed = _boxed(completion) if "\\boxed" in completion else None
+    if boxed:
+        return boxed
+    match = _ANSWER_IS.search(completion)
+    if match:
+        return match.group(1).strip().rstrip(".")
+    numbers = _NUMBER.findall(completion.replace(",", ""))
+    if numbers:
+        return numbers[-1]
+    lines = completion.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+@cache
+def _reasoning_gym_scorer(task: str) -> Any:
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(task)
+
+
+def grade(problem: dict, extracted: str) -> bool:
+    """Whether `extracted` answers `problem` correctly."""
+    grader = problem.get("grader", "math")
+    if grader.startswith("reasoning_gym:"):
+        scorer = _reasoning_gym_scorer(grader.split(":", 1)[1])
+        return float(scorer(extracted, problem["entry"])) >= 1.0
+    if not extracted.strip():
+        return False
+    from tinker_cookbook.recipes.math_rl.math_env import safe_grade
+
+    return bool(safe_grade(extracted, str(problem["answer"]), grader="sympy", timeout=GRADE_TIMEOUT_SECONDS))

@@ -1,0 +1,96 @@
+"""The interface every training method implements, and what each one is given.
+
+A method turns the run's settings and data into: the files it trains on, one evaluation that is run the same
+way on the base and the trained model, and a cookbook training loop. `run.py` drives every method through the
+same steps (prepare, evaluate base, train, evaluate trained), so preflight, results, the report and W&B
+verification are the same for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import tinker
+from tinker_cookbook import renderers
+
+from posttrain.config import TrainConfig
+from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.results import MetricKind
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a method is given: the settings, where its files go, the service, and the choices made for it."""
+
+    cfg: TrainConfig
+    run_name: str
+    log_path: Path
+    service: tinker.ServiceClient
+    base_url: str | None
+    renderer_name: str
+    renderer: renderers.Renderer
+    learning_rate: float
+    wandb_project: str
+    say: Callable[[str], None]
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the data as trained on is kept (inside the log directory, so a run can be reproduced)."""
+        return self.log_path / "data"
+
+    def loop_settings(self) -> dict[str, Any]:
+        """The settings every cookbook training Config shares (supervised, RL, DPO, distillation)."""
+        cfg = self.cfg
+        return dict(
+            log_path=str(self.log_path),
+            model_name=cfg.model_name,
+            renderer_name=self.renderer_name,
+            learning_rate=self.learning_rate,
+            lora_rank=cfg.lora_rank,
+            base_url=self.base_url,
+            save_every=cfg.save_every,
+            eval_every=cfg.eval_every,
+            wandb_project=self.wandb_project,
+            wandb_name=self.run_name,
+        )
+
+
+class Method(Protocol):
+    """One training method.
+
+    Constructed with (cfg, data) before anything is spent: the constructor checks that the data and settings
+    fit the method (raising a one-line `UserError`) and builds what needs no service (e.g. generated problems).
+    Then `prepare(ctx)` once the service is up, and evaluate / train / describe.
+    """
+
+    name: ClassVar[str]
+    # How the evaluation scores: "nll" (lower is better) or "score" (an accuracy, higher is better).
+    metric: ClassVar[MetricKind]
+    # Data formats `task=auto` picks this method for (see data_formats.FormatName).
+    data_formats: ClassVar[frozenset[str]]
+
+    def prepare(self, ctx: RunContext) -> None:
+        """Keep `ctx`; write the data as trained on under ctx.data_dir and build the held-out set; say what was chosen."""
+        ...
+
+    async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        """Per-example rows and the aggregate score of `client` on the held-out set."""
+        ...
+
+    def train(self) -> Coroutine[Any, Any, Any]:
+        """The cookbook training loop, configured (awaiting it trains and writes checkpoints to log_path)."""
+        ...
+
+    def score_text(self, value: float) -> str:
+        """The aggregate score in words, e.g. 'held-out NLL 2.4100'."""
+        ...
+
+    def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
+        """(dataset facts, sizes, extra summary fields) for summary.json."""
+        ...
+
+
+MethodFactory = Callable[[TrainConfig, LoadedData | None], Method]

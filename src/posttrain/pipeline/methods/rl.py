@@ -1,0 +1,90 @@
+"""RL with verifiable rewards, through the cookbook's `rl.train` loop.
+
+Problems come from `problems` (a question/answer dataset, or a generator chosen by `env=`); the reward and the
+evaluation grade answers the same way (`grading`). Evaluation: one sampled answer per held-out problem with the
+training prompt, scored as accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Coroutine, Mapping
+from typing import Any, ClassVar
+
+import tinker
+from tinker_cookbook.rl import train as rl_train
+
+from posttrain.config import TrainConfig
+from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy
+from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.problems import load_problems
+from posttrain.pipeline.rl_envs import ANSWER_INSTRUCTION, ProblemFileBuilder
+from posttrain.util import write_jsonl
+
+
+class RL:
+    name: ClassVar[str] = "rl"
+    metric: ClassVar = "score"
+    data_formats: ClassVar[frozenset[str]] = frozenset({"question_answer"})
+
+    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
+        self.problems = load_problems(cfg, data)
+
+    def prepare(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.cfg
+        problems_file = ctx.data_dir / "train_problems.jsonl"
+        write_jsonl(problems_file, self.problems.train)
+        write_jsonl(ctx.data_dir / "eval_problems.jsonl", self.problems.eval)
+        n_batches = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
+        self.builder = ProblemFileBuilder(
+            problems_file=str(problems_file),
+            model_name_for_tokenizer=cfg.model_name,
+            renderer_name=ctx.renderer_name,
+            groups_per_batch=cfg.batch_size,
+            group_size=cfg.group_size,
+            n_batches=n_batches,
+            seed=cfg.seed,
+        )
+
+    async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        cfg = self.ctx.cfg
+        settings = SamplingSettings(
+            max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, seed=cfg.seed
+        )
+        return await evaluate_accuracy(
+            client,
+            self.problems.eval,
+            self.ctx.renderer,
+            ANSWER_INSTRUCTION,
+            settings,
+            cfg.eval_concurrency,
+            label,
+        )
+
+    def train(self) -> Coroutine[Any, Any, Any]:
+        cfg = self.ctx.cfg
+        config = rl_train.Config(
+            **self.ctx.loop_settings(),
+            recipe_name="posttrain_rl",
+            dataset_builder=self.builder,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            loss_fn=cfg.loss_fn,
+            kl_penalty_coef=cfg.kl_penalty_coef,
+            max_steps=cfg.max_steps,
+        )
+        return rl_train.main(config)
+
+    def score_text(self, value: float) -> str:
+        return f"accuracy {value:.1%} on {len(self.problems.eval)} held-out problems"
+
+    def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
+        sizes = {
+            "train_problems": len(self.problems.train),
+            "eval_problems": len(self.problems.eval),
+            "group_size": self.ctx.cfg.group_size,
+        }
+        dataset = {**self.problems.info, "env": self.ctx.cfg.env or "math"}
+        return dataset, sizes, {"answer_instruction": ANSWER_INSTRUCTION}

@@ -1,0 +1,141 @@
+"""Where RL problems come from: one function per source, chosen by the `env=` setting.
+
+A problem is a dict `{"question", "answer", "grader", ...}` (see `grading`). Each source returns a
+`ProblemSet`: training problems, held-out problems drawn the same way, and a description for summary.json.
+A new single-turn environment is one function here and one entry in `SOURCES`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.config import TrainConfig
+from posttrain.errors import ConfigError
+from posttrain.pipeline.data import LoadedData
+
+# Held-out problems of generated sources use this seed offset, so they never repeat training ones.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class ProblemSet:
+    train: list[dict]
+    eval: list[dict]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _n_train(cfg: TrainConfig) -> int:
+    # Enough problems for every step (or 50 steps when none is set), at least 64, within the row limit.
+    return min(cfg.max_train_rows, max(cfg.batch_size * (cfg.max_steps or 50), 64))
+
+
+def parse_reasoning_gym_env(spec: str) -> tuple[str, dict[str, Any]]:
+    """`TASK` or `TASK:key=value,key=value` (values parsed as JSON when they can be: numbers, lists, booleans)."""
+    task, _, options = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"env=reasoning_gym:{spec}: options must be key=value, got {item!r}")
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value
+        kwargs[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return task.strip(), kwargs
+
+
+def reasoning_gym_problems(spec: str, n: int, seed: int) -> list[dict]:
+    import reasoning_gym
+
+    task, options = parse_reasoning_gym_env(spec)
+    try:
+        dataset = reasoning_gym.create_dataset(task, size=n, seed=seed, **options)
+    except Exception as exc:  # noqa: BLE001 - unknown task names raise various errors
+        raise ConfigError(
+            f"env=reasoning_gym:{task}: cannot create this reasoning-gym task ({exc})"
+        ) from None
+    problems = []
+    for entry in dataset:
+        entry = json.loads(json.dumps(entry, default=str))  # JSON-safe, since problems are written to disk
+        problems.append(
+            {
+                "question": entry["question"],
+                "answer": str(entry["answer"]),
+                "grader": f"reasoning_gym:{task}",
+                "entry": entry,
+            }
+        )
+    return problems
+
+
+def arithmetic_problems(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        x, y = rng.randint(0, 100), rng.randint(0, 100)
+        out.append({"question": f"What is {x} + {y}?", "answer": str(x + y), "grader": "math"})
+    return out
+
+
+def qa_problems(rows: list[dict]) -> list[dict]:
+    return [
+        {"question": r["question"], "answer": r.get("final_answer") or r["answer"], "grader": "math"}
+        for r in rows
+    ]
+
+
+def _from_reasoning_gym(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    n_train = _n_train(cfg)
+    n_eval = min(cfg.max_eval_rows, max(int(n_train * 0.1), 50))
+    eval_seed = cfg.seed + EVAL_SEED_OFFSET
+    task = spec.split(":", 1)[0]
+    return ProblemSet(
+        reasoning_gym_problems(spec, n_train, cfg.seed),
+        reasoning_gym_problems(spec, n_eval, eval_seed),
+        {"source": f"reasoning-gym task {task!r} (generated, seeds {cfg.seed} / {eval_seed})"},
+    )
+
+
+def _from_arithmetic(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    return ProblemSet(
+        arithmetic_problems(_n_train(cfg), cfg.seed),
+        arithmetic_problems(min(cfg.max_eval_rows, 100), cfg.seed + 1),
+        {"source": "arithmetic: x + y, 0 <= x, y <= 100 (the cookbook's arithmetic task)"},
+    )
+
+
+def _from_dataset(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    if data is None or data.format != "question_answer":
+        raise ConfigError(
+            "env=math needs a dataset with question/answer columns (or problem/solution, ground_truth)"
+        )
+    return ProblemSet(
+        qa_problems(data.train),
+        qa_problems(data.eval),
+        {"source": data.source, "eval_source": data.eval_source},
+    )
+
+
+# env name -> source; `env=NAME:SPEC` passes SPEC on (reasoning_gym:TASK:options).
+SOURCES: dict[str, Callable[[TrainConfig, LoadedData | None, str], ProblemSet]] = {
+    "math": _from_dataset,
+    "arithmetic": _from_arithmetic,
+    "reasoning_gym": _from_reasoning_gym,
+}
+
+
+def load_problems(cfg: TrainConfig, data: LoadedData | None) -> ProblemSet:
+    """The training and held-out problems for `cfg.env` (default: math problems from the dataset)."""
+    name, _, spec = (cfg.env or "math").partition(":")
+    source = SOURCES.get(name)
+    if source is None:
+        raise ConfigError(f"env={cfg.env}: expected math, arithmetic or reasoning_gym:TASK")
+    problems = source(cfg, data, spec)
+    if not problems.train or not problems.eval:
+        raise ConfigError("RL needs at least one training and one evaluation problem")
+    return problems

@@ -1,0 +1,47 @@
+"""The results/ folder: per-example rows (`rows`), files on disk (`store`), summary.json (`summary`) and the
+human report (`report`). The names a run needs are re-exported here."""
+
+from posttrain.pipeline.results.report import write_report
+from posttrain.pipeline.results.rows import (
+    RL_KEYS,
+    SFT_KEYS,
+    MetricKind,
+    RLExample,
+    SFTExample,
+    summary_kind,
+    validate_rows,
+)
+from posttrain.pipeline.results.store import BASE_FILE, SUMMARY_FILE, TRAINED_FILE, ResultsDir
+from posttrain.pipeline.results.summary import (
+    Outcome,
+    RunFacts,
+    build_summary,
+    compare_examples,
+    compute_improvement,
+    headline,
+    validate_summary,
+    write_summary,
+)
+
+__all__ = [
+    "BASE_FILE",
+    "RL_KEYS",
+    "SFT_KEYS",
+    "SUMMARY_FILE",
+    "TRAINED_FILE",
+    "MetricKind",
+    "Outcome",
+    "RLExample",
+    "ResultsDir",
+    "RunFacts",
+    "SFTExample",
+    "build_summary",
+    "compare_examples",
+    "compute_improvement",
+    "headline",
+    "summary_kind",
+    "validate_rows",
+    "validate_summary",
+    "write_report",
+    "write_summary",
+]

@@ -1,0 +1,296 @@
+"""report.md and training_curves.png: what a person reads after a run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from posttrain.pipeline.results.rows import is_number, summary_kind
+from posttrain.pipeline.results.store import PLOT_FILE, REPORT_FILE, ResultsDir
+from posttrain.pipeline.results.summary import compute_improvement, headline
+from posttrain.util import atomic_output_path
+
+
+def _not_improved_warning(summary: Mapping[str, Any]) -> str:
+    rl = summary_kind(summary) == "score"
+    checks = [
+        "learning rate: too low to move the model, or too high (loss/reward unstable) -- try learning_rate x3 or /3",
+        "steps: too few optimizer steps (num_epochs, max_steps, batch_size) for the data",
+    ]
+    if rl:
+        checks += [
+            "reward signal: are rewards all 0 or all 1? (env/all/reward/total in metrics.jsonl); "
+            "does the answer extraction match the completions?",
+            "constant-reward groups: by_group/frac_mixed near 0 means every group got the same reward, so "
+            "the advantages are zero and nothing is learned (raise group_size, adjust difficulty or max_tokens)",
+        ]
+    else:
+        checks += [
+            "training signal: train_mean_nll in metrics.jsonl should fall; train_on_what should cover the completions",
+        ]
+    checks.append(
+        "data quality: are the targets consistent and correctly formatted? Is the eval set the same task?"
+    )
+    return (
+        f"WARNING: the trained model did NOT improve on the base model ({headline(summary)}). "
+        "Something is wrong -- check:\n" + "\n".join(f"- {c}" for c in checks)
+    )
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def load_metrics(metrics_path: str | Path | None) -> list[dict[str, Any]]:
+    """The cookbook's metrics.jsonl rows (`{"step": n, metric: value, ...}`); [] if missing/unreadable."""
+    if metrics_path is None or not Path(metrics_path).is_file():
+        return []
+    rows = []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+_TRAIN_KEYS = ("train_mean_nll", "env/all/reward/total", "loss", "dpo_loss", "train/loss")
+_EVAL_SUFFIXES = ("nll", "reward/total", "accuracy", "correct", "loss")
+
+
+def _series(rows: list[dict[str, Any]]) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list]]:
+    def collect(key: str) -> list[tuple[float, float]]:
+        pts = []
+        for n, row in enumerate(rows):
+            v = row.get(key)
+            if is_number(v):
+                x = row.get("step", n)
+                pts.append((float(x) if is_number(x) else float(n), float(v)))
+        return pts
+
+    keys = {k for row in rows for k in row}
+    train = {k: collect(k) for k in _TRAIN_KEYS if k in keys}
+    if not train:  # any loss-like training series
+        train = {k: collect(k) for k in sorted(keys) if k.endswith(("loss", "nll")) and "/" not in k}
+    evals = {
+        k: collect(k)
+        for k in sorted(keys)
+        if k.startswith(("test/", "eval/", "evaluator/"))
+        and k.endswith(_EVAL_SUFFIXES)
+        and "/by_group/" not in k
+    }
+    train = {k: v for k, v in list(train.items())[:3] if v}
+    evals = {k: v for k, v in list(evals.items())[:4] if v}
+    return train, evals
+
+
+def plot_training_curves(
+    path: str | Path, summary: Mapping[str, Any], metrics_rows: list[dict[str, Any]]
+) -> Path:
+    """training_curves.png: training loss/reward, evaluation series, and base vs trained held-out score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = _series(metrics_rows)
+    panels = (1 if train else 0) + (1 if evals else 0) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
+    ax_iter = iter(axes[0])
+    if train:
+        ax = next(ax_iter)
+        for k, pts in train.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title("Training")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if evals:
+        ax = next(ax_iter)
+        for k, pts in evals.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o")
+        ax.set_title("Evaluation during training")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = next(ax_iter)
+    if summary_kind(summary) == "score":
+        b, t, label = summary["baseline_score"] * 100, summary["trained_score"] * 100, "accuracy (%)"
+    else:
+        b, t, label = summary["baseline_nll"], summary["trained_nll"], "NLL (lower is better)"
+    ax.plot([0, 1], [b, t], color="gray", linestyle="--", zorder=1)
+    ax.scatter([0], [b], s=140, marker="o", color="tab:blue", label=f"base: {b:.3g}", zorder=2)
+    ax.scatter(
+        [1],
+        [t],
+        s=180,
+        marker="*",
+        color="tab:green" if summary.get("verdict") == "improved" else "tab:red",
+        label=f"trained: {t:.3g}",
+        zorder=2,
+    )
+    ax.set_xticks([0, 1], ["base", "trained"])
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel(label)
+    ax.set_title("Held-out evaluation")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(headline(summary), fontsize=10)
+    fig.tight_layout()
+    try:
+        with atomic_output_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+_SETTINGS_SHOWN = (
+    "task",
+    "model_name",
+    "renderer_name",
+    "backend",
+    "dataset",
+    "dataset_split",
+    "learning_rate",
+    "lr_schedule",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "lora_rank",
+    "max_length",
+    "train_on_what",
+    "env",
+    "group_size",
+    "max_tokens",
+    "temperature",
+    "loss_fn",
+    "kl_penalty_coef",
+    "seed",
+)
+
+
+def write_report(
+    results_dir: ResultsDir | str | Path,
+    summary: Mapping[str, Any],
+    comparison: Mapping[str, Any],
+    metrics_path: Path | None,
+) -> str | None:
+    """Write report.md and training_curves.png; return the not-improved warning (None when improved)."""
+    results = results_dir if isinstance(results_dir, ResultsDir) else ResultsDir(results_dir)
+    results.path.mkdir(parents=True, exist_ok=True)
+    warning = None if summary.get("verdict") == "improved" else _not_improved_warning(summary)
+    rl = summary_kind(summary) == "score"
+    imp = summary.get("improvement") or compute_improvement(
+        summary_kind(summary),
+        summary["baseline_score" if rl else "baseline_nll"],
+        summary["trained_score" if rl else "trained_nll"],
+    )
+
+    lines = [
+        f"# Post-training report: {_md(summary.get('run_name', ''))}",
+        "",
+        f"**{headline(summary)}**",
+        "",
+    ]
+    if warning:
+        lines += ["> " + line for line in warning.splitlines()] + [""]
+    else:
+        lines += ["Verdict: **improved**", ""]
+    rel = imp.get("relative")
+    lines += [
+        "## Result",
+        "",
+        "| | Base | Trained | Change |",
+        "|---|---|---|---|",
+    ]
+    if rl:
+        b, t = summary["baseline_score"], summary["trained_score"]
+        rel_text = f"{rel * 100:+.1f}% relative" if rel is not None else "n/a relative"
+        lines.append(
+            f"| Accuracy | {b * 100:.1f}% | {t * 100:.1f}% | {(t - b) * 100:+.1f} points ({rel_text}) |"
+        )
+    else:
+        b, t = summary["baseline_nll"], summary["trained_nll"]
+        rel_text = imp.get("description", "")
+        lines.append(f"| Mean NLL | {b:.4f} | {t:.4f} | {t - b:+.4f} ({rel_text}) |")
+    lines += [
+        "",
+        "## Per example",
+        "",
+        f"Paired examples: {comparison.get('paired', 0)} — improved **{comparison.get('improved', 0)}**, "
+        f"regressed **{comparison.get('regressed', 0)}**, unchanged {comparison.get('unchanged', 0)}"
+        + (f", failed evaluation {comparison['errors']}" if comparison.get("errors") else ""),
+        "",
+    ]
+    for title, key in (("Most improved", "top_improved"), ("Most regressed", "top_regressed")):
+        entries = comparison.get(key) or []
+        if not entries:
+            continue
+        lines += [f"### {title}", ""]
+        if rl:
+            lines += [
+                "| index | question | ground truth | base answer | trained answer |",
+                "|---|---|---|---|---|",
+            ]
+            for e in entries:
+                lines.append(
+                    f"| {e['index']} | {_md(e.get('question', ''))} | {_md(e.get('ground_truth', ''))} | "
+                    f"{_md(e.get('base_answer', ''))} | {_md(e.get('trained_answer', ''))} |"
+                )
+        else:
+            lines += ["| index | prompt | base NLL | trained NLL | change |", "|---|---|---|---|---|"]
+            for e in entries:
+                lines.append(
+                    f"| {e['index']} | {_md(e.get('prompt', ''))} | {e['base']:.3f} | {e['trained']:.3f} | "
+                    f"{-e['delta']:+.3f} |"
+                )
+        lines.append("")
+
+    lines += ["## Run", "", "| | |", "|---|---|"]
+    renderer = summary.get("renderer") or {}
+    run_facts = [
+        ("task type", summary.get("task_type")),
+        ("model", summary.get("model")),
+        ("backend", summary.get("backend")),
+        ("renderer", f"{renderer.get('name')} ({renderer.get('source')})" if renderer else None),
+        ("tinker run id", summary.get("tinker_run_id")),
+        ("log path", summary.get("log_path")),
+        ("W&B", summary.get("wandb_url")),
+    ]
+    wv = summary.get("wandb_verification")
+    if isinstance(wv, Mapping):
+        run_facts.append(("W&B verified", f"{wv.get('verified')} — {wv.get('detail', '')}"))
+    for k, v in (summary.get("sizes") or {}).items():
+        run_facts.append((k, v))
+    for k, v in (summary.get("durations_seconds") or {}).items():
+        run_facts.append((f"{k} (s)", f"{v:.1f}" if is_number(v) else v))
+    for k, v in run_facts:
+        if v is not None:
+            lines.append(f"| {_md(k)} | {_md(v)} |")
+    hp = summary.get("hyperparameters") or {}
+    if hp:
+        lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
+        shown = [k for k in _SETTINGS_SHOWN if k in hp] + [k for k in hp if k not in _SETTINGS_SHOWN]
+        for k in shown:
+            lines.append(f"| {_md(k)} | {_md(_fmt(hp[k]))} |")
+
+    metrics_rows = load_metrics(metrics_path)
+    plot_training_curves(results.path / PLOT_FILE, summary, metrics_rows)
+    lines += ["", "## Curves", "", f"![training curves]({PLOT_FILE})", ""]
+    if not metrics_rows:
+        lines.append(
+            f"(no metrics.jsonl found{f' at {metrics_path}' if metrics_path else ''}: only the held-out scores are plotted)"
+        )
+    results.write_text(REPORT_FILE, "\n".join(lines) + "\n")
+    return warning

@@ -1,0 +1,147 @@
+"""Per-example evaluation rows: their schema, validation and the metric each carries.
+
+Rows (one per evaluated example, `index` = position in the evaluation set, the same for base and trained):
+
+- RL  (`RLExample`):  {"index", "question", "ground_truth", "completion", "extracted_answer", "correct"}
+- SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}
+
+exactly those keys, plus an optional `"error"` (a string) present ONLY on an example whose evaluation failed;
+on such a row `nll` / `correct` may be null (and `completion` / `extracted_answer` empty). Failed examples are
+left out of the averages and of the improved/regressed counts, and counted separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+# "score": accuracy-like, higher is better (RL rows); "nll": lower is better (SFT rows).
+MetricKind = Literal["score", "nll"]
+RL_KEYS = ("index", "question", "ground_truth", "completion", "extracted_answer", "correct")
+SFT_KEYS = ("index", "prompt", "completion", "nll")
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class RLExample:
+    index: int
+    question: str
+    ground_truth: str
+    completion: str
+    extracted_answer: str | None
+    correct: bool | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _row_dict(self)
+
+
+@dataclass
+class SFTExample:
+    index: int
+    prompt: str
+    completion: str
+    nll: float | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _row_dict(self)
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(row)
+    if d.get("error") is None:
+        d.pop("error", None)
+    return d
+
+
+def as_dict(row: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(row) and not isinstance(row, type):
+        return _row_dict(row)
+    if isinstance(row, Mapping):
+        return dict(row)
+    raise TypeError(f"a results row must be a dict or a dataclass, got {type(row).__name__}")
+
+
+def summary_kind(summary: Mapping[str, Any]) -> MetricKind:
+    """Which metric a summary carries: 'score' when it has baseline_score, else 'nll'."""
+    return "score" if "baseline_score" in summary else "nll"
+
+
+def validate_rows(rows: Iterable[Any], kind: MetricKind) -> None:
+    """Raise ValueError (naming the row and key) unless every row follows the JSONL schema for `kind`."""
+    keys = RL_KEYS if kind == "score" else SFT_KEYS
+    seen: set[int] = set()
+    for n, row in enumerate(rows):
+        d = as_dict(row)
+        extra = set(d) - set(keys) - {"error"}
+        missing = [k for k in keys if k not in d]
+        if missing or extra:
+            raise ValueError(
+                f"row {n}: keys must be exactly {', '.join(keys)} (+ optional error); "
+                f"missing {missing or 'none'}, unexpected {sorted(extra) or 'none'}"
+            )
+        if not isinstance(d["index"], int) or isinstance(d["index"], bool) or d["index"] in seen:
+            raise ValueError(f"row {n}: index must be a unique integer, got {d['index']!r}")
+        seen.add(d["index"])
+        failed = d.get("error") is not None
+        if "error" in d and not isinstance(d["error"], str):
+            raise ValueError(f"row {n}: error must be a string when present")
+        if keys is RL_KEYS:
+            for k in ("question", "ground_truth", "completion"):
+                if not isinstance(d[k], str):
+                    raise ValueError(f"row {n}: {k} must be a string, got {type(d[k]).__name__}")
+            if not (isinstance(d["correct"], bool) or (failed and d["correct"] is None)):
+                raise ValueError(f"row {n}: correct must be true/false (null only with an error)")
+        else:
+            for k in ("prompt", "completion"):
+                if not isinstance(d[k], str):
+                    raise ValueError(f"row {n}: {k} must be a string, got {type(d[k]).__name__}")
+            nll = d["nll"]
+            ok = (
+                isinstance(nll, int | float) and not isinstance(nll, bool) and math.isfinite(nll) and nll >= 0
+            )
+            if not (ok or (failed and nll is None)):
+                raise ValueError(
+                    f"row {n}: nll must be a finite number >= 0 (null only with an error), got {nll!r}"
+                )
+
+
+def mean_metric(rows: Iterable[Any], kind: MetricKind) -> float | None:
+    """Mean accuracy (score) or mean NLL over the rows that did not fail; None if none did."""
+    values = [v for v in (metric_value(as_dict(r), kind) for r in rows) if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def metric_value(d: dict[str, Any], kind: MetricKind) -> float | None:
+    if d.get("error") is not None:
+        return None
+    if kind == "score":
+        c = d.get("correct")
+        return float(c) if isinstance(c, bool) else None
+    v = d.get("nll")
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def json_safe(obj: Any) -> Any:
+    """Non-finite floats become null (strict JSON); dataclasses/paths become plain values."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json_safe(as_dict(obj))
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,105 @@
+"""The results/ folder on disk: atomic, redacted writes and moving a previous run aside.
+
+Files are written atomically (temp file in the same directory + os.replace) and pass through `redact()` first.
+`ResultsDir.prepare()` moves a previous run's files to `previous/<its run_name or timestamp>/`; nothing is ever
+deleted or silently overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from posttrain.pipeline.results.rows import as_dict, json_safe
+from posttrain.util import atomic_write_text, jsonl_text, redact
+
+BASE_FILE = "base_model.jsonl"
+TRAINED_FILE = "trained_model.jsonl"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "training_curves.png"
+
+# Top-level files that belong to a run (moved aside together by `prepare`).
+_ARTIFACT_GLOBS = ("*.json", "*.jsonl", "*.md", "*.png")
+
+
+class ResultsDir:
+    """The results folder of one run (`results/` by default)."""
+
+    def __init__(self, path: str | Path = "results"):
+        self.path = Path(path)
+
+    def _artifacts(self) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        found = {
+            p
+            for g in _ARTIFACT_GLOBS
+            for p in self.path.glob(g)
+            if p.is_file() and not p.name.startswith(".")
+        }
+        return sorted(found)
+
+    def _previous_name(self) -> str:
+        summary = self.path / SUMMARY_FILE
+        name = None
+        if summary.is_file():
+            try:
+                name = json.loads(summary.read_text(encoding="utf-8")).get("run_name")
+            except (ValueError, OSError, AttributeError):
+                name = None
+        if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", ".."):
+            newest = max((p.stat().st_mtime for p in self._artifacts()), default=None)
+            stamp = _dt.datetime.fromtimestamp(newest) if newest else _dt.datetime.now()
+            name = "run-" + stamp.strftime("%Y%m%d-%H%M%S")
+        base = self.path / "previous" / name
+        dest, n = base, 2
+        while dest.exists():
+            dest = base.with_name(f"{base.name}-{n}")
+            n += 1
+        return dest.name
+
+    def prepare(self, run_name: str | None = None) -> Path | None:
+        """Create the folder; move a previous run's files (and an old `logs/<run_name>`) to previous/<name>/.
+
+        The previous run is named by the run_name in its summary.json, else by its files' timestamp; an
+        existing previous/<name> is never overwritten (-2, -3, ... are appended). Prints what was moved and
+        returns the destination, or None when there was nothing to move.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        files = self._artifacts()
+        old_logs = self.log_dir(run_name) if run_name else None
+        if old_logs is not None and not (old_logs.is_dir() and any(old_logs.iterdir())):
+            old_logs = None
+        if not files and old_logs is None:
+            return None
+        dest = self.path / "previous" / self._previous_name()
+        dest.mkdir(parents=True)
+        moved = []
+        for f in files:
+            shutil.move(str(f), str(dest / f.name))
+            moved.append(f.name)
+        if old_logs is not None:
+            (dest / "logs").mkdir()
+            shutil.move(str(old_logs), str(dest / "logs" / old_logs.name))
+            moved.append(f"logs/{old_logs.name}")
+        print(f"Moved the previous run's results ({', '.join(moved)}) to {dest}")
+        return dest
+
+    def log_dir(self, run_name: str) -> Path:
+        """results_dir/logs/run_name (the cookbook's log_path)."""
+        return self.path / "logs" / run_name
+
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic_write_text(self.path / name, redact(text))
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        text = json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
+        return self.write_text(name, text + "\n")
+
+    def write_jsonl(self, name: str, rows: Iterable[Any]) -> Path:
+        return self.write_text(name, jsonl_text(json_safe(as_dict(r)) for r in rows))

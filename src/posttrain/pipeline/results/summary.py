@@ -1,0 +1,308 @@
+"""summary.json: the comparison of base and trained rows, the improvement, the headline and the checks.
+
+`build_summary(facts, outcome, wandb_verification, comparison)` assembles the document the user's guide asks
+for (`task_type`, `tinker_run_id`, `log_path`, `wandb_url`, `baseline_*`/`trained_*`) plus every setting,
+sizes, durations and versions; `validate_summary` checks those fields before anything is written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import TaskName, choices
+from posttrain.pipeline.results.rows import (
+    MetricKind,
+    as_dict,
+    is_number,
+    mean_metric,
+    metric_value,
+    summary_kind,
+)
+from posttrain.pipeline.results.store import SUMMARY_FILE, ResultsDir
+
+VERDICTS = ("improved", "not improved")
+# Per-example NLL counts as changed when it moves by more than this fraction of the base NLL.
+NLL_RELATIVE_TOLERANCE = 1e-3
+# The run counts as improved when the mean NLL drops by more than this fraction (RL: any accuracy gain).
+IMPROVEMENT_NLL_RELATIVE = 1e-3
+
+
+def collect_versions() -> dict[str, str | None]:
+    """Versions of posttrain, tinker, tinker_cookbook, torch and python (without importing torch)."""
+    from posttrain import __version__
+
+    def v(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "posttrain": __version__,
+        "tinker": v("tinker"),
+        "tinker_cookbook": v("tinker-cookbook"),
+        "torch": v("torch"),
+        "wandb": v("wandb"),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run was: everything summary.json holds that is not a measurement."""
+
+    task_type: str
+    run_name: str
+    tinker_run_id: str
+    log_path: str
+    wandb_url: str
+    model: str
+    backend: str
+    renderer: str
+    renderer_source: str
+    hyperparameters: Mapping[str, Any]
+    durations: Mapping[str, float]
+    checkpoint_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a training method measured: the same evaluation on the base and the trained model.
+
+    `baseline`/`trained` are accuracies in [0, 1] (kind "score") or mean NLLs (kind "nll"); the rows follow the
+    schema of their kind (see `rows`). `dataset` and `sizes` say what was trained and evaluated on; `extra`
+    holds method-specific facts for summary.json.
+    """
+
+    kind: MetricKind
+    base_rows: list[dict[str, Any]]
+    trained_rows: list[dict[str, Any]]
+    baseline: float
+    trained: float
+    dataset: Mapping[str, Any]
+    sizes: Mapping[str, int]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def compute_improvement(kind: MetricKind, baseline: float, trained: float) -> dict[str, Any]:
+    """How much better the trained model is: positive `absolute` = better, whatever the metric direction.
+
+    NLL: absolute = baseline - trained (the reduction), relative = absolute / baseline.
+    Score: absolute = trained - baseline, points = 100 * absolute, relative = absolute / baseline (None if 0).
+    """
+    if kind == "nll":
+        absolute = baseline - trained
+        relative = absolute / baseline if baseline > 0 else None
+        improved = relative is not None and relative > IMPROVEMENT_NLL_RELATIVE
+        pct = abs(relative) * 100 if relative is not None else None
+        text = f"{pct:.1f}% {'reduction' if absolute >= 0 else 'increase'}" if pct is not None else "n/a"
+        return {
+            "metric": "nll",
+            "higher_is_better": False,
+            "absolute": absolute,
+            "relative": relative,
+            "description": text,
+            "improved": improved,
+        }
+    absolute = trained - baseline
+    relative = absolute / baseline if baseline > 0 else None
+    return {
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "absolute": absolute,
+        "points": absolute * 100,
+        "relative": relative,
+        "description": f"{absolute * 100:+.1f} points",
+        "improved": absolute > 1e-12,
+    }
+
+
+def headline(summary: Mapping[str, Any]) -> str:
+    """'Base NLL: 2.80 → Trained NLL: 1.90 (32.1% reduction)' / 'Base accuracy: 42.0% → Trained: 67.0% (+25.0 points)'."""
+    if summary_kind(summary) == "score":
+        b, t = summary["baseline_score"], summary["trained_score"]
+        return f"Base accuracy: {b * 100:.1f}% → Trained: {t * 100:.1f}% ({(t - b) * 100:+.1f} points)"
+    b, t = summary["baseline_nll"], summary["trained_nll"]
+    imp = compute_improvement("nll", b, t)
+    return f"Base NLL: {b:.2f} → Trained NLL: {t:.2f} ({imp['description']})"
+
+
+def build_summary(
+    facts: RunFacts,
+    outcome: Outcome,
+    wandb_verification: Mapping[str, Any] | None,
+    comparison: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary.json content: the user guide's fields first, then everything needed to reproduce the run.
+
+    `wandb_url` is the run URL online; offline it is the local offline-run directory (`wandb sync` it).
+    """
+    improvement = compute_improvement(outcome.kind, outcome.baseline, outcome.trained)
+    summary: dict[str, Any] = {
+        "task_type": facts.task_type,
+        "run_name": facts.run_name,
+        "tinker_run_id": facts.tinker_run_id,
+        "log_path": str(facts.log_path),
+        "wandb_url": facts.wandb_url,
+    }
+    if outcome.kind == "score":
+        summary.update(baseline_score=outcome.baseline, trained_score=outcome.trained)
+    else:
+        summary.update(baseline_nll=outcome.baseline, trained_nll=outcome.trained)
+    summary.update(
+        headline="",
+        improvement=improvement,
+        verdict="improved" if improvement["improved"] else "not improved",
+        model=facts.model,
+        backend=facts.backend,
+        renderer={"name": facts.renderer, "source": facts.renderer_source},
+        dataset=dict(outcome.dataset),
+        sizes=dict(outcome.sizes),
+        hyperparameters=dict(facts.hyperparameters),
+        durations_seconds=dict(facts.durations),
+        versions=collect_versions(),
+        wandb_verification=dict(wandb_verification) if wandb_verification is not None else None,
+        checkpoint_path=facts.checkpoint_path,
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
+    summary["headline"] = headline(summary)
+    if comparison is not None:
+        summary["per_example"] = {
+            k: comparison[k]
+            for k in ("paired", "improved", "regressed", "unchanged", "errors")
+            if k in comparison
+        }
+    summary.update({"status": "completed", **outcome.extra})
+    return summary
+
+
+def validate_summary(d: Mapping[str, Any]) -> None:
+    """Raise ValueError listing every problem unless `d` has the spec's fields with the right types."""
+    problems: list[str] = []
+    if not isinstance(d, Mapping):
+        raise ValueError("summary must be a JSON object")
+    task_types = [t for t in choices(TaskName) if t != "auto"]
+    if d.get("task_type") not in task_types:
+        problems.append(f"task_type must be one of {', '.join(task_types)} (got {d.get('task_type')!r})")
+    for key in ("tinker_run_id", "log_path", "model", "backend"):
+        if not isinstance(d.get(key), str) or not d.get(key, "").strip():
+            problems.append(f"{key} must be a non-empty string (got {d.get(key)!r})")
+    # wandb_url: the run URL (online) or the offline run directory; empty only when the W&B check failed and
+    # wandb_verification says why.
+    url, wv = d.get("wandb_url"), d.get("wandb_verification")
+    failed_check = isinstance(wv, Mapping) and wv.get("verified") is False and bool(wv.get("detail"))
+    if not isinstance(url, str) or (not url.strip() and not failed_check):
+        problems.append(f"wandb_url must be a non-empty string (got {url!r})")
+    pairs = {"score": ("baseline_score", "trained_score"), "nll": ("baseline_nll", "trained_nll")}
+    if ("baseline_score" in d) == ("baseline_nll" in d):
+        problems.append("exactly one of baseline_score (accuracy) and baseline_nll must be present")
+    for kind in [summary_kind(d)]:
+        for key in pairs[kind]:
+            v = d.get(key)
+            if not is_number(v):
+                problems.append(f"{key} must be a finite number (got {v!r})")
+            elif kind == "score" and not 0 <= v <= 1:
+                problems.append(f"{key} must be an accuracy in [0, 1] (got {v!r})")
+            elif kind == "nll" and v < 0:
+                problems.append(f"{key} must be >= 0 (got {v!r})")
+    if d.get("verdict") not in VERDICTS:
+        problems.append(f"verdict must be one of {', '.join(VERDICTS)} (got {d.get('verdict')!r})")
+    imp = d.get("improvement")
+    if not isinstance(imp, Mapping) or not is_number(imp.get("absolute")):
+        problems.append("improvement must be an object with a numeric 'absolute'")
+    if not isinstance(d.get("hyperparameters"), Mapping):
+        problems.append("hyperparameters must be an object (every setting)")
+    if not isinstance(d.get("versions"), Mapping):
+        problems.append("versions must be an object")
+    wv = d.get("wandb_verification")
+    if wv is not None and (not isinstance(wv, Mapping) or not isinstance(wv.get("verified"), bool)):
+        problems.append("wandb_verification must be null or an object with a boolean 'verified'")
+    if problems:
+        raise ValueError("invalid summary: " + "; ".join(problems))
+
+
+def write_summary(results: ResultsDir, summary: Mapping[str, Any]) -> Path:
+    """Validate and write summary.json."""
+    validate_summary(summary)
+    return results.write_json(SUMMARY_FILE, summary)
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+
+def _snippet(text: Any, n: int = 120) -> str:
+    s = " ".join(str(text or "").split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def compare_examples(
+    base_rows: Iterable[Any], trained_rows: Iterable[Any], kind: MetricKind, top: int = 5
+) -> dict:
+    """Pair base and trained rows by `index` and count improved / regressed / unchanged examples.
+
+    SFT: improved when the trained NLL is lower by more than NLL_RELATIVE_TOLERANCE of the base NLL (regressed:
+    higher by more than that). RL: improved when correct flipped false→true, regressed true→false. Rows with an
+    error (or a null metric) on either side are counted in `errors`, not in the three buckets. `base_mean` /
+    `trained_mean` average only the examples both models were evaluated on without error: use them as the
+    summary's baseline/trained numbers so both sides cover the same examples.
+    """
+    base = {d["index"]: d for d in map(as_dict, base_rows)}
+    trained = {d["index"]: d for d in map(as_dict, trained_rows)}
+    paired_idx = sorted(set(base) & set(trained))
+    improved, regressed, unchanged, errors = [], [], [], []
+    for i in paired_idx:
+        b, t = base[i], trained[i]
+        bv, tv = metric_value(b, kind), metric_value(t, kind)
+        if bv is None or tv is None:
+            errors.append(i)
+            continue
+        if kind == "nll":
+            delta = bv - tv  # > 0: better
+            tol = NLL_RELATIVE_TOLERANCE * max(abs(bv), 1e-8)
+            entry = {
+                "index": i,
+                "prompt": _snippet(b.get("prompt")),
+                "base": bv,
+                "trained": tv,
+                "delta": delta,
+            }
+            (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
+        else:
+            entry = {
+                "index": i,
+                "question": _snippet(b.get("question")),
+                "ground_truth": _snippet(b.get("ground_truth"), 60),
+                "base_answer": _snippet(b.get("extracted_answer"), 60),
+                "trained_answer": _snippet(t.get("extracted_answer"), 60),
+                "base": bool(bv),
+                "trained": bool(tv),
+                "delta": tv - bv,
+            }
+            (improved if tv > bv else regressed if tv < bv else unchanged).append(entry)
+    valid = [i for i in paired_idx if i not in set(errors)]
+    base_mean = mean_metric([base[i] for i in valid], kind)
+    trained_mean = mean_metric([trained[i] for i in valid], kind)
+    improved.sort(key=lambda e: -e["delta"])
+    regressed.sort(key=lambda e: e["delta"])
+    return {
+        "kind": kind,
+        "paired": len(paired_idx),
+        "improved": len(improved),
+        "regressed": len(regressed),
+        "unchanged": len(unchanged),
+        "errors": len(errors),
+        "error_indices": errors,
+        # Means over the examples evaluated successfully on both sides (a like-for-like comparison).
+        "base_mean": base_mean,
+        "trained_mean": trained_mean,
+        "unpaired_base": sorted(set(base) - set(trained)),
+        "unpaired_trained": sorted(set(trained) - set(base)),
+        "top_improved": improved[:top],
+        "top_regressed": regressed[:top],
+    }
