@@ -8,20 +8,17 @@ directory first and is renamed into place, so a crash never leaves a half-writte
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from posttrain.engine.fsutil import replaced_directory
 from posttrain.engine.wire import WireError
+from posttrain.util import atomic_write_text, iso_time, replaced_directory
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
@@ -61,10 +58,6 @@ def parse_tinker_path(path: str) -> CheckpointRef:
     return CheckpointRef(run_id, kind, check_name(name))
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
-
-
 class CheckpointStore:
     def __init__(self, root: Path):
         self.root = root
@@ -82,7 +75,7 @@ class CheckpointStore:
     def write_run(self, run_id: str, info: dict) -> None:
         directory = self.run_dir(run_id)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_text(directory / "run.json", json.dumps(info, indent=2))
+        atomic_write_text(directory / "run.json", json.dumps(info, indent=2))
 
     def read_run(self, run_id: str) -> dict | None:
         try:
@@ -162,21 +155,14 @@ class CheckpointStore:
                 entry = {
                     "checkpoint_id": f"{kind}/{ref.name}",
                     "checkpoint_type": ctype,
-                    "time": _iso(meta.get("time", meta_file.stat().st_mtime)),
+                    "time": iso_time(meta.get("time", meta_file.stat().st_mtime)),
                     "tinker_path": ref.tinker_path,
                     "size_bytes": size,
                     "public": False,
                 }
                 if meta.get("ttl_seconds"):
-                    entry["expires_at"] = _iso(meta["time"] + meta["ttl_seconds"])
+                    entry["expires_at"] = iso_time(meta["time"] + meta["ttl_seconds"])
                 if meta.get("user_metadata"):
                     entry["user_metadata"] = meta["user_metadata"]
                 out.append(entry)
         return sorted(out, key=lambda e: e["time"])
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -83,9 +83,6 @@ class EngineProcess:
         assert self.url is not None
         return self.url
 
-    def output(self) -> str:
-        return "\n".join(self._tail)
-
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.engine.fsutil import replaced_directory
 from posttrain.errors import UserError
+from posttrain.util import replaced_directory, short_error
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,9 @@ def _from_hub(name: str) -> Path:
         try:
             return Path(snapshot_download(name, local_files_only=True))
         except Exception:  # noqa: BLE001
-            reason = str(first).splitlines()[0][:200] if str(first) else type(first).__name__
             raise UserError(
                 f"--model {name}: not a local directory, not in the Hugging Face cache, and the Hub could not be "
-                f"reached ({reason}). Pass a local model directory, or serve the default {DEFAULT_MODEL}."
+                f"reached ({short_error(first, 200)}). Pass a local model directory, or serve the default {DEFAULT_MODEL}."
             ) from None
 
 
