@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import os
 import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +29,18 @@ from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_n
 from posttrain.engine.futures import Future, FutureStore
 from posttrain.engine.models import ModelSource
 from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
-from posttrain.engine.sampling import GenerationRequest, SamplingSpec, generate
+from posttrain.engine.sampling import GenerationRequest, generate
 from posttrain.engine.wire import (
     FwdBwdRequest,
     WireError,
     encode_forward_backward_output,
     encode_sample_response,
 )
+from posttrain.util import iso_time
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_GATHER_SECONDS = 0.005  # let concurrent asample POSTs that arrive together share one batch
-MAX_SAMPLE_TOKENS = 4096
 STOP_GRACE_SECONDS = 5.0  # on shutdown, how long a running compute job may take to finish
 
 
@@ -129,11 +128,11 @@ class Engine:
             )
         return run
 
-    def new_session(self, body: dict) -> str:
+    def new_session(self, tags: list) -> str:
         session_id = f"s{uuid.uuid4().hex[:12]}"
         self.sessions[session_id] = {
             "created": time.time(),
-            "tags": body.get("tags", []),
+            "tags": tags,
             "last": time.time(),
         }
         return session_id
@@ -173,15 +172,22 @@ class Engine:
                     await self._run_sample_batch()
 
     async def _run_job(self, future: Future, fn: Callable[[], Any]) -> None:
+        await self._settle([future], lambda: [fn()], f"request {future.request_id}")
+
+    async def _settle(self, futures: Sequence[Future], fn: Callable[[], list[Any]], what: str) -> None:
+        """Run `fn` on the compute thread; give each future its result, or every future the error."""
         try:
-            result = await self._compute(fn)
+            results = await self._compute(fn)
         except WireError as exc:
-            future.set_error(str(exc), "user")
+            for future in futures:
+                future.set_error(str(exc), "user")
         except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
-            logger.error("request %s failed:\n%s", future.request_id, traceback.format_exc())
-            future.set_error(f"internal error in the local engine: {type(exc).__name__}: {exc}", "server")
+            logger.error("%s failed:\n%s", what, traceback.format_exc())
+            for future in futures:
+                future.set_error(internal_error(exc), "server")
         else:
-            future.set_result(result)
+            for future, result in zip(futures, results, strict=True):
+                future.set_result(result)
 
     async def _run_sample_batch(self) -> None:
         # One sampler (= one set of weights) per batch: every request for it that is waiting now.
@@ -210,20 +216,7 @@ class Engine:
                 for r in results
             ]
 
-        try:
-            encoded = await self._compute(work)
-        except WireError as exc:
-            for p in batch:
-                p.future.set_error(str(exc), "user")
-        except Exception as exc:  # noqa: BLE001
-            logger.error("sampling batch failed:\n%s", traceback.format_exc())
-            for p in batch:
-                p.future.set_error(
-                    f"internal error in the local engine: {type(exc).__name__}: {exc}", "server"
-                )
-        else:
-            for p, payload in zip(batch, encoded, strict=True):
-                p.future.set_result(payload)
+        await self._settle([p.future for p in batch], work, "sampling batch")
 
     # training operations (run on the compute thread) -----------------------------------------------------------
     def create_run(
@@ -353,59 +346,6 @@ class Engine:
         self.snapshots.put(sampler.snapshot_key, snap)
         return snap
 
-    def generation_request(self, sampler: Sampler, body: dict, prompt: list[int]) -> GenerationRequest:
-        base = sampler.base
-        base.check_tokens(prompt, "prompt")
-        params = body.get("sampling_params") or {}
-        stop = params.get("stop")
-        stop_strings: list[str] = []
-        stop_tokens: list[int] | None = None
-        if isinstance(stop, str):
-            stop_strings = [stop]
-        elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
-            stop_strings = list(stop)
-        elif isinstance(stop, list):
-            stop_tokens = [int(s) for s in stop]  # [] disables every stop, EOS included
-            base.check_tokens(stop_tokens or [0], "sampling_params.stop")
-        max_tokens = params.get("max_tokens")
-        if max_tokens is not None and (int(max_tokens) < 1):
-            raise WireError(f"sampling_params.max_tokens must be >= 1, got {max_tokens}")
-        # Checked here, per request: an invalid request reaching the sampler would fail its whole batch.
-        temperature = float(params.get("temperature", 1.0))
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise WireError(f"sampling_params.temperature must be a finite number >= 0, got {temperature}")
-        top_p = float(params.get("top_p", 1.0))
-        if not 0 < top_p <= 1:
-            raise WireError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
-        seed = params.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise WireError(f"sampling_params.seed must be an integer, got {seed!r}")
-        if len(prompt) >= base.max_context:
-            raise WireError(
-                f"prompt has {len(prompt)} tokens; the context length of {base.name} is {base.max_context}"
-            )
-        num_samples = int(body.get("num_samples", 1))
-        if num_samples < 1 or num_samples > 1024:
-            raise WireError(f"num_samples must be between 1 and 1024, got {num_samples}")
-        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
-            if int(body.get(unsupported) or 0) > 0:
-                raise WireError(f"{unsupported} is not supported by the local engine")
-        spec = SamplingSpec(
-            max_tokens=min(int(max_tokens), MAX_SAMPLE_TOKENS) if max_tokens is not None else None,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=int(params.get("top_k", -1)),
-            seed=seed,
-            stop_strings=stop_strings,
-            stop_token_ids=stop_tokens,
-        )
-        return GenerationRequest(
-            prompt_tokens=prompt,
-            num_samples=num_samples,
-            spec=spec,
-            prompt_logprobs=bool(body.get("prompt_logprobs", False)),
-        )
-
     # REST views ------------------------------------------------------------------------------------------------
     def training_run_view(self, run_id: str) -> dict:
         live = self.runs.get(run_id)
@@ -423,7 +363,7 @@ class Engine:
             "is_lora": True,
             "corrupted": False,
             "lora_rank": info["lora"]["rank"],
-            "last_request_time": _iso(last),
+            "last_request_time": iso_time(last),
             "last_checkpoint": training[-1] if training else None,
             "last_sampler_checkpoint": sampler[-1] if sampler else None,
             "user_metadata": info.get("user_metadata") or None,
@@ -448,7 +388,6 @@ def default_threads() -> int:
     return max(1, cpus // 2)
 
 
-def _iso(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+def internal_error(exc: Exception) -> str:
+    """What a client is told about a failure that is the engine's fault, not the request's."""
+    return f"internal error in the local engine: {type(exc).__name__}: {exc}"

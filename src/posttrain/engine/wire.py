@@ -1,14 +1,26 @@
-"""Protobuf and JSON encodings of the Tinker wire protocol (the `tinker_public` schema the SDK ships)."""
+"""Protobuf and JSON encodings of the Tinker wire protocol (the `tinker_public` schema the SDK ships).
+
+Every request body is read here: routes get typed requests, and the engine never sees raw JSON.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import zstandard
 from tinker.proto import tinker_public_pb2 as pb
+
+from posttrain.engine.sampling import GenerationRequest, SamplingSpec
+
+if TYPE_CHECKING:
+    from posttrain.engine.runtime import ServedModel
+
+MAX_SAMPLE_TOKENS = 4096
 
 _NUMPY_OF = {
     pb.DTYPE_FLOAT32: np.float32,
@@ -77,6 +89,13 @@ def _tensor_from_proto(name: str, msg: pb.Tensor) -> torch.Tensor:
     if math.prod(shape) != flat.numel():
         raise WireError(f"loss_fn_inputs[{name!r}]: shape {shape} does not match {flat.numel()} values")
     return flat.reshape(shape)
+
+
+def forward_backward_request(body: bytes, content_type: str, content_encoding: str | None) -> FwdBwdRequest:
+    """A forward_backward (or forward: the SDK >= 0.25 sends it as forward_only) request body."""
+    if "protobuf" not in content_type:
+        raise WireError("forward_backward: expected an application/x-protobuf body (tinker SDK >= 0.25)")
+    return decode_forward_backward(body, content_encoding)
 
 
 def decode_forward_backward(body: bytes, content_encoding: str | None) -> FwdBwdRequest:
@@ -163,3 +182,220 @@ def tokens_from_model_input(model_input: dict) -> list[int]:
             raise WireError(f"prompt: {kind} chunks are not supported by the local engine (text only)")
         tokens.extend(int(t) for t in chunk.get("tokens", []))
     return tokens
+
+
+# JSON requests ---------------------------------------------------------------------------------------------
+# Reading a request only checks its shape. What needs the engine (is this model id known? is this checkpoint
+# path valid?) stays in the route, in the order it always ran, so a request with several faults is still
+# told about the same one.
+
+
+def json_object(body: bytes, where: str) -> dict:
+    """The body of a JSON request, which must be an object; `where` (the request path) names it in errors."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise WireError(f"{where}: body is not JSON") from None
+    if not isinstance(data, dict):
+        raise WireError(f"{where}: body must be a JSON object")
+    return data
+
+
+def training_model_id(session_id: Any, model_seq_id: Any) -> str:
+    """The id of a session's training client: the SDK derives it itself for create-from-state."""
+    return f"{session_id}:train:{model_seq_id}"
+
+
+@dataclass(frozen=True)
+class CreateModelRequest:
+    session_id: Any
+    model_seq_id: Any
+    base_model: str | None
+    lora_config: dict
+    user_metadata: dict | None
+
+    @property
+    def model_id(self) -> str:
+        return training_model_id(self.session_id, self.model_seq_id)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CreateModelRequest:
+        lora = data.get("lora_config") or {}
+        if "rank" not in lora:
+            raise WireError("create_model: lora_config.rank is required")
+        return cls(
+            session_id=data.get("session_id", ""),
+            model_seq_id=data.get("model_seq_id", 0),
+            base_model=data.get("base_model"),
+            lora_config=lora,
+            user_metadata=data.get("user_metadata"),
+        )
+
+
+@dataclass(frozen=True)
+class OptimStepRequest:
+    model_id: str
+    seq_id: Any
+    optimizer: str | None  # "adam" when the request sends adam_params (the only optimizer there is)
+    adam_params: Any
+
+    @classmethod
+    def from_json(cls, data: dict) -> OptimStepRequest:
+        return cls(
+            model_id=data.get("model_id", ""),
+            seq_id=data.get("seq_id"),
+            optimizer="adam" if "adam_params" in data else None,
+            adam_params=data.get("adam_params"),
+        )
+
+
+@dataclass(frozen=True)
+class SaveWeightsRequest:
+    """save_weights (training state, `path` required) and save_weights_for_sampler (`path` optional)."""
+
+    model_id: str
+    seq_id: Any
+    path: Any
+    ttl_seconds: int | None
+    overwrite: bool
+    user_metadata: dict | None
+    sampling_session_seq_id: int | None
+
+    @classmethod
+    def from_json(cls, data: dict) -> SaveWeightsRequest:
+        return cls(
+            model_id=data.get("model_id", ""),
+            seq_id=data.get("seq_id"),
+            path=data.get("path"),
+            ttl_seconds=data.get("ttl_seconds"),
+            overwrite=bool(data.get("overwrite")),
+            user_metadata=data.get("user_metadata"),
+            sampling_session_seq_id=data.get("sampling_session_seq_id"),
+        )
+
+
+@dataclass(frozen=True)
+class LoadWeightsRequest:
+    path: str
+    model_id: str | None  # None: create the training client from the checkpoint (create-from-state)
+    seq_id: Any
+    session_id: Any
+    model_seq_id: Any
+    optimizer: bool
+    base_model: str | None
+    user_metadata: dict | None
+
+    @classmethod
+    def from_json(cls, data: dict) -> LoadWeightsRequest:
+        return cls(
+            path=str(data.get("path") or ""),
+            model_id=data.get("model_id") or None,
+            seq_id=data.get("seq_id"),
+            session_id=data.get("session_id", ""),
+            model_seq_id=data.get("model_seq_id", 0),
+            optimizer=bool(data.get("optimizer")),
+            base_model=data.get("base_model"),
+            user_metadata=data.get("user_metadata"),
+        )
+
+
+@dataclass(frozen=True)
+class SamplerRequest:
+    """create_sampling_session, and the part of asample that says which weights to sample from."""
+
+    session_id: Any
+    sampling_session_seq_id: Any
+    sampling_session_id: str | None
+    base_model: str | None
+    model_path: str | None
+
+    @property
+    def new_sampler_id(self) -> str:
+        return f"{self.session_id}:sample:{self.sampling_session_seq_id}"
+
+    @property
+    def adhoc_sampler_id(self) -> str:
+        return f"adhoc:{self.base_model}:{self.model_path}"
+
+    @classmethod
+    def from_json(cls, data: dict) -> SamplerRequest:
+        return cls(
+            session_id=data.get("session_id", ""),
+            sampling_session_seq_id=data.get("sampling_session_seq_id", 0),
+            sampling_session_id=data.get("sampling_session_id"),
+            base_model=data.get("base_model"),
+            model_path=data.get("model_path"),
+        )
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    weights: SamplerRequest
+    seq_id: Any  # None: the request cannot be recognised as a retry
+    num_samples: Any
+    body: dict  # the prompt and sampling settings: `generation` reads them once the serving model is known
+
+    @classmethod
+    def from_json(cls, data: dict) -> SampleRequest:
+        return cls(SamplerRequest.from_json(data), data.get("seq_id"), data.get("num_samples"), data)
+
+    def failed_sequence_ids(self) -> list[str]:
+        """The sequence ids of the reply when the request itself failed."""
+        return [f"failed:{i}" for i in range(int(self.num_samples or 1))]
+
+    def generation(self, model: ServedModel) -> GenerationRequest:
+        """The prompt and sampling settings, checked against the model that will serve them.
+
+        Checked here, per request: an invalid request reaching the sampler would fail its whole batch.
+        """
+        data = self.body
+        prompt = tokens_from_model_input(data.get("prompt") or {})
+        model.check_tokens(prompt, "prompt")
+        params = data.get("sampling_params") or {}
+        stop = params.get("stop")
+        stop_strings: list[str] = []
+        stop_tokens: list[int] | None = None
+        if isinstance(stop, str):
+            stop_strings = [stop]
+        elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
+            stop_strings = list(stop)
+        elif isinstance(stop, list):
+            stop_tokens = [int(s) for s in stop]  # [] disables every stop, EOS included
+            model.check_tokens(stop_tokens or [0], "sampling_params.stop")
+        max_tokens = params.get("max_tokens")
+        if max_tokens is not None and (int(max_tokens) < 1):
+            raise WireError(f"sampling_params.max_tokens must be >= 1, got {max_tokens}")
+        temperature = float(params.get("temperature", 1.0))
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise WireError(f"sampling_params.temperature must be a finite number >= 0, got {temperature}")
+        top_p = float(params.get("top_p", 1.0))
+        if not 0 < top_p <= 1:
+            raise WireError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
+        seed = params.get("seed")
+        if seed is not None and not isinstance(seed, int):
+            raise WireError(f"sampling_params.seed must be an integer, got {seed!r}")
+        if len(prompt) >= model.max_context:
+            raise WireError(
+                f"prompt has {len(prompt)} tokens; the context length of {model.name} is {model.max_context}"
+            )
+        num_samples = int(data.get("num_samples", 1))
+        if num_samples < 1 or num_samples > 1024:
+            raise WireError(f"num_samples must be between 1 and 1024, got {num_samples}")
+        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if int(data.get(unsupported) or 0) > 0:
+                raise WireError(f"{unsupported} is not supported by the local engine")
+        spec = SamplingSpec(
+            max_tokens=min(int(max_tokens), MAX_SAMPLE_TOKENS) if max_tokens is not None else None,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=int(params.get("top_k", -1)),
+            seed=seed,
+            stop_strings=stop_strings,
+            stop_token_ids=stop_tokens,
+        )
+        return GenerationRequest(
+            prompt_tokens=prompt,
+            num_samples=num_samples,
+            spec=spec,
+            prompt_logprobs=bool(data.get("prompt_logprobs", False)),
+        )
