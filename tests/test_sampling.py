@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from posttrain.engine import sampling
 from posttrain.engine.sampling import (
@@ -632,3 +634,117 @@ def test_timing_batched_vs_sequential(tokenizer: PreTrainedTokenizerFast) -> Non
         f"\n16 prompts x 48 tokens: batched {batched_s:.3f}s, one by one {sequential_s:.3f}s "
         f"-> {sequential_s / batched_s:.1f}x"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The transformers cache API under the ragged decode cache
+
+_CACHE_API_CHANGED = (
+    "transformers changed the cache API that posttrain.engine.sampling builds its ragged decode cache on: "
+    "_RaggedLayer subclasses the internal transformers.cache_utils.DynamicLayer, and _ragged_cache installs "
+    "its layers in a DynamicCache, which is only known to work behind the transformers<=5.5.4 pin in "
+    "pyproject.toml. Re-check _RaggedLayer, _ragged_cache and _prefill against transformers.cache_utils "
+    "before moving the pin. What changed:\n  - "
+)
+
+
+def _parameters(fn: Callable[..., object]) -> list[str]:
+    stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return [stars.get(p.kind, "") + p.name for p in inspect.signature(fn).parameters.values()]
+
+
+def _two_row_ragged_cache() -> tuple[DynamicCache, sampling._RaggedState, torch.Tensor]:
+    """A ragged cache over two prompts of 3 and 5 tokens (one layer), set up for the next decode step."""
+    lengths = torch.tensor([3, 5])
+    prefills = [
+        sampling._Prefill(
+            keys=[torch.randn(1, 2, n, 4)],
+            values=[torch.randn(1, 2, n, 4)],
+            next_logits=torch.zeros(3),
+            prompt_logprobs=None,
+        )
+        for n in (3, 5)
+    ]
+    cache, state = sampling._ragged_cache(prefills, torch.tensor([0, 1]), lengths, 4, 128)
+    state.width = sampling._round_up(int(lengths.max()) + 1, sampling._KEY_ALIGN)
+    return cache, state, lengths
+
+
+def test_the_transformers_cache_api_under_the_ragged_cache_is_unchanged() -> None:
+    problems: list[str] = []
+
+    def check(what: str, ok: Callable[[], object]) -> None:
+        try:
+            if ok():
+                return
+            problems.append(what)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported with what it broke
+            problems.append(f"{what} (raised {type(exc).__name__}: {exc})")
+
+    # What _RaggedLayer overrides, calls or inherits from its base class, as it was written against.
+    check("DynamicLayer is a CacheLayerMixin", lambda: issubclass(DynamicLayer, CacheLayerMixin))
+    check(
+        "CacheLayerMixin.__init__() takes no arguments",
+        lambda: _parameters(CacheLayerMixin.__init__) == ["self"],
+    )
+    check(
+        "CacheLayerMixin.__init__ sets keys, values and is_initialized",
+        lambda: (
+            (fresh := DynamicLayer()).keys is None and fresh.values is None and fresh.is_initialized is False
+        ),
+    )
+    for method, params in {
+        "update": ["self", "key_states", "value_states", "*args", "**kwargs"],
+        "get_seq_length": ["self"],
+        "get_mask_sizes": ["self", "query_length"],
+        "batch_select_indices": ["self", "indices"],
+    }.items():
+        actual = _parameters(getattr(DynamicLayer, method)) if hasattr(DynamicLayer, method) else "nothing"
+        check(f"DynamicLayer.{method} took {params}, now {actual}", lambda a=actual, p=params: a == p)
+    check(
+        "_RaggedLayer leaves no abstract method unimplemented",
+        lambda: not sampling._RaggedLayer.__abstractmethods__,
+    )
+    check("DynamicLayer.is_sliding is False", lambda: DynamicLayer.is_sliding is False)
+    check(
+        "DynamicCache() starts with no layers and replicates DynamicLayer",
+        lambda: DynamicCache().layers == [] and DynamicCache().layer_class_to_replicate is DynamicLayer,
+    )
+
+    # How the model drives a DynamicCache of ragged layers: sequence length, mask sizes, update.
+    try:
+        cache, state, lengths = _two_row_ragged_cache()
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"_ragged_cache could not build a DynamicCache of _RaggedLayer layers ({exc!r})")
+    else:
+        check("DynamicCache.get_seq_length() asks layer 0", lambda: cache.get_seq_length() == state.width - 1)
+        check(
+            "DynamicCache.get_mask_sizes(query_length, layer_idx) asks the layer, whose key width comes from "
+            "get_seq_length()",
+            lambda: cache.get_mask_sizes(1, 0) == (state.width, 0),
+        )
+        check("DynamicCache.is_sliding asks the layers", lambda: cache.is_sliding == [False])
+        new_keys, new_values = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+        try:
+            keys, values = cache.update(new_keys, new_values, 0)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"DynamicCache.update(keys, values, layer_idx) failed ({exc!r})")
+        else:
+            check(
+                "DynamicCache.update returns the layer's keys, as wide as the step",
+                lambda: keys.shape[2] == state.width,
+            )
+            check(
+                "DynamicCache.update runs the layer's update: each row's key and value land at that row's length",
+                lambda: all(
+                    torch.equal(keys[row, :, int(lengths[row])], new_keys[row, :, 0])
+                    and torch.equal(values[row, :, int(lengths[row])], new_values[row, :, 0])
+                    for row in range(2)
+                ),
+            )
+        check(
+            "DynamicCache with layer_class_to_replicate=None adds no layers of its own",
+            lambda: len(cache.layers) == 1 and isinstance(cache.layers[0], sampling._RaggedLayer),
+        )
+
+    assert not problems, _CACHE_API_CHANGED + "\n  - ".join(problems)
