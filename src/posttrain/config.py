@@ -233,6 +233,9 @@ class TrainConfig:
     save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
     eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
     dtype: EngineDtype = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
+    verbose: bool = chz.field(
+        default=False, doc="show every library's output (else it goes to results/logs/<run>/console.log)"
+    )
 
 
 def supported_parameters() -> list[str]:

@@ -11,12 +11,14 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-
-import tinker
+from typing import TYPE_CHECKING
 
 from posttrain.config import TrainConfig
 from posttrain.errors import PreflightError
 from posttrain.pipeline import preflight
+
+if TYPE_CHECKING:
+    import tinker
 
 # The local engine accepts any key; the SDK insists on one being set.
 LOCAL_API_KEY = "tml-local-engine"

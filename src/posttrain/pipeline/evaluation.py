@@ -19,6 +19,7 @@ import tinker
 from tinker_cookbook import renderers
 from tqdm.asyncio import tqdm_asyncio
 
+from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.grading import extract_answer, grade
 from posttrain.pipeline.results import RLExample, SFTExample
 from posttrain.pipeline.rl_envs import prompt_messages
@@ -43,7 +44,8 @@ async def _bounded(
         async with semaphore:
             return await work(i, item)
 
-    return list(await tqdm_asyncio.gather(*[one(i, x) for i, x in enumerate(items)], desc=desc, leave=False))
+    tasks = [one(i, x) for i, x in enumerate(items)]
+    return list(await tqdm_asyncio.gather(*tasks, desc=desc, leave=False, file=CONSOLE.stream))
 
 
 async def _completion_logprobs(client: tinker.SamplingClient, datum: tinker.Datum) -> np.ndarray:

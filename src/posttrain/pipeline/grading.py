@@ -15,6 +15,8 @@ from typing import Any
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 _ANSWER_IS = re.compile(r"answer(?: is)?\s*[:=]?\s*([^\n]+)", flags=re.IGNORECASE)
 GRADE_TIMEOUT_SECONDS = 1.0
+# Appended to every RL question, in training and in evaluation alike, so the answer can be found.
+ANSWER_INSTRUCTION = "Give only the final answer after ####."
 
 
 def _gsm8k(text: str) -> str | None:

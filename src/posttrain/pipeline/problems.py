@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,9 @@ def parse_reasoning_gym_env(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def reasoning_gym_problems(spec: str, n: int, seed: int) -> list[dict]:
-    import reasoning_gym
+    with warnings.catch_warnings():  # one of its dependencies has SyntaxWarnings (`is` with a literal)
+        warnings.simplefilter("ignore", SyntaxWarning)
+        import reasoning_gym
 
     task, options = parse_reasoning_gym_env(spec)
     try:

@@ -18,10 +18,8 @@ from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder
 from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from posttrain.pipeline.grading import extract_answer, grade
+from posttrain.pipeline.grading import ANSWER_INSTRUCTION, extract_answer, grade
 from posttrain.util import read_jsonl
-
-ANSWER_INSTRUCTION = "Give only the final answer after ####."
 
 
 def prompt_messages(problem: dict, instruction: str = ANSWER_INSTRUCTION) -> list[renderers.Message]:

@@ -10,22 +10,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import tinker
-from tinker_cookbook import checkpoint_utils, renderers
-from tinker_cookbook.tokenizer_utils import get_tokenizer
+from typing import TYPE_CHECKING, Any
 
 from posttrain.config import TrainConfig, config_to_dict
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline import backend, preflight, results, tracking
+from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import METHODS, Method, RunContext
 from posttrain.util import redact
+
+if TYPE_CHECKING:
+    import tinker
 
 DEFAULT_SFT_DATA = Path(__file__).resolve().parent.parent / "data" / "default_sft.jsonl"
 
@@ -58,12 +58,12 @@ class RunState:
             self.durations[name] = round(time.monotonic() - start, 2)
 
 
-def say(message: str) -> None:
-    print(redact(message), flush=True)
+say = CONSOLE.say
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     started = time.monotonic()
+    CONSOLE.verbose = cfg.verbose
     # Getting started: the .env file and the credentials the backend needs.
     preflight.load_env()
     where = backend.choose_backend(cfg)
@@ -83,13 +83,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     state.log_path = res.log_dir(state.run_name)
     state.log_path.mkdir(parents=True, exist_ok=True)
     say(f"run: {state.run_name} ({task}, backend {where}); logs in {state.log_path}")
-    try:
-        outcome = asyncio.run(_train_and_evaluate(state, method))
-        state.durations["total"] = round(time.monotonic() - started, 2)
-        return _write_results(state, res, outcome)
-    except (UserError, KeyboardInterrupt, Exception) as exc:
-        _write_partial(res, state, exc)
-        raise
+    if not cfg.verbose:
+        say(f"library output (warnings, retries, per-step tables): {state.log_path / 'console.log'}")
+    with CONSOLE.capture(state.log_path / "console.log"):
+        try:
+            outcome = asyncio.run(_train_and_evaluate(state, method))
+            state.durations["total"] = round(time.monotonic() - started, 2)
+            return _write_results(state, res, outcome)
+        except (UserError, KeyboardInterrupt, Exception) as exc:
+            _write_partial(res, state, exc)
+            raise
 
 
 def _load_data(cfg: TrainConfig) -> LoadedData | None:
@@ -151,6 +154,9 @@ def default_learning_rate(model_name: str, task: str) -> tuple[float, str]:
 
 
 async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
+    # The SDK and the cookbook load torch (seconds): only once every check has passed.
+    import tinker
+
     cfg = state.cfg
     async with backend.service_url(cfg, state.backend, state.log_path, say) as url:
         service = tinker.ServiceClient(base_url=url)
@@ -164,8 +170,9 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
             base_rows, state.baseline = await method.evaluate(base_client, "base model")
         say(f"base model: {method.score_text(state.baseline)}")
 
+        say(f"training: {method.total_steps} steps")
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
-            await method.train()
+            await _with_progress(method.train(), state.log_path / "metrics.jsonl", method.total_steps)
         _record_final_checkpoint(state)
         trained_client = await service.create_sampling_client_async(model_path=state.sampler_path)
 
@@ -178,7 +185,19 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
     )
 
 
+async def _with_progress(loop: Coroutine[Any, Any, Any], metrics_file: Path, total_steps: int) -> None:
+    follower = asyncio.create_task(CONSOLE.follow_training(metrics_file, total_steps))
+    try:
+        await loop
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
 def _context(state: RunState, service: tinker.ServiceClient, url: str | None) -> RunContext:
+    from tinker_cookbook import renderers
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
     cfg = state.cfg
     renderer_name, renderer_source = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)
     say(f"renderer: {renderer_name} ({renderer_source})")
@@ -203,6 +222,8 @@ def _context(state: RunState, service: tinker.ServiceClient, url: str | None) ->
 
 
 def _record_final_checkpoint(state: RunState) -> None:
+    from tinker_cookbook import checkpoint_utils
+
     record = checkpoint_utils.get_last_checkpoint(str(state.log_path), required_key="sampler_path")
     if record is None or not record.sampler_path:
         raise UserError(

@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
-
-import tinker
-from tinker_cookbook import renderers
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from posttrain.config import TrainConfig
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.results import MetricKind
+
+if TYPE_CHECKING:
+    import tinker
+    from tinker_cookbook import renderers
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Method(Protocol):
     def prepare(self, ctx: RunContext) -> None:
         """Keep `ctx`; write the data as trained on under ctx.data_dir and build the held-out set; say what was chosen."""
         ...
+
+    # Optimizer steps the training loop will take (known after prepare), for the progress bar.
+    total_steps: int
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
         """Per-example rows and the aggregate score of `client` on the held-out set."""

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Coroutine, Mapping
-from typing import Any, ClassVar
-
-import tinker
-from tinker_cookbook.rl import train as rl_train
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from posttrain.config import TrainConfig
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy
+from posttrain.pipeline.grading import ANSWER_INSTRUCTION
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.problems import load_problems
-from posttrain.pipeline.rl_envs import ANSWER_INSTRUCTION, ProblemFileBuilder
 from posttrain.util import write_jsonl
+
+if TYPE_CHECKING:
+    import tinker
 
 
 class RL:
@@ -32,12 +31,15 @@ class RL:
         self.problems = load_problems(cfg, data)
 
     def prepare(self, ctx: RunContext) -> None:
+        from posttrain.pipeline.rl_envs import ProblemFileBuilder
+
         self.ctx = ctx
         cfg = ctx.cfg
         problems_file = ctx.data_dir / "train_problems.jsonl"
         write_jsonl(problems_file, self.problems.train)
         write_jsonl(ctx.data_dir / "eval_problems.jsonl", self.problems.eval)
         n_batches = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
+        self.total_steps = n_batches
         self.builder = ProblemFileBuilder(
             problems_file=str(problems_file),
             model_name_for_tokenizer=cfg.model_name,
@@ -49,6 +51,8 @@ class RL:
         )
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy
+
         cfg = self.ctx.cfg
         settings = SamplingSettings(
             max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, seed=cfg.seed
@@ -64,6 +68,8 @@ class RL:
         )
 
     def train(self) -> Coroutine[Any, Any, Any]:
+        from tinker_cookbook.rl import train as rl_train
+
         cfg = self.ctx.cfg
         config = rl_train.Config(
             **self.ctx.loop_settings(),

@@ -7,61 +7,17 @@ token-weighted overall, the number the cookbook's NLL evaluator reports.
 from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
-from typing import Any, ClassVar
-
-import chz
-import datasets
-import tinker
-from tinker_cookbook.renderers import TrainOnWhat
-from tinker_cookbook.supervised import train as sl_train
-from tinker_cookbook.supervised.data import SupervisedDatasetFromHFDataset, conversation_to_datum
-from tinker_cookbook.supervised.types import (
-    ChatDatasetBuilder,
-    ChatDatasetBuilderCommonConfig,
-    SupervisedDataset,
-)
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData, default_train_on_what
 from posttrain.pipeline.data_formats import CHAT_FORMATS
-from posttrain.pipeline.evaluation import evaluate_nll
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.util import read_jsonl, write_jsonl
+from posttrain.util import write_jsonl
 
-
-@chz.chz
-class ConversationFilesBuilder(ChatDatasetBuilder):
-    """Train and held-out conversations from two JSONL files written by the pipeline (already validated).
-
-    Unlike the cookbook's `FromConversationFileBuilder`, the held-out set is our own split (the data set's test
-    split or the 10% carve-out), so the in-training `test/nll` curve uses exactly the rows of the final evaluation.
-    """
-
-    train_file: str
-    eval_file: str | None = None
-    shuffle_seed: int = 0
-
-    def datums(self, rows: list[dict]) -> list[tinker.Datum]:
-        return [self._to_datum(r) for r in rows]
-
-    def _to_datum(self, row: dict) -> tinker.Datum:
-        train_on_what = TrainOnWhat(self.common_config.train_on_what or TrainOnWhat.LAST_ASSISTANT_MESSAGE)
-        return conversation_to_datum(
-            row["messages"], self.renderer, self.common_config.max_length, train_on_what
-        )
-
-    def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:
-        train = datasets.Dataset.from_list(read_jsonl(self.train_file)).shuffle(seed=self.shuffle_seed)
-        train_ds = SupervisedDatasetFromHFDataset(
-            train, batch_size=self.common_config.batch_size, map_fn=self._to_datum
-        )
-        if not self.eval_file:
-            return train_ds, None
-        held_out = datasets.Dataset.from_list(read_jsonl(self.eval_file))
-        return train_ds, SupervisedDatasetFromHFDataset(
-            held_out, batch_size=len(held_out), map_fn=self._to_datum
-        )
+if TYPE_CHECKING:
+    import tinker
 
 
 class SFT:
@@ -80,6 +36,11 @@ class SFT:
         self.train_on_what = cfg.train_on_what or default_train_on_what(data)
 
     def prepare(self, ctx: RunContext) -> None:
+        from tinker_cookbook.renderers import TrainOnWhat
+        from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+        from posttrain.pipeline.chat_data import ConversationFilesBuilder
+
         self.ctx = ctx
         cfg = ctx.cfg
         chosen = "" if cfg.train_on_what else " (chosen from the data)"
@@ -100,13 +61,20 @@ class SFT:
             shuffle_seed=cfg.seed,
         )
         self.eval_datums = self.builder.datums(self.data.eval)
+        # The cookbook's supervised dataset drops the last partial batch of each epoch.
+        steps = len(self.data.train) // cfg.batch_size * cfg.num_epochs
+        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        from posttrain.pipeline.evaluation import evaluate_nll
+
         return await evaluate_nll(
             client, self.eval_datums, self.data.eval, self.ctx.cfg.eval_concurrency, label
         )
 
     def train(self) -> Coroutine[Any, Any, Any]:
+        from tinker_cookbook.supervised import train as sl_train
+
         cfg = self.ctx.cfg
         config = sl_train.Config(
             **self.ctx.loop_settings(),

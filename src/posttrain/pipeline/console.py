@@ -1,0 +1,143 @@
+"""The terminal belongs to the user: phase lines, progress bars, the result. Everything else goes to a log file.
+
+Libraries write to the terminal in many ways (the cookbook replaces the root logging handlers with its own
+console handler, wandb has its own terminal logger, the SDK warns about retries and deprecations, rich prints
+per-step tables). Rather than chase each one, `Console.capture` points the process's stdout and stderr file
+descriptors at the run's `console.log` for the duration of the run, and the console keeps a private duplicate
+of the real terminal for what the user should see. `verbose=true` skips the capture: the full stream again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from posttrain.util import redact
+
+# Metrics shown on the training bar, first found wins per label (SFT, RL, DPO and distillation loops).
+_BAR_METRICS = {
+    "loss": ("train_mean_nll", "dpo_loss", "loss", "train/loss"),
+    "reward": ("env/all/reward/total",),
+    "accuracy": ("dpo_accuracy", "accuracy"),
+}
+
+
+class Console:
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        self.log_file: Path | None = None
+        self._terminal: IO[str] = sys.stdout
+
+    def say(self, message: str) -> None:
+        print(redact(message), file=self._terminal, flush=True)
+
+    @property
+    def stream(self) -> IO[str]:
+        """Where progress bars go: the real terminal, also while the rest is captured."""
+        return self._terminal
+
+    @contextlib.contextmanager
+    def capture(self, log_file: Path) -> Iterator[None]:
+        """Send fd 1 and 2 (and so every library's output) to `log_file` until the block ends."""
+        self.log_file = log_file
+        if self.verbose:
+            yield
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved_out, saved_err = os.dup(1), os.dup(2)
+        terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        self._terminal = terminal
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+            self._terminal = sys.stdout
+            terminal.close()
+
+    def progress(self, total: int | None, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
+
+    async def follow_training(self, metrics_file: Path, total_steps: int | None, desc: str = "training") -> None:
+        """Show a bar (step k/N, loss or reward, tokens/s, ETA) from the cookbook's metrics.jsonl as it grows.
+
+        The cookbook loops take no progress callback, but each one appends a line per step to metrics.jsonl.
+        Runs until cancelled.
+        """
+        bar = self.progress(total_steps, desc)
+        offset, steps = 0, 0
+        started = time.monotonic()
+        tokens = 0.0
+        try:
+            while True:
+                offset, rows = _read_new_lines(metrics_file, offset)
+                for row in rows:
+                    if "step" not in row or not _is_training_row(row):
+                        continue
+                    steps += 1
+                    tokens += float(row["num_tokens"]) if _is_number(row.get("num_tokens")) else 0.0
+                    bar.set_postfix(_postfix(row, tokens / max(time.monotonic() - started, 1e-6)), refresh=False)
+                    bar.update(1)
+                await asyncio.sleep(0.5)
+        finally:
+            bar.close()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_training_row(row: dict[str, Any]) -> bool:
+    # The loops also write evaluation-only rows; a training step carries a training metric or its timing.
+    return any(k.startswith(("train", "env/", "time/step", "time/total", "dpo")) for k in row)
+
+
+def _postfix(row: dict[str, Any], tokens_per_s: float) -> dict[str, str]:
+    shown: dict[str, str] = {}
+    for label, keys in _BAR_METRICS.items():
+        value = next((row[k] for k in keys if _is_number(row.get(k))), None)
+        if value is not None:
+            shown[label] = f"{value:.3g}"
+    if tokens_per_s > 0:
+        shown["tok/s"] = f"{tokens_per_s:.0f}"
+    return shown
+
+
+def _read_new_lines(path: Path, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """Complete JSON lines appended since `offset` (a half-written last line waits for the next call)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return offset, []
+    end = chunk.rfind(b"\n") + 1
+    rows = []
+    for line in chunk[:end].splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict):
+                rows.append(row)
+    return offset + end, rows
+
+
+# One terminal per process: the run, the evaluators and the method modules all report through this one.
+CONSOLE = Console()
