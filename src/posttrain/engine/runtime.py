@@ -11,9 +11,11 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,12 @@ logger = logging.getLogger(__name__)
 LORA_ALPHA = 32  # not on the wire; the value Tinker-compatible servers use
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "out_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
-TRAIN_TOKEN_BUDGET = 2048  # tokens per micro-batch, padding included: fp32 logits and their grads are ~1.6 GB at this size (vocab 49k)
+TRAIN_TOKEN_BUDGET = (
+    2048  # tokens per micro-batch, padding included (bounds the activations kept for backward)
+)
+# The unembedding runs over this many logits at a time (positions x vocab): 32M fp32 logits are 128 MB, i.e. 682
+# positions at a 49k vocabulary. The full [tokens x vocab] logits and their gradient never exist at once.
+LOGITS_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class TrainingRun:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {
-            k: v.detach().clone()
+            k: v.detach().to("cpu", copy=True)
             for k, v in get_peft_model_state_dict(
                 self.base.peft, adapter_name=self.adapter, save_embedding_layers=False
             ).items()
@@ -108,12 +115,13 @@ class TrainingRun:
 class ServedModel:
     """One base model, loaded once, shared by every training run and sampler on it."""
 
-    def __init__(self, source: ModelSource, dtype: torch.dtype):
+    def __init__(self, source: ModelSource, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.name = source.name
         self.path = source.path
         self.dtype = dtype
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(source.path)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(self.device)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -124,6 +132,38 @@ class ServedModel:
         self.peft: PeftModel | None = None
         self.slots: dict[str, int] = {}  # sampling slot adapter -> version of the snapshot loaded in it
         self._linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        self.plain_head = self._head_is_plain()
+
+    def _head_is_plain(self) -> bool:
+        """Whether logits = output_embeddings(decoder(x).last_hidden_state), so the head can run in chunks.
+
+        True for most causal LMs; false for those that scale or soft-cap logits after the unembedding (their
+        logits are then computed whole, as the model computes them).
+        """
+        try:
+            decoder = self.model.get_decoder()
+            head = self.model.get_output_embeddings()
+            ids = torch.tensor([[1, 2, 3]], device=self.device)
+            with torch.no_grad(), self.autocast:
+                full = self.model(input_ids=ids, use_cache=False).logits
+                split = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+            return full.shape == split.shape and bool(torch.allclose(full.float(), split.float(), atol=1e-4))
+        except Exception:  # noqa: BLE001 - any surprise: fall back to the model's own forward
+            logger.info("%s: logits computed whole (the model's head is not a plain unembedding)", self.name)
+            return False
+
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What `head` turns into logits: the decoder's last hidden states, or the logits themselves."""
+        module = self.peft if self.peft is not None else self.model
+        if not self.plain_head:
+            return module(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        # The decoder of the (peft-injected) model: LoRA layers live inside it, with the active adapter.
+        return self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.plain_head:
+            return hidden
+        return self.model.get_output_embeddings()(hidden)
 
     def _eos_ids(self) -> list[int]:
         ids: set[int] = set()
@@ -137,8 +177,8 @@ class ServedModel:
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
     def target_modules(self, spec: LoraSpec) -> list[str]:
@@ -263,7 +303,7 @@ def forward_backward(
     outputs: list[dict[str, np.ndarray]] = [{} for _ in request.data]
     total = 0.0
     lengths = [len(d.tokens) for d in request.data]
-    grad_context = torch.no_grad() if request.forward_only else contextlib.nullcontext()
+    train = not request.forward_only
     assert base.peft is not None
     for group in _micro_batches(lengths, TRAIN_TOKEN_BUDGET):
         width = max(lengths[i] for i in group)
@@ -272,41 +312,101 @@ def forward_backward(
         for row, i in enumerate(group):
             ids[row, : lengths[i]] = torch.tensor(request.data[i].tokens)
             mask[row, : lengths[i]] = 1
-        with grad_context, base.autocast:
-            logits = base.peft(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        with grad_context:
-            # One log-softmax and one gather over the whole micro-batch. Slicing per datum before them would make
-            # backward materialise a zero tensor the size of all the logits once per datum (seconds for 16 rows).
-            targets = [request.data[i].inputs["target_tokens"].long() for i in group]
-            columns = max(1 if t.dim() == 1 else t.shape[1] for t in targets)
-            index = torch.zeros(len(group), width, columns, dtype=torch.long)
-            for row, t in enumerate(targets):
-                index[row, : t.shape[0], : 1 if t.dim() == 1 else t.shape[1]] = t.view(t.shape[0], -1)
-            logits32 = logits.float()
-            all_lp = logits32.gather(-1, index) - torch.logsumexp(logits32, dim=-1, keepdim=True)
-        group_loss = None
-        for row, i in enumerate(group):
+        with torch.set_grad_enabled(train), base.autocast:
+            hidden = base.hidden_states(ids.to(base.device), mask.to(base.device))
+            # The real (unpadded) positions only, row after row: [N, hidden]
+            hidden = hidden[mask.to(base.device).bool()]
+        lp, per_token = head_losses(
+            base,
+            hidden,
+            [request.data[i].inputs for i in group],
+            lambda lp, inputs: loss_fn(lp, inputs, request.loss_fn_config),
+            train=train,
+        )
+        start = 0
+        for i in group:
             n = lengths[i]
-            inputs = request.data[i].inputs
-            with grad_context:
-                lp = (
-                    all_lp[row, :n, 0]
-                    if targets[row].dim() == 1
-                    else all_lp[row, :n, : targets[row].shape[1]]
-                )
-                float_inputs = {k: v.float() for k, v in inputs.items() if k != "target_tokens"}
-                per_token = loss_fn(lp, float_inputs, request.loss_fn_config)
-                datum_loss = per_token.sum()
-            group_loss = datum_loss if group_loss is None else group_loss + datum_loss
-            total += float(datum_loss.detach())
-            outputs[i] = {
-                "logprobs": lp.detach().float().numpy(),
-                "elementwise_loss": per_token.detach().float().numpy(),
-            }
-        if not request.forward_only and group_loss is not None and group_loss.requires_grad:
-            group_loss.backward()
-        del logits, logits32, all_lp
+            target = request.data[i].inputs["target_tokens"]
+            columns = 1 if target.dim() == 1 else target.shape[1]
+            datum_lp = lp[start : start + n, :columns]
+            datum_loss = per_token[start : start + n, :columns]
+            if target.dim() == 1:
+                datum_lp, datum_loss = datum_lp[:, 0], datum_loss[:, 0]
+            start += n
+            total += float(datum_loss.sum())
+            outputs[i] = {"logprobs": datum_lp.cpu().numpy(), "elementwise_loss": datum_loss.cpu().numpy()}
+        del hidden
     return outputs, {"loss:sum": total}
+
+
+def logits_chunk_tokens(vocab_size: int) -> int:
+    """Positions per chunk of the unembedding: its fp32 logits and their gradient stay ~LOGITS_CHUNK_ELEMENTS."""
+    override = os.environ.get("POSTTRAIN_LOGITS_CHUNK_TOKENS")
+    if override:
+        return max(1, int(override))
+    return max(16, LOGITS_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def head_losses(
+    base: ServedModel,
+    hidden: torch.Tensor,
+    inputs: list[dict[str, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    train: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the targets and the per-token loss, chunk by chunk over positions; backward when training.
+
+    `hidden` [N, H] holds the final hidden states of the datums' positions, one datum after the other, with
+    `inputs[d]` the loss inputs of datum d. Every built-in loss is elementwise in the log-probs, so each chunk's
+    loss is known as soon as its log-probs are, and its gradient flows back through the unembedding at once:
+    only one chunk's [chunk, vocab] fp32 logits and gradient ever exist, nothing is recomputed, and the
+    gradient of `hidden` is then propagated through the rest of the model in one backward call.
+    Returns lp and per-token loss as [N, K] float32 (K: the widest target; narrower datums are padded).
+    """
+    device = hidden.device
+    targets = [d["target_tokens"].long() for d in inputs]
+    columns = max(1 if t.dim() == 1 else t.shape[1] for t in targets)
+    n_total = sum(t.shape[0] for t in targets)
+    index = torch.zeros(n_total, columns, dtype=torch.long)
+    valid = torch.zeros(n_total, columns, dtype=torch.bool)
+    keys = sorted({k for d in inputs for k in d if k != "target_tokens"})
+    flat = {k: torch.zeros(n_total, columns) for k in keys}
+    start = 0
+    for d, t in zip(inputs, targets, strict=True):
+        n, k = t.shape[0], (1 if t.dim() == 1 else t.shape[1])
+        index[start : start + n, :k] = t.view(n, k)
+        valid[start : start + n, :k] = True
+        for key in keys:
+            value = d.get(key)
+            if value is None:  # only `weights` is optional: a datum without them counts every token
+                flat[key][start : start + n, :k] = 1.0 if key == "weights" else 0.0
+            else:
+                flat[key][start : start + n, :k] = value.float().view(n, k)
+        start += n
+    index, valid = index.to(device), valid.to(device)
+    flat = {k: v.to(device) for k, v in flat.items()}
+    head_input = hidden.detach().requires_grad_(train)
+    lp_out = torch.empty(n_total, columns, dtype=torch.float32, device=device)
+    loss_out = torch.empty(n_total, columns, dtype=torch.float32, device=device)
+    chunk = logits_chunk_tokens(base.vocab_size)
+    for s in range(0, n_total, chunk):
+        e = min(s + chunk, n_total)
+        with torch.set_grad_enabled(train):
+            with base.autocast:
+                logits = base.head(head_input[s:e])
+            logits32 = logits.float()
+            lp = logits32.gather(-1, index[s:e]) - torch.logsumexp(logits32, dim=-1, keepdim=True)
+            per_token = loss_fn(lp, {k: v[s:e] for k, v in flat.items()})
+            per_token = torch.where(valid[s:e], per_token, torch.zeros_like(per_token))
+            if train and per_token.requires_grad:
+                per_token.sum().backward()
+        lp_out[s:e] = lp.detach()
+        loss_out[s:e] = per_token.detach()
+        del logits, logits32, lp, per_token
+    if train and head_input.grad is not None and hidden.requires_grad:
+        hidden.backward(head_input.grad)
+    return lp_out, loss_out
 
 
 def optim_step(run: TrainingRun, adam: dict[str, Any]) -> dict[str, float]:
