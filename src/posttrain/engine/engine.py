@@ -61,16 +61,22 @@ class PendingSample:
 
 class Engine:
     def __init__(
-        self, sources: list[ModelSource], checkpoint_dir: Path, dtype: torch.dtype, threads: int | None = None
+        self,
+        sources: list[ModelSource],
+        checkpoint_dir: Path,
+        dtype: torch.dtype,
+        threads: int | None = None,
+        device: torch.device | str = "cpu",
     ):
         self.dtype = dtype
+        self.device = torch.device(device)
         self.threads = threads if threads and threads > 0 else default_threads()
         # torch's thread count is per OS thread under OpenMP: set it here (loading) and in the compute thread.
         torch.set_num_threads(self.threads)
         self.models: dict[str, ServedModel] = {}
         for source in sources:
-            logger.info("loading %s from %s (%s)", source.name, source.path, dtype)
-            self.models[source.name] = ServedModel(source, dtype)
+            logger.info("loading %s from %s (%s on %s)", source.name, source.path, dtype, self.device)
+            self.models[source.name] = ServedModel(source, dtype, self.device)
         self.store = CheckpointStore(checkpoint_dir)
         self.futures = FutureStore()
         self.sessions: dict[str, dict[str, Any]] = {}

@@ -193,15 +193,33 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def choose_dtype(requested: str) -> torch.dtype:
-    """bf16 where the processor computes it natively (about 4x fp32 here), fp32 elsewhere."""
+def choose_device(requested: str = "auto") -> torch.device:
+    """The GPU when CUDA is available (no flag needed), else the CPU; `cpu` or `cuda` force one."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available to torch on this machine")
+        return torch.device("cuda")
+    raise UserError(f"--device {requested}: expected auto, cpu or cuda")
+
+
+def choose_dtype(requested: str, device: torch.device | None = None) -> torch.dtype:
+    """bf16 where the device computes it natively (a recent GPU, a CPU with avx512_bf16/AMX), fp32 elsewhere.
+
+    On an AVX2-only processor bf16 is emulated and several times slower than fp32.
+    """
+    if device is None:
+        device = choose_device("auto")
     if requested == "fp32":
         return torch.float32
     if requested == "bf16":
         return torch.bfloat16
     if requested != "auto":
         raise UserError(f"--dtype {requested}: expected auto, bf16 or fp32")
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 

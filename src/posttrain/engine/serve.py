@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype")
     parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the models run (default auto: the GPU when CUDA is available, else the CPU)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server log
 
     from posttrain.engine.engine import Engine
-    from posttrain.engine.models import cache_root, choose_dtype, resolve_model
+    from posttrain.engine.models import cache_root, choose_device, choose_dtype, resolve_model
     from posttrain.engine.server import create_app
     from posttrain.errors import UserError
 
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise UserError(f"--model: the same name is served twice: {names}")
-        dtype = choose_dtype(args.dtype)
+        device = choose_device(args.device)
+        dtype = choose_dtype(args.dtype, device)
         checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else cache_root() / "checkpoints"
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror})"
             ) from None
-        engine = Engine(sources, checkpoint_dir, dtype, threads=args.threads)
+        engine = Engine(sources, checkpoint_dir, dtype, threads=args.threads, device=device)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     def announce() -> None:
         print(
             f"{READY_PREFIX}{url}  (models: {', '.join(engine.models)}; checkpoints: {checkpoint_dir}; "
-            f"dtype: {str(dtype).removeprefix('torch.')}; threads: {engine.threads})",
+            f"device: {device.type}; dtype: {str(dtype).removeprefix('torch.')}; threads: {engine.threads})",
             flush=True,
         )
 
