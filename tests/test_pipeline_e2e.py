@@ -91,6 +91,14 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     assert any("test/nll" in m for m in metrics) and any("train_mean_nll" in m for m in metrics)
     assert (results / "report.md").read_text().count("NLL") >= 1
     assert (results / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The terminal shows phases, progress and the result; library output goes to the run's console.log.
+    terminal = proc.stdout + proc.stderr
+    assert len(proc.stdout.splitlines()) < 40 and proc.stderr.strip() == "", terminal
+    for noise in ("FutureWarning", "Retrying", "wandb:", "Metric", "INFO"):
+        assert noise not in terminal, noise
+    assert "training:" in proc.stdout and "6/6" in proc.stdout  # the training bar reached step 6 of 6
+    console_log = (results / "logs" / "sft_e2e" / "console.log").read_text()
+    assert "train_mean_nll" in console_log and "wandb" in console_log
     # Secrets from .env appear nowhere: not in output, results, logs or W&B files.
     for secret in (SECRET_TINKER, SECRET_WANDB):
         assert secret not in proc.stdout + proc.stderr

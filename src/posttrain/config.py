@@ -233,6 +233,10 @@ class TrainConfig:
     save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
     eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
     dtype: EngineDtype = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
+    resume: bool = chz.field(
+        default=False,
+        doc="continue the stopped run named run_name from its last checkpoint, in the same log directory",
+    )
     verbose: bool = chz.field(
         default=False, doc="show every library's output (else it goes to results/logs/<run>/console.log)"
     )
@@ -451,6 +455,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"run_name={cfg.run_name!r} is not valid; use letters, digits, '.', '_' and '-' "
             "(it names the folder results/logs/<run_name>)"
+        )
+    if cfg.resume and not cfg.run_name:
+        raise ConfigError(
+            "resume=true needs run_name=<the run to continue> (its logs are results/logs/<run_name>)"
         )
     if cfg.base_url is not None and not cfg.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url={cfg.base_url!r} is not valid; expected an http:// or https:// URL")

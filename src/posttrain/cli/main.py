@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 USAGE = """usage: posttrain <command> [args]
@@ -39,6 +40,9 @@ def train_main(argv: list[str]) -> int:
             flush=True,
         )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # `timeout`, job schedulers and `kill` send SIGTERM: stop the same way as on Ctrl-C (partial results,
+    # the engine stopped, the resume command printed).
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     from posttrain.pipeline.run import run
     from posttrain.util import redact
 

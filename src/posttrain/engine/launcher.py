@@ -52,10 +52,23 @@ class EngineProcess:
         self._tail: deque[str] = deque(maxlen=40)
 
     def start(self, timeout: float = 600.0) -> str:
+        """Start the server and wait until it is ready; return its URL."""
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the server process. Call it from the thread that lives as long as the server should: on
+        Linux the server is told to stop when that thread ends, so a killed client leaves no orphan."""
         self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            bufsize=1,
+            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
         )
-        ready = threading.Event()
+        self._ready = threading.Event()
         log = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115 - closed by the reader thread
 
         def read() -> None:
@@ -65,13 +78,18 @@ class EngineProcess:
                 if log:
                     log.write(line)
                     log.flush()
-                if line.startswith(READY_PREFIX) and not ready.is_set():
+                if line.startswith(READY_PREFIX) and not self._ready.is_set():
                     self.url = line[len(READY_PREFIX) :].split()[0]
-                    ready.set()
+                    self._ready.set()
             if log:
                 log.close()
 
         threading.Thread(target=read, daemon=True).start()
+
+    def wait_ready(self, timeout: float = 600.0) -> str:
+        """Block until the spawned server prints its ready line; return its URL."""
+        assert self.proc is not None, "spawn() first"
+        ready = self._ready
         deadline = time.monotonic() + timeout
         while not ready.wait(0.2):
             if self.proc.poll() is not None:
@@ -105,3 +123,11 @@ class EngineProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent (thread) dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

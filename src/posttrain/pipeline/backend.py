@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posttrain.config import TrainConfig
-from posttrain.errors import PreflightError
+from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import preflight
 
 if TYPE_CHECKING:
     import tinker
 
+    from posttrain.engine.launcher import EngineProcess
+
 # The local engine accepts any key; the SDK insists on one being set.
 LOCAL_API_KEY = "tml-local-engine"
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+ENGINE_POLL_SECONDS = 1.0
 
 
 def choose_backend(cfg: TrainConfig) -> preflight.Backend:
@@ -34,6 +37,19 @@ def choose_backend(cfg: TrainConfig) -> preflight.Backend:
     if os.environ.get("TINKER_API_KEY", "").strip() and cfg.model_name in preflight.TINKER_LINEUP:
         return "tinker"
     return "local"
+
+
+def remote_url(cfg: TrainConfig, backend: preflight.Backend) -> str | None:
+    """The URL of a service this run does not start itself (None for a local engine started by the run)."""
+    if backend == "tinker" and cfg.base_url is None:
+        from tinker.lib.base_url import resolve_base_url
+
+        return str(resolve_base_url(None))
+    return cfg.base_url
+
+
+class EngineDied(UserError):
+    """The local engine this run started exited part-way."""
 
 
 @asynccontextmanager
@@ -50,14 +66,38 @@ async def service_url(
         return
     from posttrain.engine.launcher import EngineProcess
 
-    engine = EngineProcess(models=[cfg.model_name], dtype=cfg.dtype, log_file=log_path / "engine.log")
-    say(f"engine: starting the local engine with {cfg.model_name} (log: {log_path / 'engine.log'})")
+    log_file = log_path / "engine.log"
+    engine = EngineProcess(models=[cfg.model_name], dtype=cfg.dtype, log_file=log_file)
+    say(f"engine: starting the local engine with {cfg.model_name} (log: {log_file})")
     try:
-        url = await asyncio.to_thread(engine.start)
+        engine.spawn()  # from this (the main) thread: the engine is told to stop if this process dies
+        url = await asyncio.to_thread(engine.wait_ready)
         say(f"engine: ready at {url}")
-        yield url
+        # The SDK retries a dead server for minutes; the run should stop as soon as the engine is gone.
+        run_task, exit_codes = asyncio.current_task(), []
+        watcher = asyncio.create_task(_watch(engine, run_task, exit_codes))
+        try:
+            yield url
+        except asyncio.CancelledError:
+            if exit_codes:
+                if run_task is not None:
+                    run_task.uncancel()
+                raise EngineDied(
+                    f"the local engine stopped during the run (exit code {exit_codes[0]}); see {log_file}"
+                ) from None
+            raise
+        finally:
+            watcher.cancel()
     finally:
         engine.stop()
+
+
+async def _watch(engine: EngineProcess, run_task: asyncio.Task | None, exit_codes: list[int]) -> None:
+    while (code := engine.proc.poll() if engine.proc else None) is None:
+        await asyncio.sleep(ENGINE_POLL_SECONDS)
+    exit_codes.append(code)
+    if run_task is not None:
+        run_task.cancel()
 
 
 async def check_served_model(

@@ -38,7 +38,8 @@ class Console:
         self._terminal: IO[str] = sys.stdout
 
     def say(self, message: str) -> None:
-        print(redact(message), file=self._terminal, flush=True)
+        # tqdm.write keeps an active progress bar intact (it is redrawn below the line).
+        tqdm.write(redact(message), file=self._terminal)
 
     @property
     def stream(self) -> IO[str]:
@@ -76,26 +77,33 @@ class Console:
     def progress(self, total: int | None, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
 
-    async def follow_training(self, metrics_file: Path, total_steps: int | None, desc: str = "training") -> None:
+    async def follow_training(
+        self, metrics_file: Path, total_steps: int | None, desc: str = "training"
+    ) -> None:
         """Show a bar (step k/N, loss or reward, tokens/s, ETA) from the cookbook's metrics.jsonl as it grows.
 
         The cookbook loops take no progress callback, but each one appends a line per step to metrics.jsonl.
         Runs until cancelled.
         """
         bar = self.progress(total_steps, desc)
-        offset, steps = 0, 0
+        # Steps already logged (a resumed run) move the bar but not the token rate.
+        offset, backlog = _read_new_lines(metrics_file, 0)
         started = time.monotonic()
         tokens = 0.0
+        for row in backlog:
+            if _is_number(row.get("step")) and _is_training_row(row):
+                bar.update(max(0, int(row["step"]) + 1 - bar.n))
         try:
             while True:
                 offset, rows = _read_new_lines(metrics_file, offset)
                 for row in rows:
-                    if "step" not in row or not _is_training_row(row):
+                    if not _is_number(row.get("step")) or not _is_training_row(row):
                         continue
-                    steps += 1
                     tokens += float(row["num_tokens"]) if _is_number(row.get("num_tokens")) else 0.0
-                    bar.set_postfix(_postfix(row, tokens / max(time.monotonic() - started, 1e-6)), refresh=False)
-                    bar.update(1)
+                    rate = tokens / max(time.monotonic() - started, 1e-6)
+                    bar.set_postfix(_postfix(row, rate), refresh=False)
+                    # Position by step number: a resumed run's log already holds the earlier steps.
+                    bar.update(max(0, int(row["step"]) + 1 - bar.n))
                 await asyncio.sleep(0.5)
         finally:
             bar.close()

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values, load_dotenv
 
@@ -214,3 +216,26 @@ def resolve_renderer(model_name: str, renderer_name: str | None) -> tuple[str, s
         "fallback: not in the cookbook's model table and chat template unknown; role_colon is the "
         "cookbook's generic 'User: ... Assistant: ...' format (set renderer_name to override)"
     )
+
+
+# ------------------------------------------------------------------------------------------- reachability
+
+REACHABILITY_TIMEOUT_SECONDS = 10.0
+
+
+def check_reachable(url: str, timeout: float = REACHABILITY_TIMEOUT_SECONDS) -> None:
+    """Raise `PreflightError` naming `url` unless something accepts a connection there within `timeout`.
+
+    The SDK retries an unreachable service for minutes; a run should say so in seconds, before it spends.
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise PreflightError(
+            f"the Tinker service at {url} cannot be reached ({reason}); check base_url, the network, "
+            "or run locally with backend=local"
+        ) from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shlex
+import sys
 import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from posttrain.pipeline import backend, preflight, results, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import METHODS, Method, RunContext
-from posttrain.util import redact
+from posttrain.util import read_jsonl, redact, write_jsonl
 
 if TYPE_CHECKING:
     import tinker
@@ -38,7 +40,7 @@ class RunState:
     run_name: str
     backend: str
     task_type: str
-    log_path: Path
+    store: results.ResultsDir
     durations: dict[str, float] = field(default_factory=dict)
     tinker_run_id: str | None = None
     sampler_path: str | None = None
@@ -48,6 +50,10 @@ class RunState:
     renderer_source: str = ""
     learning_rate: float | None = None
     lr_source: str = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.store.log_dir(self.run_name)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -71,16 +77,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         say(f"preflight: {note}")
     if where == "tinker" and cfg.base_url is None:
         preflight.check_model(cfg.model_name, "tinker", None)
+    res = results.ResultsDir(cfg.results_dir)
+    res.check_usable()
 
     # Data preparation, then choosing the recipe; the method checks that the two fit.
     data = _load_data(cfg)
     task = choose_task(cfg, data)
     method = METHODS[task](cfg, data)
+    if url := backend.remote_url(cfg, where):
+        preflight.check_reachable(url)
 
-    state = RunState(cfg, make_run_name(cfg, task), where, task, Path())
-    res = results.ResultsDir(cfg.results_dir)
-    res.prepare(state.run_name)
-    state.log_path = res.log_dir(state.run_name)
+    state = RunState(cfg, make_run_name(cfg, task), where, task, res)
+    if cfg.resume:
+        _check_resumable(state)
+    else:
+        res.prepare(state.run_name)
     state.log_path.mkdir(parents=True, exist_ok=True)
     say(f"run: {state.run_name} ({task}, backend {where}); logs in {state.log_path}")
     if not cfg.verbose:
@@ -89,10 +100,29 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         try:
             outcome = asyncio.run(_train_and_evaluate(state, method))
             state.durations["total"] = round(time.monotonic() - started, 2)
-            return _write_results(state, res, outcome)
+            return _write_results(state, outcome)
         except (UserError, KeyboardInterrupt, Exception) as exc:
-            _write_partial(res, state, exc)
+            _write_partial(state, exc)
+            say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
             raise
+
+
+def _check_resumable(state: RunState) -> None:
+    if not state.log_path.is_dir():
+        raise ConfigError(
+            f"resume=true: there is no run {state.run_name!r} to continue ({state.log_path} not found)"
+        )
+    summary = state.store.read_summary()
+    if summary.get("run_name") == state.run_name and summary.get("status") == "completed":
+        raise ConfigError(f"resume=true: run {state.run_name!r} already completed (see {state.store.path})")
+
+
+def resume_command(run_name: str) -> str:
+    """The command line that continues this run: the same settings, with run_name and resume=true."""
+    kept = [a for a in sys.argv[1:] if not a.lstrip("-").startswith(("resume=", "run_name="))]
+    return " ".join(
+        ["uv run python train.py", *map(shlex.quote, kept), f"run_name={run_name}", "resume=true"]
+    )
 
 
 def _load_data(cfg: TrainConfig) -> LoadedData | None:
@@ -165,11 +195,16 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         method.prepare(ctx)
 
         # Evaluate the base model and the trained model the same way.
-        base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
-        with state.phase("base_eval"):
-            base_rows, state.baseline = await method.evaluate(base_client, "base model")
+        base_rows, state.baseline = _earlier_base_evaluation(state)
+        if base_rows is None:
+            base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
+            with state.phase("base_eval"):
+                base_rows, state.baseline = await method.evaluate(base_client, "base model")
+            state.store.write_jsonl(results.BASE_FILE, base_rows)  # kept for a resumed run
         say(f"base model: {method.score_text(state.baseline)}")
 
+        if cfg.resume:
+            _forget_steps_after_last_checkpoint(state.log_path)
         say(f"training: {method.total_steps} steps")
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
             await _with_progress(method.train(), state.log_path / "metrics.jsonl", method.total_steps)
@@ -183,6 +218,41 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
     return results.Outcome(
         method.metric, base_rows, trained_rows, state.baseline, state.trained, dataset, sizes, extra
     )
+
+
+def _earlier_base_evaluation(state: RunState) -> tuple[list[Any] | None, float | None]:
+    """On resume=true, the base model's evaluation from the stopped run (it does not change), if it finished."""
+    if not state.cfg.resume:
+        return None, None
+    earlier = state.store.read_summary()
+    base_file = state.store.path / results.BASE_FILE
+    if (
+        earlier.get("run_name") != state.run_name
+        or earlier.get("baseline") is None
+        or not base_file.is_file()
+    ):
+        return None, None
+    say("base model: evaluated before the interruption (kept)")
+    return read_jsonl(base_file), float(earlier["baseline"])
+
+
+def _forget_steps_after_last_checkpoint(log_path: Path) -> None:
+    """The cookbook resumes at its last saved state and redoes the steps after it: drop their metrics rows
+    first, so metrics.jsonl reads as one run."""
+    from tinker_cookbook import checkpoint_utils
+
+    record = checkpoint_utils.get_last_checkpoint(str(log_path))
+    metrics_file = log_path / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return
+    resume_step = int(record.name) if record is not None and record.name.isdigit() else 0
+    rows = [
+        r
+        for r in read_jsonl(metrics_file)
+        if not (isinstance(r.get("step"), int) and r["step"] >= resume_step)
+    ]
+    write_jsonl(metrics_file, rows)
+    say(f"training: continuing from step {resume_step} ({log_path / 'checkpoints.jsonl'})")
 
 
 async def _with_progress(loop: Coroutine[Any, Any, Any], metrics_file: Path, total_steps: int) -> None:
@@ -243,8 +313,8 @@ def _settings(state: RunState) -> dict[str, Any]:
     }
 
 
-def _write_results(state: RunState, res: results.ResultsDir, outcome: results.Outcome) -> dict[str, Any]:
-    cfg = state.cfg
+def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
+    cfg, res = state.cfg, state.store
     res.write_jsonl(results.BASE_FILE, outcome.base_rows)
     res.write_jsonl(results.TRAINED_FILE, outcome.trained_rows)
     comparison = results.compare_examples(outcome.base_rows, outcome.trained_rows, outcome.kind)
@@ -292,8 +362,8 @@ def _write_results(state: RunState, res: results.ResultsDir, outcome: results.Ou
     return summary
 
 
-def _write_partial(res: results.ResultsDir, state: RunState, exc: BaseException) -> None:
-    res.write_json(
+def _write_partial(state: RunState, exc: BaseException) -> None:
+    state.store.write_json(
         results.SUMMARY_FILE,
         {
             "task_type": state.task_type,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import ConfigError
 from posttrain.pipeline.results.rows import as_dict, json_safe
 from posttrain.util import atomic_write_text, jsonl_text, redact
 
@@ -45,13 +47,7 @@ class ResultsDir:
         return sorted(found)
 
     def _previous_name(self) -> str:
-        summary = self.path / SUMMARY_FILE
-        name = None
-        if summary.is_file():
-            try:
-                name = json.loads(summary.read_text(encoding="utf-8")).get("run_name")
-            except (ValueError, OSError, AttributeError):
-                name = None
+        name = self.read_summary().get("run_name")
         if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", ".."):
             newest = max((p.stat().st_mtime for p in self._artifacts()), default=None)
             stamp = _dt.datetime.fromtimestamp(newest) if newest else _dt.datetime.now()
@@ -89,6 +85,22 @@ class ResultsDir:
             moved.append(f"logs/{old_logs.name}")
         print(f"Moved the previous run's results ({', '.join(moved)}) to {dest}")
         return dest
+
+    def check_usable(self) -> None:
+        """Raise `ConfigError` unless the folder is (or can become) a writable directory."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"results_dir={self.path}: exists and is not a directory")
+        existing = next((p for p in (self.path, *self.path.parents) if p.exists()), Path("."))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"results_dir={self.path}: {existing} is not writable")
+
+    def read_summary(self) -> dict[str, Any]:
+        """The summary.json in the folder ({} when there is none or it is unreadable)."""
+        try:
+            summary = json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return summary if isinstance(summary, dict) else {}
 
     def log_dir(self, run_name: str) -> Path:
         """results_dir/logs/run_name (the cookbook's log_path)."""
