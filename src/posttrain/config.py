@@ -233,6 +233,10 @@ class TrainConfig:
     save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
     eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
     dtype: EngineDtype = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
+    dry_run: bool = chz.field(
+        default=False,
+        doc="check everything, then print the plan (sizes, tokens, Tinker cost or local time) and stop",
+    )
     resume: bool = chz.field(
         default=False,
         doc="continue the stopped run named run_name from its last checkpoint, in the same log directory",
@@ -456,6 +460,8 @@ def validate(cfg: TrainConfig) -> None:
             f"run_name={cfg.run_name!r} is not valid; use letters, digits, '.', '_' and '-' "
             "(it names the folder results/logs/<run_name>)"
         )
+    if cfg.resume and cfg.dry_run:
+        raise ConfigError("resume=true and dry_run=true do not go together: a plan is made before a run starts")
     if cfg.resume and not cfg.run_name:
         raise ConfigError(
             "resume=true needs run_name=<the run to continue> (its logs are results/logs/<run_name>)"

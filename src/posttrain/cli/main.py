@@ -54,7 +54,7 @@ def train_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted: partial results were written to the results folder", file=sys.stderr)
         return 130
-    return 0 if summary.get("verdict") == "improved" else 1
+    return 0 if summary.get("dry_run") or summary.get("verdict") == "improved" else 1
 
 
 def main(argv: list[str] | None = None) -> int:

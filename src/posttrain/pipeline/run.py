@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.config import TrainConfig, config_to_dict
 from posttrain.errors import ConfigError, UserError
-from posttrain.pipeline import backend, preflight, results, tracking
+from posttrain.pipeline import backend, plan, preflight, results, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import METHODS, Method, RunContext
@@ -50,6 +51,7 @@ class RunState:
     renderer_source: str = ""
     learning_rate: float | None = None
     lr_source: str = ""
+    budget: plan.TokenBudget | None = None
 
     @property
     def log_path(self) -> Path:
@@ -87,6 +89,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if url := backend.remote_url(cfg, where):
         preflight.check_reachable(url)
 
+    if cfg.dry_run:
+        return _dry_run(cfg, where, task, method)
+
     state = RunState(cfg, make_run_name(cfg, task), where, task, res)
     if cfg.resume:
         _check_resumable(state)
@@ -105,6 +110,67 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             _write_partial(state, exc)
             say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
             raise
+
+
+def _dry_run(cfg: TrainConfig, where: preflight.Backend, task: str, method: Method) -> dict[str, Any]:
+    """Everything up to training, then the plan: sizes, tokens, and the cost (Tinker) or time (local)."""
+    # Logs of a dry run go beside, not into, results/: nothing there is moved or written.
+    store = results.ResultsDir(tempfile.mkdtemp(prefix="posttrain-plan-"))
+    state = RunState(cfg, make_run_name(cfg, task), where, task, store)
+    state.log_path.mkdir(parents=True)
+    say(f"plan: {task} on backend {where} (nothing is trained; logs in {state.log_path})")
+    with CONSOLE.capture(state.log_path / "console.log"):
+        outcome = asyncio.run(_plan(state, method))
+    for line in _plan_lines(outcome):
+        say(f"plan: {line}")
+    return {"dry_run": True, "task_type": task, "backend": where, **outcome}
+
+
+async def _plan(state: RunState, method: Method) -> dict[str, Any]:
+    import tinker
+
+    cfg = state.cfg
+    started = time.monotonic()
+    async with backend.service_url(cfg, state.backend, state.log_path, say) as url:
+        service = tinker.ServiceClient(base_url=url)
+        await backend.check_served_model(service, url, cfg.model_name, state.backend)
+        ctx = _context(state, service, url)
+        method.prepare(ctx)
+        budget = method.token_budget()
+        startup = time.monotonic() - started
+        if state.backend == "tinker":
+            return {"tokens": budget.as_dict(), "tinker_cost": plan.tinker_price(cfg.model_name, budget)}
+        say("plan: measuring this machine's speed (one training step, a few samples)")
+        rates = await plan.probe_rates(service, cfg.model_name, budget, cfg.lora_rank)
+    seconds = plan.estimated_seconds(budget, rates)
+    return {
+        "tokens": budget.as_dict(),
+        "rates": rates,
+        "seconds": round(seconds + startup),
+        "startup": startup,
+    }
+
+
+def _plan_lines(outcome: dict[str, Any]) -> list[str]:
+    tokens = outcome["tokens"]
+    lines = [
+        f"{tokens['train_steps']} steps of {tokens['sequences_per_step']} sequences "
+        f"(mean {tokens['mean_train_length']:.0f} tokens)",
+        f"tokens: train {tokens['train']:,}, prefill {tokens['prefill']:,}, sample {tokens['sample']:,}",
+        *tokens["notes"],
+    ]
+    if "tinker_cost" in outcome:
+        cost = outcome["tinker_cost"]
+        price = f"${cost['usd']:.4f}" if cost["usd"] is not None else f"unknown ({cost['note']})"
+        lines.append(f"estimated Tinker cost: {price}; prices: {cost['source']}")
+    else:
+        rates = outcome["rates"]
+        lines.append(
+            f"estimated time on this machine: {plan.minutes(outcome['seconds'])} "
+            f"(engine start {plan.minutes(outcome['startup'])}; measured: train {rates['train_tokens_per_s']:,.0f}, "
+            f"prefill {rates['prefill_tokens_per_s']:,.0f}, sample {rates['sample_tokens_per_s']:,.0f} tokens/s)"
+        )
+    return lines
 
 
 def _check_resumable(state: RunState) -> None:
@@ -193,6 +259,7 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         await backend.check_served_model(service, url, cfg.model_name, state.backend)
         ctx = _context(state, service, url)
         method.prepare(ctx)
+        state.budget = method.token_budget()
 
         # Evaluate the base model and the trained model the same way.
         base_rows, state.baseline = _earlier_base_evaluation(state)
@@ -337,6 +404,9 @@ def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
         checkpoint_path=state.sampler_path,
     )
     summary = results.build_summary(facts, outcome, verification, comparison)
+    summary["tokens"] = _token_record(state)
+    if state.backend == "tinker" and state.budget is not None:
+        summary["tinker_cost_estimate"] = plan.tinker_price(cfg.model_name, state.budget)
     try:
         scores = {"baseline": outcome.baseline, "trained": outcome.trained, "verdict": summary["verdict"]}
         summary["wandb_eval_run"] = tracking.log_final_metrics(
@@ -360,6 +430,14 @@ def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
         say("")
         say(warning)
     return summary
+
+
+def _token_record(state: RunState) -> dict[str, Any]:
+    """The token estimate made before training, beside the tokens the training loop reports it trained on."""
+    metrics = state.log_path / "metrics.jsonl"
+    rows = read_jsonl(metrics) if metrics.is_file() else []
+    trained = sum(r["num_tokens"] for r in rows if isinstance(r.get("num_tokens"), int | float))
+    return {"estimate": state.budget.as_dict() if state.budget else None, "trained_reported": trained or None}
 
 
 def _write_partial(state: RunState, exc: BaseException) -> None:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import tinker
     from tinker_cookbook import renderers
 
+    from posttrain.pipeline.plan import TokenBudget
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -86,6 +88,10 @@ class Method(Protocol):
 
     def train(self) -> Coroutine[Any, Any, Any]:
         """The cookbook training loop, configured (awaiting it trains and writes checkpoints to log_path)."""
+        ...
+
+    def token_budget(self) -> TokenBudget:
+        """The tokens the run will train on, prefill and sample (after prepare), for the plan and the bill."""
         ...
 
     def score_text(self, value: float) -> str:

@@ -15,6 +15,7 @@ from posttrain.config import TrainConfig
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.grading import ANSWER_INSTRUCTION
 from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.plan import TokenBudget
 from posttrain.pipeline.problems import load_problems
 from posttrain.util import write_jsonl
 
@@ -82,6 +83,26 @@ class RL:
             max_steps=cfg.max_steps,
         )
         return rl_train.main(config)
+
+    def token_budget(self) -> TokenBudget:
+        from posttrain.pipeline.rl_envs import prompt_messages
+
+        cfg, renderer = self.ctx.cfg, self.ctx.renderer
+        problems = self.problems.train[:200] + self.problems.eval[:200]
+        prompt = sum(renderer.build_generation_prompt(prompt_messages(p)).length for p in problems) / len(
+            problems
+        )
+        rollouts = self.total_steps * cfg.batch_size * cfg.group_size
+        evals = 2 * len(self.problems.eval)
+        return TokenBudget(
+            train=round(rollouts * (prompt + cfg.max_tokens)),
+            prefill=round((rollouts + evals) * prompt),
+            sample=(rollouts + evals) * cfg.max_tokens,
+            train_steps=self.total_steps,
+            sequences_per_step=cfg.batch_size * cfg.group_size,
+            mean_train_length=prompt + cfg.max_tokens,
+            notes=[f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"],
+        )
 
     def score_text(self, value: float) -> str:
         return f"accuracy {value:.1%} on {len(self.problems.eval)} held-out problems"

@@ -14,6 +14,7 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData, default_train_on_what
 from posttrain.pipeline.data_formats import CHAT_FORMATS
 from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -85,6 +86,26 @@ class SFT:
             max_steps=cfg.max_steps,
         )
         return sl_train.main(config)
+
+    def token_budget(self) -> TokenBudget:
+        cfg = self.ctx.cfg
+        train_lengths = [d.model_input.length for d in self.builder.datums(self.data.train)]
+        mean = sum(train_lengths) / max(len(train_lengths), 1)
+        sequences = self.total_steps * cfg.batch_size
+        # compute_logprobs scores the whole sequence: the model input plus its last target token.
+        eval_tokens = sum(d.model_input.length + 1 for d in self.eval_datums)
+        in_training_evals = self.total_steps // cfg.eval_every if cfg.eval_every else 0
+        return TokenBudget(
+            train=round(mean * sequences),
+            prefill=eval_tokens * (2 + in_training_evals),
+            sample=0,
+            train_steps=self.total_steps,
+            sequences_per_step=cfg.batch_size,
+            mean_train_length=mean,
+            notes=[
+                f"held-out NLL evaluated {2 + in_training_evals} times (base, trained, every {cfg.eval_every} steps)"
+            ],
+        )
 
     def score_text(self, value: float) -> str:
         return f"held-out NLL {value:.4f} on {len(self.data.eval)} examples"

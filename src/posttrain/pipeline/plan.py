@@ -1,0 +1,133 @@
+"""What a run will cost before it runs: tokens by how Tinker bills them, the price on Tinker, the time locally.
+
+Token counts come from the method, by rendering the user's data with the run's renderer and tokenizer. On
+Tinker the price is token counts x the published per-token prices (the `tinker-cost` package's table, with its
+source). Locally the time comes from a short probe of the engine that will do the work: one warmed-up training
+step, a few concurrent samples and a logprob pass, at the run's sequence lengths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tinker
+
+PRICE_SOURCE = "https://tinker-docs.thinkingmachines.ai/tinker/models/"
+_PER_MILLION = 1_000_000
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Tokens a run processes, split the way Tinker bills them."""
+
+    train: int  # tokens through forward_backward
+    prefill: int  # prompt tokens of sampling and logprob requests
+    sample: int  # generated tokens (an upper bound: every completion may stop before max_tokens)
+    train_steps: int
+    sequences_per_step: int
+    mean_train_length: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tinker_price(model_name: str, budget: TokenBudget) -> dict[str, Any]:
+    """The estimated Tinker bill in USD, or why there is none (a model without a published price)."""
+    from tinker_cost import PRICING
+
+    version = metadata.version("tinker-cost")
+    source = f"tinker-cost {version} price table (from {PRICE_SOURCE})"
+    if model_name not in PRICING:
+        return {"usd": None, "source": source, "note": f"no published price for {model_name} in that table"}
+    prefill_rate, sample_rate, train_rate = PRICING[model_name]
+    parts = {
+        "train": budget.train / _PER_MILLION * train_rate,
+        "prefill": budget.prefill / _PER_MILLION * prefill_rate,
+        "sample": budget.sample / _PER_MILLION * sample_rate,
+    }
+    return {
+        "usd": round(sum(parts.values()), 4),
+        "usd_by_kind": {k: round(v, 4) for k, v in parts.items()},
+        "usd_per_million": {"train": train_rate, "prefill": prefill_rate, "sample": sample_rate},
+        "source": source,
+    }
+
+
+async def probe_rates(
+    service: tinker.ServiceClient, model_name: str, budget: TokenBudget, lora_rank: int
+) -> dict[str, float]:
+    """Tokens per second of this backend for training, prefill and sampling, at the run's shapes.
+
+    Random tokens stand in for the data: speed depends on lengths and batch size, not on which tokens.
+    """
+    import tinker
+
+    rng = random.Random(0)
+    length = max(8, round(budget.mean_train_length))
+    batch = max(1, min(budget.sequences_per_step, 64))
+    training = await service.create_lora_training_client_async(base_model=model_name, rank=lora_rank)
+    vocab = training.get_tokenizer().vocab_size
+    datums = [_random_datum(rng, vocab, length) for _ in range(batch)]
+    adam = tinker.AdamParams(learning_rate=1e-6)
+    rates: dict[str, float] = {}
+
+    async def step() -> None:
+        fwd = await training.forward_backward_async(datums, loss_fn="cross_entropy")
+        opt = await training.optim_step_async(adam)
+        await fwd.result_async()
+        await opt.result_async()
+
+    await step()  # warm-up: the first step pays for allocation and compilation
+    started = time.monotonic()
+    await step()
+    rates["train_tokens_per_s"] = batch * length / (time.monotonic() - started)
+
+    sampler = await service.create_sampling_client_async(base_model=model_name)
+    prompt = tinker.ModelInput.from_ints([rng.randrange(vocab) for _ in range(length)])
+    started = time.monotonic()
+    await asyncio.gather(*(sampler.compute_logprobs_async(prompt) for _ in range(8)))
+    rates["prefill_tokens_per_s"] = 8 * length / (time.monotonic() - started)
+
+    new_tokens = 16
+    params = tinker.SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0)
+    started = time.monotonic()
+    replies = await asyncio.gather(
+        *(sampler.sample_async(prompt, num_samples=1, sampling_params=params) for _ in range(16))
+    )
+    produced = sum(len(r.sequences[0].tokens) for r in replies)
+    rates["sample_tokens_per_s"] = produced / (time.monotonic() - started)
+    return {k: round(v, 1) for k, v in rates.items()}
+
+
+def _random_datum(rng: random.Random, vocab: int, length: int) -> tinker.Datum:
+    import numpy as np
+    import tinker
+
+    tokens = np.array([rng.randrange(vocab) for _ in range(length + 1)], dtype=np.int64)
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens[:-1].tolist()),
+        loss_fn_inputs={
+            "target_tokens": tinker.TensorData.from_numpy(tokens[1:]),
+            "weights": tinker.TensorData.from_numpy(np.ones(length, dtype=np.float32)),
+        },
+    )
+
+
+def estimated_seconds(budget: TokenBudget, rates: dict[str, float]) -> float:
+    """Training, prefill and sampling time at the probed rates (sampling at its upper bound)."""
+    return (
+        budget.train / rates["train_tokens_per_s"]
+        + budget.prefill / rates["prefill_tokens_per_s"]
+        + budget.sample / rates["sample_tokens_per_s"]
+    )
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
