@@ -538,6 +538,60 @@ def test_prefill_once_batched_decode_and_finished_rows_dropped(
     assert [b for b, _ in decode] == [7, 7, 3, 3, 2, 2, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_requests_join_a_running_batch_with_the_same_samples(
+    tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching: a request added while others decode joins at the next step, is answered when its
+    own samples are done, and samples exactly what it samples alone (seeded)."""
+    monkeypatch.setattr(sampling, "_FILTER_CANDIDATES", 16)
+    model = _tiny_llama(len(tokenizer)).to(dtype)
+    shapes: list[tuple[int, int]] = []
+    prompts = _prompts(tokenizer)
+    requests = [
+        GenerationRequest(prompts[1], 2, SamplingSpec(max_tokens=30, seed=3, stop_token_ids=[])),
+        GenerationRequest(prompts[0], 1, SamplingSpec(max_tokens=6, temperature=0.7, top_p=0.9, seed=4)),
+        GenerationRequest(prompts[3], 3, SamplingSpec(max_tokens=12, top_k=5, seed=5, stop_token_ids=[])),
+        GenerationRequest(prompts[4], 1, _greedy(8, stop_token_ids=[])),
+    ]
+    alone = [_run(model, [r], tokenizer, compute_dtype=dtype)[0] for r in requests]
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: shapes.append(tuple(args[0].shape))  # type: ignore[arg-type]
+    )
+    loop = sampling.DecodeLoop(
+        model,
+        tokenizer=tokenizer,
+        eos_token_ids=[tokenizer.eos_token_id],
+        compute_dtype=dtype,
+        max_context=MAX_CONTEXT,
+    )
+    loop.add("a", requests[0])
+    done: dict[object, GenerationResult] = {}
+    arrivals = {2: ("b", requests[1]), 5: ("c", requests[2]), 9: ("d", requests[3])}
+    step = 0
+    while not loop.idle or arrivals:
+        if step in arrivals:
+            loop.add(*arrivals.pop(step))
+        finished = loop.step()
+        for key in finished:
+            assert key not in done
+        done.update(finished)
+        step += 1
+        if step == 9:  # b (6 tokens from step 2) is answered while a (30 tokens) still decodes
+            assert "b" in done and "a" not in done
+    handle.remove()
+    for key, want in zip("abcd", alone, strict=True):
+        got = done[key]
+        assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]
+        for got_seq, want_seq in zip(got.sequences, want.sequences, strict=True):
+            assert got_seq.logprobs == pytest.approx(
+                want_seq.logprobs, abs=1e-5 if dtype == torch.float32 else 0
+            )
+    decode_rows = [b for b, t in shapes if t == 1]
+    assert max(decode_rows) >= 5  # a, then c (3 rows) and d joined the running batch
+    assert len(decode_rows) < 30 + 6 + 12 + 8  # fewer passes than one request at a time
+
+
 def test_long_generation_grows_the_cache(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
     prompts = _prompts(tokenizer)
     requests = [

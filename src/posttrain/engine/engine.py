@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -29,7 +30,7 @@ from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_n
 from posttrain.engine.futures import Future, FutureStore
 from posttrain.engine.models import ModelSource
 from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
-from posttrain.engine.sampling import GenerationRequest, generate
+from posttrain.engine.sampling import DecodeLoop, GenerationRequest
 from posttrain.engine.wire import (
     FwdBwdRequest,
     WireError,
@@ -52,7 +53,7 @@ class Sampler:
     snapshot_key: str | None  # None: the base model
 
 
-@dataclass
+@dataclass(eq=False)
 class PendingSample:
     future: Future
     sampler: Sampler
@@ -91,6 +92,7 @@ class Engine:
         )
         self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
         self._sample_queue: list[PendingSample] = []
+        self._sample_lock = threading.Lock()  # the compute thread takes requests that join a running batch
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._running: concurrent.futures.Future | None = None
@@ -156,7 +158,8 @@ class Engine:
     ) -> tuple[Future, bool]:
         future, new = self.futures.create(key)
         if new:
-            self._sample_queue.append(PendingSample(future, sampler, request))
+            with self._sample_lock:
+                self._sample_queue.append(PendingSample(future, sampler, request))
             self._poke()
         return future, new
 
@@ -180,49 +183,91 @@ class Engine:
     async def _run_job(self, future: Future, fn: Callable[[], Any]) -> None:
         await self._settle([future], lambda: [fn()], f"request {future.request_id}")
 
-    async def _settle(self, futures: Sequence[Future], fn: Callable[[], list[Any]], what: str) -> None:
-        """Run `fn` on the compute thread; give each future its result, or every future the error."""
+    async def _settle(
+        self, futures: Sequence[Future], fn: Callable[[], list[Any]], what: str, only_errors: bool = False
+    ) -> None:
+        """Run `fn` on the compute thread; give each future its result, or every unanswered future the error.
+
+        With `only_errors`, `fn` answers the futures itself; they get an error only if `fn` fails."""
         try:
             results = await self._compute(fn)
         except WireError as exc:
             for future in futures:
-                future.set_error(str(exc), "user")
+                if not future.done.is_set():
+                    future.set_error(str(exc), "user")
         except Exception as exc:  # noqa: BLE001 - the server must survive anything a request triggers
             logger.error("%s failed:\n%s", what, traceback.format_exc())
             for future in futures:
-                future.set_error(internal_error(exc), "server")
+                if not future.done.is_set():
+                    future.set_error(internal_error(exc), "server")
         else:
+            if only_errors:
+                return
             for future, result in zip(futures, results, strict=True):
                 future.set_result(result)
 
-    async def _run_sample_batch(self) -> None:
-        # One sampler (= one set of weights) per batch: every request for it that is waiting now.
-        first = self._sample_queue[0].sampler
-        key = (first.base.name, first.snapshot_key)
-        batch = [p for p in self._sample_queue if (p.sampler.base.name, p.sampler.snapshot_key) == key]
-        self._sample_queue = [
-            p for p in self._sample_queue if (p.sampler.base.name, p.sampler.snapshot_key) != key
-        ]
+    def _take_samples(self, key: tuple) -> list[PendingSample]:
+        """Remove and return the queued sampling requests for one set of weights (any thread)."""
+        with self._sample_lock:
+            batch = [p for p in self._sample_queue if (p.sampler.base.name, p.sampler.snapshot_key) == key]
+            self._sample_queue = [
+                p for p in self._sample_queue if (p.sampler.base.name, p.sampler.snapshot_key) != key
+            ]
+        return batch
 
-        def work() -> list[bytes]:
+    async def _run_sample_batch(self) -> None:
+        """Decode every queued request for one sampler (= one set of weights) together, continuously.
+
+        Requests for the same weights that arrive while the batch decodes join it at the next decode step,
+        and each request is answered as soon as its own samples are done. Joining stops while a training
+        request waits, so sampling never starves training; the rest of the batch then finishes first.
+        """
+        with self._sample_lock:
+            first = self._sample_queue[0].sampler
+        key = (first.base.name, first.snapshot_key)
+        batch = self._take_samples(key)
+        loop = asyncio.get_running_loop()
+        futures = [p.future for p in batch]
+
+        def answer(future: Future, payload: bytes | None = None, error: str | None = None) -> None:
+            if error is not None:
+                loop.call_soon_threadsafe(future.set_error, error, "user")
+            else:
+                loop.call_soon_threadsafe(future.set_result, payload)
+
+        def work() -> list[None]:
             snapshot = self._snapshot(first)
             with first.base.sampling_model(snapshot) as module:
-                results = generate(
+                decoder = DecodeLoop(
                     module,
-                    [p.request for p in batch],
                     tokenizer=first.base.tokenizer,
                     eos_token_ids=first.base.eos_token_ids,
                     compute_dtype=first.base.dtype,
                     max_context=first.base.max_context,
                 )
-            return [
-                encode_sample_response(
-                    [(s.tokens, s.logprobs, s.stop_reason) for s in r.sequences], r.prompt_logprobs
-                )
-                for r in results
-            ]
+                waiting = list(batch)
+                while True:
+                    for pending in waiting:
+                        try:
+                            decoder.add(pending, pending.request)
+                        except ValueError as exc:
+                            answer(pending.future, error=str(exc))
+                    if decoder.idle:
+                        break
+                    for pending, result in decoder.step().items():
+                        assert isinstance(pending, PendingSample)
+                        answer(
+                            pending.future,
+                            encode_sample_response(
+                                [(s.tokens, s.logprobs, s.stop_reason) for s in result.sequences],
+                                result.prompt_logprobs,
+                            ),
+                        )
+                    waiting = [] if self._train_queue else self._take_samples(key)
+                    futures.extend(p.future for p in waiting)
+            return [None] * len(futures)
 
-        await self._settle([p.future for p in batch], work, "sampling batch")
+        await self._settle(futures, work, "sampling batch", only_errors=True)
 
     # training operations (run on the compute thread) -----------------------------------------------------------
     def create_run(

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import math
 import secrets
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -40,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
+    "DecodeLoop",
     "GeneratedSequence",
     "GenerationRequest",
     "GenerationResult",
@@ -112,29 +114,170 @@ def generate(
     """Generate `num_samples` completions for every request, decoding all of them together.
 
     `max_context` caps prompt + completion (a request with `max_tokens=None` generates until a stop or this
-    limit). `max_batch_tokens` caps rows * (longest prompt + longest completion) of one sub-batch; a larger
-    batch is split, and a single request that is too large alone has its samples split (results do not
-    change: seeds are per sample). `tokenizer` is only needed for stop strings. Raises `ValueError` for an
-    invalid request (empty or too long prompt, token id out of range, bad sampling parameters).
+    limit). `max_batch_tokens` caps rows * (longest prompt + longest completion) of the decoding batch; what
+    does not fit waits and joins as rows finish, and a single request that is too large alone has its samples
+    split (results do not change: seeds are per sample). `tokenizer` is only needed for stop strings. Raises
+    `ValueError` for an invalid request (empty or too long prompt, token id out of range, bad sampling
+    parameters).
     """
-    if max_context < 1:
-        raise ValueError(f"max_context must be positive, got {max_context}")
-    vocab_size = _vocab_size(model)
-    plans = [_plan_request(i, r, vocab_size, max_context, tokenizer) for i, r in enumerate(requests)]
-    results = [
-        GenerationResult(sequences=[], prompt_logprobs=None if not r.prompt_logprobs else [])
-        for r in requests
-    ]
-    slots: list[list[GeneratedSequence | None]] = [[None] * r.num_samples for r in requests]
-    device = _model_device(model)
-    runner = _ModelRunner(model, device, compute_dtype)
-    with _eval_mode(model), torch.inference_mode(), runner.autocast():
-        for batch in _pack(plans, max_batch_tokens):
-            _run_batch(runner, batch, eos_token_ids, tokenizer, vocab_size, slots, results)
-    for result, samples in zip(results, slots, strict=True):
-        assert all(s is not None for s in samples)
-        result.sequences = [s for s in samples if s is not None]
-    return results
+    loop = DecodeLoop(
+        model,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids,
+        compute_dtype=compute_dtype,
+        max_batch_tokens=max_batch_tokens,
+        max_context=max_context,
+    )
+    for i, request in enumerate(requests):
+        loop.check(request, f"request {i}")
+    for i, request in enumerate(requests):
+        loop.add(i, request, f"request {i}")
+    results: dict[object, GenerationResult] = {}
+    while not loop.idle:
+        results.update(loop.step())
+    return [results[i] for i in range(len(requests))]
+
+
+class DecodeLoop:
+    """Continuous batching: requests join the decoding batch at the next step, each leaves when it is done.
+
+    `add` queues a request (validated at once); each `step` first admits queued requests that fit the token
+    budget (prefilling their prompts and merging their rows into the running cache), then picks one token for
+    every running row and runs one batched forward pass. It returns the requests whose samples are all done,
+    so a caller can answer them at once while the others keep decoding. Rows never move in the cache and each
+    draws from its own seeded generator, so a seeded request gives the same samples whenever it joins.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None,
+        eos_token_ids: list[int],
+        compute_dtype: torch.dtype,
+        max_context: int,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ) -> None:
+        if max_context < 1:
+            raise ValueError(f"max_context must be positive, got {max_context}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.max_batch_tokens = max_batch_tokens
+        self.vocab_size = _vocab_size(model)
+        self.runner = _ModelRunner(model, _model_device(model), compute_dtype)
+        self._queue: deque[tuple[object, _Unit]] = deque()
+        self._pending: dict[object, _Pending] = {}
+        self._batch = _Batch(self.runner, self.vocab_size)
+        self._done: list[object] = []
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._batch.active and not self._done
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._batch.active)
+
+    def check(self, request: GenerationRequest, where: str) -> _Plan:
+        return _plan_request(where, request, self.vocab_size, self.max_context, self.tokenizer)
+
+    def add(self, key: object, request: GenerationRequest, where: str = "request") -> None:
+        """Queue a request under `key` (unique among the queued and running ones); ValueError if invalid."""
+        plan = self.check(request, where)
+        if key in self._pending:
+            raise ValueError(f"{where}: key {key!r} is already queued")
+        pending = _Pending(
+            result=GenerationResult(sequences=[], prompt_logprobs=[] if request.prompt_logprobs else None),
+            slots=[None] * request.num_samples,
+        )
+        self._pending[key] = pending
+        units = _units(plan, self.max_batch_tokens)
+        pending.units_left = len(units)
+        if not units:  # nothing to compute at all (no samples, no prompt logprobs)
+            self._done.append(key)
+        self._queue.extend((key, unit) for unit in units)
+
+    def step(self) -> dict[object, GenerationResult]:
+        """Admit what fits, decode one token for every running row; return the requests now complete."""
+        with _eval_mode(self.model), torch.inference_mode(), self.runner.autocast():
+            self._admit()
+            finished = self._batch.step() if self._batch.active else []
+        for row in finished:
+            self._finish_row(row)
+        out: dict[object, GenerationResult] = {}
+        for key in self._done:
+            pending = self._pending.pop(key)
+            assert all(s is not None for s in pending.slots)
+            pending.result.sequences = [s for s in pending.slots if s is not None]
+            out[key] = pending.result
+        self._done = []
+        return out
+
+    def _finish_row(self, row: _Row) -> None:
+        pending = self._pending[row.key]
+        pending.slots[row.sample_index] = row.result()
+        pending.rows_left -= 1
+        if pending.rows_left == 0 and pending.units_left == 0:
+            self._done.append(row.key)
+
+    def _admit(self) -> None:
+        rows = len(self._batch.active)
+        longest = self._batch.longest_row
+        admitted: list[tuple[object, _Unit]] = []
+        while self._queue:
+            key, unit = self._queue[0]
+            row_len = unit.prompt_len + unit.plan.max_new
+            new_rows, new_longest = rows + unit.rows, max(longest, row_len)
+            if unit.rows and rows and new_rows * new_longest > self.max_batch_tokens:
+                break
+            self._queue.popleft()
+            admitted.append((key, unit))
+            if unit.rows:
+                rows, longest = new_rows, new_longest
+        if not admitted:
+            return
+        # Prefill each unique prompt once (full logits only where prompt logprobs were asked for).
+        prompt_slot: dict[tuple[int, ...], int] = {}
+        want_logprobs: list[bool] = []
+        for _, unit in admitted:
+            prompt = tuple(unit.plan.request.prompt_tokens)
+            if prompt not in prompt_slot:
+                prompt_slot[prompt] = len(want_logprobs)
+                want_logprobs.append(False)
+            if unit.want_prompt_logprobs:
+                want_logprobs[prompt_slot[prompt]] = True
+        prefills = [
+            _prefill(self.runner, list(p), want) for p, want in zip(prompt_slot, want_logprobs, strict=True)
+        ]
+        new_rows: list[_Row] = []
+        for key, unit in admitted:
+            pending = self._pending[key]
+            slot = prompt_slot[tuple(unit.plan.request.prompt_tokens)]
+            if unit.want_prompt_logprobs:
+                pending.result.prompt_logprobs = list(prefills[slot].prompt_logprobs or [])
+            pending.units_left -= 1
+            for s in range(unit.start, unit.stop):
+                row = _Row(unit, s, slot, self.eos_ids, self.tokenizer)
+                row.key = key
+                pending.rows_left += 1
+                new_rows.append(row)
+            if pending.rows_left == 0 and pending.units_left == 0:
+                self._done.append(key)
+        # Rows with no budget (max_tokens=0, full context) are done already.
+        for row in new_rows:
+            if row.stop_reason is not None:
+                self._finish_row(row)
+        self._batch.add(prefills, [row for row in new_rows if row.stop_reason is None])
+
+
+@dataclass
+class _Pending:
+    result: GenerationResult
+    slots: list[GeneratedSequence | None]
+    units_left: int = 0
+    rows_left: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,7 +286,6 @@ def generate(
 
 @dataclass
 class _Plan:
-    index: int
     request: GenerationRequest
     max_new: int  # completion budget of each sample: min(max_tokens, max_context - prompt length)
     stop_ids: frozenset[int] | None  # None -> EOS (resolved per batch)
@@ -169,11 +311,10 @@ class _Unit:
 
 
 def _plan_request(
-    index: int, request: GenerationRequest, vocab_size: int, max_context: int, tokenizer: object
+    where: str, request: GenerationRequest, vocab_size: int, max_context: int, tokenizer: object
 ) -> _Plan:
     prompt = request.prompt_tokens
     spec = request.spec
-    where = f"request {index}"
     if not prompt:
         raise ValueError(f"{where}: the prompt is empty")
     if len(prompt) > max_context:
@@ -198,41 +339,20 @@ def _plan_request(
     if spec.max_tokens is not None:
         max_new = min(max_new, spec.max_tokens)
     stop_ids = None if spec.stop_token_ids is None else frozenset(spec.stop_token_ids)
-    return _Plan(index=index, request=request, max_new=max_new, stop_ids=stop_ids, stop_strings=stop_strings)
+    return _Plan(request=request, max_new=max_new, stop_ids=stop_ids, stop_strings=stop_strings)
 
 
-def _pack(plans: list[_Plan], max_batch_tokens: int) -> Iterator[list[_Unit]]:
-    """Group requests into sub-batches whose worst-case cache (rows * max length) fits the budget."""
-    units: list[_Unit] = []
-    for plan in plans:
-        request = plan.request
-        if request.num_samples == 0:
-            if request.prompt_logprobs:
-                units.append(_Unit(plan, 0, 0, want_prompt_logprobs=True))
-            continue
-        row_len = len(request.prompt_tokens) + plan.max_new
-        per_unit = max(1, max_batch_tokens // max(row_len, 1))
-        for start in range(0, request.num_samples, per_unit):
-            stop = min(start + per_unit, request.num_samples)
-            units.append(
-                _Unit(plan, start, stop, want_prompt_logprobs=request.prompt_logprobs and start == 0)
-            )
-    # Similar prompt lengths together: less left padding. The order of rows never changes results.
-    units.sort(key=lambda u: (u.prompt_len, u.plan.max_new, u.plan.index, u.start))
-    batch: list[_Unit] = []
-    rows = max_prompt = max_new = 0
-    for unit in units:
-        new_rows = rows + max(unit.rows, 1)
-        new_prompt = max(max_prompt, unit.prompt_len)
-        new_max_new = max(max_new, unit.plan.max_new)
-        if batch and new_rows * (new_prompt + new_max_new) > max_batch_tokens:
-            yield batch
-            batch, new_rows = [], max(unit.rows, 1)
-            new_prompt, new_max_new = unit.prompt_len, unit.plan.max_new
-        batch.append(unit)
-        rows, max_prompt, max_new = new_rows, new_prompt, new_max_new
-    if batch:
-        yield batch
+def _units(plan: _Plan, max_batch_tokens: int) -> list[_Unit]:
+    """A request's samples in ranges whose worst-case cache (rows * max length) fits the budget."""
+    request = plan.request
+    if request.num_samples == 0:
+        return [_Unit(plan, 0, 0, want_prompt_logprobs=True)] if request.prompt_logprobs else []
+    row_len = len(request.prompt_tokens) + plan.max_new
+    per_unit = max(1, max_batch_tokens // max(row_len, 1))
+    return [
+        _Unit(plan, start, min(start + per_unit, request.num_samples), request.prompt_logprobs and start == 0)
+        for start in range(0, request.num_samples, per_unit)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,6 +543,23 @@ class _RaggedLayer(DynamicLayer):
         self._value_buffer = self._value_buffer.index_select(0, rows)
         self._refresh_views()
 
+    def append_rows(self, other: _RaggedLayer) -> None:
+        """Add `other`'s rows after these (both buffers padded to the larger capacity)."""
+        capacity = max(self._key_buffer.shape[2], other._key_buffer.shape[2])
+
+        def padded(buffer: torch.Tensor) -> torch.Tensor:
+            missing = capacity - buffer.shape[2]
+            if missing == 0:
+                return buffer
+            shape = (*buffer.shape[:2], missing, buffer.shape[3])
+            return torch.cat([buffer, buffer.new_zeros(shape)], dim=2)
+
+        self._key_buffer = torch.cat([padded(self._key_buffer), padded(other._key_buffer).to(self.dtype)])
+        self._value_buffer = torch.cat(
+            [padded(self._value_buffer), padded(other._value_buffer).to(self.dtype)]
+        )
+        self._refresh_views()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.keep_rows(indices)
 
@@ -517,6 +654,7 @@ class _Row:
         plan = unit.plan
         spec = plan.request.spec
         self.plan = plan
+        self.key: object = None  # the DecodeLoop key of the request
         self.sample_index = sample_index
         self.prompt_slot = prompt_slot
         self.prompt_len = len(plan.request.prompt_tokens)
@@ -654,93 +792,106 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One sub-batch
+# The decoding batch
 
 
-def _run_batch(
-    runner: _ModelRunner,
-    units: list[_Unit],
-    eos_token_ids: list[int],
-    tokenizer: PreTrainedTokenizerBase | None,
-    vocab_size: int,
-    slots: list[list[GeneratedSequence | None]],
-    results: list[GenerationResult],
-) -> None:
-    eos_ids = frozenset(eos_token_ids)
+class _Batch:
+    """The running rows, their right-padded cache and their next-token logits."""
 
-    # 1. Prefill each unique prompt once (full logits only where prompt logprobs were asked for).
-    prompt_slot: dict[tuple[int, ...], int] = {}
-    want_logprobs: list[bool] = []
-    for unit in units:
-        key = tuple(unit.plan.request.prompt_tokens)
-        if key not in prompt_slot:
-            prompt_slot[key] = len(want_logprobs)
-            want_logprobs.append(False)
-        if unit.want_prompt_logprobs:
-            want_logprobs[prompt_slot[key]] = True
-    prompts = list(prompt_slot)
-    prefills = [_prefill(runner, list(p), want) for p, want in zip(prompts, want_logprobs, strict=True)]
-    for unit in units:
-        if unit.want_prompt_logprobs:
-            prompt_lps = prefills[prompt_slot[tuple(unit.plan.request.prompt_tokens)]].prompt_logprobs
-            results[unit.plan.index].prompt_logprobs = list(prompt_lps or [])
+    def __init__(self, runner: _ModelRunner, vocab_size: int) -> None:
+        self.runner = runner
+        self.vocab_size = vocab_size
+        self.active: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.state: _RaggedState | None = None
+        self.layers: list[_RaggedLayer] = []
+        self.logits: torch.Tensor | None = None  # [len(active), V] float32
+        self.columns = torch.arange(0, device=runner.device)
 
-    # 2. One row per sample; rows with no budget (max_tokens=0, full context) are done already.
-    rows = [
-        _Row(unit, s, prompt_slot[tuple(unit.plan.request.prompt_tokens)], eos_ids, tokenizer)
-        for unit in units
-        for s in range(unit.start, unit.stop)
-    ]
-    active = [row for row in rows if row.stop_reason is None]
-    if active:
-        _decode(runner, prefills, active, vocab_size)
-    for row in rows:
-        slots[row.plan.index][row.sample_index] = row.result()
+    @property
+    def longest_row(self) -> int:
+        return max((row.prompt_len + row.max_new for row in self.active), default=0)
 
+    def add(self, prefills: list[_Prefill], rows: list[_Row]) -> None:
+        """Merge new rows (row.prompt_slot indexes `prefills`) into the batch, after the running ones."""
+        if not rows:
+            return
+        device = self.runner.device
+        logits = torch.stack([prefills[row.prompt_slot].next_logits for row in rows])
+        # The physical batch is the active rows in order (active row i is physical row i), plus a copy of the
+        # first one when only one is left: CPU matmul kernels take another path for a single row and round
+        # differently, while with two or more rows each row's result does not depend on the others. Together
+        # with the right-padded cache this keeps seeded samples independent of the batch's composition.
+        physical = _with_companion(rows) if not self.active else rows
+        used = sorted({row.prompt_slot for row in rows})
+        local = {slot: i for i, slot in enumerate(used)}
+        row_prompt = torch.tensor(
+            [local[row.prompt_slot] for row in physical], dtype=torch.long, device=device
+        )
+        lengths = torch.tensor([row.prompt_len for row in physical], dtype=torch.long, device=device)
+        reserve = min(max(row.max_new for row in rows), _CACHE_GROWTH_TOKENS)
+        max_width = _round_up(max(row.prompt_len + row.max_new for row in rows), _KEY_ALIGN)
+        cache, state = _ragged_cache(
+            [prefills[slot] for slot in used], row_prompt, lengths, reserve, max_width
+        )
+        layers = [layer for layer in cache.layers if isinstance(layer, _RaggedLayer)]
+        if not self.active:
+            self.cache, self.state, self.layers = cache, state, layers
+            self.active, self.logits = list(rows), logits
+            return
+        assert self.state is not None and self.logits is not None
+        if self.state.lengths.shape[0] > len(self.active):  # drop the companion row
+            keep = torch.arange(len(self.active), device=device)
+            self.state.lengths = self.state.lengths.index_select(0, keep)
+            for layer in self.layers:
+                layer.keep_rows(keep)
+        for layer, extra in zip(self.layers, layers, strict=True):
+            layer.append_rows(extra)
+        self.state.lengths = torch.cat([self.state.lengths, state.lengths])
+        self.state.rows = torch.arange(len(self.state.lengths), device=device)
+        self.state.max_width = max(self.state.max_width, state.max_width)
+        self.active = self.active + list(rows)
+        self.logits = torch.cat([self.logits[: len(self.active) - len(rows)], logits])
 
-def _decode(runner: _ModelRunner, prefills: list[_Prefill], active: list[_Row], vocab_size: int) -> None:
-    """Decode all `active` rows together until each one stops; finished rows leave the batch at once."""
-    device = runner.device
-    # The physical batch is the active rows in order (active row i is physical row i), plus a copy of the
-    # first one when only one is left: CPU matmul kernels take another path for a single row and round
-    # differently, while with two or more rows each row's result does not depend on the others. Together
-    # with the right-padded cache this keeps seeded samples independent of the batch's composition.
-    used = sorted({row.prompt_slot for row in active})
-    local = {slot: i for i, slot in enumerate(used)}
-    physical = _with_companion(active)
-    row_prompt = torch.tensor([local[row.prompt_slot] for row in physical], dtype=torch.long, device=device)
-    lengths = torch.tensor([row.prompt_len for row in physical], dtype=torch.long, device=device)
-    reserve = min(max(row.max_new for row in active), _CACHE_GROWTH_TOKENS)
-    max_width = _round_up(max(row.prompt_len + row.max_new for row in active), _KEY_ALIGN)
-    cache, state = _ragged_cache([prefills[slot] for slot in used], row_prompt, lengths, reserve, max_width)
-    layers = [layer for layer in cache.layers if isinstance(layer, _RaggedLayer)]
-    logits = torch.stack([prefills[row.prompt_slot].next_logits for row in active])
-    columns = torch.arange(0, device=device)
+    def step(self) -> list[_Row]:
+        """Pick one token for every active row; run the next forward pass for those that go on.
 
-    while True:
-        if logits.shape[1] > vocab_size:  # a padded lm_head: never sample the padding ids
-            logits[:, vocab_size:] = -math.inf
+        Returns the rows that finished."""
+        assert self.logits is not None and self.state is not None and self.cache is not None
+        device = self.runner.device
+        state, active = self.state, self.active
+        logits = self.logits
+        if logits.shape[1] > self.vocab_size:  # a padded lm_head: never sample the padding ids
+            logits[:, self.vocab_size :] = -math.inf
         tokens, logprobs = _choose_tokens(logits[: len(active)], active)
         keep = [i for i, row in enumerate(active) if not row.push(tokens[i], logprobs[i])]
+        finished = [row for i, row in enumerate(active) if row.stop_reason is not None]
         if not keep:
-            return
-        if len(keep) < len(active):
+            self.__init__(self.runner, self.vocab_size)  # type: ignore[misc]
+            return finished
+        if len(keep) < len(active) or state.lengths.shape[0] != len(_with_companion(active)):
             index = torch.tensor(_with_companion(keep), dtype=torch.long, device=device)
             state.lengths = state.lengths.index_select(0, index)
             state.rows = torch.arange(len(index), device=device)
-            for layer in layers:
+            for layer in self.layers:
                 layer.keep_rows(index)
             active = [active[i] for i in keep]
             tokens = [tokens[i] for i in keep]
+        self.active = active
         next_ids = torch.tensor(_with_companion(tokens), dtype=torch.long, device=device)
         state.width = _round_up(int(state.lengths.max()) + 1, _KEY_ALIGN)
-        if columns.shape[0] != state.width:
-            columns = torch.arange(state.width, device=device)
-        mask = (columns.unsqueeze(0) <= state.lengths.unsqueeze(1)).long()
-        logits = runner.forward(
-            next_ids.unsqueeze(1), position_ids=state.lengths.unsqueeze(1), cache=cache, attention_mask=mask
+        if self.columns.shape[0] != state.width:
+            self.columns = torch.arange(state.width, device=device)
+        mask = (self.columns.unsqueeze(0) <= state.lengths.unsqueeze(1)).long()
+        out = self.runner.forward(
+            next_ids.unsqueeze(1),
+            position_ids=state.lengths.unsqueeze(1),
+            cache=self.cache,
+            attention_mask=mask,
         )[:, -1]
         state.lengths = state.lengths + 1
+        self.logits = out[: len(active)]
+        return finished
 
 
 def _with_companion(items: list[_T]) -> list[_T]:
