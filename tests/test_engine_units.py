@@ -372,6 +372,26 @@ def test_micro_batches_cover_every_datum_once_within_the_token_budget():
         assert len(group) == 1 or width * len(group) <= 1024
 
 
-def test_default_threads_leaves_headroom():
+def test_threads_use_every_free_processor(monkeypatch):
+    from posttrain.engine import engine
+
     cpus = len(os.sched_getaffinity(0))
-    assert default_threads() == max(1, cpus // 2)
+    assert default_threads() == cpus
+    monkeypatch.setattr(engine, "other_running_tasks", lambda: 0)
+    assert engine.threads_for_next_job(cpus) == cpus
+    monkeypatch.setattr(engine, "other_running_tasks", lambda: 1)
+    assert engine.threads_for_next_job(4) == 3
+    monkeypatch.setattr(engine, "other_running_tasks", lambda: 9)
+    assert engine.threads_for_next_job(4) == 1
+    monkeypatch.undo()
+    assert engine.other_running_tasks() >= 0
+
+
+def test_the_engine_process_waits_passively():
+    import subprocess
+    import sys
+
+    code = "import posttrain.engine.serve, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"

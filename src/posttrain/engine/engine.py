@@ -71,6 +71,8 @@ class Engine:
     ):
         self.dtype = dtype
         self.device = torch.device(device)
+        # A fixed count (--threads N), or adaptive up to every processor: see threads_for_next_job.
+        self.adaptive_threads = not (threads and threads > 0)
         self.threads = threads if threads and threads > 0 else default_threads()
         # torch's thread count is per OS thread under OpenMP: set it here (loading) and in the compute thread.
         torch.set_num_threads(self.threads)
@@ -117,8 +119,16 @@ class Engine:
         return self._running is not None and not self._running.done()
 
     async def _compute(self, fn: Callable[[], Any]) -> Any:
-        self._running = self._executor.submit(fn)
+        self._running = self._executor.submit(self._with_threads, fn)
         return await asyncio.wrap_future(self._running)
+
+    def _with_threads(self, fn: Callable[[], Any]) -> Any:
+        """Run a job on the compute thread with the thread count the machine's load allows now."""
+        if self.adaptive_threads and self.device.type == "cpu":
+            n = threads_for_next_job(self.threads)
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+        return fn()
 
     def model(self, name: str | None) -> ServedModel:
         if name is None or name not in self.models:
@@ -424,19 +434,46 @@ class Engine:
         return sorted(set(self.store.list_runs()) | set(self.runs))
 
 
-def default_threads() -> int:
-    """Half the processors this process may use (at least one).
-
-    The engine shares the machine with the training loop that drives it. OpenMP teams wait for every member at
-    each parallel region, so when the cores are oversubscribed a descheduled member stalls the whole team: on a
-    busy 2-core machine a tiny matmul took 24 ms with 2 threads and 0.08 ms with 1, and a SmolLM2-135M forward
-    pass 2-5 s with 2 threads against 1.4 s with 1. Leaving headroom costs at most a constant factor.
-    """
+def available_cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The most threads the engine uses by default: every processor this process may use."""
+    return available_cpus()
+
+
+def other_running_tasks(samples: int = 3) -> int:
+    """Runnable threads of other processes right now (the least of a few readings of /proc/loadavg), or 0.
+
+    /proc/loadavg's fourth field is "runnable/total" for the whole system, counting the thread that reads it.
+    """
+    least = None
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        least = running - 1 if least is None else min(least, running - 1)
+        if i + 1 < samples:
+            time.sleep(0.001)
+    return max(0, least or 0)
+
+
+def threads_for_next_job(limit: int) -> int:
+    """Adaptive thread count: the processors that other processes leave free now, at least one.
+
+    OpenMP teams wait for every member at each parallel region; when another process takes a core, the member
+    descheduled from it stalls the whole team (measured on a loaded 2-core machine: 2.3 s per training step on
+    1 thread, 30 s on 2 threads with libgomp's default spin-waiting, 3.3 s on 2 threads waiting passively; see
+    BENCHMARKS.md). So each job uses the cores that are free when it starts, and waiting threads sleep
+    (`OMP_WAIT_POLICY=PASSIVE`, set by `serve`) so a load that appears mid-job costs little.
+    """
+    return max(1, min(limit, limit - other_running_tasks()))
 
 
 def internal_error(exc: Exception) -> str:
