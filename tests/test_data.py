@@ -42,13 +42,18 @@ def data_error(call: Callable[[], object]) -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any Hub access a test did not explicitly mock fails loudly instead of touching the network."""
+def no_hub(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Any Hub access a test did not explicitly mock fails loudly instead of touching the network.
+
+    Tests of a dataset repository on disk (the `hub_repo` fixture) run the real `datasets` code, offline."""
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"unexpected Hugging Face Hub access: {args} {kwargs}")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    if "hub_repo" in request.fixturenames:
+        return
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     monkeypatch.setattr(datasets, "get_dataset_split_names", refuse)
 
@@ -610,3 +615,69 @@ def test_default_train_on_what() -> None:
     assert default_train_on_what(loaded_with([single, multi])) == "all_assistant_messages"
     qa = [{"question": "q", "answer": "a", "final_answer": "a"}]
     assert default_train_on_what(loaded_with(qa, "question_answer")) == "last_assistant_message"
+
+
+# --- a Hugging Face dataset repository on disk: the real `datasets` code path, no stand-in ---------------
+
+
+def _chat_rows(n: int, tag: str) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"{tag} q{i}"},
+                {"role": "assistant", "content": f"{tag} a{i}"},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def hub_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset laid out as a Hub repository (README configs, split files), as `git clone` of one gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path_factory.mktemp("hub") / "acme-chats"
+    (repo / "data").mkdir(parents=True)
+    (repo / "small").mkdir()
+    pq.write_table(
+        pa.Table.from_pylist(_chat_rows(25_000, "train")), repo / "data" / "train-00000-of-00001.parquet"
+    )
+    pq.write_table(
+        pa.Table.from_pylist(_chat_rows(3_000, "test")), repo / "data" / "test-00000-of-00001.parquet"
+    )
+    small = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(50)]
+    pq.write_table(pa.Table.from_pylist(small), repo / "small" / "train-00000-of-00001.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "  - split: test\n    path: data/test-*\n- config_name: small\n  data_files:\n  - split: train\n"
+        "    path: small/train-*\n---\n# acme/chats\n"
+    )
+    return repo
+
+
+def test_hub_repository_limits_and_predefined_test_split(hub_repo: Path) -> None:
+    loaded = load_data(str(hub_repo))
+    assert loaded.format == "messages"
+    assert len(loaded.train) == 20_000  # the cap, streamed: the other 5,000 rows are never read
+    assert len(loaded.eval) == 2_000 and loaded.eval_source == "test split"
+    assert all(r["messages"][0]["content"].startswith("test ") for r in loaded.eval)
+    assert "(streamed)" in loaded.source
+    # Shuffled with a buffer (seed 42): not the file's first rows in order.
+    assert [r["messages"][0]["content"] for r in loaded.train[:5]] != [f"train q{i}" for i in range(5)]
+
+    small = load_data(str(hub_repo), max_train_rows=500, max_eval_rows=300)
+    assert len(small.train) == 500 and len(small.eval) == 300  # the predefined split, up to max_eval_rows
+
+
+def test_hub_repository_config_without_test_split_carves_eval(hub_repo: Path) -> None:
+    loaded = load_data(str(hub_repo), dataset_config="small")
+    assert loaded.format == "question_answer"
+    assert len(loaded.train) + len(loaded.eval) == 50 and len(loaded.eval) == 5
+    assert loaded.train[0]["final_answer"] == str(int(loaded.train[0]["question"].split()[2]) + 1)
+
+
+def test_hub_repository_unknown_split_is_one_line(hub_repo: Path) -> None:
+    message = data_error(lambda: load_data(str(hub_repo), split="nope"))
+    assert "acme-chats" in message and "nope" in message

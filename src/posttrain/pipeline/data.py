@@ -272,7 +272,11 @@ def _shape(fmt: FormatName) -> str:
 
 
 def _looks_local(dataset: str) -> bool:
+    """A data file. A directory is a Hugging Face dataset repository on disk (a `git clone` of a Hub
+    dataset: README.md configs, split files) and is loaded like a Hub name."""
     path = Path(dataset).expanduser()
+    if path.is_dir():
+        return False
     if path.exists():
         return True
     if dataset.lower().endswith(_FILE_LIKE_SUFFIXES):
