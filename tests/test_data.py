@@ -357,7 +357,7 @@ def test_eval_is_ten_percent_disjoint_and_seeded(tmp_path: Path) -> None:
     assert load_data(str(path), seed=7).eval != first.eval
 
 
-@pytest.mark.parametrize(("n", "n_eval"), [(1, 0), (2, 1), (9, 1), (30, 3)])
+@pytest.mark.parametrize(("n", "n_eval"), [(2, 1), (9, 1), (30, 3)])  # 1 row: refused, see below
 def test_small_datasets_keep_at_least_one_eval_row(tmp_path: Path, n: int, n_eval: int) -> None:
     loaded = load_data(str(write_jsonl(tmp_path / "d.jsonl", [chat(k) for k in range(n)])))
     assert (len(loaded.train), len(loaded.eval)) == (n - n_eval, n_eval)
@@ -681,3 +681,34 @@ def test_hub_repository_config_without_test_split_carves_eval(hub_repo: Path) ->
 def test_hub_repository_unknown_split_is_one_line(hub_repo: Path) -> None:
     message = data_error(lambda: load_data(str(hub_repo), split="nope"))
     assert "acme-chats" in message and "nope" in message
+
+
+# --- exports from other tools and other surprises ------------------------------------------------------
+
+
+def test_utf16_export_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "export.jsonl"
+    path.write_bytes('{"prompt": "a", "completion": "b"}\n'.encode("utf-16"))
+    assert (
+        data_error(lambda: load_data(str(path)))
+        == f"{path} line 1: the file is UTF-16 encoded; save it as UTF-8"
+    )
+
+
+def test_latin1_byte_names_line_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    message = data_error(lambda: load_data(str(path)))
+    assert message.startswith(f"{path} line 2: not valid UTF-8") and "save the file as UTF-8" in message
+
+
+def test_csv_with_a_repeated_column_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dup.csv"
+    path.write_text("prompt,prompt,completion\na,b,c\nd,e,f\n")
+    assert "column 'prompt' appears more than once" in data_error(lambda: load_data(str(path)))
+
+
+def test_a_single_row_cannot_be_split_into_train_and_eval(tmp_path: Path) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert "at least 2 are needed" in data_error(lambda: load_data(str(path)))

@@ -7,6 +7,7 @@ Preparation section: at most 20,000 training rows and 2,000 eval rows, and Hub d
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import random
@@ -104,7 +105,7 @@ def _read_jsonl(file: Path, name: str) -> Iterator[tuple[str, dict]]:
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+                raise DataError(f"{where}: {_not_utf8(raw if lineno == 1 else b'', exc)}") from exc
             if not text.strip():
                 continue
             try:
@@ -116,11 +117,20 @@ def _read_jsonl(file: Path, name: str) -> Iterator[tuple[str, dict]]:
             yield where, row
 
 
+def _not_utf8(start: bytes, exc: UnicodeDecodeError) -> str:
+    """Why the bytes are not UTF-8, naming UTF-16/32 when a byte-order mark says so (Windows tools' exports)."""
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                          (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):  # fmt: skip
+        if start.startswith(bom):
+            return f"the file is {encoding} encoded; save it as UTF-8"
+    return f"not valid UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+
+
 def _read_json(file: Path, name: str) -> Iterator[tuple[str, dict]]:
     try:
         document = json.loads(file.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise DataError(f"{name}: {_not_utf8(exc.object[:4], exc)}") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
     items = _json_items(document, name)
@@ -152,6 +162,9 @@ def _read_csv(file: Path, name: str) -> Iterator[tuple[str, dict]]:
             if header is None:
                 return
             header = [h.strip() for h in header]
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                raise DataError(f"{name} line 1: column {repeated[0]!r} appears more than once in the header")
             previous_end = reader.line_num
             for record in reader:
                 # A record may span several physical lines; report the line it starts on.
@@ -454,6 +467,11 @@ def load_data(
             train.format, train.rows, eval_part.rows, _describe(train, is_local), eval_source, notes
         )
 
+    if len(train.rows) < 2:
+        raise DataError(
+            f"{train.source}: only {len(train.rows)} row: at least 2 are needed, one to train on and one to "
+            "evaluate (or give eval_dataset=)"
+        )
     train_rows, eval_rows = _carve_eval(train.rows, max_eval_rows, seed)
     notes.append(
         f"eval: {len(eval_rows):,} rows held out from the {len(train.rows):,} training rows "
