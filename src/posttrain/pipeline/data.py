@@ -492,12 +492,11 @@ def default_train_on_what(data: LoadedData) -> str:
     with a system prompt) trains on the last assistant message. System-prompt baking (all_tokens) changes
     what the model learns, so it is only ever chosen explicitly by the user.
     """
-    # Imported here: the cookbook's renderers pull in torch, which costs seconds at import.
-    from tinker_cookbook.renderers import TrainOnWhat
-
+    # The cookbook's TrainOnWhat values, as strings: importing its renderers pulls in torch (seconds), and
+    # this runs among the checks that must answer fast (config.TrainOnWhatName is pinned to the enum by a test).
     if data.format in CHAT_FORMATS and any(_assistant_turns(row) >= 2 for row in data.train):
-        return TrainOnWhat.ALL_ASSISTANT_MESSAGES.value
-    return TrainOnWhat.LAST_ASSISTANT_MESSAGE.value
+        return "all_assistant_messages"
+    return "last_assistant_message"
 
 
 def _assistant_turns(row: dict) -> int:

@@ -7,6 +7,7 @@ A new single-turn environment is one function here and one entry in `SOURCES`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 import warnings
@@ -17,6 +18,30 @@ from typing import Any
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
+
+# The task names reasoning-gym 0.1.25 registers (a test pins them to its registry): a mistyped name is
+# reported at once, without importing reasoning-gym and its ~100 generators (seconds).
+REASONING_GYM_TASKS = frozenset({
+    'ab', 'acre', 'advanced_geometry', 'aiw', 'arc_1d', 'arc_agi', 'base_conversion', 'basic_arithmetic',
+    'bf', 'binary_alternation', 'binary_matrix', 'bitwise_arithmetic', 'boxnet', 'caesar_cipher',
+    'calendar_arithmetic', 'chain_sum', 'circuit_logic', 'codeio', 'coin_flip', 'color_cube_rotation',
+    'complex_arithmetic', 'composite', 'count_bits', 'count_primes', 'countdown', 'course_schedule',
+    'cryptarithm', 'decimal_arithmetic', 'decimal_chain_sum', 'dice', 'emoji_mystery',
+    'family_relationships', 'figlet_font', 'fraction_simplification', 'futoshiki', 'game_of_life',
+    'game_of_life_halting', 'gcd', 'graph_color', 'group_anagrams', 'gsm_symbolic',
+    'intermediate_integration', 'isomorphic_strings', 'jugs', 'kakurasu', 'knight_swap', 'knights_knaves',
+    'largest_island', 'lcm', 'leg_counting', 'letter_counting', 'letter_jumble', 'list_functions',
+    'mahjong_puzzle', 'manipulate_matrix', 'maze', 'mini_sudoku', 'modulo_grid', 'n_queens',
+    'needle_haystack', 'number_filtering', 'number_format', 'number_sequence', 'number_sorting',
+    'palindrome_generation', 'palindrome_partitioning', 'path_star', 'polynomial_equations',
+    'polynomial_multiplication', 'pool_matrix', 'power_function', 'prime_factorization', 'products',
+    'propositional_logic', 'puzzle24', 'quantum_lock', 'ransom_note', 'rearc', 'rectangle_count',
+    'rotate_matrix', 'rotten_oranges', 'rubiks_cube', 'rush_hour', 'self_reference', 'sentence_reordering',
+    'shortest_path', 'simple_equations', 'simple_geometry', 'simple_integration', 'sokoban',
+    'spell_backward', 'spiral_matrix', 'string_insertion', 'string_manipulation', 'string_splitting',
+    'string_synthesis', 'sudoku', 'survo', 'syllogism', 'time_intervals', 'tower_of_hanoi', 'tsumego',
+    'word_ladder', 'word_sequence_reversal', 'word_sorting', 'zebra_puzzles'
+})  # fmt: skip
 
 # Held-out problems of generated sources use this seed offset, so they never repeat training ones.
 EVAL_SEED_OFFSET = 1_000_003
@@ -51,11 +76,15 @@ def parse_reasoning_gym_env(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def reasoning_gym_problems(spec: str, n: int, seed: int) -> list[dict]:
+    task, options = parse_reasoning_gym_env(spec)
+    if task not in REASONING_GYM_TASKS:
+        close = difflib.get_close_matches(task, REASONING_GYM_TASKS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see reasoning_gym.factory.DATASETS)"
+        raise ConfigError(f"env=reasoning_gym:{task}: no such reasoning-gym task{hint}")
     with warnings.catch_warnings():  # one of its dependencies has SyntaxWarnings (`is` with a literal)
         warnings.simplefilter("ignore", SyntaxWarning)
         import reasoning_gym
 
-    task, options = parse_reasoning_gym_env(spec)
     try:
         dataset = reasoning_gym.create_dataset(task, size=n, seed=seed, **options)
     except Exception as exc:  # noqa: BLE001 - unknown task names raise various errors

@@ -88,6 +88,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     method = METHODS[task](cfg, data)
     if url := backend.remote_url(cfg, where):
         preflight.check_reachable(url)
+    elif where == "local":
+        backend.check_local_model(cfg)
 
     if cfg.dry_run:
         return _dry_run(cfg, where, task, method)
