@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,9 +36,15 @@ def choose_backend(cfg: TrainConfig) -> preflight.Backend:
 
 @asynccontextmanager
 async def service_url(
-    cfg: TrainConfig, backend: preflight.Backend, log_path: Path, say: Callable[[str], None]
+    cfg: TrainConfig,
+    backend: preflight.Backend,
+    log_path: Path,
+    say: Callable[[str], None],
+    extra_models: Sequence[str] = (),
 ) -> AsyncIterator[str | None]:
-    """The service URL for the run (None: the SDK's default Tinker URL); a local engine lives as long as this."""
+    """The service URL for the run (None: the SDK's default Tinker URL); a local engine lives as long as this.
+
+    `extra_models`: more base models the local engine must serve besides cfg.model_name (a teacher)."""
     if backend == "tinker":
         yield cfg.base_url
         return
@@ -48,8 +54,9 @@ async def service_url(
         return
     from posttrain.engine.launcher import EngineProcess
 
-    engine = EngineProcess(models=[cfg.model_name], dtype=cfg.dtype, log_file=log_path / "engine.log")
-    say(f"engine: starting the local engine with {cfg.model_name} (log: {log_path / 'engine.log'})")
+    models = list(dict.fromkeys([cfg.model_name, *extra_models]))
+    engine = EngineProcess(models=models, dtype=cfg.dtype, log_file=log_path / "engine.log")
+    say(f"engine: starting the local engine with {', '.join(models)} (log: {log_path / 'engine.log'})")
     try:
         url = await asyncio.to_thread(engine.start)
         say(f"engine: ready at {url}")

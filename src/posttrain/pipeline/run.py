@@ -20,7 +20,7 @@ import tinker
 from tinker_cookbook import checkpoint_utils, renderers
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from posttrain.config import TrainConfig, config_to_dict
+from posttrain.config import TrainConfig, check_method_settings, config_to_dict
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline import backend, preflight, results, tracking
 from posttrain.pipeline.data import LoadedData, load_data
@@ -75,6 +75,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # Data preparation, then choosing the recipe; the method checks that the two fit.
     data = _load_data(cfg)
     task = choose_task(cfg, data)
+    if cfg.task == "auto":
+        say(f"task: {task} ({_why(cfg, data, task)})")
     method = METHODS[task](cfg, data)
 
     state = RunState(cfg, make_run_name(cfg, task), where, task, Path())
@@ -115,9 +117,20 @@ def _load_data(cfg: TrainConfig) -> LoadedData | None:
 
 
 def choose_task(cfg: TrainConfig, data: LoadedData | None) -> str:
-    """task=auto: RL for an `env=`, else the first method that trains on the data's format."""
+    """task=auto: a teacher means distillation, a system prompt prompt distillation, `env=` RL; else the first
+    method that trains on the data's format. The method's own settings are then checked against the choice."""
     if cfg.task != "auto":
         return cfg.task
+    task = _auto_task(cfg, data)
+    check_method_settings(cfg, task)
+    return task
+
+
+def _auto_task(cfg: TrainConfig, data: LoadedData | None) -> str:
+    if cfg.teacher_model is not None or cfg.distillation_mode is not None:
+        return "distillation"
+    if cfg.system_prompt is not None:
+        return "prompt_distillation"
     if cfg.env or data is None:
         return "rl" if cfg.env else "sft"
     for name, method in METHODS.items():
@@ -127,6 +140,16 @@ def choose_task(cfg: TrainConfig, data: LoadedData | None) -> str:
         f"{data.source}: no training method in posttrain takes {data.format} data yet "
         f"(task= can be {', '.join(METHODS)})"
     )
+
+
+def _why(cfg: TrainConfig, data: LoadedData | None, task: str) -> str:
+    if task == "distillation":
+        return "teacher_model is set"
+    if task == "prompt_distillation":
+        return "system_prompt is set"
+    if cfg.env:
+        return f"env={cfg.env}"
+    return f"{data.format} data" if data is not None else "no dataset: the default data"
 
 
 def make_run_name(cfg: TrainConfig, task: str) -> str:
@@ -152,9 +175,12 @@ def default_learning_rate(model_name: str, task: str) -> tuple[float, str]:
 
 async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
     cfg = state.cfg
-    async with backend.service_url(cfg, state.backend, state.log_path, say) as url:
+    # A method may need more models served than the one it trains (e.g. a distillation teacher).
+    extra_models = list(getattr(method, "extra_models", ()))
+    async with backend.service_url(cfg, state.backend, state.log_path, say, extra_models) as url:
         service = tinker.ServiceClient(base_url=url)
-        await backend.check_served_model(service, url, cfg.model_name, state.backend)
+        for name in (cfg.model_name, *extra_models):
+            await backend.check_served_model(service, url, name, state.backend)
         ctx = _context(state, service, url)
         method.prepare(ctx)
 
@@ -174,7 +200,15 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         say(f"trained model: {method.score_text(state.trained)}")
     dataset, sizes, extra = method.describe()
     return results.Outcome(
-        method.metric, base_rows, trained_rows, state.baseline, state.trained, dataset, sizes, extra
+        method.metric,
+        base_rows,
+        trained_rows,
+        state.baseline,
+        state.trained,
+        dataset,
+        sizes,
+        extra,
+        score_label=getattr(method, "score_label", "accuracy"),
     )
 
 

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from posttrain.pipeline.methods.base import Method, MethodFactory, RunContext
+from posttrain.pipeline.methods.dpo import DPO
 from posttrain.pipeline.methods.rl import RL
 from posttrain.pipeline.methods.sft import SFT
 
 METHODS: dict[str, MethodFactory] = {
     "sft": SFT,
     "rl": RL,
+    "dpo": DPO,
 }
 
 __all__ = ["METHODS", "Method", "MethodFactory", "RunContext"]
