@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from posttrain.pipeline.methods.base import Method, MethodFactory, RunContext
+from posttrain.pipeline.methods.distillation import Distillation
 from posttrain.pipeline.methods.dpo import DPO
 from posttrain.pipeline.methods.rl import RL
 from posttrain.pipeline.methods.sft import SFT
@@ -12,6 +13,7 @@ METHODS: dict[str, MethodFactory] = {
     "sft": SFT,
     "rl": RL,
     "dpo": DPO,
+    "distillation": Distillation,
 }
 
 __all__ = ["METHODS", "Method", "MethodFactory", "RunContext"]

@@ -121,7 +121,11 @@ class DPO:
         return f"preference accuracy {value:.1%} on {len(self.data.eval)} held-out pairs"
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
-        dataset = {"source": self.data.source, "format": self.data.format, "eval_source": self.data.eval_source}
+        dataset = {
+            "source": self.data.source,
+            "format": self.data.format,
+            "eval_source": self.data.eval_source,
+        }
         sizes = {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.eval)}
         extra = {
             "dpo_beta": self.beta,
