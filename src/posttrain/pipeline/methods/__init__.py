@@ -6,6 +6,7 @@ from __future__ import annotations
 from posttrain.pipeline.methods.base import Method, MethodFactory, RunContext
 from posttrain.pipeline.methods.distillation import Distillation
 from posttrain.pipeline.methods.dpo import DPO
+from posttrain.pipeline.methods.prompt_distillation import PromptDistillation
 from posttrain.pipeline.methods.rl import RL
 from posttrain.pipeline.methods.sft import SFT
 
@@ -14,6 +15,7 @@ METHODS: dict[str, MethodFactory] = {
     "rl": RL,
     "dpo": DPO,
     "distillation": Distillation,
+    "prompt_distillation": PromptDistillation,
 }
 
 __all__ = ["METHODS", "Method", "MethodFactory", "RunContext"]

@@ -179,13 +179,16 @@ async def sample_completions(
     cfg: TrainConfig,
     seed: int,
     desc: str,
+    temperature: float | None = None,
 ) -> list[str]:
-    """One completion per prompt (concurrent, progress bar); "" where sampling failed."""
+    """One completion per prompt (concurrent, progress bar), at `temperature` (None: cfg.temperature); ""
+    where sampling failed."""
     stop = renderer.get_stop_sequences()
+    temperature = cfg.temperature if temperature is None else temperature
 
     async def one(i: int, prompt: Messages) -> str:
         params = tinker.SamplingParams(
-            max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=stop, seed=seed + i
+            max_tokens=cfg.max_tokens, temperature=temperature, stop=stop, seed=seed + i
         )
         try:
             out = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
