@@ -45,9 +45,8 @@ def test_choose_task(settings, data, expected):
     assert choose_task(TrainConfig(**settings), data) == expected
 
 
-def test_choose_task_refuses_data_no_method_takes():
-    with pytest.raises(ConfigError, match="no training method in posttrain takes preference data"):
-        choose_task(TrainConfig(), _data("preference", [{"prompt": [], "chosen": "a", "rejected": "b"}]))
+def test_choose_task_picks_dpo_for_preference_pairs():
+    assert choose_task(TrainConfig(), _data("preference", [{"prompt": [], "chosen": "a", "rejected": "b"}])) == "dpo"
 
 
 def test_a_method_refuses_data_of_the_wrong_shape_in_one_line():
