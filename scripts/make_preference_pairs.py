@@ -23,6 +23,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Literal
 
 from posttrain.netcheck import hub_offline_if_unreachable
 
@@ -52,7 +53,15 @@ class Config:
     seed: int = 7
     concurrency: int = 32
     base_url: str | None = None  # None: start the local engine for model_name
+    # random: any wrong answer; hardest: the wrong answer the model itself found most likely (highest mean
+    # log-prob per token), i.e. its confident mistakes, which a base model does not already rank below the
+    # correct answer (random wrong answers are mostly rambles it already finds unlikely).
+    rejected: Literal["random", "hardest"] = "random"
     output: str = "preference_pairs.jsonl"
+
+
+def _mean(logprobs: list[float] | None) -> float:
+    return sum(logprobs) / len(logprobs) if logprobs else float("-inf")
 
 
 async def make_pairs(cfg: Config, url: str) -> list[dict]:
@@ -77,18 +86,23 @@ async def make_pairs(cfg: Config, url: str) -> list[dict]:
                 num_samples=cfg.samples_per_problem,
                 sampling_params=params,
             )
-        texts = [
-            renderers.get_text_content(renderer.parse_response(s.tokens)[0]).strip() for s in result.sequences
+        answers = [
+            (renderers.get_text_content(renderer.parse_response(s.tokens)[0]).strip(), _mean(s.logprobs))
+            for s in result.sequences
         ]
-        right = [t for t in texts if t and grade(problem, extract_answer(t))]
-        wrong = [t for t in texts if t and not grade(problem, extract_answer(t)) and t not in right]
+        right = [t for t, _ in answers if t and grade(problem, extract_answer(t))]
+        wrong = [
+            (t, lp) for t, lp in answers if t and not grade(problem, extract_answer(t)) and t not in right
+        ]
         if not right or not wrong:
             return None
         rng = random.Random(i)
+        chosen = rng.choice(right)  # drawn first, so files made before `rejected=` existed are reproduced
+        rejected = max(wrong, key=lambda w: w[1])[0] if cfg.rejected == "hardest" else rng.choice(wrong)[0]
         return {
             "prompt": messages[0]["content"],
-            "chosen": rng.choice(right),
-            "rejected": rng.choice(wrong),
+            "chosen": chosen,
+            "rejected": rejected,
             "answer": problem["answer"],
         }
 
