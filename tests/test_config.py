@@ -22,7 +22,7 @@ EXPECTED_FIELDS = {
     "num_epochs", "max_steps", "batch_size", "lora_rank", "max_length", "train_on_what", "max_train_rows",
     "max_eval_rows", "eval_concurrency", "seed", "env", "group_size", "max_tokens", "temperature",
     "eval_temperature", "loss_fn", "kl_penalty_coef", "wandb_project", "save_every", "eval_every", "dtype",
-    "dry_run", "resume", "verbose",
+    "dry_run", "resume", "verbose", "dpo_beta", "teacher_model", "distillation_mode", "system_prompt",
 }  # fmt: skip
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."
@@ -144,7 +144,7 @@ def test_help_raises_help_requested_with_every_field(flag):
 @pytest.mark.parametrize(
     "kwargs, names",
     [
-        ({"task": "pretrain"}, ["task", "auto", "sft", "rl"]),
+        ({"task": "pretrain"}, ["task", "auto", "sft", "rl", "dpo", "distillation", "prompt_distillation"]),
         ({"backend": "gpu"}, ["backend", "tinker", "local"]),
         ({"loss_fn": "grpo"}, ["loss_fn", "importance_sampling", "ppo", "cispo", "dro"]),
         ({"dtype": "fp16"}, ["dtype", "bf16", "fp32"]),
@@ -217,7 +217,7 @@ def test_enumerations_follow_the_cookbook_and_the_method_registry():
     assert set(choices(TaskName)) == {"auto", *METHODS}
 
 
-@pytest.mark.parametrize("arg", ["task=dpo", "backend=gpu", "loss_fn=grpo", "dtype=fp16"])
+@pytest.mark.parametrize("arg", ["task=pretrain", "distillation_mode=offline", "backend=gpu", "loss_fn=grpo", "dtype=fp16"])
 def test_enumerated_values_from_the_command_line_name_the_allowed_ones(arg):
     key = arg.split("=")[0]
     with pytest.raises(ConfigError, match=f"^{key}=.* is not valid; allowed values: "):

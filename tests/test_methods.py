@@ -8,7 +8,7 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline import backend
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.grading import extract_answer, final_answer, grade
-from posttrain.pipeline.methods import METHODS
+from posttrain.pipeline.methods import METHODS, method_class
 from posttrain.pipeline.methods.rl import RL
 from posttrain.pipeline.methods.sft import SFT
 from posttrain.pipeline.problems import load_problems
@@ -23,10 +23,12 @@ def _data(fmt: str, rows: list[dict]) -> LoadedData:
 
 
 def test_every_method_follows_the_interface():
-    for name, method in METHODS.items():
+    for name in METHODS:
+        method = method_class(name)
         assert method.name == name
         assert method.metric in ("nll", "score")
-        for attr in ("prepare", "evaluate", "train", "score_text", "describe"):
+        assert isinstance(method.score_label, str) and method.score_label
+        for attr in ("prepare", "evaluate", "train", "token_budget", "score_text", "describe"):
             assert callable(getattr(method, attr)), f"{name}.{attr}"
 
 
@@ -45,9 +47,8 @@ def test_choose_task(settings, data, expected):
     assert choose_task(TrainConfig(**settings), data) == expected
 
 
-def test_choose_task_refuses_data_no_method_takes():
-    with pytest.raises(ConfigError, match="no training method in posttrain takes preference data"):
-        choose_task(TrainConfig(), _data("preference", [{"prompt": [], "chosen": "a", "rejected": "b"}]))
+def test_choose_task_picks_dpo_for_preference_pairs():
+    assert choose_task(TrainConfig(), _data("preference", [{"prompt": [], "chosen": "a", "rejected": "b"}])) == "dpo"
 
 
 def test_a_method_refuses_data_of_the_wrong_shape_in_one_line():

@@ -50,7 +50,10 @@ UNSUPPORTED_SENTENCE = (
 # Enumerated settings: one Literal each, the allowed values read from it (`choices`). Where the cookbook has the
 # type, it is the cookbook's; tests pin the others to the cookbook's (a subset where the local engine or the
 # product supports fewer).
-TaskName = Literal["auto", "sft", "rl"]  # the method registry (pipeline/methods) plus auto
+TaskName = Literal[
+    "auto", "sft", "rl", "dpo", "distillation", "prompt_distillation"
+]  # the method registry (pipeline/methods) plus auto
+DistillationMode = Literal["off_policy", "on_policy"]
 Backend = Literal["auto", "tinker", "local"]
 # The RL losses both Tinker and the local engine implement (a subset of tinker.types.LossFnType).
 RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro"]
@@ -170,7 +173,10 @@ class TrainConfig:
     """posttrain: LoRA fine-tuning through the Tinker API (or the bundled local engine)."""
 
     # What to train and on what
-    task: TaskName = chz.field(default="auto", doc="auto|sft|rl (auto: inferred from the data)")
+    task: TaskName = chz.field(
+        default="auto",
+        doc="|".join(choices(TaskName)) + " (auto: inferred from the data and settings)",
+    )
     dataset: str | None = chz.field(
         default=None,
         doc="local file (jsonl/json/csv/parquet) or HF dataset name; None = embedded default data",
@@ -227,6 +233,23 @@ class TrainConfig:
     eval_temperature: float = chz.field(default=0.0, doc="sampling temperature for evaluation (0: greedy)")
     loss_fn: RLLossFn = chz.field(default="importance_sampling", doc="|".join(choices(RLLossFn)))
     kl_penalty_coef: float = chz.field(default=0.0, doc="KL penalty against the base policy")
+
+    # Preference learning and distillation (each only with its task; see METHOD_SETTINGS)
+    dpo_beta: float | None = chz.field(
+        default=None, doc="DPO: strength of the pull towards the reference (base) model (None: 0.1)"
+    )
+    teacher_model: str | None = chz.field(
+        default=None,
+        doc="distillation: the teacher, a model the backend serves or a tinker:// checkpoint path",
+    )
+    distillation_mode: DistillationMode | None = chz.field(
+        default=None,
+        doc="distillation: " + "|".join(choices(DistillationMode)) + " (None: off_policy)",
+    )
+    system_prompt: str | None = chz.field(
+        default=None,
+        doc="prompt_distillation: the system prompt to bake into the weights (text, or @path/to/file)",
+    )
 
     # Tracking and checkpoints
     wandb_project: str | None = chz.field(default=None, doc="W&B project (None: WANDB_PROJECT from .env)")
@@ -435,7 +458,7 @@ _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def validate(cfg: TrainConfig) -> None:
     """Check enumerated values and ranges; raise `ConfigError` (one line) on the first problem."""
     hints = _field_types()
-    for name in ("task", "backend", "loss_fn", "dtype", "train_on_what"):
+    for name in ("task", "backend", "loss_fn", "dtype", "train_on_what", "distillation_mode"):
         value = getattr(cfg, name)
         if value is not None:
             _choice(name, value, choices(hints[name]))
@@ -448,7 +471,16 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"env={cfg.env!r} is not valid; allowed values: {', '.join(RL_ENVS)}")
 
-    for name in ("dataset", "dataset_config", "eval_dataset", "eval_split", "renderer_name", "wandb_project"):
+    for name in (
+        "dataset",
+        "dataset_config",
+        "eval_dataset",
+        "eval_split",
+        "renderer_name",
+        "wandb_project",
+        "teacher_model",
+        "system_prompt",
+    ):
         value = getattr(cfg, name)
         if value is not None and not value.strip():
             raise ConfigError(f"{name} is empty; give a value or leave it out")
@@ -497,3 +529,30 @@ def validate(cfg: TrainConfig) -> None:
     _at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
     _at_least("save_every", cfg.save_every, 0)
     _at_least("eval_every", cfg.eval_every, 0)
+    if cfg.dpo_beta is not None and not (isinstance(cfg.dpo_beta, int | float) and cfg.dpo_beta > 0):
+        raise ConfigError(f"dpo_beta={cfg.dpo_beta!r} is not valid; expected a number > 0")
+    if cfg.task != "auto":
+        check_method_settings(cfg, cfg.task)
+
+
+# Settings that belong to one method: giving one with another task is a mistake worth stopping for (the user
+# believes it does something). task=auto resolves first, then the same check runs (pipeline.run.choose_task).
+METHOD_SETTINGS: dict[str, str] = {
+    "dpo_beta": "dpo",
+    "teacher_model": "distillation",
+    "distillation_mode": "distillation",
+    "system_prompt": "prompt_distillation",
+}
+
+
+def check_method_settings(cfg: TrainConfig, task: str) -> None:
+    """One-line ConfigError naming the option when a method's setting is given to another task, or missing."""
+    for name, owner in METHOD_SETTINGS.items():
+        if getattr(cfg, name) is not None and task != owner:
+            raise ConfigError(f"{name} is only used by task={owner}, not task={task}; leave it out")
+    if task == "distillation" and cfg.teacher_model is None:
+        raise ConfigError(
+            "task=distillation needs teacher_model= (a model the backend serves or a tinker:// checkpoint)"
+        )
+    if task == "prompt_distillation" and cfg.system_prompt is None:
+        raise ConfigError("task=prompt_distillation needs system_prompt= (the text, or @path/to/file)")

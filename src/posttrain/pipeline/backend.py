@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,9 +72,15 @@ class EngineDied(UserError):
 
 @asynccontextmanager
 async def service_url(
-    cfg: TrainConfig, backend: preflight.Backend, log_path: Path, say: Callable[[str], None]
+    cfg: TrainConfig,
+    backend: preflight.Backend,
+    log_path: Path,
+    say: Callable[[str], None],
+    extra_models: Sequence[str] = (),
 ) -> AsyncIterator[str | None]:
-    """The service URL for the run (None: the SDK's default Tinker URL); a local engine lives as long as this."""
+    """The service URL for the run (None: the SDK's default Tinker URL); a local engine lives as long as this.
+
+    `extra_models`: more base models the local engine must serve besides cfg.model_name (a teacher)."""
     if backend == "tinker":
         yield cfg.base_url
         return
@@ -84,9 +90,10 @@ async def service_url(
         return
     from posttrain.engine.launcher import EngineProcess
 
+    models = list(dict.fromkeys([cfg.model_name, *extra_models]))
     log_file = log_path / "engine.log"
-    engine = EngineProcess(models=[cfg.model_name], dtype=cfg.dtype, log_file=log_file)
-    say(f"engine: starting the local engine with {cfg.model_name} (log: {log_file})")
+    engine = EngineProcess(models=models, dtype=cfg.dtype, log_file=log_file)
+    say(f"engine: starting the local engine with {', '.join(models)} (log: {log_file})")
     try:
         engine.spawn()  # from this (the main) thread: the engine is told to stop if this process dies
         url = await asyncio.to_thread(engine.wait_ready)

@@ -9,6 +9,7 @@ and the offending field, so a user can fix the row without reading a traceback.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from posttrain.errors import DataError
@@ -239,25 +240,50 @@ def _prompt_completion_messages(row: dict, where: str) -> list[dict[str, str]]:
 # --- preference pairs ----------------------------------------------------------------------------
 
 
+# Anthropic HH-RLHF keeps each side as one string: "\n\nHuman: ...\n\nAssistant: ...".
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_messages(text: str) -> list[dict[str, str]] | None:
+    """The turns of an HH-style transcript, or None when the text is not one (plain response text)."""
+    marks = list(_HH_TURN.finditer(text))
+    if len(marks) < 2 or text[: marks[0].start()].strip():
+        return None
+    return [
+        {"role": _HH_ROLES[m.group(1)], "content": text[m.end() : nxt.start() if nxt else len(text)].strip()}
+        for m, nxt in zip(marks, [*marks[1:], None], strict=True)
+    ]
+
+
 def _response_text(value: Any, where: str, field: str) -> tuple[str, list[dict[str, str]]]:
-    """The response text of a chosen/rejected side, plus the turns before it when given as messages."""
-    messages = _side(value, where, field, "assistant")
+    """The response text of a chosen/rejected side, plus the turns before it when given as a conversation
+    (a list of messages, or an HH-style "Human: ... Assistant: ..." transcript)."""
+    hh = _hh_messages(value) if isinstance(value, str) else None
+    messages = hh if hh is not None else _side(value, where, field, "assistant")
     _require_assistant_last(messages, where, field)
     return messages[-1]["content"], messages[:-1]
 
 
 def _preference(row: dict, where: str) -> dict:
     chosen, chosen_context = _response_text(row["chosen"], where, "chosen")
-    rejected, _ = _response_text(row["rejected"], where, "rejected")
+    rejected, rejected_context = _response_text(row["rejected"], where, "rejected")
     if _has(row, "prompt"):
         prompt = _side(row["prompt"], where, "prompt", "user")
     elif chosen_context:
-        # Anthropic-HH style: the conversation so far is repeated inside chosen/rejected.
+        # The implicit-prompt form: both sides are whole conversations; the shared turns are the prompt.
+        if rejected_context and rejected_context != chosen_context:
+            raise DataError(
+                f'{where}: field "rejected" does not share the conversation before its last reply with '
+                f'"chosen" (the implicit prompt); give a "prompt" field or make both sides share it'
+            )
         prompt = chosen_context
     else:
         raise DataError(
             f'{where}: field "prompt" is missing and "chosen" holds no earlier turns to use as the prompt'
         )
+    if chosen.strip() == rejected.strip():
+        raise DataError(f'{where}: field "rejected" is the same text as "chosen"; a pair needs two answers')
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 

@@ -4,6 +4,8 @@ SFT: per example, the NLL of the held-out completion tokens (the tokens `train_o
 the way the cookbook's `SamplerNLLEvaluator` does (`compute_logprobs` on the full sequence); the aggregate is
 the token-weighted mean, the cookbook's `compute_mean_nll`.
 RL: per problem, one sampled answer with the training prompt, extracted and graded the same way as the reward.
+Preference (DPO): per held-out pair, the length-normalised log-prob (mean over completion tokens) of the chosen
+and of the rejected completion; the pair is right when chosen > rejected; the aggregate is that accuracy.
 A failed example is recorded with its error and does not stop the evaluation.
 """
 
@@ -21,7 +23,7 @@ from tqdm.asyncio import tqdm_asyncio
 
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.grading import extract_answer, grade
-from posttrain.pipeline.results import RLExample, SFTExample
+from posttrain.pipeline.results import PreferenceExample, RLExample, SFTExample
 from posttrain.pipeline.rl_envs import prompt_messages
 from posttrain.util import short_error
 
@@ -35,7 +37,7 @@ class SamplingSettings:
     seed: int
 
 
-async def _bounded(
+async def bounded_gather(
     items: Sequence[Any], work: Callable[[int, Any], Awaitable[T]], concurrency: int, desc: str
 ) -> list[T]:
     semaphore = asyncio.Semaphore(concurrency)
@@ -86,7 +88,7 @@ async def evaluate_nll(
             record.error = short_error(exc)
             return record, 0.0, 0.0
 
-    scored = await _bounded(list(datums), one, concurrency, desc)
+    scored = await bounded_gather(list(datums), one, concurrency, desc)
     total = sum(s[1] for s in scored)
     tokens = sum(s[2] for s in scored)
     return [s[0] for s in scored], (total / tokens if tokens else float("nan"))
@@ -138,6 +140,50 @@ async def evaluate_accuracy(
             record.error = short_error(exc)
         return record
 
-    records = await _bounded(list(problems), one, concurrency, desc)
+    records = await bounded_gather(list(problems), one, concurrency, desc)
     accuracy = sum(1 for r in records if r.correct) / len(records) if records else float("nan")
     return records, accuracy
+
+
+async def _mean_completion_logprob(client: tinker.SamplingClient, datum: tinker.Datum) -> float:
+    lp = await _completion_logprobs(client, datum)
+    weights = datum.loss_fn_inputs["weights"].to_numpy().astype(np.float64)
+    if weights.sum() <= 0:
+        raise ValueError("no completion tokens to score (all weights are zero; is max_length too short?)")
+    return float((lp * weights).sum() / weights.sum())
+
+
+async def evaluate_preference(
+    client: tinker.SamplingClient,
+    pairs: Sequence[tuple[tinker.Datum, tinker.Datum]],
+    rows: Sequence[dict],
+    concurrency: int,
+    desc: str,
+) -> tuple[list[PreferenceExample], float, float]:
+    """Return (per-pair rows, preference accuracy, mean margin), over the pairs scored without error.
+
+    Length-normalised so that a longer rejected answer is not "dispreferred" merely for having more tokens
+    (DPO itself trains on summed log-probs; the evaluation asks which answer the model finds more likely per
+    token)."""
+
+    async def one(i: int, pair: tuple[tinker.Datum, tinker.Datum]) -> PreferenceExample:
+        row = rows[i]
+        prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in row["prompt"])
+        record = PreferenceExample(i, prompt, row["chosen"], row["rejected"], None, None, None, None)
+        try:
+            chosen, rejected = await asyncio.gather(
+                _mean_completion_logprob(client, pair[0]), _mean_completion_logprob(client, pair[1])
+            )
+            record.chosen_logprob, record.rejected_logprob = chosen, rejected
+            record.margin = chosen - rejected
+            record.correct = record.margin > 0
+        except Exception as exc:  # noqa: BLE001 - one bad example must not stop the evaluation
+            record.error = short_error(exc)
+        return record
+
+    records = await bounded_gather(list(pairs), one, concurrency, desc)
+    scored = [r for r in records if r.error is None and r.margin is not None]
+    if not scored:
+        return records, float("nan"), float("nan")
+    accuracy = sum(1 for r in scored if r.correct) / len(scored)
+    return records, accuracy, sum(r.margin for r in scored if r.margin is not None) / len(scored)

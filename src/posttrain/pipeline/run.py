@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.config import TrainConfig, config_to_dict
+from posttrain.config import TrainConfig, check_method_settings, config_to_dict
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline import backend, plan, preflight, results, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
-from posttrain.pipeline.methods import METHODS, Method, RunContext
+from posttrain.pipeline.methods import METHODS, Method, RunContext, method_class
 from posttrain.util import read_jsonl, redact, write_jsonl
 
 if TYPE_CHECKING:
@@ -85,7 +85,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # Data preparation, then choosing the recipe; the method checks that the two fit.
     data = _load_data(cfg)
     task = choose_task(cfg, data)
-    method = METHODS[task](cfg, data)
+    if cfg.task == "auto":
+        say(f"task: {task} ({_why(cfg, data, task)})")
+    method = method_class(task)(cfg, data)
     if url := backend.remote_url(cfg, where):
         preflight.check_reachable(url)
     elif where == "local":
@@ -133,9 +135,11 @@ async def _plan(state: RunState, method: Method) -> dict[str, Any]:
 
     cfg = state.cfg
     started = time.monotonic()
-    async with backend.service_url(cfg, state.backend, state.log_path, say) as url:
+    extra_models = list(method.extra_models)
+    async with backend.service_url(cfg, state.backend, state.log_path, say, extra_models) as url:
         service = tinker.ServiceClient(base_url=url)
-        await backend.check_served_model(service, url, cfg.model_name, state.backend)
+        for name in (cfg.model_name, *extra_models):
+            await backend.check_served_model(service, url, name, state.backend)
         ctx = _context(state, service, url)
         method.prepare(ctx)
         budget = method.token_budget()
@@ -216,18 +220,39 @@ def _load_data(cfg: TrainConfig) -> LoadedData | None:
 
 
 def choose_task(cfg: TrainConfig, data: LoadedData | None) -> str:
-    """task=auto: RL for an `env=`, else the first method that trains on the data's format."""
+    """task=auto: a teacher means distillation, a system prompt prompt distillation, `env=` RL; else the first
+    method that trains on the data's format. The method's own settings are then checked against the choice."""
     if cfg.task != "auto":
         return cfg.task
+    task = _auto_task(cfg, data)
+    check_method_settings(cfg, task)
+    return task
+
+
+def _auto_task(cfg: TrainConfig, data: LoadedData | None) -> str:
+    if cfg.teacher_model is not None or cfg.distillation_mode is not None:
+        return "distillation"
+    if cfg.system_prompt is not None:
+        return "prompt_distillation"
     if cfg.env or data is None:
         return "rl" if cfg.env else "sft"
-    for name, method in METHODS.items():
-        if data.format in method.data_formats:
+    for name, entry in METHODS.items():
+        if data.format in entry.formats:
             return name
     raise ConfigError(
         f"{data.source}: no training method in posttrain takes {data.format} data yet "
         f"(task= can be {', '.join(METHODS)})"
     )
+
+
+def _why(cfg: TrainConfig, data: LoadedData | None, task: str) -> str:
+    if task == "distillation":
+        return "teacher_model is set"
+    if task == "prompt_distillation":
+        return "system_prompt is set"
+    if cfg.env:
+        return f"env={cfg.env}"
+    return f"{data.format} data" if data is not None else "no dataset: the default data"
 
 
 def make_run_name(cfg: TrainConfig, task: str) -> str:
@@ -256,9 +281,12 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
     import tinker
 
     cfg = state.cfg
-    async with backend.service_url(cfg, state.backend, state.log_path, say) as url:
+    # A method may need more models served than the one it trains (e.g. a distillation teacher).
+    extra_models = list(method.extra_models)
+    async with backend.service_url(cfg, state.backend, state.log_path, say, extra_models) as url:
         service = tinker.ServiceClient(base_url=url)
-        await backend.check_served_model(service, url, cfg.model_name, state.backend)
+        for name in (cfg.model_name, *extra_models):
+            await backend.check_served_model(service, url, name, state.backend)
         ctx = _context(state, service, url)
         method.prepare(ctx)
         state.budget = method.token_budget()
@@ -285,7 +313,15 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         say(f"trained model: {method.score_text(state.trained)}")
     dataset, sizes, extra = method.describe()
     return results.Outcome(
-        method.metric, base_rows, trained_rows, state.baseline, state.trained, dataset, sizes, extra
+        method.metric,
+        base_rows,
+        trained_rows,
+        state.baseline,
+        state.trained,
+        dataset,
+        sizes,
+        extra,
+        score_label=method.score_label,
     )
 
 

@@ -1,15 +1,38 @@
-"""The training methods, by the name `task=` uses. A new method is one module here and one line in METHODS
-(and its name in config.TaskName)."""
+"""The training methods, by the name `task=` uses. A new method is one module here, one line in METHODS (and
+its name in config.TaskName).
+
+Modules are imported when their method is used: several load the cookbook's loops and torch (seconds), and the
+checks before a run must answer fast.
+"""
 
 from __future__ import annotations
 
-from posttrain.pipeline.methods.base import Method, MethodFactory, RunContext
-from posttrain.pipeline.methods.rl import RL
-from posttrain.pipeline.methods.sft import SFT
+import importlib
+from dataclasses import dataclass
 
-METHODS: dict[str, MethodFactory] = {
-    "sft": SFT,
-    "rl": RL,
+from posttrain.pipeline.data_formats import CHAT_FORMATS
+from posttrain.pipeline.methods.base import Method, MethodFactory, RunContext
+
+
+@dataclass(frozen=True)
+class Registered:
+    path: str  # "module:Class"
+    # Data formats task=auto picks this method for (none: chosen by its own settings, e.g. teacher_model).
+    formats: frozenset[str] = frozenset()
+
+
+METHODS: dict[str, Registered] = {
+    "sft": Registered("posttrain.pipeline.methods.sft:SFT", CHAT_FORMATS),
+    "rl": Registered("posttrain.pipeline.methods.rl:RL", frozenset({"question_answer"})),
+    "dpo": Registered("posttrain.pipeline.methods.dpo:DPO", frozenset({"preference"})),
+    "distillation": Registered("posttrain.pipeline.methods.distillation:Distillation"),
+    "prompt_distillation": Registered("posttrain.pipeline.methods.prompt_distillation:PromptDistillation"),
 }
 
-__all__ = ["METHODS", "Method", "MethodFactory", "RunContext"]
+
+def method_class(name: str) -> MethodFactory:
+    module, _, cls = METHODS[name].path.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHODS", "Method", "MethodFactory", "Registered", "RunContext", "method_class"]

@@ -8,7 +8,7 @@ verification are the same for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -72,8 +72,10 @@ class Method(Protocol):
     name: ClassVar[str]
     # How the evaluation scores: "nll" (lower is better) or "score" (an accuracy, higher is better).
     metric: ClassVar[MetricKind]
-    # Data formats `task=auto` picks this method for (see data_formats.FormatName).
-    data_formats: ClassVar[frozenset[str]]
+    # What the aggregate "score" is called in the report ("accuracy", "preference accuracy"; "NLL" for nll).
+    score_label: ClassVar[str]
+    # Models the backend must serve besides the one trained (a distillation teacher).
+    extra_models: Sequence[str]
 
     def prepare(self, ctx: RunContext) -> None:
         """Keep `ctx`; write the data as trained on under ctx.data_dir and build the held-out set; say what was chosen."""

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 class RL:
     name: ClassVar[str] = "rl"
     metric: ClassVar = "score"
-    data_formats: ClassVar[frozenset[str]] = frozenset({"question_answer"})
+    score_label: ClassVar[str] = "accuracy"
+    extra_models: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainConfig, data: LoadedData | None):
         self.problems = load_problems(cfg, data)

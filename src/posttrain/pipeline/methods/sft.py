@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 class SFT:
     name: ClassVar[str] = "sft"
     metric: ClassVar = "nll"
-    data_formats: ClassVar[frozenset[str]] = CHAT_FORMATS
+    score_label: ClassVar[str] = "NLL"
+    extra_models: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainConfig, data: LoadedData | None):
         if data is None or data.format not in CHAT_FORMATS:

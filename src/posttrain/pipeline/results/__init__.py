@@ -3,10 +3,13 @@ human report (`report`). The names a run needs are re-exported here."""
 
 from posttrain.pipeline.results.report import write_report
 from posttrain.pipeline.results.rows import (
+    PREFERENCE_KEYS,
     RL_KEYS,
     SFT_KEYS,
     MetricKind,
+    PreferenceExample,
     RLExample,
+    RowSchema,
     SFTExample,
     summary_kind,
     validate_rows,
@@ -25,14 +28,17 @@ from posttrain.pipeline.results.summary import (
 
 __all__ = [
     "BASE_FILE",
+    "PREFERENCE_KEYS",
     "RL_KEYS",
     "SFT_KEYS",
     "SUMMARY_FILE",
     "TRAINED_FILE",
     "MetricKind",
     "Outcome",
+    "PreferenceExample",
     "RLExample",
     "ResultsDir",
+    "RowSchema",
     "RunFacts",
     "SFTExample",
     "build_summary",

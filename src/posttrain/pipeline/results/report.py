@@ -217,8 +217,9 @@ def write_report(
     if rl:
         b, t = summary["baseline_score"], summary["trained_score"]
         rel_text = f"{rel * 100:+.1f}% relative" if rel is not None else "n/a relative"
+        label = str(summary.get("score_label") or "accuracy").capitalize()
         lines.append(
-            f"| Accuracy | {b * 100:.1f}% | {t * 100:.1f}% | {(t - b) * 100:+.1f} points ({rel_text}) |"
+            f"| {label} | {b * 100:.1f}% | {t * 100:.1f}% | {(t - b) * 100:+.1f} points ({rel_text}) |"
         )
     else:
         b, t = summary["baseline_nll"], summary["trained_nll"]
@@ -238,7 +239,14 @@ def write_report(
         if not entries:
             continue
         lines += [f"### {title}", ""]
-        if rl:
+        if rl and "base_margin" in entries[0]:
+            lines += ["| index | prompt | base margin | trained margin |", "|---|---|---|---|"]
+            for e in entries:
+                lines.append(
+                    f"| {e['index']} | {_md(e.get('prompt', ''))} | {_fmt(e.get('base_margin'))} | "
+                    f"{_fmt(e.get('trained_margin'))} |"
+                )
+        elif rl:
             lines += [
                 "| index | question | ground truth | base answer | trained answer |",
                 "|---|---|---|---|---|",

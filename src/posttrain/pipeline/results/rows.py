@@ -4,6 +4,12 @@ Rows (one per evaluated example, `index` = position in the evaluation set, the s
 
 - RL  (`RLExample`):  {"index", "question", "ground_truth", "completion", "extracted_answer", "correct"}
 - SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}
+- preference (`PreferenceExample`, DPO): {"index", "prompt", "chosen", "rejected", "chosen_logprob",
+  "rejected_logprob", "margin", "correct"}: the length-normalised log-probs (mean per completion token) of the
+  chosen and the rejected completion, margin = chosen - rejected, correct = margin > 0.
+
+Which schema rows follow is named by `validate_rows(..., schema=)` ("rl", "sft", "preference"); without one, the metric
+kind decides ("score": rl, "nll": sft). Distillation rows use the SFT schema (NLL of the teacher's completion).
 
 exactly those keys, plus an optional `"error"` (a string) present ONLY on an example whose evaluation failed;
 on such a row `nll` / `correct` may be null (and `completion` / `extracted_answer` empty). Failed examples are
@@ -23,6 +29,22 @@ from typing import Any, Literal
 MetricKind = Literal["score", "nll"]
 RL_KEYS = ("index", "question", "ground_truth", "completion", "extracted_answer", "correct")
 SFT_KEYS = ("index", "prompt", "completion", "nll")
+PREFERENCE_KEYS = (
+    "index", "prompt", "chosen", "rejected", "chosen_logprob", "rejected_logprob", "margin", "correct"
+)  # fmt: skip
+RowSchema = Literal["rl", "sft", "preference"]
+ROW_KEYS: dict[str, tuple[str, ...]] = {"rl": RL_KEYS, "sft": SFT_KEYS, "preference": PREFERENCE_KEYS}
+# The text fields of each schema (must be strings) and its per-example metric.
+_TEXT_KEYS = {
+    "rl": ("question", "ground_truth", "completion"),
+    "sft": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+
+
+def default_schema(kind: MetricKind) -> RowSchema:
+    return "rl" if kind == "score" else "sft"
+
 
 # ------------------------------------------------------------------------------------------------- rows
 
@@ -53,6 +75,22 @@ class SFTExample:
         return _row_dict(self)
 
 
+@dataclass
+class PreferenceExample:
+    index: int
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_logprob: float | None
+    rejected_logprob: float | None
+    margin: float | None
+    correct: bool | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _row_dict(self)
+
+
 def _row_dict(row: Any) -> dict[str, Any]:
     d = dataclasses.asdict(row)
     if d.get("error") is None:
@@ -73,9 +111,11 @@ def summary_kind(summary: Mapping[str, Any]) -> MetricKind:
     return "score" if "baseline_score" in summary else "nll"
 
 
-def validate_rows(rows: Iterable[Any], kind: MetricKind) -> None:
-    """Raise ValueError (naming the row and key) unless every row follows the JSONL schema for `kind`."""
-    keys = RL_KEYS if kind == "score" else SFT_KEYS
+def validate_rows(rows: Iterable[Any], kind: MetricKind, schema: RowSchema | None = None) -> None:
+    """Raise ValueError (naming the row and key) unless every row follows the JSONL schema (default: the
+    kind's, see the module docstring)."""
+    schema = schema or default_schema(kind)
+    keys = ROW_KEYS[schema]
     seen: set[int] = set()
     for n, row in enumerate(rows):
         d = as_dict(row)
@@ -92,20 +132,21 @@ def validate_rows(rows: Iterable[Any], kind: MetricKind) -> None:
         failed = d.get("error") is not None
         if "error" in d and not isinstance(d["error"], str):
             raise ValueError(f"row {n}: error must be a string when present")
-        if keys is RL_KEYS:
-            for k in ("question", "ground_truth", "completion"):
-                if not isinstance(d[k], str):
-                    raise ValueError(f"row {n}: {k} must be a string, got {type(d[k]).__name__}")
+        for k in _TEXT_KEYS[schema]:
+            if not isinstance(d[k], str):
+                raise ValueError(f"row {n}: {k} must be a string, got {type(d[k]).__name__}")
+        if schema in ("rl", "preference"):
             if not (isinstance(d["correct"], bool) or (failed and d["correct"] is None)):
                 raise ValueError(f"row {n}: correct must be true/false (null only with an error)")
-        else:
-            for k in ("prompt", "completion"):
-                if not isinstance(d[k], str):
-                    raise ValueError(f"row {n}: {k} must be a string, got {type(d[k]).__name__}")
+        if schema == "preference":
+            for k in ("chosen_logprob", "rejected_logprob", "margin"):
+                if not (is_number(d[k]) or (failed and d[k] is None)):
+                    raise ValueError(
+                        f"row {n}: {k} must be a finite number (null only with an error), got {d[k]!r}"
+                    )
+        if schema == "sft":
             nll = d["nll"]
-            ok = (
-                isinstance(nll, int | float) and not isinstance(nll, bool) and math.isfinite(nll) and nll >= 0
-            )
+            ok = is_number(nll) and nll >= 0
             if not (ok or (failed and nll is None)):
                 raise ValueError(
                     f"row {n}: nll must be a finite number >= 0 (null only with an error), got {nll!r}"

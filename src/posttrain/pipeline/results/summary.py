@@ -88,6 +88,8 @@ class Outcome:
     dataset: Mapping[str, Any]
     sizes: Mapping[str, int]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # What the score measures, for the headline and report ("accuracy", "preference accuracy", ...).
+    score_label: str = "accuracy"
 
 
 def compute_improvement(kind: MetricKind, baseline: float, trained: float) -> dict[str, Any]:
@@ -127,7 +129,8 @@ def headline(summary: Mapping[str, Any]) -> str:
     """'Base NLL: 2.80 → Trained NLL: 1.90 (32.1% reduction)' / 'Base accuracy: 42.0% → Trained: 67.0% (+25.0 points)'."""
     if summary_kind(summary) == "score":
         b, t = summary["baseline_score"], summary["trained_score"]
-        return f"Base accuracy: {b * 100:.1f}% → Trained: {t * 100:.1f}% ({(t - b) * 100:+.1f} points)"
+        label = summary.get("score_label") or "accuracy"
+        return f"Base {label}: {b * 100:.1f}% → Trained: {t * 100:.1f}% ({(t - b) * 100:+.1f} points)"
     b, t = summary["baseline_nll"], summary["trained_nll"]
     imp = compute_improvement("nll", b, t)
     return f"Base NLL: {b:.2f} → Trained NLL: {t:.2f} ({imp['description']})"
@@ -152,7 +155,9 @@ def build_summary(
         "wandb_url": facts.wandb_url,
     }
     if outcome.kind == "score":
-        summary.update(baseline_score=outcome.baseline, trained_score=outcome.trained)
+        summary.update(
+            baseline_score=outcome.baseline, trained_score=outcome.trained, score_label=outcome.score_label
+        )
     else:
         summary.update(baseline_nll=outcome.baseline, trained_nll=outcome.trained)
     summary.update(
@@ -273,6 +278,17 @@ def compare_examples(
                 "delta": delta,
             }
             (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
+        elif "margin" in b:  # preference rows: the margin moves even when `correct` does not flip
+            entry = {
+                "index": i,
+                "prompt": _snippet(b.get("prompt")),
+                "base_margin": b.get("margin"),
+                "trained_margin": t.get("margin"),
+                "base": bool(bv),
+                "trained": bool(tv),
+                "delta": tv - bv,
+            }
+            (improved if tv > bv else regressed if tv < bv else unchanged).append(entry)
         else:
             entry = {
                 "index": i,

@@ -1,0 +1,496 @@
+"""Distillation from a teacher model (`teacher_model=`: a served model or a tinker:// checkpoint).
+
+- off_policy: the teacher answers every prompt (concurrently); the traces are kept under the run's log folder
+  (data/teacher_train.jsonl, data/teacher_eval.jsonl) and the student is trained on them with the cookbook's
+  supervised loop.
+- on_policy: the cookbook's `distillation.train_on_policy`: the student samples, the teacher scores the
+  student's tokens, and the per-token reverse KL is the (negative) advantage.
+
+Evaluation (both modes): the NLL of the teacher's completions of the held-out prompts under the student (SFT
+rows). on_policy also measures the reverse KL to the teacher on the held-out prompts (summary.json).
+
+Teacher and student must render and tokenize alike: the teacher scores the student's token ids, and a
+different tokenizer or chat format silently turns that into noise (tinker-cookbook #796). It is checked
+before anything is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import chz
+import numpy as np
+import tinker
+from tinker_cookbook import renderers
+from tinker_cookbook.distillation import train_on_policy
+from tinker_cookbook.distillation.datasets import (
+    DistillationDatasetConfig,
+    PromptOnlyEnv,
+    TeacherConfig,
+)
+from tinker_cookbook.renderers import TrainOnWhat
+from tinker_cookbook.rl.problem_env import ProblemGroupBuilder
+from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder
+from tinker_cookbook.supervised import train as sl_train
+from tinker_cookbook.supervised.data import conversation_to_datum
+from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+from posttrain.config import TrainConfig
+from posttrain.errors import ConfigError, DataError
+from posttrain.pipeline import preflight
+from posttrain.pipeline.chat_data import ConversationFilesBuilder
+from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.data_formats import CHAT_FORMATS
+from posttrain.pipeline.evaluation import bounded_gather, evaluate_nll
+from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.plan import TokenBudget
+from posttrain.pipeline.problems import load_problems
+from posttrain.pipeline.rl_envs import prompt_messages
+from posttrain.util import read_jsonl, short_error, write_jsonl
+
+Messages = list[dict[str, str]]
+# Strings whose encodings must agree between teacher and student tokenizers (words, digits, code, unicode).
+TOKENIZER_PROBES = (
+    "Hello, world!",
+    "What is 12 + 30? #### 42",
+    "def f(x):\n\treturn x**2",
+    "naïve café 東京 🙂",
+)
+# The on-policy reverse-KL advantage weight (the cookbook recipe's default).
+ON_POLICY_KL_COEF = 1.0
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompts:
+    train: list[Messages]
+    eval: list[Messages]
+    source: dict[str, Any]
+
+
+def prompt_of(row: dict, fmt: str) -> Messages:
+    """The conversation a teacher answers: a row's messages before its final answer (the answer is dropped)."""
+    if fmt in CHAT_FORMATS:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return messages[:last]
+    if fmt == "preference":
+        return row["prompt"]
+    return [{"role": "user", "content": row["question"]}]
+
+
+def load_prompts(cfg: TrainConfig, data: LoadedData | None, task: str) -> Prompts:
+    """Prompts from any dataset (its reference answers are ignored) or from an RL environment (env=)."""
+    if data is None:  # env= given: the environment's problems, with the RL prompt
+        problems = load_problems(cfg, None)
+        return Prompts(
+            [prompt_messages(p) for p in problems.train],
+            [prompt_messages(p) for p in problems.eval],
+            {**problems.info, "env": cfg.env},
+        )
+    train = [prompt_of(r, data.format) for r in data.train]
+    held_out = [prompt_of(r, data.format) for r in data.eval]
+    if not train or not held_out or not all(train + held_out):
+        raise DataError(
+            f"{data.source}: task={task} needs prompts to train on and held-out prompts to evaluate"
+        )
+    return Prompts(
+        train, held_out, {"source": data.source, "format": data.format, "eval_source": data.eval_source}
+    )
+
+
+def prompt_text(messages: Messages) -> str:
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+# --- teacher ---------------------------------------------------------------------------------------
+
+
+def check_same_tokenizer(student: str, teacher: str, student_renderer: str, teacher_renderer: str) -> None:
+    """One-line ConfigError unless the teacher renders and tokenizes like the student (tinker-cookbook #796)."""
+    if student_renderer != teacher_renderer:
+        raise ConfigError(
+            f"teacher_model {teacher} uses the {teacher_renderer} chat format but the student {student} uses "
+            f"{student_renderer}; distillation needs the same renderer and tokenizer (tinker-cookbook #796)"
+        )
+    s_tok, t_tok = get_tokenizer(student), get_tokenizer(teacher)
+    same = len(s_tok) == len(t_tok) and all(s_tok.encode(p) == t_tok.encode(p) for p in TOKENIZER_PROBES)
+    if not same:
+        raise ConfigError(
+            f"teacher_model {teacher} has a different tokenizer from the student {student} (vocabulary "
+            f"{len(t_tok)} vs {len(s_tok)} tokens, or other token ids); distillation needs the same renderer "
+            "and tokenizer (tinker-cookbook #796)"
+        )
+
+
+@dataclass(frozen=True)
+class Teacher:
+    base_model: str
+    checkpoint: str | None  # a tinker:// sampler path, or None for the base model itself
+    system_prompt: str | None = None  # prompt distillation: the teacher sees it, the student does not
+
+    def messages(self, prompt: Messages) -> Messages:
+        if self.system_prompt is None:
+            return prompt
+        return [
+            {"role": "system", "content": self.system_prompt},
+            *(m for m in prompt if m["role"] != "system"),
+        ]
+
+
+async def resolve_teacher(ctx: RunContext, teacher_model: str) -> Teacher:
+    """The teacher's base model and checkpoint; a tinker:// path is looked up on the service, and its
+    renderer (from the run's metadata) and tokenizer checked against the student's."""
+    if not teacher_model.startswith("tinker://"):
+        return Teacher(teacher_model, None)
+    rest = ctx.service.create_rest_client()
+    try:
+        run = await rest.get_training_run_by_tinker_path_async(teacher_model)
+    except Exception as exc:  # noqa: BLE001 - unknown path, malformed path, service error: one line
+        raise ConfigError(
+            f"teacher_model {teacher_model}: cannot find this checkpoint ({short_error(exc)})"
+        ) from None
+    renderer = (run.user_metadata or {}).get("renderer_name") or preflight.resolve_renderer(
+        run.base_model, None
+    )[0]
+    check_same_tokenizer(ctx.cfg.model_name, run.base_model, ctx.renderer_name, renderer)
+    return Teacher(run.base_model, teacher_model)
+
+
+async def teacher_client(ctx: RunContext, teacher: Teacher) -> tinker.SamplingClient:
+    try:
+        return await ctx.service.create_sampling_client_async(
+            base_model=teacher.base_model, model_path=teacher.checkpoint
+        )
+    except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint of a model this engine does not serve
+        raise ConfigError(f"teacher {teacher.checkpoint or teacher.base_model}: {short_error(exc)}") from None
+
+
+async def sample_completions(
+    client: tinker.SamplingClient,
+    renderer: renderers.Renderer,
+    prompts: Sequence[Messages],
+    cfg: TrainConfig,
+    seed: int,
+    desc: str,
+    temperature: float | None = None,
+) -> list[str]:
+    """One completion per prompt (concurrent, progress bar), at `temperature` (None: cfg.temperature); ""
+    where sampling failed."""
+    stop = renderer.get_stop_sequences()
+    temperature = cfg.temperature if temperature is None else temperature
+
+    async def one(i: int, prompt: Messages) -> str:
+        params = tinker.SamplingParams(
+            max_tokens=cfg.max_tokens, temperature=temperature, stop=stop, seed=seed + i
+        )
+        try:
+            out = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
+        except Exception:  # noqa: BLE001 - a failed prompt is dropped from the traces, not the run
+            return ""
+        return renderers.get_text_content(renderer.parse_response(out.sequences[0].tokens)[0]).strip()
+
+    return await bounded_gather(list(prompts), one, cfg.eval_concurrency, desc)
+
+
+def traces(prompts: Sequence[Messages], completions: Sequence[str]) -> list[dict]:
+    """Conversations {"messages": prompt + teacher answer}, leaving out prompts the teacher left unanswered."""
+    return [
+        {"messages": [*p, {"role": "assistant", "content": c}]}
+        for p, c in zip(prompts, completions, strict=True)
+        if c
+    ]
+
+
+async def reverse_kl(
+    student: tinker.SamplingClient,
+    teacher: tinker.SamplingClient,
+    renderer: renderers.Renderer,
+    prompts: Sequence[Messages],
+    cfg: TrainConfig,
+    desc: str,
+) -> float:
+    """KL(student || teacher) per token on held-out prompts, estimated on the student's own samples
+    (log p_student - log p_teacher at each sampled token), token-weighted over all prompts."""
+
+    async def one(i: int, prompt: Messages) -> tuple[float, int]:
+        model_input = renderer.build_generation_prompt(prompt)
+        params = tinker.SamplingParams(
+            max_tokens=cfg.max_tokens, temperature=1.0, stop=renderer.get_stop_sequences(), seed=cfg.seed + i
+        )
+        try:
+            seq = (await student.sample_async(model_input, 1, params)).sequences[0]
+            if not seq.tokens or seq.logprobs is None:
+                return 0.0, 0
+            full = model_input
+            for token in seq.tokens:
+                full = full.append_int(token)
+            teacher_lp = (await teacher.compute_logprobs_async(full))[-len(seq.tokens) :]
+            diff = np.array(seq.logprobs, dtype=np.float64) - np.array(teacher_lp, dtype=np.float64)
+            return float(diff.sum()), len(seq.tokens)
+        except Exception:  # noqa: BLE001 - a failed prompt is left out of the estimate
+            return 0.0, 0
+
+    parts = await bounded_gather(list(prompts), one, cfg.eval_concurrency, f"{desc}: reverse KL")
+    tokens = sum(n for _, n in parts)
+    return sum(s for s, _ in parts) / tokens if tokens else float("nan")
+
+
+# --- on-policy data ----------------------------------------------------------------------------------
+
+
+class PromptListDataset(RLDataset):
+    """The cookbook's reward-free `PromptOnlyEnv` over our prompts (earlier turns become its conversation
+    prefix), `groups_per_batch` prompts per step."""
+
+    def __init__(
+        self, prompts: list[Messages], renderer: renderers.Renderer, groups_per_batch: int, group_size: int
+    ):
+        self.prompts, self.renderer = prompts, renderer
+        self.groups_per_batch, self.group_size = groups_per_batch, group_size
+
+    def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
+        batch = self.prompts[index * self.groups_per_batch : (index + 1) * self.groups_per_batch]
+        return [
+            ProblemGroupBuilder(
+                env_thunk=partial(
+                    PromptOnlyEnv, p[-1]["content"], self.renderer, convo_prefix=p[:-1] or None
+                ),
+                num_envs=self.group_size,
+                dataset_name="prompts",
+            )
+            for p in batch
+        ]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.prompts) / self.groups_per_batch)
+
+
+@chz.chz
+class PromptFileBuilder(RLDatasetBuilder):
+    prompts_file: str
+    model_name_for_tokenizer: str
+    renderer_name: str
+    groups_per_batch: int
+    group_size: int
+    n_batches: int
+    seed: int = 0
+
+    async def __call__(self) -> tuple[PromptListDataset, None]:
+        import random
+
+        prompts = [r["prompt"] for r in read_jsonl(self.prompts_file)]
+        rng = random.Random(self.seed)
+        # Enough prompts for n_batches steps, cycling (reshuffled) through the file as needed.
+        ordered: list[Messages] = []
+        while len(ordered) < self.n_batches * self.groups_per_batch:
+            ordered += rng.sample(prompts, len(prompts))
+        renderer = renderers.get_renderer(self.renderer_name, get_tokenizer(self.model_name_for_tokenizer))
+        return PromptListDataset(ordered, renderer, self.groups_per_batch, self.group_size), None
+
+
+# --- the method ----------------------------------------------------------------------------------------
+
+
+class Distillation:
+    name: ClassVar[str] = "distillation"
+    metric: ClassVar = "nll"
+    score_label: ClassVar[str] = "NLL of the teacher's completions"
+
+    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
+        assert cfg.teacher_model is not None  # config.check_method_settings guarantees it
+        self.mode = cfg.distillation_mode or "off_policy"
+        self.teacher_model = cfg.teacher_model
+        self.prompts = load_prompts(cfg, data, self.name)
+        named = not cfg.teacher_model.startswith("tinker://")
+        # A named teacher must be served next to the student; a checkpoint's base model is looked up later.
+        self.extra_models = [cfg.teacher_model] if named and cfg.teacher_model != cfg.model_name else []
+        if named:
+            student_renderer, _ = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)
+            # An explicit renderer_name is the chat format of both; otherwise each model's recommended one.
+            teacher_renderer = cfg.renderer_name or preflight.resolve_renderer(cfg.teacher_model, None)[0]
+            check_same_tokenizer(cfg.model_name, cfg.teacher_model, student_renderer, teacher_renderer)
+        self.kl: dict[str, float] = {}
+        self.n_traces: dict[str, int] = {}
+
+    def prepare(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.cfg
+        ctx.say(f"distillation: {self.mode}, teacher {self.teacher_model}")
+        if self.mode == "on_policy":
+            self.total_steps = (
+                cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
+            )
+        else:  # the supervised loop over the traces (a prompt the teacher leaves unanswered drops out)
+            steps = len(self.prompts.train) // cfg.batch_size * cfg.num_epochs
+            self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        self.eval_rows: list[dict] | None = None
+        self.eval_datums: list[tinker.Datum] = []
+
+    async def teacher(self) -> tuple[Teacher, tinker.SamplingClient]:
+        if not hasattr(self, "_teacher"):
+            spec = await resolve_teacher(self.ctx, self.teacher_model)
+            self._teacher = spec, await teacher_client(self.ctx, spec)
+        return self._teacher
+
+    async def _teacher_traces(self, prompts: list[Messages], file: str, seed: int, desc: str) -> list[dict]:
+        spec, client = await self.teacher()
+        completions = await sample_completions(
+            client, self.ctx.renderer, [spec.messages(p) for p in prompts], self.ctx.cfg, seed, desc
+        )
+        rows = traces(prompts, completions)
+        if not rows:
+            raise DataError(
+                f"the teacher {self.teacher_model} answered none of the {len(prompts)} prompts ({desc})"
+            )
+        write_jsonl(self.ctx.data_dir / file, rows)
+        self.n_traces[file] = len(rows)
+        return rows
+
+    async def _held_out(self) -> None:
+        # Sampled on first use, i.e. before the base model is evaluated and before anything is trained.
+        if self.eval_rows is None:
+            seed = self.ctx.cfg.seed + 1_000_003  # other samples than the training traces
+            self.eval_rows = await self._teacher_traces(
+                self.prompts.eval, "teacher_eval.jsonl", seed, "teacher: held-out"
+            )
+            cfg = self.ctx.cfg
+            self.eval_datums = [
+                conversation_to_datum(
+                    r["messages"], self.ctx.renderer, cfg.max_length, TrainOnWhat.LAST_ASSISTANT_MESSAGE
+                )
+                for r in self.eval_rows
+            ]
+
+    async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        await self._held_out()
+        assert self.eval_rows is not None
+        rows, nll = await evaluate_nll(
+            client, self.eval_datums, self.eval_rows, self.ctx.cfg.eval_concurrency, label
+        )
+        if self.mode == "on_policy":
+            _, teacher = await self.teacher()
+            self.kl[label] = await reverse_kl(
+                client, teacher, self.ctx.renderer, self.prompts.eval, self.ctx.cfg, label
+            )
+        return rows, nll
+
+    def train(self) -> Coroutine[Any, Any, Any]:
+        return self._train_off_policy() if self.mode == "off_policy" else self._train_on_policy()
+
+    async def _train_off_policy(self) -> None:
+        cfg = self.ctx.cfg
+        await self._held_out()
+        await self._teacher_traces(
+            self.prompts.train, "teacher_train.jsonl", cfg.seed, "teacher: training prompts"
+        )
+        builder = ConversationFilesBuilder(
+            common_config=ChatDatasetBuilderCommonConfig(
+                model_name_for_tokenizer=cfg.model_name,
+                renderer_name=self.ctx.renderer_name,
+                max_length=cfg.max_length,
+                batch_size=cfg.batch_size,
+                train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+            ),
+            train_file=str(self.ctx.data_dir / "teacher_train.jsonl"),
+            eval_file=str(self.ctx.data_dir / "teacher_eval.jsonl") if cfg.eval_every > 0 else None,
+            shuffle_seed=cfg.seed,
+        )
+        config = sl_train.Config(
+            **self.ctx.loop_settings(),
+            recipe_name=f"posttrain_{self.name}_off_policy",
+            dataset_builder=builder,
+            lr_schedule=cfg.lr_schedule,
+            num_epochs=cfg.num_epochs,
+            max_steps=cfg.max_steps,
+        )
+        await sl_train.main(config)
+
+    async def _train_on_policy(self) -> None:
+        cfg = self.ctx.cfg
+        spec, _ = await self.teacher()
+        prompts_file = self.ctx.data_dir / "train_prompts.jsonl"
+        write_jsonl(prompts_file, ({"prompt": p} for p in self.prompts.train))
+        n_batches = cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
+        builder = PromptFileBuilder(
+            prompts_file=str(prompts_file),
+            model_name_for_tokenizer=cfg.model_name,
+            renderer_name=self.ctx.renderer_name,
+            groups_per_batch=cfg.batch_size,
+            group_size=cfg.group_size,
+            n_batches=n_batches,
+            seed=cfg.seed,
+        )
+        config = train_on_policy.Config(
+            **self.ctx.loop_settings(),
+            recipe_name=f"posttrain_{self.name}_on_policy",
+            dataset_configs=[
+                DistillationDatasetConfig(
+                    dataset_builder=builder,
+                    teacher_config=TeacherConfig(
+                        base_model=spec.base_model, load_checkpoint_path=spec.checkpoint
+                    ),
+                    groups_per_batch=cfg.batch_size,
+                )
+            ],
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            kl_penalty_coef=ON_POLICY_KL_COEF,
+            loss_fn=cfg.loss_fn,
+            max_steps=n_batches,
+        )
+        await train_on_policy.main(config)
+
+    def token_budget(self) -> TokenBudget:
+        cfg, renderer = self.ctx.cfg, self.ctx.renderer
+        sample = (self.prompts.train[:200] + self.prompts.eval[:200]) or [[{"role": "user", "content": ""}]]
+        prompt = sum(renderer.build_generation_prompt(p).length for p in sample) / len(sample)
+        full = prompt + cfg.max_tokens  # completions counted at max_tokens: an upper bound
+        n_eval = len(self.prompts.eval)
+        if self.mode == "on_policy":
+            rollouts = self.total_steps * cfg.batch_size * cfg.group_size
+            sampled, prefilled, trained = rollouts + n_eval, rollouts * full + n_eval * full, rollouts * full
+            per_step = cfg.batch_size * cfg.group_size
+        else:
+            sampled = len(self.prompts.train) + n_eval  # the teacher's traces
+            prefilled = sampled * prompt
+            trained = self.total_steps * cfg.batch_size * full
+            per_step = cfg.batch_size
+        return TokenBudget(
+            train=round(trained),
+            prefill=round(prefilled + 2 * n_eval * full),  # + the held-out NLL of base and trained model
+            sample=sampled * cfg.max_tokens,
+            train_steps=self.total_steps,
+            sequences_per_step=per_step,
+            mean_train_length=full,
+            notes=[f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"],
+        )
+
+    def score_text(self, value: float) -> str:
+        text = f"held-out NLL of the teacher's completions {value:.4f} on {len(self.eval_rows or [])} prompts"
+        return text
+
+    def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
+        dataset = {**self.prompts.source, "teacher_model": self.teacher_model, "distillation_mode": self.mode}
+        sizes = {
+            "train_prompts": len(self.prompts.train),
+            "eval_prompts": len(self.prompts.eval),
+            "teacher_train_traces": self.n_traces.get("teacher_train.jsonl", 0),
+            "teacher_eval_traces": self.n_traces.get("teacher_eval.jsonl", 0),
+        }
+        extra: dict[str, Any] = {"teacher_traces": str(self.ctx.data_dir)}
+        if self.kl:
+            extra.update(
+                baseline_reverse_kl=self.kl.get("base model"),
+                trained_reverse_kl=self.kl.get("trained model"),
+                reverse_kl_definition="per-token KL(student || teacher) on held-out prompts, estimated on one "
+                "student sample per prompt at temperature 1",
+            )
+        return dataset, sizes, extra

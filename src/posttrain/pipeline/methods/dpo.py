@@ -1,0 +1,160 @@
+"""Direct preference optimisation on chosen/rejected pairs, through the cookbook's `preference.train_dpo` loop.
+
+The reference model is the base model: the loop snapshots the freshly created LoRA (zero update, so exactly
+the base weights) before the first step. Evaluation: per held-out pair, the length-normalised log-prob of the
+chosen and of the rejected completion; the score is preference accuracy (chosen more likely than rejected),
+the mean margin goes into summary.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from posttrain.config import TrainConfig
+from posttrain.errors import ConfigError
+from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.plan import TokenBudget
+from posttrain.util import write_jsonl
+
+if TYPE_CHECKING:
+    import tinker
+
+DEFAULT_DPO_BETA = 0.1  # the cookbook's default
+
+
+def comparison_record(row: dict) -> dict:
+    """A normalized preference row as the cookbook's `ComparisonBuilderFromJsonl` reads it (A = chosen)."""
+    return {
+        "comparison": {
+            "prompt_conversation": row["prompt"],
+            "completion_A": [{"role": "assistant", "content": row["chosen"]}],
+            "completion_B": [{"role": "assistant", "content": row["rejected"]}],
+        },
+        "label": "A",
+    }
+
+
+class DPO:
+    name: ClassVar[str] = "dpo"
+    metric: ClassVar = "score"
+    score_label: ClassVar[str] = "preference accuracy"
+    extra_models: tuple[str, ...] = ()
+
+    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
+        if data is None or data.format != "preference":
+            found = f"{data.source} is in the {data.format} format" if data else "no dataset was given"
+            raise ConfigError(
+                "task=dpo needs preference pairs (prompt/chosen/rejected, or chosen/rejected conversations "
+                f"sharing a prompt); {found}"
+            )
+        if len(data.train) < 2 or not data.eval:
+            raise ConfigError(
+                f"task=dpo needs at least 2 training pairs and 1 held-out pair; {data.source} gave "
+                f"{len(data.train)} and {len(data.eval)}"
+            )
+        self.data = data
+        self.beta = cfg.dpo_beta if cfg.dpo_beta is not None else DEFAULT_DPO_BETA
+        self.margins: dict[str, float] = {}
+
+    def prepare(self, ctx: RunContext) -> None:
+        # The cookbook's DPO modules load torch: imported once the run is past its checks.
+        from tinker_cookbook.preference.dpo_datasets import DPODatasetBuilderFromComparisons
+        from tinker_cookbook.preference.preference_datasets import ComparisonBuilderFromJsonl
+        from tinker_cookbook.renderers import TrainOnWhat
+        from tinker_cookbook.supervised.data import conversation_to_datum
+        from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+        self.ctx = ctx
+        cfg = ctx.cfg
+        steps = len(self.data.train) // cfg.batch_size * cfg.num_epochs  # full batches of pairs per epoch
+        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        ctx.say(f"dpo: beta {self.beta:g}, reference model = the base model ({cfg.model_name})")
+        train_file = ctx.data_dir / "train_pairs.jsonl"
+        write_jsonl(train_file, (comparison_record(r) for r in self.data.train))
+        write_jsonl(ctx.data_dir / "eval_pairs.jsonl", (comparison_record(r) for r in self.data.eval))
+        self.builder = DPODatasetBuilderFromComparisons(
+            comparison_builder=ComparisonBuilderFromJsonl(train_path=str(train_file)),
+            common_config=ChatDatasetBuilderCommonConfig(
+                model_name_for_tokenizer=cfg.model_name,
+                renderer_name=ctx.renderer_name,
+                max_length=cfg.max_length,
+                batch_size=cfg.batch_size,
+            ),
+        )
+        # Scored the way the loop trains: the final assistant message's tokens, after the shared prompt.
+        self.eval_pairs = [
+            tuple(
+                conversation_to_datum(
+                    [*row["prompt"], {"role": "assistant", "content": row[side]}],
+                    ctx.renderer,
+                    cfg.max_length,
+                    TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+                )
+                for side in ("chosen", "rejected")
+            )
+            for row in self.data.eval
+        ]
+
+    async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        from posttrain.pipeline.evaluation import evaluate_preference
+
+        rows, accuracy, margin = await evaluate_preference(
+            client, self.eval_pairs, self.data.eval, self.ctx.cfg.eval_concurrency, label
+        )
+        self.margins[label] = margin
+        return rows, accuracy
+
+    def train(self) -> Coroutine[Any, Any, Any]:
+        from tinker_cookbook.preference import train_dpo
+
+        cfg = self.ctx.cfg
+        settings = self.ctx.loop_settings()
+        config = train_dpo.Config(
+            **settings,
+            recipe_name="posttrain_dpo",
+            dataset_builder=self.builder,
+            lr_schedule=cfg.lr_schedule,
+            num_epochs=cfg.num_epochs,
+            max_steps=cfg.max_steps,
+            dpo_beta=self.beta,
+        )
+        # train_dpo.main is synchronous and runs its own event loops (asyncio.run per step): a thread of its own.
+        return asyncio.to_thread(train_dpo.main, config)
+
+    def token_budget(self) -> TokenBudget:
+        cfg = self.ctx.cfg
+        pair_tokens = [sum(d.model_input.length for d in pair) for pair in self.eval_pairs]
+        mean_pair = sum(pair_tokens) / max(len(pair_tokens), 1)  # the held-out pairs stand for all of them
+        sequences = self.total_steps * cfg.batch_size
+        return TokenBudget(
+            # Each pair trains both sides, and the reference model scores both first (prefill).
+            train=round(sequences * mean_pair),
+            prefill=round(sequences * mean_pair + 2 * sum(pair_tokens)),
+            sample=0,
+            train_steps=self.total_steps,
+            sequences_per_step=2 * cfg.batch_size,
+            mean_train_length=mean_pair / 2,
+            notes=["held-out pairs scored twice (base, trained); training pairs once by the reference model"],
+        )
+
+    def score_text(self, value: float) -> str:
+        return f"preference accuracy {value:.1%} on {len(self.data.eval)} held-out pairs"
+
+    def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
+        dataset = {
+            "source": self.data.source,
+            "format": self.data.format,
+            "eval_source": self.data.eval_source,
+        }
+        sizes = {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.eval)}
+        extra = {
+            "dpo_beta": self.beta,
+            "baseline_mean_margin": self.margins.get("base model"),
+            "trained_mean_margin": self.margins.get("trained model"),
+            "margin_definition": "mean over held-out pairs of (chosen - rejected) mean log-prob per completion "
+            "token",
+        }
+        return dataset, sizes, extra
