@@ -94,3 +94,55 @@ def test_chunked_head_equals_unchunked_values_and_grads(tiny_model, monkeypatch,
 def test_chunks_bound_the_logits(tiny_model):
     base, _ = _served(tiny_model, torch.float32)
     assert runtime.logits_chunk_tokens(base.vocab_size) * base.vocab_size <= runtime.LOGITS_CHUNK_ELEMENTS
+
+
+def test_device_choice_without_a_gpu_and_with_one():
+    from posttrain.engine.models import choose_device, choose_dtype
+    from posttrain.errors import UserError
+
+    assert choose_device("cpu").type == "cpu"
+    assert choose_dtype("fp32", torch.device("cpu")) == torch.float32
+    if torch.cuda.is_available():
+        assert choose_device("auto").type == "cuda"
+        want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        assert choose_dtype("auto", torch.device("cuda")) == want
+    else:
+        assert choose_device("auto").type == "cpu"
+        with pytest.raises(UserError, match="CUDA is not available"):
+            choose_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_and_sampling_on_cuda_match_the_cpu(tiny_model):
+    from posttrain.engine.sampling import GenerationRequest, SamplingSpec, generate
+
+    data = _data("cross_entropy")
+    results = {}
+    for device in ("cpu", "cuda"):
+        base = ServedModel(
+            ModelSource(name="tiny", path=__import__("pathlib").Path(tiny_model)), torch.float32, device
+        )
+        base.add_adapter("run0", LoraSpec(rank=4, seed=0))
+        run = TrainingRun("m", base, LoraSpec(rank=4), "run0", new_optimizer(base.adapter_params("run0")))
+        outputs, _ = runtime.forward_backward(run, FwdBwdRequest("m", 0, "cross_entropy", data=data))
+        runtime.optim_step(run, {"learning_rate": 1e-2, "grad_clip_norm": 1.0})
+        assert all(p.device.type == device for p in run.params())
+        state = run.adapter_state()
+        assert all(v.device.type == "cpu" for v in state.values())  # checkpoints are written from the CPU
+        with base.sampling_model(None) as module:
+            [sampled] = generate(
+                module,
+                [GenerationRequest(data[0].tokens, 2, SamplingSpec(max_tokens=8, temperature=0.0))],
+                tokenizer=base.tokenizer,
+                eos_token_ids=base.eos_token_ids,
+                compute_dtype=torch.float32,
+                max_context=base.max_context,
+            )
+        results[device] = (outputs, state, sampled)
+    for a, b in zip(results["cpu"][0], results["cuda"][0], strict=True):
+        torch.testing.assert_close(
+            torch.from_numpy(a["logprobs"]), torch.from_numpy(b["logprobs"]), rtol=1e-3, atol=1e-3
+        )
+    for k, v in results["cpu"][1].items():
+        torch.testing.assert_close(v, results["cuda"][1][k], rtol=1e-2, atol=1e-4)
+    assert [s.tokens for s in results["cpu"][2].sequences] == [s.tokens for s in results["cuda"][2].sequences]
