@@ -1,17 +1,21 @@
 """SFT step throughput: the local engine through the unmodified tinker SDK vs a plain PyTorch + PEFT loop.
 
 Both sides do the same work on the same data: LoRA r=16, alpha=32 on the engine's target modules (attention,
-MLP and lm_head), bf16 autocast with fp32 LoRA weights, a summed cross-entropy over every target token, and an
+MLP and lm_head), the dtype the engine chooses on this machine (bf16 autocast where the processor has native
+bf16, else fp32) with fp32 LoRA weights, a summed cross-entropy over every target token, and an
 AdamW step. The two run one after the other, never at once (the engine is idle between requests), in
 interleaved blocks (engine, plain, plain, engine, ...), so a change of load on the shared machine hits both.
-The bf16 matmul rate is measured in the same run, before every block, with the same thread count.
+The matmul rate in that dtype is measured in the same run, before every block, with the same thread count,
+and the engine's peak resident memory (VmHWM) at the end.
 
-    uv run python benchmarks/bench_sft.py            # defaults: 4 x 256 tokens, 4 blocks of 3 steps each
+    uv run python benchmarks/bench_sft.py                                 # 4 x 256 tokens, 4 blocks of 3 steps
+    uv run python benchmarks/bench_sft.py --batch 32 --seq-len 48 --name sft_default_batches   # train.py's
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -20,6 +24,8 @@ import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The engine's own OpenMP setting (posttrain.engine.serve), for the plain loop too: same threads, same waiting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +71,12 @@ def engine_target_modules(model: torch.nn.Module) -> list[str]:
 class PlainLoop:
     """The reference: HF model in bf16, PEFT LoRA with fp32 weights, autocast bf16, AdamW."""
 
-    def __init__(self, path: str, rank: int, lr: float):
+    def __init__(self, path: str, rank: int, lr: float, dtype: torch.dtype = torch.bfloat16):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        self.dtype = dtype
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.eval()  # no dropout anywhere, as in the engine
         for p in model.parameters():
             p.requires_grad_(False)
@@ -92,7 +99,12 @@ class PlainLoop:
     def step(self, batch: list[list[int]]) -> float:
         seqs = torch.tensor(batch)  # equal lengths: no padding
         ids, targets = seqs[:, :-1], seqs[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = (
+            torch.autocast("cpu", dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with autocast:
             logits = self.model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         loss.backward()
@@ -130,6 +142,19 @@ class EngineLoop:
         return float(out.metrics["loss:sum"])
 
 
+def peak_rss_mb(pid: int | None) -> float | None:
+    """The peak resident memory of a process so far (VmHWM), in MB."""
+    if pid is None:
+        return None
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,13 +167,25 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks per side, interleaved")
     parser.add_argument("--steps-per-block", type=int, default=3)
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads on both sides (0: the engine's default)"
+        "--threads", type=int, default=0, help="torch threads on both sides (0: every processor)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="as the engine's --dtype"
+    )
+    parser.add_argument(
+        "--engine-src",
+        default=None,
+        help="run the engine from this source tree (a `src` directory, e.g. an older commit's) for before/after",
     )
     parser.add_argument("--name", default="sft", help="results go to benchmarks/results/NAME.json")
     args = parser.parse_args()
 
+    from posttrain.engine.models import choose_dtype
+
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
+    dtype = choose_dtype(args.dtype, torch.device("cpu"))
+    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     load_before = load_average()
     print(f"load average before: {load_before}; torch threads on both sides: {threads}", flush=True)
 
@@ -163,7 +200,7 @@ def main() -> int:
     batches = real_text_batches(tokenizer, n_batches, args.batch, args.seq_len)
     tokens_per_step = args.batch * args.seq_len
 
-    plain = PlainLoop(str(source.path), args.rank, args.lr)
+    plain = PlainLoop(str(source.path), args.rank, args.lr, dtype)
     cfg = plain.config
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     # Training FLOPs per token for LoRA: forward 2N over the base matmul weights, backward through the
@@ -176,10 +213,11 @@ def main() -> int:
     log_dir = tempfile.mkdtemp(prefix="bench-sft-")
     engine = EngineProcess(
         checkpoint_dir=os.path.join(log_dir, "checkpoints"),
-        dtype="bf16",
+        dtype=dtype_name,
         api_key=API_KEY,
         log_file=os.path.join(log_dir, "engine.log"),
         threads=threads,
+        env={"PYTHONPATH": os.path.abspath(args.engine_src)} if args.engine_src else None,
     )
     url = engine.start()
     print(f"engine at {url} (log: {log_dir}/engine.log)", flush=True)
@@ -204,7 +242,7 @@ def main() -> int:
         sides = {"engine": remote, "plain": plain}
         cursor = args.warmup
         for block in range(args.blocks):
-            peaks.append(matmul_gflops(torch.bfloat16))
+            peaks.append(matmul_gflops(dtype))
             order = ["engine", "plain"] if block % 2 == 0 else ["plain", "engine"]
             for side in order:
                 times = []
@@ -218,11 +256,12 @@ def main() -> int:
             loads.append(load_average())
             print(
                 f"block {block + 1}/{args.blocks}: engine {block_medians['engine'][-1]:.2f} s/step, "
-                f"plain {block_medians['plain'][-1]:.2f} s/step, bf16 matmul {peaks[-1]:.0f} GFLOP/s, "
+                f"plain {block_medians['plain'][-1]:.2f} s/step, {dtype_name} matmul {peaks[-1]:.0f} GFLOP/s, "
                 f"load {loads[-1]}",
                 flush=True,
             )
         fp32_peak = matmul_gflops(torch.float32)
+        engine_peak_rss = peak_rss_mb(engine.proc.pid if engine.proc else None)
     finally:
         engine.stop()
 
@@ -237,7 +276,7 @@ def main() -> int:
             "min_step_s": round(min(step_times[side]), 3),
             "tokens_per_s": round(tps, 1),
             "achieved_gflops": round(tps * flops_per_token / 1e9, 1),
-            "fraction_of_bf16_peak": round(tps * flops_per_token / 1e9 / peak, 3),
+            "fraction_of_matmul_peak": round(tps * flops_per_token / 1e9 / peak, 3),
             "step_times_s": [round(t, 3) for t in step_times[side]],
         }
     ratio = summary["engine"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
@@ -257,6 +296,9 @@ def main() -> int:
             "lora_alpha": 32,
             "target_modules": len(plain.targets),
             "threads": threads,
+            "dtype": dtype_name,
+            "engine_src": args.engine_src,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "warmup_steps": args.warmup,
             "blocks": args.blocks,
             "steps_per_block": args.steps_per_block,
@@ -268,7 +310,12 @@ def main() -> int:
             "per_token": flops_per_token,
         },
         "first_step_loss_per_token": first_loss,
-        "bf16_matmul_gflops": {"median": round(peak, 1), "per_block": [round(x, 1) for x in peaks]},
+        "matmul_gflops": {
+            "dtype": dtype_name,
+            "median": round(peak, 1),
+            "per_block": [round(x, 1) for x in peaks],
+        },
+        "engine_peak_rss_mb": engine_peak_rss,
         "fp32_matmul_gflops": round(fp32_peak, 1),
         "engine": summary["engine"],
         "plain": summary["plain"],
@@ -286,19 +333,19 @@ def main() -> int:
             f"{summary[side]['median_step_s']:.2f}",
             f"{summary[side]['tokens_per_s']:.0f}",
             f"{summary[side]['achieved_gflops']:.0f}",
-            f"{100 * summary[side]['fraction_of_bf16_peak']:.0f}%",
+            f"{100 * summary[side]['fraction_of_matmul_peak']:.0f}%",
         ]
         for side in ("engine", "plain")
     ]
     print()
     print(
         f"SFT, {DEFAULT_MODEL}, LoRA r={args.rank}, {args.batch} x {args.seq_len} tokens/step, "
-        f"{threads} thread(s), {args.blocks} x {args.steps_per_block} timed steps per side"
+        f"{dtype_name}, {threads} thread(s), {args.blocks} x {args.steps_per_block} timed steps per side"
     )
     print()
     print(
         markdown_table(
-            ["side", "median s/step", "tokens/s", "GFLOP/s (est.)", "of bf16 matmul peak"],
+            ["side", "median s/step", "tokens/s", "GFLOP/s (est.)", f"of {dtype_name} matmul rate"],
             rows,
         )
     )
@@ -306,9 +353,10 @@ def main() -> int:
     print(f"engine / plain tokens/s: **{ratio:.2f}** (target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'})")
     print(f"per-block ratios: {', '.join(f'{r:.2f}' for r in block_ratios)}")
     print(
-        f"bf16 matmul 2048^3: {peak:.0f} GFLOP/s (median of {len(peaks)}; fp32 {fp32_peak:.0f}); "
+        f"{dtype_name} matmul 2048^3: {peak:.0f} GFLOP/s (median of {len(peaks)}; fp32 {fp32_peak:.0f}); "
         f"{flops_per_token / 1e6:.0f} MFLOP/token (4*{plain.n_matmul / 1e6:.1f}M + 6*{plain.n_lora / 1e6:.2f}M + attention)"
     )
+    print(f"engine peak RSS (VmHWM): {engine_peak_rss} MB")
     print(f"load average before {load_before}, after {load_after}")
     print(f"results: {path}")
     return 0

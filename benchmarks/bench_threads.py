@@ -33,22 +33,32 @@ dtype = choose_dtype("auto")
 tok = AutoTokenizer.from_pretrained(source.path)
 batches = real_text_batches(tok, steps + 1, batch, seq_len)
 loop = PlainLoop(str(source.path), 16, 1e-4, dtype)
-loop.step(batches[0])
+adaptive = os.environ.get("ADAPTIVE") == "1"
+used = []
+def step(b):
+    if adaptive:  # the engine's default policy: the processors free when the job starts
+        from posttrain.engine.engine import threads_for_next_job
+        torch.set_num_threads(threads_for_next_job(threads))
+    used.append(torch.get_num_threads())
+    loop.step(b)
+step(batches[0])
 times = []
 for b in batches[1:]:
-    t0 = time.perf_counter(); loop.step(b); times.append(time.perf_counter() - t0)
-print("RESULT " + json.dumps({"times": times, "dtype": str(dtype)}))
+    t0 = time.perf_counter(); step(b); times.append(time.perf_counter() - t0)
+print("RESULT " + json.dumps({"times": times, "dtype": str(dtype), "threads_used": used[1:]}))
 """
 
 POLICIES = {
-    "default": {},
+    "default": {},  # libgomp spins a while before sleeping
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "adaptive": {"OMP_WAIT_POLICY": "PASSIVE", "ADAPTIVE": "1"},  # the engine's default
 }
 
 
 def run_worker(threads: int, policy: str, args) -> dict:
     env = {**os.environ, "REPO": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     env.pop("OMP_WAIT_POLICY", None)
+    env.pop("ADAPTIVE", None)
     env.update(POLICIES[policy])
     out = subprocess.run(
         [sys.executable, "-c", WORKER, str(threads), str(args.batch), str(args.seq_len), str(args.steps)],
@@ -73,9 +83,16 @@ def main() -> int:
     parser.add_argument("--hogs", type=int, default=1, help="busy-looping processes in the loaded phase")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--name", default="threads")
+    parser.add_argument(
+        "--with-spin",
+        action="store_true",
+        help="also all threads with libgomp's default spinning (slow when loaded)",
+    )
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
-    configs = [(1, "default"), (cpus, "default"), (cpus, "passive")]
+    configs = [(1, "default"), (cpus, "passive"), (cpus, "adaptive")]
+    if args.with_spin:
+        configs.insert(1, (cpus, "default"))
     results: dict[str, dict[str, list[float]]] = {}
     loads = []
     for rnd in range(args.rounds):

@@ -2,8 +2,9 @@
 
 Training requests run in arrival order, which is the SDK's submission order (it sends request k+1 only after
 request k's POST has returned). The one exception, forward_backward chunks of one call posted in parallel,
-only accumulates gradients, which commutes. Sampling requests that arrive while the compute thread is busy
-are batched into one generation call per sampler.
+only accumulates gradients, which commutes. Sampling requests for one sampler decode together, and those that
+arrive while that batch decodes join it at the next decode step (continuous batching), unless a training
+request is waiting. Each compute job sets the thread count the machine's load allows (`threads_for_next_job`).
 """
 
 from __future__ import annotations

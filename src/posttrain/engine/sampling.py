@@ -1,10 +1,11 @@
 """Batched generation core of the local engine (the `asample` endpoint).
 
-The server collects concurrent sampling requests and calls `generate` with the whole batch. Semantics follow
-the Tinker SDK (`SamplingParams`, `SampleResponse`, `SampledSequence`):
+The server feeds sampling requests to a `DecodeLoop` (continuous batching); `generate` runs a fixed list of
+requests through one. Semantics follow the Tinker SDK (`SamplingParams`, `SampleResponse`, `SampledSequence`):
 
 - every sample of every request decodes together: one forward pass per decode step over all unfinished rows,
-  on a KV cache;
+  on a KV cache; requests that arrive while a batch decodes join it at the next step (prefilled, their rows
+  appended to the cache), and each request is complete as soon as its own rows are;
 - each unique prompt is prefilled once (in chunks, so long prompts and prompt logprobs stay bounded in
   memory) and its cache is replicated for every row that continues it;
 - the per-prompt caches are merged into one right-padded cache: each row keeps its keys at positions
