@@ -37,6 +37,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,32 @@ def find_wandb_run_files(path: str | Path) -> list[Path]:
     return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
 
 
+FLUSH_WAIT_SECONDS = 15.0
+SETTLED_SECONDS = 3.0
+
+
 def read_wandb_records(wandb_file: str | Path) -> tuple[list[dict[str, Any]], str]:
     """All records of a `.wandb` file as dicts `{"type": ..., <type>: {...}}`, and the name of the reader used.
 
     History records are normalised to `{"type": "history", "history": {"item": {key: value}, "step": int|None}}`
     and run records carry at least `run_id`, `project`, `display_name`.
     """
-    return _read_with_wandb_core(Path(wandb_file)), "wandb-core leet inspect"
+    # wandb's service process may still be writing the file when `finish()` returns (seen under load): a file
+    # that cannot be read yet, or has no exit record, is read again for a while before the answer stands.
+    wandb_file = Path(wandb_file)
+    deadline = time.monotonic() + FLUSH_WAIT_SECONDS
+    while True:
+        # A file nobody has written to for a few seconds is as complete as it will get.
+        settled = time.monotonic() > deadline or time.time() - wandb_file.stat().st_mtime > SETTLED_SECONDS
+        try:
+            records = _read_with_wandb_core(wandb_file)
+        except Exception:
+            if settled:
+                raise
+        else:
+            if settled or any(r.get("type") == "exit" for r in records):
+                return records, "wandb-core leet inspect"
+        time.sleep(0.5)
 
 
 def _read_with_wandb_core(wandb_file: Path) -> list[dict[str, Any]]:
@@ -211,15 +231,17 @@ def _verify_offline(
     run_dir = str(run["file"].parent)
     missing = [k for k in expected if k not in run["metrics"]]
     where = f"offline run {run['run_id']} (project {run['project']!r}, name {run['name']!r}) read with {run['reader']}"
+    unfinished = "" if run["finished"] else " (run not finished: no exit record yet)"
     if not run["rows"] or not run["metrics"]:
-        return _result("offline", run_dir, False, run["metrics"], f"{where}: no metrics were logged")
+        return _result("offline", run_dir, False, run["metrics"], f"{where}: no metrics were logged{unfinished}")
     if missing:
         return _result(
             "offline",
             run_dir,
             False,
             run["metrics"],
-            f"{where}: {len(run['rows'])} history rows but missing expected metrics {', '.join(missing)}",
+            f"{where}: {len(run['rows'])} history rows but missing expected metrics {', '.join(missing)}"
+            f"{unfinished}",
         )
     state = "finished" if run["finished"] else "not finished (no exit record)"
     return _result(
