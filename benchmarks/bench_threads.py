@@ -95,6 +95,7 @@ def main() -> int:
         configs.insert(1, (cpus, "default"))
     results: dict[str, dict[str, list[float]]] = {}
     loads = []
+    threads_used: dict[str, dict[str, list[int]]] = {}
     for rnd in range(args.rounds):
         for load in ("idle", "loaded"):
             hogs = []
@@ -109,9 +110,10 @@ def main() -> int:
                     r = run_worker(threads, policy, args)
                     key = f"{threads}t-{policy}"
                     results.setdefault(key, {}).setdefault(load, []).extend(r["times"])
+                    threads_used.setdefault(key, {}).setdefault(load, []).extend(r["threads_used"])
                     print(
                         f"round {rnd} {load:6} {key:12} median {median(r['times']):.2f} s/step "
-                        f"({r['dtype']}) load {load_average()}",
+                        f"({r['dtype']}, threads used {r['threads_used']}) load {load_average()}",
                         flush=True,
                     )
             finally:
@@ -138,6 +140,7 @@ def main() -> int:
             "config": vars(args),
             "tokens_per_s": summary,
             "step_times": results,
+            "threads_used": threads_used,
             "load_average": loads,
             "table": table,
         },
