@@ -13,8 +13,8 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,17 +131,10 @@ def _dry_run(cfg: TrainConfig, where: preflight.Backend, task: str, method: Meth
 
 
 async def _plan(state: RunState, method: Method) -> dict[str, Any]:
-    import tinker
-
     cfg = state.cfg
     started = time.monotonic()
-    extra_models = list(method.extra_models)
-    async with backend.service_url(cfg, state.backend, state.log_path, say, extra_models) as url:
-        service = tinker.ServiceClient(base_url=url)
-        for name in (cfg.model_name, *extra_models):
-            await backend.check_served_model(service, url, name, state.backend)
-        ctx = _context(state, service, url)
-        method.prepare(ctx)
+    async with _prepared(state, method) as ctx:
+        service = ctx.service
         budget = method.token_budget()
         startup = time.monotonic() - started
         if state.backend == "tinker":
@@ -276,19 +269,27 @@ def default_learning_rate(model_name: str, task: str) -> tuple[float, str]:
     return lr, "tinker_cookbook.hyperparam_utils.get_lr"
 
 
-async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
+@asynccontextmanager
+async def _prepared(state: RunState, method: Method) -> AsyncIterator[RunContext]:
+    """The service up (a local engine started), the models checked, the method prepared on it."""
     # The SDK and the cookbook load torch (seconds): only once every check has passed.
     import tinker
 
-    cfg = state.cfg
     # A method may need more models served than the one it trains (e.g. a distillation teacher).
     extra_models = list(method.extra_models)
-    async with backend.service_url(cfg, state.backend, state.log_path, say, extra_models) as url:
+    async with backend.service_url(state.cfg, state.backend, state.log_path, say, extra_models) as url:
         service = tinker.ServiceClient(base_url=url)
-        for name in (cfg.model_name, *extra_models):
+        for name in (state.cfg.model_name, *extra_models):
             await backend.check_served_model(service, url, name, state.backend)
         ctx = _context(state, service, url)
         method.prepare(ctx)
+        yield ctx
+
+
+async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
+    cfg = state.cfg
+    async with _prepared(state, method) as ctx:
+        service = ctx.service
         state.budget = method.token_budget()
 
         # Evaluate the base model and the trained model the same way.
