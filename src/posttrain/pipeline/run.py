@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import TrainConfig, config_to_dict
-from posttrain.errors import ConfigError, UserError
-from posttrain.pipeline import backend, preflight, results, tracking
+from posttrain.errors import ConfigError, PreflightError, UserError
+from posttrain.pipeline import backend, preflight, results, template_check, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import METHODS, Method, RunContext
@@ -103,7 +103,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             return _write_results(state, outcome)
         except (UserError, KeyboardInterrupt, Exception) as exc:
             _write_partial(state, exc)
-            say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
+            if not isinstance(exc, PreflightError):  # stopped before training: nothing to continue
+                say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
             raise
 
 
@@ -192,6 +193,7 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         service = tinker.ServiceClient(base_url=url)
         await backend.check_served_model(service, url, cfg.model_name, state.backend)
         ctx = _context(state, service, url)
+        template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
         method.prepare(ctx)
 
         # Evaluate the base model and the trained model the same way.
