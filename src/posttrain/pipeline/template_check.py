@@ -129,9 +129,7 @@ def _stripped(messages: Sequence[dict]) -> list[dict]:
 
 
 def _template_text(tokenizer: Any, messages: list[dict], generation: bool, kwargs: dict) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation, **kwargs
-    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **kwargs)
     if not isinstance(text, str):  # pragma: no cover - a batch answer for one conversation
         raise TypeError(f"apply_chat_template returned {type(text).__name__}")
     return text
