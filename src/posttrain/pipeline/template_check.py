@@ -12,7 +12,8 @@ conversation with a system message and two turns:
   evaluation send).
 
 Qwen3's thinking modes are compared with the template's matching switch: `qwen3` against
-`enable_thinking=True`, `qwen3_disable_thinking` against `enable_thinking=False`. `qwen3_instruct` (for the
+`enable_thinking=True`, `qwen3_disable_thinking` against `enable_thinking=False` (and `deepseekv3_thinking`
+against `thinking=True`, its prompt form only: see PROMPT_FORM_ONLY). `qwen3_instruct` (for the
 2507 Instruct models, whose template has no thinking) is compared with the template as it is, so on a hybrid
 model such as Qwen3-8B it is refused: the hybrid template writes an empty `<think>` block into the trained turn.
 
@@ -54,7 +55,12 @@ ROWS_CHECKED = 3
 TEMPLATE_KWARGS: dict[str, dict[str, Any]] = {
     "qwen3": {"enable_thinking": True},
     "qwen3_disable_thinking": {"enable_thinking": False},
+    "deepseekv3_thinking": {"thinking": True},
 }
+# Renderers whose trained turn differs from the template by design, so only the prompt form is compared:
+# deepseekv3_thinking leaves the closing </think> out of the supervised turn to keep the reasoning parseable
+# (the cookbook's own template tests skip its supervised form for the same reason).
+PROMPT_FORM_ONLY = frozenset({"deepseekv3_thinking"})
 
 FIXED_CONVERSATION: list[dict[str, str]] = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -166,7 +172,7 @@ def _compare(
     messages = _stripped(messages)
     hf_messages = [renderer.to_openai_message(m) for m in messages]
     forms: list[tuple[str, list[dict], list[dict]]] = []
-    if messages and messages[-1]["role"] == "assistant":
+    if messages and messages[-1]["role"] == "assistant" and renderer_name not in PROMPT_FORM_ONLY:
         forms.append(("training form", messages, hf_messages))
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     if last_user >= 0:
