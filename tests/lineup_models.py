@@ -17,10 +17,12 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tokenizers"
 LINEUP_STANDINS = {
     "Qwen/Qwen3-8B": "qwen3",
     "meta-llama/Llama-3.1-8B-Instruct": "llama3",
+    "openai/gpt-oss-20b": "gptoss",
 }
 TOKENIZER_HUB_NAMES = {
     "Qwen/Qwen3-8B": "Qwen/Qwen3-8B",
     "meta-llama/Llama-3.1-8B-Instruct": "thinkingmachineslabinc/meta-llama-3-instruct-tokenizer",
+    "openai/gpt-oss-20b": "openai/gpt-oss-20b",
 }
 
 
@@ -39,7 +41,15 @@ def unpack_tokenizer(family: str, directory: Path) -> Path:
 def make_lineup_model(family: str, directory: Path, seed: int = 0) -> Path:
     """A 2-layer, 64-wide model of the family's architecture over its full real vocabulary."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GptOssConfig,
+        GptOssForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     directory = Path(directory)
     if (directory / "model.safetensors").exists():
@@ -67,6 +77,21 @@ def make_lineup_model(family: str, directory: Path, seed: int = 0) -> Path:
         bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
         eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
         model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=bos, eos_token_id=eos))
+    elif family == "gptoss":
+        # A mixture of experts like the real one (4 experts, 2 per token), but full attention in both layers: the
+        # real model alternates sliding-window and full attention, which the engine's batched sampler does not
+        # support. Its experts are fused tensors, not linear layers, so the engine's LoRA trains attention only.
+        eos = tokenizer.convert_tokens_to_ids("<|return|>")
+        pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        config = GptOssConfig(
+            **{**shape, "intermediate_size": 64},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention", "full_attention"],
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        model = GptOssForCausalLM(config)
     else:
         raise ValueError(f"no stand-in for family {family!r}")
     model.save_pretrained(directory)

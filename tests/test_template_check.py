@@ -147,6 +147,7 @@ def test_vendored_tokenizers_are_the_npm_files(tmp_path: Path) -> None:
     expected = {
         "qwen3": "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
         "llama3": "c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78",
+        "gptoss": "0614fe83cadab421296e664e1f48f4261fa8fef6e03e63bb75c20f38e37d07d3",
     }
     for family, digest in expected.items():
         directory = unpack_tokenizer(family, tmp_path / family)

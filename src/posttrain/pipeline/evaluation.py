@@ -4,7 +4,8 @@ SFT: per example, the NLL of the held-out completion tokens (the tokens `train_o
 the way the cookbook's `SamplerNLLEvaluator` does (`compute_logprobs` on the full sequence); the aggregate is
 the token-weighted mean, the cookbook's `compute_mean_nll`.
 RL: per problem, one sampled answer with the training prompt, extracted and graded the same way as the reward.
-A failed example is recorded with its error and does not stop the evaluation.
+A failed example is recorded with its error and does not stop the evaluation; an evaluation in which every
+example failed stops the run with the first error (`EvaluationFailed`), since it measured nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tinker
 from tinker_cookbook import renderers
 from tqdm.asyncio import tqdm_asyncio
 
+from posttrain.errors import UserError
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.grading import extract_answer, grade
 from posttrain.pipeline.results import RLExample, SFTExample
@@ -26,6 +28,16 @@ from posttrain.pipeline.rl_envs import prompt_messages
 from posttrain.util import short_error
 
 T = TypeVar("T")
+
+
+class EvaluationFailed(UserError):
+    """Every example of an evaluation failed (the service refused them all): there is no score to report."""
+
+
+def _check_some_succeeded(records: Sequence[SFTExample] | Sequence[RLExample], desc: str) -> None:
+    errors = [r.error for r in records if r.error]
+    if records and len(errors) == len(records):
+        raise EvaluationFailed(f"evaluation of the {desc} failed on all {len(records)} examples: {errors[0]}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ async def evaluate_nll(
             return record, 0.0, 0.0
 
     scored = await _bounded(list(datums), one, concurrency, desc)
+    _check_some_succeeded([s[0] for s in scored], desc)
     total = sum(s[1] for s in scored)
     tokens = sum(s[2] for s in scored)
     return [s[0] for s in scored], (total / tokens if tokens else float("nan"))
@@ -139,5 +152,6 @@ async def evaluate_accuracy(
         return record
 
     records = await _bounded(list(problems), one, concurrency, desc)
+    _check_some_succeeded(records, desc)
     accuracy = sum(1 for r in records if r.correct) / len(records) if records else float("nan")
     return records, accuracy
