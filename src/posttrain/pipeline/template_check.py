@@ -265,5 +265,6 @@ def check_run(ctx: Any, method: Any) -> str:
     result = check_renderer_matches_template(
         ctx.cfg.model_name, ctx.renderer_name, ctx.renderer, conversations, recommended
     )
-    ctx.say(f"renderer: {ctx.renderer_name} {result}")
+    if ctx.cfg.model_name in TINKER_LINEUP:  # elsewhere (own models, the default) there is nothing to say
+        ctx.say(f"renderer: {ctx.renderer_name} {result}")
     return result
