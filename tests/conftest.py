@@ -78,3 +78,47 @@ def service(engine) -> Iterator:
 
     client = tinker.ServiceClient(base_url=engine.url, api_key="tml-local-test")
     yield client
+
+
+# ------------------------------------------------------------------ stand-ins for Tinker lineup models
+
+
+@pytest.fixture(scope="session")
+def lineup_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Lineup name -> a tiny random model of that family with its real tokenizer (tests/lineup_models.py)."""
+    from lineup_models import LINEUP_STANDINS, make_lineup_model
+
+    root = tmp_path_factory.mktemp("lineup-models")
+    return {name: make_lineup_model(family, root / family) for name, family in LINEUP_STANDINS.items()}
+
+
+@pytest.fixture(scope="session")
+def lineup_hub_cache(lineup_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF hub cache (for HF_HUB_CACHE) in which the cookbook's get_tokenizer(lineup name) finds them offline."""
+    from lineup_models import link_tokenizers
+
+    hub = tmp_path_factory.mktemp("lineup-hub")
+    link_tokenizers(hub, lineup_models)
+    return hub
+
+
+# Built at run time so the cookbook's code.diff of uncommitted source never holds the whole string.
+LINEUP_API_KEY = "-".join(("tml", "fake", "lineup", "key", "789"))
+
+
+@pytest.fixture(scope="session")
+def lineup_engine(lineup_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The local engine serving the stand-ins under their exact lineup names, behind an API key (the .env one)."""
+    from posttrain.engine.launcher import EngineProcess
+
+    dirs = tmp_path_factory.mktemp("lineup-engine")
+    proc = EngineProcess(
+        models=[f"{name}={path}" for name, path in lineup_models.items()],
+        checkpoint_dir=dirs / "checkpoints",
+        dtype="fp32",
+        api_key=LINEUP_API_KEY,
+        log_file=dirs / "engine.log",
+    )
+    proc.start()
+    yield proc
+    proc.stop()

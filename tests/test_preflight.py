@@ -98,6 +98,22 @@ def test_tinker_backend_all_set(clean_env, monkeypatch):
     assert not any(TINKER_SECRET in n or WANDB_SECRET in n for n in notes)
 
 
+def test_tinker_backend_says_wandb_offline_when_asked(clean_env, monkeypatch):
+    """WANDB_MODE=offline wins over a set WANDB_API_KEY (tracking.wandb_mode), and the preflight says so."""
+    from posttrain.pipeline.tracking import wandb_mode
+
+    for name, value in (
+        ("TINKER_API_KEY", TINKER_SECRET),
+        ("WANDB_API_KEY", WANDB_SECRET),
+        ("WANDB_PROJECT", "p"),
+    ):
+        monkeypatch.setenv(name, value)
+    assert wandb_mode() == "online" and "W&B: online, project 'p'" in check_credentials("tinker")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode() == "offline"
+    assert "W&B: offline (WANDB_MODE=offline), project 'p'" in check_credentials("tinker")
+
+
 def test_local_backend_needs_nothing_and_explains_offline_wandb(clean_env):
     notes = check_credentials("local")
     text = "\n".join(notes)

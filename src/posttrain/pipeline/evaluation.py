@@ -6,7 +6,8 @@ the token-weighted mean, the cookbook's `compute_mean_nll`.
 RL: per problem, one sampled answer with the training prompt, extracted and graded the same way as the reward.
 Preference (DPO): per held-out pair, the length-normalised log-prob (mean over completion tokens) of the chosen
 and of the rejected completion; the pair is right when chosen > rejected; the aggregate is that accuracy.
-A failed example is recorded with its error and does not stop the evaluation.
+A failed example is recorded with its error and does not stop the evaluation; an evaluation in which every
+example failed stops the run with the first error (`EvaluationFailed`), since it measured nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tinker
 from tinker_cookbook import renderers
 from tqdm.asyncio import tqdm_asyncio
 
+from posttrain.errors import UserError
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.grading import extract_answer, grade
 from posttrain.pipeline.results import PreferenceExample, RLExample, SFTExample
@@ -28,6 +30,16 @@ from posttrain.pipeline.rl_envs import prompt_messages
 from posttrain.util import short_error
 
 T = TypeVar("T")
+
+
+class EvaluationFailed(UserError):
+    """Every example of an evaluation failed (the service refused them all): there is no score to report."""
+
+
+def _check_some_succeeded(records: Sequence[SFTExample] | Sequence[RLExample], desc: str) -> None:
+    errors = [r.error for r in records if r.error]
+    if records and len(errors) == len(records):
+        raise EvaluationFailed(f"evaluation of the {desc} failed on all {len(records)} examples: {errors[0]}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ async def evaluate_nll(
             return record, 0.0, 0.0
 
     scored = await bounded_gather(list(datums), one, concurrency, desc)
+    _check_some_succeeded([s[0] for s in scored], desc)
     total = sum(s[1] for s in scored)
     tokens = sum(s[2] for s in scored)
     return [s[0] for s in scored], (total / tokens if tokens else float("nan"))
@@ -141,6 +154,7 @@ async def evaluate_accuracy(
         return record
 
     records = await bounded_gather(list(problems), one, concurrency, desc)
+    _check_some_succeeded(records, desc)
     accuracy = sum(1 for r in records if r.correct) / len(records) if records else float("nan")
     return records, accuracy
 

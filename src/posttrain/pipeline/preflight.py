@@ -99,10 +99,12 @@ def check_credentials(backend: Backend) -> list[str]:
                 f"Missing required environment variables: {', '.join(missing)} "
                 f"(set them in .env in {Path.cwd()})"
             )
-        return [
-            "Tinker: TINKER_API_KEY is set",
-            f"W&B: online, project {os.environ['WANDB_PROJECT'].strip()!r}",
-        ]
+        project = os.environ["WANDB_PROJECT"].strip()
+        if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
+            wandb_note = f"W&B: offline (WANDB_MODE={os.environ['WANDB_MODE'].strip()}), project {project!r}"
+        else:
+            wandb_note = f"W&B: online, project {project!r}"
+        return ["Tinker: TINKER_API_KEY is set", wandb_note]
 
     notes = ["Tinker: local engine, TINKER_API_KEY not needed"]
     if _is_set("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled"):

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import TrainConfig, check_method_settings, config_to_dict
-from posttrain.errors import ConfigError, UserError
-from posttrain.pipeline import backend, plan, preflight, results, tracking
+from posttrain.errors import ConfigError, PreflightError, UserError
+from posttrain.pipeline import backend, plan, preflight, results, template_check, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import METHODS, Method, RunContext, method_class
@@ -112,7 +112,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             return _write_results(state, outcome)
         except (UserError, KeyboardInterrupt, Exception) as exc:
             _write_partial(state, exc)
-            say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
+            if not isinstance(exc, PreflightError):  # stopped before training: nothing to continue
+                say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
             raise
 
 
@@ -282,6 +283,7 @@ async def _prepared(state: RunState, method: Method) -> AsyncIterator[RunContext
         for name in (state.cfg.model_name, *extra_models):
             await backend.check_served_model(service, url, name, state.backend)
         ctx = _context(state, service, url)
+        template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
         method.prepare(ctx)
         yield ctx
 
