@@ -152,13 +152,17 @@ class ServedModel:
             logger.info("%s: logits computed whole (the model's head is not a plain unembedding)", self.name)
             return False
 
-    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """What `head` turns into logits: the decoder's last hidden states, or the logits themselves."""
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """What `head` turns into logits: the decoder's last hidden states, or the logits themselves.
+
+        `ids` are right-padded, so no attention mask is needed: under causal attention a real position only
+        sees earlier positions, which are all real. Without a mask, attention takes the fused causal path.
+        """
         module = self.peft if self.peft is not None else self.model
         if not self.plain_head:
-            return module(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return module(input_ids=ids, use_cache=False).logits
         # The decoder of the (peft-injected) model: LoRA layers live inside it, with the active adapter.
-        return self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.plain_head:
@@ -320,7 +324,7 @@ def forward_backward(
             ids[row, : lengths[i]] = torch.tensor(request.data[i].tokens)
             mask[row, : lengths[i]] = 1
         with torch.set_grad_enabled(train), base.autocast:
-            hidden = base.hidden_states(ids.to(base.device), mask.to(base.device))
+            hidden = base.hidden_states(ids.to(base.device))
             # The real (unpadded) positions only, row after row: [N, hidden]
             hidden = hidden[mask.to(base.device).bool()]
         lp, per_token = head_losses(
