@@ -233,7 +233,9 @@ def _verify_offline(
     where = f"offline run {run['run_id']} (project {run['project']!r}, name {run['name']!r}) read with {run['reader']}"
     unfinished = "" if run["finished"] else " (run not finished: no exit record yet)"
     if not run["rows"] or not run["metrics"]:
-        return _result("offline", run_dir, False, run["metrics"], f"{where}: no metrics were logged{unfinished}")
+        return _result(
+            "offline", run_dir, False, run["metrics"], f"{where}: no metrics were logged{unfinished}"
+        )
     if missing:
         return _result(
             "offline",
