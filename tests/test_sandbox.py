@@ -209,3 +209,16 @@ def test_generated_tasks_and_humaneval_are_solvable_by_their_references():
         code_tasks.grade(first, "```python\ndef has_close_elements(a, b):\n    return True\n```").reward
         == 0.0
     )
+
+
+@pytest.mark.parametrize(
+    ("completion", "code"),
+    [
+        ("Sure:\n```python\ndef f(x):\n    return x\n```\nThis def...", "def f(x):\n    return x"),
+        ("```\n```python\ndef f(x):\n    return x\n```", "def f(x):\n    return x"),  # a stray empty fence
+        ("```python\ndef f(x):\n    return x", "def f(x):\n    return x"),  # cut off at max_tokens
+        ("Here it is.\ndef f(x): return 1", "def f(x): return 1"),  # no fences
+    ],
+)
+def test_code_extraction(completion: str, code: str):
+    assert code_tasks.extract_code(completion, "f") == code

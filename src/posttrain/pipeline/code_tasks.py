@@ -123,15 +123,21 @@ def is_code_row(row: dict) -> bool:
     return "tests" in row and any(k in row for k in STATEMENT_KEYS)
 
 
-def extract_code(completion: str) -> str:
-    """The last fenced code block; without one, the text from the first `def`/`import` line on."""
-    from tinker_cookbook.recipes.code_rl.code_grading import extract_code_from_model
+def extract_code(completion: str, entry_point: str | None = None) -> str:
+    """The code in a completion: of the pieces between ``` fences (an unclosed last one included), the last
+    that defines `entry_point` (else any function); without fences, the text from the first `def`/`import` line.
 
-    block = extract_code_from_model(completion)
-    if block is None and "```" in completion:  # an unclosed block (the answer hit max_tokens)
-        block = completion.rsplit("```", 1)[1].split("\n", 1)[-1]
-    if block is not None:
-        return block
+    Splitting on fences rather than matching pairs copes with what small models write, e.g. a stray empty
+    "```" before the real "```python" block, which pairwise matching reads as one empty block."""
+    if "```" in completion:
+        pieces = []
+        for piece in completion.split("```"):
+            first, _, rest = piece.partition("\n")
+            pieces.append(rest if first.strip().isalnum() or not first.strip() else piece)
+        for needle in ([f"def {entry_point}"] if entry_point else []) + ["def "]:
+            found = [p for p in pieces if needle in p]
+            if found:
+                return found[-1].strip("\n")
     lines = completion.splitlines()
     start = next(
         (i for i, x in enumerate(lines) if x.lstrip().startswith(("def ", "import ", "from "))), None
@@ -141,7 +147,7 @@ def extract_code(completion: str) -> str:
 
 def grade(problem: dict, completion: str, limits: sandbox.Limits | None = None) -> CodeResult:
     """Run the problem's tests against the completion's code in the sandbox (blocking: call it in a thread)."""
-    code = extract_code(completion)
+    code = extract_code(completion, problem.get("entry_point"))
     if problem["grader"] == "humaneval":
         if f"def {problem['entry_point']}" not in code:  # a body only: complete the given signature
             code = problem["prompt"] + code
