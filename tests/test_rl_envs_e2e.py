@@ -134,7 +134,11 @@ def test_code_rl_on_generated_tasks_runs_tests_in_the_sandbox(tmp_path: Path, en
 
 def test_guess_number_game_reports_win_rate_and_transcripts(tmp_path: Path, engine, tiny_model: str):
     summary, base, trained = _run(
-        tmp_path, engine, tiny_model, ["env=game:guess_number", "max_tokens=5", "max_eval_rows=2"], "game"
+        tmp_path,
+        engine,
+        tiny_model,
+        ["env=game:guess_number", "max_tokens=5", "max_eval_rows=2", "batch_size=1"],
+        "game",
     )
     assert summary["score_label"] == "win rate" and 0 <= summary["trained_score"] <= 1
     assert [r["ground_truth"] for r in base] == [
