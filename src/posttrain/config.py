@@ -69,7 +69,8 @@ TrainOnWhatName = Literal[
 ]
 # What the local engine accepts (posttrain.engine.models.choose_dtype).
 EngineDtype = Literal["auto", "bf16", "fp32"]
-RL_ENVS = ("math", "arithmetic", "reasoning_gym:TASK")
+RL_ENVS = ("math", "arithmetic", "reasoning_gym:TASK", "code", "code:humaneval", "game:guess_number")
+GAMES = ("guess_number",)
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -226,7 +227,13 @@ class TrainConfig:
     )
 
     # RL
-    env: str | None = chz.field(default=None, doc="RL environment: math|arithmetic|reasoning_gym:TASK")
+    env: str | None = chz.field(
+        default=None, doc="RL environment: math|arithmetic|reasoning_gym:TASK|code|code:humaneval|game:guess_number"
+    )
+    reward_fn: str | None = chz.field(
+        default=None,
+        doc="RL: your own verifier, path/to/file.py:function (gets the problem row and the completion, returns a float)",
+    )
     group_size: int = chz.field(default=8, doc="RL rollouts per problem")
     max_tokens: int = chz.field(default=256, doc="max sampled tokens per completion")
     temperature: float = chz.field(default=1.0, doc="sampling temperature for RL rollouts")
@@ -465,8 +472,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lr_schedule not in choices(LRSchedule):
         raise UnsupportedConfigError([f"lr_schedule={cfg.lr_schedule}"])
     if cfg.env is not None:
-        ok = cfg.env in ("math", "arithmetic") or (
-            cfg.env.startswith("reasoning_gym:") and cfg.env.split(":", 1)[1].strip() != ""
+        ok = (
+            cfg.env in ("math", "arithmetic", "code", "code:humaneval")
+            or (cfg.env.startswith("reasoning_gym:") and cfg.env.split(":", 1)[1].strip() != "")
+            or (cfg.env.startswith("game:") and cfg.env.split(":", 1)[1] in GAMES)
         )
         if not ok:
             raise ConfigError(f"env={cfg.env!r} is not valid; allowed values: {', '.join(RL_ENVS)}")
@@ -480,6 +489,7 @@ def validate(cfg: TrainConfig) -> None:
         "wandb_project",
         "teacher_model",
         "system_prompt",
+        "reward_fn",
     ):
         value = getattr(cfg, name)
         if value is not None and not value.strip():
@@ -542,6 +552,7 @@ METHOD_SETTINGS: dict[str, str] = {
     "teacher_model": "distillation",
     "distillation_mode": "distillation",
     "system_prompt": "prompt_distillation",
+    "reward_fn": "rl",
 }
 
 

@@ -16,7 +16,7 @@ from posttrain.errors import DataError
 from posttrain.pipeline.grading import final_answer
 
 FormatName = Literal[
-    "messages", "prompt_completion", "instruction", "sharegpt", "question_answer", "preference"
+    "messages", "prompt_completion", "instruction", "sharegpt", "question_answer", "preference", "code"
 ]
 
 CHAT_FORMATS: frozenset[str] = frozenset({"messages", "prompt_completion", "instruction", "sharegpt"})
@@ -46,7 +46,8 @@ _ROLE_ALIASES: dict[str, str] = {
 
 _EXPECTED_LAYOUTS = (
     "messages; conversations (ShareGPT); instruction+output; prompt+completion; prompt+chosen+rejected; "
-    "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer)"
+    "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer); "
+    "code problems: question (or prompt, problem)+tests"
 )
 
 
@@ -73,6 +74,8 @@ def detect_format(row: dict, where: str) -> FormatName:
     # Preference rows often also carry "prompt", so they must win over prompt/completion.
     if _has(row, "chosen") and _has(row, "rejected"):
         return "preference"
+    if _has(row, "tests") and any(_has(row, k) for k in ("question", "prompt", "problem")):
+        return "code"  # before prompt/completion and question/answer: a code problem may carry either too
     if _has(row, "messages"):
         return "messages"
     if _has(row, "conversations"):
@@ -101,6 +104,8 @@ def required_fields(row: dict, fmt: FormatName) -> tuple[str, ...]:
         return ("instruction", "output")
     if fmt == "prompt_completion":
         return ("prompt", "completion")
+    if fmt == "code":
+        return ("tests",)
     pair = _qa_pair(row)
     return pair if pair is not None else QA_FIELD_PAIRS[0]
 
@@ -126,6 +131,11 @@ def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
         return _question_answer(row, where)
     if fmt == "preference":
         return _preference(row, where)
+    if fmt == "code":
+        from posttrain.pipeline.code_tasks import problem_from_row
+
+        problem = problem_from_row(row, where)  # validates the statement and every test
+        return {"question": problem["question"], "tests": problem["tests"], "entry_point": problem["entry_point"]}
     raise DataError(f"{where}: unknown data format {fmt!r}")
 
 

@@ -24,9 +24,9 @@ from tqdm.asyncio import tqdm_asyncio
 
 from posttrain.errors import UserError
 from posttrain.pipeline.console import CONSOLE
-from posttrain.pipeline.grading import extract_answer, grade
 from posttrain.pipeline.results import PreferenceExample, RLExample, SFTExample
 from posttrain.pipeline.rl_envs import prompt_messages
+from posttrain.pipeline.scoring import Scorer
 from posttrain.util import short_error
 
 T = TypeVar("T")
@@ -122,9 +122,15 @@ async def evaluate_accuracy(
     settings: SamplingSettings,
     concurrency: int,
     desc: str,
+    scorer: Scorer | None = None,
+    phase: str = "eval",
 ) -> tuple[list[RLExample], float]:
-    """Return (per-problem rows in the RL schema, accuracy over all problems; failures count as wrong)."""
+    """Return (per-problem rows in the RL schema, mean score over all problems; failures count as 0).
+
+    The score is the same as the training reward's (`scoring`): 0/1 for graded answers, so the mean is the
+    accuracy; the fraction of tests passed for code; the user verifier's value with `reward_fn=`."""
     stop = renderer.get_stop_sequences()
+    scorer = scorer or Scorer()
 
     async def one(i: int, problem: dict) -> RLExample:
         record = RLExample(
@@ -146,17 +152,21 @@ async def evaluate_accuracy(
             response = await client.sample_async(prompt, num_samples=1, sampling_params=params)
             message, _ = renderer.parse_response(response.sequences[0].tokens)
             completion = renderers.get_text_content(message)
-            extracted = extract_answer(completion)
-            record.completion, record.extracted_answer = completion, extracted
-            record.correct = bool(grade(problem, extracted))
+            scored = await scorer.score(problem, completion, phase)
+            record.completion, record.extracted_answer = completion, scored.extracted
+            record.correct = scored.correct
+            # 0/1 graders need no separate reward (it is `correct`); tests and verifiers give fractions.
+            record.reward = scored.reward if scorer.verifier is not None or scored.details else None
+            record.details = scored.details or None
+            record.verifier_error = scored.verifier_error
         except Exception as exc:  # noqa: BLE001 - one bad example must not stop the evaluation
             record.error = short_error(exc)
         return record
 
     records = await bounded_gather(list(problems), one, concurrency, desc)
     _check_some_succeeded(records, desc)
-    accuracy = sum(1 for r in records if r.correct) / len(records) if records else float("nan")
-    return records, accuracy
+    total = sum((r.reward if r.reward is not None else float(bool(r.correct))) for r in records)
+    return records, (total / len(records) if records else float("nan"))
 
 
 async def _mean_completion_logprob(client: tinker.SamplingClient, datum: tinker.Datum) -> float:
@@ -201,3 +211,49 @@ async def evaluate_preference(
         return records, float("nan"), float("nan")
     accuracy = sum(1 for r in scored if r.correct) / len(scored)
     return records, accuracy, sum(r.margin for r in scored if r.margin is not None) / len(scored)
+
+
+async def evaluate_games(
+    client: tinker.SamplingClient,
+    games: Sequence[dict],
+    renderer: renderers.Renderer,
+    settings: SamplingSettings,
+    concurrency: int,
+    desc: str,
+) -> tuple[list[RLExample], float]:
+    """Play each held-out game to the end with the cookbook's env; rows carry the per-turn transcript.
+
+    Returns (rows, win rate). A game is won when a step's reward is 1 (the cookbook's "Correct")."""
+    from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import MAX_TURNS, GuessNumberEnv
+
+    async def one(i: int, game: dict) -> RLExample:
+        record = RLExample(i, game["question"], str(game["answer"]), "", "", False, transcript=[])
+        try:
+            env = GuessNumberEnv(int(game["target"]), renderer)
+            observation, stop = await env.initial_observation()
+            for turn in range(1, MAX_TURNS + 1):
+                params = tinker.SamplingParams(
+                    max_tokens=settings.max_tokens,
+                    temperature=settings.temperature,
+                    stop=stop,
+                    seed=settings.seed + 1000 * i + turn,  # fixed per game and turn: reruns are comparable
+                )
+                response = await client.sample_async(observation, num_samples=1, sampling_params=params)
+                step = await env.step(response.sequences[0].tokens)
+                assert record.transcript is not None
+                record.transcript.append(
+                    {"turn": turn, "player": step.logs["guess"], "env": step.logs["feedback"], "reward": step.reward}
+                )
+                record.extracted_answer = str(step.logs["guess"]).removeprefix("Guess:").strip()
+                if step.reward == 1.0:
+                    record.correct = True
+                if step.episode_done:
+                    break
+                observation, stop = step.next_observation, step.next_stop_condition
+            record.completion = "\n".join(str(t["player"]) for t in record.transcript or [])
+        except Exception as exc:  # noqa: BLE001 - one bad game must not stop the evaluation
+            record.error = short_error(exc)
+        return record
+
+    records = await bounded_gather(list(games), one, concurrency, desc)
+    return records, (sum(1 for r in records if r.correct) / len(records) if records else float("nan"))

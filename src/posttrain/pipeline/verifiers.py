@@ -1,0 +1,116 @@
+"""User-defined verifiers: `reward_fn=path/to/file.py:function`.
+
+The function is called as `function(row, completion) -> float` with the problem row (a dict: the dataset's row
+for question/answer data, the generated problem for `env=` sources) and the model's completion (str). It is
+loaded before anything is spent, so a missing file or function is a one-line error. An exception in it (or a
+return value that is not a finite number) never stops a run: the sample scores 0, and the error, with the
+verifier's file and line, goes to `verifier_errors.jsonl` in the run's logs and is counted in summary.json.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError
+
+ERRORS_FILE = "verifier_errors.jsonl"
+
+
+def parse_spec(spec: str) -> tuple[Path, str]:
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ConfigError(f"reward_fn={spec!r}: expected path/to/file.py:function_name")
+    return Path(path).expanduser(), name
+
+
+def load(spec: str) -> Callable[[dict, str], Any]:
+    """Import the user's file and return the function, or raise a one-line ConfigError naming what is missing."""
+    path, name = parse_spec(spec)
+    if not path.is_file():
+        raise ConfigError(f"reward_fn={spec}: file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"posttrain_user_verifier_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"reward_fn={spec}: {path} cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file: report where it failed, in one line
+        raise ConfigError(f"reward_fn={spec}: importing {path} failed: {_where(exc, path)}") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        hint = f" (functions there: {', '.join(found)})" if found else ""
+        raise ConfigError(f"reward_fn={spec}: {path} has no function {name!r}{hint}")
+    if not callable(fn):
+        raise ConfigError(f"reward_fn={spec}: {name!r} in {path} is not a function")
+    return fn
+
+
+def _where(exc: BaseException, path: Path | None = None) -> str:
+    """'file.py:12: ZeroDivisionError: division by zero', naming the deepest frame in the user's file."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    target = str(path.resolve()) if path else None
+    inside = [f for f in frames if target and str(Path(f.filename).resolve()) == target]
+    frame = (inside or frames or [None])[-1]
+    location = f"{frame.filename}:{frame.lineno}: " if frame is not None else ""
+    return f"{location}{type(exc).__name__}: {exc}"[:500]
+
+
+@dataclass
+class UserVerifier:
+    """The loaded function, with its error log (appended to from the training loop and the evaluations)."""
+
+    spec: str
+    errors_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.fn = load(self.spec)
+        self.path = parse_spec(self.spec)[0]
+        self._lock = threading.Lock()
+
+    def __call__(self, row: dict, completion: str, phase: str) -> tuple[float, str | None]:
+        """(reward in [0, 1], None) or (0.0, 'file.py:line: error') when the verifier failed on this sample."""
+        try:
+            value = self.fn(row, completion)
+            if isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise TypeError(f"the verifier returned {value!r}, not a finite number")
+            return min(1.0, max(0.0, float(value))), None
+        except Exception as exc:  # noqa: BLE001 - a crashing verifier scores 0, it never stops the run
+            where = _where(exc, self.path)
+            self._record(phase, where)
+            return 0.0, where
+
+    def _record(self, phase: str, where: str) -> None:
+        import logging
+
+        logging.getLogger("posttrain.verifier").warning(
+            "reward_fn error (%s, sample scored 0): %s", phase, where
+        )
+        if self.errors_file is None:
+            return
+        with self._lock, self.errors_file.open("a") as f:
+            f.write(json.dumps({"phase": phase, "error": where}) + "\n")
+
+
+def error_counts(errors_file: Path) -> dict[str, Any]:
+    """{phase: count, ..., "first": 'file.py:line: ...'} from the run's verifier_errors.jsonl (empty if none)."""
+    if not errors_file.is_file():
+        return {}
+    counts: dict[str, Any] = {}
+    for line in errors_file.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            counts[record["phase"]] = counts.get(record["phase"], 0) + 1
+            counts.setdefault("first", record["error"])
+    return counts
