@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from runs import read_jsonl, train
 
 from posttrain.config import UNSUPPORTED_SENTENCE
 from posttrain.pipeline.results import validate_summary
 
-REPO = Path(__file__).resolve().parent.parent
 SECRET_TINKER = "tml-very-secret-tinker-key-123"
 SECRET_WANDB = "wandb-very-secret-key-456"
-
-
-def train(
-    args: list[str],
-    cwd: Path,
-    extra_env: dict[str, str] | None = None,
-    timeout: int = 900,
-    unset: tuple[str, ...] = (),
-):
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    for name in unset:
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

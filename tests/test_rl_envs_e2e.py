@@ -6,34 +6,13 @@ come from the right place, errors are counted and never crash the run, and the r
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from runs import read_jsonl, train
 
 from posttrain.pipeline.results import validate_rows, validate_summary
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def train(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 
 FAST = [
     "renderer_name=role_colon",
