@@ -135,7 +135,11 @@ def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
         from posttrain.pipeline.code_tasks import problem_from_row
 
         problem = problem_from_row(row, where)  # validates the statement and every test
-        return {"question": problem["question"], "tests": problem["tests"], "entry_point": problem["entry_point"]}
+        return {
+            "question": problem["question"],
+            "tests": problem["tests"],
+            "entry_point": problem["entry_point"],
+        }
     raise DataError(f"{where}: unknown data format {fmt!r}")
 
 

@@ -242,7 +242,12 @@ async def evaluate_games(
                 step = await env.step(response.sequences[0].tokens)
                 assert record.transcript is not None
                 record.transcript.append(
-                    {"turn": turn, "player": step.logs["guess"], "env": step.logs["feedback"], "reward": step.reward}
+                    {
+                        "turn": turn,
+                        "player": step.logs["guess"],
+                        "env": step.logs["feedback"],
+                        "reward": step.reward,
+                    }
                 )
                 record.extracted_answer = str(step.logs["guess"]).removeprefix("Guess:").strip()
                 if step.reward == 1.0:

@@ -14,7 +14,9 @@ from typing import Any
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 _ANSWER_IS = re.compile(r"answer(?: is)?\s*[:=]?\s*([^\n]+)", flags=re.IGNORECASE)
-GRADE_TIMEOUT_SECONDS = 1.0
+# The cookbook grades with a 1 s limit; a loaded machine needed more for plain equivalences (x^2+2x+1 vs
+# (x+1)^2 timed out and was marked wrong under load), and the limit only guards against sympy hanging.
+GRADE_TIMEOUT_SECONDS = 5.0
 # Appended to every RL question, in training and in evaluation alike, so the answer can be found.
 ANSWER_INSTRUCTION = "Give only the final answer after ####."
 

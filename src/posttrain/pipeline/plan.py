@@ -131,3 +131,26 @@ def estimated_seconds(budget: TokenBudget, rates: dict[str, float]) -> float:
 
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def plan_lines(outcome: dict[str, Any]) -> list[str]:
+    """The plan as the console shows it."""
+    tokens = outcome["tokens"]
+    lines = [
+        f"{tokens['train_steps']} steps of {tokens['sequences_per_step']} sequences "
+        f"(mean {tokens['mean_train_length']:.0f} tokens)",
+        f"tokens: train {tokens['train']:,}, prefill {tokens['prefill']:,}, sample {tokens['sample']:,}",
+        *tokens["notes"],
+    ]
+    if "tinker_cost" in outcome:
+        cost = outcome["tinker_cost"]
+        price = f"${cost['usd']:.4f}" if cost["usd"] is not None else f"unknown ({cost['note']})"
+        lines.append(f"estimated Tinker cost: {price}; prices: {cost['source']}")
+    else:
+        rates = outcome["rates"]
+        lines.append(
+            f"estimated time on this machine: {minutes(outcome['seconds'])} "
+            f"(engine start {minutes(outcome['startup'])}; measured: train {rates['train_tokens_per_s']:,.0f}, "
+            f"prefill {rates['prefill_tokens_per_s']:,.0f}, sample {rates['sample_tokens_per_s']:,.0f} tokens/s)"
+        )
+    return lines

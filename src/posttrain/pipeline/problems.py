@@ -172,8 +172,12 @@ def _from_code(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemS
                 f"env=code: {data.source} has {data.format} rows; code problems need a statement (question, "
                 "prompt or problem) and tests (a list of `assert f(...) == value`)"
             )
-        train = [code_tasks.problem_from_row(r, f"{data.source} row {i + 1}") for i, r in enumerate(data.train)]
-        held_out = [code_tasks.problem_from_row(r, f"{data.eval_source} row {i + 1}") for i, r in enumerate(data.eval)]
+        train = [
+            code_tasks.problem_from_row(r, f"{data.source} row {i + 1}") for i, r in enumerate(data.train)
+        ]
+        held_out = [
+            code_tasks.problem_from_row(r, f"{data.eval_source} row {i + 1}") for i, r in enumerate(data.eval)
+        ]
         info: dict[str, Any] = {"source": data.source, "eval_source": data.eval_source}
     else:
         eval_seed = cfg.seed + EVAL_SEED_OFFSET

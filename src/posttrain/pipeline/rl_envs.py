@@ -185,7 +185,9 @@ class GameFileBuilder(RLDatasetBuilder):
 
         targets = [int(p["target"]) for p in read_jsonl(self.problems_file)]
         rng = random.Random(self.seed)
-        answers = [targets[rng.randrange(len(targets))] for _ in range(self.n_batches * self.groups_per_batch)]
+        answers = [
+            targets[rng.randrange(len(targets))] for _ in range(self.n_batches * self.groups_per_batch)
+        ]
         renderer = renderers.get_renderer(
             self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
         )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -21,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.config import TrainConfig, check_method_settings, config_to_dict
 from posttrain.errors import ConfigError, PreflightError, UserError
-from posttrain.pipeline import backend, plan, preflight, results, template_check, tracking
+from posttrain.pipeline import backend, plan, preflight, results, resume, template_check, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import METHODS, Method, RunContext, method_class
-from posttrain.util import read_jsonl, redact, write_jsonl
+from posttrain.util import read_jsonl, redact
 
 if TYPE_CHECKING:
     import tinker
@@ -98,7 +96,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     state = RunState(cfg, make_run_name(cfg, task), where, task, res)
     if cfg.resume:
-        _check_resumable(state)
+        resume.check_resumable(state.store, state.run_name)
     else:
         res.prepare(state.run_name)
     state.log_path.mkdir(parents=True, exist_ok=True)
@@ -113,7 +111,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         except (UserError, KeyboardInterrupt, Exception) as exc:
             _write_partial(state, exc)
             if not isinstance(exc, PreflightError):  # stopped before training: nothing to continue
-                say(f"to continue this run from its last checkpoint: {resume_command(state.run_name)}")
+                say(f"to continue this run from its last checkpoint: {resume.resume_command(state.run_name)}")
             raise
 
 
@@ -126,7 +124,7 @@ def _dry_run(cfg: TrainConfig, where: preflight.Backend, task: str, method: Meth
     say(f"plan: {task} on backend {where} (nothing is trained; logs in {state.log_path})")
     with CONSOLE.capture(state.log_path / "console.log"):
         outcome = asyncio.run(_plan(state, method))
-    for line in _plan_lines(outcome):
+    for line in plan.plan_lines(outcome):
         say(f"plan: {line}")
     return {"dry_run": True, "task_type": task, "backend": where, **outcome}
 
@@ -149,46 +147,6 @@ async def _plan(state: RunState, method: Method) -> dict[str, Any]:
         "seconds": round(seconds + startup),
         "startup": startup,
     }
-
-
-def _plan_lines(outcome: dict[str, Any]) -> list[str]:
-    tokens = outcome["tokens"]
-    lines = [
-        f"{tokens['train_steps']} steps of {tokens['sequences_per_step']} sequences "
-        f"(mean {tokens['mean_train_length']:.0f} tokens)",
-        f"tokens: train {tokens['train']:,}, prefill {tokens['prefill']:,}, sample {tokens['sample']:,}",
-        *tokens["notes"],
-    ]
-    if "tinker_cost" in outcome:
-        cost = outcome["tinker_cost"]
-        price = f"${cost['usd']:.4f}" if cost["usd"] is not None else f"unknown ({cost['note']})"
-        lines.append(f"estimated Tinker cost: {price}; prices: {cost['source']}")
-    else:
-        rates = outcome["rates"]
-        lines.append(
-            f"estimated time on this machine: {plan.minutes(outcome['seconds'])} "
-            f"(engine start {plan.minutes(outcome['startup'])}; measured: train {rates['train_tokens_per_s']:,.0f}, "
-            f"prefill {rates['prefill_tokens_per_s']:,.0f}, sample {rates['sample_tokens_per_s']:,.0f} tokens/s)"
-        )
-    return lines
-
-
-def _check_resumable(state: RunState) -> None:
-    if not state.log_path.is_dir():
-        raise ConfigError(
-            f"resume=true: there is no run {state.run_name!r} to continue ({state.log_path} not found)"
-        )
-    summary = state.store.read_summary()
-    if summary.get("run_name") == state.run_name and summary.get("status") == "completed":
-        raise ConfigError(f"resume=true: run {state.run_name!r} already completed (see {state.store.path})")
-
-
-def resume_command(run_name: str) -> str:
-    """The command line that continues this run: the same settings, with run_name and resume=true."""
-    kept = [a for a in sys.argv[1:] if not a.lstrip("-").startswith(("resume=", "run_name="))]
-    return " ".join(
-        ["uv run python train.py", *map(shlex.quote, kept), f"run_name={run_name}", "resume=true"]
-    )
 
 
 def _load_data(cfg: TrainConfig) -> LoadedData | None:
@@ -295,7 +253,9 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         state.budget = method.token_budget()
 
         # Evaluate the base model and the trained model the same way.
-        base_rows, state.baseline = _earlier_base_evaluation(state)
+        base_rows, state.baseline = (
+            resume.earlier_base_evaluation(state.store, state.run_name, say) if cfg.resume else (None, None)
+        )
         if base_rows is None:
             base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
             with state.phase("base_eval"):
@@ -304,7 +264,7 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         say(f"base model: {method.score_text(state.baseline)}")
 
         if cfg.resume:
-            _forget_steps_after_last_checkpoint(state.log_path)
+            resume.forget_steps_after_last_checkpoint(state.log_path, say)
         say(f"training: {method.total_steps} steps")
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
             await _with_progress(method.train(), state.log_path / "metrics.jsonl", method.total_steps)
@@ -326,41 +286,6 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
         extra,
         score_label=method.score_label,
     )
-
-
-def _earlier_base_evaluation(state: RunState) -> tuple[list[Any] | None, float | None]:
-    """On resume=true, the base model's evaluation from the stopped run (it does not change), if it finished."""
-    if not state.cfg.resume:
-        return None, None
-    earlier = state.store.read_summary()
-    base_file = state.store.path / results.BASE_FILE
-    if (
-        earlier.get("run_name") != state.run_name
-        or earlier.get("baseline") is None
-        or not base_file.is_file()
-    ):
-        return None, None
-    say("base model: evaluated before the interruption (kept)")
-    return read_jsonl(base_file), float(earlier["baseline"])
-
-
-def _forget_steps_after_last_checkpoint(log_path: Path) -> None:
-    """The cookbook resumes at its last saved state and redoes the steps after it: drop their metrics rows
-    first, so metrics.jsonl reads as one run."""
-    from tinker_cookbook import checkpoint_utils
-
-    record = checkpoint_utils.get_last_checkpoint(str(log_path))
-    metrics_file = log_path / "metrics.jsonl"
-    if not metrics_file.is_file():
-        return
-    resume_step = int(record.name) if record is not None and record.name.isdigit() else 0
-    rows = [
-        r
-        for r in read_jsonl(metrics_file)
-        if not (isinstance(r.get("step"), int) and r["step"] >= resume_step)
-    ]
-    write_jsonl(metrics_file, rows)
-    say(f"training: continuing from step {resume_step} ({log_path / 'checkpoints.jsonl'})")
 
 
 async def _with_progress(loop: Coroutine[Any, Any, Any], metrics_file: Path, total_steps: int) -> None:

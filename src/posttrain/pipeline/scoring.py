@@ -37,7 +37,11 @@ class Scorer:
         if self.verifier is not None:
             row = problem.get("row") or {k: v for k, v in problem.items() if k != "grader"}
             reward, error = self.verifier(row, completion, phase)
-            extracted = code_tasks.extract_code(completion, problem.get("entry_point")) if is_code else extract_answer(completion)
+            extracted = (
+                code_tasks.extract_code(completion, problem.get("entry_point"))
+                if is_code
+                else extract_answer(completion)
+            )
             return Scored(reward, extracted, reward >= 1.0, verifier_error=error)
         if is_code:
             if self._sandboxes is None:

@@ -37,7 +37,9 @@ class RL:
         self.game = (cfg.env or "").startswith("game:")
         if cfg.reward_fn is not None:
             if self.game:
-                raise ConfigError("reward_fn= does not apply to games (env=game:...): the game decides the reward")
+                raise ConfigError(
+                    "reward_fn= does not apply to games (env=game:...): the game decides the reward"
+                )
             verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
         self.problems = load_problems(cfg, data)
         self.extra_scores: dict[str, dict[str, float]] = {}
@@ -106,7 +108,9 @@ class RL:
                 client, problems, self.ctx.renderer, ANSWER_INSTRUCTION, settings, cfg.eval_concurrency,
                 f"{label}: {name}", self.scorer, label,
             )  # fmt: skip
-            write_jsonl(self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl", [r.to_dict() for r in rows])
+            write_jsonl(
+                self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl", [r.to_dict() for r in rows]
+            )
             self.extra_scores.setdefault(name, {})[label] = score
             self.ctx.say(f"{label}: {name}: {score:.1%}")
         return result
@@ -160,7 +164,10 @@ class RL:
         dataset = {**self.problems.info, "env": self.ctx.cfg.env or "math"}
         extra: dict[str, Any] = {"answer_instruction": ANSWER_INSTRUCTION, "score_label": self.score_label}
         for name, scores in self.extra_scores.items():
-            extra[f"{name}_score"] = {"baseline": scores.get("base model"), "trained": scores.get("trained model")}
+            extra[f"{name}_score"] = {
+                "baseline": scores.get("base model"),
+                "trained": scores.get("trained model"),
+            }
         if self.ctx.cfg.reward_fn is not None:
             counts = verifiers.error_counts(self.errors_file)
             extra["reward_fn"] = self.ctx.cfg.reward_fn

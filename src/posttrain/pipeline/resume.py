@@ -1,0 +1,66 @@
+"""Continuing a stopped run (`resume=true run_name=X`): what may be continued, what is kept, the command.
+
+The cookbook loops continue from the last checkpoint in their log directory by themselves; this module keeps
+the rest of the run consistent: the base model's evaluation is reused (it cannot have changed), and the
+metrics of steps the loop will redo are dropped so `metrics.jsonl` reads as one run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError
+from posttrain.pipeline import results
+from posttrain.util import read_jsonl, write_jsonl
+
+
+def check_resumable(store: results.ResultsDir, run_name: str) -> None:
+    log_path = store.log_dir(run_name)
+    if not log_path.is_dir():
+        raise ConfigError(f"resume=true: there is no run {run_name!r} to continue ({log_path} not found)")
+    summary = store.read_summary()
+    if summary.get("run_name") == run_name and summary.get("status") == "completed":
+        raise ConfigError(f"resume=true: run {run_name!r} already completed (see {store.path})")
+
+
+def resume_command(run_name: str) -> str:
+    """The command line that continues this run: the same settings, with run_name and resume=true."""
+    kept = [a for a in sys.argv[1:] if not a.lstrip("-").startswith(("resume=", "run_name="))]
+    return " ".join(
+        ["uv run python train.py", *map(shlex.quote, kept), f"run_name={run_name}", "resume=true"]
+    )
+
+
+def earlier_base_evaluation(
+    store: results.ResultsDir, run_name: str, say: Callable[[str], None]
+) -> tuple[list[Any] | None, float | None]:
+    """The base model's evaluation from the stopped run, if it finished before the stop."""
+    earlier = store.read_summary()
+    base_file = store.path / results.BASE_FILE
+    if earlier.get("run_name") != run_name or earlier.get("baseline") is None or not base_file.is_file():
+        return None, None
+    say("base model: evaluated before the interruption (kept)")
+    return read_jsonl(base_file), float(earlier["baseline"])
+
+
+def forget_steps_after_last_checkpoint(log_path: Path, say: Callable[[str], None]) -> None:
+    """The cookbook resumes at its last saved state and redoes the steps after it: drop their metrics rows
+    first, so metrics.jsonl reads as one run."""
+    from tinker_cookbook import checkpoint_utils
+
+    record = checkpoint_utils.get_last_checkpoint(str(log_path))
+    metrics_file = log_path / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return
+    resume_step = int(record.name) if record is not None and record.name.isdigit() else 0
+    rows = [
+        r
+        for r in read_jsonl(metrics_file)
+        if not (isinstance(r.get("step"), int) and r["step"] >= resume_step)
+    ]
+    write_jsonl(metrics_file, rows)
+    say(f"training: continuing from step {resume_step} ({log_path / 'checkpoints.jsonl'})")
