@@ -88,24 +88,28 @@ class Console:
         bar = self.progress(total_steps, desc)
         # Steps already logged (a resumed run) move the bar but not the token rate.
         offset, backlog = _read_new_lines(metrics_file, 0)
-        started = time.monotonic()
-        tokens = 0.0
         for row in backlog:
             if _is_number(row.get("step")) and _is_training_row(row):
                 bar.update(max(0, int(row["step"]) + 1 - bar.n))
+        started, tokens = time.monotonic(), 0.0
+
+        def advance() -> None:
+            nonlocal offset, tokens
+            offset, rows = _read_new_lines(metrics_file, offset)
+            for row in rows:
+                if not _is_number(row.get("step")) or not _is_training_row(row):
+                    continue
+                tokens += float(row["num_tokens"]) if _is_number(row.get("num_tokens")) else 0.0
+                bar.set_postfix(_postfix(row, tokens / max(time.monotonic() - started, 1e-6)), refresh=False)
+                # Position by step number: a resumed run's log already holds the earlier steps.
+                bar.update(max(0, int(row["step"]) + 1 - bar.n))
+
         try:
             while True:
-                offset, rows = _read_new_lines(metrics_file, offset)
-                for row in rows:
-                    if not _is_number(row.get("step")) or not _is_training_row(row):
-                        continue
-                    tokens += float(row["num_tokens"]) if _is_number(row.get("num_tokens")) else 0.0
-                    rate = tokens / max(time.monotonic() - started, 1e-6)
-                    bar.set_postfix(_postfix(row, rate), refresh=False)
-                    # Position by step number: a resumed run's log already holds the earlier steps.
-                    bar.update(max(0, int(row["step"]) + 1 - bar.n))
+                advance()
                 await asyncio.sleep(0.5)
         finally:
+            advance()  # the loop's last steps may land between two polls and the cancellation
             bar.close()
 
 
