@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 LOCAL_API_KEY = "tml-local-engine"
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 ENGINE_POLL_SECONDS = 1.0
+# How long the run has to notice an interrupt before it gets another one.
+ENGINE_ACK_SECONDS = 3.0
 
 
 def choose_backend(cfg: TrainConfig) -> preflight.Backend:
@@ -99,30 +103,56 @@ async def service_url(
         url = await asyncio.to_thread(engine.wait_ready)
         say(f"engine: ready at {url}")
         # The SDK retries a dead server for minutes; the run should stop as soon as the engine is gone.
-        run_task, exit_codes = asyncio.current_task(), []
-        watcher = asyncio.create_task(_watch(engine, run_task, exit_codes))
+        watcher = _EngineWatcher(engine)
         try:
             yield url
-        except asyncio.CancelledError:
-            if exit_codes:
-                if run_task is not None:
-                    run_task.uncancel()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            if watcher.exit_code is not None:
+                watcher.acknowledged.set()
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
                 raise EngineDied(
-                    f"the local engine stopped during the run (exit code {exit_codes[0]}); see {log_file}"
+                    f"the local engine stopped during the run (exit code {watcher.exit_code}); see {log_file}"
                 ) from None
             raise
         finally:
-            watcher.cancel()
+            watcher.stop()
     finally:
         engine.stop()
 
 
-async def _watch(engine: EngineProcess, run_task: asyncio.Task | None, exit_codes: list[int]) -> None:
-    while (code := engine.proc.poll() if engine.proc else None) is None:
-        await asyncio.sleep(ENGINE_POLL_SECONDS)
-    exit_codes.append(code)
-    if run_task is not None:
-        run_task.cancel()
+class _EngineWatcher:
+    """A thread that interrupts the run when the engine process exits.
+
+    A thread, not an asyncio task: some SDK and cookbook calls block the event loop while they retry (seen: 6
+    minutes inside create_lora_training_client_async after the engine died). It interrupts the way Ctrl-C does
+    (SIGINT: asyncio cancels the run; again, while the run has not noticed, raises KeyboardInterrupt inside a
+    blocking call), and `service_url` turns that into `EngineDied`.
+    """
+
+    def __init__(self, engine: EngineProcess):
+        self.engine = engine
+        self.exit_code: int | None = None
+        self.acknowledged = threading.Event()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="engine-watcher", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(ENGINE_POLL_SECONDS):
+            code = self.engine.proc.poll() if self.engine.proc else None
+            if code is None:
+                continue
+            self.exit_code = code
+            for _ in range(5):
+                if self._stopped.is_set() or self.acknowledged.is_set():
+                    return
+                os.kill(os.getpid(), signal.SIGINT)
+                self.acknowledged.wait(ENGINE_ACK_SECONDS)
+            return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 async def check_served_model(
