@@ -1,6 +1,6 @@
 """The compute side of the engine: base models with LoRA adapters, training steps, snapshots for sampling.
 
-Everything here runs on the engine's single compute thread (see `server.py`), so nothing here locks.
+Everything here runs on the engine's single compute thread (see `engine.py`), so nothing here locks.
 One peft model per served base model holds one adapter per training run, plus one "sampling slot" per LoRA
 shape into which a snapshot's weights are copied before a sampling batch runs.
 """
