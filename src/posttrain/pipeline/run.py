@@ -84,7 +84,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     data = _load_data(cfg)
     task = choose_task(cfg, data)
     if cfg.task == "auto":
-        say(f"task: {task} ({_why(cfg, data, task)})")
+        say(f"task: {task} ({_auto_task(cfg, data)[1]})")
     method = method_class(task)(cfg, data)
     if url := backend.remote_url(cfg, where):
         preflight.check_reachable(url)
@@ -176,35 +176,28 @@ def choose_task(cfg: TrainConfig, data: LoadedData | None) -> str:
     method that trains on the data's format. The method's own settings are then checked against the choice."""
     if cfg.task != "auto":
         return cfg.task
-    task = _auto_task(cfg, data)
+    task, _ = _auto_task(cfg, data)
     check_method_settings(cfg, task)
     return task
 
 
-def _auto_task(cfg: TrainConfig, data: LoadedData | None) -> str:
+def _auto_task(cfg: TrainConfig, data: LoadedData | None) -> tuple[str, str]:
+    """The method task=auto picks, and why."""
     if cfg.teacher_model is not None or cfg.distillation_mode is not None:
-        return "distillation"
+        return "distillation", "teacher_model is set"
     if cfg.system_prompt is not None:
-        return "prompt_distillation"
-    if cfg.env or data is None:
-        return "rl" if cfg.env else "sft"
+        return "prompt_distillation", "system_prompt is set"
+    if cfg.env:
+        return "rl", f"env={cfg.env}"
+    if data is None:
+        return "sft", "no dataset: the default data"
     for name, entry in METHODS.items():
         if data.format in entry.formats:
-            return name
+            return name, f"{data.format} data"
     raise ConfigError(
         f"{data.source}: no training method in posttrain takes {data.format} data yet "
         f"(task= can be {', '.join(METHODS)})"
     )
-
-
-def _why(cfg: TrainConfig, data: LoadedData | None, task: str) -> str:
-    if task == "distillation":
-        return "teacher_model is set"
-    if task == "prompt_distillation":
-        return "system_prompt is set"
-    if cfg.env:
-        return f"env={cfg.env}"
-    return f"{data.format} data" if data is not None else "no dataset: the default data"
 
 
 def make_run_name(cfg: TrainConfig, task: str) -> str:
@@ -348,7 +341,7 @@ def _settings(state: RunState) -> dict[str, Any]:
 
 def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     cfg, res = state.cfg, state.store
-    res.write_jsonl(results.BASE_FILE, outcome.base_rows)
+    # base_model.jsonl was written when the base evaluation finished (a resumed run keeps it).
     res.write_jsonl(results.TRAINED_FILE, outcome.trained_rows)
     comparison = results.compare_examples(outcome.base_rows, outcome.trained_rows, outcome.kind)
 
