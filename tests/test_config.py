@@ -145,7 +145,7 @@ def test_help_raises_help_requested_with_every_field(flag):
 @pytest.mark.parametrize(
     "kwargs, names",
     [
-        ({"task": "pretrain"}, ["task", "auto", "sft", "rl", "dpo", "distillation", "prompt_distillation"]),
+        ({"task": "pretrain"}, ["task", "auto", "sft", "rl", "dpo", "rlhf", "distillation", "prompt_distillation"]),
         ({"backend": "gpu"}, ["backend", "tinker", "local"]),
         ({"loss_fn": "grpo"}, ["loss_fn", "importance_sampling", "ppo", "cispo", "dro"]),
         ({"dtype": "fp16"}, ["dtype", "bf16", "fp32"]),

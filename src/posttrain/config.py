@@ -51,7 +51,7 @@ UNSUPPORTED_SENTENCE = (
 # type, it is the cookbook's; tests pin the others to the cookbook's (a subset where the local engine or the
 # product supports fewer).
 TaskName = Literal[
-    "auto", "sft", "rl", "dpo", "distillation", "prompt_distillation"
+    "auto", "sft", "rl", "dpo", "rlhf", "distillation", "prompt_distillation"
 ]  # the method registry (pipeline/methods) plus auto
 DistillationMode = Literal["off_policy", "on_policy"]
 Backend = Literal["auto", "tinker", "local"]

@@ -3,7 +3,8 @@
 Chat-like layouts (messages, prompt/completion, alpaca instruction, ShareGPT) all become
 `{"messages": [{"role", "content"}, ...]}` ending with a non-empty assistant message; question/answer
 layouts become `{"question", "answer", "final_answer"}`; preference pairs become
-`{"prompt": [messages], "chosen", "rejected"}`. Every error names `where` (file + line, or dataset + row)
+`{"prompt": [messages], "chosen", "rejected"}`, plus `"answer"` (the final answer) when the row carries a ground
+truth (`answer` or `ground_truth`, e.g. pairs made from a verifiable task). Every error names `where` (file + line, or dataset + row)
 and the offending field, so a user can fix the row without reading a traceback.
 """
 
@@ -254,6 +255,8 @@ def _prompt_completion_messages(row: dict, where: str) -> list[dict[str, str]]:
 # --- preference pairs ----------------------------------------------------------------------------
 
 
+# Fields of a preference row that hold the ground truth of a verifiable prompt, first found wins.
+PREFERENCE_ANSWER_FIELDS = ("answer", "ground_truth")
 # Anthropic HH-RLHF keeps each side as one string: "\n\nHuman: ...\n\nAssistant: ...".
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -298,7 +301,14 @@ def _preference(row: dict, where: str) -> dict:
         )
     if chosen.strip() == rejected.strip():
         raise DataError(f'{where}: field "rejected" is the same text as "chosen"; a pair needs two answers')
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    # A verifiable pair (e.g. from scripts/make_preference_pairs.py): its answer lets the evaluation also
+    # sample and grade the model (task accuracy).
+    for key in PREFERENCE_ANSWER_FIELDS:
+        if key in row and row[key] is not None:
+            pair["answer"] = final_answer(_answer_text(row[key], where, key))
+            break
+    return pair
 
 
 # --- question / answer -----------------------------------------------------------------------------

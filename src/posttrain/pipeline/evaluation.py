@@ -6,6 +6,8 @@ the token-weighted mean, the cookbook's `compute_mean_nll`.
 RL: per problem, one sampled answer with the training prompt, extracted and graded the same way as the reward.
 Preference (DPO): per held-out pair, the length-normalised log-prob (mean over completion tokens) of the chosen
 and of the rejected completion; the pair is right when chosen > rejected; the aggregate is that accuracy.
+Pairs that carry a ground truth (a verifiable task) are also answered by sampling (`evaluate_pair_answers`):
+the model's answer to the prompt is graded like an RL answer, which gives the task accuracy.
 A failed example is recorded with its error and does not stop the evaluation; an evaluation in which every
 example failed stops the run with the first error (`EvaluationFailed`), since it measured nothing.
 """
@@ -211,6 +213,49 @@ async def evaluate_preference(
         return records, float("nan"), float("nan")
     accuracy = sum(1 for r in scored if r.correct) / len(scored)
     return records, accuracy, sum(r.margin for r in scored if r.margin is not None) / len(scored)
+
+
+async def evaluate_pair_answers(
+    client: tinker.SamplingClient,
+    records: Sequence[PreferenceExample],
+    rows: Sequence[dict],
+    renderer: renderers.Renderer,
+    settings: SamplingSettings,
+    concurrency: int,
+    desc: str,
+) -> float:
+    """Answer each pair's prompt by sampling, grade it against the row's `answer`, and fill the records'
+    task fields (ground_truth, completion, extracted_answer, task_correct). Returns the task accuracy over all
+    pairs (a failed sample counts as wrong, as in RL evaluation)."""
+    from posttrain.pipeline.grading import extract_answer, grade
+
+    stop = renderer.get_stop_sequences()
+
+    async def one(i: int, record: PreferenceExample) -> bool:
+        record.ground_truth = str(rows[i]["answer"])
+        record.completion, record.extracted_answer, record.task_correct = "", "", False
+        try:
+            params = tinker.SamplingParams(
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                stop=stop,
+                seed=settings.seed + i,
+            )
+            prompt = renderer.build_generation_prompt(rows[i]["prompt"])
+            response = await client.sample_async(prompt, num_samples=1, sampling_params=params)
+            message, _ = renderer.parse_response(response.sequences[0].tokens)
+            record.completion = renderers.get_text_content(message)
+            record.extracted_answer = extract_answer(record.completion)
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the evaluation
+            # The pair's preference score stands; its task answer is recorded as wrong, with the reason.
+            record.extracted_answer = f"(sampling failed: {short_error(exc)})"
+            return False
+        # The cookbook's math grader (its timeout is a signal, so in this thread, not a worker thread).
+        record.task_correct = bool(grade({"answer": record.ground_truth}, record.extracted_answer))
+        return record.task_correct
+
+    correct = await bounded_gather(list(records), one, concurrency, f"{desc}: task accuracy")
+    return sum(correct) / len(correct) if correct else float("nan")
 
 
 async def evaluate_games(

@@ -47,6 +47,14 @@ def earlier_base_evaluation(
     return read_jsonl(base_file), float(earlier["baseline"])
 
 
+def stage_finished(log_path: Path) -> bool:
+    """Whether a training loop (one stage of a several-stage run) got to its final checkpoint."""
+    from tinker_cookbook import checkpoint_utils
+
+    record = checkpoint_utils.get_last_checkpoint(str(log_path), required_key="sampler_path")
+    return record is not None and record.name == "final"
+
+
 def forget_steps_after_last_checkpoint(log_path: Path, say: Callable[[str], None]) -> None:
     """The cookbook resumes at its last saved state and redoes the steps after it: drop their metrics rows
     first, so metrics.jsonl reads as one run."""

@@ -8,6 +8,7 @@ with `status: failed` and the error).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import tempfile
 import time
@@ -22,7 +23,14 @@ from posttrain.errors import ConfigError, PreflightError, UserError
 from posttrain.pipeline import backend, plan, preflight, results, resume, template_check, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
-from posttrain.pipeline.methods import METHODS, Method, RunContext, method_class
+from posttrain.pipeline.methods import (
+    METHODS,
+    Method,
+    RunContext,
+    TrainingStage,
+    method_class,
+    training_stages,
+)
 from posttrain.util import read_jsonl, redact
 
 if TYPE_CHECKING:
@@ -50,6 +58,7 @@ class RunState:
     learning_rate: float | None = None
     lr_source: str = ""
     budget: plan.TokenBudget | None = None
+    stages: list[TrainingStage] = field(default_factory=list)
 
     @property
     def log_path(self) -> Path:
@@ -213,8 +222,9 @@ def default_learning_rate(model_name: str, task: str) -> tuple[float, str]:
     try:
         lr = get_lr(model_name)
     except Exception:  # noqa: BLE001 - models outside the cookbook's calibrated families
+        # rlhf: this is its SFT and reward-model stages' rate; its RL stage halves it, as RL does here.
         return (
-            5e-4 if task == "sft" else 2e-4
+            5e-4 if task in ("sft", "rlhf") else 2e-4
         ), "posttrain default for small models outside the cookbook's table"
     if task == "rl":
         return lr / 2, "tinker_cookbook.hyperparam_utils.get_lr / 2 for RL"
@@ -256,12 +266,11 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
             state.store.write_jsonl(results.BASE_FILE, base_rows)  # kept for a resumed run
         say(f"base model: {method.score_text(state.baseline)}")
 
-        if cfg.resume:
-            resume.forget_steps_after_last_checkpoint(state.log_path, say)
-        say(f"training: {method.total_steps} steps")
+        state.stages = training_stages(method, ctx)
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
-            await _with_progress(method.train(), state.log_path / "metrics.jsonl", method.total_steps)
-        _record_final_checkpoint(state)
+            for number, stage in enumerate(state.stages, 1):
+                await _run_stage(state, stage, number)
+        _record_final_checkpoint(state, state.stages[-1].log_path)
         trained_client = await service.create_sampling_client_async(model_path=state.sampler_path)
 
         with state.phase("trained_eval"):
@@ -281,8 +290,28 @@ async def _train_and_evaluate(state: RunState, method: Method) -> results.Outcom
     )
 
 
-async def _with_progress(loop: Coroutine[Any, Any, Any], metrics_file: Path, total_steps: int) -> None:
-    follower = asyncio.create_task(CONSOLE.follow_training(metrics_file, total_steps))
+async def _run_stage(state: RunState, stage: TrainingStage, number: int) -> None:
+    """One training loop as a phase: its line, its progress bar; a resumed run continues it or skips it."""
+    several = len(state.stages) > 1
+    label = f"training stage {number}/{len(state.stages)}: {stage.name}" if several else "training"
+    if state.cfg.resume:
+        if several and resume.stage_finished(stage.log_path):
+            say(f"{label}: finished before the interruption (kept)")
+            return
+        resume.forget_steps_after_last_checkpoint(stage.log_path, say)
+    say(f"{label}: {stage.total_steps} steps" + (f" (logs in {stage.log_path})" if several else ""))
+    stage.log_path.mkdir(parents=True, exist_ok=True)
+    with state.phase(f"training_{stage.name}") if several else contextlib.nullcontext():
+        desc = stage.name if several else "training"
+        await _with_progress(stage.start(), stage.log_path / "metrics.jsonl", stage.total_steps, desc)
+        if stage.after is not None:
+            await stage.after()
+
+
+async def _with_progress(
+    loop: Coroutine[Any, Any, Any], metrics_file: Path, total_steps: int, desc: str = "training"
+) -> None:
+    follower = asyncio.create_task(CONSOLE.follow_training(metrics_file, total_steps, desc))
     try:
         await loop
     finally:
@@ -317,13 +346,13 @@ def _context(state: RunState, service: tinker.ServiceClient, url: str | None) ->
     )
 
 
-def _record_final_checkpoint(state: RunState) -> None:
+def _record_final_checkpoint(state: RunState, log_path: Path) -> None:
     from tinker_cookbook import checkpoint_utils
 
-    record = checkpoint_utils.get_last_checkpoint(str(state.log_path), required_key="sampler_path")
+    record = checkpoint_utils.get_last_checkpoint(str(log_path), required_key="sampler_path")
     if record is None or not record.sampler_path:
         raise UserError(
-            f"training finished without a final sampler checkpoint in {state.log_path}/checkpoints.jsonl"
+            f"training finished without a final sampler checkpoint in {log_path}/checkpoints.jsonl"
         )
     state.sampler_path = record.sampler_path
     state.tinker_run_id = record.sampler_path[len("tinker://") :].split("/", 1)[0]
@@ -347,7 +376,14 @@ def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
 
     # Verified W&B logging: the training run's metrics must be in its run files (offline) or on W&B.
     project, mode = tracking.resolve_project(cfg.wandb_project), tracking.wandb_mode()
-    verification = tracking.verify_wandb(state.log_path, project, state.run_name, mode)
+    # The loop that made the trained model (the last stage where there are several).
+    final = state.stages[-1] if state.stages else None
+    verification = tracking.verify_wandb(
+        final.log_path if final else state.log_path,
+        project,
+        final.wandb_name if final else state.run_name,
+        mode,
+    )
     facts = results.RunFacts(
         task_type=state.task_type,
         run_name=state.run_name,
@@ -374,7 +410,8 @@ def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - tracking trouble must not lose the results
         summary["wandb_eval_run"] = {"error": redact(str(exc))[:300]}
     results.write_summary(res, summary)
-    warning = results.write_report(res, summary, comparison, state.log_path / "metrics.jsonl")
+    metrics_file = (final.log_path if final else state.log_path) / "metrics.jsonl"
+    warning = results.write_report(res, summary, comparison, metrics_file)
 
     say("")
     say(summary["headline"])
@@ -393,8 +430,8 @@ def _write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
 
 def _token_record(state: RunState) -> dict[str, Any]:
     """The token estimate made before training, beside the tokens the training loop reports it trained on."""
-    metrics = state.log_path / "metrics.jsonl"
-    rows = read_jsonl(metrics) if metrics.is_file() else []
+    files = [s.log_path / "metrics.jsonl" for s in state.stages] or [state.log_path / "metrics.jsonl"]
+    rows = [r for f in files if f.is_file() for r in read_jsonl(f)]
     trained = sum(r["num_tokens"] for r in rows if isinstance(r.get("num_tokens"), int | float))
     return {"estimate": state.budget.as_dict() if state.budget else None, "trained_reported": trained or None}
 

@@ -11,7 +11,13 @@ import importlib
 from dataclasses import dataclass
 
 from posttrain.pipeline.data_formats import CHAT_FORMATS
-from posttrain.pipeline.methods.base import Method, MethodFactory, RunContext
+from posttrain.pipeline.methods.base import (
+    Method,
+    MethodFactory,
+    RunContext,
+    TrainingStage,
+    training_stages,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ METHODS: dict[str, Registered] = {
     "dpo": Registered("posttrain.pipeline.methods.dpo:DPO", frozenset({"preference"})),
     "distillation": Registered("posttrain.pipeline.methods.distillation:Distillation"),
     "prompt_distillation": Registered("posttrain.pipeline.methods.prompt_distillation:PromptDistillation"),
+    "rlhf": Registered("posttrain.pipeline.methods.rlhf:RLHF"),
 }
 
 
@@ -35,4 +42,13 @@ def method_class(name: str) -> MethodFactory:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHODS", "Method", "MethodFactory", "Registered", "RunContext", "method_class"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodFactory",
+    "Registered",
+    "RunContext",
+    "TrainingStage",
+    "method_class",
+    "training_stages",
+]

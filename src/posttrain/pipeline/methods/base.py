@@ -4,6 +4,10 @@ A method turns the run's settings and data into: the files it trains on, one eva
 way on the base and the trained model, and a cookbook training loop. `run.py` drives every method through the
 same steps (prepare, evaluate base, train, evaluate trained), so preflight, results, the report and W&B
 verification are the same for all of them.
+
+Training is one cookbook loop for most methods. A method made of several loops run one after the other
+(task=rlhf: policy SFT, reward model, RL) also defines `stages()`: each stage is a phase on the terminal with
+its own progress bar and its own log folder; the last stage's final checkpoint is the trained model.
 """
 
 from __future__ import annotations
@@ -103,6 +107,28 @@ class Method(Protocol):
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
         """(dataset facts, sizes, extra summary fields) for summary.json."""
         ...
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One cookbook training loop of a method."""
+
+    name: str  # the phase on the terminal, the log sub-folder and the durations key ("training" for one loop)
+    log_path: Path  # the loop's metrics.jsonl, checkpoints.jsonl and W&B files
+    total_steps: int
+    # Configures and returns the loop when the stage begins: a later stage needs the earlier ones' checkpoints.
+    start: Callable[[], Coroutine[Any, Any, Any]]
+    wandb_name: str
+    # Run once the loop has finished and its progress bar closed (e.g. measuring the stage's model).
+    after: Callable[[], Coroutine[Any, Any, Any]] | None = None
+
+
+def training_stages(method: Method, ctx: RunContext) -> list[TrainingStage]:
+    """The method's `stages()` when it has several loops, else its one loop (`train`) in the run's log folder."""
+    stages = getattr(method, "stages", None)
+    if callable(stages):
+        return list(stages())
+    return [TrainingStage("training", ctx.log_path, method.total_steps, method.train, ctx.run_name)]
 
 
 MethodFactory = Callable[[TrainConfig, LoadedData | None], Method]

@@ -1,9 +1,10 @@
 """Direct preference optimisation on chosen/rejected pairs, through the cookbook's `preference.train_dpo` loop.
 
 The reference model is the base model: the loop snapshots the freshly created LoRA (zero update, so exactly
-the base weights) before the first step. Evaluation: per held-out pair, the length-normalised log-prob of the
-chosen and of the rejected completion; the score is preference accuracy (chosen more likely than rejected),
-the mean margin goes into summary.json.
+the base weights) before the first step. Evaluation (`pipeline/preference_eval.py`): per held-out pair,
+the length-normalised log-prob of the chosen and of the rejected completion; the score is preference accuracy
+(chosen more likely than rejected), the mean margin goes into summary.json, and so does the task accuracy
+where the pairs carry an answer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.plan import TokenBudget
+from posttrain.pipeline.preference_eval import PreferenceEvaluation
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -37,6 +39,22 @@ def comparison_record(row: dict) -> dict:
     }
 
 
+def check_pairs(data: LoadedData | None, task: str) -> LoadedData:
+    """The data, if it is preference pairs with something to train on and something held out (else ConfigError)."""
+    if data is None or data.format != "preference":
+        found = f"{data.source} is in the {data.format} format" if data else "no dataset was given"
+        raise ConfigError(
+            f"task={task} needs preference pairs (prompt/chosen/rejected, or chosen/rejected conversations "
+            f"sharing a prompt); {found}"
+        )
+    if len(data.train) < 2 or not data.eval:
+        raise ConfigError(
+            f"task={task} needs at least 2 training pairs and 1 held-out pair; {data.source} gave "
+            f"{len(data.train)} and {len(data.eval)}"
+        )
+    return data
+
+
 class DPO:
     name: ClassVar[str] = "dpo"
     metric: ClassVar = "score"
@@ -44,27 +62,14 @@ class DPO:
     extra_models: tuple[str, ...] = ()
 
     def __init__(self, cfg: TrainConfig, data: LoadedData | None):
-        if data is None or data.format != "preference":
-            found = f"{data.source} is in the {data.format} format" if data else "no dataset was given"
-            raise ConfigError(
-                "task=dpo needs preference pairs (prompt/chosen/rejected, or chosen/rejected conversations "
-                f"sharing a prompt); {found}"
-            )
-        if len(data.train) < 2 or not data.eval:
-            raise ConfigError(
-                f"task=dpo needs at least 2 training pairs and 1 held-out pair; {data.source} gave "
-                f"{len(data.train)} and {len(data.eval)}"
-            )
-        self.data = data
+        self.data = check_pairs(data, self.name)
         self.beta = cfg.dpo_beta if cfg.dpo_beta is not None else DEFAULT_DPO_BETA
-        self.margins: dict[str, float] = {}
+        self.held_out = PreferenceEvaluation(data.eval)
 
     def prepare(self, ctx: RunContext) -> None:
         # The cookbook's DPO modules load torch: imported once the run is past its checks.
         from tinker_cookbook.preference.dpo_datasets import DPODatasetBuilderFromComparisons
         from tinker_cookbook.preference.preference_datasets import ComparisonBuilderFromJsonl
-        from tinker_cookbook.renderers import TrainOnWhat
-        from tinker_cookbook.supervised.data import conversation_to_datum
         from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
         self.ctx = ctx
@@ -84,28 +89,10 @@ class DPO:
                 batch_size=cfg.batch_size,
             ),
         )
-        # Scored the way the loop trains: the final assistant message's tokens, after the shared prompt.
-        self.eval_pairs = [
-            tuple(
-                conversation_to_datum(
-                    [*row["prompt"], {"role": "assistant", "content": row[side]}],
-                    ctx.renderer,
-                    cfg.max_length,
-                    TrainOnWhat.LAST_ASSISTANT_MESSAGE,
-                )
-                for side in ("chosen", "rejected")
-            )
-            for row in self.data.eval
-        ]
+        self.held_out.prepare(ctx)
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation import evaluate_preference
-
-        rows, accuracy, margin = await evaluate_preference(
-            client, self.eval_pairs, self.data.eval, self.ctx.cfg.eval_concurrency, label
-        )
-        self.margins[label] = margin
-        return rows, accuracy
+        return await self.held_out.evaluate(client, label)
 
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.preference import train_dpo
@@ -126,7 +113,7 @@ class DPO:
 
     def token_budget(self) -> TokenBudget:
         cfg = self.ctx.cfg
-        pair_tokens = [sum(d.model_input.length for d in pair) for pair in self.eval_pairs]
+        pair_tokens = self.held_out.token_counts()
         mean_pair = sum(pair_tokens) / max(len(pair_tokens), 1)  # the held-out pairs stand for all of them
         sequences = self.total_steps * cfg.batch_size
         return TokenBudget(
@@ -150,11 +137,5 @@ class DPO:
             "eval_source": self.data.eval_source,
         }
         sizes = {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.eval)}
-        extra = {
-            "dpo_beta": self.beta,
-            "baseline_mean_margin": self.margins.get("base model"),
-            "trained_mean_margin": self.margins.get("trained model"),
-            "margin_definition": "mean over held-out pairs of (chosen - rejected) mean log-prob per completion "
-            "token",
-        }
+        extra = {"dpo_beta": self.beta, **self.held_out.summary_fields()}
         return dataset, sizes, extra

@@ -4,6 +4,7 @@ human report (`report`). The names a run needs are re-exported here."""
 from posttrain.pipeline.results.report import write_report
 from posttrain.pipeline.results.rows import (
     PREFERENCE_KEYS,
+    PREFERENCE_OPTIONAL_KEYS,
     RL_KEYS,
     SFT_KEYS,
     MetricKind,
@@ -29,6 +30,7 @@ from posttrain.pipeline.results.summary import (
 __all__ = [
     "BASE_FILE",
     "PREFERENCE_KEYS",
+    "PREFERENCE_OPTIONAL_KEYS",
     "RL_KEYS",
     "SFT_KEYS",
     "SUMMARY_FILE",

@@ -9,7 +9,9 @@ Rows (one per evaluated example, `index` = position in the evaluation set, the s
 - SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}
 - preference (`PreferenceExample`, DPO): {"index", "prompt", "chosen", "rejected", "chosen_logprob",
   "rejected_logprob", "margin", "correct"}: the length-normalised log-probs (mean per completion token) of the
-  chosen and the rejected completion, margin = chosen - rejected, correct = margin > 0.
+  chosen and the rejected completion, margin = chosen - rejected, correct = margin > 0. Verifiable pairs (the
+  data carries an answer) add "ground_truth", "completion" (the model's greedy answer to the prompt),
+  "extracted_answer" and "task_correct" (graded with pipeline/grading.py).
 
 Which schema rows follow is named by `validate_rows(..., schema=)` ("rl", "sft", "preference"); without one, the metric
 kind decides ("score": rl, "nll": sft). Distillation rows use the SFT schema (NLL of the teacher's completion).
@@ -36,6 +38,8 @@ PREFERENCE_KEYS = (
     "index", "prompt", "chosen", "rejected", "chosen_logprob", "rejected_logprob", "margin", "correct"
 )  # fmt: skip
 RL_OPTIONAL_KEYS = ("reward", "details", "verifier_error", "transcript")
+PREFERENCE_OPTIONAL_KEYS = ("ground_truth", "completion", "extracted_answer", "task_correct")
+OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {"rl": RL_OPTIONAL_KEYS, "preference": PREFERENCE_OPTIONAL_KEYS}
 RowSchema = Literal["rl", "sft", "preference"]
 ROW_KEYS: dict[str, tuple[str, ...]] = {"rl": RL_KEYS, "sft": SFT_KEYS, "preference": PREFERENCE_KEYS}
 # The text fields of each schema (must be strings) and its per-example metric.
@@ -94,6 +98,10 @@ class PreferenceExample:
     margin: float | None
     correct: bool | None
     error: str | None = None
+    ground_truth: str | None = None
+    completion: str | None = None
+    extracted_answer: str | None = None
+    task_correct: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _row_dict(self)
@@ -101,7 +109,8 @@ class PreferenceExample:
 
 def _row_dict(row: Any) -> dict[str, Any]:
     d = dataclasses.asdict(row)
-    for key in ("error", *RL_OPTIONAL_KEYS):  # optional keys appear only when they carry something
+    optional = PREFERENCE_OPTIONAL_KEYS if isinstance(row, PreferenceExample) else RL_OPTIONAL_KEYS
+    for key in ("error", *optional):  # optional keys appear only when they carry something
         if d.get(key) is None:
             d.pop(key, None)
     return d
@@ -128,7 +137,7 @@ def validate_rows(rows: Iterable[Any], kind: MetricKind, schema: RowSchema | Non
     seen: set[int] = set()
     for n, row in enumerate(rows):
         d = as_dict(row)
-        extra = set(d) - set(keys) - {"error"} - (set(RL_OPTIONAL_KEYS) if schema == "rl" else set())
+        extra = set(d) - set(keys) - {"error"} - set(OPTIONAL_KEYS.get(schema, ()))
         missing = [k for k in keys if k not in d]
         if missing or extra:
             raise ValueError(
@@ -148,6 +157,8 @@ def validate_rows(rows: Iterable[Any], kind: MetricKind, schema: RowSchema | Non
             if not (isinstance(d["correct"], bool) or (failed and d["correct"] is None)):
                 raise ValueError(f"row {n}: correct must be true/false (null only with an error)")
         if schema == "preference":
+            if "task_correct" in d and not isinstance(d["task_correct"], bool):
+                raise ValueError(f"row {n}: task_correct must be true/false when present")
             for k in ("chosen_logprob", "rejected_logprob", "margin"):
                 if not (is_number(d[k]) or (failed and d[k] is None)):
                     raise ValueError(
