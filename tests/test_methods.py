@@ -98,6 +98,8 @@ def test_default_learning_rate_sources():
         ("We get \\boxed{\\frac{1}{2}} in the end", "\\frac{1}{2}"),
         ("The answer is 7.", "7"),
         ("first 3 then 41", "41"),
+        ("The answer: 9", "9"),
+        ("I'll provide an answer. I already gave 6 + 2 = 8", "8"),
         ("no digits here\nParis", "Paris"),
         ("", ""),
     ],

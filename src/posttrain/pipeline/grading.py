@@ -13,7 +13,8 @@ from functools import cache
 from typing import Any
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-_ANSWER_IS = re.compile(r"answer(?: is)?\s*[:=]?\s*([^\n]+)", flags=re.IGNORECASE)
+# "answer is X" / "answer: X", not any mention of the word ("I'll provide an answer. 6 + 2 = 8" answers 8).
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is\b|[:=])\s*([^\n]+)", flags=re.IGNORECASE)
 # The cookbook grades with a 1 s limit; a loaded machine needed more for plain equivalences (x^2+2x+1 vs
 # (x+1)^2 timed out and was marked wrong under load), and the limit only guards against sympy hanging.
 GRADE_TIMEOUT_SECONDS = 5.0
