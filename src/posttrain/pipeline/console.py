@@ -83,8 +83,12 @@ class Console:
         """Show a bar (step k/N, loss or reward, tokens/s, ETA) from the cookbook's metrics.jsonl as it grows.
 
         The cookbook loops take no progress callback, but each one appends a line per step to metrics.jsonl.
-        Runs until cancelled.
+        Runs until cancelled. The bar appears when the loop has started (it writes config.json first): work a
+        method does before its loop (off-policy distillation's teacher answering the training prompts, with
+        its own bar) would otherwise count as the first step and make the ETA wrong.
         """
+        while not (metrics_file.parent / "config.json").exists() and not metrics_file.exists():
+            await asyncio.sleep(0.5)
         bar = self.progress(total_steps, desc)
         # Steps already logged (a resumed run) move the bar but not the token rate.
         offset, backlog = _read_new_lines(metrics_file, 0)

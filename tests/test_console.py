@@ -1,0 +1,35 @@
+"""The training bar follows the cookbook's metrics.jsonl, and appears only when the loop has started."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+from posttrain.pipeline.console import Console
+
+
+async def _follow(log_dir: Path, steps: int) -> str:
+    console = Console()
+    console._terminal = io.StringIO()  # the terminal this console writes its bars to
+    follower = asyncio.create_task(console.follow_training(log_dir / "metrics.jsonl", steps))
+    await asyncio.sleep(1.2)
+    # Work before the loop (e.g. a teacher answering the training prompts) shows no training bar yet.
+    assert "training" not in console._terminal.getvalue()
+    (log_dir / "config.json").write_text("{}")
+    with (log_dir / "metrics.jsonl").open("a") as f:
+        for step in range(steps):
+            f.write(json.dumps({"step": step, "train_mean_nll": 2.0 - step / 10, "num_tokens": 100}) + "\n")
+    await asyncio.sleep(1.2)  # the follower looks every 0.5 s
+    follower.cancel()
+    try:
+        await follower
+    except asyncio.CancelledError:
+        pass
+    return console._terminal.getvalue()
+
+
+def test_training_bar_waits_for_the_loop_and_counts_its_steps(tmp_path: Path) -> None:
+    out = asyncio.run(_follow(tmp_path, 3))
+    assert "3/3" in out
