@@ -99,19 +99,24 @@ def test_the_optimal_opponent_is_never_beaten(renderer):
     [
         (["[4]", "[4]"], "cell 4 is already taken"),
         (["I would rather not play"], "no [cell] in the answer"),
+        (["[4]", "Let me take 4 again"], "cell 4 is already taken"),
         (["[9]"], "cell 9 is not 0-8"),
     ],
 )
 def test_an_illegal_move_ends_the_game_as_a_loss_with_the_penalty(renderer, answers, why):
     env = _play(renderer, _game(0, "random", 5), answers)
     assert env.coordinator.game_done and env.illegal() and env.outcome() == "loss"
-    assert env.compute_reward() == tictactoe.ILLEGAL_MOVE_REWARD == -0.5
-    assert env.turns[-1]["env"] == f"illegal move ({why}): loss"
-    assert env.turns[-1]["reward"] == -0.5 and env.turns[-1]["move"] is None
+    legal = len(answers) - 1  # each legal move before the illegal one earns 0.1 back
+    assert env.compute_reward() == pytest.approx(tictactoe.ILLEGAL_MOVE_REWARD + 0.1 * legal)
+    assert tictactoe.ILLEGAL_MOVE_REWARD == -0.5 and env.turns[-1]["env"] == f"illegal move ({why}): loss"
+    assert env.turns[-1]["reward"] == env.compute_reward() and env.turns[-1]["move"] is None
 
 
-def test_a_bare_cell_number_is_a_legal_move(renderer):
-    env = _play(renderer, _game(0, "random", 5), ["4"])  # textarena adds the missing brackets
+def test_the_move_is_the_first_bracketed_cell_else_the_first_number(renderer):
+    assert [tictactoe.parse_move(t) for t in ("[4]", "I say 3, no: [5]", "4\n\nA fine move", "cell 1.5", "x")] == [
+        4, 5, 4, None, None
+    ]  # fmt: skip
+    env = _play(renderer, _game(0, "random", 5), ["4\n\nThe answer is: "])
     assert env.turns[0]["move"] == 4 and not env.illegal()
 
 

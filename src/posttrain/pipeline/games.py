@@ -74,7 +74,7 @@ def tic_tac_toe_problems(n_train: int, n_eval: int, seed: int, opponent: str) ->
             "source": f"textarena TicTacToe-v0 against the {opponent} opponent (seeded); the model plays O "
             "(first) and X in alternate games",
             "eval_source": f"{n_eval} held-out games (opponent seeds from seed {seed + 1}, none used in training)",
-            "score": "win rate; reward win 1, draw 0.5, loss 0, illegal move -0.5 (ends the game)",
+            "score": "win rate; reward win 1, draw 0.5, loss 0, illegal move (ends the game) -0.5 + 0.1 per legal move",
         },
     )
 

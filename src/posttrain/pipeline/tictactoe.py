@@ -1,7 +1,8 @@
 """Tic-tac-toe against a fixed opponent (`env=game:tic_tac_toe`, `game_opponent=random|blocker|optimal`).
 
 Reused from the cookbook's text_arena recipe (`tinker_cookbook.recipes.multiplayer_rl.text_arena`): its
-`TwoPlayerCoordinator` (turn-taking over one textarena game) and `TwoPlayerEnv` in its non-self-play mode (the
+`TwoPlayerCoordinator` (turn-taking over one textarena game; subclassed only to read the model's move) and
+`TwoPlayerEnv` in its non-self-play mode (the
 opponent is a `MessageCompleter` that moves inside the model's `step`), and its minimax `OptimalOpponent`. The
 game itself is textarena's `TicTacToe-v0` (rules, move parsing, win/draw detection). Ours, because the recipe is
 self-play and its fixed opponents are not seeded: seeded opponents (`random`, `blocker`), one game per group
@@ -9,8 +10,12 @@ self-play and its fixed opponents are not seeded: seeded opponents (`random`, `b
 like), the reward, a short prompt, and per-turn logs for the transcripts.
 
 Player 0 is O and moves first (textarena's convention); the model plays O in half the games and X in the other
-half. Reward at the end of a game: win 1, draw 0.5, loss 0; an illegal move (no `[N]` in the answer, a cell
-outside 0-8 or one already taken) ends the game at once as a loss with a penalty: ILLEGAL_MOVE_REWARD = -0.5.
+half. The model's move is the first `[N]` in its answer, else its first number (`parse_move`). Reward at the end
+of a game: win 1, draw 0.5, loss 0; an illegal move (no cell in the answer, a cell outside 0-8 or one already
+taken) ends the game at once as a loss with a penalty: ILLEGAL_MOVE_REWARD = -0.5, plus LEGAL_MOVE_CREDIT = 0.1
+for each legal move the model made before it (so -0.5 to -0.1, always below a legal loss). The credit matters:
+the default model's answers are all illegal within a few moves, and without it every rollout of a group would
+score the same -0.5, leaving the RL loop no signal to learn from.
 (The recipe uses textarena's +1/0/-1 and -2 for an illegal move; ours keeps a game's score in [0, 1], the
 scale of every other RL score here.)
 
@@ -41,8 +46,10 @@ SYMBOLS = ("O", "X")  # by player id
 WIN, DRAW, LOSS = "win", "draw", "loss"
 REWARDS = {WIN: 1.0, DRAW: 0.5, LOSS: 0.0}
 ILLEGAL_MOVE_REWARD = -0.5
+LEGAL_MOVE_CREDIT = 0.1  # per legal move before an illegal one (at most 4: still below a legal loss's 0)
 MAX_MODEL_TURNS = 5
 _MOVE = re.compile(r"\[\s*(\d+)\s*\]")  # textarena's TicTacToeEnv pattern
+_NUMBER = re.compile(r"(?<![\d.])(\d+)(?![\d.])")
 _LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))
 
 
@@ -102,6 +109,29 @@ def make_opponent(kind: str, seed: int) -> MessageCompleter:
 
 
 # ---------------------------------------------------------------------------------------------- the env
+
+
+def parse_move(text: str) -> int | None:
+    """The model's cell: the first `[N]` in its answer (textarena's rule), else its first number. A small model
+    often answers "4" followed by chatter, which textarena reads as no move at all; reading the number gives
+    it a foothold (cf. the generated code tasks), and the cell must still be free."""
+    found = _MOVE.search(text) or _NUMBER.search(text)
+    return int(found.group(1)) if found else None
+
+
+class ModelMoveCoordinator(TwoPlayerCoordinator):
+    """The cookbook's coordinator; the model's answers are turned into `[N]` (`parse_move`) before textarena
+    checks them."""
+
+    def __init__(self, shared_env: ta.Env, model_player_id: int):
+        super().__init__(shared_env)
+        self.model_player_id = model_player_id
+
+    async def make_move(self, player_id: int, move: str) -> None:
+        if player_id == self.model_player_id:
+            cell = parse_move(move)
+            move = f"[{cell}]" if cell is not None else "(no move)"
+        await super().make_move(player_id, move)
 
 
 def board_text(board: list[str]) -> str:
@@ -165,7 +195,9 @@ class TicTacToeEnv(TwoPlayerEnv):
         outcome = self.outcome()
         if outcome is None:
             return 0.0
-        return ILLEGAL_MOVE_REWARD if self.illegal() else REWARDS[outcome]
+        if self.illegal():
+            return ILLEGAL_MOVE_REWARD + LEGAL_MOVE_CREDIT * self.board().count(self.symbol)
+        return REWARDS[outcome]
 
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
         before = self.board()
@@ -176,8 +208,7 @@ class TicTacToeEnv(TwoPlayerEnv):
         theirs = [i for i in range(9) if before[i] == "" and after[i] not in ("", self.symbol)]
         outcome = self.outcome()
         if self.illegal():
-            found = _MOVE.search(text if "[" in text else f"[{text}]")  # textarena adds missing brackets
-            cell = int(found.group(1)) if found else None
+            cell = parse_move(text)
             why = (
                 "no [cell] in the answer"
                 if cell is None
@@ -219,7 +250,7 @@ def make_env(game: dict, renderer: Renderer) -> TicTacToeEnv:
     shared.reset(num_players=2, seed=int(game["opponent_seed"]))
     return TicTacToeEnv(
         player_id=int(game["player_id"]),
-        coordinator=TwoPlayerCoordinator(shared_env=shared),
+        coordinator=ModelMoveCoordinator(shared, int(game["player_id"])),
         self_play=False,
         renderer=renderer,
         opponent_policy=make_opponent(game["opponent"], int(game["opponent_seed"])),
