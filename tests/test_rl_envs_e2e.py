@@ -130,3 +130,58 @@ def test_guess_number_game_reports_win_rate_and_transcripts(tmp_path: Path, engi
         assert row["correct"] == any(t["reward"] == 1.0 for t in turns)
     metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
     assert any("env/all/reward/total" in m for m in metrics)
+
+
+def test_tic_tac_toe_reports_win_draw_loss_rates_and_board_transcripts(
+    tmp_path: Path, engine, tiny_model: str
+):
+    args = ["env=game:tic_tac_toe", "game_opponent=blocker", "max_tokens=4", "max_eval_rows=4"]
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "ttt")
+    assert summary["score_label"] == "win rate" and summary["dataset"]["env"] == "game:tic_tac_toe"
+    for side, rows in (("baseline", base), ("trained", trained)):
+        rates = [summary[f"{side}_{k}_rate"] for k in ("win", "draw", "loss")]
+        assert abs(sum(rates) - 1) < 1e-9 and summary[f"{side}_win_rate"] == summary[f"{side}_score"]
+        assert 0 <= summary[f"{side}_illegal_move_rate"] <= summary[f"{side}_loss_rate"]
+        assert [r["details"]["player"] for r in rows] == ["O", "X", "O", "X"]  # seats alternate
+        for row in rows:
+            assert row["details"]["opponent"] == "blocker" and row["correct"] == (
+                row["details"]["outcome"] == "win"
+            )
+            assert row["reward"] == {"win": 1.0, "draw": 0.5, "loss": 0.0}[row["details"]["outcome"]]
+            turns = row["transcript"]
+            assert 1 <= len(turns) <= 5 and " | " in turns[0]["board"] and " | " in turns[-1]["board_after"]
+            assert turns[-1]["env"].endswith(("win", "draw", "loss"))
+    assert [r["question"] for r in base] == [r["question"] for r in trained]  # the same held-out games
+    games = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
+    assert games[0]["grader"] == "game:tic_tac_toe" and games[0]["opponent"] == "blocker"
+    metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
+    assert any("env/all/win" in m and "env/all/illegal_move" in m for m in metrics), metrics[-1].keys()
+
+
+def test_a_hanging_verifier_times_out_and_the_run_goes_on(tmp_path: Path, engine, tiny_model: str):
+    rows = [{"question": f"{('Sleep', 'Spin', 'Say')[i % 3]} {i}.", "answer": str(i)} for i in range(12)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    verifier = tmp_path / "stuck.py"
+    verifier.write_text(
+        "import time\n\n"
+        "def score(row, completion):\n"
+        "    if row['question'].startswith('Sleep'):\n"
+        "        time.sleep(10**6)\n"
+        "    while row['question'].startswith('Spin'):\n"
+        "        pass\n"
+        "    return 1.0\n"
+    )
+    args = [f"dataset={data}", f"eval_dataset={data}", f"reward_fn={verifier}:score", "verifier_timeout=1",
+            "max_eval_rows=6", "max_steps=1", "batch_size=1"]  # fmt: skip
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "stuck_verifier")
+    assert summary["hyperparameters"]["verifier_timeout"] == 1
+    for row in base + trained:
+        if row["question"].startswith("Say"):
+            assert row["reward"] == 1.0 and "verifier_error" not in row
+        else:
+            assert row["reward"] == 0.0 and row["verifier_error"].endswith(
+                "timed out after 1 s (the call was stopped)"
+            )
+    assert summary["verifier_errors"]["by_phase"]["base model"] == 4
+    assert summary["durations_seconds"]["base_eval"] < 30  # 4 timed-out calls of 1 s, 2+ at a time

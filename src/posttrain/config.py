@@ -69,8 +69,13 @@ TrainOnWhatName = Literal[
 ]
 # What the local engine accepts (posttrain.engine.models.choose_dtype).
 EngineDtype = Literal["auto", "bf16", "fp32"]
-RL_ENVS = ("math", "arithmetic", "reasoning_gym:TASK", "code", "code:humaneval", "game:guess_number")
-GAMES = ("guess_number",)
+RL_ENVS = (
+    "math", "arithmetic", "reasoning_gym:TASK", "code", "code:humaneval", "game:guess_number", "game:tic_tac_toe"
+)  # fmt: skip
+GAMES = ("guess_number", "tic_tac_toe")
+# env=game:tic_tac_toe's fixed opponent (pipeline.tictactoe): a random free cell (seeded); win-or-block, else
+# random; minimax (the cookbook's OptimalOpponent, unbeatable).
+GameOpponent = Literal["random", "blocker", "optimal"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -227,12 +232,16 @@ class TrainConfig:
     )
 
     # RL
-    env: str | None = chz.field(
-        default=None, doc="RL environment: math|arithmetic|reasoning_gym:TASK|code|code:humaneval|game:guess_number"
+    env: str | None = chz.field(default=None, doc="RL environment: " + "|".join(RL_ENVS))
+    game_opponent: GameOpponent | None = chz.field(
+        default=None, doc="env=game:tic_tac_toe: the fixed opponent, random|blocker|optimal (None: random)"
     )
     reward_fn: str | None = chz.field(
         default=None,
         doc="RL: your own verifier, path/to/file.py:function (gets the problem row and the completion, returns a float)",
+    )
+    verifier_timeout: float = chz.field(
+        default=10.0, doc="RL: seconds one reward_fn call may take; a slower call is stopped and scores 0"
     )
     group_size: int = chz.field(default=8, doc="RL rollouts per problem")
     max_tokens: int = chz.field(default=256, doc="max sampled tokens per completion")
@@ -465,7 +474,8 @@ _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def validate(cfg: TrainConfig) -> None:
     """Check enumerated values and ranges; raise `ConfigError` (one line) on the first problem."""
     hints = _field_types()
-    for name in ("task", "backend", "loss_fn", "dtype", "train_on_what", "distillation_mode"):
+    enumerated = ("task", "backend", "loss_fn", "dtype", "train_on_what", "distillation_mode", "game_opponent")  # fmt: skip
+    for name in enumerated:
         value = getattr(cfg, name)
         if value is not None:
             _choice(name, value, choices(hints[name]))
@@ -479,6 +489,10 @@ def validate(cfg: TrainConfig) -> None:
         )
         if not ok:
             raise ConfigError(f"env={cfg.env!r} is not valid; allowed values: {', '.join(RL_ENVS)}")
+    if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
+        raise ConfigError(
+            f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out"
+        )
 
     for name in (
         "dataset",
@@ -533,6 +547,12 @@ def validate(cfg: TrainConfig) -> None:
             "(RL advantages compare rollouts within a group)"
         )
     _at_least("max_tokens", cfg.max_tokens, 1)
+    if isinstance(cfg.verifier_timeout, bool) or not (
+        isinstance(cfg.verifier_timeout, int | float) and 0 < cfg.verifier_timeout <= 3600
+    ):
+        raise ConfigError(
+            f"verifier_timeout={cfg.verifier_timeout!r} is not valid; expected seconds in (0, 3600]"
+        )
     if not (isinstance(cfg.temperature, int | float) and 0 < cfg.temperature <= 2):
         raise ConfigError(f"temperature={cfg.temperature!r} is not valid; expected a number in (0, 2]")
     _between("eval_temperature", cfg.eval_temperature, 0, 2)

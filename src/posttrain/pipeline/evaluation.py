@@ -266,44 +266,99 @@ async def evaluate_games(
     concurrency: int,
     desc: str,
 ) -> tuple[list[RLExample], float]:
-    """Play each held-out game to the end with the cookbook's env; rows carry the per-turn transcript.
-
-    Returns (rows, win rate). A game is won when a step's reward is 1 (the cookbook's "Correct")."""
-    from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import MAX_TURNS, GuessNumberEnv
+    """Play each held-out game to the end with the game's env; rows carry the per-turn transcript and
+    `details.outcome` (win/draw/loss). Returns (rows, win rate; a game that failed counts as not won)."""
 
     async def one(i: int, game: dict) -> RLExample:
         record = RLExample(i, game["question"], str(game["answer"]), "", "", False, transcript=[])
         try:
-            env = GuessNumberEnv(int(game["target"]), renderer)
-            observation, stop = await env.initial_observation()
-            for turn in range(1, MAX_TURNS + 1):
-                params = tinker.SamplingParams(
-                    max_tokens=settings.max_tokens,
-                    temperature=settings.temperature,
-                    stop=stop,
-                    seed=settings.seed + 1000 * i + turn,  # fixed per game and turn: reruns are comparable
-                )
-                response = await client.sample_async(observation, num_samples=1, sampling_params=params)
-                step = await env.step(response.sequences[0].tokens)
-                assert record.transcript is not None
-                record.transcript.append(
-                    {
-                        "turn": turn,
-                        "player": step.logs["guess"],
-                        "env": step.logs["feedback"],
-                        "reward": step.reward,
-                    }
-                )
-                record.extracted_answer = str(step.logs["guess"]).removeprefix("Guess:").strip()
-                if step.reward == 1.0:
-                    record.correct = True
-                if step.episode_done:
-                    break
-                observation, stop = step.next_observation, step.next_stop_condition
-            record.completion = "\n".join(str(t["player"]) for t in record.transcript or [])
+            if game.get("grader") == "game:tic_tac_toe":
+                await _play_tic_tac_toe(client, game, renderer, settings, i, record)
+            else:
+                await _play_guess_number(client, game, renderer, settings, i, record)
         except Exception as exc:  # noqa: BLE001 - one bad game must not stop the evaluation
             record.error = short_error(exc)
         return record
 
     records = await bounded_gather(list(games), one, concurrency, desc)
     return records, (sum(1 for r in records if r.correct) / len(records) if records else float("nan"))
+
+
+def _params(settings: SamplingSettings, stop: Any, game: int, turn: int) -> tinker.SamplingParams:
+    return tinker.SamplingParams(
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        stop=stop,
+        seed=settings.seed + 1000 * game + turn,  # fixed per game and turn: reruns are comparable
+    )
+
+
+async def _play_guess_number(
+    client: tinker.SamplingClient,
+    game: dict,
+    renderer: renderers.Renderer,
+    settings: SamplingSettings,
+    i: int,
+    record: RLExample,
+) -> None:
+    """The cookbook's GuessNumberEnv; won when a step's reward is 1 (its "Correct")."""
+    from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import MAX_TURNS, GuessNumberEnv
+
+    transcript: list[dict[str, Any]] = []
+    record.transcript = transcript
+    env = GuessNumberEnv(int(game["target"]), renderer)
+    observation, stop = await env.initial_observation()
+    for turn in range(1, MAX_TURNS + 1):
+        response = await client.sample_async(
+            observation, num_samples=1, sampling_params=_params(settings, stop, i, turn)
+        )
+        step = await env.step(response.sequences[0].tokens)
+        transcript.append(
+            {"turn": turn, "player": step.logs["guess"], "env": step.logs["feedback"], "reward": step.reward}
+        )
+        record.extracted_answer = str(step.logs["guess"]).removeprefix("Guess:").strip()
+        if step.reward == 1.0:
+            record.correct = True
+        if step.episode_done:
+            break
+        observation, stop = step.next_observation, step.next_stop_condition
+    record.completion = "\n".join(str(t["player"]) for t in transcript)
+    record.details = {"outcome": "win" if record.correct else "loss"}
+
+
+async def _play_tic_tac_toe(
+    client: tinker.SamplingClient,
+    game: dict,
+    renderer: renderers.Renderer,
+    settings: SamplingSettings,
+    i: int,
+    record: RLExample,
+) -> None:
+    """`tictactoe`'s env against the game's fixed opponent; the row's reward is the game's score (win 1, draw
+    0.5, loss 0; an illegal move is a loss)."""
+    from posttrain.pipeline import tictactoe
+
+    env = tictactoe.make_env(game, renderer)
+    record.transcript = env.turns
+    observation, stop = await env.initial_observation()
+    for turn in range(1, tictactoe.MAX_MODEL_TURNS + 1):
+        response = await client.sample_async(
+            observation, num_samples=1, sampling_params=_params(settings, stop, i, turn)
+        )
+        step = await env.step(response.sequences[0].tokens)
+        if step.episode_done:
+            break
+        observation, stop = step.next_observation, step.next_stop_condition
+    outcome = env.outcome()
+    if outcome is None:
+        raise RuntimeError(f"the game did not end within {tictactoe.MAX_MODEL_TURNS} turns")
+    record.completion = "\n".join(t["player"] for t in env.turns)
+    record.extracted_answer = " ".join(str(t["move"]) for t in env.turns if t["move"] is not None)
+    record.correct = outcome == tictactoe.WIN
+    record.reward = tictactoe.REWARDS[outcome]
+    record.details = {
+        "outcome": outcome,
+        "illegal_move": env.illegal(),
+        "player": env.symbol,
+        "opponent": game["opponent"],
+    }

@@ -194,7 +194,7 @@ def _from_code(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemS
 def _from_game(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
     from posttrain.pipeline import games
 
-    return games.game_problems(spec, _n_train(cfg), min(cfg.max_eval_rows, 50), cfg.seed)
+    return games.game_problems(spec, _n_train(cfg), min(cfg.max_eval_rows, 50), cfg.seed, cfg.game_opponent)
 
 
 # env name -> source; `env=NAME:SPEC` passes SPEC on (reasoning_gym:TASK:options).

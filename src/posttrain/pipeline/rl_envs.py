@@ -29,7 +29,7 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from posttrain.pipeline.grading import ANSWER_INSTRUCTION
 from posttrain.pipeline.scoring import Scorer
-from posttrain.pipeline.verifiers import UserVerifier
+from posttrain.pipeline.verifiers import DEFAULT_TIMEOUT_S, UserVerifier
 from posttrain.util import read_jsonl
 
 
@@ -40,9 +40,10 @@ def prompt_messages(problem: dict, instruction: str = ANSWER_INSTRUCTION) -> lis
     return [{"role": "user", "content": f"{text}\n{instruction}" if instruction else text}]
 
 
-def make_scorer(reward_fn: str | None, errors_file: str | None) -> Scorer:
-    verifier = UserVerifier(reward_fn, Path(errors_file) if errors_file else None) if reward_fn else None
-    return Scorer(verifier)
+def make_scorer(reward_fn: str | None, errors_file: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Scorer:
+    if not reward_fn:
+        return Scorer()
+    return Scorer(UserVerifier(reward_fn, Path(errors_file) if errors_file else None, timeout))
 
 
 class QAEnv(ProblemEnv):
@@ -94,6 +95,16 @@ class QAEnv(ProblemEnv):
         )
 
 
+def batch_indices(n_problems: int, groups_per_batch: int, seed: int, index: int) -> list[int]:
+    """The problems of batch `index`: a seeded order, epoch after epoch, so batch i is the same on resume."""
+    per_epoch = max(1, n_problems // groups_per_batch)
+    epoch, offset = divmod(index, per_epoch)
+    order = list(range(n_problems))
+    random.Random(seed + epoch).shuffle(order)
+    start = offset * groups_per_batch
+    return [order[(start + k) % len(order)] for k in range(groups_per_batch)]
+
+
 class ProblemDataset(RLDataset):
     def __init__(
         self,
@@ -116,13 +127,7 @@ class ProblemDataset(RLDataset):
         self.seed = seed
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        # Walk the problems in a seeded order, epoch after epoch, so batch i is the same on resume.
-        per_epoch = max(1, len(self.problems) // self.groups_per_batch)
-        epoch, offset = divmod(index, per_epoch)
-        order = list(range(len(self.problems)))
-        random.Random(self.seed + epoch).shuffle(order)
-        start = offset * self.groups_per_batch
-        chosen = [order[(start + k) % len(order)] for k in range(self.groups_per_batch)]
+        chosen = batch_indices(len(self.problems), self.groups_per_batch, self.seed, index)
         return [
             ProblemGroupBuilder(
                 env_thunk=partial(QAEnv, self.problems[i], self.renderer, self.instruction, self.scorer),
@@ -148,6 +153,7 @@ class ProblemFileBuilder(RLDatasetBuilder):
     seed: int = 0
     reward_fn: str | None = None  # path/to/file.py:function (see `verifiers`)
     verifier_errors_file: str | None = None
+    verifier_timeout: float = DEFAULT_TIMEOUT_S
 
     async def __call__(self) -> tuple[ProblemDataset, None]:
         problems = read_jsonl(self.problems_file)
@@ -162,15 +168,31 @@ class ProblemFileBuilder(RLDatasetBuilder):
             self.instruction,
             self.n_batches,
             self.seed,
-            make_scorer(self.reward_fn, self.verifier_errors_file),
+            make_scorer(self.reward_fn, self.verifier_errors_file, self.verifier_timeout),
         )
         return dataset, None
 
 
+class TicTacToeDataset(RLDataset):
+    def __init__(self, games: list[dict], renderer: renderers.Renderer, groups_per_batch: int, group_size: int,
+                 n_batches: int, seed: int):  # fmt: skip
+        self.games, self.renderer, self.seed = games, renderer, seed
+        self.groups_per_batch, self.group_size, self.n_batches = groups_per_batch, group_size, n_batches
+
+    def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
+        from posttrain.pipeline.tictactoe import TicTacToeGroupBuilder
+
+        chosen = batch_indices(len(self.games), self.groups_per_batch, self.seed, index)
+        return [TicTacToeGroupBuilder(self.games[i], self.renderer, self.group_size) for i in chosen]
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+
 @chz.chz
 class GameFileBuilder(RLDatasetBuilder):
-    """Multi-turn games: the cookbook's own guess_number dataset and env classes, over the targets we chose
-    (`games`), in a seeded order so batch i is the same on resume."""
+    """Multi-turn games over the games we chose (`games`), in a seeded order so batch i is the same on resume:
+    guess_number with the cookbook's own dataset and env classes, tic_tac_toe with `tictactoe`'s."""
 
     problems_file: str
     model_name_for_tokenizer: str
@@ -179,19 +201,25 @@ class GameFileBuilder(RLDatasetBuilder):
     group_size: int
     n_batches: int
     seed: int = 0
+    game: str = "guess_number"
 
     async def __call__(self) -> tuple[RLDataset, None]:
         from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import GuessNumberDataset
 
-        targets = [int(p["target"]) for p in read_jsonl(self.problems_file)]
+        games = read_jsonl(self.problems_file)
+        renderer = renderers.get_renderer(
+            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
+        )
+        if self.game == "tic_tac_toe":
+            dataset = TicTacToeDataset(
+                games, renderer, self.groups_per_batch, self.group_size, self.n_batches, self.seed
+            )
+            return dataset, None
+        targets = [int(p["target"]) for p in games]
         rng = random.Random(self.seed)
         answers = [
             targets[rng.randrange(len(targets))] for _ in range(self.n_batches * self.groups_per_batch)
         ]
-        renderer = renderers.get_renderer(
-            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
-        )
-        dataset = GuessNumberDataset(
+        return GuessNumberDataset(
             answers=answers, renderer=renderer, batch_size=self.groups_per_batch, group_size=self.group_size
-        )
-        return dataset, None
+        ), None

@@ -36,7 +36,7 @@ class Scorer:
         is_code = problem.get("grader") in CODE_GRADERS
         if self.verifier is not None:
             row = problem.get("row") or {k: v for k, v in problem.items() if k != "grader"}
-            reward, error = self.verifier(row, completion, phase)
+            reward, error = await self.verifier.score(row, completion, phase)
             extracted = (
                 code_tasks.extract_code(completion, problem.get("entry_point"))
                 if is_code

@@ -5,15 +5,25 @@ for question/answer data, the generated problem for `env=` sources) and the mode
 loaded before anything is spent, so a missing file or function is a one-line error. An exception in it (or a
 return value that is not a finite number) never stops a run: the sample scores 0, and the error, with the
 verifier's file and line, goes to `verifier_errors.jsonl` in the run's logs and is counted in summary.json.
+
+Calls run in worker processes (a `pebble` process pool), not in the training process, so that a call that
+hangs or busy-loops can be stopped: past `verifier_timeout` seconds its worker is killed (and replaced), the
+sample scores 0 with "timed out after N s", and the run goes on. A thread could not be stopped, and a busy loop
+in the training process would starve the event loop that samples the other rollouts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import importlib.util
 import inspect
 import json
 import math
+import multiprocessing
+import os
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +33,9 @@ from typing import Any
 from posttrain.errors import ConfigError
 
 ERRORS_FILE = "verifier_errors.jsonl"
+DEFAULT_TIMEOUT_S = 10.0
+# Verifiers are meant to be quick; a few workers keep concurrent evaluation requests from queueing behind one.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def parse_spec(spec: str) -> tuple[Path, str]:
@@ -65,31 +78,106 @@ def _where(exc: BaseException, path: Path | None = None) -> str:
     return f"{location}{type(exc).__name__}: {exc}"[:500]
 
 
+def _check_value(value: Any) -> float:
+    if isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"the verifier returned {value!r}, not a finite number")
+    return min(1.0, max(0.0, float(value)))
+
+
+# ------------------------------------------------------------------------------ in the worker processes
+
+_loaded: dict[str, Callable[[dict, str], Any]] = {}
+
+
+def _watch_parent() -> None:
+    # A worker must not outlive the run (killed with SIGKILL, a worker stuck in a user's busy loop would spin
+    # on as an orphan): a thread notices the parent is gone (the GIL is switched every few ms, even then).
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="posttrain-parent-watch").start()
+
+
+def _call(spec: str, row: dict, completion: str) -> tuple[float | None, str | None]:
+    """(reward, None) or (None, 'file.py:line: error'); runs in a worker process."""
+    path = parse_spec(spec)[0]
+    try:
+        fn = _loaded.get(spec)
+        if fn is None:
+            fn = _loaded[spec] = load(spec)
+        return _check_value(fn(row, completion)), None
+    except Exception as exc:  # noqa: BLE001 - a crashing verifier scores 0, it never stops the run
+        return None, str(exc) if isinstance(exc, ConfigError) else _where(exc, path)
+
+
+# ------------------------------------------------------------------------------ in the training process
+
+_pool: Any = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool() -> Any:
+    """The process pool, started on first use (spawned workers: the training process has threads, and a
+    forked copy of it could deadlock) and stopped when the process exits."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from pebble import ProcessPool
+
+            _pool = ProcessPool(
+                max_workers=WORKERS, initializer=_watch_parent, context=multiprocessing.get_context("spawn")
+            )
+            atexit.register(_stop_pool)
+        return _pool
+
+
+def _stop_pool() -> None:
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.stop()
+        pool.join(timeout=5)
+
+
 @dataclass
 class UserVerifier:
-    """The loaded function, with its error log (appended to from the training loop and the evaluations)."""
+    """The user's function, called in worker processes with a wall-clock timeout, with its error log (appended
+    to from the training loop and the evaluations)."""
 
     spec: str
     errors_file: Path | None = None
+    timeout: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        self.fn = load(self.spec)
+        load(self.spec)  # a missing file or function is a one-line error now, in the training process
         self.path = parse_spec(self.spec)[0]
         self._lock = threading.Lock()
 
-    def __call__(self, row: dict, completion: str, phase: str) -> tuple[float, str | None]:
-        """(reward in [0, 1], None) or (0.0, 'file.py:line: error') when the verifier failed on this sample."""
+    async def score(self, row: dict, completion: str, phase: str) -> tuple[float, str | None]:
+        """(reward in [0, 1], None) or (0.0, 'file.py:line: error') when the verifier failed on this sample
+        (an exception, a value that is not a number, a timeout, its process dying)."""
+        from pebble import ProcessExpired
+
         try:
-            value = self.fn(row, completion)
-            if isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise TypeError(f"the verifier returned {value!r}, not a finite number")
-            return min(1.0, max(0.0, float(value))), None
-        except Exception as exc:  # noqa: BLE001 - a crashing verifier scores 0, it never stops the run
-            where = _where(exc, self.path)
-            self._record(phase, where)
-            return 0.0, where
+            future = _worker_pool().schedule(_call, args=(self.spec, row, completion), timeout=self.timeout)
+            value, error = await asyncio.wrap_future(future)
+        except TimeoutError:
+            value, error = None, f"{self.path}: timed out after {self.timeout:g} s (the call was stopped)"
+        except ProcessExpired as exc:
+            value, error = None, f"{self.path}: the verifier's process died (exit code {exc.exitcode})"
+        except Exception as exc:  # noqa: BLE001 - e.g. a value that cannot be pickled, a pool that cannot start
+            value, error = None, f"{self.path}: {type(exc).__name__}: {exc}"[:500]
+        if error is not None or value is None:
+            self._record(phase, error or "no value")
+            return 0.0, error
+        return value, None
 
     def _record(self, phase: str, where: str) -> None:
         import logging

@@ -62,7 +62,7 @@ class RL:
         n_batches = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
         self.total_steps = n_batches
         self.errors_file = ctx.log_path / verifiers.ERRORS_FILE
-        self.scorer = make_scorer(cfg.reward_fn, str(self.errors_file))
+        self.scorer = make_scorer(cfg.reward_fn, str(self.errors_file), cfg.verifier_timeout)
         common = dict(
             problems_file=str(problems_file),
             model_name_for_tokenizer=cfg.model_name,
@@ -73,10 +73,13 @@ class RL:
             seed=cfg.seed,
         )
         if self.game:
-            self.builder: Any = GameFileBuilder(**common)
+            self.builder: Any = GameFileBuilder(**common, game=(cfg.env or "").split(":", 1)[1])
         else:
             self.builder = ProblemFileBuilder(
-                **common, reward_fn=cfg.reward_fn, verifier_errors_file=str(self.errors_file)
+                **common,
+                reward_fn=cfg.reward_fn,
+                verifier_errors_file=str(self.errors_file),
+                verifier_timeout=cfg.verifier_timeout,
             )
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:

@@ -4,8 +4,9 @@ Rows (one per evaluated example, `index` = position in the evaluation set, the s
 
 - RL  (`RLExample`):  {"index", "question", "ground_truth", "completion", "extracted_answer", "correct"}, and
   where they apply: "reward" (the score in [0, 1] when it is not just 0/1: the fraction of tests passed, a user
-  verifier's value), "details" (e.g. tests_passed/tests_total), "verifier_error" (the user verifier failed on
-  this sample: file:line and error; the sample scored 0), "transcript" (multi-turn games: one entry per turn)
+  verifier's value, a tic-tac-toe game's 1/0.5/0), "details" (e.g. tests_passed/tests_total; games: outcome
+  win/draw/loss), "verifier_error" (the user verifier failed on this sample: file:line and error; the sample
+  scored 0), "transcript" (multi-turn games: one entry per turn)
 - SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}
 - preference (`PreferenceExample`, DPO): {"index", "prompt", "chosen", "rejected", "chosen_logprob",
   "rejected_logprob", "margin", "correct"}: the length-normalised log-probs (mean per completion token) of the

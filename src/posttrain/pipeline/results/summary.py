@@ -183,8 +183,29 @@ def build_summary(
             for k in ("paired", "improved", "regressed", "unchanged", "errors")
             if k in comparison
         }
+    for side, rows in (("baseline", outcome.base_rows), ("trained", outcome.trained_rows)):
+        summary.update(game_outcome_rates(rows, side))
     summary.update({"status": "completed", **outcome.extra})
     return summary
+
+
+def game_outcome_rates(rows: Iterable[Any], side: str) -> dict[str, float]:
+    """Games (rows whose `details` carry an `outcome`): `{side}_win_rate`, `_draw_rate`, `_loss_rate` and, where
+    the game has illegal moves, `_illegal_move_rate`, over the games played without error; {} for other rows."""
+    played = [
+        d["details"]
+        for d in map(as_dict, rows)
+        if d.get("error") is None and isinstance(d.get("details"), Mapping) and "outcome" in d["details"]
+    ]
+    if not played:
+        return {}
+    rates = {
+        f"{side}_{k}_rate": sum(g["outcome"] == k for g in played) / len(played)
+        for k in ("win", "draw", "loss")
+    }
+    if any("illegal_move" in g for g in played):
+        rates[f"{side}_illegal_move_rate"] = sum(bool(g.get("illegal_move")) for g in played) / len(played)
+    return rates
 
 
 def validate_summary(d: Mapping[str, Any]) -> None:

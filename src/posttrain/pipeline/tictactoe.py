@@ -1,0 +1,272 @@
+"""Tic-tac-toe against a fixed opponent (`env=game:tic_tac_toe`, `game_opponent=random|blocker|optimal`).
+
+Reused from the cookbook's text_arena recipe (`tinker_cookbook.recipes.multiplayer_rl.text_arena`): its
+`TwoPlayerCoordinator` (turn-taking over one textarena game; subclassed only to read the model's move) and
+`TwoPlayerEnv` in its non-self-play mode (the
+opponent is a `MessageCompleter` that moves inside the model's `step`), and its minimax `OptimalOpponent`. The
+game itself is textarena's `TicTacToe-v0` (rules, move parsing, win/draw detection). Ours, because the recipe is
+self-play and its fixed opponents are not seeded: seeded opponents (`random`, `blocker`), one game per group
+(every rollout of a group plays the same seat against the same opponent seed, so advantages compare like with
+like), the reward, a short prompt, and per-turn logs for the transcripts.
+
+Player 0 is O and moves first (textarena's convention); the model plays O in half the games and X in the other
+half. The model's move is the first `[N]` in its answer, else its first number (`parse_move`). Reward at the end
+of a game: win 1, draw 0.5, loss 0; an illegal move (no cell in the answer, a cell outside 0-8 or one already
+taken) ends the game at once as a loss with a penalty: ILLEGAL_MOVE_REWARD = -0.5, plus LEGAL_MOVE_CREDIT = 0.1
+for each legal move the model made before it (so -0.5 to -0.1, always below a legal loss). The credit matters:
+the default model's answers are all illegal within a few moves, and without it every rollout of a group would
+score the same -0.5, leaving the RL loop no signal to learn from.
+(The recipe uses textarena's +1/0/-1 and -2 for an illegal move; ours keeps a game's score in [0, 1], the
+scale of every other RL score here.)
+
+The prompt is ours, not textarena's observation (about 200 tokens, growing with the move list): the board, the
+free cells and the answer format, about 90 tokens with the chat template, since every turn is a separate
+training sequence and a small CPU budget pays for each token.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import textarena as ta
+import tinker
+from tinker_cookbook.completers import MessageCompleter, StopCondition
+from tinker_cookbook.recipes.multiplayer_rl.text_arena.env import TwoPlayerCoordinator, TwoPlayerEnv
+from tinker_cookbook.recipes.multiplayer_rl.text_arena.tictactoe import OptimalOpponent
+from tinker_cookbook.renderers import Message, Renderer, get_text_content
+from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, StepResult
+
+# textarena's game with its "-train" wrappers: the opponent's observation is the rules, the game messages and
+# the current board (the recipe's default wrapper repeats every earlier board).
+GAME_ID = "TicTacToe-v0-train"
+SYMBOLS = ("O", "X")  # by player id
+WIN, DRAW, LOSS = "win", "draw", "loss"
+REWARDS = {WIN: 1.0, DRAW: 0.5, LOSS: 0.0}
+ILLEGAL_MOVE_REWARD = -0.5
+LEGAL_MOVE_CREDIT = 0.1  # per legal move before an illegal one (at most 4: still below a legal loss's 0)
+MAX_MODEL_TURNS = 5
+_MOVE = re.compile(r"\[\s*(\d+)\s*\]")  # textarena's TicTacToeEnv pattern
+_NUMBER = re.compile(r"(?<![\d.])(\d+)(?![\d.])")
+_LINES = ((0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6))
+
+
+# ---------------------------------------------------------------------------------------------- opponents
+
+
+def _parse_observation(observation: str) -> tuple[list[str], str]:
+    """(9 cells: 'O', 'X' or '', the symbol of the player to move) from a textarena tic-tac-toe observation."""
+    section = observation.rsplit("Current Board:", 1)[-1].split("Available Moves:", 1)[0]
+    cells = [c.strip() for line in section.splitlines() if "|" in line for c in line.split("|")]
+    if len(cells) != 9:
+        raise ValueError(f"cannot read the board from the observation: {observation[-300:]!r}")
+    board = [c if c in SYMBOLS else "" for c in cells]
+    return board, ("O" if "you will be 'O'" in observation else "X")
+
+
+def _completing(board: list[str], symbol: str) -> list[int]:
+    """Free cells that would give `symbol` three in a row."""
+    return sorted(
+        {
+            cell
+            for line in _LINES
+            for cell in line
+            if board[cell] == "" and sum(board[c] == symbol for c in line) == 2
+        }
+    )
+
+
+class SeededOpponent(MessageCompleter):
+    """`random`: a uniformly random free cell; `blocker`: completes its own line when it can, else blocks the
+    model's, else random. Its generator is seeded per game, so the same moves by the model get the same replies."""
+
+    def __init__(self, kind: str, seed: int):
+        self.kind = kind
+        self.rng = random.Random(seed)
+
+    async def __call__(self, messages: list[Message]) -> Message:
+        content = messages[-1]["content"]
+        assert isinstance(content, str)
+        board, me = _parse_observation(content)
+        free = [i for i in range(9) if board[i] == ""]
+        choice = None
+        if self.kind == "blocker":
+            other = "X" if me == "O" else "O"
+            choice = next(iter(_completing(board, me) or _completing(board, other)), None)
+        if choice is None:
+            choice = self.rng.choice(free)
+        return {"role": "assistant", "content": f"[{choice}]"}
+
+
+def make_opponent(kind: str, seed: int) -> MessageCompleter:
+    if kind == "optimal":
+        return OptimalOpponent()  # deterministic minimax: the model can at best draw
+    if kind in ("random", "blocker"):
+        return SeededOpponent(kind, seed)
+    raise ValueError(f"unknown tic-tac-toe opponent {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------- the env
+
+
+def parse_move(text: str) -> int | None:
+    """The model's cell: the first `[N]` in its answer (textarena's rule), else its first number. A small model
+    often answers "4" followed by chatter, which textarena reads as no move at all; reading the number gives
+    it a foothold (cf. the generated code tasks), and the cell must still be free."""
+    found = _MOVE.search(text) or _NUMBER.search(text)
+    return int(found.group(1)) if found else None
+
+
+class ModelMoveCoordinator(TwoPlayerCoordinator):
+    """The cookbook's coordinator; the model's answers are turned into `[N]` (`parse_move`) before textarena
+    checks them."""
+
+    def __init__(self, shared_env: ta.Env, model_player_id: int):
+        super().__init__(shared_env)
+        self.model_player_id = model_player_id
+
+    async def make_move(self, player_id: int, move: str) -> None:
+        if player_id == self.model_player_id:
+            cell = parse_move(move)
+            move = f"[{cell}]" if cell is not None else "(no move)"
+        await super().make_move(player_id, move)
+
+
+def board_text(board: list[str]) -> str:
+    rows = [" | ".join(board[r * 3 + c] or str(r * 3 + c) for c in range(3)) for r in range(3)]
+    return "\n---+---+---\n".join(f" {row} " for row in rows)
+
+
+def prompt_text(board: list[str], symbol: str) -> str:
+    other = "X" if symbol == "O" else "O"
+    free = ", ".join(str(i) for i in range(9) if board[i] == "")
+    return (
+        f"You are playing tic-tac-toe as {symbol} against {other}. Three in a row wins.\n"
+        f"Board (a number is a free cell):\n{board_text(board)}\n"
+        f"Free cells: {free}\n"
+        "Reply with your move: a free cell number in brackets, e.g. [4]."
+    )
+
+
+@dataclass
+class TicTacToeEnv(TwoPlayerEnv):
+    """The cookbook's TwoPlayerEnv against a fixed opponent, with our reward, prompt and per-turn logs."""
+
+    turns: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def symbol(self) -> str:
+        return SYMBOLS[self.player_id]
+
+    @property
+    def stop_condition(self) -> StopCondition:
+        # The model's own end-of-turn token (the recipe stops at "]\n", which chat models rarely write).
+        return self.renderer.get_stop_sequences()
+
+    def board(self) -> list[str]:
+        rows = self.coordinator.state.game_state["board"]
+        return [rows[i // 3][i % 3] for i in range(9)]
+
+    def get_observation(self) -> tinker.ModelInput:
+        if self.coordinator.game_done:
+            return tinker.ModelInput.empty()
+        text = prompt_text(self.board(), self.symbol)
+        return self.renderer.build_generation_prompt([{"role": "user", "content": text}])
+
+    def outcome(self) -> str | None:
+        """win / draw / loss, or None while the game goes on (an illegal move by the model is a loss)."""
+        coordinator = self.coordinator
+        if coordinator.illegal_player_id is not None:
+            if coordinator.illegal_player_id != self.player_id:
+                raise RuntimeError("the fixed opponent made an illegal move")  # it only picks free cells
+            return LOSS
+        rewards = coordinator.rewards
+        if not coordinator.state.done or not rewards:
+            return None
+        mine = rewards[self.player_id]
+        return WIN if mine > 0 else LOSS if mine < 0 else DRAW
+
+    def illegal(self) -> bool:
+        return self.coordinator.illegal_player_id == self.player_id
+
+    def compute_reward(self) -> float:
+        outcome = self.outcome()
+        if outcome is None:
+            return 0.0
+        if self.illegal():
+            return ILLEGAL_MOVE_REWARD + LEGAL_MOVE_CREDIT * self.board().count(self.symbol)
+        return REWARDS[outcome]
+
+    async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
+        before = self.board()
+        text = get_text_content(self.renderer.parse_response(action)[0])
+        result = await super().step(action, extra=extra)
+        after = self.board()
+        mine = [i for i in range(9) if before[i] == "" and after[i] == self.symbol]
+        theirs = [i for i in range(9) if before[i] == "" and after[i] not in ("", self.symbol)]
+        outcome = self.outcome()
+        if self.illegal():
+            cell = parse_move(text)
+            why = (
+                "no [cell] in the answer"
+                if cell is None
+                else (f"cell {cell} is not 0-8" if cell > 8 else f"cell {cell} is already taken")
+            )
+            happened = f"illegal move ({why}): loss"
+        else:
+            happened = f"{self.symbol} took {mine[0]}" if mine else "no move"
+            if theirs:
+                happened += f"; {SYMBOLS[1 - self.player_id]} took {theirs[0]}"
+            if outcome is not None:
+                happened += f"; {outcome}"
+        turn = {
+            "turn": len(self.turns) + 1,
+            "player": text,
+            "env": happened,
+            "reward": result.reward,
+            "board": board_text(before),
+            "move": mine[0] if mine else None,
+            "opponent_move": theirs[0] if theirs else None,
+            "board_after": board_text(after),
+        }
+        self.turns.append(turn)
+        result.logs = {**result.logs, **turn}
+        if result.episode_done and outcome is not None:
+            result.metrics = {
+                **result.metrics,
+                "win": float(outcome == WIN),
+                "draw": float(outcome == DRAW),
+                "loss": float(outcome == LOSS),
+                "illegal_move": float(self.illegal()),
+            }
+        return result
+
+
+def make_env(game: dict, renderer: Renderer) -> TicTacToeEnv:
+    """One game: the seat and the opponent's seed come from the game dict (`games.game_problems`)."""
+    shared = ta.make(env_id=GAME_ID)
+    shared.reset(num_players=2, seed=int(game["opponent_seed"]))
+    return TicTacToeEnv(
+        player_id=int(game["player_id"]),
+        coordinator=ModelMoveCoordinator(shared, int(game["player_id"])),
+        self_play=False,
+        renderer=renderer,
+        opponent_policy=make_opponent(game["opponent"], int(game["opponent_seed"])),
+    )
+
+
+@dataclass(frozen=True)
+class TicTacToeGroupBuilder(EnvGroupBuilder):
+    """`num_envs` rollouts of one game (same seat, same opponent seed)."""
+
+    game: dict
+    renderer: Renderer
+    num_envs: int
+
+    async def make_envs(self) -> list[Env]:
+        return [make_env(self.game, self.renderer) for _ in range(self.num_envs)]
+
+    def logging_tags(self) -> list[str]:
+        return ["tic_tac_toe"]
