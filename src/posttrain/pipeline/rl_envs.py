@@ -45,6 +45,16 @@ def make_scorer(reward_fn: str | None, errors_file: str | None) -> Scorer:
     return Scorer(verifier)
 
 
+def seeded_batch(n_items: int, groups_per_batch: int, index: int, seed: int) -> list[int]:
+    """The items of batch `index`: a seeded order, epoch after epoch, so batch i is the same on resume."""
+    per_epoch = max(1, n_items // groups_per_batch)
+    epoch, offset = divmod(index, per_epoch)
+    order = list(range(n_items))
+    random.Random(seed + epoch).shuffle(order)
+    start = offset * groups_per_batch
+    return [order[(start + k) % len(order)] for k in range(groups_per_batch)]
+
+
 class QAEnv(ProblemEnv):
     """One problem; the reward is its score in [0, 1] (`scoring`: a grader, the sandboxed tests or the user's
     verifier), minus a small penalty for a malformed response."""
@@ -116,13 +126,7 @@ class ProblemDataset(RLDataset):
         self.seed = seed
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        # Walk the problems in a seeded order, epoch after epoch, so batch i is the same on resume.
-        per_epoch = max(1, len(self.problems) // self.groups_per_batch)
-        epoch, offset = divmod(index, per_epoch)
-        order = list(range(len(self.problems)))
-        random.Random(self.seed + epoch).shuffle(order)
-        start = offset * self.groups_per_batch
-        chosen = [order[(start + k) % len(order)] for k in range(self.groups_per_batch)]
+        chosen = seeded_batch(len(self.problems), self.groups_per_batch, index, self.seed)
         return [
             ProblemGroupBuilder(
                 env_thunk=partial(QAEnv, self.problems[i], self.renderer, self.instruction, self.scorer),

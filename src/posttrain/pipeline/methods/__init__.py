@@ -27,6 +27,7 @@ METHODS: dict[str, Registered] = {
     "dpo": Registered("posttrain.pipeline.methods.dpo:DPO", frozenset({"preference"})),
     "distillation": Registered("posttrain.pipeline.methods.distillation:Distillation"),
     "prompt_distillation": Registered("posttrain.pipeline.methods.prompt_distillation:PromptDistillation"),
+    "rubric": Registered("posttrain.pipeline.methods.rubric:RubricRL", frozenset({"rubric"})),
 }
 
 
