@@ -231,10 +231,12 @@ class RubricRL:
         }
         return dataset, sizes, extra
 
-    def _per_example(self) -> dict[str, Any]:
+    def _per_example(self) -> dict[str, Any] | None:
         """Improved/regressed/unchanged by the judged score itself (the shared count flips `correct`, which a
-        graded score rarely does)."""
-        base, trained = self.scores.get("base model") or [], self.scores.get("trained model") or []
+        graded score rarely does). None when the base evaluation was not run here (a resumed run)."""
+        base, trained = self.scores.get("base model"), self.scores.get("trained model")
+        if base is None or trained is None:
+            return None
         pairs = [(b, t) for b, t in zip(base, trained, strict=False) if b is not None and t is not None]
         return {
             "improved": sum(1 for b, t in pairs if t - b > SCORE_TOLERANCE),
