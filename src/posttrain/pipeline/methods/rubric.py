@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
     from posttrain.pipeline.rubric import Grader
 
-# The grader prompt around the conversation, response and criterion (the cookbook's wording), in tokens.
-GRADER_PROMPT_OVERHEAD = 80
+# The cookbook grader prompt's own words around the conversation, reply and criterion, in tokens (about 100
+# with the SmolLM2 tokenizer).
+GRADER_PROMPT_OVERHEAD = 100
 # Per-example judged scores closer than this count as unchanged (summary.json `judged_per_example`).
 SCORE_TOLERANCE = 0.01
 
