@@ -198,3 +198,40 @@ def test_rubric_run_with_another_grader_model_and_sampled_verdicts(
             assert isinstance(item["verdict"], str) and 0 <= item["score"] <= 1
             if "<score>" not in item["verdict"]:
                 assert item["score"] == 0
+
+
+def test_grader_choice_before_anything_is_served(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from posttrain.config import TrainConfig
+    from posttrain.pipeline.methods.rubric import RubricRL
+
+    data = load_data(str(EXAMPLE), max_train_rows=20_000, max_eval_rows=2_000, seed=42)
+    said: list[str] = []
+
+    def prepared(**settings) -> RubricRL:
+        cfg = TrainConfig(task="rubric", batch_size=4, **settings)
+        method = RubricRL(cfg, data)
+        ctx = SimpleNamespace(
+            cfg=cfg, renderer_name="qwen3_instruct", data_dir=tmp_path, say=said.append, base_url=None
+        )
+        method.prepare(ctx)  # type: ignore[arg-type]
+        return method
+
+    default = prepared()
+    assert default.extra_models == [] and default.builder.grader_model == TrainConfig().model_name
+    assert default.total_steps == 90 and said[-1].startswith(
+        f"grader: {TrainConfig().model_name} (the base model"
+    )
+    assert len(read_jsonl(tmp_path / "eval_rubrics.jsonl")) == 40
+    # Another model is served beside the policy; P(Yes) needs its reply to start with the answer, so Qwen3's
+    # thinking renderer is switched off for it.
+    qwen = prepared(grader_model="Qwen/Qwen3-8B")
+    assert (
+        qwen.extra_models == ["Qwen/Qwen3-8B"]
+        and qwen.builder.grader_renderer_name == "qwen3_disable_thinking"
+    )
+    assert (
+        prepared(grader_model="Qwen/Qwen3-8B", grader_mode="sampled").builder.grader_renderer_name == "qwen3"
+    )
+    assert qwen.score_label == "rubric score (judged by Qwen/Qwen3-8B)"

@@ -75,6 +75,13 @@ class RubricRL:
             self.grader_renderer, source = ctx.renderer_name, "the policy's"
         else:
             self.grader_renderer, source = preflight.resolve_renderer(self.grader_model, None)
+        no_thinking = f"{self.grader_renderer}_disable_thinking"
+        if self.mode == "probability" and preflight.renderer_exists(no_thinking):
+            # P(Yes) is read at the reply's first token: a thinking grader would start with <think> there.
+            self.grader_renderer, source = (
+                no_thinking,
+                f"{source}, thinking off: the reply starts with the answer",
+            )
         same = " (the base model itself)" if self.grader_model == cfg.model_name else ""
         ctx.say(
             f"grader: {self.grader_model}{same}, {self.mode} scoring, renderer {self.grader_renderer} ({source})"
