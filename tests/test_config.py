@@ -23,7 +23,7 @@ EXPECTED_FIELDS = {
     "max_eval_rows", "eval_concurrency", "seed", "env", "group_size", "max_tokens", "temperature",
     "eval_temperature", "loss_fn", "kl_penalty_coef", "wandb_project", "save_every", "eval_every", "dtype",
     "dry_run", "resume", "verbose", "dpo_beta", "teacher_model", "distillation_mode", "system_prompt",
-    "reward_fn", "verifier_timeout", "game_opponent",
+    "reward_fn", "verifier_timeout", "game_opponent", "grader_model", "grader_mode",
 }  # fmt: skip
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."

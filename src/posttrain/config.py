@@ -51,9 +51,11 @@ UNSUPPORTED_SENTENCE = (
 # type, it is the cookbook's; tests pin the others to the cookbook's (a subset where the local engine or the
 # product supports fewer).
 TaskName = Literal[
-    "auto", "sft", "rl", "dpo", "rlhf", "distillation", "prompt_distillation"
+    "auto", "sft", "rl", "dpo", "rlhf", "distillation", "prompt_distillation", "rubric"
 ]  # the method registry (pipeline/methods) plus auto
 DistillationMode = Literal["off_policy", "on_policy"]
+# How a rubric grader turns its answer into a score (pipeline/rubric.py).
+GraderMode = Literal["probability", "sampled"]
 Backend = Literal["auto", "tinker", "local"]
 # The RL losses both Tinker and the local engine implement (a subset of tinker.types.LossFnType).
 RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro"]
@@ -266,6 +268,16 @@ class TrainConfig:
         default=None,
         doc="prompt_distillation: the system prompt to bake into the weights (text, or @path/to/file)",
     )
+    grader_model: str | None = chz.field(
+        default=None,
+        doc="rubric: the model that judges each response against each rubric item, any model the backend "
+        "serves (None: the base model itself; never trained)",
+    )
+    grader_mode: GraderMode | None = chz.field(
+        default=None,
+        doc="rubric: " + "|".join(choices(GraderMode)) + " (None: probability, the grader's P(Yes) per item; "
+        "sampled: the cookbook's <score>...</score> answer)",
+    )
 
     # Tracking and checkpoints
     wandb_project: str | None = chz.field(default=None, doc="W&B project (None: WANDB_PROJECT from .env)")
@@ -474,7 +486,9 @@ _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def validate(cfg: TrainConfig) -> None:
     """Check enumerated values and ranges; raise `ConfigError` (one line) on the first problem."""
     hints = _field_types()
-    enumerated = ("task", "backend", "loss_fn", "dtype", "train_on_what", "distillation_mode", "game_opponent")  # fmt: skip
+    enumerated = (
+        "task", "backend", "loss_fn", "dtype", "train_on_what", "distillation_mode", "game_opponent", "grader_mode"
+    )  # fmt: skip
     for name in enumerated:
         value = getattr(cfg, name)
         if value is not None:
@@ -504,6 +518,7 @@ def validate(cfg: TrainConfig) -> None:
         "teacher_model",
         "system_prompt",
         "reward_fn",
+        "grader_model",
     ):
         value = getattr(cfg, name)
         if value is not None and not value.strip():
@@ -573,6 +588,8 @@ METHOD_SETTINGS: dict[str, str] = {
     "distillation_mode": "distillation",
     "system_prompt": "prompt_distillation",
     "reward_fn": "rl",
+    "grader_model": "rubric",
+    "grader_mode": "rubric",
 }
 
 

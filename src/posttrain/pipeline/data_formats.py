@@ -4,7 +4,9 @@ Chat-like layouts (messages, prompt/completion, alpaca instruction, ShareGPT) al
 `{"messages": [{"role", "content"}, ...]}` ending with a non-empty assistant message; question/answer
 layouts become `{"question", "answer", "final_answer"}`; preference pairs become
 `{"prompt": [messages], "chosen", "rejected"}`, plus `"answer"` (the final answer) when the row carries a ground
-truth (`answer` or `ground_truth`, e.g. pairs made from a verifiable task). Every error names `where` (file + line, or dataset + row)
+truth (`answer` or `ground_truth`, e.g. pairs made from a verifiable task); rubric rows become
+`{"messages": [...ending with a user turn], "rubric": [{"criterion", "weight"}, ...]}`. Every error names `where`
+(file + line, or dataset + row)
 and the offending field, so a user can fix the row without reading a traceback.
 """
 
@@ -17,7 +19,14 @@ from posttrain.errors import DataError
 from posttrain.pipeline.grading import final_answer
 
 FormatName = Literal[
-    "messages", "prompt_completion", "instruction", "sharegpt", "question_answer", "preference", "code"
+    "messages",
+    "prompt_completion",
+    "instruction",
+    "sharegpt",
+    "question_answer",
+    "preference",
+    "code",
+    "rubric",
 ]
 
 CHAT_FORMATS: frozenset[str] = frozenset({"messages", "prompt_completion", "instruction", "sharegpt"})
@@ -48,8 +57,13 @@ _ROLE_ALIASES: dict[str, str] = {
 _EXPECTED_LAYOUTS = (
     "messages; conversations (ShareGPT); instruction+output; prompt+completion; prompt+chosen+rejected; "
     "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer); "
-    "code problems: question (or prompt, problem)+tests"
+    "code problems: question (or prompt, problem)+tests; "
+    "rubrics: messages (or convo, prompt)+rubric (or rubric_items)"
 )
+# Rubric rows: the conversation so far (ending with the user's turn) under one of these names, the items under
+# one of RUBRIC_KEYS (`convo`/`rubric_items` is the cookbook's rubric recipe's layout).
+RUBRIC_KEYS = ("rubric", "rubric_items")
+RUBRIC_CONVERSATION_KEYS = ("messages", "convo", "prompt")
 
 
 def _has(row: dict, key: str) -> bool:
@@ -75,6 +89,8 @@ def detect_format(row: dict, where: str) -> FormatName:
     # Preference rows often also carry "prompt", so they must win over prompt/completion.
     if _has(row, "chosen") and _has(row, "rejected"):
         return "preference"
+    if any(_has(row, k) for k in RUBRIC_KEYS):
+        return "rubric"  # before messages: a rubric row's conversation is a "messages" list too
     if _has(row, "tests") and any(_has(row, k) for k in ("question", "prompt", "problem")):
         return "code"  # before prompt/completion and question/answer: a code problem may carry either too
     if _has(row, "messages"):
@@ -107,6 +123,8 @@ def required_fields(row: dict, fmt: FormatName) -> tuple[str, ...]:
         return ("prompt", "completion")
     if fmt == "code":
         return ("tests",)
+    if fmt == "rubric":
+        return (next((k for k in RUBRIC_KEYS if _has(row, k)), RUBRIC_KEYS[0]),)
     pair = _qa_pair(row)
     return pair if pair is not None else QA_FIELD_PAIRS[0]
 
@@ -132,6 +150,8 @@ def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
         return _question_answer(row, where)
     if fmt == "preference":
         return _preference(row, where)
+    if fmt == "rubric":
+        return _rubric(row, where)
     if fmt == "code":
         from posttrain.pipeline.code_tasks import problem_from_row
 
@@ -334,3 +354,58 @@ def _question_answer(row: dict, where: str) -> dict:
     question = _non_empty_str(row, question_key, where)
     answer = _answer_text(row[answer_key], where, answer_key)
     return {"question": question, "answer": answer, "final_answer": final_answer(answer)}
+
+
+# --- rubrics ---------------------------------------------------------------------------------------
+
+
+def _rubric(row: dict, where: str) -> dict:
+    conversation_key = next((k for k in RUBRIC_CONVERSATION_KEYS if _has(row, k)), None)
+    if conversation_key is None:
+        raise DataError(
+            f'{where}: field "messages" is missing (a rubric row needs the conversation to answer: '
+            '"messages" or "convo", a list of {role, content}, or "prompt", a string)'
+        )
+    messages = _side(row[conversation_key], where, conversation_key, "user")
+    if messages[-1]["role"] != "user":
+        raise DataError(
+            f'{where}: field "{conversation_key}" must end with the user\'s turn (the policy writes the next '
+            f'reply), but the last message has role "{messages[-1]["role"]}"'
+        )
+    key = next(k for k in RUBRIC_KEYS if _has(row, k))
+    items = row[key]
+    if not isinstance(items, list) or not items:
+        got = "an empty list" if isinstance(items, list) else _type_name(items)
+        raise DataError(
+            f'{where}: field "{key}" must be a non-empty list of criteria (strings, or '
+            f'{{"criterion", "weight"}} objects), got {got}'
+        )
+    return {
+        "messages": messages,
+        "rubric": [_rubric_item(x, where, f"{key}[{i}]") for i, x in enumerate(items)],
+    }
+
+
+def _rubric_item(item: Any, where: str, field: str) -> dict:
+    if isinstance(item, str):
+        item = {"criterion": item}
+    if not isinstance(item, dict):
+        raise DataError(
+            f'{where}: field "{field}" must be a string or a {{"criterion", "weight"}} object, '
+            f"got {_type_name(item)}"
+        )
+    # The cookbook's Rubric names the criterion rubric_str.
+    name = "criterion" if "criterion" in item or "rubric_str" not in item else "rubric_str"
+    criterion = item.get(name)
+    if not isinstance(criterion, str) or not criterion.strip():
+        got = "an empty string" if isinstance(criterion, str) else _type_name(criterion)
+        raise DataError(f'{where}: field "{field}.{name}" must be a non-empty string, got {got}')
+    weight = item.get("weight", 1.0)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not weight > 0
+        or weight == float("inf")
+    ):
+        raise DataError(f'{where}: field "{field}.weight" must be a number > 0, got {weight!r}')
+    return {"criterion": criterion.strip(), "weight": float(weight)}

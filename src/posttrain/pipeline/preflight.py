@@ -174,7 +174,7 @@ BUILTIN_RENDERERS = (
 )  # fmt: skip
 
 
-def _renderer_exists(name: str) -> bool:
+def renderer_exists(name: str) -> bool:
     """A built-in renderer, or one registered through the cookbook's public `register_renderer`."""
     if name in BUILTIN_RENDERERS:
         return True
@@ -192,7 +192,7 @@ def resolve_renderer(model_name: str, renderer_name: str | None) -> tuple[str, s
     "fallback: <why>" for models outside the cookbook's table. Never touches the network.
     """
     if renderer_name:
-        if not _renderer_exists(renderer_name):
+        if not renderer_exists(renderer_name):
             raise PreflightError(
                 f"renderer_name={renderer_name!r} is not a tinker-cookbook renderer "
                 "(e.g. llama3, qwen3, qwen3_instruct, role_colon, deepseekv3, gpt_oss_medium_reasoning, kimi_k2)"

@@ -196,6 +196,8 @@ def _auto_task(cfg: TrainConfig, data: LoadedData | None) -> tuple[str, str]:
         return "distillation", "teacher_model is set"
     if cfg.system_prompt is not None:
         return "prompt_distillation", "system_prompt is set"
+    if cfg.grader_model is not None or cfg.grader_mode is not None:
+        return "rubric", "grader_model is set" if cfg.grader_model is not None else "grader_mode is set"
     if cfg.env:
         return "rl", f"env={cfg.env}"
     if data is None:
@@ -226,7 +228,7 @@ def default_learning_rate(model_name: str, task: str) -> tuple[float, str]:
         return (
             5e-4 if task in ("sft", "rlhf") else 2e-4
         ), "posttrain default for small models outside the cookbook's table"
-    if task == "rl":
+    if task in ("rl", "rubric"):
         return lr / 2, "tinker_cookbook.hyperparam_utils.get_lr / 2 for RL"
     return lr, "tinker_cookbook.hyperparam_utils.get_lr"
 

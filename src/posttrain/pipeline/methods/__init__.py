@@ -34,6 +34,7 @@ METHODS: dict[str, Registered] = {
     "distillation": Registered("posttrain.pipeline.methods.distillation:Distillation"),
     "prompt_distillation": Registered("posttrain.pipeline.methods.prompt_distillation:PromptDistillation"),
     "rlhf": Registered("posttrain.pipeline.methods.rlhf:RLHF"),
+    "rubric": Registered("posttrain.pipeline.methods.rubric:RubricRL", frozenset({"rubric"})),
 }
 
 

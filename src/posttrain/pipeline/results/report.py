@@ -203,6 +203,8 @@ def write_report(
         f"**{headline(summary)}**",
         "",
     ]
+    if summary.get("score_note"):  # e.g. judged (not verified) scores
+        lines += [f"> {_md(summary['score_note'])}", ""]
     if warning:
         lines += ["> " + line for line in warning.splitlines()] + [""]
     else:
