@@ -40,12 +40,14 @@ def _args(pairs: Path, model: str, run_name: str, epochs: int = 3) -> list[str]:
     ]
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+def _start(args: list[str], cwd: Path, sigint_ignored: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=cwd,
         env=env,
+        # As a shell script's background job (`train.py &`) starts: with SIGINT ignored.
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -118,7 +120,8 @@ def test_engine_killed_mid_training_then_resumed(tmp_path: Path, tiny_model: str
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_pipeline_stops_its_engine(tmp_path: Path, tiny_model: str, pairs: Path, sig) -> None:
-    proc = _start(_args(pairs, tiny_model, "s1", epochs=40), tmp_path)
+    # SIGTERM: sent to a background job, which inherited SIGINT ignored (SIGTERM used to do nothing then).
+    proc = _start(_args(pairs, tiny_model, "s1", epochs=40), tmp_path, sigint_ignored=sig == signal.SIGTERM)
     _wait_for(lambda: (tmp_path / "results" / "logs" / "s1" / "metrics.jsonl").is_file(), 300, "training")
     (engine_pid,) = _engine_pids(proc.pid)
     proc.send_signal(sig)

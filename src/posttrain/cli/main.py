@@ -43,6 +43,10 @@ def train_main(argv: list[str]) -> int:
     # `timeout`, job schedulers and `kill` send SIGTERM: stop the same way as on Ctrl-C (partial results,
     # the engine stopped, the resume command printed).
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # A job started in the background by a non-interactive shell (`train.py &` in a script) inherits SIGINT
+    # ignored: SIGTERM above and the engine watcher would then do nothing, and the run went on training.
+    # (Ctrl-C never reaches a background job, so restoring the default loses nothing.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from posttrain.pipeline.run import run
     from posttrain.util import redact
 
