@@ -120,7 +120,8 @@ def main() -> None:
             status = read_status(pid)
             if status is None:
                 continue
-            roles.setdefault(pid, role(pid))
+            if roles.get(pid, "?") == "?":  # a child between fork and exec has no command line yet
+                roles[pid] = role(pid)
             if "VmHWM" not in status:  # exiting: its memory is gone, and so is its record of the peak
                 continue
             samples.append({"t": round(t, 2), "pid": pid, "role": roles[pid], "rss": status["VmRSS"]})
