@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from posttrain.engine import runtime
+from posttrain.engine import allocator, runtime
 from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_name, parse_tinker_path
 from posttrain.engine.futures import Future, FutureStore
 from posttrain.engine.models import ModelSource
@@ -72,6 +72,7 @@ class Engine:
     ):
         self.dtype = dtype
         self.device = torch.device(device)
+        allocator.configure()  # before the models load: their conversion's temporaries go back too
         # A fixed count (--threads N), or adaptive up to every processor: see threads_for_next_job.
         self.adaptive_threads = not (threads and threads > 0)
         self.threads = threads if threads and threads > 0 else default_threads()
@@ -129,7 +130,12 @@ class Engine:
             n = threads_for_next_job(self.threads)
             if n != torch.get_num_threads():
                 torch.set_num_threads(n)
-        return fn()
+        try:
+            return fn()
+        finally:
+            # What the job freed goes back to the system, so the engine's size between jobs stays that of the
+            # model (and a later job's peak starts from there).
+            allocator.trim()
 
     def model(self, name: str | None) -> ServedModel:
         if name is None or name not in self.models:

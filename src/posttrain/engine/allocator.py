@@ -1,0 +1,51 @@
+"""The C allocator's policy in the engine process: give freed tensor memory back to the system.
+
+torch allocates CPU tensors with glibc's malloc. glibc raises its mmap threshold each time a large mmapped block
+is freed (up to 32 MB), so after the first 128 MB logits chunk every activation of a training step comes from
+the heap arenas, and the freed memory stays there: the engine's resident size between training steps grew from
+1.1 GB (model loaded) to 2.8-3.1 GB during the default run, and its peak to 3.2-3.8 GB (BENCHMARKS.md).
+A fixed threshold keeps large tensors in their own mappings, returned to the system when freed; a trim after
+each compute job returns what the arenas still hold (the smaller allocations). Elsewhere than glibc: no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+logger = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# Blocks from this size up get their own mapping. 128 KiB is glibc's initial default; fixing it turns the
+# dynamic raise off. Activations of SmolLM2-135M are 64 KiB to a few MB per tensor at 1024-token micro-batches.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator keeps its own policy
+        return None
+
+
+def configure() -> bool:
+    """Fix the mmap threshold for the rest of the process; True when the allocator is glibc's."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1:
+        logger.info("mallopt(M_MMAP_THRESHOLD) refused; freed memory stays in the heap")
+        return False
+    return True
+
+
+def trim() -> None:
+    """Return the free memory the heap arenas hold to the system (a few ms)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
