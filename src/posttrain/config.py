@@ -72,9 +72,11 @@ TrainOnWhatName = Literal[
 # What the local engine accepts (posttrain.engine.models.choose_dtype).
 EngineDtype = Literal["auto", "bf16", "fp32"]
 RL_ENVS = (
-    "math", "arithmetic", "reasoning_gym:TASK", "code", "code:humaneval", "game:guess_number", "game:tic_tac_toe"
+    "math", "arithmetic", "reasoning_gym:TASK", "code", "code:humaneval", "game:guess_number", "game:tic_tac_toe",
+    "tools:calculator", "tools:search",
 )  # fmt: skip
 GAMES = ("guess_number", "tic_tac_toe")
+TOOL_ENVS = ("calculator", "search")  # `tools:NAME` or `tools:NAME:max_turns=N`
 # env=game:tic_tac_toe's fixed opponent (pipeline.tictactoe): a random free cell (seeded); win-or-block, else
 # random; minimax (the cookbook's OptimalOpponent, unbeatable).
 GameOpponent = Literal["random", "blocker", "optimal"]
@@ -234,7 +236,8 @@ class TrainConfig:
     )
 
     # RL
-    env: str | None = chz.field(default=None, doc="RL environment: " + "|".join(RL_ENVS))
+    env: str | None = chz.field(default=None, doc="RL environment: " + "|".join(RL_ENVS) + " (tools: add :max_turns=N)"
+    )
     game_opponent: GameOpponent | None = chz.field(
         default=None, doc="env=game:tic_tac_toe: the fixed opponent, random|blocker|optimal (None: random)"
     )
@@ -500,6 +503,7 @@ def validate(cfg: TrainConfig) -> None:
             cfg.env in ("math", "arithmetic", "code", "code:humaneval")
             or (cfg.env.startswith("reasoning_gym:") and cfg.env.split(":", 1)[1].strip() != "")
             or (cfg.env.startswith("game:") and cfg.env.split(":", 1)[1] in GAMES)
+            or (cfg.env.startswith("tools:") and cfg.env.split(":")[1] in TOOL_ENVS)
         )
         if not ok:
             raise ConfigError(f"env={cfg.env!r} is not valid; allowed values: {', '.join(RL_ENVS)}")
@@ -532,7 +536,9 @@ def validate(cfg: TrainConfig) -> None:
             "(it names the folder results/logs/<run_name>)"
         )
     if cfg.resume and cfg.dry_run:
-        raise ConfigError("resume=true and dry_run=true do not go together: a plan is made before a run starts")
+        raise ConfigError(
+            "resume=true and dry_run=true do not go together: a plan is made before a run starts"
+        )
     if cfg.resume and not cfg.run_name:
         raise ConfigError(
             "resume=true needs run_name=<the run to continue> (its logs are results/logs/<run_name>)"

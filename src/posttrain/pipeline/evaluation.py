@@ -362,3 +362,79 @@ async def _play_tic_tac_toe(
         "player": env.symbol,
         "opponent": game["opponent"],
     }
+
+
+async def evaluate_tool_use(
+    client: tinker.SamplingClient,
+    problems: Sequence[dict],
+    renderer: renderers.Renderer,
+    settings: SamplingSettings,
+    concurrency: int,
+    desc: str,
+    scorer: Scorer,
+    max_turns: int,
+    phase: str,
+) -> tuple[list[RLExample], float]:
+    """Run each held-out problem to the end in the same cookbook env as training (`tool_envs`), the model's
+    tool calls answered by the real tools; the final answer is scored as the training reward scores it.
+
+    Rows carry the per-turn transcript (`{turn, player, env, reward}`: the model's text as written, tool calls
+    included; the tools' replies, "" after the final answer; the step's reward) and `details` {tool_calls,
+    turns}. Returns (rows, accuracy of the final answers; the mean reward with a user verifier)."""
+    from tinker_cookbook.rl.types import ActionExtra
+
+    from posttrain.pipeline.tool_envs import make_env, thread_safe
+
+    shared = thread_safe(renderer)
+
+    async def one(i: int, problem: dict) -> RLExample:
+        record = RLExample(i, problem["question"], str(problem["answer"]), "", "", False, transcript=[])
+        transcript: list[dict[str, Any]] = []
+        record.transcript = transcript
+        try:
+            env, reward = make_env(problem, shared, scorer, max_turns, phase)
+            start = await env.initial_observation()
+            assert isinstance(start, tuple), "the prompt is longer than the model's context"
+            observation, stop = start
+            calls = 0
+            for turn in range(1, max_turns + 1):
+                params = tinker.SamplingParams(
+                    max_tokens=settings.max_tokens,
+                    temperature=settings.temperature,
+                    stop=stop,
+                    seed=settings.seed + 1000 * i + turn,  # fixed per problem and turn: reruns are comparable
+                )
+                response = await client.sample_async(observation, num_samples=1, sampling_params=params)
+                sequence = response.sequences[0]
+                step = await env.step(sequence.tokens, extra=ActionExtra(stop_reason=sequence.stop_reason))
+                player = shared.decode(sequence.tokens)
+                calls += sum(1 for key in step.logs if key.startswith("tool_call_"))
+                transcript.append(
+                    {"turn": turn, "player": player, "env": _tool_replies(step.logs), "reward": step.reward}
+                )
+                if step.episode_done:
+                    break
+                observation, stop = step.next_observation, step.next_stop_condition
+            scored = reward.scored  # None: the episode ended without an answer (a malformed or cut-off turn)
+            record.completion = reward.answer_text if scored is not None else transcript[-1]["player"]
+            record.details = {"tool_calls": calls, "turns": len(transcript)}
+            if scored is not None:
+                record.extracted_answer, record.correct = scored.extracted, scored.correct
+                record.reward = scored.reward if scorer.verifier is not None else None
+                record.verifier_error = scored.verifier_error
+        except Exception as exc:  # noqa: BLE001 - one bad problem must not stop the evaluation
+            record.error = short_error(exc)
+        return record
+
+    records = await bounded_gather(list(problems), one, concurrency, desc)
+    _check_some_succeeded(records, desc)
+    total = sum((r.reward if r.reward is not None else float(bool(r.correct))) for r in records)
+    return records, (total / len(records) if records else float("nan"))
+
+
+def _tool_replies(logs: dict[str, Any]) -> str:
+    # AgentToolMessageEnv logs each call's result as tool_result_<k>, and malformed calls as parse_errors.
+    replies = [str(logs[k]) for k in sorted(logs) if k.startswith("tool_result_")]
+    if "parse_errors" in logs:
+        replies.append(f"(tool call not understood: {logs['parse_errors']})")
+    return "\n".join(replies)

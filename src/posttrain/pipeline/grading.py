@@ -3,12 +3,14 @@
 The reward during RL and the accuracy in evaluation both come from here, so the two cannot disagree.
 A problem is a dict `{"question", "answer", "grader", ...}`: grader "math" compares with the cookbook's
 `safe_grade` (sympy equivalence and normalisation, with a timeout, as its math_rl recipe does);
-"reasoning_gym:TASK" uses the task's own scorer on the problem's `entry`.
+"reasoning_gym:TASK" uses the task's own scorer on the problem's `entry`; "text" (short factual answers, e.g. a
+name) is an exact match after the normalisation of the cookbook's search recipe (`normalize_text`).
 """
 
 from __future__ import annotations
 
 import re
+import string
 from functools import cache
 from typing import Any
 
@@ -74,9 +76,18 @@ def _reasoning_gym_scorer(task: str) -> Any:
     return reasoning_gym.get_score_answer_fn(task)
 
 
+def normalize_text(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces: `normalize_answer` of the cookbook's search_tool
+    recipe (SQuAD's), which cannot be imported without that recipe's chromadb and Gemini dependencies."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
 def grade(problem: dict, extracted: str) -> bool:
     """Whether `extracted` answers `problem` correctly."""
     grader = problem.get("grader", "math")
+    if grader == "text":
+        return bool(extracted.strip()) and normalize_text(extracted) == normalize_text(str(problem["answer"]))
     if grader.startswith("reasoning_gym:"):
         scorer = _reasoning_gym_scorer(grader.split(":", 1)[1])
         return float(scorer(extracted, problem["entry"])) >= 1.0

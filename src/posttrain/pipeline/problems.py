@@ -197,13 +197,24 @@ def _from_game(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemS
     return games.game_problems(spec, _n_train(cfg), min(cfg.max_eval_rows, 50), cfg.seed, cfg.game_opponent)
 
 
-# env name -> source; `env=NAME:SPEC` passes SPEC on (reasoning_gym:TASK:options).
+def _from_tools(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
+    from posttrain.pipeline import tool_tasks
+
+    if data is not None:
+        raise ConfigError(f"env=tools:{spec} makes its own problems; leave dataset= out")
+    return tool_tasks.tool_problems(
+        spec, _n_train(cfg), min(cfg.max_eval_rows, 50), cfg.seed, cfg.seed + EVAL_SEED_OFFSET
+    )
+
+
+# env name -> source; `env=NAME:SPEC` passes SPEC on (reasoning_gym:TASK:options, tools:NAME:options).
 SOURCES: dict[str, Callable[[TrainConfig, LoadedData | None, str], ProblemSet]] = {
     "math": _from_dataset,
     "arithmetic": _from_arithmetic,
     "reasoning_gym": _from_reasoning_gym,
     "code": _from_code,
     "game": _from_game,
+    "tools": _from_tools,
 }
 
 
@@ -212,7 +223,9 @@ def load_problems(cfg: TrainConfig, data: LoadedData | None) -> ProblemSet:
     name, _, spec = (cfg.env or "math").partition(":")
     source = SOURCES.get(name)
     if source is None:
-        raise ConfigError(f"env={cfg.env}: expected math, arithmetic, reasoning_gym:TASK, code or game:NAME")
+        raise ConfigError(
+            f"env={cfg.env}: expected math, arithmetic, reasoning_gym:TASK, code, game:NAME or tools:NAME"
+        )
     problems = source(cfg, data, spec)
     if not problems.train or not problems.eval:
         raise ConfigError("RL needs at least one training and one evaluation problem")

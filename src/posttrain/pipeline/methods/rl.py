@@ -4,7 +4,9 @@ Problems come from `problems` (a question/answer dataset, code problems, or a ge
 reward and the evaluation score answers the same way (`scoring`: graders, sandboxed tests, or the user's
 `reward_fn=`). Evaluation: one sampled answer per held-out problem with the training prompt, scored as accuracy
 (mean fraction of tests passed for code, mean reward with a user verifier). Games (`env=game:NAME`) are
-multi-turn: the cookbook's env classes, evaluated as the win rate over held-out games.
+multi-turn: the cookbook's env classes, evaluated as the win rate over held-out games. Tool use
+(`env=tools:NAME`, `tool_envs`) is multi-turn too: the cookbook's tool-agent env, evaluated as the accuracy of
+the final answers on held-out problems.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ class RL:
 
     def __init__(self, cfg: TrainConfig, data: LoadedData | None):
         self.game = (cfg.env or "").startswith("game:")
+        self.tools = (cfg.env or "").startswith("tools:")
+        self.max_turns = 0
+        if self.tools:
+            from posttrain.pipeline import preflight, tool_tasks
+
+            spec = (cfg.env or "").split(":", 1)[1]
+            self.max_turns = tool_tasks.parse_spec(spec).max_turns
+            # A renderer with no tool-call format is refused now, before the engine starts.
+            tool_tasks.check_renderer(preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0], spec)
         if cfg.reward_fn is not None:
             if self.game:
                 raise ConfigError(
@@ -74,6 +85,17 @@ class RL:
         )
         if self.game:
             self.builder: Any = GameFileBuilder(**common, game=(cfg.env or "").split(":", 1)[1])
+        elif self.tools:
+            from posttrain.pipeline.tool_envs import ToolProblemFileBuilder, initial_messages
+
+            initial_messages(self.problems.eval[0], ctx.renderer)  # a renderer without tool calls: one line
+            self.builder = ToolProblemFileBuilder(
+                **common,
+                max_turns=self.max_turns,
+                reward_fn=cfg.reward_fn,
+                verifier_errors_file=str(self.errors_file),
+                verifier_timeout=cfg.verifier_timeout,
+            )
         else:
             self.builder = ProblemFileBuilder(
                 **common,
@@ -83,7 +105,12 @@ class RL:
             )
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy, evaluate_games
+        from posttrain.pipeline.evaluation import (
+            SamplingSettings,
+            evaluate_accuracy,
+            evaluate_games,
+            evaluate_tool_use,
+        )
 
         cfg = self.ctx.cfg
         settings = SamplingSettings(
@@ -93,6 +120,11 @@ class RL:
             return await evaluate_games(
                 client, self.problems.eval, self.ctx.renderer, settings, cfg.eval_concurrency, label
             )
+        if self.tools:
+            return await evaluate_tool_use(
+                client, self.problems.eval, self.ctx.renderer, settings, cfg.eval_concurrency, label,
+                self.scorer, self.max_turns, label,
+            )  # fmt: skip
         result = await evaluate_accuracy(
             client,
             self.problems.eval,
@@ -139,19 +171,32 @@ class RL:
 
         cfg, renderer = self.ctx.cfg, self.ctx.renderer
         problems = self.problems.train[:200] + self.problems.eval[:200]
-        prompt = sum(renderer.build_generation_prompt(prompt_messages(p)).length for p in problems) / len(
-            problems
-        )
+        if self.tools:
+            from posttrain.pipeline.tool_envs import initial_messages
+
+            def messages(p: dict) -> list:
+                return initial_messages(p, renderer)
+        else:
+            messages = prompt_messages
+        prompt = sum(renderer.build_generation_prompt(messages(p)).length for p in problems) / len(problems)
+        # Multi-turn tool use: at most max_turns turns, each re-reading the conversation so far; a tool reply
+        # is counted like a turn of max_tokens. One turn: the single-turn formulas.
+        turns = max(1, self.max_turns)
+        trajectory = prompt + (2 * turns - 1) * cfg.max_tokens
+        mean_turn_prompt = prompt + (turns - 1) * cfg.max_tokens
         rollouts = self.total_steps * cfg.batch_size * cfg.group_size
         evals = 2 * len(self.problems.eval)
+        notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
+        if self.tools:
+            notes.append(f"upper bound: every episode counted at max_turns={turns} turns")
         return TokenBudget(
-            train=round(rollouts * (prompt + cfg.max_tokens)),
-            prefill=round((rollouts + evals) * prompt),
-            sample=(rollouts + evals) * cfg.max_tokens,
+            train=round(rollouts * trajectory),
+            prefill=round((rollouts + evals) * turns * mean_turn_prompt),
+            sample=(rollouts + evals) * turns * cfg.max_tokens,
             train_steps=self.total_steps,
             sequences_per_step=cfg.batch_size * cfg.group_size,
-            mean_train_length=prompt + cfg.max_tokens,
-            notes=[f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"],
+            mean_train_length=trajectory,
+            notes=notes,
         )
 
     def score_text(self, value: float) -> str:
