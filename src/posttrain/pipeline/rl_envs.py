@@ -142,33 +142,51 @@ class ProblemDataset(RLDataset):
 
 
 @chz.chz
-class ProblemFileBuilder(RLDatasetBuilder):
-    problems_file: str
+class RowsFileBuilder(RLDatasetBuilder):
+    """What every RL dataset builder of ours carries: the rows the pipeline wrote to the run's logs (a builder
+    is a config the cookbook logs and may rebuild, so it holds a path, not the rows) and how to batch them."""
+
+    rows_file: str
     model_name_for_tokenizer: str
     renderer_name: str
     groups_per_batch: int
     group_size: int
     n_batches: int
-    instruction: str = ANSWER_INSTRUCTION
     seed: int = 0
+
+    def rows(self) -> list[dict]:
+        return read_jsonl(self.rows_file)
+
+    def renderer(self) -> renderers.Renderer:
+        return renderers.get_renderer(self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer))
+
+
+@chz.chz
+class ScoredRowsBuilder(RowsFileBuilder):
+    """Rows whose answers are scored (`scoring`), optionally by the user's `reward_fn` with its timeout."""
+
     reward_fn: str | None = None  # path/to/file.py:function (see `verifiers`)
     verifier_errors_file: str | None = None
     verifier_timeout: float = DEFAULT_TIMEOUT_S
 
+    def scorer(self) -> Scorer:
+        return make_scorer(self.reward_fn, self.verifier_errors_file, self.verifier_timeout)
+
+
+@chz.chz
+class ProblemFileBuilder(ScoredRowsBuilder):
+    instruction: str = ANSWER_INSTRUCTION
+
     async def __call__(self) -> tuple[ProblemDataset, None]:
-        problems = read_jsonl(self.problems_file)
-        renderer = renderers.get_renderer(
-            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
-        )
         dataset = ProblemDataset(
-            problems,
-            renderer,
+            self.rows(),
+            self.renderer(),
             self.groups_per_batch,
             self.group_size,
             self.instruction,
             self.n_batches,
             self.seed,
-            make_scorer(self.reward_fn, self.verifier_errors_file, self.verifier_timeout),
+            self.scorer(),
         )
         return dataset, None
 
@@ -190,26 +208,16 @@ class TicTacToeDataset(RLDataset):
 
 
 @chz.chz
-class GameFileBuilder(RLDatasetBuilder):
+class GameFileBuilder(RowsFileBuilder):
     """Multi-turn games over the games we chose (`games`), in a seeded order so batch i is the same on resume:
     guess_number with the cookbook's own dataset and env classes, tic_tac_toe with `tictactoe`'s."""
 
-    problems_file: str
-    model_name_for_tokenizer: str
-    renderer_name: str
-    groups_per_batch: int
-    group_size: int
-    n_batches: int
-    seed: int = 0
     game: str = "guess_number"
 
     async def __call__(self) -> tuple[RLDataset, None]:
         from tinker_cookbook.recipes.multiplayer_rl.guess_number.env import GuessNumberDataset
 
-        games = read_jsonl(self.problems_file)
-        renderer = renderers.get_renderer(
-            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
-        )
+        games, renderer = self.rows(), self.renderer()
         if self.game == "tic_tac_toe":
             dataset = TicTacToeDataset(
                 games, renderer, self.groups_per_batch, self.group_size, self.n_batches, self.seed

@@ -39,14 +39,13 @@ from tinker_cookbook.rl.types import (
     Env,
     EnvGroupBuilder,
     RLDataset,
-    RLDatasetBuilder,
     StepResult,
 )
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from posttrain.config import GraderMode
-from posttrain.pipeline.rl_envs import batch_indices
-from posttrain.util import read_jsonl, short_error
+from posttrain.pipeline.rl_envs import RowsFileBuilder, batch_indices
+from posttrain.util import short_error
 
 YES_NO_INSTRUCTION = "Answer with Yes or No."
 # Sampled verdicts: enough for "<score>0.8</score>" after a short justification.
@@ -214,26 +213,17 @@ class RubricDataset(RLDataset):
 
 
 @chz.chz
-class RubricFileBuilder(RLDatasetBuilder):
+class RubricFileBuilder(RowsFileBuilder):
     """The rubric rows (written to the run's logs) and the grader, for the cookbook's `rl.train`."""
 
-    rows_file: str
-    model_name_for_tokenizer: str
-    renderer_name: str
-    groups_per_batch: int
-    group_size: int
-    n_batches: int
-    grader_model: str
-    grader_renderer_name: str
+    grader_model: str = ""
+    grader_renderer_name: str = ""
     grader_mode: GraderMode = "probability"
     grader_concurrency: int = 64
     base_url: str | None = None
-    seed: int = 0
 
     async def __call__(self) -> tuple[RubricDataset, None]:
-        renderer = renderers.get_renderer(
-            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
-        )
+        renderer = self.renderer()
         grader = await make_grader(
             tinker.ServiceClient(base_url=self.base_url),
             self.grader_model,
@@ -241,8 +231,7 @@ class RubricFileBuilder(RLDatasetBuilder):
             self.grader_mode,
             self.grader_concurrency,
         )
-        rows = read_jsonl(self.rows_file)
         dataset = RubricDataset(
-            rows, renderer, grader, self.groups_per_batch, self.group_size, self.n_batches, self.seed
+            self.rows(), renderer, grader, self.groups_per_batch, self.group_size, self.n_batches, self.seed
         )
         return dataset, None

@@ -37,8 +37,7 @@ import chz
 from tinker_cookbook import renderers
 from tinker_cookbook.renderers.base import ToolCall
 from tinker_cookbook.rl.problem_env import ProblemGroupBuilder
-from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset, RLDatasetBuilder
-from tinker_cookbook.tokenizer_utils import get_tokenizer
+from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset
 from tinker_cookbook.tool_use import (
     Tool,
     ToolResult,
@@ -49,10 +48,9 @@ from tinker_cookbook.tool_use import (
 )
 
 from posttrain.errors import ConfigError
+from posttrain.pipeline.rl_envs import ScoredRowsBuilder
 from posttrain.pipeline.scoring import Scored, Scorer
 from posttrain.pipeline.tool_tasks import CalculatorError, corpus_retriever, format_number, safe_eval
-from posttrain.pipeline.verifiers import DEFAULT_TIMEOUT_S
-from posttrain.util import read_jsonl
 
 # The cookbook's TextAnswerReward term: a final message without the answer marker loses this much (a
 # malformed tool call, which ends the episode, costs the same).
@@ -276,35 +274,20 @@ class ToolProblemDataset(RLDataset):
 
 
 @chz.chz
-class ToolProblemFileBuilder(RLDatasetBuilder):
-    """The dataset builder `rl.train` calls; carries only the path of the problems written to the run's logs."""
+class ToolProblemFileBuilder(ScoredRowsBuilder):
+    """The dataset builder `rl.train` calls; the user's reward_fn, if any, scores the final answer."""
 
-    problems_file: str
-    model_name_for_tokenizer: str
-    renderer_name: str
-    groups_per_batch: int
-    group_size: int
-    n_batches: int
-    max_turns: int
-    seed: int = 0
-    reward_fn: str | None = None  # path/to/file.py:function (see `verifiers`), applied to the final answer
-    verifier_errors_file: str | None = None
-    verifier_timeout: float = DEFAULT_TIMEOUT_S
+    max_turns: int = 4
 
     async def __call__(self) -> tuple[ToolProblemDataset, None]:
-        from posttrain.pipeline.rl_envs import make_scorer
-
-        renderer = renderers.get_renderer(
-            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
-        )
         dataset = ToolProblemDataset(
-            read_jsonl(self.problems_file),
-            renderer,
+            self.rows(),
+            self.renderer(),
             self.groups_per_batch,
             self.group_size,
             self.n_batches,
             self.seed,
             self.max_turns,
-            make_scorer(self.reward_fn, self.verifier_errors_file, self.verifier_timeout),
+            self.scorer(),
         )
         return dataset, None

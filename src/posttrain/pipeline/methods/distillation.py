@@ -34,7 +34,7 @@ from tinker_cookbook.distillation.datasets import (
 )
 from tinker_cookbook.renderers import TrainOnWhat
 from tinker_cookbook.rl.problem_env import ProblemGroupBuilder
-from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder
+from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset
 from tinker_cookbook.supervised import train as sl_train
 from tinker_cookbook.supervised.data import conversation_to_datum
 from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
@@ -50,8 +50,8 @@ from posttrain.pipeline.evaluation import bounded_gather, evaluate_nll
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.plan import TokenBudget
 from posttrain.pipeline.problems import load_problems
-from posttrain.pipeline.rl_envs import prompt_messages
-from posttrain.util import read_jsonl, short_error, write_jsonl
+from posttrain.pipeline.rl_envs import RowsFileBuilder, prompt_messages
+from posttrain.util import short_error, write_jsonl
 
 Messages = list[dict[str, str]]
 # Strings whose encodings must agree between teacher and student tokenizers (words, digits, code, unicode).
@@ -274,26 +274,17 @@ class PromptListDataset(RLDataset):
 
 
 @chz.chz
-class PromptFileBuilder(RLDatasetBuilder):
-    prompts_file: str
-    model_name_for_tokenizer: str
-    renderer_name: str
-    groups_per_batch: int
-    group_size: int
-    n_batches: int
-    seed: int = 0
-
+class PromptFileBuilder(RowsFileBuilder):
     async def __call__(self) -> tuple[PromptListDataset, None]:
         import random
 
-        prompts = [r["prompt"] for r in read_jsonl(self.prompts_file)]
+        prompts = [r["prompt"] for r in self.rows()]
         rng = random.Random(self.seed)
         # Enough prompts for n_batches steps, cycling (reshuffled) through the file as needed.
         ordered: list[Messages] = []
         while len(ordered) < self.n_batches * self.groups_per_batch:
             ordered += rng.sample(prompts, len(prompts))
-        renderer = renderers.get_renderer(self.renderer_name, get_tokenizer(self.model_name_for_tokenizer))
-        return PromptListDataset(ordered, renderer, self.groups_per_batch, self.group_size), None
+        return PromptListDataset(ordered, self.renderer(), self.groups_per_batch, self.group_size), None
 
 
 # --- the method ----------------------------------------------------------------------------------------
@@ -420,7 +411,7 @@ class Distillation:
         write_jsonl(prompts_file, ({"prompt": p} for p in self.prompts.train))
         n_batches = cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
         builder = PromptFileBuilder(
-            prompts_file=str(prompts_file),
+            rows_file=str(prompts_file),
             model_name_for_tokenizer=cfg.model_name,
             renderer_name=self.ctx.renderer_name,
             groups_per_batch=cfg.batch_size,

@@ -75,7 +75,7 @@ class RL:
         self.errors_file = ctx.log_path / verifiers.ERRORS_FILE
         self.scorer = make_scorer(cfg.reward_fn, str(self.errors_file), cfg.verifier_timeout)
         common = dict(
-            problems_file=str(problems_file),
+            rows_file=str(problems_file),
             model_name_for_tokenizer=cfg.model_name,
             renderer_name=ctx.renderer_name,
             groups_per_batch=cfg.batch_size,
