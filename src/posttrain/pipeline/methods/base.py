@@ -64,6 +64,17 @@ class RunContext:
             wandb_name=self.run_name,
         )
 
+    def rl_settings(self) -> dict[str, Any]:
+        """The sampling and loss settings of every `rl.train` Config (RL, rubrics, RLHF's last stage)."""
+        cfg = self.cfg
+        return dict(
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            loss_fn=cfg.loss_fn,
+            kl_penalty_coef=cfg.kl_penalty_coef,
+            max_steps=cfg.max_steps,
+        )
+
 
 class Method(Protocol):
     """One training method.

@@ -153,16 +153,11 @@ class RL:
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.rl import train as rl_train
 
-        cfg = self.ctx.cfg
         config = rl_train.Config(
             **self.ctx.loop_settings(),
+            **self.ctx.rl_settings(),
             recipe_name="posttrain_rl",
             dataset_builder=self.builder,
-            max_tokens=cfg.max_tokens,
-            temperature=cfg.temperature,
-            loss_fn=cfg.loss_fn,
-            kl_penalty_coef=cfg.kl_penalty_coef,
-            max_steps=cfg.max_steps,
         )
         return rl_train.main(config)
 

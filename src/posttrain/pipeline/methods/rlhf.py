@@ -284,11 +284,7 @@ class RLHF:
                 dataset_builder=dataset,
                 load_checkpoint_path=self._checkpoint("sft", "state_path"),
                 evaluator_builders=evaluators,
-                max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature,
-                loss_fn=cfg.loss_fn,
-                kl_penalty_coef=cfg.kl_penalty_coef,
-                max_steps=cfg.max_steps,
+                **self.ctx.rl_settings(),
             )
         )
 
