@@ -33,3 +33,10 @@ async def _follow(log_dir: Path, steps: int) -> str:
 def test_training_bar_waits_for_the_loop_and_counts_its_steps(tmp_path: Path) -> None:
     out = asyncio.run(_follow(tmp_path, 3))
     assert "3/3" in out
+
+
+def test_on_policy_distillation_bar_shows_the_kl_not_the_zero_reward() -> None:
+    from posttrain.pipeline.console import _postfix
+
+    shown = _postfix({"step": 0, "teacher_kl": 0.362, "env/all/reward/total": 0.0}, 12.0)
+    assert shown == {"teacher_kl": "0.362", "tok/s": "12"}

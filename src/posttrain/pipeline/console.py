@@ -26,6 +26,8 @@ from posttrain.util import redact
 # Metrics shown on the training bar, first found wins per label (SFT, RL, DPO and distillation loops).
 _BAR_METRICS = {
     "loss": ("train_mean_nll", "dpo_loss", "loss", "train/loss"),
+    # On-policy distillation's reward is 0 by design; its signal is the KL to the teacher.
+    "teacher_kl": ("teacher_kl",),
     "reward": ("env/all/reward/total",),
     "accuracy": ("dpo_accuracy", "accuracy"),
 }
@@ -132,6 +134,8 @@ def _postfix(row: dict[str, Any], tokens_per_s: float) -> dict[str, str]:
         value = next((row[k] for k in keys if _is_number(row.get(k))), None)
         if value is not None:
             shown[label] = f"{value:.3g}"
+    if "teacher_kl" in shown:
+        shown.pop("reward", None)
     if tokens_per_s > 0:
         shown["tok/s"] = f"{tokens_per_s:.0f}"
     return shown
