@@ -9,7 +9,9 @@ goes through the Tinker SDK: against the local engine (started here, with the mo
         n_problems=400 samples_per_problem=6 max_tokens=24 output=src/posttrain/data/preference_arithmetic.jsonl
 
 That command made the shipped src/posttrain/data/preference_arithmetic.jsonl: 164 pairs from 400 problems in
-15 min on 2 shared CPU cores (SmolLM2-135M-Instruct on the local engine, temperature 1, seed 7).
+15 min on 2 shared CPU cores (SmolLM2-135M-Instruct on the local engine, temperature 1, seed 7). The same command
+with `rejected=hardest output=src/posttrain/data/preference_arithmetic_hardest.jsonl` made the hardest-rejected
+file (20 min on 2 heavily shared cores), on which DPO raised held-out preference accuracy 50% -> 75% (README).
 
 Rows: {"prompt", "chosen", "rejected", "answer"} (the prompt is the RL prompt: the question plus
 "Give only the final answer after ####."). Problems where every sample is right, or every one wrong, give no
