@@ -22,7 +22,7 @@ EXPECTED_FIELDS = {
     "num_epochs", "max_steps", "batch_size", "lora_rank", "max_length", "train_on_what", "max_train_rows",
     "max_eval_rows", "eval_concurrency", "seed", "env", "group_size", "max_tokens", "temperature",
     "eval_temperature", "loss_fn", "kl_penalty_coef", "wandb_project", "save_every", "eval_every", "dtype",
-    "dry_run", "resume", "verbose", "dpo_beta", "teacher_model", "distillation_mode", "system_prompt",
+    "dry_run", "resume", "verbose", "dpo_beta", "teacher_model", "distillation_mode", "system_prompt", "behaviour_check",
     "reward_fn", "verifier_timeout", "game_opponent", "grader_model", "grader_mode",
 }  # fmt: skip
 

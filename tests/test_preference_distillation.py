@@ -141,9 +141,15 @@ def test_on_policy_distillation_from_a_checkpoint(
 
 def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: Path) -> None:
     (tmp_path / "system.txt").write_text("Always answer in French.\n")
+    (tmp_path / "check.py").write_text(
+        "def has_vowel(row, answer):\n"
+        "    assert row['messages'][-1]['role'] == 'user'\n"
+        "    return any(c in 'aeiou' for c in answer)\n"
+    )
     proc = train(
         [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=@system.txt", *TINY,
-         "learning_rate=0.01", "batch_size=8", "max_steps=2", "max_tokens=6", "run_name=prompt_e2e"],
+         "learning_rate=0.01", "batch_size=8", "max_steps=2", "max_tokens=6", "run_name=prompt_e2e",
+         "behaviour_check=check.py:has_vowel"],
         tmp_path,
     )  # fmt: skip
     _ok(proc)
@@ -154,8 +160,14 @@ def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: 
     )
     assert 0 <= summary["trained_behaviour_agreement"] <= 1
     data = tmp_path / "results" / "logs" / "prompt_e2e" / "data"
-    for name in ("teacher", "base", "trained"):
-        assert len(read_jsonl(data / f"behaviour_{name}.jsonl")) == summary["sizes"]["eval_prompts"]
+    check = summary["behaviour_check"]
+    assert check["function"] == "check.py:has_vowel" and check["errors"] == 0
+    for name, key in (("teacher", "teacher_rate"), ("base", "baseline_rate"), ("trained", "trained_rate")):
+        rows = read_jsonl(data / f"behaviour_{name}.jsonl")
+        assert len(rows) == summary["sizes"]["eval_prompts"]
+        # The user's check judged each answer, and the rate is their mean.
+        assert all(r["behaviour"] == float(any(c in "aeiou" for c in r["answer"])) for r in rows)
+        assert check[key] == pytest.approx(sum(r["behaviour"] for r in rows) / len(rows))
     # The student's traces carry no system prompt: that is what gets baked in.
     assert all(m["role"] != "system" for r in read_jsonl(data / "teacher_train.jsonl") for m in r["messages"])
 
@@ -197,6 +209,7 @@ def test_teacher_with_another_tokenizer_is_refused(
         (["task=distillation"], "task=distillation needs teacher_model="),
         (["task=distillation", "distillation_mode=on_policy"], "task=distillation needs teacher_model="),
         (["task=prompt_distillation"], "task=prompt_distillation needs system_prompt="),
+        (["task=sft", "behaviour_check=c.py:f"], "behaviour_check is only used by task=prompt_distillation"),
         (["dpo_beta=0"], "dpo_beta=0.0 is not valid; expected a number > 0"),
         (
             ["distillation_mode=sideways"],
@@ -268,6 +281,38 @@ def test_system_prompt_from_a_file_and_first_words(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="system_prompt=@/no/such/file: cannot read"):
         read_system_prompt("@/no/such/file")
     assert first_words("Ahoy, matey! The answer is 4.") == ("ahoy", "matey", "the")
+
+
+def test_a_missing_behaviour_check_stops_the_run_in_one_line(
+    tmp_path: Path, tiny_model: str, prompts_file: Path
+) -> None:
+    (tmp_path / "check.py").write_text("def other(row, answer):\n    return True\n")
+    proc = train(
+        [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=Be brief.", *TINY,
+         "behaviour_check=check.py:in_french"],
+        tmp_path,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "check.py" in proc.stderr
+    assert "in_french" in proc.stderr and "engine: starting" not in proc.stdout
+
+
+def test_shipped_behaviour_checks() -> None:
+    import importlib.util
+
+    import posttrain
+
+    path = Path(posttrain.__file__).parent / "data" / "behaviour_checks.py"
+    spec = importlib.util.spec_from_file_location("behaviour_checks", path)
+    assert spec is not None and spec.loader is not None
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    assert checks.in_french({}, "La capitale de la France est Paris.")
+    assert not checks.in_french({}, "The capital of France is Paris.")
+    assert not checks.in_french({}, "Paris.")
+    assert checks.one_sentence({}, "Paris is the capital.")
+    assert not checks.one_sentence({}, "Paris. It is big.")
 
 
 # ------------------------------------------------------------------------------------------- results

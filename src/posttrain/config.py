@@ -274,6 +274,11 @@ class TrainConfig:
         default=None,
         doc="prompt_distillation: the system prompt to bake into the weights (text, or @path/to/file)",
     )
+    behaviour_check: str | None = chz.field(
+        default=None,
+        doc="prompt_distillation: your check of the prompt's behaviour, path/to/file.py:function (gets the "
+        "prompt row and an answer, returns a bool or a float in [0, 1]); rates for teacher, base and trained",
+    )
     grader_model: str | None = chz.field(
         default=None,
         doc="rubric: the model that judges each response against each rubric item, any model the backend "
@@ -524,6 +529,7 @@ def validate(cfg: TrainConfig) -> None:
         "wandb_project",
         "teacher_model",
         "system_prompt",
+        "behaviour_check",
         "reward_fn",
         "grader_model",
     ):
@@ -597,6 +603,7 @@ METHOD_SETTINGS: dict[str, str] = {
     "teacher_model": "distillation",
     "distillation_mode": "distillation",
     "system_prompt": "prompt_distillation",
+    "behaviour_check": "prompt_distillation",
     "reward_fn": "rl",
     "grader_model": "rubric",
     "grader_mode": "rubric",

@@ -154,6 +154,7 @@ class UserVerifier:
     spec: str
     errors_file: Path | None = None
     timeout: float = DEFAULT_TIMEOUT_S
+    option: str = "reward_fn"  # the setting that named it, for the log
 
     def __post_init__(self) -> None:
         load(self.spec)  # a missing file or function is a one-line error now, in the training process
@@ -183,7 +184,7 @@ class UserVerifier:
         import logging
 
         logging.getLogger("posttrain.verifier").warning(
-            "reward_fn error (%s, sample scored 0): %s", phase, where
+            "%s error (%s, sample scored 0): %s", self.option, phase, where
         )
         if self.errors_file is None:
             return

@@ -8,11 +8,15 @@ Evaluation: the NLL of the teacher's held-out answers (as distillation), and the
 answers to the held-out prompts without the system prompt, compared with the teacher's greedy answers with it.
 `behaviour_agreement` is the fraction of prompts whose answer starts with the same first words
 (BEHAVIOUR_WORDS, case and punctuation ignored), which is what a style or format instruction changes first;
-the answers are kept (data/behaviour_*.jsonl) so any property the prompt asks for can be checked on them.
+the answers are kept (data/behaviour_*.jsonl). First words are a crude proxy: with `behaviour_check=` the
+user's function judges each answer for the property the prompt asks for (in French, one sentence, ...), and the
+rate at which the teacher (with the prompt), the base model and the trained model (without it) show it is the
+measure of success: trained ~ teacher, base below.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +26,7 @@ import tinker
 
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
+from posttrain.pipeline import verifiers
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.distillation import (
@@ -66,11 +71,19 @@ class PromptDistillation(Distillation):
         self.kl: dict[str, float] = {}
         self.n_traces: dict[str, int] = {}
         self.agreement: dict[str, float] = {}
+        self.behaviour_rate: dict[str, float] = {}
+        self.check = None
+        if cfg.behaviour_check is not None:  # a missing file or function: one line now, before anything runs
+            self.check = verifiers.UserVerifier(
+                cfg.behaviour_check, None, cfg.verifier_timeout, "behaviour_check"
+            )
 
     def prepare(self, ctx: RunContext) -> None:
         super().prepare(ctx)
         ctx.say(f"prompt distillation: system prompt ({len(self.system_prompt)} characters) -> the weights")
         self.teacher_greedy: list[str] | None = None
+        if self.check is not None:
+            self.check.errors_file = ctx.log_path / verifiers.ERRORS_FILE
 
     async def teacher(self) -> tuple[Teacher, tinker.SamplingClient]:
         if not hasattr(self, "_teacher"):
@@ -89,9 +102,9 @@ class PromptDistillation(Distillation):
         if self.teacher_greedy is None:
             prompts = [spec.messages(p) for p in self.prompts.eval]
             self.teacher_greedy = await self._greedy(teacher, prompts, "teacher: behaviour")
-            self._save_behaviour("teacher", self.teacher_greedy)
+            await self._save_behaviour("teacher (with the system prompt)", self.teacher_greedy)
         answers = await self._greedy(client, self.prompts.eval, f"{label}: behaviour")
-        self._save_behaviour(label, answers)
+        await self._save_behaviour(label, answers)
         matches = [
             first_words(a) == first_words(t) and bool(first_words(t))
             for a, t in zip(answers, self.teacher_greedy, strict=True)
@@ -100,12 +113,26 @@ class PromptDistillation(Distillation):
         self.ctx.say(f"{label}: behaviour agreement with the teacher {self.agreement[label]:.1%}")
         return rows, nll
 
-    def _save_behaviour(self, label: str, answers: list[str]) -> None:
-        name = f"behaviour_{label.split()[0]}.jsonl"  # behaviour_teacher / _base / _trained
-        write_jsonl(
-            self.ctx.data_dir / name,
-            ({"prompt": p, "answer": a} for p, a in zip(self.prompts.eval, answers, strict=True)),
-        )
+    async def _save_behaviour(self, label: str, answers: list[str]) -> None:
+        rows: list[dict[str, Any]] = [
+            {"prompt": p, "answer": a} for p, a in zip(self.prompts.eval, answers, strict=True)
+        ]
+        if self.check is not None:
+            phase = f"behaviour check, {label}"
+            scores = await asyncio.gather(
+                *(self.check.score({"messages": r["prompt"]}, r["answer"], phase) for r in rows)
+            )
+            for row, (value, error) in zip(rows, scores, strict=True):
+                row["behaviour"] = value
+                if error is not None:
+                    row["error"] = error
+            rate = sum(v for v, _ in scores) / len(scores) if scores else float("nan")
+            self.behaviour_rate[label.split()[0]] = rate
+            self.ctx.say(
+                f"{label}: behaviour ({self.ctx.cfg.behaviour_check}) {rate:.1%} of held-out answers"
+            )
+        # behaviour_teacher.jsonl, behaviour_base.jsonl, behaviour_trained.jsonl
+        write_jsonl(self.ctx.data_dir / f"behaviour_{label.split()[0]}.jsonl", rows)
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
         dataset, sizes, extra = super().describe()
@@ -118,4 +145,20 @@ class PromptDistillation(Distillation):
             "behaviour_definition": f"fraction of held-out prompts whose greedy answer without the system prompt "
             f"starts with the same {BEHAVIOUR_WORDS} words as the teacher's greedy answer with it",
         }
+        if self.check is not None:
+            extra["behaviour_check"] = {
+                "function": self.ctx.cfg.behaviour_check,
+                "teacher_rate": self.behaviour_rate.get("teacher"),
+                "baseline_rate": self.behaviour_rate.get("base"),
+                "trained_rate": self.behaviour_rate.get("trained"),
+                "definition": "mean of the check over the held-out prompts' greedy answers: the teacher's with "
+                "the system prompt, the base and trained model's without it",
+                "errors": sum(
+                    n
+                    for phase, n in verifiers.error_counts(self.check.errors_file).items()
+                    if phase != "first"
+                )
+                if self.check.errors_file
+                else 0,
+            }
         return dataset, sizes, extra
