@@ -226,3 +226,31 @@ def test_sft_rows_carry_their_teacher_and_summary_teachers_are_checked() -> None
         validate_summary({**summary, "teachers": [teacher]})
     with pytest.raises(ValueError, match=r"teachers\[1\].baseline_nll must be a finite number"):
         validate_summary({**summary, "teachers": [teacher, {**teacher, "baseline_nll": -1.0}]})
+
+
+def test_every_teacher_gets_the_tokenizer_check(tmp_path: Path, tiny_model: str, tiny_model_b: str) -> None:
+    from transformers import AutoTokenizer
+
+    from posttrain.pipeline.data import LoadedData
+    from posttrain.pipeline.methods.distillation import Distillation
+
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for f in Path(tiny_model).iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<extra_token_a>"])
+    tokenizer.save_pretrained(str(other))
+    rows = [{"question": f"q{i}", "answer": "a"} for i in range(3)]
+    part = LoadedData("question_answer", rows, rows[:1], "x.jsonl (local file)", "10%", [])
+    data = LoadedData(**{**part.__dict__, "others": (part,)})
+    args = [f"model_name={tiny_model}", "renderer_name=role_colon", "dataset=x.jsonl,y.jsonl"]
+    fine = Distillation(parse_train_args([*args, f"teacher_model={tiny_model_b},{tiny_model}"]), data)
+    assert [s.teacher_model for s in fine.shares] == [tiny_model_b, tiny_model]
+    assert fine.extra_models == [tiny_model_b]  # the student's own model is served anyway
+    assert (
+        len(fine.prompts.train) == 6
+        and fine.prompts.source["source"] == "x.jsonl (local file) + x.jsonl (local file)"
+    )
+    with pytest.raises(ConfigError, match=f"teacher_model {other} has a different tokenizer"):
+        Distillation(parse_train_args([*args, f"teacher_model={tiny_model_b},{other}"]), data)

@@ -465,6 +465,8 @@ class Distillation:
     async def _held_out(self) -> None:
         # Sampled on first use, i.e. before the base model is evaluated and before anything is trained.
         if self.eval_rows is None:
+            for k in range(len(self.teacher_shares())):  # every teacher found and checked before any sampling
+                await self.teacher_of(k)
             seed = self.ctx.cfg.seed + 1_000_003  # other samples than the training traces
             self.eval_rows, self.eval_share = await self._teacher_traces("eval", seed, "teacher: held-out")
             cfg = self.ctx.cfg
