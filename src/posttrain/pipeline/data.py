@@ -57,6 +57,9 @@ class LoadedData:
     source: str
     eval_source: str
     notes: list[str]
+    # The datasets given with this one (distillation with several teachers: one per teacher, in order; this
+    # one is the first teacher's).
+    others: tuple[LoadedData, ...] = ()
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import tempfile
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.config import TrainConfig, check_method_settings, config_to_dict
+from posttrain.config import TrainConfig, check_method_settings, config_to_dict, data_sources
 from posttrain.errors import ConfigError, PreflightError, UserError
 from posttrain.pipeline import backend, plan, preflight, results, resume, template_check, tracking
 from posttrain.pipeline.console import CONSOLE
@@ -161,23 +162,28 @@ async def _plan(state: RunState, method: Method) -> dict[str, Any]:
 def _load_data(cfg: TrainConfig) -> LoadedData | None:
     if cfg.dataset is None and cfg.env:
         return None  # the environment generates its own problems
-    data = load_data(
-        cfg.dataset or str(DEFAULT_SFT_DATA),
-        dataset_config=cfg.dataset_config,
-        split=cfg.dataset_split,
-        eval_dataset=cfg.eval_dataset,
-        eval_split=cfg.eval_split,
-        max_train_rows=cfg.max_train_rows,
-        max_eval_rows=cfg.max_eval_rows,
-        seed=42,
-    )
-    say(
-        f"data: {data.source}: {data.format} format, {len(data.train):,} training rows, "
-        f"{len(data.eval):,} evaluation rows ({data.eval_source})"
-    )
-    for note in data.notes:
-        say(f"data: {note}")
-    return data
+    # One dataset; with several distillation teachers, one per teacher (the first carries the others).
+    sources = data_sources(cfg)
+    loaded = []
+    for source in sources:
+        data = load_data(
+            source.dataset or str(DEFAULT_SFT_DATA),
+            dataset_config=source.dataset_config,
+            split=source.dataset_split,
+            eval_dataset=source.eval_dataset,
+            eval_split=source.eval_split,
+            max_train_rows=source.max_train_rows,
+            max_eval_rows=source.max_eval_rows,
+            seed=42,
+        )
+        say(
+            f"data: {data.source}: {data.format} format, {len(data.train):,} training rows, "
+            f"{len(data.eval):,} evaluation rows ({data.eval_source})"
+        )
+        for note in data.notes:
+            say(f"data: {note}")
+        loaded.append(data)
+    return dataclasses.replace(loaded[0], others=tuple(loaded[1:])) if len(loaded) > 1 else loaded[0]
 
 
 def choose_task(cfg: TrainConfig, data: LoadedData | None) -> str:

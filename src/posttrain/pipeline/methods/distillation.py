@@ -9,6 +9,13 @@
 Evaluation (both modes): the NLL of the teacher's completions of the held-out prompts under the student (SFT
 rows). on_policy also measures the reverse KL to the teacher on the held-out prompts (summary.json).
 
+Several teachers (`teacher_model=A,B dataset=a,b`), as the cookbook's multi-teacher recipe
+(recipes/distillation/on_policy_multi_teacher.py) does: each teacher has its own prompt dataset (a `Share`).
+on_policy: one `DistillationDatasetConfig` per teacher, every step takes a share of batch_size prompts from each
+dataset, and the cookbook scores each sample with its own dataset's teacher (`teacher_kl/dataset_K` per
+teacher). off_policy: each teacher answers its own prompts, the student is trained on all the traces. Each
+teacher is evaluated on its own held-out prompts; the overall numbers pool every teacher's held-out prompts.
+
 Teacher and student must render and tokenize alike: the teacher scores the student's token ids, and a
 different tokenizer or chat format silently turns that into noise (tinker-cookbook #796). It is checked
 before anything is trained.
@@ -40,7 +47,7 @@ from tinker_cookbook.supervised.data import conversation_to_datum
 from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from posttrain.config import TrainConfig
+from posttrain.config import TrainConfig, teacher_models
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline import preflight
 from posttrain.pipeline.chat_data import ConversationFilesBuilder
@@ -73,6 +80,33 @@ class Prompts:
     train: list[Messages]
     eval: list[Messages]
     source: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One teacher and the prompts it teaches on: its own dataset's training and held-out prompts."""
+
+    teacher_model: str
+    prompts: Prompts
+
+
+def pooled(shares: Sequence[Share]) -> Prompts:
+    """All teachers' prompts in one list, in teacher order (one teacher: its own)."""
+    if len(shares) == 1:
+        return shares[0].prompts
+    return Prompts(
+        [p for s in shares for p in s.prompts.train],
+        [p for s in shares for p in s.prompts.eval],
+        {
+            "source": " + ".join(str(s.prompts.source.get("source", "env")) for s in shares),
+            "sources": [s.prompts.source for s in shares],
+        },
+    )
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` near-equal integers, the larger ones first (9 over 2: [5, 4])."""
+    return [total // parts + (k < total % parts) for k in range(parts)]
 
 
 def prompt_of(row: dict, fmt: str) -> Messages:
@@ -216,14 +250,19 @@ async def reverse_kl(
     prompts: Sequence[Messages],
     cfg: TrainConfig,
     desc: str,
-) -> float:
-    """KL(student || teacher) per token on held-out prompts, estimated on the student's own samples
-    (log p_student - log p_teacher at each sampled token), token-weighted over all prompts."""
+    seed_offset: int = 0,
+) -> tuple[float, int]:
+    """KL(student || teacher) on held-out prompts, estimated on the student's own samples (log p_student -
+    log p_teacher at each sampled token): (the sum over all sampled tokens, their number), so that per-token
+    means can be pooled over teachers. Prompt i samples with seed cfg.seed + seed_offset + i."""
 
     async def one(i: int, prompt: Messages) -> tuple[float, int]:
         model_input = renderer.build_generation_prompt(prompt)
         params = tinker.SamplingParams(
-            max_tokens=cfg.max_tokens, temperature=1.0, stop=renderer.get_stop_sequences(), seed=cfg.seed + i
+            max_tokens=cfg.max_tokens,
+            temperature=1.0,
+            stop=renderer.get_stop_sequences(),
+            seed=cfg.seed + seed_offset + i,
         )
         try:
             seq = (await student.sample_async(model_input, 1, params)).sequences[0]
@@ -239,8 +278,11 @@ async def reverse_kl(
             return 0.0, 0
 
     parts = await bounded_gather(list(prompts), one, cfg.eval_concurrency, f"{desc}: reverse KL")
-    tokens = sum(n for _, n in parts)
-    return sum(s for s, _ in parts) / tokens if tokens else float("nan")
+    return sum(s for s, _ in parts), sum(n for _, n in parts)
+
+
+def per_token(total: float, tokens: int | float) -> float:
+    return total / tokens if tokens else float("nan")
 
 
 # --- on-policy data ----------------------------------------------------------------------------------
@@ -251,10 +293,16 @@ class PromptListDataset(RLDataset):
     prefix), `groups_per_batch` prompts per step."""
 
     def __init__(
-        self, prompts: list[Messages], renderer: renderers.Renderer, groups_per_batch: int, group_size: int
+        self,
+        prompts: list[Messages],
+        renderer: renderers.Renderer,
+        groups_per_batch: int,
+        group_size: int,
+        dataset_name: str = "prompts",
     ):
         self.prompts, self.renderer = prompts, renderer
         self.groups_per_batch, self.group_size = groups_per_batch, group_size
+        self.dataset_name = dataset_name  # the env/<name>/... metrics' tag
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
         batch = self.prompts[index * self.groups_per_batch : (index + 1) * self.groups_per_batch]
@@ -264,7 +312,7 @@ class PromptListDataset(RLDataset):
                     PromptOnlyEnv, p[-1]["content"], self.renderer, convo_prefix=p[:-1] or None
                 ),
                 num_envs=self.group_size,
-                dataset_name="prompts",
+                dataset_name=self.dataset_name,
             )
             for p in batch
         ]
@@ -275,6 +323,8 @@ class PromptListDataset(RLDataset):
 
 @chz.chz
 class PromptFileBuilder(RowsFileBuilder):
+    dataset_name: str = "prompts"
+
     async def __call__(self) -> tuple[PromptListDataset, None]:
         import random
 
@@ -284,7 +334,10 @@ class PromptFileBuilder(RowsFileBuilder):
         ordered: list[Messages] = []
         while len(ordered) < self.n_batches * self.groups_per_batch:
             ordered += rng.sample(prompts, len(prompts))
-        return PromptListDataset(ordered, self.renderer(), self.groups_per_batch, self.group_size), None
+        dataset = PromptListDataset(
+            ordered, self.renderer(), self.groups_per_batch, self.group_size, self.dataset_name
+        )
+        return dataset, None
 
 
 # --- the method ----------------------------------------------------------------------------------------
@@ -294,27 +347,49 @@ class Distillation:
     name: ClassVar[str] = "distillation"
     metric: ClassVar = "nll"
     score_label: ClassVar[str] = "NLL of the teacher's completions"
+    # One per teacher (set by __init__); prompt_distillation sets its one teacher and prompts itself.
+    shares: tuple[Share, ...] = ()
 
     def __init__(self, cfg: TrainConfig, data: LoadedData | None):
         assert cfg.teacher_model is not None  # config.check_method_settings guarantees it
         self.mode = cfg.distillation_mode or "off_policy"
         self.teacher_model = cfg.teacher_model
-        self.prompts = load_prompts(cfg, data, self.name)
-        named = not cfg.teacher_model.startswith("tinker://")
+        # One dataset per teacher (config.check_teachers), in the same order.
+        datasets = [data, *data.others] if data is not None else [None]
+        self.shares = tuple(
+            Share(name, load_prompts(cfg, d, self.name))
+            for name, d in zip(teacher_models(cfg), datasets, strict=True)
+        )
+        self.prompts = pooled(self.shares)
         # A named teacher must be served next to the student; a checkpoint's base model is looked up later.
-        self.extra_models = [cfg.teacher_model] if named and cfg.teacher_model != cfg.model_name else []
+        named = [s.teacher_model for s in self.shares if not s.teacher_model.startswith("tinker://")]
+        self.extra_models = [t for t in named if t != cfg.model_name]
         if named:
             student_renderer, _ = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)
-            # An explicit renderer_name is the chat format of both; otherwise each model's recommended one.
-            teacher_renderer = cfg.renderer_name or preflight.resolve_renderer(cfg.teacher_model, None)[0]
-            check_same_tokenizer(cfg.model_name, cfg.teacher_model, student_renderer, teacher_renderer)
+        for teacher in named:
+            # An explicit renderer_name is the chat format of all; otherwise each model's recommended one.
+            teacher_renderer = cfg.renderer_name or preflight.resolve_renderer(teacher, None)[0]
+            check_same_tokenizer(cfg.model_name, teacher, student_renderer, teacher_renderer)
         self.kl: dict[str, float] = {}
         self.n_traces: dict[str, int] = {}
+
+    def teacher_shares(self) -> tuple[Share, ...]:
+        return self.shares or (Share(self.teacher_model, self.prompts),)
+
+    @property
+    def several(self) -> bool:
+        return len(self.teacher_shares()) > 1
 
     def prepare(self, ctx: RunContext) -> None:
         self.ctx = ctx
         cfg = ctx.cfg
-        ctx.say(f"distillation: {self.mode}, teacher {self.teacher_model}")
+        shares = self.teacher_shares()
+        who = (
+            f"{len(shares)} teachers, each on its own dataset"
+            if self.several
+            else f"teacher {self.teacher_model}"
+        )
+        ctx.say(f"distillation: {self.mode}, {who}")
         if self.mode == "on_policy":
             self.total_steps = (
                 cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
@@ -322,36 +397,78 @@ class Distillation:
         else:  # the supervised loop over the traces (a prompt the teacher leaves unanswered drops out)
             steps = len(self.prompts.train) // cfg.batch_size * cfg.num_epochs
             self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        # on_policy: each step's prompts from each teacher's dataset (the recipe's groups_per_batch).
+        self.per_step = split_evenly(cfg.batch_size, len(shares))
+        for k, share in enumerate(shares if self.several else ()):
+            per_step = f", {self.per_step[k]} prompts per step" if self.mode == "on_policy" else ""
+            ctx.say(
+                f"distillation: teacher {k} {share.teacher_model}: {share.prompts.source.get('source')}, "
+                f"{len(share.prompts.train)} training and {len(share.prompts.eval)} held-out prompts{per_step}"
+            )
         self.eval_rows: list[dict] | None = None
+        self.eval_share: list[int] = []  # the teacher of each held-out row
         self.eval_datums: list[tinker.Datum] = []
+        self._teachers: dict[int, tuple[Teacher, tinker.SamplingClient]] = {}
+        self.share_nll: dict[str, list[float]] = {}
+        self.share_kl: dict[str, list[float]] = {}
+        self.share_traces: dict[str, list[int]] = {}
 
     async def teacher(self) -> tuple[Teacher, tinker.SamplingClient]:
-        if not hasattr(self, "_teacher"):
-            spec = await resolve_teacher(self.ctx, self.teacher_model)
-            self._teacher = spec, await teacher_client(self.ctx, spec)
-        return self._teacher
+        """The (first) teacher; prompt_distillation replaces it by the base model with its system prompt."""
+        return await self._resolve(0)
 
-    async def _teacher_traces(self, prompts: list[Messages], file: str, seed: int, desc: str) -> list[dict]:
-        spec, client = await self.teacher()
-        completions = await sample_completions(
-            client, self.ctx.renderer, [spec.messages(p) for p in prompts], self.ctx.cfg, seed, desc
-        )
-        rows = traces(prompts, completions)
-        if not rows:
-            raise DataError(
-                f"the teacher {self.teacher_model} answered none of the {len(prompts)} prompts ({desc})"
+    async def teacher_of(self, k: int) -> tuple[Teacher, tinker.SamplingClient]:
+        return await self.teacher() if k == 0 else await self._resolve(k)
+
+    async def _resolve(self, k: int) -> tuple[Teacher, tinker.SamplingClient]:
+        if k not in self._teachers:
+            spec = await resolve_teacher(self.ctx, self.teacher_shares()[k].teacher_model)
+            self._teachers[k] = spec, await teacher_client(self.ctx, spec)
+        return self._teachers[k]
+
+    async def _teacher_traces(self, split: str, seed: int, desc: str) -> tuple[list[dict], list[int]]:
+        """Each teacher answers its own `split` ("train" or "eval") prompts; all traces go to
+        data/teacher_{split}.jsonl (with several teachers each row names its `teacher`). Returns the rows and
+        the teacher index of each."""
+        rows: list[dict] = []
+        owners: list[int] = []
+        counts: list[int] = []
+        offset = 0
+        for k, share in enumerate(self.teacher_shares()):
+            prompts = share.prompts.train if split == "train" else share.prompts.eval
+            spec, client = await self.teacher_of(k)
+            completions = await sample_completions(
+                client,
+                self.ctx.renderer,
+                [spec.messages(p) for p in prompts],
+                self.ctx.cfg,
+                seed + offset,  # prompt i of teacher k: other seeds than any other teacher's prompts
+                f"{desc} (teacher {k})" if self.several else desc,
             )
+            offset += len(prompts)
+            answered = traces(prompts, completions)
+            if not answered:
+                raise DataError(
+                    f"the teacher {share.teacher_model} answered none of the {len(prompts)} prompts ({desc})"
+                )
+            if self.several:
+                answered = [{**r, "teacher": share.teacher_model} for r in answered]
+            rows += answered
+            owners += [k] * len(answered)
+            counts.append(len(answered))
+        file = f"teacher_{split}.jsonl"
         write_jsonl(self.ctx.data_dir / file, rows)
         self.n_traces[file] = len(rows)
-        return rows
+        self.share_traces[file] = counts
+        return rows, owners
 
     async def _held_out(self) -> None:
         # Sampled on first use, i.e. before the base model is evaluated and before anything is trained.
         if self.eval_rows is None:
+            for k in range(len(self.teacher_shares())):  # every teacher found and checked before any sampling
+                await self.teacher_of(k)
             seed = self.ctx.cfg.seed + 1_000_003  # other samples than the training traces
-            self.eval_rows = await self._teacher_traces(
-                self.prompts.eval, "teacher_eval.jsonl", seed, "teacher: held-out"
-            )
+            self.eval_rows, self.eval_share = await self._teacher_traces("eval", seed, "teacher: held-out")
             cfg = self.ctx.cfg
             self.eval_datums = [
                 conversation_to_datum(
@@ -366,12 +483,42 @@ class Distillation:
         rows, nll = await evaluate_nll(
             client, self.eval_datums, self.eval_rows, self.ctx.cfg.eval_concurrency, label
         )
+        shares = self.teacher_shares()
+        if self.several:
+            for row, k in zip(rows, self.eval_share, strict=True):
+                row.teacher = shares[k].teacher_model
+            self.share_nll[label] = self._nll_per_teacher(rows)
         if self.mode == "on_policy":
-            _, teacher = await self.teacher()
-            self.kl[label] = await reverse_kl(
-                client, teacher, self.ctx.renderer, self.prompts.eval, self.ctx.cfg, label
+            parts, offset = [], 0
+            for k, share in enumerate(shares):
+                _, teacher = await self.teacher_of(k)
+                desc = f"{label} (teacher {k})" if self.several else label
+                parts.append(
+                    await reverse_kl(
+                        client, teacher, self.ctx.renderer, share.prompts.eval, self.ctx.cfg, desc, offset
+                    )
+                )
+                offset += len(share.prompts.eval)
+            self.kl[label] = per_token(sum(t for t, _ in parts), sum(n for _, n in parts))
+            self.share_kl[label] = [per_token(t, n) for t, n in parts]
+        for k, share in enumerate(shares if self.several else ()):
+            kl = f", reverse KL {self.share_kl[label][k]:.4f}" if self.mode == "on_policy" else ""
+            self.ctx.say(
+                f"{label}: teacher {k} {share.teacher_model}: held-out NLL {self.share_nll[label][k]:.4f}{kl}"
             )
         return rows, nll
+
+    def _nll_per_teacher(self, rows: Sequence[Any]) -> list[float]:
+        """Each teacher's token-weighted mean NLL on its own held-out rows (as evaluate_nll pools them all)."""
+        totals = [0.0] * len(self.teacher_shares())
+        tokens = [0.0] * len(totals)
+        for row, datum, k in zip(rows, self.eval_datums, self.eval_share, strict=True):
+            if row.nll is None:
+                continue
+            weight = float(datum.loss_fn_inputs["weights"].to_numpy().sum())
+            totals[k] += row.nll * weight
+            tokens[k] += weight
+        return [per_token(t, n) for t, n in zip(totals, tokens, strict=True)]
 
     def train(self) -> Coroutine[Any, Any, Any]:
         return self._train_off_policy() if self.mode == "off_policy" else self._train_on_policy()
@@ -379,9 +526,7 @@ class Distillation:
     async def _train_off_policy(self) -> None:
         cfg = self.ctx.cfg
         await self._held_out()
-        await self._teacher_traces(
-            self.prompts.train, "teacher_train.jsonl", cfg.seed, "teacher: training prompts"
-        )
+        await self._teacher_traces("train", cfg.seed, "teacher: training prompts")
         builder = ConversationFilesBuilder(
             common_config=ChatDatasetBuilderCommonConfig(
                 model_name_for_tokenizer=cfg.model_name,
@@ -406,31 +551,37 @@ class Distillation:
 
     async def _train_on_policy(self) -> None:
         cfg = self.ctx.cfg
-        spec, _ = await self.teacher()
-        prompts_file = self.ctx.data_dir / "train_prompts.jsonl"
-        write_jsonl(prompts_file, ({"prompt": p} for p in self.prompts.train))
         n_batches = cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
-        builder = PromptFileBuilder(
-            rows_file=str(prompts_file),
-            model_name_for_tokenizer=cfg.model_name,
-            renderer_name=self.ctx.renderer_name,
-            groups_per_batch=cfg.batch_size,
-            group_size=cfg.group_size,
-            n_batches=n_batches,
-            seed=cfg.seed,
-        )
-        config = train_on_policy.Config(
-            **self.ctx.loop_settings(),
-            recipe_name=f"posttrain_{self.name}_on_policy",
-            dataset_configs=[
+        dataset_configs = []
+        for k, share in enumerate(self.teacher_shares()):
+            spec, _ = await self.teacher_of(k)
+            prompts_file = self.ctx.data_dir / (
+                f"train_prompts_{k}.jsonl" if self.several else "train_prompts.jsonl"
+            )
+            write_jsonl(prompts_file, ({"prompt": p} for p in share.prompts.train))
+            builder = PromptFileBuilder(
+                rows_file=str(prompts_file),
+                model_name_for_tokenizer=cfg.model_name,
+                renderer_name=self.ctx.renderer_name,
+                groups_per_batch=self.per_step[k],
+                group_size=cfg.group_size,
+                n_batches=n_batches,
+                seed=cfg.seed + k,
+                dataset_name=f"teacher_{k}" if self.several else "prompts",
+            )
+            dataset_configs.append(
                 DistillationDatasetConfig(
                     dataset_builder=builder,
                     teacher_config=TeacherConfig(
                         base_model=spec.base_model, load_checkpoint_path=spec.checkpoint
                     ),
-                    groups_per_batch=cfg.batch_size,
+                    groups_per_batch=self.per_step[k],
                 )
-            ],
+            )
+        config = train_on_policy.Config(
+            **self.ctx.loop_settings(),
+            recipe_name=f"posttrain_{self.name}_on_policy",
+            dataset_configs=dataset_configs,
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             kl_penalty_coef=ON_POLICY_KL_COEF,
@@ -482,6 +633,49 @@ class Distillation:
                 baseline_reverse_kl=self.kl.get("base model"),
                 trained_reverse_kl=self.kl.get("trained model"),
                 reverse_kl_definition="per-token KL(student || teacher) on held-out prompts, estimated on one "
-                "student sample per prompt at temperature 1",
+                "student sample per prompt at temperature 1"
+                + (", each prompt against its own teacher, pooled over all teachers" if self.several else ""),
+            )
+        if self.several:
+            extra["teachers"] = [self._describe_teacher(k) for k in range(len(self.teacher_shares()))]
+            pooled_fields = "baseline_nll/trained_nll" + (
+                " and baseline_reverse_kl/trained_reverse_kl" if self.mode == "on_policy" else ""
+            )
+            extra["teachers_definition"] = (
+                "per teacher, on its own dataset's held-out prompts: the NLL of its completions under the "
+                "student"
+                + (" and the reverse KL to it" if self.mode == "on_policy" else "")
+                + f"; {pooled_fields} pool the held-out prompts of all teachers"
             )
         return dataset, sizes, extra
+
+    def _describe_teacher(self, k: int) -> dict[str, Any]:
+        share = self.teacher_shares()[k]
+
+        def traces_of(file: str) -> int:
+            counts = self.share_traces.get(file)
+            return counts[k] if counts else 0
+
+        def measured(values: dict[str, list[float]], label: str) -> float | None:
+            # None: not measured (a resumed run keeps the base rows, not the measures) or nothing scored.
+            value = values[label][k] if label in values else None
+            return value if value is not None and math.isfinite(value) else None
+
+        entry: dict[str, Any] = {
+            "teacher_model": share.teacher_model,
+            "dataset": share.prompts.source.get("source"),
+            "train_prompts": len(share.prompts.train),
+            "eval_prompts": len(share.prompts.eval),
+            "teacher_train_traces": traces_of("teacher_train.jsonl"),
+            "teacher_eval_traces": traces_of("teacher_eval.jsonl"),
+            "baseline_nll": measured(self.share_nll, "base model"),
+            "trained_nll": measured(self.share_nll, "trained model"),
+        }
+        if self.mode == "on_policy":
+            entry.update(
+                baseline_reverse_kl=measured(self.share_kl, "base model"),
+                trained_reverse_kl=measured(self.share_kl, "trained model"),
+                prompts_per_step=self.per_step[k],
+                training_metric=f"teacher_kl/dataset_{k}",
+            )
+        return entry

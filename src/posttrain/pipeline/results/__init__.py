@@ -7,6 +7,7 @@ from posttrain.pipeline.results.rows import (
     PREFERENCE_OPTIONAL_KEYS,
     RL_KEYS,
     SFT_KEYS,
+    SFT_OPTIONAL_KEYS,
     MetricKind,
     PreferenceExample,
     RLExample,
@@ -17,6 +18,7 @@ from posttrain.pipeline.results.rows import (
 )
 from posttrain.pipeline.results.store import BASE_FILE, SUMMARY_FILE, TRAINED_FILE, ResultsDir
 from posttrain.pipeline.results.summary import (
+    TEACHER_KEYS,
     Outcome,
     RunFacts,
     build_summary,
@@ -33,7 +35,9 @@ __all__ = [
     "PREFERENCE_OPTIONAL_KEYS",
     "RL_KEYS",
     "SFT_KEYS",
+    "SFT_OPTIONAL_KEYS",
     "SUMMARY_FILE",
+    "TEACHER_KEYS",
     "TRAINED_FILE",
     "MetricKind",
     "Outcome",

@@ -180,6 +180,36 @@ _SETTINGS_SHOWN = (
 )
 
 
+def _teacher_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Distillation with several teachers: each one measured on its own held-out prompts."""
+    teachers = summary.get("teachers")
+    if not isinstance(teachers, list) or not teachers:
+        return []
+    kl = any("baseline_reverse_kl" in t for t in teachers)
+    header = "| teacher | dataset | held-out prompts | base NLL | trained NLL |" + (
+        " base reverse KL | trained reverse KL |" if kl else ""
+    )
+    lines = [
+        "",
+        "## Per teacher (each on its own held-out prompts)",
+        "",
+        header,
+        "|---" * header.count(" |") + "|",
+    ]
+    for t in teachers:
+        cells = [
+            t.get("teacher_model"),
+            t.get("dataset"),
+            t.get("eval_prompts"),
+            t.get("baseline_nll"),
+            t.get("trained_nll"),
+        ]
+        if kl:
+            cells += [t.get("baseline_reverse_kl"), t.get("trained_reverse_kl")]
+        lines.append("| " + " | ".join(_md(_fmt(c)) for c in cells) + " |")
+    return lines
+
+
 def write_report(
     results_dir: ResultsDir | str | Path,
     summary: Mapping[str, Any],
@@ -227,6 +257,7 @@ def write_report(
         b, t = summary["baseline_nll"], summary["trained_nll"]
         rel_text = imp.get("description", "")
         lines.append(f"| Mean NLL | {b:.4f} | {t:.4f} | {t - b:+.4f} ({rel_text}) |")
+    lines += _teacher_lines(summary)
     lines += [
         "",
         "## Per example",

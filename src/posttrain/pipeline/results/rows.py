@@ -7,7 +7,8 @@ Rows (one per evaluated example, `index` = position in the evaluation set, the s
   verifier's value, a tic-tac-toe game's 1/0.5/0), "details" (e.g. tests_passed/tests_total; games: outcome
   win/draw/loss), "verifier_error" (the user verifier failed on this sample: file:line and error; the sample
   scored 0), "transcript" (multi-turn games: one entry per turn)
-- SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}
+- SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}, and with several distillation teachers
+  "teacher" (whose completion it is)
 - preference (`PreferenceExample`, DPO): {"index", "prompt", "chosen", "rejected", "chosen_logprob",
   "rejected_logprob", "margin", "correct"}: the length-normalised log-probs (mean per completion token) of the
   chosen and the rejected completion, margin = chosen - rejected, correct = margin > 0. Verifiable pairs (the
@@ -39,8 +40,13 @@ PREFERENCE_KEYS = (
     "index", "prompt", "chosen", "rejected", "chosen_logprob", "rejected_logprob", "margin", "correct"
 )  # fmt: skip
 RL_OPTIONAL_KEYS = ("reward", "details", "verifier_error", "transcript")
+SFT_OPTIONAL_KEYS = ("teacher",)
 PREFERENCE_OPTIONAL_KEYS = ("ground_truth", "completion", "extracted_answer", "task_correct")
-OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {"rl": RL_OPTIONAL_KEYS, "preference": PREFERENCE_OPTIONAL_KEYS}
+OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
+    "rl": RL_OPTIONAL_KEYS,
+    "sft": SFT_OPTIONAL_KEYS,
+    "preference": PREFERENCE_OPTIONAL_KEYS,
+}
 RowSchema = Literal["rl", "sft", "preference"]
 ROW_KEYS: dict[str, tuple[str, ...]] = {"rl": RL_KEYS, "sft": SFT_KEYS, "preference": PREFERENCE_KEYS}
 # The text fields of each schema (must be strings) and its per-example metric.
@@ -83,6 +89,7 @@ class SFTExample:
     completion: str
     nll: float | None
     error: str | None = None
+    teacher: str | None = None  # distillation with several teachers: whose completion this is
 
     def to_dict(self) -> dict[str, Any]:
         return _row_dict(self)
@@ -110,7 +117,13 @@ class PreferenceExample:
 
 def _row_dict(row: Any) -> dict[str, Any]:
     d = dataclasses.asdict(row)
-    optional = PREFERENCE_OPTIONAL_KEYS if isinstance(row, PreferenceExample) else RL_OPTIONAL_KEYS
+    optional = (
+        PREFERENCE_OPTIONAL_KEYS
+        if isinstance(row, PreferenceExample)
+        else SFT_OPTIONAL_KEYS
+        if isinstance(row, SFTExample)
+        else RL_OPTIONAL_KEYS
+    )
     for key in ("error", *optional):  # optional keys appear only when they carry something
         if d.get(key) is None:
             d.pop(key, None)
@@ -166,6 +179,8 @@ def validate_rows(rows: Iterable[Any], kind: MetricKind, schema: RowSchema | Non
                         f"row {n}: {k} must be a finite number (null only with an error), got {d[k]!r}"
                     )
         if schema == "sft":
+            if "teacher" in d and not (isinstance(d["teacher"], str) and d["teacher"]):
+                raise ValueError(f"row {n}: teacher must be a non-empty string when present")
             nll = d["nll"]
             ok = is_number(nll) and nll >= 0
             if not (ok or (failed and nll is None)):

@@ -31,6 +31,13 @@ VERDICTS = ("improved", "not improved")
 NLL_RELATIVE_TOLERANCE = 1e-3
 # The run counts as improved when the mean NLL drops by more than this fraction (RL: any accuracy gain).
 IMPROVEMENT_NLL_RELATIVE = 1e-3
+# Distillation with several teachers: summary.json `teachers`, one object per teacher in teacher_model order,
+# each measured on its own held-out prompts (on-policy adds baseline_reverse_kl, trained_reverse_kl,
+# prompts_per_step and training_metric). A null NLL or KL: none of that teacher's examples could be scored.
+TEACHER_KEYS = (
+    "teacher_model", "dataset", "train_prompts", "eval_prompts", "teacher_train_traces", "teacher_eval_traces",
+    "baseline_nll", "trained_nll",
+)  # fmt: skip
 
 
 def collect_versions() -> dict[str, str | None]:
@@ -249,8 +256,32 @@ def validate_summary(d: Mapping[str, Any]) -> None:
     wv = d.get("wandb_verification")
     if wv is not None and (not isinstance(wv, Mapping) or not isinstance(wv.get("verified"), bool)):
         problems.append("wandb_verification must be null or an object with a boolean 'verified'")
+    if "teachers" in d:
+        problems.extend(_teacher_problems(d["teachers"]))
     if problems:
         raise ValueError("invalid summary: " + "; ".join(problems))
+
+
+def _teacher_problems(teachers: Any) -> list[str]:
+    if not isinstance(teachers, list) or len(teachers) < 2:
+        return ["teachers must be a list of at least 2 objects (one per teacher)"]
+    problems = []
+    for k, t in enumerate(teachers):
+        if not isinstance(t, Mapping) or any(key not in t for key in TEACHER_KEYS):
+            problems.append(f"teachers[{k}] must be an object with {', '.join(TEACHER_KEYS)}")
+            continue
+        if not isinstance(t["teacher_model"], str) or not t["teacher_model"]:
+            problems.append(f"teachers[{k}].teacher_model must be a non-empty string")
+        for key in ("train_prompts", "eval_prompts", "teacher_train_traces", "teacher_eval_traces"):
+            if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 0:
+                problems.append(f"teachers[{k}].{key} must be an integer >= 0 (got {t[key]!r})")
+        for key in ("baseline_nll", "trained_nll", "baseline_reverse_kl", "trained_reverse_kl"):
+            v = t.get(key)
+            if v is not None and not (is_number(v) and (v >= 0 or "reverse_kl" in key)):
+                problems.append(
+                    f"teachers[{k}].{key} must be a finite number (>= 0 for NLL) or null (got {v!r})"
+                )
+    return problems
 
 
 def write_summary(results: ResultsDir, summary: Mapping[str, Any]) -> Path:
