@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 from runs import read_jsonl, train
+from test_preference_distillation import TINY, _ok, _summary
 
 from posttrain.config import TrainConfig, data_sources, parse_train_args
 from posttrain.errors import ConfigError
 from posttrain.pipeline.methods.distillation import split_evenly
 from posttrain.pipeline.results import SFTExample, validate_rows, validate_summary
-
-TINY = ["renderer_name=role_colon", "backend=local", "lora_rank=4", "save_every=0", "eval_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +46,6 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         )
     )
     return numbers, letters
-
-
-def _summary(cwd: Path) -> dict:
-    summary = json.loads((cwd / "results" / "summary.json").read_text())
-    validate_summary(summary)
-    return summary
-
-
-def _ok(proc) -> None:
-    # 1 = trained but not better: allowed for a few steps of a random tiny model; the results are what is tested.
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _check_teachers(summary: dict, cwd: Path, run: str, teachers: list[str], mode: str) -> list[dict]:

@@ -288,6 +288,19 @@ def test_compare_examples_rl_flips():
     assert c["base_mean"] == pytest.approx(0.4) and c["trained_mean"] == pytest.approx(0.6)
 
 
+def test_compare_examples_partial_credit_moves_before_correct_flips():
+    # A rubric's judged score (or code's fraction of tests) can rise while every `correct` flag stays as it was.
+    def rows(rewards: list[float]) -> list[dict]:
+        return [
+            {**RLExample(i, f"q{i}", "", "c", "", True).to_dict(), "reward": r} for i, r in enumerate(rewards)
+        ]
+
+    c = compare_examples(rows([0.70, 0.70, 0.80, 0.75]), rows([0.75, 0.705, 0.60, 0.75]), "score")
+    assert (c["improved"], c["regressed"], c["unchanged"]) == (1, 1, 2)
+    assert c["top_improved"][0]["base_reward"] == 0.70 and c["top_improved"][0]["trained_reward"] == 0.75
+    assert c["top_regressed"][0]["delta"] == pytest.approx(-0.2)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 

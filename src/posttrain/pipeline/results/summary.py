@@ -8,6 +8,7 @@ sizes, durations and versions; `validate_summary` checks those fields before any
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -298,13 +299,24 @@ def _snippet(text: Any, n: int = 120) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+# A partial-credit score (reward in [0, 1]) that moved by less than this counts as unchanged.
+REWARD_TOLERANCE = 0.01
+
+
+def _partial(row: dict) -> bool:
+    reward = row.get("reward")
+    return isinstance(reward, int | float) and not isinstance(reward, bool) and math.isfinite(reward)
+
+
 def compare_examples(
     base_rows: Iterable[Any], trained_rows: Iterable[Any], kind: MetricKind, top: int = 5
 ) -> dict:
     """Pair base and trained rows by `index` and count improved / regressed / unchanged examples.
 
     SFT: improved when the trained NLL is lower by more than NLL_RELATIVE_TOLERANCE of the base NLL (regressed:
-    higher by more than that). RL: improved when correct flipped false→true, regressed true→false. Rows with an
+    higher by more than that). RL: improved when correct flipped false→true, regressed true→false; where both
+    rows carry a partial-credit `reward` (code's fraction of tests, a rubric's judged score, a user verifier's
+    value), when it rose (fell) by more than REWARD_TOLERANCE. Rows with an
     error (or a null metric) on either side are counted in `errors`, not in the three buckets. `base_mean` /
     `trained_mean` average only the examples both models were evaluated on without error: use them as the
     summary's baseline/trained numbers so both sides cover the same examples.
@@ -352,7 +364,12 @@ def compare_examples(
                 "trained": bool(tv),
                 "delta": tv - bv,
             }
-            (improved if tv > bv else regressed if tv < bv else unchanged).append(entry)
+            tol = 0.0
+            if _partial(b) and _partial(t):  # partial credit (tests passed, judged items): it moves first
+                entry.update(base_reward=b["reward"], trained_reward=t["reward"], delta=t["reward"] - b["reward"])
+                tol = REWARD_TOLERANCE
+            delta = entry["delta"]
+            (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
     valid = [i for i in paired_idx if i not in set(errors)]
     base_mean = mean_metric([base[i] for i in valid], kind)
     trained_mean = mean_metric([trained[i] for i in valid], kind)
