@@ -14,7 +14,7 @@ from posttrain.config import TrainConfig, parse_train_args
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.data_formats import normalize_row
-from posttrain.pipeline.methods.distillation import check_same_tokenizer
+from posttrain.pipeline.methods.distillation import check_same_tokenizer, gradable
 from posttrain.pipeline.methods.prompt_distillation import first_words, read_system_prompt
 from posttrain.pipeline.results import (
     PREFERENCE_KEYS,
@@ -120,14 +120,13 @@ def test_off_policy_distillation_run(off_policy_run, tiny_model_b: str) -> None:
     assert "baseline_reverse_kl" not in summary
 
 
-def test_on_policy_distillation_from_a_checkpoint(
-    tmp_path: Path, tiny_model: str, off_policy_run, prompts_file
-):
+def test_on_policy_distillation_from_a_checkpoint(tmp_path: Path, tiny_model: str, off_policy_run):
     teacher = _summary(off_policy_run[0])["checkpoint_path"]  # an earlier run's tinker:// checkpoint
+    # Prompts from an RL environment: verifiable, so the student's task accuracy is measured too.
     proc = train(
-        [f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={teacher}", "task=distillation",
+        ["env=arithmetic", f"model_name={tiny_model}", f"teacher_model={teacher}", "task=distillation",
          "distillation_mode=on_policy", *TINY, "learning_rate=0.01", "batch_size=4", "group_size=2",
-         "max_steps=2", "max_tokens=6", "run_name=on_policy_e2e"],
+         "max_steps=2", "max_tokens=6", "max_eval_rows=6", "run_name=on_policy_e2e"],
         tmp_path,
     )  # fmt: skip
     _ok(proc)
@@ -135,6 +134,12 @@ def test_on_policy_distillation_from_a_checkpoint(
     assert summary["dataset"]["distillation_mode"] == "on_policy"
     for key in ("baseline_reverse_kl", "trained_reverse_kl"):
         assert isinstance(summary[key], float)
+    data = tmp_path / "results" / "logs" / "on_policy_e2e" / "data"
+    for label, key in (("base", "baseline_task_accuracy"), ("trained", "trained_task_accuracy")):
+        rows = read_jsonl(data / f"task_{label}.jsonl")
+        assert len(rows) == summary["sizes"]["eval_prompts"] == 6
+        assert summary[key] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+        assert all(r["ground_truth"] and r["completion"] is not None for r in rows)
     metrics = read_jsonl(tmp_path / "results" / "logs" / "on_policy_e2e" / "metrics.jsonl")
     assert any("teacher_kl" in m for m in metrics)
 
@@ -296,6 +301,14 @@ def test_a_missing_behaviour_check_stops_the_run_in_one_line(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "check.py" in proc.stderr
     assert "in_french" in proc.stderr and "engine: starting" not in proc.stdout
+
+
+def test_only_single_questions_with_an_answer_are_graded() -> None:
+    question = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert gradable({"answer": 5}, question) == {"question": "What is 2 + 3?", "answer": "5", "instruction": ""}
+    assert gradable({"answer": " "}, question) is None and gradable({}, question) is None
+    two_turns = [{"role": "system", "content": "Be brief."}, *question]
+    assert gradable({"answer": "5"}, two_turns) is None
 
 
 def test_shipped_behaviour_checks() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
@@ -54,6 +54,7 @@ from posttrain.pipeline.chat_data import ConversationFilesBuilder
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.data_formats import CHAT_FORMATS
 from posttrain.pipeline.evaluation import bounded_gather, evaluate_nll
+from posttrain.pipeline.grading import ANSWER_INSTRUCTION
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.plan import TokenBudget
 from posttrain.pipeline.problems import load_problems
@@ -80,6 +81,8 @@ class Prompts:
     train: list[Messages]
     eval: list[Messages]
     source: dict[str, Any]
+    # The held-out prompts that can be graded (an env='s problems, rows with an `answer`), as RL problems.
+    eval_problems: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def load_prompts(cfg: TrainConfig, data: LoadedData | None, task: str) -> Prompt
             [prompt_messages(p) for p in problems.train],
             [prompt_messages(p) for p in problems.eval],
             {**problems.info, "env": cfg.env},
+            [p for p in problems.eval if "question" in p and "answer" in p],
         )
     train = [prompt_of(r, data.format) for r in data.train]
     held_out = [prompt_of(r, data.format) for r in data.eval]
@@ -136,8 +140,20 @@ def load_prompts(cfg: TrainConfig, data: LoadedData | None, task: str) -> Prompt
             f"{data.source}: task={task} needs prompts to train on and held-out prompts to evaluate"
         )
     return Prompts(
-        train, held_out, {"source": data.source, "format": data.format, "eval_source": data.eval_source}
+        train,
+        held_out,
+        {"source": data.source, "format": data.format, "eval_source": data.eval_source},
+        [g for r, p in zip(data.eval, held_out, strict=True) if (g := gradable(r, p))],
     )
+
+
+def gradable(row: dict, prompt: Messages) -> dict | None:
+    """A single-question row with an `answer` (e.g. pairs made from a verifiable task) as an RL problem whose
+    prompt is exactly the held-out prompt (no answer instruction added); None otherwise."""
+    answer = row.get("answer")
+    if answer is None or str(answer).strip() == "" or len(prompt) != 1 or prompt[0]["role"] != "user":
+        return None
+    return {"question": prompt[0]["content"], "answer": str(answer), "instruction": ""}
 
 
 def prompt_text(messages: Messages) -> str:
@@ -372,6 +388,7 @@ class Distillation:
             check_same_tokenizer(cfg.model_name, teacher, student_renderer, teacher_renderer)
         self.kl: dict[str, float] = {}
         self.n_traces: dict[str, int] = {}
+        self.task_accuracy: dict[str, float] = {}
 
     def teacher_shares(self) -> tuple[Share, ...]:
         return self.shares or (Share(self.teacher_model, self.prompts),)
@@ -506,7 +523,23 @@ class Distillation:
             self.ctx.say(
                 f"{label}: teacher {k} {share.teacher_model}: held-out NLL {self.share_nll[label][k]:.4f}{kl}"
             )
+        if self.prompts.eval_problems:
+            await self._task_accuracy(client, label)
         return rows, nll
+
+    async def _task_accuracy(self, client: tinker.SamplingClient, label: str) -> None:
+        """Where the held-out prompts can be graded: the student's answers, sampled as RL evaluation does."""
+        from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy
+
+        cfg = self.ctx.cfg
+        problems = self.prompts.eval_problems
+        settings = SamplingSettings(cfg.max_tokens, cfg.eval_temperature, cfg.seed)
+        records, accuracy = await evaluate_accuracy(
+            client, problems, self.ctx.renderer, ANSWER_INSTRUCTION, settings, cfg.eval_concurrency, label
+        )
+        self.task_accuracy[label] = accuracy
+        write_jsonl(self.ctx.data_dir / f"task_{label.split()[0]}.jsonl", (r.to_dict() for r in records))
+        self.ctx.say(f"{label}: task accuracy {accuracy:.1%} on {len(problems)} gradable held-out prompts")
 
     def _nll_per_teacher(self, rows: Sequence[Any]) -> list[float]:
         """Each teacher's token-weighted mean NLL on its own held-out rows (as evaluate_nll pools them all)."""
@@ -628,6 +661,14 @@ class Distillation:
             "teacher_eval_traces": self.n_traces.get("teacher_eval.jsonl", 0),
         }
         extra: dict[str, Any] = {"teacher_traces": str(self.ctx.data_dir)}
+        if self.task_accuracy:
+            extra.update(
+                baseline_task_accuracy=self.task_accuracy.get("base model"),
+                trained_task_accuracy=self.task_accuracy.get("trained model"),
+                task_accuracy_definition=f"fraction of the {len(self.prompts.eval_problems)} gradable held-out "
+                "prompts (an env's problems, rows with an answer) the student answers correctly, sampled at "
+                "eval_temperature and graded as RL evaluation grades (rows: data/task_{base,trained}.jsonl)",
+            )
         if self.kl:
             extra.update(
                 baseline_reverse_kl=self.kl.get("base model"),

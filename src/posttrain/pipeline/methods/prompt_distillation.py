@@ -70,6 +70,7 @@ class PromptDistillation(Distillation):
         self.extra_models = []
         self.kl: dict[str, float] = {}
         self.n_traces: dict[str, int] = {}
+        self.task_accuracy: dict[str, float] = {}
         self.agreement: dict[str, float] = {}
         self.behaviour_rate: dict[str, float] = {}
         self.check = None
