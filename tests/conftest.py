@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,12 +74,32 @@ def keyed_engine(tiny_model: str, tiny_model_b: str, tmp_path_factory: pytest.Te
     proc.stop()
 
 
+def finish(client: Any) -> None:
+    """End a ServiceClient's session: an open client's heartbeat thread outlives its test, and once the engine
+    it talks to has stopped it logs "Session heartbeat failed" for the rest of the pytest session."""
+    with contextlib.suppress(Exception):  # an engine already gone: the local heartbeat still stops
+        client.close("success").result(timeout=10)
+
+
 @pytest.fixture
-def service(engine) -> Iterator:
+def services() -> Iterator[Callable[..., Any]]:
+    """`services(base_url=...)` opens a tinker.ServiceClient that is finished when the test ends."""
     import tinker
 
-    client = tinker.ServiceClient(base_url=engine.url, api_key="tml-local-test")
-    yield client
+    opened: list[Any] = []
+
+    def open_client(**kwargs: Any) -> Any:
+        opened.append(tinker.ServiceClient(**kwargs))
+        return opened[-1]
+
+    yield open_client
+    for client in opened:
+        finish(client)
+
+
+@pytest.fixture
+def service(engine, services) -> Any:
+    return services(base_url=engine.url, api_key="tml-local-test")
 
 
 # ------------------------------------------------------------------ stand-ins for Tinker lineup models

@@ -284,10 +284,10 @@ def default_engine(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.slow
-def test_default_model_answers_greedily(default_engine):
+def test_default_model_answers_greedily(default_engine, services):
     from transformers import AutoTokenizer
 
-    service = tinker.ServiceClient(base_url=default_engine.url)
+    service = services(base_url=default_engine.url)
     sampler = service.create_sampling_client(base_model=DEFAULT_MODEL).result()
     tokenizer = AutoTokenizer.from_pretrained(
         DEFAULT_MODEL

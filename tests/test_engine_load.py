@@ -51,8 +51,8 @@ async def _wave(service: tinker.ServiceClient, model: str, training: tinker.Trai
     return results[0], sum(1 for n in results[1:] if 1 <= n <= 8)
 
 
-def test_two_hundred_concurrent_samples_during_training(engine, tiny_model):
-    service = tinker.ServiceClient(base_url=engine.url)
+def test_two_hundred_concurrent_samples_during_training(engine, tiny_model, services):
+    service = services(base_url=engine.url)
     training = service.create_lora_training_client(base_model=tiny_model, rank=4)
     steps, served = asyncio.run(_wave(service, tiny_model, training))
     assert (steps, served) == (3, WAVE)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
+from conftest import finish
 from tinker import types
 from tinker.proto import request_conv, response_conv
 
@@ -317,7 +318,8 @@ def trained_sampler(engine, tiny_model):
     service = tinker.ServiceClient(base_url=engine.url)
     tc = service.create_lora_training_client(base_model=tiny_model, rank=4, seed=8).result()
     _step(tc, _batch(9), lr=5e-2)
-    return service, tc, tc.save_weights_and_get_sampling_client().result()
+    yield service, tc, tc.save_weights_and_get_sampling_client().result()
+    finish(service)
 
 
 def test_sampled_logprobs_agree_with_forward_and_compute_logprobs(trained_sampler, tiny_model):
@@ -559,8 +561,8 @@ def test_api_key_is_enforced(keyed_engine):
     assert right.status_code == 200
 
 
-def test_teacher_and_student_models_served_at_once(keyed_engine, tiny_model, tiny_model_b):
-    service = tinker.ServiceClient(base_url=keyed_engine.url)
+def test_teacher_and_student_models_served_at_once(keyed_engine, tiny_model, tiny_model_b, services):
+    service = services(base_url=keyed_engine.url)
     capabilities = tinker.RestClient(base_url=keyed_engine.url).get_server_capabilities().result()
     names = [m.model_name for m in capabilities.supported_models]
     assert names == [tiny_model, tiny_model_b]
@@ -585,8 +587,8 @@ def test_teacher_and_student_models_served_at_once(keyed_engine, tiny_model, tin
         service.create_sampling_client(base_model=tiny_model_b, model_path=path).result()
 
 
-def test_checkpoints_survive_a_server_restart(keyed_engine, tiny_model_b):
-    service = tinker.ServiceClient(base_url=keyed_engine.url)
+def test_checkpoints_survive_a_server_restart(keyed_engine, tiny_model_b, services):
+    service = services(base_url=keyed_engine.url)
     tc = service.create_lora_training_client(base_model=tiny_model_b, rank=4, seed=18).result()
     _step(tc, _batch(19))
     state = tc.save_state("before-restart").result().path
@@ -617,7 +619,7 @@ def test_checkpoints_survive_a_server_restart(keyed_engine, tiny_model_b):
     assert time.monotonic() - started < 15
     keyed_engine.start()
 
-    service = tinker.ServiceClient(base_url=keyed_engine.url)
+    service = services(base_url=keyed_engine.url)
     rest = tinker.RestClient(base_url=keyed_engine.url)
     ids = {c.checkpoint_id for c in rest.list_checkpoints(run_id).result().checkpoints}
     assert ids == {"weights/before-restart", "sampler_weights/before-restart"}

@@ -185,16 +185,14 @@ def test_renderer_template_mismatch_stops_the_run_before_training(lineup_runs: d
     assert json.loads((proc.cwd / "results" / "summary.json").read_text())["status"] == "failed"
 
 
-def test_lineup_check_uses_the_services_own_model_list(lineup_engine) -> None:
+def test_lineup_check_uses_the_services_own_model_list(lineup_engine, services) -> None:
     """A lineup model the service does not serve is refused with what it does serve (its capabilities)."""
     import asyncio
-
-    import tinker
 
     from posttrain.errors import PreflightError
     from posttrain.pipeline import backend
 
-    service = tinker.ServiceClient(base_url=lineup_engine.url, api_key=LINEUP_API_KEY)
+    service = services(base_url=lineup_engine.url, api_key=LINEUP_API_KEY)
     asyncio.run(backend.check_served_model(service, lineup_engine.url, QWEN, "tinker"))
     with pytest.raises(PreflightError) as info:
         asyncio.run(backend.check_served_model(service, lineup_engine.url, "Qwen/Qwen3-32B", "tinker"))

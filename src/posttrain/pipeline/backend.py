@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -160,7 +161,10 @@ async def check_served_model(
 ) -> None:
     """The model must be one the service serves (its capabilities; the lineup table when the cloud is silent)."""
     try:
-        caps = await service.get_server_capabilities_async()
+        with warnings.catch_warnings():
+            # Deprecated in favour of RestClient, which would not carry this client's own base_url and key.
+            warnings.simplefilter("ignore", FutureWarning)
+            caps = await service.get_server_capabilities_async()
         available: list[str] | None = [m.model_name for m in caps.supported_models if m.model_name]
     except Exception as exc:  # noqa: BLE001 - the cloud may be unreachable; the lineup table is the fallback
         if backend == "local":
