@@ -85,7 +85,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def default_threads() -> int:
-    """The engine's own default (half the processors), so both sides of a comparison use the same count."""
-    from posttrain.engine.engine import default_threads as engine_default
+    """The engine's most threads (every processor it may use), so both sides of a comparison use the same count."""
+    from posttrain.engine.threads import available_cpus
 
-    return engine_default()
+    return available_cpus()

@@ -51,6 +51,17 @@ def read_status(pid: int) -> dict[str, int] | None:
     return out
 
 
+def read_pss(pid: int) -> int | None:
+    """Proportional set size in MB: each shared page (torch's libraries, mapped by the client and the engine
+    alike) counted once across the processes that map it, so the sum over processes is the run's memory."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) // 1024 if m else None
+
+
 def children(pid: int) -> list[int]:
     """Every descendant of pid (through /proc/*/task/*/children)."""
     out: list[int] = []
@@ -124,7 +135,10 @@ def main() -> None:
                 roles[pid] = role(pid)
             if "VmHWM" not in status:  # exiting: its memory is gone, and so is its record of the peak
                 continue
-            samples.append({"t": round(t, 2), "pid": pid, "role": roles[pid], "rss": status["VmRSS"]})
+            pss = read_pss(pid)
+            samples.append(
+                {"t": round(t, 2), "pid": pid, "role": roles[pid], "rss": status["VmRSS"], "pss": pss or 0}
+            )
             hwm[pid] = {"role": roles[pid], "hwm": status["VmHWM"]}
         time.sleep(INTERVAL)
     wall = time.monotonic() - t0
@@ -152,9 +166,12 @@ def main() -> None:
         row[s["role"]] = max(row.get(s["role"], 0), s["rss"])
     # Sum over processes at each sample time: the run's resident total.
     totals: dict[float, int] = {}
+    pss_totals: dict[float, int] = {}
     for s in samples:
         totals[s["t"]] = totals.get(s["t"], 0) + s["rss"]
+        pss_totals[s["t"]] = pss_totals.get(s["t"], 0) + s["pss"]
     peak_total_t, peak_total = max(totals.items(), key=lambda kv: kv[1]) if totals else (0.0, 0)
+    peak_pss_t, peak_pss = max(pss_totals.items(), key=lambda kv: kv[1]) if pss_totals else (0.0, 0)
     by_role: dict[str, int] = {}
     for info in hwm.values():
         by_role[info["role"]] = max(by_role.get(info["role"], 0), info["hwm"])
@@ -175,7 +192,8 @@ def main() -> None:
     print()
     print(summary)
     print(
-        f"\nsum of processes' RSS at its highest sample: {peak_total} MB at {peak_total_t:.0f} s; wall {wall:.0f} s; "
+        f"\nsum of processes' RSS at its highest sample: {peak_total} MB at {peak_total_t:.0f} s; "
+        f"sum of their PSS (shared pages once): {peak_pss} MB at {peak_pss_t:.0f} s; wall {wall:.0f} s; "
         f"exit code {proc.returncode}"
     )
     path = write_results(
@@ -192,6 +210,8 @@ def main() -> None:
             "peak_rss_mb_by_process": by_role,
             "peak_sum_rss_mb": peak_total,
             "peak_sum_at_s": peak_total_t,
+            "peak_sum_pss_mb": peak_pss,
+            "peak_sum_pss_at_s": peak_pss_t,
             "phases": [
                 {"phase": p, "start_s": round(t, 1), "max_rss_mb": per_phase.get(p, {})} for t, p in starts
             ],

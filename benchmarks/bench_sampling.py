@@ -16,6 +16,7 @@ import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the engine process (posttrain.engine.serve)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import torch
 from _common import default_threads, load_average, machine_info, markdown_table, write_results

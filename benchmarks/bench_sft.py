@@ -25,7 +25,8 @@ import warnings
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The engine's own OpenMP setting (posttrain.engine.serve), for the plain loop too: same threads, same waiting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the engine process (posttrain.engine.serve)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import torch
 import torch.nn.functional as F
@@ -299,6 +300,7 @@ def main() -> int:
             "dtype": dtype_name,
             "engine_src": args.engine_src,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "warmup_steps": args.warmup,
             "blocks": args.blocks,
             "steps_per_block": args.steps_per_block,

@@ -33,14 +33,16 @@ dtype = choose_dtype("auto")
 tok = AutoTokenizer.from_pretrained(source.path)
 batches = real_text_batches(tok, steps + 1, batch, seq_len)
 loop = PlainLoop(str(source.path), 16, 1e-4, dtype)
-adaptive = os.environ.get("ADAPTIVE") == "1"
+from posttrain.engine.threads import ThreadPolicy
+policy = ThreadPolicy(threads) if os.environ.get("ADAPTIVE") == "1" else None
 used = []
 def step(b):
-    if adaptive:  # the engine's default policy: the processors free when the job starts
-        from posttrain.engine.engine import threads_for_next_job
-        torch.set_num_threads(threads_for_next_job(threads))
+    if policy is not None:  # the engine's default policy: measured demand of other processes
+        torch.set_num_threads(policy.before_job())
     used.append(torch.get_num_threads())
     loop.step(b)
+    if policy is not None:
+        policy.after_job()
 step(batches[0])
 times = []
 for b in batches[1:]:
@@ -51,7 +53,12 @@ print("RESULT " + json.dumps({"times": times, "dtype": str(dtype), "threads_used
 POLICIES = {
     "default": {},  # libgomp spins a while before sleeping
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "adaptive": {"OMP_WAIT_POLICY": "PASSIVE", "ADAPTIVE": "1"},  # the engine's default
+    # the engine's default: spin briefly, then sleep; threads follow the measured demand of other processes
+    "adaptive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000", "ADAPTIVE": "1"},
+    # libgomp spins this many times at a barrier before it sleeps (its default: 300k, or 1k when oversubscribed)
+    "spin1k": {"GOMP_SPINCOUNT": "1000"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin100k": {"GOMP_SPINCOUNT": "100000"},
 }
 
 
@@ -59,6 +66,7 @@ def run_worker(threads: int, policy: str, args) -> dict:
     env = {**os.environ, "REPO": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("ADAPTIVE", None)
+    env.pop("GOMP_SPINCOUNT", None)
     env.update(POLICIES[policy])
     out = subprocess.run(
         [sys.executable, "-c", WORKER, str(threads), str(args.batch), str(args.seq_len), str(args.steps)],
@@ -88,9 +96,14 @@ def main() -> int:
         action="store_true",
         help="also all threads with libgomp's default spinning (slow when loaded)",
     )
+    parser.add_argument(
+        "--policies",
+        default="passive,adaptive",
+        help=f"all-thread policies to compare with 1 thread, from: {', '.join(POLICIES)}",
+    )
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
-    configs = [(1, "default"), (cpus, "passive"), (cpus, "adaptive")]
+    configs = [(1, "default")] + [(cpus, p) for p in args.policies.split(",")]
     if args.with_spin:
         configs.insert(1, (cpus, "default"))
     results: dict[str, dict[str, list[float]]] = {}

@@ -15,7 +15,6 @@ from tinker.proto import request_conv, response_conv
 
 from posttrain.engine import losses
 from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_name, parse_tinker_path
-from posttrain.engine.engine import default_threads
 from posttrain.engine.runtime import _micro_batches
 from posttrain.engine.wire import (
     WireError,
@@ -372,26 +371,61 @@ def test_micro_batches_cover_every_datum_once_within_the_token_budget():
         assert len(group) == 1 or width * len(group) <= 1024
 
 
-def test_threads_use_every_free_processor(monkeypatch):
-    from posttrain.engine import engine
+def test_thread_counts_follow_other_processes_demand():
+    from posttrain.engine.threads import CpuTimes, others_demand, threads_for
 
-    cpus = len(os.sched_getaffinity(0))
-    assert default_threads() == cpus
-    monkeypatch.setattr(engine, "other_running_tasks", lambda: 0)
-    assert engine.threads_for_next_job(cpus) == cpus
-    monkeypatch.setattr(engine, "other_running_tasks", lambda: 1)
-    assert engine.threads_for_next_job(4) == 3
-    monkeypatch.setattr(engine, "other_running_tasks", lambda: 9)
-    assert engine.threads_for_next_job(4) == 1
-    monkeypatch.undo()
-    assert engine.other_running_tasks() >= 0
+    # Not saturated: the others got what they wanted (0.5 of 2 cores while we used 1).
+    assert others_demand(CpuTimes(0, 0, 0), CpuTimes(10, 15, 10), 1, 2) == 0.5
+    # Saturated, 2 of our threads and 1 busy process: it got 2/3 of a core; its demand is one thread.
+    got = others_demand(CpuTimes(0, 0, 0), CpuTimes(3, 6, 4), 2, 2)
+    assert got is not None and abs(got - 1.0) < 1e-9
+    # Saturated with two busy processes beside our one thread: each got 2/3 of a core.
+    got = others_demand(CpuTimes(0, 0, 0), CpuTimes(3, 6, 2), 1, 2)
+    assert got is not None and abs(got - 2.0) < 1e-9
+    assert others_demand(CpuTimes(0, 0, 0), CpuTimes(0.2, 0.4, 0.2), 2, 2) is None  # too short to tell
+    assert threads_for(0.0, 2) == 2
+    assert threads_for(1.0, 2) == 2  # one competing thread is tolerated
+    assert threads_for(1.3, 2) == 1
+    assert threads_for(3.0, 8) == 6
+    assert threads_for(40.0, 8) == 1
 
 
-def test_the_engine_process_waits_passively():
+def test_thread_policy_measures_real_competing_processes():
+    import subprocess
+    import sys
+    import time
+
+    from posttrain.engine.threads import ThreadPolicy, available_cpus
+
+    cpus = available_cpus()
+    policy = ThreadPolicy(cpus)
+    assert policy.before_job() == cpus  # nothing measured yet: every processor
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus + 1)]
+    try:
+        time.sleep(0.3)  # let them start
+        policy.before_job()
+        time.sleep(1.5)  # our "job" uses no CPU, so the hogs have every processor
+        policy.after_job()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert policy.demand is not None and policy.demand > cpus - 0.5
+    assert policy.before_job() == 1  # every processor taken: one competing thread tolerated, no more
+
+
+def test_the_engine_process_spins_briefly_then_sleeps():
     import subprocess
     import sys
 
-    code = "import posttrain.engine.serve, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = (
+        "import posttrain.engine.serve, os; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
+    assert out.stdout.split() == ["PASSIVE", "1000"]
+    # A user's own OpenMP setting is kept as it is.
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ACTIVE", "None"]

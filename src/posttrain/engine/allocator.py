@@ -13,13 +13,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-# Blocks from this size up get their own mapping. 128 KiB is glibc's initial default; fixing it turns the
-# dynamic raise off. Activations of SmolLM2-135M are 64 KiB to a few MB per tensor at 1024-token micro-batches.
-MMAP_THRESHOLD_BYTES = 128 * 1024
+# Blocks from this size up get their own mapping; smaller ones are reused from the heap. Each fresh mapping
+# costs page faults when first written, so the threshold trades speed for memory. The default run on 2 cores
+# (bf16, GOMP_SPINCOUNT=1000, one run each, BENCHMARKS.md): glibc's dynamic threshold 146 s wall and an engine
+# peak of 3549 MB; 4 MiB 168 s / 3299 MB; 1 MiB 162 s / 3021 MB; 512 KiB 168 s / 2894 MB; 128 KiB 179 s /
+# 2887 MB. Activations of SmolLM2-135M are 64 KiB to a few MB per tensor at 1024-token micro-batches.
+MMAP_THRESHOLD_BYTES = 512 * 1024
 
 
 @functools.cache
@@ -34,11 +38,16 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def configure() -> bool:
-    """Fix the mmap threshold for the rest of the process; True when the allocator is glibc's."""
+    """Fix the mmap threshold for the rest of the process; True when the allocator is glibc's.
+
+    POSTTRAIN_MMAP_THRESHOLD (bytes; 0: glibc's own dynamic threshold) overrides it, for benchmarks."""
     libc = _glibc()
     if libc is None:
         return False
-    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1:
+    threshold = int(os.environ.get("POSTTRAIN_MMAP_THRESHOLD", MMAP_THRESHOLD_BYTES))
+    if threshold <= 0:
+        return False
+    if libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
         logger.info("mallopt(M_MMAP_THRESHOLD) refused; freed memory stays in the heap")
         return False
     return True

@@ -4,7 +4,7 @@ Training requests run in arrival order, which is the SDK's submission order (it 
 request k's POST has returned). The one exception, forward_backward chunks of one call posted in parallel,
 only accumulates gradients, which commutes. Sampling requests for one sampler decode together, and those that
 arrive while that batch decodes join it at the next decode step (continuous batching), unless a training
-request is waiting. Each compute job sets the thread count the machine's load allows (`threads_for_next_job`).
+request is waiting. Each compute job sets the thread count the machine's load allows (`threads.ThreadPolicy`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 import traceback
@@ -32,6 +31,7 @@ from posttrain.engine.futures import Future, FutureStore
 from posttrain.engine.models import ModelSource
 from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
 from posttrain.engine.sampling import DecodeLoop, GenerationRequest
+from posttrain.engine.threads import ThreadPolicy, available_cpus
 from posttrain.engine.wire import (
     FwdBwdRequest,
     WireError,
@@ -73,9 +73,9 @@ class Engine:
         self.dtype = dtype
         self.device = torch.device(device)
         allocator.configure()  # before the models load: their conversion's temporaries go back too
-        # A fixed count (--threads N), or adaptive up to every processor: see threads_for_next_job.
-        self.adaptive_threads = not (threads and threads > 0)
-        self.threads = threads if threads and threads > 0 else default_threads()
+        # A fixed count (--threads N), or adaptive up to every processor: see engine/threads.py.
+        self.threads = threads if threads and threads > 0 else available_cpus()
+        self.thread_policy = None if threads and threads > 0 else ThreadPolicy(self.threads)
         # torch's thread count is per OS thread under OpenMP: set it here (loading) and in the compute thread.
         torch.set_num_threads(self.threads)
         self.models: dict[str, ServedModel] = {}
@@ -126,13 +126,19 @@ class Engine:
 
     def _with_threads(self, fn: Callable[[], Any]) -> Any:
         """Run a job on the compute thread with the thread count the machine's load allows now."""
-        if self.adaptive_threads and self.device.type == "cpu":
-            n = threads_for_next_job(self.threads)
+        policy = self.thread_policy if self.device.type == "cpu" else None
+        if policy is not None:
+            n = policy.before_job()
             if n != torch.get_num_threads():
+                logger.info(
+                    "compute threads: %d (other processes' demand: %.2f cores)", n, policy.demand or 0.0
+                )
                 torch.set_num_threads(n)
         try:
             return fn()
         finally:
+            if policy is not None:
+                policy.after_job()
             # What the job freed goes back to the system, so the engine's size between jobs stays that of the
             # model (and a later job's peak starts from there).
             allocator.trim()
@@ -439,48 +445,6 @@ class Engine:
 
     def run_ids(self) -> list[str]:
         return sorted(set(self.store.list_runs()) | set(self.runs))
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """The most threads the engine uses by default: every processor this process may use."""
-    return available_cpus()
-
-
-def other_running_tasks(samples: int = 3) -> int:
-    """Runnable threads of other processes right now (the least of a few readings of /proc/loadavg), or 0.
-
-    /proc/loadavg's fourth field is "runnable/total" for the whole system, counting the thread that reads it.
-    """
-    least = None
-    for i in range(samples):
-        try:
-            with open("/proc/loadavg") as f:
-                running = int(f.read().split()[3].split("/")[0])
-        except (OSError, ValueError, IndexError):
-            return 0
-        least = running - 1 if least is None else min(least, running - 1)
-        if i + 1 < samples:
-            time.sleep(0.001)
-    return max(0, least or 0)
-
-
-def threads_for_next_job(limit: int) -> int:
-    """Adaptive thread count: the processors that other processes leave free now, at least one.
-
-    OpenMP teams wait for every member at each parallel region; when another process takes a core, the member
-    descheduled from it stalls the whole team (measured on a loaded 2-core machine: 2.3 s per training step on
-    1 thread, 30 s on 2 threads with libgomp's default spin-waiting, 3.3 s on 2 threads waiting passively; see
-    BENCHMARKS.md). So each job uses the cores that are free when it starts, and waiting threads sleep
-    (`OMP_WAIT_POLICY=PASSIVE`, set by `serve`) so a load that appears mid-job costs little.
-    """
-    return max(1, min(limit, limit - other_running_tasks()))
 
 
 def internal_error(exc: Exception) -> str:

@@ -11,10 +11,16 @@ from pathlib import Path
 
 READY_PREFIX = "posttrain engine ready at "
 
-# OpenMP threads that wait for work sleep instead of spinning. libgomp reads this once, when torch loads it (so
-# before any torch import), and spinning threads steal the core a descheduled teammate needs whenever another
-# process competes for the processors: a training step took 30 s instead of 3.3 s that way (BENCHMARKS.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How OpenMP threads wait for work. libgomp reads this once, when torch loads it (so before any torch import).
+# Its default spins ~3 ms before sleeping, and spinning threads steal the core a descheduled teammate needs
+# whenever another process competes for the processors (a step took 30 s instead of 3.3 s that way); sleeping at
+# once (PASSIVE) costs a wake-up at each of the thousands of parallel regions of a step (2 threads, 32 x 48
+# tokens: 264 tok/s passive, 314 spinning 1000 times first; beside a busy process 186 vs 181). libgomp's
+# GOMP_SPINCOUNT takes precedence over the policy; other OpenMP runtimes read the policy. A user's own
+# setting of either is kept.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 
 def build_parser() -> argparse.ArgumentParser:
