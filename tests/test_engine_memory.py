@@ -47,3 +47,12 @@ def test_freed_activations_and_small_blocks_leave_the_process():
     assert mb["held"] - mb["before"] > 150, mb
     assert mb["freed"] - mb["before"] < 30, f"freed tensors were kept: {mb}"
     assert mb["trimmed"] - mb["before"] < 30, f"freed small blocks were kept after the trim: {mb}"
+
+
+def test_a_bad_mmap_threshold_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from posttrain.engine import allocator
+    from posttrain.errors import UserError
+
+    monkeypatch.setenv("POSTTRAIN_MMAP_THRESHOLD", "lots")
+    with pytest.raises(UserError, match=r"POSTTRAIN_MMAP_THRESHOLD='lots': expected a number of bytes"):
+        allocator.configure()

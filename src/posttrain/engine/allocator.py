@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 
+from posttrain.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -40,11 +42,16 @@ def _glibc() -> ctypes.CDLL | None:
 def configure() -> bool:
     """Fix the mmap threshold for the rest of the process; True when the allocator is glibc's.
 
-    POSTTRAIN_MMAP_THRESHOLD (bytes; 0: glibc's own dynamic threshold) overrides it, for benchmarks."""
+    POSTTRAIN_MMAP_THRESHOLD (bytes; 0: glibc's own dynamic threshold, faster and larger) overrides it."""
+    value = os.environ.get("POSTTRAIN_MMAP_THRESHOLD", str(MMAP_THRESHOLD_BYTES))
+    if not value.strip().isdigit():
+        raise UserError(
+            f"POSTTRAIN_MMAP_THRESHOLD={value!r}: expected a number of bytes (0: glibc's own policy)"
+        )
+    threshold = int(value)
     libc = _glibc()
     if libc is None:
         return False
-    threshold = int(os.environ.get("POSTTRAIN_MMAP_THRESHOLD", MMAP_THRESHOLD_BYTES))
     if threshold <= 0:
         return False
     if libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:

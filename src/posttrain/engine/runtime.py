@@ -37,7 +37,7 @@ ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_val
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
 # Tokens per micro-batch, padding included. It bounds the activations kept for backward (about 1 MB per token for
 # SmolLM2-135M in bf16), so the peak memory of a step does not grow with the batch.
-TRAIN_TOKEN_BUDGET = int(os.environ.get("POSTTRAIN_TRAIN_TOKEN_BUDGET", 1024))  # override: for benchmarks
+TRAIN_TOKEN_BUDGET = 1024
 # The unembedding runs over this many logits at a time (positions x vocab): 8M fp32 logits are 32 MB, i.e. 170
 # positions at a 49k vocabulary. The full [tokens x vocab] logits and their gradient never exist at once. A chunk
 # lives with its bf16 logits, fp32 copy, softmax temporaries and gradient (~4x its fp32 size) on top of the whole
