@@ -56,3 +56,49 @@ def test_a_bad_mmap_threshold_is_a_one_line_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("POSTTRAIN_MMAP_THRESHOLD", "lots")
     with pytest.raises(UserError, match=r"POSTTRAIN_MMAP_THRESHOLD='lots': expected a number of bytes"):
         allocator.configure()
+
+
+SAMPLING_SCENARIO = r"""
+import json, re, threading
+from pathlib import Path
+import torch
+from posttrain.engine import allocator
+
+def rss():
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+
+def churn():
+    blocks = [torch.ones(3 << 20, dtype=torch.uint8) for _ in range(60)]
+    keep = torch.ones(1000)  # allocated after them: the heap's top stays in use, so no automatic trim
+    del blocks
+    return keep
+
+def sample():  # as the engine samples: on a thread of its own, so in a heap arena of its own
+    global keep, sampling_kept
+    with allocator.for_sampling():
+        keep = churn()
+        sampling_kept = rss()  # reused from the heap: still resident until the trim
+
+assert allocator.configure()
+before = rss()
+thread = threading.Thread(target=sample)
+thread.start()
+thread.join()
+allocator.trim()
+trimmed = rss()
+keep2 = churn()
+training_kept = rss()  # the training threshold again: own mappings, gone when freed
+print(json.dumps({"before": before, "sampling": sampling_kept, "trimmed": trimmed, "training": training_kept}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, /proc")
+def test_sampling_reuses_the_heap_and_training_gets_its_threshold_back():
+    out = subprocess.run(
+        [sys.executable, "-c", SAMPLING_SCENARIO], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    mb = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mb["sampling"] - mb["before"] > 150, f"sampling's freed blocks were not kept for reuse: {mb}"
+    assert mb["trimmed"] - mb["before"] < 30, f"the trim after the job did not return them: {mb}"
+    assert mb["training"] - mb["before"] < 30, f"freed tensors were kept after sampling: {mb}"

@@ -10,22 +10,33 @@ each compute job returns what the arenas still hold (the smaller allocations). E
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 from posttrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's
 # Blocks from this size up get their own mapping; smaller ones are reused from the heap. Each fresh mapping
 # costs page faults when first written, so the threshold trades speed for memory. The default run on 2 cores
 # (bf16, GOMP_SPINCOUNT=1000, one run each, BENCHMARKS.md): glibc's dynamic threshold 146 s wall and an engine
 # peak of 3549 MB; 4 MiB 168 s / 3299 MB; 1 MiB 162 s / 3021 MB; 512 KiB 168 s / 2894 MB; 128 KiB 179 s /
 # 2887 MB. Activations of SmolLM2-135M are 64 KiB to a few MB per tensor at 1024-token micro-batches.
 MMAP_THRESHOLD_BYTES = 512 * 1024
+# Sampling keeps far less alive than a training step (its KV cache and one decode step's logits) and allocates
+# the same shapes at every decode step, so there the heap's reuse is worth more than the memory it holds until
+# the trim after the job: 64 concurrent SDK requests x 64 tokens, 143 tok/s at 512 KiB, 188 with glibc's
+# dynamic threshold (BENCHMARKS.md). 32 MiB is the ceiling of that dynamic threshold.
+SAMPLING_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+
+_configured: list[int] = []  # the threshold configure() set (empty: not glibc, or glibc's own policy)
 
 
 @functools.cache
@@ -57,7 +68,26 @@ def configure() -> bool:
     if libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
         logger.info("mallopt(M_MMAP_THRESHOLD) refused; freed memory stays in the heap")
         return False
+    _configured[:] = [threshold]
     return True
+
+
+@contextlib.contextmanager
+def for_sampling() -> Iterator[None]:
+    """Within: the sampling threshold (where configure() fixed one); the training one again after."""
+    libc = _glibc()
+    if libc is None or not _configured:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, SAMPLING_MMAP_THRESHOLD_BYTES)
+    # Nor does free() hand the heap's top back mid-job (to be faulted in again at the next step): trim() does,
+    # after the job.
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _configured[0])
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
 
 
 def trim() -> None:

@@ -94,6 +94,15 @@ class Engine:
             initializer=torch.set_num_threads,
             initargs=(self.threads,),
         )
+        # Sampling runs on a thread of its own (never at the same time as training): glibc gives each thread its
+        # own heap arena, so the heap that sampling reuses (allocator.for_sampling) never lends its free chunks
+        # to a training step, whose large tensors must come from their own mappings and leave when freed.
+        self._sampling_executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="engine-sampling",
+            initializer=torch.set_num_threads,
+            initargs=(self.threads,),
+        )
         self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
         self._sample_queue: list[PendingSample] = []
         self._sample_lock = threading.Lock()  # the compute thread takes requests that join a running batch
@@ -110,6 +119,7 @@ class Engine:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._sampling_executor.shutdown(wait=False, cancel_futures=True)
         # Let a job that is about to finish (a checkpoint being written) complete, but never wait for a long
         # generation or training step: checkpoints are renamed into place, so exiting mid-job is safe.
         deadline = time.monotonic() + STOP_GRACE_SECONDS
@@ -120,8 +130,9 @@ class Engine:
         """Whether the compute thread is still running a job."""
         return self._running is not None and not self._running.done()
 
-    async def _compute(self, fn: Callable[[], Any]) -> Any:
-        self._running = self._executor.submit(self._with_threads, fn)
+    async def _compute(self, fn: Callable[[], Any], sampling: bool = False) -> Any:
+        executor = self._sampling_executor if sampling else self._executor
+        self._running = executor.submit(self._with_threads, fn)
         return await asyncio.wrap_future(self._running)
 
     def _with_threads(self, fn: Callable[[], Any]) -> Any:
@@ -207,13 +218,18 @@ class Engine:
         await self._settle([future], lambda: [fn()], f"request {future.request_id}")
 
     async def _settle(
-        self, futures: Sequence[Future], fn: Callable[[], list[Any]], what: str, only_errors: bool = False
+        self,
+        futures: Sequence[Future],
+        fn: Callable[[], list[Any]],
+        what: str,
+        only_errors: bool = False,
+        sampling: bool = False,
     ) -> None:
-        """Run `fn` on the compute thread; give each future its result, or every unanswered future the error.
+        """Run `fn` on a compute thread; give each future its result, or every unanswered future the error.
 
         With `only_errors`, `fn` answers the futures itself; they get an error only if `fn` fails."""
         try:
-            results = await self._compute(fn)
+            results = await self._compute(fn, sampling)
         except WireError as exc:
             for future in futures:
                 if not future.done.is_set():
@@ -260,7 +276,7 @@ class Engine:
 
         def work() -> list[None]:
             snapshot = self._snapshot(first)
-            with first.base.sampling_model(snapshot) as module:
+            with allocator.for_sampling(), first.base.sampling_model(snapshot) as module:
                 decoder = DecodeLoop(
                     module,
                     tokenizer=first.base.tokenizer,
@@ -290,7 +306,7 @@ class Engine:
                     futures.extend(p.future for p in waiting)
             return [None] * len(futures)
 
-        await self._settle(futures, work, "sampling batch", only_errors=True)
+        await self._settle(futures, work, "sampling batch", only_errors=True, sampling=True)
 
     # training operations (run on the compute thread) -----------------------------------------------------------
     def create_run(
