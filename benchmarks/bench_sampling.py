@@ -15,8 +15,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the engine process (posttrain.engine.serve)
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+import posttrain.engine.serve  # noqa: F401 - the engine process's OpenMP setting, before torch loads
+
+# isort: split
 
 import torch
 from _common import default_threads, load_average, machine_info, markdown_table, write_results

@@ -24,9 +24,11 @@ import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The engine's own OpenMP setting (posttrain.engine.serve), for the plain loop too: same threads, same waiting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the engine process (posttrain.engine.serve)
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# The engine's own OpenMP setting, for the plain loop too (same threads, same waiting): importing serve sets it,
+# before torch loads.
+import posttrain.engine.serve  # noqa: E402, F401
+
+# isort: split
 
 import torch
 import torch.nn.functional as F

@@ -88,27 +88,25 @@ class Engine:
         self.runs: dict[str, TrainingRun] = {}
         self.samplers: dict[str, Sampler] = {}
         self.snapshots = SnapshotCache()
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="engine-compute",
-            initializer=torch.set_num_threads,
-            initargs=(self.threads,),
-        )
+        self._executor = self._compute_thread("engine-compute")
         # Sampling runs on a thread of its own (never at the same time as training): glibc gives each thread its
         # own heap arena, so the heap that sampling reuses (allocator.for_sampling) never lends its free chunks
         # to a training step, whose large tensors must come from their own mappings and leave when freed.
-        self._sampling_executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="engine-sampling",
-            initializer=torch.set_num_threads,
-            initargs=(self.threads,),
-        )
+        self._sampling_executor = self._compute_thread("engine-sampling")
         self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
         self._sample_queue: list[PendingSample] = []
         self._sample_lock = threading.Lock()  # the compute thread takes requests that join a running batch
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._running: concurrent.futures.Future | None = None
+
+    def _compute_thread(self, name: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=name,
+            initializer=torch.set_num_threads,
+            initargs=(self.threads,),
+        )
 
     # lifecycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
