@@ -91,6 +91,23 @@ def test_chunked_head_equals_unchunked_values_and_grads(tiny_model, monkeypatch,
         assert all(p.grad is None for p in run.params())
 
 
+def test_a_model_that_cannot_keep_packed_datums_apart_gets_them_one_per_sequence(tiny_model, monkeypatch):
+    base, run = _served(tiny_model, torch.float32)
+    assert base.packs_sequences  # transformers masks attention where positions restart
+    import transformers.masking_utils
+
+    # A model that ignores restarting positions would let a packed datum attend to the one before it.
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    base, run = _served(tiny_model, torch.float32)
+    assert not base.packs_sequences
+    data = _data("cross_entropy")
+    ref_lps, _, ref_total, _ = _reference(base, run, data, "cross_entropy")
+    outputs, metrics = runtime.forward_backward(run, FwdBwdRequest("m", 0, "cross_entropy", data=data))
+    for out, lp in zip(outputs, ref_lps, strict=True):
+        torch.testing.assert_close(torch.from_numpy(out["logprobs"]), lp, rtol=1e-4, atol=1e-4)
+    assert metrics["loss:sum"] == pytest.approx(ref_total, rel=1e-4)
+
+
 def test_chunks_bound_the_logits(tiny_model):
     base, _ = _served(tiny_model, torch.float32)
     assert runtime.logits_chunk_tokens(base.vocab_size) * base.vocab_size <= runtime.LOGITS_CHUNK_ELEMENTS

@@ -362,13 +362,28 @@ def test_a_failed_save_leaves_neither_a_partial_checkpoint_nor_staging_files(tmp
 # Scheduling helpers
 
 
-def test_micro_batches_cover_every_datum_once_within_the_token_budget():
-    lengths = [5, 300, 17, 4096, 1, 64, 64, 900, 2]
-    groups = _micro_batches(lengths, budget=1024)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for group in groups:
-        width = max(lengths[i] for i in group)
-        assert len(group) == 1 or width * len(group) <= 1024
+def test_micro_batches_pack_every_datum_once_into_few_repeating_shapes():
+    lengths = [5, 300, 17, 4096, 1, 64, 64, 900, 2, 200, 250, 7]
+    batches = _micro_batches(lengths, budget=1024)
+    packed = [i for b in batches for pack in b.packs for i in pack]
+    assert sorted(packed) == list(range(len(lengths)))
+    widths = {b.width for b in batches}
+    assert widths == {4096}  # one width per request: the longest datum rounded up to PACK_TOKENS
+    for batch in batches:
+        for pack in batch.packs:
+            assert sum(lengths[i] for i in pack) <= batch.width
+    # Short datums share packs; every micro-batch but the last holds budget // width packs (at least one).
+    short = [60, 75, 31, 44, 58, 70, 66, 39, 52, 61]
+    batches = _micro_batches(short, budget=1024)
+    assert [b.width for b in batches] == [256]
+    assert len(batches[0].packs) == 3 and sum(len(p) for p in batches[0].packs) == len(short)
+    assert [len(b.packs) for b in _micro_batches([250] * 5, budget=512)] == [2, 2, 1]
+    # Without packing (a model that cannot keep packed datums apart): one datum per sequence, the longest
+    # rounded up to a multiple of 16.
+    batches = _micro_batches(short, budget=512, pack=False)
+    assert {b.width for b in batches} == {80}
+    assert all(len(pack) == 1 for b in batches for pack in b.packs)
+    assert [len(b.packs) for b in batches] == [6, 4]
 
 
 def test_thread_counts_follow_other_processes_demand():

@@ -1,11 +1,13 @@
-"""The C allocator's policy in the engine process: give freed tensor memory back to the system.
+"""The C allocator's policy in the engine process: what a compute job freed goes back to the system after it.
 
-torch allocates CPU tensors with glibc's malloc. glibc raises its mmap threshold each time a large mmapped block
-is freed (up to 32 MB), so after the first 128 MB logits chunk every activation of a training step comes from
-the heap arenas, and the freed memory stays there: the engine's resident size between training steps grew from
-1.1 GB (model loaded) to 2.8-3.1 GB during the default run, and its peak to 3.2-3.8 GB (BENCHMARKS.md).
-A fixed threshold keeps large tensors in their own mappings, returned to the system when freed; a trim after
-each compute job returns what the arenas still hold (the smaller allocations). Elsewhere than glibc: no-op.
+torch allocates CPU tensors with glibc's malloc. glibc's own policy stands by default: its mmap threshold rises
+(up to 32 MB) as large blocks are freed, so a training step's activations are reused from the heap instead of
+being mapped and faulted in afresh (on the development machine's VM a fresh 4 KiB page cost 3.5 us: with a
+512 KiB threshold, page faults took a third of the engine's CPU time). A trim after each compute job returns
+what the heap holds free, so the engine's size between jobs stays that of the model. Training steps run packed
+micro-batches of a few repeating shapes (`runtime._micro_batches`), which keeps the heap's high-water mark near
+what a step uses: the default run's engine peaks at 2.6 GB (BENCHMARKS.md). POSTTRAIN_MMAP_THRESHOLD (bytes)
+fixes a threshold instead, for less memory at a cost in speed. Elsewhere than glibc: no-op.
 """
 
 from __future__ import annotations
@@ -24,16 +26,15 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's
-# Blocks from this size up get their own mapping; smaller ones are reused from the heap. Each fresh mapping
-# costs page faults when first written, so the threshold trades speed for memory. The default run on 2 cores
-# (bf16, GOMP_SPINCOUNT=1000, one run each, BENCHMARKS.md): glibc's dynamic threshold 146 s wall and an engine
-# peak of 3549 MB; 4 MiB 168 s / 3299 MB; 1 MiB 162 s / 3021 MB; 512 KiB 168 s / 2894 MB; 128 KiB 179 s /
-# 2887 MB. Activations of SmolLM2-135M are 64 KiB to a few MB per tensor at 1024-token micro-batches.
-MMAP_THRESHOLD_BYTES = 512 * 1024
-# Sampling keeps far less alive than a training step (its KV cache and one decode step's logits) and allocates
-# the same shapes at every decode step, so there the heap's reuse is worth more than the memory it holds until
-# the trim after the job: 64 concurrent SDK requests x 64 tokens, 143 tok/s at 512 KiB, 188 with glibc's
-# dynamic threshold (BENCHMARKS.md). 32 MiB is the ceiling of that dynamic threshold.
+# 0: glibc's dynamic threshold. A fixed one puts blocks from that size up in their own mappings, returned to the
+# system when freed and faulted in again when next allocated: the default run on 2 cores (bf16, before packed
+# micro-batches, BENCHMARKS.md section 0): dynamic 146 s wall, engine peak 3549 MB; 4 MiB 168 s / 3299 MB;
+# 512 KiB 168 s / 2894 MB. With packed micro-batches (section 00): dynamic 137 s / 2613 MB.
+MMAP_THRESHOLD_BYTES = 0
+# Where a threshold is fixed, sampling still reuses the heap: it keeps far less alive than a training step (its
+# KV cache and one decode step's logits) and allocates the same shapes at every decode step: 64 concurrent SDK
+# requests x 64 tokens, 143 tok/s at 512 KiB, 188 with glibc's dynamic threshold (BENCHMARKS.md). 32 MiB is the
+# ceiling of that dynamic threshold.
 SAMPLING_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 _configured: list[int] = []  # the threshold configure() set (empty: not glibc, or glibc's own policy)
@@ -51,9 +52,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def configure() -> bool:
-    """Fix the mmap threshold for the rest of the process; True when the allocator is glibc's.
-
-    POSTTRAIN_MMAP_THRESHOLD (bytes; 0: glibc's own dynamic threshold, faster and larger) overrides it."""
+    """Fix the mmap threshold POSTTRAIN_MMAP_THRESHOLD asks for (bytes; 0, the default: glibc's own dynamic
+    threshold); True when one was fixed."""
     value = os.environ.get("POSTTRAIN_MMAP_THRESHOLD", str(MMAP_THRESHOLD_BYTES))
     if not value.strip().isdigit():
         raise UserError(

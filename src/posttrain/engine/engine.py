@@ -128,12 +128,12 @@ class Engine:
         """Whether the compute thread is still running a job."""
         return self._running is not None and not self._running.done()
 
-    async def _compute(self, fn: Callable[[], Any], sampling: bool = False) -> Any:
+    async def _compute(self, fn: Callable[[], Any], what: str, sampling: bool = False) -> Any:
         executor = self._sampling_executor if sampling else self._executor
-        self._running = executor.submit(self._with_threads, fn)
+        self._running = executor.submit(self._with_threads, fn, what)
         return await asyncio.wrap_future(self._running)
 
-    def _with_threads(self, fn: Callable[[], Any]) -> Any:
+    def _with_threads(self, fn: Callable[[], Any], what: str) -> Any:
         """Run a job on the compute thread with the thread count the machine's load allows now."""
         policy = self.thread_policy if self.device.type == "cpu" else None
         if policy is not None:
@@ -143,9 +143,14 @@ class Engine:
                     "compute threads: %d (other processes' demand: %.2f cores)", n, policy.demand or 0.0
                 )
                 torch.set_num_threads(n)
+        started = time.perf_counter()
         try:
             return fn()
         finally:
+            # Per-job durations make a slow run explainable from engine.log alone.
+            logger.info(
+                "%s: %.2f s on %d threads", what, time.perf_counter() - started, torch.get_num_threads()
+            )
             if policy is not None:
                 policy.after_job()
             # What the job freed goes back to the system, so the engine's size between jobs stays that of the
@@ -213,7 +218,9 @@ class Engine:
                     await self._run_sample_batch()
 
     async def _run_job(self, future: Future, fn: Callable[[], Any]) -> None:
-        await self._settle([future], lambda: [fn()], f"request {future.request_id}")
+        # The route's job function (`forward_backward.<locals>.work`) names the request in the log.
+        kind = getattr(fn, "__qualname__", "job").split(".", 1)[0]
+        await self._settle([future], lambda: [fn()], f"request {future.request_id} ({kind})")
 
     async def _settle(
         self,
@@ -227,7 +234,7 @@ class Engine:
 
         With `only_errors`, `fn` answers the futures itself; they get an error only if `fn` fails."""
         try:
-            results = await self._compute(fn, sampling)
+            results = await self._compute(fn, what, sampling)
         except WireError as exc:
             for future in futures:
                 if not future.done.is_set():

@@ -35,15 +35,24 @@ logger = logging.getLogger(__name__)
 LORA_ALPHA = 32  # not on the wire; the value Tinker-compatible servers use
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "out_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
-# Tokens per micro-batch, padding included. It bounds the activations kept for backward (about 1 MB per token for
-# SmolLM2-135M in bf16), so the peak memory of a step does not grow with the batch.
-TRAIN_TOKEN_BUDGET = 1024
+# Tokens per micro-batch in a 2-byte compute dtype, padding included (half as many in fp32). It bounds the
+# activations kept for backward (about 1 MB per token for SmolLM2-135M in bf16), so the peak memory of a step
+# does not grow with the batch. The default run (bf16, 2 cores, glibc's own allocator policy, BENCHMARKS.md):
+# 512 tokens 137 s wall, engine peak 2613 MB; 1024 tokens 123 s, 3144 MB.
+TRAIN_TOKEN_BUDGET = 512
+# Datums are packed into sequences of a multiple of this many tokens (see `_micro_batches`); for a model that
+# cannot keep packed sequences apart, each datum is padded to the longest, rounded up to a multiple of 16.
+PACK_TOKENS = 256
+UNPACKED_WIDTH_MULTIPLE = 16
 # The unembedding runs over this many logits at a time (positions x vocab): 8M fp32 logits are 32 MB, i.e. 170
 # positions at a 49k vocabulary. The full [tokens x vocab] logits and their gradient never exist at once. A chunk
 # lives with its bf16 logits, fp32 copy, softmax temporaries and gradient (~4x its fp32 size) on top of the whole
 # micro-batch's activations: at 32M logits (682 positions) that was ~450 MB of a training step's peak; 170
 # positions still make a large matmul.
 LOGITS_CHUNK_ELEMENTS = 1 << 23
+# The last chunk of the unembedding is padded to a multiple of this many positions, and chunks are a multiple
+# of it, so the head's matmul shapes repeat from step to step (see `_micro_batches`).
+HEAD_ROW_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class ServedModel:
         self.slots: dict[str, int] = {}  # sampling slot adapter -> version of the snapshot loaded in it
         self._linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         self.plain_head = self._head_is_plain()
+        self.packs_sequences = self._keeps_packed_sequences_apart()
 
     def _head_is_plain(self) -> bool:
         """Whether logits = output_embeddings(decoder(x).last_hidden_state), so the head can run in chunks.
@@ -155,17 +165,47 @@ class ServedModel:
             logger.info("%s: logits computed whole (the model's head is not a plain unembedding)", self.name)
             return False
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+    def _keeps_packed_sequences_apart(self) -> bool:
+        """Whether a sequence packed after another computes as it does alone (attention masked between them).
+
+        transformers derives that mask from positions that restart when no attention mask is given; a model
+        that does not would let a datum attend to the one before it, so its datums are never packed.
+        """
+        first = torch.arange(100, 140, device=self.device) % self.vocab_size
+        second = torch.arange(500, 530, device=self.device) % self.vocab_size
+        ids = torch.cat([first, second]).unsqueeze(0)
+        positions = torch.cat([torch.arange(40), torch.arange(30)]).unsqueeze(0).to(self.device)
+        try:
+            with torch.no_grad(), self.autocast:
+                alone = self.model(input_ids=second.unsqueeze(0), use_cache=False).logits[0].float()
+                packed = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 40:]
+                joined = self.model(input_ids=ids, use_cache=False).logits[0, 40:]
+        except Exception:  # noqa: BLE001 - any surprise: one datum per sequence, as the model computes it
+            logger.info("%s: datums not packed (the model did not take restarting positions)", self.name)
+            return False
+        # Packed vs alone differ by rounding only (bf16 logits: up to ~1% of their scale); a model that ignores
+        # the restart computes the packed sequence exactly as joined to the first.
+        apart = float((packed.float() - alone).abs().max()) < 0.1 * float(
+            (joined.float() - alone).abs().max()
+        )
+        if not apart:
+            logger.info("%s: datums not packed (attention is not masked between packed sequences)", self.name)
+        return apart
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """What `head` turns into logits: the decoder's last hidden states, or the logits themselves.
 
-        `ids` are right-padded, so no attention mask is needed: under causal attention a real position only
-        sees earlier positions, which are all real. Without a mask, attention takes the fused causal path.
+        `ids` hold packed sequences: where `positions` restart, a new sequence begins, and transformers masks
+        attention so that no token sees another sequence's (with no attention mask given, it derives this
+        from the positions). Padding after the last sequence is a sequence of its own.
         """
         module = self.peft if self.peft is not None else self.model
         if not self.plain_head:
-            return module(input_ids=ids, use_cache=False).logits
+            return module(input_ids=ids, position_ids=positions, use_cache=False).logits
         # The decoder of the (peft-injected) model: LoRA layers live inside it, with the active adapter.
-        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        return self.model.get_decoder()(
+            input_ids=ids, position_ids=positions, use_cache=False
+        ).last_hidden_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.plain_head:
@@ -280,21 +320,42 @@ class ServedModel:
             )
 
 
-def _micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Group datum indices by similar length so padding is small and each group fits the token budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # Sorted longest-first, so the group's padded width is its first member's length.
-        width = lengths[current[0]] if current else lengths[i]
-        if current and width * (len(current) + 1) > budget:
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
+@dataclass
+class _MicroBatch:
+    """Packs of `width` tokens, each holding whole datums one after the other (`packs[k]`: datum indices)."""
+
+    packs: list[list[int]]
+    width: int
+
+
+def _pack_width(longest: int) -> int:
+    return max(PACK_TOKENS, -(-longest // PACK_TOKENS) * PACK_TOKENS)
+
+
+def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_MicroBatch]:
+    """Pack datums into sequences of one width (first fit, longest first), and the packs into micro-batches.
+
+    The matmul shapes of a step then come from a handful (packs x width), the same from step to step: oneDNN
+    keeps a compiled kernel and ~1.5 MB per new shape (measured), so with a shape per micro-batch a run grew by
+    ~75 MB per step and spent a third of each matmul compiling.
+    """
+    width = (
+        _pack_width(max(lengths))
+        if pack
+        else -(-max(lengths) // UNPACKED_WIDTH_MULTIPLE) * UNPACKED_WIDTH_MULTIPLE
+    )
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        fit = next((k for k, free in enumerate(room) if lengths[i] <= free), None) if pack else None
+        if fit is None:
+            packs.append([])
+            room.append(width)
+            fit = len(packs) - 1
+        packs[fit].append(i)
+        room[fit] -= lengths[i]
+    per_batch = max(1, budget // width)
+    return [_MicroBatch(packs[s : s + per_batch], width) for s in range(0, len(packs), per_batch)]
 
 
 def forward_backward(
@@ -319,17 +380,28 @@ def forward_backward(
     lengths = [len(d.tokens) for d in request.data]
     train = not request.forward_only
     assert base.peft is not None
-    for group in _micro_batches(lengths, TRAIN_TOKEN_BUDGET):
-        width = max(lengths[i] for i in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, i in enumerate(group):
-            ids[row, : lengths[i]] = torch.tensor(request.data[i].tokens)
-            mask[row, : lengths[i]] = 1
+    budget = TRAIN_TOKEN_BUDGET * 2 // base.dtype.itemsize
+    for batch in _micro_batches(lengths, budget, pack=base.packs_sequences):
+        group = [i for pack in batch.packs for i in pack]
+        ids = torch.zeros(len(batch.packs), batch.width, dtype=torch.long)
+        positions = torch.zeros(len(batch.packs), batch.width, dtype=torch.long)
+        rows: list[torch.Tensor] = []  # each datum's flat positions in [packs * width]
+        for k, pack in enumerate(batch.packs):
+            offset = 0
+            for i in pack:
+                n = lengths[i]
+                ids[k, offset : offset + n] = torch.tensor(request.data[i].tokens)
+                # Positions restart at each datum: the model masks attention across datums (packed sequences).
+                positions[k, offset : offset + n] = torch.arange(n)
+                rows.append(torch.arange(k * batch.width + offset, k * batch.width + offset + n))
+                offset += n
+            positions[k, offset:] = torch.arange(batch.width - offset)
+        index = torch.cat(rows).to(base.device)
         with torch.set_grad_enabled(train), base.autocast:
-            hidden = base.hidden_states(ids.to(base.device))
-            # The real (unpadded) positions only, row after row: [N, hidden]
-            hidden = hidden[mask.to(base.device).bool()]
+            packed = positions.to(base.device) if base.packs_sequences else None
+            hidden = base.hidden_states(ids.to(base.device), packed)
+            # The datums' positions only, datum after datum: [N, hidden]
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         lp, per_token = head_losses(
             base,
             hidden,
@@ -358,7 +430,14 @@ def logits_chunk_tokens(vocab_size: int) -> int:
     override = os.environ.get("POSTTRAIN_LOGITS_CHUNK_TOKENS")
     if override:
         return max(1, int(override))
-    return max(16, LOGITS_CHUNK_ELEMENTS // max(vocab_size, 1))
+    rows = LOGITS_CHUNK_ELEMENTS // max(vocab_size, 1) // HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE
+    return max(HEAD_ROW_MULTIPLE, rows)
+
+
+def _padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`x` [n, ...] with zero rows appended up to a multiple of `multiple` rows (a matmul shape seen before)."""
+    missing = -x.shape[0] % multiple
+    return x if missing == 0 else torch.cat([x, x.new_zeros(missing, *x.shape[1:])])
 
 
 def head_losses(
@@ -408,7 +487,7 @@ def head_losses(
         e = min(s + chunk, n_total)
         with torch.set_grad_enabled(train):
             with base.autocast:
-                logits = base.head(head_input[s:e])
+                logits = base.head(_padded_rows(head_input[s:e], HEAD_ROW_MULTIPLE))[: e - s]
             logits32 = logits.float()
             lp = logits32.gather(-1, index[s:e]) - torch.logsumexp(logits32, dim=-1, keepdim=True)
             per_token = loss_fn(lp, {k: v[s:e] for k, v in flat.items()})
