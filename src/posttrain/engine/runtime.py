@@ -240,7 +240,7 @@ class ServedModel:
             raise WireError(f"{self.name}: no linear layers match train_attn/train_mlp/train_unembed")
         return targets
 
-    def add_adapter(self, adapter: str, spec: LoraSpec) -> None:
+    def add_adapter(self, adapter: str, spec: LoraSpec, trainable: bool = True) -> None:
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=LORA_ALPHA,
@@ -260,8 +260,13 @@ class ServedModel:
             else:
                 self.peft.add_adapter(adapter, config)
         for p in self.adapter_params(adapter, trainable_only=False):
-            p.data = p.data.float()  # LoRA weights and Adam state stay in fp32 whatever the compute dtype
-            p.requires_grad_(True)
+            if trainable:
+                p.data = p.data.float()  # LoRA weights and Adam state stay in fp32 whatever the compute dtype
+            else:
+                # A sampling slot holds weights as autocast would cast them at every matmul (the same rounding,
+                # so the same results), which spares those casts: 422 per forward pass of SmolLM2.
+                p.data = p.data.to(self.dtype)
+            p.requires_grad_(trainable)
         if self.dtype != torch.float32:
             # Under autocast the LoRA matmuls run in the compute dtype whatever their input's dtype, so peft's
             # cast of each input to the fp32 LoRA weights' dtype only keeps an fp32 copy of it alive for
@@ -296,7 +301,7 @@ class ServedModel:
             return
         slot = f"sample-{snapshot.spec.shape_key}"
         if self.peft is None or slot not in self.peft.peft_config:
-            self.add_adapter(slot, snapshot.spec)
+            self.add_adapter(slot, snapshot.spec, trainable=False)
         assert self.peft is not None
         if self.slots.get(slot) != snapshot.version:
             result = set_peft_model_state_dict(self.peft, snapshot.weights, adapter_name=slot)
