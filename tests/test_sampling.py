@@ -592,6 +592,34 @@ def test_requests_join_a_running_batch_with_the_same_samples(
     assert len(decode_rows) < 30 + 6 + 12 + 8  # fewer passes than one request at a time
 
 
+def test_one_token_requests_are_answered_from_the_prefill_without_joining_the_batch(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """compute_logprobs asks for one token: it never needs the decode cache, so it never joins a batch."""
+    prompts = _prompts(tokenizer)
+    decoding = GenerationRequest(prompts[1], 2, SamplingSpec(max_tokens=20, seed=3, stop_token_ids=[]))
+    scoring = [
+        GenerationRequest(prompts[i], 1, SamplingSpec(max_tokens=1, seed=i), prompt_logprobs=True)
+        for i in (0, 3)
+    ]
+    alone = [_run(model, [r], tokenizer)[0] for r in scoring]
+    loop = sampling.DecodeLoop(
+        model, tokenizer=tokenizer, eos_token_ids=[tokenizer.eos_token_id], compute_dtype=torch.float32,
+        max_context=MAX_CONTEXT,
+    )  # fmt: skip
+    loop.add("decoding", decoding)
+    loop.step()
+    assert loop.running_rows == 2
+    for i, request in enumerate(scoring):
+        loop.add(i, request)
+    done = loop.step()  # admitted and answered in the same step; the batch still holds only its 2 rows
+    assert sorted(done, key=str) == [0, 1] and loop.running_rows == 2
+    for i, want in enumerate(alone):
+        assert [s.tokens for s in done[i].sequences] == [s.tokens for s in want.sequences]
+        assert done[i].sequences[0].logprobs == pytest.approx(want.sequences[0].logprobs, abs=1e-6)
+        assert done[i].prompt_logprobs == pytest.approx(want.prompt_logprobs, abs=1e-6, nan_ok=True)
+
+
 def test_long_generation_grows_the_cache(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
     prompts = _prompts(tokenizer)
     requests = [

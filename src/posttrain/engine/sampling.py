@@ -266,7 +266,16 @@ class DecodeLoop:
                 new_rows.append(row)
             if pending.rows_left == 0 and pending.units_left == 0:
                 self._done.append(key)
-        # Rows with no budget (max_tokens=0, full context) are done already.
+        # A row that takes one token (compute_logprobs asks for exactly one) takes it from its prompt's prefill
+        # and never joins the batch, whose cache is only for decoding: when scoring requests arrived one by
+        # one, each joined (copying the batch's cache) and left at the next step (copying it again).
+        single = [row for row in new_rows if row.stop_reason is None and row.max_new == 1]
+        if single:
+            logits = torch.stack([prefills[row.prompt_slot].next_logits for row in single])
+            tokens, logprobs = _choose_tokens(_in_vocabulary(logits, self.vocab_size), single)
+            for row, token, logprob in zip(single, tokens, logprobs, strict=True):
+                row.push(token, logprob)
+        # Those, and rows with no budget (max_tokens=0, full context), are done already.
         for row in new_rows:
             if row.stop_reason is not None:
                 self._finish_row(row)
@@ -861,9 +870,7 @@ class _Batch:
         assert self.logits is not None and self.state is not None and self.cache is not None
         device = self.runner.device
         state, active = self.state, self.active
-        logits = self.logits
-        if logits.shape[1] > self.vocab_size:  # a padded lm_head: never sample the padding ids
-            logits[:, self.vocab_size :] = -math.inf
+        logits = _in_vocabulary(self.logits, self.vocab_size)
         tokens, logprobs = _choose_tokens(logits[: len(active)], active)
         keep = [i for i, row in enumerate(active) if not row.push(tokens[i], logprobs[i])]
         finished = [row for i, row in enumerate(active) if row.stop_reason is not None]
@@ -893,6 +900,13 @@ class _Batch:
         state.lengths = state.lengths + 1
         self.logits = out[: len(active)]
         return finished
+
+
+def _in_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`logits` [B, V'] with a padded lm_head's extra ids (V' > vocab_size) set to -inf: never sampled."""
+    if logits.shape[1] > vocab_size:
+        logits[:, vocab_size:] = -math.inf
+    return logits
 
 
 def _with_companion(items: list[_T]) -> list[_T]:
