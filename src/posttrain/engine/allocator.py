@@ -34,7 +34,8 @@ MMAP_THRESHOLD_BYTES = 0
 # Where a threshold is fixed, sampling still reuses the heap: it keeps far less alive than a training step (its
 # KV cache and one decode step's logits) and allocates the same shapes at every decode step: 64 concurrent SDK
 # requests x 64 tokens, 143 tok/s at 512 KiB, 188 with glibc's dynamic threshold (BENCHMARKS.md). 32 MiB is the
-# ceiling of that dynamic threshold.
+# ceiling of that dynamic threshold. (Sampling and training share the engine's one compute thread, hence one heap
+# arena: after a sampling job's trim, training-sized blocks were seen to stay resident in 2 of 4 runs of a probe.)
 SAMPLING_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 _configured: list[int] = []  # the threshold configure() set (empty: not glibc, or glibc's own policy)

@@ -76,23 +76,23 @@ class Engine:
         # A fixed count (--threads N), or adaptive up to every processor: see engine/threads.py.
         self.threads = threads if threads and threads > 0 else available_cpus()
         self.thread_policy = None if threads and threads > 0 else ThreadPolicy(self.threads)
-        # torch's thread count is per OS thread under OpenMP: set it here (loading) and in the compute thread.
-        torch.set_num_threads(self.threads)
-        self.models: dict[str, ServedModel] = {}
-        for source in sources:
-            logger.info("loading %s from %s (%s on %s)", source.name, source.path, dtype, self.device)
-            self.models[source.name] = ServedModel(source, dtype, self.device)
+        # Every torch computation of the engine runs on this one thread, model loading included. Under OpenMP
+        # each thread that computes keeps a thread pool of its own, and with more pool threads than processors
+        # libgomp hardly spins before sleeping: with a second, idle pool alive, 40 prompt scorings took 8.1-8.5 s
+        # instead of 5.1-5.2 s (BENCHMARKS.md section 00). torch's thread count is per thread too: set there.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="engine-compute",
+            initializer=torch.set_num_threads,
+            initargs=(self.threads,),
+        )
+        self.models: dict[str, ServedModel] = self._executor.submit(self._load, sources).result()
         self.store = CheckpointStore(checkpoint_dir)
         self.futures = FutureStore()
         self.sessions: dict[str, dict[str, Any]] = {}
         self.runs: dict[str, TrainingRun] = {}
         self.samplers: dict[str, Sampler] = {}
         self.snapshots = SnapshotCache()
-        self._executor = self._compute_thread("engine-compute")
-        # Sampling runs on a thread of its own (never at the same time as training): glibc gives each thread its
-        # own heap arena, so the heap that sampling reuses (allocator.for_sampling) never lends its free chunks
-        # to a training step, whose large tensors must come from their own mappings and leave when freed.
-        self._sampling_executor = self._compute_thread("engine-sampling")
         self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
         self._sample_queue: list[PendingSample] = []
         self._sample_lock = threading.Lock()  # the compute thread takes requests that join a running batch
@@ -100,13 +100,12 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._running: concurrent.futures.Future | None = None
 
-    def _compute_thread(self, name: str) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix=name,
-            initializer=torch.set_num_threads,
-            initargs=(self.threads,),
-        )
+    def _load(self, sources: list[ModelSource]) -> dict[str, ServedModel]:
+        models = {}
+        for source in sources:
+            logger.info("loading %s from %s (%s on %s)", source.name, source.path, self.dtype, self.device)
+            models[source.name] = ServedModel(source, self.dtype, self.device)
+        return models
 
     # lifecycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,7 +116,6 @@ class Engine:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._sampling_executor.shutdown(wait=False, cancel_futures=True)
         # Let a job that is about to finish (a checkpoint being written) complete, but never wait for a long
         # generation or training step: checkpoints are renamed into place, so exiting mid-job is safe.
         deadline = time.monotonic() + STOP_GRACE_SECONDS
@@ -128,9 +126,8 @@ class Engine:
         """Whether the compute thread is still running a job."""
         return self._running is not None and not self._running.done()
 
-    async def _compute(self, fn: Callable[[], Any], what: str, sampling: bool = False) -> Any:
-        executor = self._sampling_executor if sampling else self._executor
-        self._running = executor.submit(self._with_threads, fn, what)
+    async def _compute(self, fn: Callable[[], Any], what: str) -> Any:
+        self._running = self._executor.submit(self._with_threads, fn, what)
         return await asyncio.wrap_future(self._running)
 
     def _with_threads(self, fn: Callable[[], Any], what: str) -> Any:
@@ -228,13 +225,12 @@ class Engine:
         fn: Callable[[], list[Any]],
         what: str,
         only_errors: bool = False,
-        sampling: bool = False,
     ) -> None:
         """Run `fn` on a compute thread; give each future its result, or every unanswered future the error.
 
         With `only_errors`, `fn` answers the futures itself; they get an error only if `fn` fails."""
         try:
-            results = await self._compute(fn, what, sampling)
+            results = await self._compute(fn, what)
         except WireError as exc:
             for future in futures:
                 if not future.done.is_set():
@@ -311,7 +307,7 @@ class Engine:
                     futures.extend(p.future for p in waiting)
             return [None] * len(futures)
 
-        await self._settle(futures, work, "sampling batch", only_errors=True, sampling=True)
+        await self._settle(futures, work, "sampling batch", only_errors=True)
 
     # training operations (run on the compute thread) -----------------------------------------------------------
     def create_run(
