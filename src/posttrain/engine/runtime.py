@@ -37,8 +37,8 @@ ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_val
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
 # Tokens per micro-batch in a 2-byte compute dtype, padding included (half as many in fp32). It bounds the
 # activations kept for backward (about 1 MB per token for SmolLM2-135M in bf16), so the peak memory of a step
-# does not grow with the batch. The default run (bf16, 2 cores, glibc's own allocator policy, BENCHMARKS.md):
-# 512 tokens 137 s wall, engine peak 2613 MB; 1024 tokens 123 s, 3144 MB.
+# does not grow with the batch. The default run (bf16, 2 cores, glibc's own allocator policy, two compute threads
+# then, BENCHMARKS.md section 00): 512 tokens 137 s wall, engine peak 2613 MB; 1024 tokens 123 s, 3144 MB.
 TRAIN_TOKEN_BUDGET = 512
 # Datums are packed into sequences of a multiple of this many tokens (see `_micro_batches`); for a model that
 # cannot keep packed sequences apart, each datum is padded to the longest, rounded up to a multiple of 16.
@@ -341,8 +341,8 @@ def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_
     """Pack datums into sequences of one width (first fit, longest first), and the packs into micro-batches.
 
     The matmul shapes of a step then come from a handful (packs x width), the same from step to step: oneDNN
-    keeps a compiled kernel and ~1.5 MB per new shape (measured), so with a shape per micro-batch a run grew by
-    ~75 MB per step and spent a third of each matmul compiling.
+    keeps a compiled kernel and ~1.5 MB per new shape (measured), so with shapes new to every micro-batch a run
+    grew by ~75 MB per step, and a linear layer's forward and backward at a new shape took a third longer.
     """
     width = (
         _pack_width(max(lengths))
