@@ -368,15 +368,20 @@ def test_micro_batches_pack_every_datum_once_into_few_repeating_shapes():
     packed = [i for b in batches for pack in b.packs for i in pack]
     assert sorted(packed) == list(range(len(lengths)))
     widths = {b.width for b in batches}
-    assert widths == {4096}  # one width per request: the longest datum rounded up to PACK_TOKENS
+    assert widths == {4096}  # one width per request: here the longest datum rounded up to PACK_TOKENS
     for batch in batches:
         for pack in batch.packs:
             assert sum(lengths[i] for i in pack) <= batch.width
-    # Short datums share packs; every micro-batch but the last holds budget // width packs (at least one).
+    # Short datums share packs, at the width of the few that pads least (556 tokens: 3 packs of 192, where 256
+    # would take 3 of 256); every micro-batch but the last holds budget // width packs (at least one).
     short = [60, 75, 31, 44, 58, 70, 66, 39, 52, 61]
     batches = _micro_batches(short, budget=1024)
-    assert [b.width for b in batches] == [256]
+    assert [b.width for b in batches] == [192]
     assert len(batches[0].packs) == 3 and sum(len(p) for p in batches[0].packs) == len(short)
+    # 32 datums of 48 tokens: 8 full packs of 192 (256 would need 7, the last two-thirds padding).
+    batches = _micro_batches([48] * 32, budget=512)
+    assert {b.width for b in batches} == {192} and [len(b.packs) for b in batches] == [2, 2, 2, 2]
+    assert all(len(pack) == 4 for b in batches for pack in b.packs)
     assert [len(b.packs) for b in _micro_batches([250] * 5, budget=512)] == [2, 2, 1]
     # Without packing (a model that cannot keep packed datums apart): one datum per sequence, the longest
     # rounded up to a multiple of 16.

@@ -40,9 +40,14 @@ MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj"
 # does not grow with the batch. The default run (bf16, 2 cores, glibc's own allocator policy, two compute threads
 # then, BENCHMARKS.md section 00): 512 tokens 137 s wall, engine peak 2613 MB; 1024 tokens 123 s, 3144 MB.
 TRAIN_TOKEN_BUDGET = 512
-# Datums are packed into sequences of a multiple of this many tokens (see `_micro_batches`); for a model that
-# cannot keep packed sequences apart, each datum is padded to the longest, rounded up to a multiple of 16.
+# Datums are packed into sequences of a multiple of this many tokens (see `_micro_batches`), or of 192 where that
+# pads less: 32 datums of 48 tokens fill 8 packs of 192 exactly but take 7 of 256 (14% padding); the default
+# run's rows (45-126 tokens) pad 11% at 256, 9% with the choice. More narrow widths (128-224) padded 8% there but
+# made more distinct matmul shapes, each with its own kernel and memory in oneDNN (engine peak +113 MB in a
+# default run). For a model that cannot keep packed sequences apart, each datum is padded to the longest,
+# rounded up to a multiple of 16.
 PACK_TOKENS = 256
+NARROW_PACK_WIDTHS = (192,)
 UNPACKED_WIDTH_MULTIPLE = 16
 # The unembedding runs over this many logits at a time (positions x vocab): 8M fp32 logits are 32 MB, i.e. 170
 # positions at a 49k vocabulary. The full [tokens x vocab] logits and their gradient never exist at once. A chunk
@@ -333,32 +338,40 @@ class _MicroBatch:
     width: int
 
 
-def _pack_width(longest: int) -> int:
-    return max(PACK_TOKENS, -(-longest // PACK_TOKENS) * PACK_TOKENS)
-
-
-def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_MicroBatch]:
-    """Pack datums into sequences of one width (first fit, longest first), and the packs into micro-batches.
-
-    The matmul shapes of a step then come from a handful (packs x width), the same from step to step: oneDNN
-    keeps a compiled kernel and ~1.5 MB per new shape (measured), so with shapes new to every micro-batch a run
-    grew by ~75 MB per step, and a linear layer's forward and backward at a new shape took a third longer.
-    """
-    width = (
-        _pack_width(max(lengths))
-        if pack
-        else -(-max(lengths) // UNPACKED_WIDTH_MULTIPLE) * UNPACKED_WIDTH_MULTIPLE
-    )
+def _first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Datum indices packed into sequences of `width` tokens, longest first, each into the first with room."""
     packs: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
-        fit = next((k for k, free in enumerate(room) if lengths[i] <= free), None) if pack else None
+        fit = next((k for k, free in enumerate(room) if lengths[i] <= free), None)
         if fit is None:
             packs.append([])
             room.append(width)
             fit = len(packs) - 1
         packs[fit].append(i)
         room[fit] -= lengths[i]
+    return packs
+
+
+def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_MicroBatch]:
+    """Pack datums into sequences of one width (first fit, longest first), and the packs into micro-batches.
+
+    The width is the one of a few (NARROW_PACK_WIDTHS, multiples of PACK_TOKENS) that pads least, so the matmul
+    shapes of a step come from a handful (packs x width), the same from step to step: oneDNN
+    keeps a compiled kernel and ~1.5 MB per new shape (measured), so with shapes new to every micro-batch a run
+    grew by ~75 MB per step, and a linear layer's forward and backward at a new shape took a third longer.
+    """
+    longest = max(lengths)
+    if not pack:
+        width = -(-longest // UNPACKED_WIDTH_MULTIPLE) * UNPACKED_WIDTH_MULTIPLE
+        packs = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)]
+    else:
+        widths = [w for w in NARROW_PACK_WIDTHS if w >= longest]
+        widths.append(max(PACK_TOKENS, -(-longest // PACK_TOKENS) * PACK_TOKENS))
+        # The fewest padded tokens; at a tie the narrower width (less attention per token).
+        width, packs = min(
+            ((w, _first_fit(lengths, w)) for w in widths), key=lambda c: (len(c[1]) * c[0], c[0])
+        )
     per_batch = max(1, budget // width)
     return [_MicroBatch(packs[s : s + per_batch], width) for s in range(0, len(packs), per_batch)]
 
