@@ -180,6 +180,11 @@ def main() -> int:
         default=None,
         help="run the engine from this source tree (a `src` directory, e.g. an older commit's) for before/after",
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model directory (e.g. a randomly initialised larger shape) instead of the default model",
+    )
     parser.add_argument("--name", default="sft", help="results go to benchmarks/results/NAME.json")
     args = parser.parse_args()
 
@@ -195,9 +200,9 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from posttrain.engine.launcher import EngineProcess
-    from posttrain.engine.models import DEFAULT_MODEL, resolve_model
+    from posttrain.engine.models import resolve_model
 
-    source = resolve_model(None)
+    source = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     n_batches = args.warmup + args.blocks * args.steps_per_block
     batches = real_text_batches(tokenizer, n_batches, args.batch, args.seq_len)
@@ -220,12 +225,13 @@ def main() -> int:
         api_key=API_KEY,
         log_file=os.path.join(log_dir, "engine.log"),
         threads=threads,
+        models=[args.model] if args.model else None,
         env={"PYTHONPATH": os.path.abspath(args.engine_src)} if args.engine_src else None,
     )
     url = engine.start()
     print(f"engine at {url} (log: {log_dir}/engine.log)", flush=True)
     try:
-        remote = EngineLoop(url, DEFAULT_MODEL, args.rank, args.lr)
+        remote = EngineLoop(url, source.name, args.rank, args.lr)
         # Warm-up; the first step of each starts from the base model (B = 0), so the losses must agree.
         first_loss = {}
         for i in range(args.warmup):
@@ -291,7 +297,7 @@ def main() -> int:
         "machine": machine_info(),
         "command": " ".join(["uv run python", *sys.argv]),
         "config": {
-            "model": DEFAULT_MODEL,
+            "model": source.name,
             "batch": args.batch,
             "seq_len": args.seq_len,
             "tokens_per_step": tokens_per_step,
@@ -343,7 +349,7 @@ def main() -> int:
     ]
     print()
     print(
-        f"SFT, {DEFAULT_MODEL}, LoRA r={args.rank}, {args.batch} x {args.seq_len} tokens/step, "
+        f"SFT, {source.name}, LoRA r={args.rank}, {args.batch} x {args.seq_len} tokens/step, "
         f"{dtype_name}, {threads} thread(s), {args.blocks} x {args.steps_per_block} timed steps per side"
     )
     print()
