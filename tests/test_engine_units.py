@@ -378,7 +378,7 @@ def test_micro_batches_pack_every_datum_once_into_few_repeating_shapes():
     batches = _micro_batches(short, budget=1024)
     assert [b.width for b in batches] == [192]
     assert len(batches[0].packs) == 3 and sum(len(p) for p in batches[0].packs) == len(short)
-    # 32 datums of 48 tokens: 8 full packs of 192 (256 would need 7, the last two-thirds padding).
+    # 32 datums of 48 tokens: 8 full packs of 192 (256 would need 7, the last holding only 96 tokens).
     batches = _micro_batches([48] * 32, budget=512)
     assert {b.width for b in batches} == {192} and [len(b.packs) for b in batches] == [2, 2, 2, 2]
     assert all(len(pack) == 4 for b in batches for pack in b.packs)

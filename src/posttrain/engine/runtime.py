@@ -43,8 +43,8 @@ TRAIN_TOKEN_BUDGET = 512
 # Datums are packed into sequences of a multiple of this many tokens (see `_micro_batches`), or of 192 where that
 # pads less: 32 datums of 48 tokens fill 8 packs of 192 exactly but take 7 of 256 (14% padding); the default
 # run's rows (45-126 tokens) pad 11% at 256, 9% with the choice. More narrow widths (128-224) padded 8% there but
-# made more distinct matmul shapes, each with its own kernel and memory in oneDNN (engine peak +113 MB in a
-# default run). For a model that cannot keep packed sequences apart, each datum is padded to the longest,
+# made more distinct matmul shapes, each with its own kernel and memory in oneDNN (engine peak 2638 vs 2494 MB
+# in one default run each). For a model that cannot keep packed sequences apart, each datum is padded to the longest,
 # rounded up to a multiple of 16.
 PACK_TOKENS = 256
 NARROW_PACK_WIDTHS = (192,)
@@ -357,9 +357,9 @@ def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_
     """Pack datums into sequences of one width (first fit, longest first), and the packs into micro-batches.
 
     The width is the one of a few (NARROW_PACK_WIDTHS, multiples of PACK_TOKENS) that pads least, so the matmul
-    shapes of a step come from a handful (packs x width), the same from step to step: oneDNN
-    keeps a compiled kernel and ~1.5 MB per new shape (measured), so with shapes new to every micro-batch a run
-    grew by ~75 MB per step, and a linear layer's forward and backward at a new shape took a third longer.
+    shapes of a step come from a handful (packs x width), the same from step to step: oneDNN keeps a compiled
+    kernel and ~1.5 MB per new shape (measured), so with shapes new to every micro-batch a run grew by ~75 MB
+    per step, and a linear layer's forward and backward at a new shape took a third longer.
     """
     longest = max(lengths)
     if not pack:
