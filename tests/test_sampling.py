@@ -22,6 +22,7 @@ from posttrain.engine.sampling import (
     SamplingSpec,
     generate,
 )
+from posttrain.util import round_up
 
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -748,7 +749,7 @@ def _two_row_ragged_cache() -> tuple[DynamicCache, sampling._RaggedState, torch.
         for n in (3, 5)
     ]
     cache, state = sampling._ragged_cache(prefills, torch.tensor([0, 1]), lengths, 4, 128)
-    state.width = sampling._round_up(int(lengths.max()) + 1, sampling._KEY_ALIGN)
+    state.width = round_up(int(lengths.max()) + 1, sampling._KEY_ALIGN)
     return cache, state, lengths
 
 

@@ -42,6 +42,11 @@ def short_error(exc: BaseException, limit: int = 300, with_type: bool = True) ->
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
 def iso_time(ts: float) -> str:
     """A POSIX timestamp as an ISO-8601 UTC string."""
     return datetime.fromtimestamp(ts, UTC).isoformat()

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from posttrain.engine.losses import check_inputs, get_loss
 from posttrain.engine.models import ModelSource, max_context_length
 from posttrain.engine.wire import FwdBwdRequest, WireError
+from posttrain.util import round_up
 
 logger = logging.getLogger(__name__)
 
@@ -363,11 +364,11 @@ def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_
     """
     longest = max(lengths)
     if not pack:
-        width = -(-longest // UNPACKED_WIDTH_MULTIPLE) * UNPACKED_WIDTH_MULTIPLE
+        width = round_up(longest, UNPACKED_WIDTH_MULTIPLE)
         packs = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)]
     else:
         widths = [w for w in NARROW_PACK_WIDTHS if w >= longest]
-        widths.append(max(PACK_TOKENS, -(-longest // PACK_TOKENS) * PACK_TOKENS))
+        widths.append(max(PACK_TOKENS, round_up(longest, PACK_TOKENS)))
         # The fewest padded tokens; at a tie the narrower width (less attention per token).
         width, packs = min(
             ((w, _first_fit(lengths, w)) for w in widths), key=lambda c: (len(c[1]) * c[0], c[0])

@@ -40,6 +40,8 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from posttrain.util import round_up
+
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
     "DecodeLoop",
@@ -525,7 +527,7 @@ class _RaggedLayer(DynamicLayer):
         capacity = self._key_buffer.shape[2]
         if needed <= capacity:
             return
-        grown = capacity + _round_up(max(needed - capacity, _CACHE_GROWTH_TOKENS, capacity // 2), _KEY_ALIGN)
+        grown = capacity + round_up(max(needed - capacity, _CACHE_GROWTH_TOKENS, capacity // 2), _KEY_ALIGN)
         extra = max(min(grown, self.state.max_width), needed) - capacity
         shape = (*self._key_buffer.shape[:2], extra, self._key_buffer.shape[3])
         self._key_buffer = torch.cat([self._key_buffer, self._key_buffer.new_zeros(shape)], dim=2)
@@ -574,10 +576,6 @@ class _RaggedLayer(DynamicLayer):
         self.keep_rows(indices)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _ragged_cache(
     prefills: Sequence[_Prefill],
     row_prompt: torch.Tensor,
@@ -589,7 +587,7 @@ def _ragged_cache(
     device = lengths.device
     rows = torch.arange(len(lengths), device=device)
     state = _RaggedState(lengths=lengths, rows=rows, width=0, max_width=max_width)
-    capacity = min(_round_up(max(p.keys[0].shape[2] for p in prefills) + reserve, _KEY_ALIGN), max_width)
+    capacity = min(round_up(max(p.keys[0].shape[2] for p in prefills) + reserve, _KEY_ALIGN), max_width)
     layers: list[DynamicLayer] = []
     for layer in range(len(prefills[0].keys)):
         merged: list[torch.Tensor] = []
@@ -840,7 +838,7 @@ class _Batch:
         )
         lengths = torch.tensor([row.prompt_len for row in physical], dtype=torch.long, device=device)
         reserve = min(max(row.max_new for row in rows), _CACHE_GROWTH_TOKENS)
-        max_width = _round_up(max(row.prompt_len + row.max_new for row in rows), _KEY_ALIGN)
+        max_width = round_up(max(row.prompt_len + row.max_new for row in rows), _KEY_ALIGN)
         cache, state = _ragged_cache(
             [prefills[slot] for slot in used], row_prompt, lengths, reserve, max_width
         )
@@ -887,7 +885,7 @@ class _Batch:
             tokens = [tokens[i] for i in keep]
         self.active = active
         next_ids = torch.tensor(_with_companion(tokens), dtype=torch.long, device=device)
-        state.width = _round_up(int(state.lengths.max()) + 1, _KEY_ALIGN)
+        state.width = round_up(int(state.lengths.max()) + 1, _KEY_ALIGN)
         if self.columns.shape[0] != state.width:
             self.columns = torch.arange(state.width, device=device)
         mask = (self.columns.unsqueeze(0) <= state.lengths.unsqueeze(1)).long()
