@@ -16,6 +16,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TINKER_API_KEY", "tml-local-test")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The cookbook's loops (>= 0.6) fetch Tinker's published price table at start; through a closed local port instead,
+# so that no test, nor any process it starts, sends a request off this machine. Loopback goes direct.
+for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    os.environ[_proxy] = "http://127.0.0.1:9"
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
 
 
 @pytest.fixture(scope="session")

@@ -112,14 +112,18 @@ RL_CASES = [
     ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
     ("cispo", {"clip_low_threshold": 0.0, "clip_high_threshold": 1.05}),
     ("dro", {"beta": 0.2}),
+    ("gspo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.02}),
 ]
+GSPO_MASK_FROM = 4  # the gspo datums' sequence_ratio_mask covers the tokens from here on
 
 
 def _rl_expected(name: str, config: dict, lp: np.ndarray, q: np.ndarray, adv: np.ndarray) -> np.ndarray:
     ratio = np.exp(lp - q)
     if name == "importance_sampling":
         return -ratio * adv
-    if name == "ppo":
+    if name in ("ppo", "gspo"):
+        if name == "gspo":  # GSPO-token: every token's ratio is the sequence's, exp(mean log-ratio over the mask)
+            ratio = np.full_like(lp, np.exp(np.mean((lp - q)[GSPO_MASK_FROM:])))
         clipped = np.clip(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
         return -np.minimum(ratio * adv, clipped * adv)
     if name == "cispo":
@@ -136,14 +140,16 @@ def test_rl_losses_are_summed_per_token_terms_and_train(service, tiny_model):
     q = (base_lp + rng.normal(0, 0.2, n)).astype(np.float32)  # "sampler" logprobs near the learner's
     adv = rng.normal(0, 1, n).astype(np.float32)
 
-    def rl_datum(advantages: np.ndarray) -> types.Datum:
-        return types.Datum(
-            model_input=types.ModelInput.from_ints(tokens[:-1]),
-            loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": q, "advantages": advantages},
-        )
+    mask = (np.arange(n) >= GSPO_MASK_FROM).astype(np.float32)
+
+    def rl_datum(advantages: np.ndarray, name: str = "") -> types.Datum:
+        inputs = {"target_tokens": tokens[1:], "logprobs": q, "advantages": advantages}
+        if name == "gspo":
+            inputs["sequence_ratio_mask"] = mask
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
     for name, config in RL_CASES:
-        out = tc.forward([rl_datum(adv), rl_datum(-adv)], name, config).result()
+        out = tc.forward([rl_datum(adv, name), rl_datum(-adv, name)], name, config).result()
         total = 0.0
         for output, a in zip(out.loss_fn_outputs, (adv, -adv), strict=True):
             lp = output["logprobs"].to_numpy()
@@ -156,7 +162,7 @@ def test_rl_losses_are_summed_per_token_terms_and_train(service, tiny_model):
     # Gradients flow through the RL losses: a positive advantage on every token raises their logprobs.
     for name, config in RL_CASES:
         before = _logprobs(tc.forward([_datum(tokens)], "cross_entropy").result())[0]
-        tc.forward_backward([rl_datum(np.ones(n, np.float32))], name, config).result()
+        tc.forward_backward([rl_datum(np.ones(n, np.float32), name)], name, config).result()
         tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
         after = _logprobs(tc.forward([_datum(tokens)], "cross_entropy").result())[0]
         assert after.sum() > before.sum() + 0.05, name
@@ -320,6 +326,67 @@ def trained_sampler(engine, tiny_model):
     _step(tc, _batch(9), lr=5e-2)
     yield service, tc, tc.save_weights_and_get_sampling_client().result()
     finish(service)
+
+
+def _sampled_datum(prompt: list[int], seq: types.SampledSequence, advantage: float, prompt_advantage: float = 0.0):
+    """A sampled completion as the cookbook's RL loop sends it: the prompt and sampled tokens with provenance."""
+    p, n = len(prompt), len(seq.tokens)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(prompt + seq.tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": np.array(prompt[1:] + seq.tokens, dtype=np.int64),
+            "logprobs": np.array([0.0] * (p - 1) + list(seq.logprobs), dtype=np.float32),
+            "advantages": np.array([prompt_advantage] * (p - 1) + [advantage] * n, dtype=np.float32),
+        },
+    )
+    sid = seq.sequence_id
+    return datum.with_provenance(
+        model_input=[types.PromptProvenanceSpan(sequence_id=sid, length=p),
+                     types.SampledProvenanceSpan(sequence_id=sid, length=n - 1)],
+        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=p - 1),
+                        types.SampledProvenanceSpan(sequence_id=sid, length=n)],
+    )  # fmt: skip
+
+
+def test_stable_reinforce_trains_on_sequences_recorded_at_sampling(service, tiny_model):
+    tc = service.create_lora_training_client(base_model=tiny_model, rank=4, seed=2).result()
+    _step(tc, _batch(4), lr=5e-2)  # LoRA weights away from zero, so the sampler's adapter matters
+    recording = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[])
+    seqs = recording.sample(types.ModelInput.from_ints(PROMPT), num_samples=2, sampling_params=params).result()
+    pos, neg = (_sampled_datum(PROMPT, s, a) for s, a in zip(seqs.sequences, (1.5, -2.0), strict=True))
+    out = tc.forward([pos, neg], "stable_reinforce").result()
+    p = len(PROMPT) - 1
+    total = 0.0
+    for output, seq, advantage in zip(out.loss_fn_outputs, seqs.sequences, (1.5, -2.0), strict=True):
+        lp = output["logprobs"].to_numpy()[p:]
+        # The sampling-time log-probabilities are the sampler's: forward on the same weights agrees with them.
+        np.testing.assert_allclose(lp, seq.logprobs, atol=1e-4)
+        taper = 1.0 if advantage >= 0 else min(1.0, float(np.exp((lp - np.array(seq.logprobs)).sum())))
+        expected = -taper * lp * advantage
+        loss = output["elementwise_loss"].to_numpy()
+        np.testing.assert_allclose(loss[p:], expected, rtol=1e-4, atol=1e-6)
+        assert not loss[:p].any()  # prompt tokens carry no loss
+        total += float(expected.sum())
+    assert out.metrics["loss:sum"] == pytest.approx(total, rel=1e-4)
+
+    def refused(data: list[types.Datum], match: str) -> None:
+        with pytest.raises(tinker.RequestFailedError, match=match):
+            tc.forward(data, "stable_reinforce").result()
+
+    plain = types.Datum(model_input=pos.model_input, loss_fn_inputs=pos.loss_fn_inputs)
+    refused([plain], "needs provenance")
+    refused([_sampled_datum(PROMPT, seqs.sequences[0], 1.0, prompt_advantage=0.5)], "nonzero advantages on sampled")
+    # A sampler made without record_stability_info keeps nothing to train on.
+    unrecorded = tc.save_weights_and_get_sampling_client().result().sample(
+        types.ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=params
+    ).result()
+    refused([_sampled_datum(PROMPT, unrecorded.sequences[0], 1.0)], "no such recorded sequence")
+    # It trains: a positive advantage raises the sampled tokens' log-probabilities.
+    before = _logprobs(tc.forward([pos], "cross_entropy").result())[0][p:].sum()
+    tc.forward_backward([pos], "stable_reinforce").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    assert _logprobs(tc.forward([pos], "cross_entropy").result())[0][p:].sum() > before + 0.05
 
 
 def test_sampled_logprobs_agree_with_forward_and_compute_logprobs(trained_sampler, tiny_model):

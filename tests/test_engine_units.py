@@ -101,11 +101,58 @@ def test_dro_is_advantage_term_minus_quadratic_penalty():
     assert _per_token("dro", {"beta": beta}) == pytest.approx(expected, rel=1e-6)
 
 
+def test_gspo_token_ratio_has_the_sequence_value_and_its_own_gradient():
+    # The sequence log-ratio: the mean of lp - q over the masked tokens (here tokens 1 and 3).
+    mask = [0.0, 1.0, 0.0, 1.0]
+    stat = losses.SEQUENCE_STATISTICS["gspo"](torch.tensor(LP), _inputs(sequence_ratio_mask=mask))
+    mean = ((LP[1] - Q[1]) + (LP[3] - Q[3])) / 2
+    assert stat.tolist() == pytest.approx([mean] * 4, rel=1e-6)
+    lp = torch.tensor(LP, requires_grad=True)
+    out = losses.gspo(lp, {**_inputs(), "sequence_log_ratio": stat}, {"clip_high_threshold": 1.1})
+    s = math.exp(mean)
+    expected = [-min(s * a, min(max(s, 0.8), 1.1) * a) for a in A]
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
+    out.sum().backward()
+    # d/dlp_t: -s * A_t where the unclipped term is the minimum, 0 where the clipped (constant) one is.
+    unclipped = [s * a <= min(max(s, 0.8), 1.1) * a for a in A]
+    assert lp.grad.tolist() == pytest.approx([-s * a if u else 0.0 for a, u in zip(A, unclipped, strict=True)])
+    assert any(unclipped) and not all(unclipped)
+    # Without a mask: the tokens with an advantage (here all); an all-zero mask: ratio 1.
+    no_mask = losses.SEQUENCE_STATISTICS["gspo"](torch.tensor(LP), _inputs())
+    assert no_mask[0] == pytest.approx(sum(x - q for x, q in zip(LP, Q, strict=True)) / 4, rel=1e-6)
+    assert losses.SEQUENCE_STATISTICS["gspo"](torch.tensor(LP), _inputs(sequence_ratio_mask=[0.0] * 4))[0] == 0
+
+
+def test_stable_reinforce_tapers_only_negative_advantages_by_the_truncated_sequence_ratio():
+    sampled = [1.0, 1.0, 1.0, 0.0]
+    advantages = [1.0, -2.0, 0.5, 0.0]
+    inputs = {**_inputs(advantages=advantages), "sampler_logprobs": torch.tensor(Q), "sampled": torch.tensor(sampled)}
+    rho = sum((x - q) * m for x, q, m in zip(LP, Q, sampled, strict=True))
+    stat = losses.SEQUENCE_STATISTICS["stable_reinforce"](torch.tensor(LP), inputs)
+    assert stat.tolist() == pytest.approx([rho] * 4, rel=1e-6)
+    lp = torch.tensor(LP, requires_grad=True)
+    out = losses.stable_reinforce(lp, {**inputs, "sequence_log_ratio": stat}, {})
+    taper = min(1.0, math.exp(rho))
+    weights = [taper if a < 0 else 1.0 for a in advantages]
+    assert taper < 1.0  # the example exercises the taper
+    expected = [-w * x * a * m for w, x, a, m in zip(weights, LP, advantages, sampled, strict=True)]
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
+    out.sum().backward()
+    assert lp.grad.tolist() == pytest.approx([-w * a * m for w, a, m in zip(weights, advantages, sampled, strict=True)])
+    # On-policy (ratio 1) its gradient is importance_sampling's: -A per sampled token.
+    on_policy = {**inputs, "sequence_log_ratio": torch.zeros(4)}
+    lp2 = torch.tensor(LP, requires_grad=True)
+    losses.stable_reinforce(lp2, on_policy, {}).sum().backward()
+    lp3 = torch.tensor(LP, requires_grad=True)
+    losses.importance_sampling(lp3, {**inputs, "logprobs": lp3.detach()}, {}).sum().backward()
+    assert lp2.grad.tolist() == pytest.approx(lp3.grad.tolist())
+
+
 def test_loss_config_and_names_are_validated():
     with pytest.raises(WireError, match="loss_fn_config\\['beta'\\] must be a number"):
         _per_token("dro", {"beta": "big"})
-    with pytest.raises(WireError, match="'gspo' is not supported.*cross_entropy"):
-        losses.get_loss("gspo")
+    with pytest.raises(WireError, match="'custom' is not supported.*cross_entropy"):
+        losses.get_loss("custom")
 
 
 def test_check_inputs_names_the_missing_or_misshapen_input():

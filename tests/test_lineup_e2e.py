@@ -162,7 +162,9 @@ def test_tinker_path_runs_end_to_end(lineup_runs: dict[str, Finished], model: st
     else:
         assert 0.0 <= summary["trained_score"] <= 1.0 and base[0]["question"].startswith("What is ")
     metrics = read_jsonl(log_dir / "metrics.jsonl")
-    assert metrics and ("train_mean_nll" in metrics[-1] or "env/all/reward/total" in metrics[-1])
+    # Every training step logged its training metric (the cookbook's RL loop adds a last row of token totals).
+    trained = [m["step"] for m in metrics if "train_mean_nll" in m or "env/all/reward/total" in m]
+    assert trained == list(range(len(trained))) and len(trained) >= 2
     # The fake keys from .env appear nowhere in what the run wrote or printed.
     for secret in (LINEUP_API_KEY, WANDB_KEY):
         assert secret not in output
@@ -185,18 +187,56 @@ def test_renderer_template_mismatch_stops_the_run_before_training(lineup_runs: d
     assert json.loads((proc.cwd / "results" / "summary.json").read_text())["status"] == "failed"
 
 
-def test_lineup_check_uses_the_services_own_model_list(lineup_engine, services) -> None:
-    """A lineup model the service does not serve is refused with what it does serve (its capabilities)."""
-    import asyncio
-
+def test_lineup_check_uses_the_services_own_model_list(lineup_engine, monkeypatch) -> None:
+    """A model the service serves is accepted and one it does not (retired there, though the cookbook's table still
+    knows it) is refused with what the service does serve: its get_server_capabilities list, not a copy of ours."""
     from posttrain.errors import PreflightError
-    from posttrain.pipeline import backend
+    from posttrain.pipeline import backend, preflight
 
-    service = services(base_url=lineup_engine.url, api_key=LINEUP_API_KEY)
-    asyncio.run(backend.check_served_model(service, lineup_engine.url, QWEN, "tinker"))
+    monkeypatch.setenv("TINKER_API_KEY", LINEUP_API_KEY)
+    backend.check_served_models(lineup_engine.url, [QWEN, LLAMA], "tinker")
+    assert preflight.is_cookbook_model("meta-llama/Llama-3.2-1B")
     with pytest.raises(PreflightError) as info:
-        asyncio.run(backend.check_served_model(service, lineup_engine.url, "Qwen/Qwen3-32B", "tinker"))
-    assert f"not available on the Tinker service. Available: {QWEN}, {LLAMA}, {GPT_OSS}" in str(info.value)
+        backend.check_served_models(lineup_engine.url, [QWEN, "meta-llama/Llama-3.2-1B"], "tinker")
+    assert str(info.value) == (
+        "Model 'meta-llama/Llama-3.2-1B' is not available on the Tinker service (or use backend=local for a model "
+        f"of your own). Available: {QWEN}, {LLAMA}, {GPT_OSS}"
+    )
+
+
+def _offline_plan(cwd: Path, hub: Path, chat_data: Path, model: str) -> subprocess.CompletedProcess:
+    """A Tinker plan with the service out of reach: the default-service path, its URL a closed local port."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / ".env").write_text(f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=p\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "TINKER_BASE_URL": "http://127.0.0.1:9"}
+    args = [f"model_name={model}", f"dataset={chat_data}", "backend=tinker", "dry_run=true", "batch_size=4"]
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_a_tinker_plan_prices_the_run_offline(lineup_hub_cache: Path, chat_data: Path, tmp_path: Path) -> None:
+    from tinker_cost import PRICING
+
+    priced = _offline_plan(tmp_path / "qwen", lineup_hub_cache, chat_data, QWEN)
+    assert priced.returncode == 0, priced.stdout[-3000:] + priced.stderr[-3000:]
+    assert "plan: warning: the Tinker service at http://127.0.0.1:9 cannot be reached" in priced.stdout
+    assert "planning offline" in priced.stdout
+    cost = next(line for line in priced.stdout.splitlines() if line.startswith("plan: estimated Tinker cost: $"))
+    assert "tinker-cost" in cost and "tinker-docs.thinkingmachines.ai/tinker/models.json could not be fetched" in cost
+    tokens = next(line for line in priced.stdout.splitlines() if line.startswith("plan: tokens: train "))
+    counts = [int(part.split()[-1].replace(",", "")) for part in tokens.removeprefix("plan: tokens: ").split(", ")]
+    prefill_rate, sample_rate, train_rate = PRICING[QWEN]
+    train, prefill, sample = counts
+    assert train > 0 and prefill > 0
+    expected = (train * train_rate + prefill * prefill_rate + sample * sample_rate) / 1e6
+    assert cost.startswith(f"plan: estimated Tinker cost: ${expected:.4f};")
+    assert not (tmp_path / "qwen" / "results").exists()
+    # A model the cookbook knows but no published table prices (Llama retired from Tinker 2026-06): no guess.
+    unpriced = _offline_plan(tmp_path / "llama", lineup_hub_cache, chat_data, LLAMA)
+    assert unpriced.returncode == 0, unpriced.stdout[-3000:] + unpriced.stderr[-3000:]
+    assert f"plan: estimated Tinker cost: unknown (no published price for {LLAMA} in the tinker-cost" in unpriced.stdout
 
 
 def test_an_evaluation_that_fails_on_every_example_stops_in_one_line() -> None:

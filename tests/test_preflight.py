@@ -7,9 +7,9 @@ from posttrain.errors import PreflightError
 from posttrain.pipeline.preflight import (
     BUILTIN_RENDERERS,
     REQUIRED_ENV_VARS,
-    TINKER_LINEUP,
     check_credentials,
     check_model,
+    cookbook_models,
     load_env,
     resolve_renderer,
 )
@@ -30,15 +30,16 @@ def clean_env(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_lineup_is_the_spec_table():
-    assert len(TINKER_LINEUP) == 21
-    assert TINKER_LINEUP["Qwen/Qwen3-8B"] == "Hybrid"
-    assert TINKER_LINEUP["Qwen/Qwen3-VL-30B-A3B-Instruct"] == "Vision"
-    assert TINKER_LINEUP["openai/gpt-oss-20b"] == "Reasoning"
-    assert TINKER_LINEUP["meta-llama/Llama-3.2-1B"] == "Base"
-    assert TINKER_LINEUP["moonshotai/Kimi-K2-Thinking"] == "Reasoning"
-    assert set(TINKER_LINEUP.values()) == {"Vision", "Instruction", "Hybrid", "Base", "Reasoning"}
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" not in TINKER_LINEUP
+def test_the_offline_model_list_is_the_cookbooks_model_table():
+    from tinker_cookbook import model_info
+
+    table = cookbook_models()
+    # Every model of the user's document's table is one the cookbook knows, and so are today's.
+    for name in ("Qwen/Qwen3-8B", "Qwen/Qwen3-VL-30B-A3B-Instruct", "openai/gpt-oss-20b", "meta-llama/Llama-3.2-1B",
+                 "moonshotai/Kimi-K2-Thinking", "Qwen/Qwen3.5-9B", "moonshotai/Kimi-K2.6"):  # fmt: skip
+        assert name in table and table[name] == model_info.get_model_attributes(name), name
+    assert not table["meta-llama/Llama-3.2-1B"].is_chat and table["Qwen/Qwen3-VL-30B-A3B-Instruct"].is_vl
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" not in table
 
 
 def test_load_env_reads_dotenv_and_returns_only_booleans(clean_env):
@@ -126,12 +127,12 @@ def test_local_backend_online_when_key_present(clean_env, monkeypatch):
     assert any("online" in n for n in notes) and not any(WANDB_SECRET in n for n in notes)
 
 
-def test_check_model_tinker_lineup():
-    check_model("Qwen/Qwen3-8B", "tinker", None)
+def test_check_model_offline_uses_the_cookbook_table():
+    check_model("Qwen/Qwen3.5-9B", "tinker", None)
     with pytest.raises(PreflightError) as exc:
         check_model("HuggingFaceTB/SmolLM2-135M-Instruct", "tinker", None)
     msg = str(exc.value)
-    assert "SmolLM2" in msg and "Qwen/Qwen3-8B" in msg and "meta-llama/Llama-3.2-1B" in msg
+    assert "SmolLM2" in msg and "tinker-cookbook 0.6.1's model table" in msg and "Qwen/Qwen3.5-9B" in msg
 
 
 def test_check_model_uses_server_capabilities_when_given():

@@ -194,7 +194,7 @@ def test_build_and_validate_summary_sft(tmp_path):
     assert s["improvement"]["absolute"] == pytest.approx(0.9)
     assert s["improvement"]["relative"] == pytest.approx(0.9 / 2.8)
     assert set(s["versions"]) >= {"posttrain", "tinker", "tinker_cookbook", "torch", "python"}
-    assert s["versions"]["tinker"] == "0.38.0" and s["versions"]["tinker_cookbook"] == "0.5.8"
+    assert s["versions"]["tinker"] == "0.38.0" and s["versions"]["tinker_cookbook"] == "0.6.1"
     assert s["hyperparameters"]["batch_size"] == 32
     path = write_summary(ResultsDir(tmp_path), s)
     validate_summary(json.loads(path.read_text()))

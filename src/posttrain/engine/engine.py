@@ -30,13 +30,15 @@ from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_n
 from posttrain.engine.futures import Future, FutureStore
 from posttrain.engine.models import ModelSource
 from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
-from posttrain.engine.sampling import DecodeLoop, GenerationRequest
+from posttrain.engine.sampling import DecodeLoop, GenerationRequest, GenerationResult
+from posttrain.engine.stability import SampledRecord, StabilityRecords, session_of
 from posttrain.engine.threads import ThreadPolicy, available_cpus
 from posttrain.engine.wire import (
     FwdBwdRequest,
     WireError,
     encode_forward_backward_output,
     encode_sample_response,
+    sequence_id,
 )
 from posttrain.util import iso_time
 
@@ -93,6 +95,7 @@ class Engine:
         self.runs: dict[str, TrainingRun] = {}
         self.samplers: dict[str, Sampler] = {}
         self.snapshots = SnapshotCache()
+        self.stability = StabilityRecords()
         self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
         self._sample_queue: list[PendingSample] = []
         self._sample_lock = threading.Lock()  # the compute thread takes requests that join a running batch
@@ -296,6 +299,7 @@ class Engine:
                         break
                     for pending, result in decoder.step().items():
                         assert isinstance(pending, PendingSample)
+                        self._record_for_stability(pending, result)
                         answer(
                             pending.future,
                             encode_sample_response(
@@ -308,6 +312,14 @@ class Engine:
             return [None] * len(futures)
 
         await self._settle(futures, work, "sampling batch", only_errors=True)
+
+    def _record_for_stability(self, pending: PendingSample, result: GenerationResult) -> None:
+        if not pending.request.record_stability:
+            return
+        session = session_of(pending.sampler.sampler_id)
+        for i, seq in enumerate(result.sequences):
+            record = SampledRecord(session, pending.request.prompt_tokens, seq.tokens, seq.logprobs)
+            self.stability.add(sequence_id(pending.future.request_id, i), record)
 
     # training operations (run on the compute thread) -----------------------------------------------------------
     def create_run(
@@ -334,7 +346,7 @@ class Engine:
 
     def do_forward_backward(self, request: FwdBwdRequest) -> bytes:
         run = self.run(request.model_id)
-        outputs, metrics = runtime.forward_backward(run, request)
+        outputs, metrics = runtime.forward_backward(run, request, self.stability)
         return encode_forward_backward_output(outputs, metrics)
 
     def do_optim_step(self, model_id: str, adam: dict) -> dict:

@@ -26,7 +26,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.engine.losses import check_inputs, get_loss
+from posttrain.engine import stability
+from posttrain.engine.losses import NEEDS_PROVENANCE, SEQUENCE_STATISTICS, check_inputs, get_loss
 from posttrain.engine.models import ModelSource, max_context_length
 from posttrain.engine.wire import FwdBwdRequest, WireError
 from posttrain.util import round_up
@@ -378,7 +379,7 @@ def _micro_batches(lengths: list[int], budget: int, pack: bool = True) -> list[_
 
 
 def forward_backward(
-    run: TrainingRun, request: FwdBwdRequest
+    run: TrainingRun, request: FwdBwdRequest, records: stability.StabilityRecords | None = None
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
     base = run.base
     loss_fn = get_loss(request.loss_fn)
@@ -392,6 +393,7 @@ def forward_backward(
             raise WireError(
                 f"datum {i}: {len(datum.tokens)} tokens exceed the context length {base.max_context}"
             )
+        _add_provenance_inputs(request, i, records or stability.StabilityRecords())
     base.activate(run.adapter)
     run.last_request = time.time()
     outputs: list[dict[str, np.ndarray]] = [{} for _ in request.data]
@@ -421,6 +423,8 @@ def forward_backward(
             hidden = base.hidden_states(ids.to(base.device), packed)
             # The datums' positions only, datum after datum: [N, hidden]
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        if request.loss_fn in SEQUENCE_STATISTICS:
+            _add_sequence_statistics(base, hidden, [request.data[i].inputs for i in group], request.loss_fn)
         lp, per_token = head_losses(
             base,
             hidden,
@@ -442,6 +446,44 @@ def forward_backward(
             outputs[i] = {"logprobs": datum_lp.cpu().numpy(), "elementwise_loss": datum_loss.cpu().numpy()}
         del hidden
     return outputs, {"loss:sum": total}
+
+
+def _add_provenance_inputs(request: FwdBwdRequest, index: int, records: stability.StabilityRecords) -> None:
+    """Where the datum's tokens were sampled, as per-token inputs of the losses that weigh whole sequences:
+    `sampled` (a mask), and for stable_reinforce `sampler_logprobs` from the sampling-time records."""
+    if request.loss_fn not in SEQUENCE_STATISTICS:
+        return
+    datum = request.data[index]
+    target = datum.inputs["target_tokens"]
+    if request.loss_fn not in NEEDS_PROVENANCE:
+        if datum.target_spans is not None:
+            datum.inputs["sampled"] = stability.sampled_mask(datum.target_spans, target.shape[0])
+        return
+    if datum.target_spans is None:
+        raise WireError(
+            f"datum {index}: loss_fn {request.loss_fn!r} needs provenance (Datum.with_provenance, naming the "
+            "sampled sequences by their sequence_id) on every datum"
+        )
+    session = stability.session_of(request.model_id)
+    sampler_lp, sampled = stability.sampled_inputs(records, datum.target_spans, target, session, index)
+    if bool(((datum.inputs["advantages"] != 0) & (sampled == 0)).any()):
+        raise WireError(
+            f"datum {index}: loss_fn {request.loss_fn!r} takes nonzero advantages on sampled tokens only; "
+            "the provenance says some are prompt tokens"
+        )
+    datum.inputs["sampler_logprobs"], datum.inputs["sampled"] = sampler_lp, sampled
+
+
+def _add_sequence_statistics(
+    base: ServedModel, hidden: torch.Tensor, inputs: list[dict[str, torch.Tensor]], loss_fn: str
+) -> None:
+    """A first, gradient-free pass through the unembedding for the log-probs each datum's statistic needs."""
+    lp, _ = head_losses(base, hidden, inputs, lambda lp, _: torch.zeros_like(lp), train=False)
+    start = 0
+    for datum in inputs:
+        n = datum["target_tokens"].shape[0]
+        datum["sequence_log_ratio"] = SEQUENCE_STATISTICS[loss_fn](lp[start : start + n, 0].cpu(), datum)
+        start += n
 
 
 def logits_chunk_tokens(vocab_size: int) -> int:

@@ -89,6 +89,7 @@ class GenerationRequest:
     num_samples: int
     spec: SamplingSpec
     prompt_logprobs: bool = False  # logprob of each prompt token given its prefix; index 0 is NaN
+    record_stability: bool = False  # keep the samples for stable_reinforce (engine/stability.py)
 
 
 @dataclass

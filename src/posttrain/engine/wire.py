@@ -33,10 +33,27 @@ class WireError(ValueError):
     """A request the engine cannot decode; becomes a failed future or a 400 with the message."""
 
 
+def sequence_id(request_id: str, index: int) -> str:
+    """The id of sample `index` of a sampling request (`sample_sequence_ids`; provenance spans name it)."""
+    return f"{request_id}:{index}"
+
+
+@dataclass(frozen=True)
+class ProvenanceSpan:
+    """`length` consecutive positions that are positions offset.. of a sampled sequence's prompt or tokens."""
+
+    kind: str  # "prompt" or "sampled"
+    sequence_id: str
+    offset: int
+    length: int
+
+
 @dataclass
 class FwdBwdDatum:
     tokens: list[int]
     inputs: dict[str, torch.Tensor]  # dense tensors with their declared shapes
+    # Where each target token came from (Datum.loss_fn_input_spans), tiling target_tokens; None: not given.
+    target_spans: list[ProvenanceSpan] | None = None
 
 
 @dataclass
@@ -124,8 +141,32 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> FwdBwd
                 raise WireError(f"datum {i}: {kind} chunks are not supported by the local engine (text only)")
             tokens.extend(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist())
         inputs = {name: _tensor_from_proto(name, t) for name, t in datum.loss_fn_inputs.items()}
-        request.data.append(FwdBwdDatum(tokens=tokens, inputs=inputs))
+        spans = _spans(datum.loss_fn_input_spans, i, "loss_fn_input_spans")
+        _check_tiling(_spans(datum.model_input_spans, i, "model_input_spans"), len(tokens), i, "model_input")
+        target = inputs.get("target_tokens")
+        if target is not None and target.dim() == 1:
+            _check_tiling(spans, target.shape[0], i, "target_tokens")
+        request.data.append(FwdBwdDatum(tokens=tokens, inputs=inputs, target_spans=spans))
     return request
+
+
+def _spans(messages: Any, index: int, field_name: str) -> list[ProvenanceSpan] | None:
+    spans = []
+    for message in messages:
+        kind = message.WhichOneof("span")
+        arm = message.prompt_tokens if kind == "prompt_tokens" else message.sampled_tokens
+        if kind is None or not arm.sequence_id or arm.offset < 0 or arm.length < 0:
+            raise WireError(f"datum {index}: {field_name} has a malformed span ({kind}, {arm.sequence_id!r})")
+        spans.append(ProvenanceSpan(kind.split("_")[0], arm.sequence_id, int(arm.offset), int(arm.length)))
+    return spans or None
+
+
+def _check_tiling(spans: list[ProvenanceSpan] | None, expected: int, index: int, field_name: str) -> None:
+    if spans is not None and sum(s.length for s in spans) != expected:
+        raise WireError(
+            f"datum {index}: the provenance spans of {field_name} cover {sum(s.length for s in spans)} "
+            f"positions, not its {expected}"
+        )
 
 
 def _batched(arrays: list[np.ndarray], dtype: np.dtype, proto_dtype: int) -> pb.BatchedTensor:
@@ -398,4 +439,5 @@ class SampleRequest:
             num_samples=num_samples,
             spec=spec,
             prompt_logprobs=bool(data.get("prompt_logprobs", False)),
+            record_stability=bool(data.get("record_stability_info", False)),
         )

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING
 from posttrain.config import TrainConfig
 from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import preflight
+from posttrain.util import short_error
 
 if TYPE_CHECKING:
-    import tinker
-
     from posttrain.engine.launcher import EngineProcess
 
 # The local engine accepts any key; the SDK insists on one being set.
@@ -39,7 +38,7 @@ def choose_backend(cfg: TrainConfig) -> preflight.Backend:
         return cfg.backend
     if cfg.base_url and not any(host in cfg.base_url for host in _LOOPBACK):
         return "tinker"
-    if os.environ.get("TINKER_API_KEY", "").strip() and cfg.model_name in preflight.TINKER_LINEUP:
+    if os.environ.get("TINKER_API_KEY", "").strip() and preflight.is_cookbook_model(cfg.model_name):
         return "tinker"
     return "local"
 
@@ -156,20 +155,28 @@ class _EngineWatcher:
         self._stopped.set()
 
 
-async def check_served_model(
-    service: tinker.ServiceClient, url: str | None, model_name: str, backend: preflight.Backend
-) -> None:
-    """The model must be one the service serves (its capabilities; the lineup table when the cloud is silent)."""
+# How long the service has to list its models before the run stops (the connection was checked already).
+CAPABILITIES_TIMEOUT_SECONDS = 30.0
+
+
+def service_models(url: str | None) -> list[str]:
+    """The models the service at `url` (None: the SDK's default Tinker URL) offers: its own
+    `get_server_capabilities` list. Raises `PreflightError` (one line) when it does not answer."""
+    import tinker
+
     try:
         with warnings.catch_warnings():
-            # Deprecated in favour of RestClient, which would not carry this client's own base_url and key.
             warnings.simplefilter("ignore", FutureWarning)
-            caps = await service.get_server_capabilities_async()
-        available: list[str] | None = [m.model_name for m in caps.supported_models if m.model_name]
-    except Exception as exc:  # noqa: BLE001 - the cloud may be unreachable; the lineup table is the fallback
-        if backend == "local":
-            raise PreflightError(
-                f"the engine at {url} did not answer get_server_capabilities ({exc})"
-            ) from None
-        available = None
-    preflight.check_model(model_name, backend, available)
+            rest = tinker.RestClient(base_url=url)
+            caps = rest.get_server_capabilities().result(timeout=CAPABILITIES_TIMEOUT_SECONDS)
+    except Exception as exc:  # noqa: BLE001 - refused key, timeout, an older server: one line, no traceback
+        where = url or "the Tinker service"
+        raise PreflightError(f"{where} did not list its models (get_server_capabilities: {short_error(exc)})") from None
+    return [m.model_name for m in caps.supported_models if m.model_name]
+
+
+def check_served_models(url: str | None, names: Sequence[str], backend: preflight.Backend) -> None:
+    """Every model the run needs (the one it trains, a teacher, a grader) must be one the service offers."""
+    available = service_models(url)
+    for name in dict.fromkeys(names):
+        preflight.check_model(name, backend, available)

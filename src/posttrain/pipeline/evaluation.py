@@ -64,16 +64,29 @@ async def bounded_gather(
     return list(await tqdm_asyncio.gather(*tasks, desc=desc, leave=False, file=CONSOLE.stream))
 
 
+def logprobs_after_first(logprobs: Sequence[float | None], n_tokens: int) -> np.ndarray:
+    """The log-probabilities of tokens 2..n of an n-token sequence scored by compute_logprobs, aligned by length,
+    never by position: Tinker and the local engine answer n values with a leading None (the first token has no
+    context), other Tinker-protocol servers (SkyRL) n-1 values without it."""
+    if len(logprobs) == n_tokens:
+        logprobs = logprobs[1:]
+    elif len(logprobs) != n_tokens - 1:
+        raise ValueError(f"compute_logprobs returned {len(logprobs)} values for a {n_tokens}-token sequence")
+    if any(lp is None for lp in logprobs):
+        raise ValueError("compute_logprobs returned no log-probability for a token after the first")
+    return np.array(logprobs, dtype=np.float64)
+
+
 async def _completion_logprobs(client: tinker.SamplingClient, datum: tinker.Datum) -> np.ndarray:
     """Per-token logprobs aligned with the datum's weights (the cookbook's NLL evaluator does the same).
 
     A datum's model_input drops the last token and its weights align with target_tokens; compute_logprobs
-    scores every position but the first, so the full sequence is rebuilt and the leading None dropped.
+    scores the rebuilt full sequence, and every position but the first is kept.
     """
     target_tokens = datum.loss_fn_inputs["target_tokens"].data
     full_sequence = datum.model_input.append_int(int(target_tokens[-1]))
     logprobs = await client.compute_logprobs_async(full_sequence)
-    return np.array(logprobs[1:], dtype=np.float64)
+    return logprobs_after_first(logprobs, full_sequence.length)
 
 
 async def evaluate_nll(

@@ -1,9 +1,10 @@
 """What a run will cost before it runs: tokens by how Tinker bills them, the price on Tinker, the time locally.
 
 Token counts come from the method, by rendering the user's data with the run's renderer and tokenizer. On
-Tinker the price is token counts x the published per-token prices (the `tinker-cost` package's table, with its
-source). Locally the time comes from a short probe of the engine that will do the work: one warmed-up training
-step, a few concurrent samples and a logprob pass, at the run's sequence lengths.
+Tinker the price is token counts x the published per-token prices (the service's current table as the cookbook
+reads it, or offline the `tinker-cost` package's copy, always named); a Tinker plan needs no service. Locally
+the time comes from a short probe of the engine that will do the work: one warmed-up training step, a few
+concurrent samples and a logprob pass, at the run's sequence lengths.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import tinker
 
-PRICE_SOURCE = "https://tinker-docs.thinkingmachines.ai/tinker/models/"
 _PER_MILLION = 1_000_000
 
 
@@ -39,25 +39,58 @@ class TokenBudget:
 
 
 def tinker_price(model_name: str, budget: TokenBudget) -> dict[str, Any]:
-    """The estimated Tinker bill in USD, or why there is none (a model without a published price)."""
+    """The estimated Tinker bill in USD, or why there is none (a model without a published price).
+
+    Rates: the service's current published table (`models.json`, read by the cookbook's cost estimation, as its
+    training loops do); when that cannot be fetched (offline), the `tinker-cost` package's copy of the table,
+    named as such. A model in neither has no price: never a guess. Every prefill token is priced uncached (an
+    upper bound: prefix-cache hits are cheaper).
+    """
+    from tinker_cookbook.utils.cost_estimation import TokenUsage
+
+    rates, source = _published_rates(model_name)
+    if rates is None:
+        return {"usd": None, "source": source, "note": f"no published price for {model_name} in {source}"}
+    kinds = {
+        "train": TokenUsage(trained=budget.train),
+        "prefill": TokenUsage(prefill_uncached=budget.prefill),
+        "sample": TokenUsage(sampled=budget.sample),
+    }
+    by_kind = {kind: rates.estimate_usd(usage) for kind, usage in kinds.items()}
+    return {
+        "usd": round(sum(by_kind.values()), 4),
+        "usd_by_kind": {k: round(v, 4) for k, v in by_kind.items()},
+        "usd_per_million": {
+            "train": rates.train_usd_per_million,
+            "prefill": rates.prefill_usd_per_million,
+            "cached_prefill": rates.cached_prefill_usd_per_million,
+            "sample": rates.sample_usd_per_million,
+        },
+        "source": source,
+    }
+
+
+def _published_rates(model_name: str) -> tuple[Any, str]:
+    """(the model's TokenCostRates or None, where the table came from)."""
+    from tinker_cookbook.utils import cost_estimation
+
+    entries = cost_estimation.load_model_pricing()
+    if entries is not None:
+        entry = next((e for e in entries if e.get("tinker_id") == model_name), None)
+        rates = cost_estimation.rates_from_pricing_entry(entry) if entry is not None else None
+        return rates, f"the published price table {cost_estimation.PRICING_URL}"
     from tinker_cost import PRICING
 
     version = metadata.version("tinker-cost")
-    source = f"tinker-cost {version} price table (from {PRICE_SOURCE})"
+    source = (
+        f"the tinker-cost {version} package's copy of the published prices ({cost_estimation.PRICING_URL} "
+        "could not be fetched)"
+    )
     if model_name not in PRICING:
-        return {"usd": None, "source": source, "note": f"no published price for {model_name} in that table"}
-    prefill_rate, sample_rate, train_rate = PRICING[model_name]
-    parts = {
-        "train": budget.train / _PER_MILLION * train_rate,
-        "prefill": budget.prefill / _PER_MILLION * prefill_rate,
-        "sample": budget.sample / _PER_MILLION * sample_rate,
-    }
-    return {
-        "usd": round(sum(parts.values()), 4),
-        "usd_by_kind": {k: round(v, 4) for k, v in parts.items()},
-        "usd_per_million": {"train": train_rate, "prefill": prefill_rate, "sample": sample_rate},
-        "source": source,
-    }
+        return None, source
+    prefill, sample, train = PRICING[model_name]
+    # That copy has no cached-prefill column; the plan never assumes a cache hit.
+    return cost_estimation.TokenCostRates(prefill, prefill, sample, train), source
 
 
 async def probe_rates(

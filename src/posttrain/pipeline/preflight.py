@@ -4,7 +4,8 @@
   value) and reports which of the three spec variables are set -- booleans, never values.
 - `check_credentials(backend)`: the Tinker backend needs all of TINKER_API_KEY, WANDB_API_KEY, WANDB_PROJECT
   (the spec's rule: stop and ask for missing ones); the local engine needs none of them and gets notes instead.
-- `check_model(model_name, backend, available)`: the model must be one the backend serves.
+- `check_model(model_name, backend, available)`: the model must be one the backend serves (the service's own
+  list; offline, the pinned cookbook's model table).
 - `resolve_renderer(model_name, renderer_name)`: explicit > cookbook recommendation > a documented fallback.
   Never loads a tokenizer (no hub access).
 """
@@ -15,40 +16,16 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values, load_dotenv
 
 from posttrain.errors import PreflightError
 from posttrain.pipeline.tracking import DEFAULT_WANDB_PROJECT
+from posttrain.util import short_error
 
 REQUIRED_ENV_VARS = ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT")
-
-# The spec's "Supported Models" table (the Tinker model lineup): model name -> type.
-TINKER_LINEUP: dict[str, str] = {
-    "Qwen/Qwen3-VL-235B-A22B-Instruct": "Vision",
-    "Qwen/Qwen3-VL-30B-A3B-Instruct": "Vision",
-    "Qwen/Qwen3-235B-A22B-Instruct-2507": "Instruction",
-    "Qwen/Qwen3-30B-A3B-Instruct-2507": "Instruction",
-    "Qwen/Qwen3-30B-A3B": "Hybrid",
-    "Qwen/Qwen3-30B-A3B-Base": "Base",
-    "Qwen/Qwen3-32B": "Hybrid",
-    "Qwen/Qwen3-8B": "Hybrid",
-    "Qwen/Qwen3-8B-Base": "Base",
-    "Qwen/Qwen3-4B-Instruct-2507": "Instruction",
-    "openai/gpt-oss-120b": "Reasoning",
-    "openai/gpt-oss-20b": "Reasoning",
-    "deepseek-ai/DeepSeek-V3.1": "Hybrid",
-    "deepseek-ai/DeepSeek-V3.1-Base": "Base",
-    "meta-llama/Llama-3.1-70B": "Base",
-    "meta-llama/Llama-3.3-70B-Instruct": "Instruction",
-    "meta-llama/Llama-3.1-8B": "Base",
-    "meta-llama/Llama-3.1-8B-Instruct": "Instruction",
-    "meta-llama/Llama-3.2-3B": "Base",
-    "meta-llama/Llama-3.2-1B": "Base",
-    "moonshotai/Kimi-K2-Thinking": "Reasoning",
-}
 
 Backend = Literal["tinker", "local"]
 
@@ -121,16 +98,43 @@ def check_credentials(backend: Backend) -> list[str]:
 # ------------------------------------------------------------------------------------------------ models
 
 
+# Where the list of models comes from when the service itself cannot be asked: the pinned cookbook's model table
+# (`tinker_cookbook.model_info`, the models it has renderers and hyperparameters for). The service's own list
+# (`get_server_capabilities`) always wins when it can be reached: models retire and arrive between cookbook
+# releases (2026-06: every Llama, Qwen3-32B, ...; added: Qwen3.5/3.6/3.8, Nemotron 3, Kimi-K2.6).
+_TABLE_FAMILIES = (
+    "get_qwen_info", "get_llama_info", "get_deepseek_info", "get_gpt_oss_info", "get_moonshot_info",
+    "get_zai_info", "get_nvidia_info", "get_thinkingmachines_info",
+)  # fmt: skip
+
+
+def cookbook_models() -> dict[str, Any]:
+    """Every model of the pinned cookbook's model table, by full name, with its `ModelAttributes`."""
+    from tinker_cookbook import model_info
+
+    table: dict[str, Any] = {}
+    for family in _TABLE_FAMILIES:
+        for version, attributes in getattr(model_info, family)().items():
+            table[f"{attributes.organization}/{version}"] = attributes
+    return table
+
+
+def is_cookbook_model(model_name: str) -> bool:
+    """Whether the pinned cookbook's model table lists `model_name` (the Tinker models it knows)."""
+    return model_name in cookbook_models()
+
+
 def check_model(model_name: str, backend: Backend, available: list[str] | None) -> None:
     """Raise `PreflightError` unless `backend` can train `model_name`.
 
-    tinker: the model must be in `available` (the service's capabilities) when given, else in TINKER_LINEUP.
+    tinker: the model must be in `available` (the service's own list) when the service answered; with
+    `available=None` (the service could not be asked) in the pinned cookbook's model table.
     local: the model must be in `available` (what the engine serves); with `available=None` there is nothing
     to check against and the engine itself is the judge.
     """
     if backend == "tinker":
-        pool = list(available) if available is not None else list(TINKER_LINEUP)
-        source = "the Tinker service" if available is not None else "the Tinker model lineup"
+        pool = list(available) if available is not None else list(cookbook_models())
+        source = "the Tinker service" if available is not None else _cookbook_table_name()
     elif backend == "local":
         if available is None:
             return
@@ -141,10 +145,29 @@ def check_model(model_name: str, backend: Backend, available: list[str] | None) 
     if model_name in pool:
         return
     listed = ", ".join(pool) if pool else "(none)"
-    hint = ""
-    if backend == "tinker" and model_name not in TINKER_LINEUP:
-        hint = " (or use backend=local for models outside the Tinker lineup)"
+    hint = " (or use backend=local for a model of your own)" if backend == "tinker" else ""
     raise PreflightError(f"Model {model_name!r} is not available on {source}{hint}. Available: {listed}")
+
+
+def load_tokenizer(model_name: str) -> Any:
+    """The model's tokenizer, as the cookbook loads it (its registry, a local directory, the Hugging Face cache or
+    Hub; tml-renderers for Inkling and Kimi-K3.1). A tokenizer that cannot be had is one line, not a traceback."""
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+    try:
+        return get_tokenizer(model_name)
+    except Exception as exc:  # noqa: BLE001 - offline and not cached, a gated repo, a missing tml-renderers class
+        raise PreflightError(
+            f"model_name={model_name}: its tokenizer cannot be loaded ({short_error(exc, 240)}); token counts, "
+            "the renderer and every request need it"
+        ) from None
+
+
+def _cookbook_table_name() -> str:
+    from importlib import metadata
+
+    version = metadata.version("tinker-cookbook")
+    return f"tinker-cookbook {version}'s model table (the Tinker service could not be asked for its list)"
 
 
 # --------------------------------------------------------------------------------------------- renderers
@@ -156,7 +179,7 @@ _CHATML_FAMILIES = ("smollm", "qwen2", "qwen1.5", "openhermes", "hermes-2", "tin
 _LLAMA3_FAMILIES = ("llama-3", "llama3")
 
 
-# The renderer names tinker_cookbook 0.5.8's `renderers.get_renderer` dispatches on (a test checks each one
+# The renderer names tinker_cookbook 0.6.1's `renderers.get_renderer` dispatches on (a test checks each one
 # against the cookbook, so a pin bump that drops one fails loudly). Listed rather than looked up because
 # importing the renderers pulls in torch (seconds), and settings are checked before that.
 BUILTIN_RENDERERS = (
@@ -165,7 +188,8 @@ BUILTIN_RENDERERS = (
     "deepseekv4_1_preserve_thinking", "glm5_3_high_reasoning", "glm5_3_low_reasoning", "glm5_3_max_reasoning",
     "gpt_oss_high_reasoning", "gpt_oss_low_reasoning", "gpt_oss_medium_reasoning", "gpt_oss_no_sysprompt",
     "kimi_k2", "kimi_k25", "kimi_k25_disable_thinking", "kimi_k26", "kimi_k26_disable_thinking",
-    "kimi_k26_preserve_thinking", "llama3", "nemotron3", "nemotron3_disable_thinking", "nemotron3_low_thinking",
+    "kimi_k26_preserve_thinking", "kimi_k31_pro_disable_thinking", "kimi_k31_pro_high_reasoning",
+    "kimi_k31_pro_low_reasoning", "kimi_k31_pro_max_reasoning", "kimi_k31_pro_no_reasoning_effort", "llama3", "nemotron3", "nemotron3_disable_thinking", "nemotron3_low_thinking",
     "nemotron3_preserve_thinking", "nemotron3_ultra", "nemotron3_ultra_disable_thinking",
     "nemotron3_ultra_medium_thinking", "nemotron3_ultra_preserve_thinking", "qwen3", "qwen3_5",
     "qwen3_5_disable_thinking", "qwen3_5_preserve_thinking", "qwen3_8_disable_thinking", "qwen3_8_low_reasoning",

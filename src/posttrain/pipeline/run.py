@@ -85,8 +85,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     where = backend.choose_backend(cfg)
     for note in preflight.check_credentials(where):
         say(f"preflight: {note}")
-    if where == "tinker" and cfg.base_url is None:
-        preflight.check_model(cfg.model_name, "tinker", None)
     res = results.ResultsDir(cfg.results_dir)
     res.check_usable()
 
@@ -97,7 +95,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         say(f"task: {task} ({_auto_task(cfg, data)[1]})")
     method = method_class(task)(cfg, data)
     if url := backend.remote_url(cfg, where):
-        preflight.check_reachable(url)
+        _check_service(cfg, where, url, [cfg.model_name, *method.extra_models])
     elif where == "local":
         backend.check_local_model(cfg)
 
@@ -125,6 +123,21 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raise
 
 
+def _check_service(cfg: TrainConfig, where: preflight.Backend, url: str, models: list[str]) -> None:
+    """A service the run does not start must answer and offer every model the run needs (its own list). A Tinker
+    plan needs no service: offline, it checks the models against the cookbook's table and goes on."""
+    try:
+        preflight.check_reachable(url)
+    except PreflightError as exc:
+        if not (cfg.dry_run and where == "tinker"):
+            raise
+        say(f"plan: warning: {exc}; planning offline (nothing is spent either way)")
+        for name in dict.fromkeys(models):
+            preflight.check_model(name, "tinker", None)
+        return
+    backend.check_served_models(cfg.base_url, models, where)
+
+
 def _dry_run(cfg: TrainConfig, where: preflight.Backend, task: str, method: Method) -> dict[str, Any]:
     """Everything up to training, then the plan: sizes, tokens, and the cost (Tinker) or time (local)."""
     # Logs of a dry run go beside, not into, results/: nothing there is moved or written.
@@ -141,15 +154,18 @@ def _dry_run(cfg: TrainConfig, where: preflight.Backend, task: str, method: Meth
 
 async def _plan(state: RunState, method: Method) -> dict[str, Any]:
     cfg = state.cfg
+    if state.backend == "tinker":  # tokens and published prices: nothing is asked of the service
+        ctx = _context(state, None, cfg.base_url)
+        template_check.check_run(ctx, method)
+        method.prepare(ctx)
+        budget = method.token_budget()
+        return {"tokens": budget.as_dict(), "tinker_cost": plan.tinker_price(cfg.model_name, budget)}
     started = time.monotonic()
     async with _prepared(state, method) as ctx:
-        service = ctx.service
         budget = method.token_budget()
         startup = time.monotonic() - started
-        if state.backend == "tinker":
-            return {"tokens": budget.as_dict(), "tinker_cost": plan.tinker_price(cfg.model_name, budget)}
         say("plan: measuring this machine's speed (one training step, a few samples)")
-        rates = await plan.probe_rates(service, cfg.model_name, budget, cfg.lora_rank)
+        rates = await plan.probe_rates(ctx.service, cfg.model_name, budget, cfg.lora_rank)
     seconds = plan.estimated_seconds(budget, rates)
     return {
         "tokens": budget.as_dict(),
@@ -248,9 +264,10 @@ async def _prepared(state: RunState, method: Method) -> AsyncIterator[RunContext
     # A method may need more models served than the one it trains (e.g. a distillation teacher).
     extra_models = list(method.extra_models)
     async with backend.service_url(state.cfg, state.backend, state.log_path, say, extra_models) as url:
+        if backend.remote_url(state.cfg, state.backend) is None:  # a service we do not start was checked before
+            models = [state.cfg.model_name, *extra_models]
+            await asyncio.to_thread(backend.check_served_models, url, models, state.backend)
         service = tinker.ServiceClient(base_url=url)
-        for name in (state.cfg.model_name, *extra_models):
-            await backend.check_served_model(service, url, name, state.backend)
         ctx = _context(state, service, url)
         template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
         method.prepare(ctx)
@@ -327,9 +344,8 @@ async def _with_progress(
         await asyncio.gather(follower, return_exceptions=True)
 
 
-def _context(state: RunState, service: tinker.ServiceClient, url: str | None) -> RunContext:
+def _context(state: RunState, service: tinker.ServiceClient | None, url: str | None) -> RunContext:
     from tinker_cookbook import renderers
-    from tinker_cookbook.tokenizer_utils import get_tokenizer
 
     cfg = state.cfg
     renderer_name, renderer_source = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)
@@ -347,7 +363,7 @@ def _context(state: RunState, service: tinker.ServiceClient, url: str | None) ->
         service=service,
         base_url=url,
         renderer_name=renderer_name,
-        renderer=renderers.get_renderer(renderer_name, tokenizer=get_tokenizer(cfg.model_name)),
+        renderer=renderers.get_renderer(renderer_name, tokenizer=preflight.load_tokenizer(cfg.model_name)),
         learning_rate=lr,
         wandb_project=tracking.resolve_project(cfg.wandb_project),
         say=say,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import PreflightError
-from posttrain.pipeline.preflight import TINKER_LINEUP
+from posttrain.pipeline.preflight import cookbook_models
 
 if TYPE_CHECKING:
     from tinker_cookbook import renderers
@@ -83,9 +83,10 @@ class Difference:
 
 def skip_reason(model_name: str, renderer_name: str, tokenizer: Any) -> str | None:
     """Why this model/renderer pair is not compared (None: it is)."""
-    if model_name not in TINKER_LINEUP:
+    attributes = cookbook_models().get(model_name)
+    if attributes is None:
         return "not a Tinker lineup model"
-    if TINKER_LINEUP[model_name] == "Base":
+    if not attributes.is_chat:
         return "a base model has no chat format of its own"
     if renderer_name.startswith("gpt_oss"):
         return "gpt-oss renderers leave out the template's dated system message on purpose"
@@ -265,6 +266,6 @@ def check_run(ctx: Any, method: Any) -> str:
     result = check_renderer_matches_template(
         ctx.cfg.model_name, ctx.renderer_name, ctx.renderer, conversations, recommended
     )
-    if ctx.cfg.model_name in TINKER_LINEUP:  # elsewhere (own models, the default) there is nothing to say
+    if ctx.cfg.model_name in cookbook_models():  # elsewhere (own models, the default) there is nothing to say
         ctx.say(f"renderer: {ctx.renderer_name} {result}")
     return result

@@ -17,7 +17,7 @@ whose ChatML is its chat template) that is Qwen's:
 
 answered by a user turn `<tool_response>\\n873\\n</tool_response>`. SmolLM2's own template has no tool format,
 and the renderer's is a documented, parseable one, so no protocol of our own is needed. A renderer without a
-tool-call format (`role_colon`, `llama3` in tinker-cookbook 0.5.8) is refused before anything starts. A small
+tool-call format (`role_colon`, `llama3` in tinker-cookbook 0.6.1) is refused before anything starts. A small
 model has never seen the format, so every conversation opens with one worked example of it (the cookbook's
 search recipe puts one in its instructions).
 """

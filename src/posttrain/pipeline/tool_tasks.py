@@ -35,7 +35,7 @@ DEFAULT_MAX_TURNS = 4
 MAX_TURNS_LIMIT = 20
 CORPUS_FILE = Path(__file__).resolve().parent.parent / "data" / "search_corpus.jsonl"
 SEARCH_RESULTS = 2
-# Renderers of tinker-cookbook 0.5.8 whose `create_conversation_prefix_with_tools` raises NotImplementedError
+# Renderers of tinker-cookbook 0.6.1 whose `create_conversation_prefix_with_tools` raises NotImplementedError
 # (a test pins this list to the cookbook); checked before the engine starts. Others registered at run time are
 # checked when the run is prepared.
 NO_TOOL_CALL_RENDERERS = ("llama3", "role_colon")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from posttrain.engine.engine import Engine
 from posttrain.engine.routes.common import API, EngineDep, failed_future, future_reply, json_body
-from posttrain.engine.wire import SampleRequest, SamplerRequest, WireError
+from posttrain.engine.wire import SampleRequest, SamplerRequest, WireError, sequence_id
 
 router = APIRouter(prefix=API)
 
@@ -47,5 +47,5 @@ def _submit_sample(engine: Engine, req: SampleRequest) -> dict:
     # Without a seq_id a request cannot be recognised as a retry: it always gets a fresh future.
     key = ("sample", sampler.sampler_id, req.seq_id) if req.seq_id is not None else None
     future, _ = engine.submit_sample(key, sampler, gen)
-    ids = [f"{future.request_id}:{i}" for i in range(gen.num_samples)]
+    ids = [sequence_id(future.request_id, i) for i in range(gen.num_samples)]
     return future_reply(future, sample_sequence_ids=ids)

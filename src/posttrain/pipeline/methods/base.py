@@ -35,7 +35,7 @@ class RunContext:
     cfg: TrainConfig
     run_name: str
     log_path: Path
-    service: tinker.ServiceClient
+    service: tinker.ServiceClient | None  # None in a Tinker plan, which asks nothing of the service
     base_url: str | None
     renderer_name: str
     renderer: renderers.Renderer
