@@ -38,10 +38,10 @@ from tinker_cookbook import renderers  # noqa: E402
 from tinker_cookbook.tokenizer_utils import get_tokenizer  # noqa: E402
 from tqdm.asyncio import tqdm_asyncio  # noqa: E402
 
-from posttrain.pipeline import preflight  # noqa: E402
-from posttrain.pipeline.grading import extract_answer, grade  # noqa: E402
-from posttrain.pipeline.problems import reasoning_gym_problems  # noqa: E402
-from posttrain.pipeline.rl_envs import prompt_messages  # noqa: E402
+from posttrain.pipeline.envs.dataset import prompt_messages  # noqa: E402
+from posttrain.pipeline.envs.registry import reasoning_gym_problems  # noqa: E402
+from posttrain.pipeline.scoring.grading import extract_answer, grade  # noqa: E402
+from posttrain.pipeline.setup import preflight  # noqa: E402
 
 
 @chz.chz

@@ -83,7 +83,7 @@ def test_the_engine_implements_every_built_in_loss_of_the_sdk():
 
 
 def test_every_renderer_the_model_table_recommends_is_known_to_preflight():
-    from posttrain.pipeline.preflight import BUILTIN_RENDERERS, cookbook_models, renderer_exists
+    from posttrain.pipeline.setup.preflight import BUILTIN_RENDERERS, cookbook_models, renderer_exists
 
     for name, attributes in cookbook_models().items():
         for renderer in attributes.recommended_renderers:
@@ -94,7 +94,7 @@ def test_the_model_table_knows_the_current_lineup():
     """Tinker's lineup as of 2026-12 (cookbook issue #841 and 0.6.1): the offline fallback must know them."""
     from tinker_cookbook import model_info
 
-    from posttrain.pipeline.preflight import cookbook_models
+    from posttrain.pipeline.setup.preflight import cookbook_models
 
     current = [
         "Qwen/Qwen3.8-27B", "Qwen/Qwen3.6-35B-A3B", "Qwen/Qwen3.6-27B", "Qwen/Qwen3.5-397B-A17B",

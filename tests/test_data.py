@@ -13,14 +13,8 @@ import pandas as pd
 import pytest
 
 from posttrain.errors import DataError
-from posttrain.pipeline.data import (
-    LoadedData,
-    default_train_on_what,
-    detect_format,
-    load_data,
-    normalize_row,
-    read_rows,
-)
+from posttrain.pipeline.data.formats import detect_format, normalize_row
+from posttrain.pipeline.data.load import LoadedData, default_train_on_what, load_data, read_rows
 
 
 def chat(i: int = 0) -> dict:

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from posttrain.pipeline.evaluation import evaluate_nll, logprobs_after_first
+from posttrain.pipeline.evaluation.episodes import evaluate_nll, logprobs_after_first
 
 
 def test_prompt_logprobs_are_aligned_by_length():

@@ -191,7 +191,7 @@ def test_lineup_check_uses_the_services_own_model_list(lineup_engine, monkeypatc
     """A model the service serves is accepted and one it does not (retired there, though the cookbook's table still
     knows it) is refused with what the service does serve: its get_server_capabilities list, not a copy of ours."""
     from posttrain.errors import PreflightError
-    from posttrain.pipeline import backend, preflight
+    from posttrain.pipeline.setup import backend, preflight
 
     monkeypatch.setenv("TINKER_API_KEY", LINEUP_API_KEY)
     backend.check_served_models(lineup_engine.url, [QWEN, LLAMA], "tinker")
@@ -243,7 +243,7 @@ def test_an_evaluation_that_fails_on_every_example_stops_in_one_line() -> None:
     """It measured nothing: the run stops with the first error (it used to write NaN and crash on the summary)."""
     import asyncio
 
-    from posttrain.pipeline.evaluation import EvaluationFailed, SamplingSettings, evaluate_accuracy
+    from posttrain.pipeline.evaluation.episodes import EvaluationFailed, SamplingSettings, evaluate_accuracy
 
     class Refusing:
         async def sample_async(self, *args, **kwargs):

@@ -5,14 +5,14 @@ import pytest
 
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
-from posttrain.pipeline import backend
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.grading import extract_answer, final_answer, grade
+from posttrain.pipeline.envs.registry import load_problems
 from posttrain.pipeline.methods import METHODS, method_class
 from posttrain.pipeline.methods.rl import RL
 from posttrain.pipeline.methods.sft import SFT
-from posttrain.pipeline.problems import load_problems
 from posttrain.pipeline.run import choose_task, default_learning_rate
+from posttrain.pipeline.scoring.grading import extract_answer, final_answer, grade
+from posttrain.pipeline.setup import backend
 
 CHAT = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
 QA = [{"question": "What is 2+2?", "answer": "#### 4", "final_answer": "4"}]
@@ -133,7 +133,7 @@ def test_reference_final_answers():
 def test_pinned_reasoning_gym_task_names_match_its_registry():
     import reasoning_gym.factory
 
-    from posttrain.pipeline.problems import REASONING_GYM_TASKS
+    from posttrain.pipeline.envs.registry import REASONING_GYM_TASKS
 
     assert set(reasoning_gym.factory.DATASETS) == REASONING_GYM_TASKS
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.pipeline.plan import TokenBudget, estimated_seconds, tinker_price
+from posttrain.pipeline.setup.plan import TokenBudget, estimated_seconds, tinker_price
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from test_pipeline_e2e import read_jsonl, train
 from posttrain.config import TrainConfig, parse_train_args
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.data_formats import normalize_row
+from posttrain.pipeline.data.formats import normalize_row
 from posttrain.pipeline.methods.distillation import check_same_tokenizer, gradable
 from posttrain.pipeline.methods.prompt_distillation import first_words, read_system_prompt
 from posttrain.pipeline.results import (

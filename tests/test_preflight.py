@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import PreflightError
-from posttrain.pipeline.preflight import (
+from posttrain.pipeline.setup.preflight import (
     BUILTIN_RENDERERS,
     REQUIRED_ENV_VARS,
     check_credentials,

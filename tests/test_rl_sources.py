@@ -10,8 +10,8 @@ import pytest
 
 from posttrain.config import TrainConfig, parse_train_args
 from posttrain.errors import ConfigError, DataError
-from posttrain.pipeline import games
 from posttrain.pipeline.data import load_data
+from posttrain.pipeline.envs import games
 from posttrain.pipeline.run import choose_task
 
 

@@ -14,7 +14,7 @@ from runs import read_jsonl, train
 from posttrain.config import TrainConfig, parse_train_args
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.data_formats import normalize_row
+from posttrain.pipeline.data.formats import normalize_row
 from posttrain.pipeline.results import (
     PREFERENCE_KEYS,
     PREFERENCE_OPTIONAL_KEYS,
@@ -132,7 +132,7 @@ def test_rlhf_data_and_settings_errors(tmp_path: Path, tiny_model: str) -> None:
 
 
 def test_verifiable_pairs_keep_their_answer() -> None:
-    from posttrain.pipeline.preference_eval import PreferenceEvaluation
+    from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 
     row = normalize_row({"prompt": "2+5?", "chosen": "7", "rejected": "8", "answer": 7}, "preference", "x")
     assert row["answer"] == "7"
@@ -153,8 +153,8 @@ def test_task_accuracy_samples_and_grades_each_held_out_prompt(service, tiny_mod
     import tinker_cookbook.renderers as renderers
     from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-    from posttrain.pipeline.evaluation import SamplingSettings, evaluate_pair_answers
-    from posttrain.pipeline.grading import extract_answer, grade
+    from posttrain.pipeline.evaluation.episodes import SamplingSettings, evaluate_pair_answers
+    from posttrain.pipeline.scoring.grading import extract_answer, grade
 
     renderer = renderers.get_renderer("role_colon", get_tokenizer(tiny_model))
     rows = [

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.pipeline import code_tasks, sandbox
+from posttrain.pipeline.envs import code as code_tasks
+from posttrain.pipeline.scoring import sandbox
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import PreflightError
-from posttrain.pipeline.template_check import check_renderer_matches_template, conversations_from_rows
+from posttrain.pipeline.setup.template_check import check_renderer_matches_template, conversations_from_rows
 
 QWEN, LLAMA = "Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"
 

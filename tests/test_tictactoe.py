@@ -12,7 +12,8 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from posttrain.config import parse_train_args
 from posttrain.errors import ConfigError
-from posttrain.pipeline import games, tictactoe
+from posttrain.pipeline.envs import games
+from posttrain.pipeline.envs.games import tictactoe
 from posttrain.pipeline.results.rows import RLExample
 from posttrain.pipeline.results.summary import game_outcome_rates
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from runs import REPO, read_jsonl, train
 
-from posttrain.pipeline import tool_tasks
+from posttrain.pipeline.envs import tools as tool_tasks
 from posttrain.pipeline.results import validate_rows, validate_summary
 
 # ------------------------------------------------------------------------------------------ calculator
@@ -56,7 +56,7 @@ def test_safe_eval_refuses_anything_but_bounded_arithmetic(expression: str, tmp_
 def test_the_calculator_tool_answers_errors_as_tool_messages():
     from tinker_cookbook.tool_use import ToolInput
 
-    from posttrain.pipeline.tool_envs import calculator
+    from posttrain.pipeline.envs.tools.agent import calculator
 
     ok = asyncio.run(calculator.run(ToolInput({"expression": "46*32-158"})))
     assert ok.messages[0]["content"] == "1314" and ok.messages[0]["role"] == "tool"
@@ -136,8 +136,8 @@ def _call(name: str, **arguments: str) -> str:
 
 @pytest.mark.parametrize("name", ["calculator", "search"])
 def test_the_env_runs_the_tool_then_rewards_the_final_answer(name: str, tiny_model: str):
-    from posttrain.pipeline.scoring import Scorer
-    from posttrain.pipeline.tool_envs import make_env
+    from posttrain.pipeline.envs.tools.agent import make_env
+    from posttrain.pipeline.scoring.scorer import Scorer
 
     renderer = _renderer(tiny_model)
     problem = tool_tasks.tool_problems(name, 1, 1, 0, 1).eval[0]
@@ -168,8 +168,8 @@ def test_the_env_runs_the_tool_then_rewards_the_final_answer(name: str, tiny_mod
 
 
 def test_the_episode_ends_after_max_turns_and_a_malformed_call_ends_it_with_a_penalty(tiny_model: str):
-    from posttrain.pipeline.scoring import Scorer
-    from posttrain.pipeline.tool_envs import make_env
+    from posttrain.pipeline.envs.tools.agent import make_env
+    from posttrain.pipeline.scoring.scorer import Scorer
 
     renderer = _renderer(tiny_model)
     problem = tool_tasks.tool_problems("calculator", 1, 1, 0, 1).eval[0]
@@ -188,7 +188,7 @@ def test_the_episode_ends_after_max_turns_and_a_malformed_call_ends_it_with_a_pe
 def test_concurrent_rendering_in_threads_gives_each_thread_its_own_tokenizer(tiny_model: str):
     # The cookbook env renders in worker threads; a shared Qwen-renderer tokenizer fails there with
     # "RuntimeError: Already borrowed" (split_special_tokens flips a flag on the Rust tokenizer).
-    from posttrain.pipeline.tool_envs import thread_safe
+    from posttrain.pipeline.envs.tools.agent import thread_safe
 
     renderer = _renderer(tiny_model)
     safe = thread_safe(renderer)
@@ -209,7 +209,7 @@ def test_renderers_without_a_tool_call_format_are_the_ones_listed(tiny_model: st
     from tinker_cookbook import renderers
     from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-    from posttrain.pipeline.preflight import BUILTIN_RENDERERS
+    from posttrain.pipeline.setup.preflight import BUILTIN_RENDERERS
 
     tokenizer = get_tokenizer(tiny_model)
     without = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.pipeline.verifiers import UserVerifier
+from posttrain.pipeline.scoring.verifiers import UserVerifier
 
 VERIFIER = """
 import os, time
@@ -105,7 +105,7 @@ def test_a_busy_worker_does_not_outlive_a_killed_run(verifier_file: Path, tmp_pa
         textwrap.dedent(
             f"""
             import asyncio
-            from posttrain.pipeline.verifiers import UserVerifier
+            from posttrain.pipeline.scoring.verifiers import UserVerifier
 
             if __name__ == "__main__":
                 v = UserVerifier("{verifier_file}:spin", timeout=600)

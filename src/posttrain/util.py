@@ -18,6 +18,8 @@ from typing import Any
 
 # The secrets a run may hold in its environment (from .env); their values never reach logs or results.
 SECRET_ENV_VARS = ("TINKER_API_KEY", "WANDB_API_KEY")
+# The data files that ship with posttrain (the default SFT data, the search corpus, example rubrics and pairs).
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 _FILE_MODE = 0o644  # mkstemp creates 0600; results are meant to be read by others
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.config import TrainConfig, check_method_settings, config_to_dict, data_sources
 from posttrain.errors import ConfigError, PreflightError, UserError
-from posttrain.pipeline import backend, plan, preflight, results, resume, template_check, tracking
+from posttrain.pipeline import results, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import LoadedData, load_data
 from posttrain.pipeline.methods import (
@@ -32,12 +32,13 @@ from posttrain.pipeline.methods import (
     method_class,
     training_stages,
 )
-from posttrain.util import read_jsonl, redact
+from posttrain.pipeline.setup import backend, plan, preflight, resume, template_check
+from posttrain.util import PACKAGE_DATA, read_jsonl, redact
 
 if TYPE_CHECKING:
     import tinker
 
-DEFAULT_SFT_DATA = Path(__file__).resolve().parent.parent / "data" / "default_sft.jsonl"
+DEFAULT_SFT_DATA = PACKAGE_DATA / "default_sft.jsonl"
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from posttrain.pipeline.data_formats import CHAT_FORMATS
+from posttrain.pipeline.data.formats import CHAT_FORMATS
 from posttrain.pipeline.methods.base import (
     Method,
     MethodFactory,

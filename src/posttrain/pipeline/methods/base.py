@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import tinker
     from tinker_cookbook import renderers
 
-    from posttrain.pipeline.plan import TokenBudget
+    from posttrain.pipeline.setup.plan import TokenBudget
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.plan import TokenBudget
-from posttrain.pipeline.preference_eval import PreferenceEvaluation
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:

@@ -26,7 +26,6 @@ import tinker
 
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
-from posttrain.pipeline import verifiers
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.distillation import (
@@ -36,6 +35,7 @@ from posttrain.pipeline.methods.distillation import (
     load_prompts,
     sample_completions,
 )
+from posttrain.pipeline.scoring import verifiers
 from posttrain.util import write_jsonl
 
 BEHAVIOUR_WORDS = 3

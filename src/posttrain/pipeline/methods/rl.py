@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
-from posttrain.pipeline import verifiers
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.grading import ANSWER_INSTRUCTION
+from posttrain.pipeline.envs.registry import load_problems
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.plan import TokenBudget
-from posttrain.pipeline.problems import load_problems
+from posttrain.pipeline.scoring import verifiers
+from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ class RL:
         self.tools = (cfg.env or "").startswith("tools:")
         self.max_turns = 0
         if self.tools:
-            from posttrain.pipeline import preflight, tool_tasks
+            from posttrain.pipeline.envs import tools as tool_tasks
+            from posttrain.pipeline.setup import preflight
 
             spec = (cfg.env or "").split(":", 1)[1]
             self.max_turns = tool_tasks.parse_spec(spec).max_turns
@@ -63,7 +64,7 @@ class RL:
             self.score_label = "pass rate (fraction of tests passed)"
 
     def prepare(self, ctx: RunContext) -> None:
-        from posttrain.pipeline.rl_envs import GameFileBuilder, ProblemFileBuilder, make_scorer
+        from posttrain.pipeline.envs.dataset import GameFileBuilder, ProblemFileBuilder, make_scorer
 
         self.ctx = ctx
         cfg = ctx.cfg
@@ -86,7 +87,7 @@ class RL:
         if self.game:
             self.builder: Any = GameFileBuilder(**common, game=(cfg.env or "").split(":", 1)[1])
         elif self.tools:
-            from posttrain.pipeline.tool_envs import ToolProblemFileBuilder, initial_messages
+            from posttrain.pipeline.envs.tools.agent import ToolProblemFileBuilder, initial_messages
 
             initial_messages(self.problems.eval[0], ctx.renderer)  # a renderer without tool calls: one line
             self.builder = ToolProblemFileBuilder(
@@ -105,7 +106,7 @@ class RL:
             )
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation import (
+        from posttrain.pipeline.evaluation.episodes import (
             SamplingSettings,
             evaluate_accuracy,
             evaluate_games,
@@ -162,12 +163,12 @@ class RL:
         return rl_train.main(config)
 
     def token_budget(self) -> TokenBudget:
-        from posttrain.pipeline.rl_envs import prompt_messages
+        from posttrain.pipeline.envs.dataset import prompt_messages
 
         cfg, renderer = self.ctx.cfg, self.ctx.renderer
         problems = self.problems.train[:200] + self.problems.eval[:200]
         if self.tools:
-            from posttrain.pipeline.tool_envs import initial_messages
+            from posttrain.pipeline.envs.tools.agent import initial_messages
 
             def messages(p: dict) -> list:
                 return initial_messages(p, renderer)

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from posttrain.config import TrainConfig
 from posttrain.errors import UserError
 from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext, TrainingStage
 from posttrain.pipeline.methods.dpo import check_pairs, comparison_record
-from posttrain.pipeline.plan import TokenBudget
-from posttrain.pipeline.preference_eval import PreferenceEvaluation
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class RLHF:
         from tinker_cookbook.renderers import TrainOnWhat
         from tinker_cookbook.supervised import train as sl_train
 
-        from posttrain.pipeline.chat_data import ConversationFilesBuilder
+        from posttrain.pipeline.data.chat import ConversationFilesBuilder
 
         cfg, data = self.ctx.cfg, self.ctx.data_dir
         builder = ConversationFilesBuilder(
@@ -205,7 +205,7 @@ class RLHF:
         is neither A nor B counts as wrong."""
         from tinker_cookbook.preference.types import Comparison, PreferenceModelFromChatRenderer
 
-        from posttrain.pipeline.evaluation import bounded_gather
+        from posttrain.pipeline.evaluation.episodes import bounded_gather
 
         path = self._checkpoint("reward_model", "sampler_path")
         client = await self.ctx.service.create_sampling_client_async(model_path=path)

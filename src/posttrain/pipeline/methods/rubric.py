@@ -18,13 +18,13 @@ from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.plan import TokenBudget
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
     import tinker
 
-    from posttrain.pipeline.rubric import Grader
+    from posttrain.pipeline.envs.rubric import Grader
 
 # The cookbook grader prompt's own words around the conversation, reply and criterion, in tokens (about 100
 # with the SmolLM2 tokenizer).
@@ -63,8 +63,8 @@ class RubricRL:
         self._grader: Grader | None = None
 
     def prepare(self, ctx: RunContext) -> None:
-        from posttrain.pipeline import preflight
-        from posttrain.pipeline.rubric import RubricFileBuilder
+        from posttrain.pipeline.envs.rubric import RubricFileBuilder
+        from posttrain.pipeline.setup import preflight
 
         self.ctx = ctx
         cfg = ctx.cfg
@@ -103,7 +103,7 @@ class RubricRL:
         )
 
     async def _get_grader(self) -> Grader:
-        from posttrain.pipeline.rubric import make_grader
+        from posttrain.pipeline.envs.rubric import make_grader
 
         if self._grader is None:
             self._grader = await make_grader(
@@ -119,9 +119,9 @@ class RubricRL:
         import tinker
         from tinker_cookbook import renderers
 
-        from posttrain.pipeline.evaluation import bounded_gather
+        from posttrain.pipeline.envs.rubric import rubric_text, weighted_score
+        from posttrain.pipeline.evaluation.episodes import bounded_gather
         from posttrain.pipeline.results import RLExample
-        from posttrain.pipeline.rubric import rubric_text, weighted_score
         from posttrain.util import short_error
 
         cfg, renderer = self.ctx.cfg, self.ctx.renderer
@@ -163,7 +163,7 @@ class RubricRL:
 
         records = await bounded_gather(list(self.data.eval), one, cfg.eval_concurrency, label)
         if records and all(r.error for r in records):
-            from posttrain.pipeline.evaluation import EvaluationFailed
+            from posttrain.pipeline.evaluation.episodes import EvaluationFailed
 
             raise EvaluationFailed(
                 f"evaluation of the {label} failed on all {len(records)} examples: {records[0].error}"

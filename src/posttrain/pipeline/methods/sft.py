@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData, default_train_on_what
-from posttrain.pipeline.data_formats import CHAT_FORMATS
+from posttrain.pipeline.data.formats import CHAT_FORMATS
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.plan import TokenBudget
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class SFT:
         from tinker_cookbook.renderers import TrainOnWhat
         from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
-        from posttrain.pipeline.chat_data import ConversationFilesBuilder
+        from posttrain.pipeline.data.chat import ConversationFilesBuilder
 
         self.ctx = ctx
         cfg = ctx.cfg
@@ -68,7 +68,7 @@ class SFT:
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation import evaluate_nll
+        from posttrain.pipeline.evaluation.episodes import evaluate_nll
 
         return await evaluate_nll(
             client, self.eval_datums, self.data.eval, self.ctx.cfg.eval_concurrency, label

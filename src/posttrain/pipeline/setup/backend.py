@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from posttrain.config import TrainConfig
 from posttrain.errors import PreflightError, UserError
-from posttrain.pipeline import preflight
+from posttrain.pipeline.setup import preflight
 from posttrain.util import short_error
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import DataError
-from posttrain.pipeline.data_formats import (
+from posttrain.pipeline.data.formats import (
     CHAT_FORMATS,
     FormatName,
     detect_format,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.errors import DataError
-from posttrain.pipeline import sandbox
+from posttrain.pipeline.scoring import sandbox
 
 CODE_INSTRUCTION = "Write the Python function in a ```python code block."
 _MARK = "@@posttrain-result@@"

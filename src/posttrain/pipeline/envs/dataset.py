@@ -27,9 +27,9 @@ from tinker_cookbook.rl.types import (
 )
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from posttrain.pipeline.grading import ANSWER_INSTRUCTION
-from posttrain.pipeline.scoring import Scorer
-from posttrain.pipeline.verifiers import DEFAULT_TIMEOUT_S, UserVerifier
+from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
+from posttrain.pipeline.scoring.scorer import Scorer
+from posttrain.pipeline.scoring.verifiers import DEFAULT_TIMEOUT_S, UserVerifier
 from posttrain.util import read_jsonl
 
 
@@ -198,7 +198,7 @@ class TicTacToeDataset(RLDataset):
         self.groups_per_batch, self.group_size, self.n_batches = groups_per_batch, group_size, n_batches
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        from posttrain.pipeline.tictactoe import TicTacToeGroupBuilder
+        from posttrain.pipeline.envs.games.tictactoe import TicTacToeGroupBuilder
 
         chosen = batch_indices(len(self.games), self.groups_per_batch, self.seed, index)
         return [TicTacToeGroupBuilder(self.games[i], self.renderer, self.group_size) for i in chosen]

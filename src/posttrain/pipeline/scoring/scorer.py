@@ -9,9 +9,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.pipeline import code_tasks
-from posttrain.pipeline.grading import extract_answer, grade
-from posttrain.pipeline.verifiers import UserVerifier
+from posttrain.pipeline.envs import code as code_tasks
+from posttrain.pipeline.scoring.grading import extract_answer, grade
+from posttrain.pipeline.scoring.verifiers import UserVerifier
 
 CODE_GRADERS = ("code", "humaneval")
 # Sandboxes run at once: each is a process or two; more than the cores only adds contention.

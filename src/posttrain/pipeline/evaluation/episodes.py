@@ -26,9 +26,9 @@ from tqdm.asyncio import tqdm_asyncio
 
 from posttrain.errors import UserError
 from posttrain.pipeline.console import CONSOLE
+from posttrain.pipeline.envs.dataset import prompt_messages
 from posttrain.pipeline.results import PreferenceExample, RLExample, SFTExample
-from posttrain.pipeline.rl_envs import prompt_messages
-from posttrain.pipeline.scoring import Scorer
+from posttrain.pipeline.scoring.scorer import Scorer
 from posttrain.util import short_error
 
 T = TypeVar("T")
@@ -240,7 +240,7 @@ async def evaluate_pair_answers(
     """Answer each pair's prompt by sampling, grade it against the row's `answer`, and fill the records'
     task fields (ground_truth, completion, extracted_answer, task_correct). Returns the task accuracy over all
     pairs (a failed sample counts as wrong, as in RL evaluation)."""
-    from posttrain.pipeline.grading import extract_answer, grade
+    from posttrain.pipeline.scoring.grading import extract_answer, grade
 
     stop = renderer.get_stop_sequences()
 
@@ -349,7 +349,7 @@ async def _play_tic_tac_toe(
 ) -> None:
     """`tictactoe`'s env against the game's fixed opponent; the row's reward is the game's score (win 1, draw
     0.5, loss 0; an illegal move is a loss)."""
-    from posttrain.pipeline import tictactoe
+    from posttrain.pipeline.envs.games import tictactoe
 
     env = tictactoe.make_env(game, renderer)
     record.transcript = env.turns
@@ -396,7 +396,7 @@ async def evaluate_tool_use(
     turns}. Returns (rows, accuracy of the final answers; the mean reward with a user verifier)."""
     from tinker_cookbook.rl.types import ActionExtra
 
-    from posttrain.pipeline.tool_envs import make_env, thread_safe
+    from posttrain.pipeline.envs.tools.agent import make_env, thread_safe
 
     shared = thread_safe(renderer)
 

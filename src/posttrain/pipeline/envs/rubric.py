@@ -44,7 +44,7 @@ from tinker_cookbook.rl.types import (
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from posttrain.config import GraderMode
-from posttrain.pipeline.rl_envs import RowsFileBuilder, batch_indices
+from posttrain.pipeline.envs.dataset import RowsFileBuilder, batch_indices
 from posttrain.util import short_error
 
 YES_NO_INSTRUCTION = "Answer with Yes or No."

@@ -16,7 +16,7 @@ import re
 from typing import Any, Literal
 
 from posttrain.errors import DataError
-from posttrain.pipeline.grading import final_answer
+from posttrain.pipeline.scoring.grading import final_answer
 
 FormatName = Literal[
     "messages",
@@ -153,7 +153,7 @@ def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
     if fmt == "rubric":
         return _rubric(row, where)
     if fmt == "code":
-        from posttrain.pipeline.code_tasks import problem_from_row
+        from posttrain.pipeline.envs.code import problem_from_row
 
         problem = problem_from_row(row, where)  # validates the statement and every test
         return {

@@ -29,11 +29,12 @@ from typing import Any
 
 from posttrain.config import TOOL_ENVS
 from posttrain.errors import ConfigError
-from posttrain.pipeline.problems import ProblemSet
+from posttrain.pipeline.envs.registry import ProblemSet
+from posttrain.util import PACKAGE_DATA
 
 DEFAULT_MAX_TURNS = 4
 MAX_TURNS_LIMIT = 20
-CORPUS_FILE = Path(__file__).resolve().parent.parent / "data" / "search_corpus.jsonl"
+CORPUS_FILE = PACKAGE_DATA / "search_corpus.jsonl"
 SEARCH_RESULTS = 2
 # Renderers of tinker-cookbook 0.6.1 whose `create_conversation_prefix_with_tools` raises NotImplementedError
 # (a test pins this list to the cookbook); checked before the engine starts. Others registered at run time are

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from posttrain.errors import ConfigError
-from posttrain.pipeline.problems import ProblemSet
+from posttrain.pipeline.envs.registry import ProblemSet
 
 # The cookbook's guess_number constants (a test pins them to tinker_cookbook's module).
 GUESS_NUMBER_UPPER_BOUND = 1024

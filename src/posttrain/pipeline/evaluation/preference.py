@@ -46,7 +46,7 @@ class PreferenceEvaluation:
         ]
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation import (
+        from posttrain.pipeline.evaluation.episodes import (
             SamplingSettings,
             evaluate_pair_answers,
             evaluate_preference,

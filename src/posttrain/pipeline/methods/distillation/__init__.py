@@ -49,16 +49,16 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from posttrain.config import TrainConfig, teacher_models
 from posttrain.errors import ConfigError, DataError
-from posttrain.pipeline import preflight
-from posttrain.pipeline.chat_data import ConversationFilesBuilder
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.data_formats import CHAT_FORMATS
-from posttrain.pipeline.evaluation import bounded_gather, evaluate_nll
-from posttrain.pipeline.grading import ANSWER_INSTRUCTION
+from posttrain.pipeline.data.chat import ConversationFilesBuilder
+from posttrain.pipeline.data.formats import CHAT_FORMATS
+from posttrain.pipeline.envs.dataset import RowsFileBuilder, prompt_messages
+from posttrain.pipeline.envs.registry import load_problems
+from posttrain.pipeline.evaluation.episodes import bounded_gather, evaluate_nll
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.plan import TokenBudget
-from posttrain.pipeline.problems import load_problems
-from posttrain.pipeline.rl_envs import RowsFileBuilder, prompt_messages
+from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
+from posttrain.pipeline.setup import preflight
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import short_error, write_jsonl
 
 Messages = list[dict[str, str]]
@@ -529,7 +529,7 @@ class Distillation:
 
     async def _task_accuracy(self, client: tinker.SamplingClient, label: str) -> None:
         """Where the held-out prompts can be graded: the student's answers, sampled as RL evaluation does."""
-        from posttrain.pipeline.evaluation import SamplingSettings, evaluate_accuracy
+        from posttrain.pipeline.evaluation.episodes import SamplingSettings, evaluate_accuracy
 
         cfg = self.ctx.cfg
         problems = self.prompts.eval_problems

@@ -48,9 +48,9 @@ from tinker_cookbook.tool_use import (
 )
 
 from posttrain.errors import ConfigError
-from posttrain.pipeline.rl_envs import ScoredRowsBuilder
-from posttrain.pipeline.scoring import Scored, Scorer
-from posttrain.pipeline.tool_tasks import CalculatorError, corpus_retriever, format_number, safe_eval
+from posttrain.pipeline.envs.dataset import ScoredRowsBuilder
+from posttrain.pipeline.envs.tools import CalculatorError, corpus_retriever, format_number, safe_eval
+from posttrain.pipeline.scoring.scorer import Scored, Scorer
 
 # The cookbook's TextAnswerReward term: a final message without the answer marker loses this much (a
 # malformed tool call, which ends the episode, costs the same).

@@ -161,7 +161,8 @@ def _from_dataset(cfg: TrainConfig, data: LoadedData | None, spec: str) -> Probl
 
 
 def _from_code(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
-    from posttrain.pipeline import code_tasks, sandbox
+    from posttrain.pipeline.envs import code as code_tasks
+    from posttrain.pipeline.scoring import sandbox
 
     if spec not in ("", "humaneval"):
         raise ConfigError(f"env=code:{spec}: expected env=code or env=code:humaneval")
@@ -192,13 +193,13 @@ def _from_code(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemS
 
 
 def _from_game(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
-    from posttrain.pipeline import games
+    from posttrain.pipeline.envs import games
 
     return games.game_problems(spec, _n_train(cfg), min(cfg.max_eval_rows, 50), cfg.seed, cfg.game_opponent)
 
 
 def _from_tools(cfg: TrainConfig, data: LoadedData | None, spec: str) -> ProblemSet:
-    from posttrain.pipeline import tool_tasks
+    from posttrain.pipeline.envs import tools as tool_tasks
 
     if data is not None:
         raise ConfigError(f"env=tools:{spec} makes its own problems; leave dataset= out")
