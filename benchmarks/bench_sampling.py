@@ -153,7 +153,7 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true", help="engine runs only")
     args = parser.parse_args()
     sys.path.insert(0, "src")
-    from posttrain.engine.launcher import EngineProcess
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
     from posttrain.engine.models import DEFAULT_MODEL, choose_dtype, resolve_model
 
     dtype = choose_dtype("auto", torch.device("cpu"))
@@ -166,7 +166,7 @@ def main() -> int:
     threads = args.threads or default_threads()
     load_before = load_average()
     env = {"PYTHONPATH": os.path.abspath(args.engine_src)} if args.engine_src else None
-    with EngineProcess(models=None, dtype=dtype_name, threads=threads, env=env) as engine:
+    with EngineProcess(ServeOptions(dtype=dtype_name, threads=threads), env=env) as engine:
         assert engine.url is not None
         sdk = asyncio.run(
             sdk_runs(engine.url, DEFAULT_MODEL, token_prompts, args.max_tokens, args.sequential, args.gap)

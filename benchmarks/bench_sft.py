@@ -199,7 +199,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from posttrain.engine.launcher import EngineProcess
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
     from posttrain.engine.models import resolve_model
 
     source = resolve_model(args.model)
@@ -219,13 +219,16 @@ def main() -> int:
     flops_per_token = 4 * plain.n_matmul + 6 * plain.n_lora + attn_flops
 
     log_dir = tempfile.mkdtemp(prefix="bench-sft-")
-    engine = EngineProcess(
+    options = ServeOptions(
+        models=[args.model] if args.model else None,
         checkpoint_dir=os.path.join(log_dir, "checkpoints"),
         dtype=dtype_name,
         api_key=API_KEY,
-        log_file=os.path.join(log_dir, "engine.log"),
         threads=threads,
-        models=[args.model] if args.model else None,
+    )
+    engine = EngineProcess(
+        options,
+        log_file=os.path.join(log_dir, "engine.log"),
         env={"PYTHONPATH": os.path.abspath(args.engine_src)} if args.engine_src else None,
     )
     url = engine.start()

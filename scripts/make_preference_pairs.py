@@ -38,9 +38,10 @@ from tinker_cookbook import renderers  # noqa: E402
 from tinker_cookbook.tokenizer_utils import get_tokenizer  # noqa: E402
 from tqdm.asyncio import tqdm_asyncio  # noqa: E402
 
-from posttrain.pipeline.envs.dataset import prompt_messages  # noqa: E402
-from posttrain.pipeline.envs.registry import reasoning_gym_problems  # noqa: E402
-from posttrain.pipeline.scoring.grading import extract_answer, grade  # noqa: E402
+from posttrain.pipeline.envs.base import prompt_messages  # noqa: E402
+from posttrain.pipeline.envs.qa import reasoning_gym_problems  # noqa: E402
+from posttrain.pipeline.envs.spec import parse_env  # noqa: E402
+from posttrain.pipeline.scoring.grading import extract_answer, grade_reasoning_gym  # noqa: E402
 from posttrain.pipeline.setup import preflight  # noqa: E402
 
 
@@ -71,7 +72,7 @@ async def make_pairs(cfg: Config, url: str) -> list[dict]:
     client = await service.create_sampling_client_async(base_model=cfg.model_name)
     renderer_name, _ = preflight.resolve_renderer(cfg.model_name, None)
     renderer = renderers.get_renderer(renderer_name, tokenizer=get_tokenizer(cfg.model_name))
-    problems = reasoning_gym_problems(cfg.task, cfg.n_problems, cfg.seed)
+    problems = reasoning_gym_problems(parse_env(f"reasoning_gym:{cfg.task}"), cfg.n_problems, cfg.seed)
     semaphore = asyncio.Semaphore(cfg.concurrency)
 
     async def one(i: int, problem: dict) -> dict | None:
@@ -92,9 +93,9 @@ async def make_pairs(cfg: Config, url: str) -> list[dict]:
             (renderers.get_text_content(renderer.parse_response(s.tokens)[0]).strip(), _mean(s.logprobs))
             for s in result.sequences
         ]
-        right = [t for t, _ in answers if t and grade(problem, extract_answer(t))]
+        right = [t for t, _ in answers if t and grade_reasoning_gym(problem, extract_answer(t))]
         wrong = [
-            (t, lp) for t, lp in answers if t and not grade(problem, extract_answer(t)) and t not in right
+            (t, lp) for t, lp in answers if t and not grade_reasoning_gym(problem, extract_answer(t)) and t not in right
         ]
         if not right or not wrong:
             return None
@@ -117,9 +118,9 @@ async def main(cfg: Config) -> None:
     if cfg.base_url:
         rows = await make_pairs(cfg, cfg.base_url)
     else:
-        from posttrain.engine.launcher import EngineProcess
+        from posttrain.engine.launcher import EngineProcess, ServeOptions
 
-        with EngineProcess(models=[cfg.model_name]) as engine:
+        with EngineProcess(ServeOptions(models=[cfg.model_name])) as engine:
             assert engine.url is not None
             rows = await make_pairs(cfg, engine.url)
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)

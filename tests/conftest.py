@@ -46,12 +46,10 @@ def engine_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_model: str, engine_dirs: Path) -> Iterator:
     """One engine for the session, serving the tiny model (fp32, so numeric checks are tight)."""
-    from posttrain.engine.launcher import EngineProcess
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
 
     proc = EngineProcess(
-        models=[tiny_model],
-        checkpoint_dir=engine_dirs / "checkpoints",
-        dtype="fp32",
+        ServeOptions(models=[tiny_model], checkpoint_dir=engine_dirs / "checkpoints", dtype="fp32"),
         log_file=engine_dirs / "engine.log",
     )
     proc.start()
@@ -64,16 +62,16 @@ def keyed_engine(tiny_model: str, tiny_model_b: str, tmp_path_factory: pytest.Te
     """A second engine, started only by the tests that need it: two models at once, an API key (the one in
     $TINKER_API_KEY, so cookbook loops can use it), and its own checkpoint directory. Tests may `.restart()` it,
     so read `.url` after requesting the fixture, never cache it across a restart."""
-    from posttrain.engine.launcher import EngineProcess
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
 
     dirs = tmp_path_factory.mktemp("keyed-engine")
-    proc = EngineProcess(
+    options = ServeOptions(
         models=[tiny_model, tiny_model_b],
         checkpoint_dir=dirs / "checkpoints",
         dtype="fp32",
         api_key=os.environ["TINKER_API_KEY"],
-        log_file=dirs / "engine.log",
     )
+    proc = EngineProcess(options, log_file=dirs / "engine.log")
     proc.start()
     yield proc
     proc.stop()
@@ -136,16 +134,16 @@ LINEUP_API_KEY = "-".join(("tml", "fake", "lineup", "key", "789"))
 @pytest.fixture(scope="session")
 def lineup_engine(lineup_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """The local engine serving the stand-ins under their exact lineup names, behind an API key (the .env one)."""
-    from posttrain.engine.launcher import EngineProcess
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
 
     dirs = tmp_path_factory.mktemp("lineup-engine")
-    proc = EngineProcess(
+    options = ServeOptions(
         models=[f"{name}={path}" for name, path in lineup_models.items()],
         checkpoint_dir=dirs / "checkpoints",
         dtype="fp32",
         api_key=LINEUP_API_KEY,
-        log_file=dirs / "engine.log",
     )
+    proc = EngineProcess(options, log_file=dirs / "engine.log")
     proc.start()
     yield proc
     proc.stop()

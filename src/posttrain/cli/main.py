@@ -21,8 +21,9 @@ commands:
 
 
 def train_main(argv: list[str]) -> int:
-    from posttrain.config import HelpRequested, parse_train_args
+    from posttrain.config.parse import HelpRequested
     from posttrain.errors import UserError
+    from posttrain.pipeline.settings import parse_train_args
 
     try:
         cfg = parse_train_args(argv)

@@ -5,7 +5,7 @@ torch allocates CPU tensors with glibc's malloc. glibc's own policy stands by de
 being mapped and faulted in afresh (on the development machine's VM a fresh 4 KiB page cost 3.5 us: with a
 512 KiB threshold, page faults took a third of the engine's CPU time). A trim after each compute job returns
 what the heap holds free, so the engine's size between jobs stays that of the model. Training steps run packed
-micro-batches of a few repeating shapes (`runtime._micro_batches`), which keeps the heap's high-water mark near
+micro-batches of a few repeating shapes (`packing.micro_batches`), which keeps the heap's high-water mark near
 what a step uses: the default run's engine peaks at 2.5 GB (BENCHMARKS.md section 000). POSTTRAIN_MMAP_THRESHOLD (bytes)
 fixes a threshold instead, for less memory at a cost in speed. Elsewhere than glibc: no-op.
 """

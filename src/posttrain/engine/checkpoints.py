@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from posttrain.engine.wire import WireError
+from posttrain.engine.errors import WireError
 from posttrain.util import atomic_write_text, iso_time, replaced_directory
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}

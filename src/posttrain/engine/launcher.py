@@ -9,42 +9,45 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.engine.serve import READY_PREFIX
 from posttrain.errors import UserError
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """The `posttrain serve` options a launched engine gets (see `serve.build_parser`)."""
+
+    models: list[str] | None = None  # None: the default model
+    checkpoint_dir: str | Path | None = None
+    dtype: str = "auto"
+    api_key: str | None = None
+    port: int = 0
+    threads: int | None = None
+
+    def argv(self) -> list[str]:
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype]
+        for model in self.models or []:
+            args += ["--model", model]
+        if self.checkpoint_dir is not None:
+            args += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        if self.api_key:
+            args += ["--api-key", self.api_key]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        return args
+
+
 class EngineProcess:
     def __init__(
         self,
-        models: list[str] | None = None,
-        checkpoint_dir: str | Path | None = None,
-        dtype: str = "auto",
-        api_key: str | None = None,
-        port: int = 0,
+        options: ServeOptions | None = None,
         log_file: str | Path | None = None,
         env: dict[str, str] | None = None,
-        threads: int | None = None,
     ):
-        self.args = [
-            sys.executable,
-            "-m",
-            "posttrain.engine.serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        for model in models or []:
-            self.args += ["--model", model]
-        if checkpoint_dir is not None:
-            self.args += ["--checkpoint-dir", str(checkpoint_dir)]
-        self.args += ["--dtype", dtype]
-        if api_key:
-            self.args += ["--api-key", api_key]
-        if threads:
-            self.args += ["--threads", str(threads)]
+        self.args = [sys.executable, "-m", "posttrain.engine.serve", *(options or ServeOptions()).argv()]
         self.env = {**os.environ, **(env or {})}
         self.log_file = Path(log_file) if log_file else None
         self.url: str | None = None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from posttrain.engine.wire import WireError
+from posttrain.engine.errors import WireError
 
 LossInputs = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, LossInputs, dict[str, float | str]], torch.Tensor]
@@ -80,7 +80,9 @@ def dro(lp: torch.Tensor, inputs: LossInputs, config: dict[str, float | str]) ->
     return -(lp * inputs["advantages"] - 0.5 * beta * (lp - inputs["logprobs"]) ** 2)
 
 
-def _threshold(inputs: LossInputs, config: dict[str, float | str], key: str, default: float) -> torch.Tensor | float:
+def _threshold(
+    inputs: LossInputs, config: dict[str, float | str], key: str, default: float
+) -> torch.Tensor | float:
     # A per-token threshold (a loss_fn_inputs tensor, as the SDK allows) wins over loss_fn_config's number.
     return inputs[key] if key in inputs else _number(config, key, default)
 
@@ -157,7 +159,9 @@ def check_inputs(loss_fn: str, index: int, n_tokens: int, inputs: LossInputs) ->
             f"[{n_tokens}, K] for a model_input of {n_tokens} tokens"
         )
     if loss_fn in SEQUENCE_STATISTICS and target.dim() != 1:
-        raise WireError(f"datum {index}: loss_fn {loss_fn!r} takes one target per position (1-D target_tokens)")
+        raise WireError(
+            f"datum {index}: loss_fn {loss_fn!r} takes one target per position (1-D target_tokens)"
+        )
     for key, tensor in inputs.items():
         if key in ("advantages", *OPTIONAL_INPUTS) and tensor.shape != target.shape:
             raise WireError(

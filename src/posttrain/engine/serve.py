@@ -8,6 +8,10 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not imported at run time before the OpenMP settings below
+    from posttrain.engine.engine import Engine
 
 READY_PREFIX = "posttrain engine ready at "
 
@@ -64,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from posttrain.netcheck import hub_offline_if_unreachable
 
     hub_offline_if_unreachable()
@@ -74,58 +76,69 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server log
-
-    from posttrain.engine.engine import Engine
-    from posttrain.engine.models import cache_root, choose_device, choose_dtype, resolve_model
     from posttrain.engine.server import create_app
     from posttrain.errors import UserError
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in the server log
     try:
-        sources = [resolve_model(m) for m in (args.model or [None])]
-        names = [s.name for s in sources]
-        if len(set(names)) != len(names):
-            raise UserError(f"--model: the same name is served twice: {names}")
-        device = choose_device(args.device)
-        dtype = choose_dtype(args.dtype, device)
-        checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else cache_root() / "checkpoints"
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((args.host, args.port))
-            sock.listen(2048)  # connections made right after the ready line wait in the backlog
-        except OSError as exc:
-            raise UserError(
-                f"--port {args.port}: cannot listen on {args.host}:{args.port} ({exc.strerror})"
-            ) from None
-        engine = Engine(sources, checkpoint_dir, dtype, threads=args.threads, device=device)
+        sock = _listen(args.host, args.port)
+        engine, where = _engine(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host}:{port}"
+    url = f"http://{host}:{sock.getsockname()[1]}"
 
     def announce() -> None:
-        print(
-            f"{READY_PREFIX}{url}  (models: {', '.join(engine.models)}; checkpoints: {checkpoint_dir}; "
-            f"device: {device.type}; dtype: {str(dtype).removeprefix('torch.')}; threads: {engine.threads})",
-            flush=True,
-        )
+        print(f"{READY_PREFIX}{url}  ({where})", flush=True)
 
     app = create_app(engine, api_key=args.api_key, on_ready=announce)
     # Clients long-poll retrieve_future for up to 25 s; on shutdown, do not wait for those polls to time out.
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_keep_alive=75, timeout_graceful_shutdown=3
     )
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=[sock])
     if engine.busy():
         # The interpreter would join the compute thread at exit, i.e. wait for a long generation to finish.
         print("posttrain engine stopped while a request was still computing; it was abandoned", flush=True)
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the models load: a taken port fails at once."""
+    from posttrain.errors import UserError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections made right after the ready line wait in the backlog
+    except OSError as exc:
+        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+    return sock
+
+
+def _engine(args: argparse.Namespace) -> tuple[Engine, str]:
+    """The engine with its models loaded, and what the ready line says about it."""
+    from posttrain.engine.engine import Engine
+    from posttrain.engine.models import cache_root, choose_device, choose_dtype, resolve_model
+    from posttrain.errors import UserError
+
+    sources = [resolve_model(m) for m in (args.model or [None])]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UserError(f"--model: the same name is served twice: {names}")
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else cache_root() / "checkpoints"
+    engine = Engine(sources, checkpoint_dir, dtype, threads=args.threads, device=device)
+    where = (
+        f"models: {', '.join(engine.weights.models)}; checkpoints: {checkpoint_dir}; device: {device.type}; "
+        f"dtype: {str(dtype).removeprefix('torch.')}; threads: {engine.threads}"
+    )
+    return engine, where
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 
 from posttrain.engine.engine import Engine, internal_error
+from posttrain.engine.errors import WireError
 from posttrain.engine.routes import futures, rest, sampling, session, training
 from posttrain.engine.routes.common import error
-from posttrain.engine.wire import WireError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.engine.wire import ProvenanceSpan, WireError
+from posttrain.engine.errors import WireError
+from posttrain.engine.wire import ProvenanceSpan
 
 RECORD_TTL_SECONDS = 24 * 3600
 MAX_RECORDS = 200_000  # ~2 KB each for a 256-token completion
@@ -87,7 +88,11 @@ def sampled_mask(spans: list[ProvenanceSpan], n: int) -> torch.Tensor:
 
 
 def sampled_inputs(
-    records: StabilityRecords, spans: list[ProvenanceSpan], target: torch.Tensor, session: str | None, index: int
+    records: StabilityRecords,
+    spans: list[ProvenanceSpan],
+    target: torch.Tensor,
+    session: str | None,
+    index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For one datum: (the sampler's recorded log-probability at each target position, 0 where none; a mask of
     the positions that are sampled tokens). Every span must name a recorded sequence of this session and agree
@@ -103,7 +108,9 @@ def sampled_inputs(
                 "server or more than a day ago)"
             )
         if session is not None and record.session_id is not None and record.session_id != session:
-            raise WireError(f"{where}: it was sampled in session {record.session_id}, not this run's {session}")
+            raise WireError(
+                f"{where}: it was sampled in session {record.session_id}, not this run's {session}"
+            )
         source = record.tokens if span.kind == "sampled" else record.prompt
         if span.offset + span.length > len(source):
             raise WireError(
@@ -111,7 +118,9 @@ def sampled_inputs(
                 f"{len(source)} {span.kind} tokens"
             )
         if target[start : start + span.length].tolist() != source[span.offset : span.offset + span.length]:
-            raise WireError(f"{where}: target_tokens {start}..{start + span.length} are not the {span.kind} tokens")
+            raise WireError(
+                f"{where}: target_tokens {start}..{start + span.length} are not the {span.kind} tokens"
+            )
         if span.kind == "sampled":
             values = record.logprobs[span.offset : span.offset + span.length]
             sampler_lp[start : start + span.length] = torch.tensor(values)

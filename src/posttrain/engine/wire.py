@@ -8,29 +8,33 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import zstandard
 from tinker.proto import tinker_public_pb2 as pb
 
+from posttrain.engine.errors import WireError
 from posttrain.engine.sampling import GenerationRequest, SamplingSpec
 
-if TYPE_CHECKING:
-    from posttrain.engine.runtime import ServedModel
-
 MAX_SAMPLE_TOKENS = 4096
+
+
+class ServingModel(Protocol):
+    """What a sampling request is checked against: the model that will serve it (the runtime's `ServedModel`)."""
+
+    name: str
+    max_context: int
+
+    def check_tokens(self, tokens: list[int], where: str) -> None: ...
+
 
 _NUMPY_OF = {
     pb.DTYPE_FLOAT32: np.float32,
     pb.DTYPE_INT64: np.int64,
     pb.DTYPE_INT32: np.int32,
 }
-
-
-class WireError(ValueError):
-    """A request the engine cannot decode; becomes a failed future or a 400 with the message."""
 
 
 def sequence_id(request_id: str, index: int) -> str:
@@ -384,7 +388,7 @@ class SampleRequest:
         """The sequence ids of the reply when the request itself failed."""
         return [f"failed:{i}" for i in range(int(self.num_samples or 1))]
 
-    def generation(self, model: ServedModel) -> GenerationRequest:
+    def generation(self, model: ServingModel) -> GenerationRequest:
         """The prompt and sampling settings, checked against the model that will serve them.
 
         Checked here, per request: an invalid request reaching the sampler would fail its whole batch.

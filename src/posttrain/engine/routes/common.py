@@ -10,8 +10,9 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from posttrain.engine.engine import Engine
+from posttrain.engine.errors import WireError
 from posttrain.engine.futures import Future
-from posttrain.engine.wire import WireError, json_object
+from posttrain.engine.wire import json_object
 
 API = "/api/v1"
 

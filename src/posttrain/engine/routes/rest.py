@@ -20,31 +20,31 @@ async def capabilities(engine: EngineDep) -> dict:
                 "trainable": True,
                 "sampleable": True,
             }
-            for name, m in engine.models.items()
+            for name, m in engine.weights.models.items()
         ]
     }
 
 
 @router.get("/training_runs")
 async def list_training_runs(engine: EngineDep, limit: int = 20, offset: int = 0) -> dict:
-    ids = engine.run_ids()
-    page = [engine.training_run_view(r) for r in ids[offset : offset + limit]]
+    ids = engine.weights.run_ids()
+    page = [engine.weights.training_run_view(r) for r in ids[offset : offset + limit]]
     return {"training_runs": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
 
 
 @router.get("/training_runs/{run_id}")
 async def get_training_run(run_id: str, engine: EngineDep) -> dict:
-    return engine.training_run_view(run_id)
+    return engine.weights.training_run_view(run_id)
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
 async def list_checkpoints(run_id: str, engine: EngineDep) -> dict:
-    return {"checkpoints": engine.store.list(run_id)}
+    return {"checkpoints": engine.weights.store.list(run_id)}
 
 
 @router.get("/checkpoints")
 async def list_user_checkpoints(engine: EngineDep, limit: int = 100, offset: int = 0) -> dict:
-    everything = [c for r in engine.run_ids() for c in engine.store.list(r)]
+    everything = [c for r in engine.weights.run_ids() for c in engine.weights.store.list(r)]
     everything.sort(key=lambda c: c["time"], reverse=True)
     return {
         "checkpoints": everything[offset : offset + limit],
@@ -55,7 +55,7 @@ async def list_user_checkpoints(engine: EngineDep, limit: int = 100, offset: int
 @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
 async def delete_checkpoint(run_id: str, kind: str, name: str, engine: EngineDep) -> Response:
     ref = parse_tinker_path(f"tinker://{run_id}/{kind}/{name}")
-    if not engine.store.delete(ref):
+    if not engine.weights.store.delete(ref):
         return error(404, f"checkpoint {ref.tinker_path} not found")
     return Response(status_code=204)
 
@@ -64,7 +64,7 @@ async def delete_checkpoint(run_id: str, kind: str, name: str, engine: EngineDep
 async def weights_info(request: Request, engine: EngineDep) -> dict:
     data = await json_body(request)
     ref = parse_tinker_path(str(data.get("tinker_path") or ""))
-    meta = engine.store.meta(ref)
+    meta = engine.weights.store.meta(ref)
     lora = meta["lora"]
     return {
         "base_model": meta["base_model"],

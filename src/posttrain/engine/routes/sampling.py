@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from posttrain.engine.engine import Engine
+from posttrain.engine.errors import WireError
 from posttrain.engine.routes.common import API, EngineDep, failed_future, future_reply, json_body
-from posttrain.engine.wire import SampleRequest, SamplerRequest, WireError, sequence_id
+from posttrain.engine.wire import SampleRequest, SamplerRequest, sequence_id
 
 router = APIRouter(prefix=API)
 
@@ -14,13 +15,13 @@ router = APIRouter(prefix=API)
 @router.post("/create_sampling_session")
 async def create_sampling_session(request: Request, engine: EngineDep) -> dict:
     req = SamplerRequest.from_json(await json_body(request))
-    engine.create_sampler(req.new_sampler_id, req.base_model, req.model_path)
+    engine.weights.create_sampler(req.new_sampler_id, req.base_model, req.model_path)
     return {"type": "create_sampling_session", "sampling_session_id": req.new_sampler_id}
 
 
 @router.get("/samplers/{sampler_id}")
 async def get_sampler(sampler_id: str, engine: EngineDep) -> dict:
-    sampler = engine.samplers.get(sampler_id)
+    sampler = engine.weights.samplers.get(sampler_id)
     if sampler is None:
         raise KeyError(f"sampler {sampler_id}")
     return {"sampler_id": sampler_id, "base_model": sampler.base.name, "model_path": sampler.model_path}
@@ -38,11 +39,13 @@ async def asample(request: Request, engine: EngineDep) -> dict:
 def _submit_sample(engine: Engine, req: SampleRequest) -> dict:
     weights = req.weights
     if weights.sampling_session_id:
-        sampler = engine.samplers.get(weights.sampling_session_id)
+        sampler = engine.weights.samplers.get(weights.sampling_session_id)
         if sampler is None:
             raise WireError(f"unknown sampling_session_id {weights.sampling_session_id!r}")
     else:
-        sampler = engine.create_sampler(weights.adhoc_sampler_id, weights.base_model, weights.model_path)
+        sampler = engine.weights.create_sampler(
+            weights.adhoc_sampler_id, weights.base_model, weights.model_path
+        )
     gen = req.generation(sampler.base)
     # Without a seq_id a request cannot be recognised as a retry: it always gets a fresh future.
     key = ("sample", sampler.sampler_id, req.seq_id) if req.seq_id is not None else None

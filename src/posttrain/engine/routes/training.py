@@ -49,7 +49,7 @@ async def create_model(request: Request, engine: EngineDep) -> dict:
     spec = LoraSpec.from_dict(req.lora_config)
 
     def work() -> dict:
-        engine.create_run(req.model_id, req.base_model, spec, req.user_metadata)
+        engine.weights.create_run(req.model_id, req.base_model, spec, req.user_metadata)
         return {"model_id": req.model_id, "type": "create_model"}
 
     future = engine.submit_training(("create_model", req.session_id, req.model_seq_id), work)
@@ -60,9 +60,9 @@ async def create_model(request: Request, engine: EngineDep) -> dict:
 async def get_info(request: Request, engine: EngineDep) -> dict:
     data = await json_body(request)
     model_id = data.get("model_id", "")
-    if model_id not in engine.runs:
+    if model_id not in engine.weights.runs:
         return error(404, f"unknown model_id {model_id!r}")  # type: ignore[return-value]
-    run = engine.runs[model_id]
+    run = engine.weights.runs[model_id]
     return {
         "type": "get_info",
         "model_id": model_id,
@@ -80,19 +80,19 @@ async def forward_backward(request: Request, engine: EngineDep) -> dict:
     fb = forward_backward_request(
         await request.body(), request.headers.get("content-type", ""), request.headers.get("content-encoding")
     )
-    engine.run(fb.model_id)
-    return _submit(engine, fb.model_id, fb.seq_id, lambda: engine.do_forward_backward(fb))
+    engine.weights.run(fb.model_id)
+    return _submit(engine, fb.model_id, fb.seq_id, lambda: engine.weights.forward_backward(fb))
 
 
 @router.post("/optim_step")
 @returns_failed_future
 async def optim_step(request: Request, engine: EngineDep) -> dict:
     req = OptimStepRequest.from_json(await json_body(request))
-    engine.run(req.model_id)
+    engine.weights.run(req.model_id)
     if req.optimizer != "adam":
         raise WireError("optim_step: only Adam is available (send adam_params)")
     return _submit(
-        engine, req.model_id, req.seq_id, lambda: engine.do_optim_step(req.model_id, req.adam_params)
+        engine, req.model_id, req.seq_id, lambda: engine.weights.optim_step(req.model_id, req.adam_params)
     )
 
 
@@ -100,13 +100,15 @@ async def optim_step(request: Request, engine: EngineDep) -> dict:
 @returns_failed_future
 async def save_weights(request: Request, engine: EngineDep) -> dict:
     req = SaveWeightsRequest.from_json(await json_body(request))
-    engine.run(req.model_id)
+    engine.weights.run(req.model_id)
     name = check_name(str(req.path or ""))
     return _submit(
         engine,
         req.model_id,
         req.seq_id,
-        lambda: engine.do_save_state(req.model_id, name, req.ttl_seconds, req.overwrite, req.user_metadata),
+        lambda: engine.weights.save_state(
+            req.model_id, name, req.ttl_seconds, req.overwrite, req.user_metadata
+        ),
     )
 
 
@@ -114,14 +116,14 @@ async def save_weights(request: Request, engine: EngineDep) -> dict:
 @returns_failed_future
 async def save_weights_for_sampler(request: Request, engine: EngineDep) -> dict:
     req = SaveWeightsRequest.from_json(await json_body(request))
-    engine.run(req.model_id)
+    engine.weights.run(req.model_id)
     if req.path is not None:
         check_name(str(req.path))
     return _submit(
         engine,
         req.model_id,
         req.seq_id,
-        lambda: engine.do_save_for_sampler(
+        lambda: engine.weights.save_for_sampler(
             req.model_id, req.path, req.sampling_session_seq_id, req.ttl_seconds, req.user_metadata
         ),
     )
@@ -134,13 +136,13 @@ async def load_weights(request: Request, engine: EngineDep) -> dict:
     parse_tinker_path(req.path)
     if req.model_id:
         model_id = req.model_id
-        engine.run(model_id)
+        engine.weights.run(model_id)
         key: tuple = ("train", model_id, req.seq_id)
     else:
         # Create-from-state: the SDK derives the model id itself, so it must be exactly this.
         model_id = training_model_id(req.session_id, req.model_seq_id)
         key = ("create_model", req.session_id, req.model_seq_id)
     future = engine.submit_training(
-        key, lambda: engine.do_load(model_id, req.path, req.optimizer, req.base_model, req.user_metadata)
+        key, lambda: engine.weights.load(model_id, req.path, req.optimizer, req.base_model, req.user_metadata)
     )
     return future_reply(future, model_id=model_id)

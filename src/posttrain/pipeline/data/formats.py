@@ -8,12 +8,17 @@ truth (`answer` or `ground_truth`, e.g. pairs made from a verifiable task); rubr
 `{"messages": [...ending with a user turn], "rubric": [{"criterion", "weight"}, ...]}`. Every error names `where`
 (file + line, or dataset + row)
 and the offending field, so a user can fix the row without reading a traceback.
+
+A format is one entry of `FORMATS` (its name in `FormatName`): how a row is detected, the fields the first row
+commits the others to, how a row is normalized. A new format is one entry there and one name in `FormatName`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from posttrain.errors import DataError
 from posttrain.pipeline.scoring.grading import final_answer
@@ -54,12 +59,6 @@ _ROLE_ALIASES: dict[str, str] = {
     "observation": "tool",
 }
 
-_EXPECTED_LAYOUTS = (
-    "messages; conversations (ShareGPT); instruction+output; prompt+completion; prompt+chosen+rejected; "
-    "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer); "
-    "code problems: question (or prompt, problem)+tests; "
-    "rubrics: messages (or convo, prompt)+rubric (or rubric_items)"
-)
 # Rubric rows: the conversation so far (ending with the user's turn) under one of these names, the items under
 # one of RUBRIC_KEYS (`convo`/`rubric_items` is the cookbook's rubric recipe's layout).
 RUBRIC_KEYS = ("rubric", "rubric_items")
@@ -80,88 +79,6 @@ def _qa_pair(row: dict) -> tuple[str, str] | None:
         if _has(row, question_key) and _has(row, answer_key):
             return question_key, answer_key
     return None
-
-
-def detect_format(row: dict, where: str) -> FormatName:
-    """The layout of one row; raises DataError naming `where` and the fields found if none fits."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with named fields, got {_type_name(row)}")
-    # Preference rows often also carry "prompt", so they must win over prompt/completion.
-    if _has(row, "chosen") and _has(row, "rejected"):
-        return "preference"
-    if any(_has(row, k) for k in RUBRIC_KEYS):
-        return "rubric"  # before messages: a rubric row's conversation is a "messages" list too
-    if _has(row, "tests") and any(_has(row, k) for k in ("question", "prompt", "problem")):
-        return "code"  # before prompt/completion and question/answer: a code problem may carry either too
-    if _has(row, "messages"):
-        return "messages"
-    if _has(row, "conversations"):
-        return "sharegpt"
-    if _has(row, "instruction") and _has(row, "output"):
-        return "instruction"
-    if _has(row, "prompt") and _has(row, "completion"):
-        return "prompt_completion"
-    if _qa_pair(row) is not None:
-        return "question_answer"
-    fields = ", ".join(sorted(str(k) for k in row)) or "none"
-    raise DataError(
-        f"{where}: no known data format (fields found: {fields}); expected one of: {_EXPECTED_LAYOUTS}"
-    )
-
-
-def required_fields(row: dict, fmt: FormatName) -> tuple[str, ...]:
-    """The fields the first row of a dataset commits every later row to carry."""
-    if fmt == "preference":
-        return ("prompt", "chosen", "rejected") if _has(row, "prompt") else ("chosen", "rejected")
-    if fmt == "messages":
-        return ("messages",)
-    if fmt == "sharegpt":
-        return ("conversations",)
-    if fmt == "instruction":
-        return ("instruction", "output")
-    if fmt == "prompt_completion":
-        return ("prompt", "completion")
-    if fmt == "code":
-        return ("tests",)
-    if fmt == "rubric":
-        return (next((k for k in RUBRIC_KEYS if _has(row, k)), RUBRIC_KEYS[0]),)
-    pair = _qa_pair(row)
-    return pair if pair is not None else QA_FIELD_PAIRS[0]
-
-
-def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
-    """Convert one row of a known layout into its normalized shape, validating every field it uses."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with named fields, got {_type_name(row)}")
-    for field in required_fields(row, fmt):
-        if not _has(row, field):
-            raise DataError(f'{where}: field "{field}" is missing (required by the "{fmt}" format)')
-    if fmt == "messages":
-        messages = _parse_messages(row["messages"], where, "messages")
-        return {"messages": _require_assistant_last(messages, where, "messages")}
-    if fmt == "sharegpt":
-        messages = _parse_messages(row["conversations"], where, "conversations")
-        return {"messages": _require_assistant_last(messages, where, "conversations")}
-    if fmt == "instruction":
-        return {"messages": _instruction_messages(row, where)}
-    if fmt == "prompt_completion":
-        return {"messages": _prompt_completion_messages(row, where)}
-    if fmt == "question_answer":
-        return _question_answer(row, where)
-    if fmt == "preference":
-        return _preference(row, where)
-    if fmt == "rubric":
-        return _rubric(row, where)
-    if fmt == "code":
-        from posttrain.pipeline.envs.code import problem_from_row
-
-        problem = problem_from_row(row, where)  # validates the statement and every test
-        return {
-            "question": problem["question"],
-            "tests": problem["tests"],
-            "entry_point": problem["entry_point"],
-        }
-    raise DataError(f"{where}: unknown data format {fmt!r}")
 
 
 # --- chat messages -----------------------------------------------------------------------------
@@ -409,3 +326,112 @@ def _rubric_item(item: Any, where: str, field: str) -> dict:
     ):
         raise DataError(f'{where}: field "{field}.weight" must be a number > 0, got {weight!r}')
     return {"criterion": criterion.strip(), "weight": float(weight)}
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Format:
+    """One row layout: how a row is recognised, which fields the first row commits the rest to, and how a row
+    becomes the normalized shape (validating every field it uses)."""
+
+    name: FormatName
+    layout: str  # as the "no known data format" error lists it
+    detect: Callable[[dict], bool]
+    required: Callable[[dict], tuple[str, ...]]
+    normalize: Callable[[dict, str], dict]
+
+
+def _fields(*names: str) -> Callable[[dict], tuple[str, ...]]:
+    return lambda row: names
+
+
+def _conversation(field: str) -> Callable[[dict, str], dict]:
+    def normalize(row: dict, where: str) -> dict:
+        return {"messages": _require_assistant_last(_parse_messages(row[field], where, field), where, field)}
+
+    return normalize
+
+
+def _code(row: dict, where: str) -> dict:
+    from posttrain.pipeline.scoring.code import problem_from_row
+
+    problem = problem_from_row(row, where)  # validates the statement and every test
+    return {"question": problem["question"], "tests": problem["tests"], "entry_point": problem["entry_point"]}
+
+
+def _qa_fields(row: dict) -> tuple[str, ...]:
+    pair = _qa_pair(row)
+    return pair if pair is not None else QA_FIELD_PAIRS[0]
+
+
+# Every format, in the order rows are matched against them: the first whose `detect` holds names the row.
+FORMATS: tuple[Format, ...] = (
+    # Preference rows often also carry "prompt", so they must win over prompt/completion.
+    Format(
+        "preference", "prompt+chosen+rejected", lambda r: _has(r, "chosen") and _has(r, "rejected"),
+        lambda r: ("prompt", "chosen", "rejected") if _has(r, "prompt") else ("chosen", "rejected"), _preference,
+    ),
+    # Before messages: a rubric row's conversation is a "messages" list too.
+    Format(
+        "rubric", "rubrics: messages (or convo, prompt)+rubric (or rubric_items)",
+        lambda r: any(_has(r, k) for k in RUBRIC_KEYS),
+        lambda r: (next((k for k in RUBRIC_KEYS if _has(r, k)), RUBRIC_KEYS[0]),), _rubric,
+    ),
+    # Before prompt/completion and question/answer: a code problem may carry either too.
+    Format(
+        "code", "code problems: question (or prompt, problem)+tests",
+        lambda r: _has(r, "tests") and any(_has(r, k) for k in ("question", "prompt", "problem")),
+        _fields("tests"), _code,
+    ),
+    Format("messages", "messages", lambda r: _has(r, "messages"), _fields("messages"), _conversation("messages")),
+    Format(
+        "sharegpt", "conversations (ShareGPT)", lambda r: _has(r, "conversations"), _fields("conversations"),
+        _conversation("conversations"),
+    ),
+    Format(
+        "instruction", "instruction+output", lambda r: _has(r, "instruction") and _has(r, "output"),
+        _fields("instruction", "output"), lambda r, where: {"messages": _instruction_messages(r, where)},
+    ),
+    Format(
+        "prompt_completion", "prompt+completion", lambda r: _has(r, "prompt") and _has(r, "completion"),
+        _fields("prompt", "completion"), lambda r, where: {"messages": _prompt_completion_messages(r, where)},
+    ),
+    Format(
+        "question_answer",
+        "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer)",
+        lambda r: _qa_pair(r) is not None, _qa_fields, lambda r, where: _question_answer(r, where),
+    ),
+)  # fmt: skip
+_BY_NAME = {f.name: f for f in FORMATS}
+assert set(_BY_NAME) == set(get_args(FormatName)), "every FormatName has one entry in FORMATS"
+
+
+def detect_format(row: dict, where: str) -> FormatName:
+    """The layout of one row; raises DataError naming `where` and the fields found if none fits."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {_type_name(row)}")
+    for fmt in FORMATS:
+        if fmt.detect(row):
+            return fmt.name
+    fields = ", ".join(sorted(str(k) for k in row)) or "none"
+    layouts = "; ".join(f.layout for f in FORMATS)
+    raise DataError(f"{where}: no known data format (fields found: {fields}); expected one of: {layouts}")
+
+
+def required_fields(row: dict, fmt: FormatName) -> tuple[str, ...]:
+    """The fields the first row of a dataset commits every later row to carry."""
+    return _BY_NAME[fmt].required(row)
+
+
+def normalize_row(row: dict, fmt: FormatName, where: str) -> dict:
+    """Convert one row of a known layout into its normalized shape, validating every field it uses."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with named fields, got {_type_name(row)}")
+    if fmt not in _BY_NAME:
+        raise DataError(f"{where}: unknown data format {fmt!r}")
+    for field in required_fields(row, fmt):
+        if not _has(row, field):
+            raise DataError(f'{where}: field "{field}" is missing (required by the "{fmt}" format)')
+    return _BY_NAME[fmt].normalize(row, where)

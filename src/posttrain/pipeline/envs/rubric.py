@@ -1,173 +1,54 @@
-"""LLM-judged rubrics: a grader model scores a response against each rubric item; the reward is the weighted
-mean of the item scores.
+"""`task=rubric`: conversations whose next reply is judged against rubric items (`scoring.judge`).
 
-The grader prompt is the cookbook's (`tinker_cookbook.recipes.rubric.data.Rubric.get_grader_prompt`: the
-conversation as context, the response to grade, the criterion). Two ways to read the grader's answer:
-
-- "probability" (default): the prompt ends "Answer with Yes or No."; the score is P(Yes) / (P(Yes) + P(No)) for
-  the grader's first answer token, read with `compute_logprobs` (no sampling). It is deterministic and graded
-  rather than 0/1, which is what makes a small grader usable at all: RL compares the responses of one group,
-  and a continuous score orders them where a sampled verdict would tie. The grader's reply must begin with its
-  answer (a non-thinking renderer).
-- "sampled": the cookbook's own format: the grader answers greedily with `<score>x</score>`, parsed by
-  `Rubric.extract_score` (0 when there is none), clamped to [0, 1].
-
-The grader is always the served *base* model it names (never a checkpoint of this run), so training cannot move
-the judge. Its calls are concurrent, bounded by a semaphore. Scores are judgements, not verified facts: results
-label them so (`score_kind: "judged"`).
-
-The cookbook's `RubricGradedEnv` is not reused as is: it takes a sampled-text grader and an unweighted mean,
-and keeps the verdicts only in its log tree; `RubricEnv` mirrors its reward (score + format penalty).
+Rows: a conversation ending with the user's turn and rubric items (criteria, optionally weighted; see
+`data.formats`). The policy writes the next reply, the judge (`grader_model=`, default the base model itself)
+scores it against every item, and the reward is the weighted mean item score minus the cookbook's format penalty.
+The cookbook's `RubricGradedEnv` is not reused as is: it takes a sampled-text grader and an unweighted mean, and
+keeps the verdicts only in its log tree; `RubricEnv` mirrors its reward. The scores are judgements, and the
+results say so: `score_kind: "judged"`, each item's score and the judge's raw verdict in the rows.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
+from typing import TYPE_CHECKING, Any
 
-import chz
 import tinker
 from tinker_cookbook import renderers
-from tinker_cookbook.recipes.rubric.data import Rubric
-from tinker_cookbook.rl.problem_env import ProblemGroupBuilder
-from tinker_cookbook.rl.types import (
-    Action,
-    ActionExtra,
-    Env,
-    EnvGroupBuilder,
-    RLDataset,
-    StepResult,
-)
-from tinker_cookbook.tokenizer_utils import get_tokenizer
+from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, StepResult
 
-from posttrain.config import GraderMode
-from posttrain.pipeline.envs.dataset import RowsFileBuilder, batch_indices
-from posttrain.util import short_error
+from posttrain.errors import DataError
+from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, problem_group
+from posttrain.pipeline.scoring.judge import ItemVerdict, rubric_text, weighted_score
 
-YES_NO_INSTRUCTION = "Answer with Yes or No."
-# Sampled verdicts: enough for "<score>0.8</score>" after a short justification.
-SAMPLED_MAX_TOKENS = 128
+if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
+    from posttrain.pipeline.envs.base import ProblemSettings
+    from posttrain.pipeline.envs.spec import EnvSpec
+    from posttrain.pipeline.results import RLExample
 
-Messages = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class ItemVerdict:
-    criterion: str
-    weight: float
-    score: float  # in [0, 1]
-    verdict: str  # the grader's raw answer ("P(Yes)=0.71 P(No)=0.20", or its sampled text)
-    error: str | None = None
-
-    def as_dict(self) -> dict:
-        d = {"criterion": self.criterion, "weight": self.weight, "score": self.score, "verdict": self.verdict}
-        return d | ({"error": self.error} if self.error else {})
-
-
-def weighted_score(verdicts: Sequence[ItemVerdict]) -> float:
-    total = sum(v.weight for v in verdicts)
-    return sum(v.weight * v.score for v in verdicts) / total if total else 0.0
-
-
-def rubric_text(items: Sequence[dict]) -> str:
-    """The rubric in one line, for result rows: 'criterion; criterion (weight 2)'."""
-    return "; ".join(
-        i["criterion"] + (f" (weight {i['weight']:g})" if i.get("weight", 1.0) != 1.0 else "") for i in items
-    )
-
-
-def grader_prompt(conversation: Messages, response: str, criterion: str, mode: GraderMode) -> Messages:
-    if mode == "sampled":
-        rubric = Rubric(criterion)
-    else:
-        rubric = Rubric(criterion, grader_output_format_instruction=YES_NO_INSTRUCTION)
-    return rubric.get_grader_prompt([*conversation, {"role": "assistant", "content": response}])
-
-
-class Grader:
-    """Judges responses with one served model; at most `concurrency` grader requests at a time."""
-
-    def __init__(
-        self,
-        client: tinker.SamplingClient,
-        renderer: renderers.Renderer,
-        mode: GraderMode,
-        concurrency: int,
-    ):
-        self.client = client
-        self.renderer = renderer
-        self.mode = mode
-        self._slots = asyncio.Semaphore(max(1, concurrency))
-        tokenizer = renderer.tokenizer
-        # The first token of each answer word (what the grader's reply starts with).
-        self._yes = tokenizer.encode("Yes", add_special_tokens=False)[0]
-        self._no = tokenizer.encode("No", add_special_tokens=False)[0]
-
-    async def judge(self, conversation: Messages, response: str, items: Sequence[dict]) -> list[ItemVerdict]:
-        return list(await asyncio.gather(*(self._judge_item(conversation, response, i) for i in items)))
-
-    async def _judge_item(self, conversation: Messages, response: str, item: dict) -> ItemVerdict:
-        criterion, weight = item["criterion"], float(item.get("weight", 1.0))
-        prompt = self.renderer.build_generation_prompt(
-            grader_prompt(conversation, response, criterion, self.mode)
-        )
-        try:
-            async with self._slots:
-                if self.mode == "probability":
-                    score, verdict = await self._probability(prompt)
-                else:
-                    score, verdict = await self._sampled(prompt, criterion)
-        except Exception as exc:  # noqa: BLE001 - a failed grader call scores 0 and is reported, not fatal
-            return ItemVerdict(criterion, weight, 0.0, "", error=f"grader: {short_error(exc)}")
-        return ItemVerdict(criterion, weight, score, verdict)
-
-    async def _probability(self, prompt: tinker.ModelInput) -> tuple[float, str]:
-        yes, no = await asyncio.gather(
-            self.client.compute_logprobs_async(prompt.append_int(self._yes)),
-            self.client.compute_logprobs_async(prompt.append_int(self._no)),
-        )
-        p_yes, p_no = (math.exp(lp[-1]) if lp[-1] is not None else 0.0 for lp in (yes, no))
-        score = p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.0
-        return score, f"P(Yes)={p_yes:.4g} P(No)={p_no:.4g}"
-
-    async def _sampled(self, prompt: tinker.ModelInput, criterion: str) -> tuple[float, str]:
-        params = tinker.SamplingParams(
-            max_tokens=SAMPLED_MAX_TOKENS, temperature=0.0, stop=self.renderer.get_stop_sequences()
-        )
-        out = await self.client.sample_async(prompt, num_samples=1, sampling_params=params)
-        text = renderers.get_text_content(self.renderer.parse_response(out.sequences[0].tokens)[0])
-        return min(1.0, max(0.0, Rubric(criterion).extract_score(text))), text
-
-
-async def make_grader(
-    service: tinker.ServiceClient, model: str, renderer_name: str, mode: GraderMode, concurrency: int
-) -> Grader:
-    # base_model only, never a model_path: the grader is the untrained model it names.
-    client = await service.create_sampling_client_async(base_model=model)
-    renderer = renderers.get_renderer(renderer_name, tokenizer=get_tokenizer(model))
-    return Grader(client, renderer, mode, concurrency)
+# Per-example judged scores closer than this count as unchanged (summary.json `judged_per_example`).
+SCORE_TOLERANCE = 0.01
 
 
 class RubricEnv(Env):
     """One conversation: the policy writes the next reply, the grader scores it against every item. The reward
     is the weighted mean item score minus the cookbook's format penalty (a reply cut off by max_tokens)."""
 
-    def __init__(self, row: dict, renderer: renderers.Renderer, grader: Grader, format_coef: float = 0.1):
-        self.row = row
-        self.renderer = renderer
-        self.grader = grader
+    def __init__(self, row: dict, ctx: EnvContext, format_coef: float = 0.1):
+        assert ctx.judge is not None, "a rubric environment is judged: its context needs a judge"
+        self.row, self.renderer, self.judge = row, ctx.renderer, ctx.judge
         self.format_coef = format_coef
+        self.response = ""
+        self.verdicts: list[ItemVerdict] = []
 
     async def initial_observation(self) -> tuple[tinker.ModelInput, renderers.StopCondition]:
         return self.renderer.build_generation_prompt(self.row["messages"]), self.renderer.get_stop_sequences()
 
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
         message, termination = self.renderer.parse_response(action)
-        response = renderers.get_text_content(message)
-        verdicts = await self.grader.judge(self.row["messages"], response, self.row["rubric"])
+        self.response = response = renderers.get_text_content(message)
+        self.verdicts = verdicts = await self.judge.judge(self.row["messages"], response, self.row["rubric"])
         score = weighted_score(verdicts)
         well_formed = float(termination.is_stop_sequence)
         return StepResult(
@@ -183,55 +64,73 @@ class RubricEnv(Env):
         )
 
 
-class RubricDataset(RLDataset):
-    def __init__(
-        self,
-        rows: list[dict],
-        renderer: renderers.Renderer,
-        grader: Grader,
-        groups_per_batch: int,
-        group_size: int,
-        n_batches: int,
-        seed: int,
-    ):
-        self.rows, self.renderer, self.grader = rows, renderer, grader
-        self.groups_per_batch, self.group_size = groups_per_batch, group_size
-        self.n_batches, self.seed = n_batches, seed
 
-    def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        return [
-            ProblemGroupBuilder(
-                env_thunk=partial(RubricEnv, self.rows[i], self.renderer, self.grader),
-                num_envs=self.group_size,
-                dataset_name="train",
+def make_env(row: dict, ctx: EnvContext) -> RubricEnv:
+    return RubricEnv(row, ctx)
+
+
+class RubricConversations:
+    tag = "train"
+    score_label = "rubric score"
+    noun = "conversations"
+    takes_verifier = False
+
+    def problems(self, spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
+        if data is None or data.format != "rubric":
+            found = f"{data.source} has {data.format} rows" if data is not None else "no dataset was given"
+            raise DataError(
+                f"task=rubric needs rows with a conversation and rubric items (messages + rubric); {found}"
             )
-            for i in batch_indices(len(self.rows), self.groups_per_batch, self.seed, index)
-        ]
+        info = {"source": data.source, "format": "rubric", "eval_source": data.eval_source}
+        return ProblemSet(list(data.train), list(data.eval), info)
 
-    def __len__(self) -> int:
-        return self.n_batches
+    def prompt(self, problem: dict, ctx: EnvContext) -> list[renderers.Message]:
+        return problem["messages"]
 
+    def max_turns(self, spec: EnvSpec) -> int:
+        return 1
 
-@chz.chz
-class RubricFileBuilder(RowsFileBuilder):
-    """The rubric rows (written to the run's logs) and the grader, for the cookbook's `rl.train`."""
+    def make_env(self, problem: dict, ctx: EnvContext) -> Env:
+        return make_env(problem, ctx)
 
-    grader_model: str = ""
-    grader_renderer_name: str = ""
-    grader_mode: GraderMode = "probability"
-    grader_concurrency: int = 64
-    base_url: str | None = None
+    def group_builder(self, problem: dict, ctx: EnvContext, group_size: int) -> EnvGroupBuilder:
+        return problem_group(make_env, problem, ctx, group_size, self.tag)
 
-    async def __call__(self) -> tuple[RubricDataset, None]:
-        renderer = self.renderer()
-        grader = await make_grader(
-            tinker.ServiceClient(base_url=self.base_url),
-            self.grader_model,
-            self.grader_renderer_name,
-            self.grader_mode,
-            self.grader_concurrency,
-        )
-        dataset = RubricDataset(
-            self.rows(), renderer, grader, self.groups_per_batch, self.group_size, self.n_batches, self.seed
-        )
-        return dataset, None
+    def row(self, index: int, problem: dict, episode: Episode) -> RLExample:
+        """The judged score as the row's reward; `correct` when the judge passes every item (score >= 0.5)."""
+        from posttrain.pipeline.results import RLExample
+
+        env = episode.env
+        assert isinstance(env, RubricEnv)
+        messages = problem["messages"]
+        question = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        verdicts = env.verdicts
+        record = RLExample(index, question, rubric_text(problem["rubric"]), env.response, env.response,
+                           all(v.score >= 0.5 for v in verdicts))  # fmt: skip
+        record.reward = weighted_score(verdicts)
+        record.details = {"score_kind": "judged", "grader": env.judge.model, "items": [v.as_dict() for v in verdicts]}
+        errors = [v.error for v in verdicts if v.error]
+        if errors:
+            record.error = f"{len(errors)} of {len(verdicts)} rubric items not judged: {errors[0]}"
+        return record
+
+    def score(self, rows: Sequence[RLExample]) -> float:
+        # Like the other RL evaluations: an example that failed counts as 0.
+        return sum((r.reward or 0.0) if not r.error else 0.0 for r in rows) / len(rows) if rows else float("nan")
+
+    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
+        """Improved/regressed/unchanged by the judged score itself (the shared count compares `correct`, which a
+        graded score rarely flips), and the examples the judge failed on, by model."""
+        failed = {label: sum(1 for r in records if r.error) for label, records in rows.items()}
+        base, trained = rows.get("base model"), rows.get("trained model")
+        per_example = None
+        if base is not None and trained is not None:
+            pairs = [(b.reward, t.reward) for b, t in zip(base, trained, strict=False)
+                     if not b.error and not t.error and b.reward is not None and t.reward is not None]  # fmt: skip
+            per_example = {
+                "improved": sum(1 for b, t in pairs if t - b > SCORE_TOLERANCE),
+                "regressed": sum(1 for b, t in pairs if b - t > SCORE_TOLERANCE),
+                "unchanged": sum(1 for b, t in pairs if abs(t - b) <= SCORE_TOLERANCE),
+                "tolerance": SCORE_TOLERANCE,
+            }
+        return {"grader_failed_examples": failed, "judged_per_example": per_example}

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from posttrain.config import TrainConfig
+from posttrain.config.run import RunSettings
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.results import MetricKind
 
@@ -28,11 +28,15 @@ if TYPE_CHECKING:
     from posttrain.pipeline.setup.plan import TokenBudget
 
 
-@dataclass(frozen=True)
-class RunContext:
-    """What a method is given: the settings, where its files go, the service, and the choices made for it."""
+C = TypeVar("C", bound=RunSettings)
 
-    cfg: TrainConfig
+
+@dataclass(frozen=True)
+class RunContext(Generic[C]):
+    """What a method is given: its settings (its own config class, e.g. `SFTConfig`), where its files go, the
+    service, and the choices made for it."""
+
+    cfg: C
     run_name: str
     log_path: Path
     service: tinker.ServiceClient | None  # None in a Tinker plan, which asks nothing of the service
@@ -64,17 +68,6 @@ class RunContext:
             wandb_name=self.run_name,
         )
 
-    def rl_settings(self) -> dict[str, Any]:
-        """The sampling and loss settings of every `rl.train` Config (RL, rubrics, RLHF's last stage)."""
-        cfg = self.cfg
-        return dict(
-            max_tokens=cfg.max_tokens,
-            temperature=cfg.temperature,
-            loss_fn=cfg.loss_fn,
-            kl_penalty_coef=cfg.kl_penalty_coef,
-            max_steps=cfg.max_steps,
-        )
-
 
 class Method(Protocol):
     """One training method.
@@ -84,11 +77,11 @@ class Method(Protocol):
     Then `prepare(ctx)` once the service is up, and evaluate / train / describe.
     """
 
-    name: ClassVar[str]
+    name: str
     # How the evaluation scores: "nll" (lower is better) or "score" (an accuracy, higher is better).
     metric: ClassVar[MetricKind]
     # What the aggregate "score" is called in the report ("accuracy", "preference accuracy"; "NLL" for nll).
-    score_label: ClassVar[str]
+    score_label: str
     # Models the backend must serve besides the one trained (a distillation teacher).
     extra_models: Sequence[str]
 
@@ -142,4 +135,4 @@ def training_stages(method: Method, ctx: RunContext) -> list[TrainingStage]:
     return [TrainingStage("training", ctx.log_path, method.total_steps, method.train, ctx.run_name)]
 
 
-MethodFactory = Callable[[TrainConfig, LoadedData | None], Method]
+MethodFactory = Callable[[Any, LoadedData | None], Method]

@@ -13,11 +13,16 @@ import asyncio
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from posttrain.config import TrainConfig
+import chz
+
+from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.rl import EvalSamplingOptions
+from posttrain.pipeline.methods.sft import SupervisedOptions
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
@@ -25,6 +30,23 @@ if TYPE_CHECKING:
     import tinker
 
 DEFAULT_DPO_BETA = 0.1  # the cookbook's default
+
+
+@chz.chz
+class DPOOptions:
+    dpo_beta: float | None = chz.field(
+        default=None, doc="DPO: strength of the pull towards the reference (base) model (None: 0.1)"
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        if cfg.dpo_beta is not None and not (isinstance(cfg.dpo_beta, int | float) and cfg.dpo_beta > 0):
+            raise ConfigError(f"dpo_beta={cfg.dpo_beta!r} is not valid; expected a number > 0")
+
+
+@chz.chz
+class DPOConfig(RunSettings, SupervisedOptions, DPOOptions, EvalSamplingOptions):
+    """Every setting of task=dpo (max_tokens and eval_temperature: the task accuracy of verifiable pairs)."""
 
 
 def comparison_record(row: dict) -> dict:
@@ -37,6 +59,16 @@ def comparison_record(row: dict) -> dict:
         },
         "label": "A",
     }
+
+
+def pairs_score_text(value: float, data: LoadedData) -> str:
+    return f"preference accuracy {value:.1%} on {len(data.eval)} held-out pairs"
+
+
+def pairs_facts(data: LoadedData) -> tuple[dict[str, Any], dict[str, int]]:
+    """The summary's `dataset` and `sizes` of a run on preference pairs (DPO, RLHF)."""
+    dataset = {"source": data.source, "format": data.format, "eval_source": data.eval_source}
+    return dataset, {"train_pairs": len(data.train), "eval_pairs": len(data.eval)}
 
 
 def check_pairs(data: LoadedData | None, task: str) -> LoadedData:
@@ -61,7 +93,7 @@ class DPO:
     score_label: ClassVar[str] = "preference accuracy"
     extra_models: tuple[str, ...] = ()
 
-    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
+    def __init__(self, cfg: DPOConfig, data: LoadedData | None):
         self.data = check_pairs(data, self.name)
         self.beta = cfg.dpo_beta if cfg.dpo_beta is not None else DEFAULT_DPO_BETA
         self.held_out = PreferenceEvaluation(data.eval)
@@ -89,7 +121,8 @@ class DPO:
                 batch_size=cfg.batch_size,
             ),
         )
-        self.held_out.prepare(ctx)
+        settings = SamplingSettings(cfg.max_tokens, cfg.eval_temperature, cfg.seed, cfg.eval_concurrency)
+        self.held_out.prepare(ctx.renderer, cfg.max_length, settings, ctx.say)
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
         return await self.held_out.evaluate(client, label)
@@ -128,14 +161,7 @@ class DPO:
         )
 
     def score_text(self, value: float) -> str:
-        return f"preference accuracy {value:.1%} on {len(self.data.eval)} held-out pairs"
+        return pairs_score_text(value, self.data)
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
-        dataset = {
-            "source": self.data.source,
-            "format": self.data.format,
-            "eval_source": self.data.eval_source,
-        }
-        sizes = {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.eval)}
-        extra = {"dpo_beta": self.beta, **self.held_out.summary_fields()}
-        return dataset, sizes, extra
+        return (*pairs_facts(self.data), {"dpo_beta": self.beta, **self.held_out.summary_fields()})

@@ -18,27 +18,57 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import tinker
+import chz
 
-from posttrain.config import TrainConfig
+from posttrain.config.checks import not_blank
+from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.methods.distillation import (
-    Distillation,
-    Messages,
-    Teacher,
-    load_prompts,
-    sample_completions,
-)
+from posttrain.pipeline.methods.distillation import summary
+from posttrain.pipeline.methods.distillation.prompts import Messages, Share, load_prompts
+from posttrain.pipeline.methods.rl import EvalSamplingOptions, TemperatureOptions, VerifierOptions
+from posttrain.pipeline.methods.sft import SupervisedOptions
 from posttrain.pipeline.scoring import verifiers
+from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
+if TYPE_CHECKING:
+    import tinker
+
 BEHAVIOUR_WORDS = 3
+
+
+@chz.chz
+class PromptDistillationOptions:
+    system_prompt: str | None = chz.field(
+        default=None, doc="prompt_distillation: the system prompt to bake into the weights (text, or @path/to/file)"
+    )
+    behaviour_check: str | None = chz.field(
+        default=None,
+        doc="prompt_distillation: your check of the prompt's behaviour, path/to/file.py:function (gets the prompt "
+        "row and an answer, returns a bool or a float in [0, 1]); rates for teacher, base and trained",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "system_prompt", "behaviour_check")
+
+
+@chz.chz
+class PromptDistillationConfig(RunSettings, SupervisedOptions, EvalSamplingOptions, TemperatureOptions,
+                               PromptDistillationOptions, VerifierOptions):  # fmt: skip
+    """Every setting of task=prompt_distillation."""
+
+    @staticmethod
+    def when_chosen(cfg: Any) -> None:
+        if cfg.system_prompt is None:
+            raise ConfigError("task=prompt_distillation needs system_prompt= (the text, or @path/to/file)")
 
 
 def read_system_prompt(value: str) -> str:
@@ -58,48 +88,53 @@ def first_words(text: str, n: int = BEHAVIOUR_WORDS) -> tuple[str, ...]:
     return tuple(re.findall(r"\w+", text.lower())[:n])
 
 
-class PromptDistillation(Distillation):
+class PromptDistillation:
     name: ClassVar[str] = "prompt_distillation"
+    metric: ClassVar = "nll"
+    score_label: str = "NLL of the teacher's completions"
+    mode = "off_policy"
+    extra_models: tuple[str, ...] = ()
 
-    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
-        assert cfg.system_prompt is not None  # config.check_method_settings guarantees it
+    def __init__(self, cfg: PromptDistillationConfig, data: LoadedData | None):
+        assert cfg.system_prompt is not None  # the method's own settings check guarantees it
         self.system_prompt = read_system_prompt(cfg.system_prompt)
-        self.mode = "off_policy"
         self.teacher_model = f"{cfg.model_name} with the system prompt"
         self.prompts = load_prompts(cfg, data, self.name)
-        self.extra_models = []
-        self.kl: dict[str, float] = {}
-        self.n_traces: dict[str, int] = {}
+        self.shares = (Share(self.teacher_model, self.prompts),)
         self.task_accuracy: dict[str, float] = {}
+        self.trace_counts: dict[str, list[int]] = {}
         self.agreement: dict[str, float] = {}
         self.behaviour_rate: dict[str, float] = {}
+        self.teacher_greedy: list[str] | None = None
         self.check = None
         if cfg.behaviour_check is not None:  # a missing file or function: one line now, before anything runs
-            self.check = verifiers.UserVerifier(
-                cfg.behaviour_check, None, cfg.verifier_timeout, "behaviour_check"
-            )
+            self.check = verifiers.UserVerifier(cfg.behaviour_check, None, cfg.verifier_timeout, "behaviour_check")
 
     def prepare(self, ctx: RunContext) -> None:
-        super().prepare(ctx)
+        from posttrain.pipeline.methods.distillation import off_policy
+        from posttrain.pipeline.methods.distillation.held_out import HeldOut
+        from posttrain.pipeline.methods.distillation.teachers import Teacher, TeacherPool
+
+        self.ctx = ctx
+        teacher = Teacher(ctx.cfg.model_name, None, self.system_prompt)  # the base model, with the prompt
+        self.pool = TeacherPool(ctx, self.shares, fixed=teacher)
+        self.held_out = HeldOut(self.pool)
+        self.total_steps = off_policy.steps(len(self.prompts.train), ctx.cfg)
         ctx.say(f"prompt distillation: system prompt ({len(self.system_prompt)} characters) -> the weights")
-        self.teacher_greedy: list[str] | None = None
         if self.check is not None:
             self.check.errors_file = ctx.log_path / verifiers.ERRORS_FILE
 
-    async def teacher(self) -> tuple[Teacher, tinker.SamplingClient]:
-        if not hasattr(self, "_teacher"):
-            client = await self.ctx.service.create_sampling_client_async(base_model=self.ctx.cfg.model_name)
-            self._teacher = Teacher(self.ctx.cfg.model_name, None, self.system_prompt), client
-        return self._teacher
-
     async def _greedy(self, client: tinker.SamplingClient, prompts: list[Messages], desc: str) -> list[str]:
-        return await sample_completions(
-            client, self.ctx.renderer, prompts, self.ctx.cfg, self.ctx.cfg.seed, desc, temperature=0.0
-        )
+        from posttrain.pipeline.methods.distillation.teachers import sample_completions
+
+        cfg = self.ctx.cfg
+        settings = SamplingSettings(cfg.max_tokens, 0.0, cfg.seed, cfg.eval_concurrency)
+        return await sample_completions(client, self.ctx.renderer, prompts, settings, desc)
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        rows, nll = await super().evaluate(client, label)
-        spec, teacher = await self.teacher()
+        rows, nll = await self.held_out.nll(client, label)
+        self.trace_counts["teacher_eval.jsonl"] = self.held_out.traces.counts if self.held_out.traces else []
+        spec, teacher = await self.pool.get(0)
         if self.teacher_greedy is None:
             prompts = [spec.messages(p) for p in self.prompts.eval]
             self.teacher_greedy = await self._greedy(teacher, prompts, "teacher: behaviour")
@@ -113,6 +148,24 @@ class PromptDistillation(Distillation):
         self.agreement[label] = sum(matches) / len(matches) if matches else float("nan")
         self.ctx.say(f"{label}: behaviour agreement with the teacher {self.agreement[label]:.1%}")
         return rows, nll
+
+    def train(self) -> Coroutine[Any, Any, Any]:
+        return self._train()
+
+    async def _train(self) -> None:
+        from posttrain.pipeline.methods.distillation import off_policy
+
+        await self.held_out.sample()
+        traces = await self.pool.answers("train", self.ctx.cfg.seed, "teacher: training prompts")
+        self.trace_counts["teacher_train.jsonl"] = traces.counts
+        await off_policy.train(self.ctx, self.name)
+
+    def token_budget(self) -> TokenBudget:
+        return summary.token_budget(self)  # type: ignore[arg-type]  # the same attributes as distillation's
+
+    def score_text(self, value: float) -> str:
+        held_out = self.held_out.traces.rows if self.held_out.traces else []
+        return f"held-out NLL of the teacher's completions {value:.4f} on {len(held_out)} prompts"
 
     async def _save_behaviour(self, label: str, answers: list[str]) -> None:
         rows: list[dict[str, Any]] = [
@@ -136,7 +189,7 @@ class PromptDistillation(Distillation):
         write_jsonl(self.ctx.data_dir / f"behaviour_{label.split()[0]}.jsonl", rows)
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
-        dataset, sizes, extra = super().describe()
+        dataset, sizes, extra = summary.describe(self)  # type: ignore[arg-type]
         dataset = {k: v for k, v in dataset.items() if k != "distillation_mode"}
         extra = {
             **extra,

@@ -1,24 +1,24 @@
-"""RL with verifiable rewards, through the cookbook's `rl.train` loop.
+"""RL through the cookbook's `rl.train` loop, over any environment (`envs`): verifiable rewards (`env=math`,
+arithmetic, reasoning_gym, code), multi-turn games and tool use, and (`task=rubric`) judged conversations.
 
-Problems come from `problems` (a question/answer dataset, code problems, or a generator chosen by `env=`); the
-reward and the evaluation score answers the same way (`scoring`: graders, sandboxed tests, or the user's
-`reward_fn=`). Evaluation: one sampled answer per held-out problem with the training prompt, scored as accuracy
-(mean fraction of tests passed for code, mean reward with a user verifier). Games (`env=game:NAME`) are
-multi-turn: the cookbook's env classes, evaluated as the win rate over held-out games. Tool use
-(`env=tools:NAME`, `tool_envs`) is multi-turn too: the cookbook's tool-agent env, evaluated as the accuracy of
-the final answers on held-out problems.
+The environment makes the problems, the env of one rollout and the results row; this method writes the problems
+to the run's logs, hands the cookbook its dataset builder, and evaluates base and trained model the same way:
+each held-out problem played once in the same env (`evaluation.episodes`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-from posttrain.config import TrainConfig
+import chz
+
+from posttrain.config.checks import at_least, between, not_blank
+from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.envs.registry import load_problems
+from posttrain.pipeline.envs import registry
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
@@ -28,197 +28,256 @@ from posttrain.util import write_jsonl
 if TYPE_CHECKING:
     import tinker
 
+    from posttrain.pipeline.envs.base import EnvContext, ProblemSet
+    from posttrain.pipeline.envs.dataset import EpisodeSettings
+    from posttrain.pipeline.results import RLExample
+
+
+class Judging(Protocol):
+    """A judge model that scores the episodes (task=rubric's `rubric.Judging`)."""
+
+    method: str  # the method that runs RL with this judge
+    env: str  # the environment its episodes run in
+    model: str
+
+    def extra_models(self, cfg: Any) -> tuple[str, ...]: ...
+    def settings(self, ctx: RunContext) -> dict[str, Any]: ...
+    def add_judge_tokens(self, budget: TokenBudget, problems: ProblemSet, prompt: float, cfg: Any) -> TokenBudget: ...
+    def summary(self) -> dict[str, Any]: ...
+
+
+# The RL losses both Tinker and the local engine implement that the RL loop takes (tinker.types.LossFnType,
+# less `custom`, which is client-side).
+RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
+# env=game:tic_tac_toe's fixed opponent: a random free cell (seeded); win-or-block, else random; minimax.
+GameOpponent = Literal["random", "blocker", "optimal"]
+
+
+@chz.chz
+class EvalSamplingOptions:
+    """How held-out answers are sampled (the same for the base and the trained model)."""
+
+    max_tokens: int = chz.field(default=256, doc="max sampled tokens per completion")
+    eval_temperature: float = chz.field(default=0.0, doc="sampling temperature for evaluation (0: greedy)")
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        at_least("max_tokens", cfg.max_tokens, 1)
+        between("eval_temperature", cfg.eval_temperature, 0, 2)
+
+
+@chz.chz
+class TemperatureOptions:
+    temperature: float = chz.field(default=1.0, doc="sampling temperature of training rollouts (and of teachers)")
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        if not (isinstance(cfg.temperature, int | float) and 0 < cfg.temperature <= 2):
+            raise ConfigError(f"temperature={cfg.temperature!r} is not valid; expected a number in (0, 2]")
+
+
+@chz.chz
+class RolloutOptions:
+    """What the cookbook's `rl.train.Config` takes besides the run's settings."""
+
+    group_size: int = chz.field(default=8, doc="RL rollouts per problem")
+    loss_fn: RLLossFn = chz.field(default="importance_sampling", doc="importance_sampling|ppo|cispo|dro|gspo|stable_reinforce")
+    kl_penalty_coef: float = chz.field(default=0.0, doc="KL penalty against the base policy")
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size < 2:
+            raise ConfigError(
+                f"group_size={cfg.group_size!r} is not valid; expected an integer >= 2 (RL advantages compare "
+                "rollouts within a group)"
+            )
+        at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
+
+
+@chz.chz
+class EnvOptions:
+    env: str | None = chz.field(
+        default=None, doc="RL environment: " + "|".join(registry.CHOICES) + " (tools: add :max_turns=N)"
+    )
+    game_opponent: GameOpponent | None = chz.field(
+        default=None, doc="env=game:tic_tac_toe: the fixed opponent, random|blocker|optimal (None: random)"
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "env")
+        if cfg.env is not None:
+            registry.check(cfg.env)
+        if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
+            raise ConfigError(f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out")
+
+
+@chz.chz
+class RewardOptions:
+    reward_fn: str | None = chz.field(
+        default=None,
+        doc="RL: your own verifier, path/to/file.py:function (gets the problem row and the completion, returns a float)",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "reward_fn")
+
+
+@chz.chz
+class VerifierOptions:
+    verifier_timeout: float = chz.field(
+        default=10.0, doc="seconds one call of your function may take; a slower call is stopped and scores 0"
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        timeout = cfg.verifier_timeout
+        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
+            raise ConfigError(f"verifier_timeout={timeout!r} is not valid; expected seconds in (0, 3600]")
+
+
+@chz.chz
+class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, EnvOptions, RewardOptions,
+               VerifierOptions):  # fmt: skip
+    """Every setting of task=rl."""
+
+
+def rollout_settings(cfg: Any) -> dict[str, Any]:
+    """The sampling and loss settings of an `rl.train` Config (RL, rubrics, RLHF's last stage)."""
+    return dict(
+        max_tokens=cfg.max_tokens, temperature=cfg.temperature, loss_fn=cfg.loss_fn,
+        kl_penalty_coef=cfg.kl_penalty_coef, max_steps=cfg.max_steps,
+    )  # fmt: skip
+
 
 class RL:
-    name: ClassVar[str] = "rl"
     metric: ClassVar = "score"
-    score_label: ClassVar[str] = "accuracy"
     extra_models: tuple[str, ...] = ()
 
-    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
-        self.game = (cfg.env or "").startswith("game:")
-        self.tools = (cfg.env or "").startswith("tools:")
-        self.max_turns = 0
-        if self.tools:
-            from posttrain.pipeline.envs import tools as tool_tasks
-            from posttrain.pipeline.setup import preflight
-
-            spec = (cfg.env or "").split(":", 1)[1]
-            self.max_turns = tool_tasks.parse_spec(spec).max_turns
-            # A renderer with no tool-call format is refused now, before the engine starts.
-            tool_tasks.check_renderer(preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0], spec)
+    def __init__(self, cfg: Any, data: LoadedData | None, judging: Judging | None = None):
+        self.name = "rl" if judging is None else judging.method
+        self.cfg = cfg  # task=rubric's settings arrive as an RLConfig (`rubric.rubric`), not as the run's config
+        default = judging.env if judging is not None else registry.default_env(data.format if data else None)
+        self.spec = registry.check(cfg.env or default)
         if cfg.reward_fn is not None:
-            if self.game:
-                raise ConfigError(
-                    "reward_fn= does not apply to games (env=game:...): the game decides the reward"
-                )
             verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
-        self.problems = load_problems(cfg, data)
+        self.judging = judging
+        self.environment = registry.environment(self.spec)
+        if cfg.reward_fn is not None and not self.environment.takes_verifier:
+            raise ConfigError(f"reward_fn= does not apply to env={self.spec}: the game decides the reward")
+        self.problems: ProblemSet = self.environment.problems(self.spec, cfg, data)
+        if not self.problems.train or not self.problems.eval:
+            raise ConfigError("RL needs at least one training and one evaluation problem")
+        if judging is not None:
+            self.extra_models = judging.extra_models(cfg)
+        self.score_label = "mean reward (user verifier)" if cfg.reward_fn else self.environment.score_label
+        if judging is not None:
+            self.score_label = f"{self.score_label} (judged by {judging.model})"
+        self.rows: dict[str, list[RLExample]] = {}
         self.extra_scores: dict[str, dict[str, float]] = {}
-        code = any(p.get("grader") in ("code", "humaneval") for p in self.problems.eval[:1])
-        if cfg.reward_fn is not None:
-            self.score_label = "mean reward (user verifier)"
-        elif self.game:
-            self.score_label = "win rate"
-        elif code:
-            self.score_label = "pass rate (fraction of tests passed)"
 
     def prepare(self, ctx: RunContext) -> None:
-        from posttrain.pipeline.envs.dataset import GameFileBuilder, ProblemFileBuilder, make_scorer
+        from posttrain.pipeline.envs.dataset import EnvironmentDatasetBuilder
 
         self.ctx = ctx
-        cfg = ctx.cfg
+        cfg = self.cfg
         problems_file = ctx.data_dir / "train_problems.jsonl"
         write_jsonl(problems_file, self.problems.train)
         write_jsonl(ctx.data_dir / "eval_problems.jsonl", self.problems.eval)
-        n_batches = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
-        self.total_steps = n_batches
-        self.errors_file = ctx.log_path / verifiers.ERRORS_FILE
-        self.scorer = make_scorer(cfg.reward_fn, str(self.errors_file), cfg.verifier_timeout)
-        common = dict(
-            rows_file=str(problems_file),
-            model_name_for_tokenizer=cfg.model_name,
-            renderer_name=ctx.renderer_name,
-            groups_per_batch=cfg.batch_size,
-            group_size=cfg.group_size,
-            n_batches=n_batches,
-            seed=cfg.seed,
-        )
-        if self.game:
-            self.builder: Any = GameFileBuilder(**common, game=(cfg.env or "").split(":", 1)[1])
-        elif self.tools:
-            from posttrain.pipeline.envs.tools.agent import ToolProblemFileBuilder, initial_messages
+        self.total_steps = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
+        self.episodes = self._episode_settings(ctx)
+        self.builder = EnvironmentDatasetBuilder(
+            rows_file=str(problems_file), episodes=self.episodes, groups_per_batch=cfg.batch_size,
+            group_size=cfg.group_size, n_batches=self.total_steps, seed=cfg.seed, base_url=ctx.base_url,
+        )  # fmt: skip
+        self._plain = self._plain_context()
+        self.environment.prompt(self.problems.eval[0], self._plain)  # e.g. a renderer without tool calls: one line
 
-            initial_messages(self.problems.eval[0], ctx.renderer)  # a renderer without tool calls: one line
-            self.builder = ToolProblemFileBuilder(
-                **common,
-                max_turns=self.max_turns,
-                reward_fn=cfg.reward_fn,
-                verifier_errors_file=str(self.errors_file),
-                verifier_timeout=cfg.verifier_timeout,
-            )
-        else:
-            self.builder = ProblemFileBuilder(
-                **common,
-                reward_fn=cfg.reward_fn,
-                verifier_errors_file=str(self.errors_file),
-                verifier_timeout=cfg.verifier_timeout,
-            )
+    def _episode_settings(self, ctx: RunContext) -> EpisodeSettings:
+        from posttrain.pipeline.envs.dataset import EpisodeSettings
+
+        cfg = self.cfg
+        judge = self.judging.settings(ctx) if self.judging is not None else {}
+        return EpisodeSettings(
+            env=str(self.spec), model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name,
+            reward_fn=cfg.reward_fn, verifier_errors_file=str(ctx.log_path / verifiers.ERRORS_FILE),
+            verifier_timeout=cfg.verifier_timeout, grader_concurrency=cfg.eval_concurrency, **judge,
+        )  # fmt: skip
+
+    def _plain_context(self) -> EnvContext:
+        """The run's renderer without a scorer's workers or a judge: for prompts and token counts."""
+        from posttrain.pipeline.envs.base import EnvContext
+        from posttrain.pipeline.scoring.scorer import Scorer
+
+        return EnvContext(self.spec, self.ctx.renderer, Scorer())
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation.episodes import (
-            SamplingSettings,
-            evaluate_accuracy,
-            evaluate_games,
-            evaluate_tool_use,
-        )
+        from posttrain.pipeline.evaluation.common import SamplingSettings
+        from posttrain.pipeline.evaluation.episodes import HeldOut, evaluate_episodes
 
-        cfg = self.ctx.cfg
-        settings = SamplingSettings(
-            max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, seed=cfg.seed
-        )
-        if self.game:
-            return await evaluate_games(
-                client, self.problems.eval, self.ctx.renderer, settings, cfg.eval_concurrency, label
-            )
-        if self.tools:
-            return await evaluate_tool_use(
-                client, self.problems.eval, self.ctx.renderer, settings, cfg.eval_concurrency, label,
-                self.scorer, self.max_turns, label,
-            )  # fmt: skip
-        result = await evaluate_accuracy(
-            client,
-            self.problems.eval,
-            self.ctx.renderer,
-            ANSWER_INSTRUCTION,
-            settings,
-            cfg.eval_concurrency,
-            label,
-            self.scorer,
-            label,
-        )
-        # Further held-out sets (HumanEval for env=code:humaneval): the same prompt, sampling and scoring,
-        # reported beside the main score; their rows are kept in the logs.
+        cfg = self.cfg
+        if not hasattr(self, "_context"):  # once: a judged environment serves its judge for both models
+            self._context = await self.episodes.context(self.ctx.service)
+        ctx = self._context.for_phase(label)
+        settings = SamplingSettings(cfg.max_tokens, cfg.eval_temperature, cfg.seed, cfg.eval_concurrency)
+        rows, score = await evaluate_episodes(client, HeldOut(self.environment, self.problems.eval, ctx), settings)
+        self.rows[label] = rows
+        # Further held-out sets (HumanEval for env=code:humaneval): the same sampling and scoring, reported beside
+        # the main score; their rows are kept in the logs.
         for name, problems in self.problems.extra_eval.items():
-            rows, score = await evaluate_accuracy(
-                client, problems, self.ctx.renderer, ANSWER_INSTRUCTION, settings, cfg.eval_concurrency,
-                f"{label}: {name}", self.scorer, label,
-            )  # fmt: skip
-            write_jsonl(
-                self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl", [r.to_dict() for r in rows]
-            )
-            self.extra_scores.setdefault(name, {})[label] = score
-            self.ctx.say(f"{label}: {name}: {score:.1%}")
-        return result
+            held_out = HeldOut(self.environment, problems, ctx, desc=f"{label}: {name}")
+            extra_rows, extra = await evaluate_episodes(client, held_out, settings)
+            write_jsonl(self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl", [r.to_dict() for r in extra_rows])
+            self.extra_scores.setdefault(name, {})[label] = extra
+            self.ctx.say(f"{label}: {name}: {extra:.1%}")
+        return rows, score
 
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.rl import train as rl_train
 
         config = rl_train.Config(
-            **self.ctx.loop_settings(),
-            **self.ctx.rl_settings(),
-            recipe_name="posttrain_rl",
+            **self.ctx.loop_settings(), **rollout_settings(self.cfg), recipe_name=f"posttrain_{self.name}",
             dataset_builder=self.builder,
-        )
+        )  # fmt: skip
         return rl_train.main(config)
 
     def token_budget(self) -> TokenBudget:
-        from posttrain.pipeline.envs.dataset import prompt_messages
-
-        cfg, renderer = self.ctx.cfg, self.ctx.renderer
+        cfg, renderer = self.cfg, self.ctx.renderer
         problems = self.problems.train[:200] + self.problems.eval[:200]
-        if self.tools:
-            from posttrain.pipeline.envs.tools.agent import initial_messages
-
-            def messages(p: dict) -> list:
-                return initial_messages(p, renderer)
-        else:
-            messages = prompt_messages
-        prompt = sum(renderer.build_generation_prompt(messages(p)).length for p in problems) / len(problems)
-        # Multi-turn tool use: at most max_turns turns, each re-reading the conversation so far; a tool reply
-        # is counted like a turn of max_tokens. One turn: the single-turn formulas.
-        turns = max(1, self.max_turns)
+        prompts = [renderer.build_generation_prompt(self.environment.prompt(p, self._plain)).length for p in problems]
+        prompt = sum(prompts) / len(prompts)
+        # Multi-turn: at most max_turns turns, each re-reading the conversation so far; an environment's reply is
+        # counted like a turn of max_tokens. One turn: the single-turn formulas.
+        turns = self.environment.max_turns(self.spec)
         trajectory = prompt + (2 * turns - 1) * cfg.max_tokens
-        mean_turn_prompt = prompt + (turns - 1) * cfg.max_tokens
         rollouts = self.total_steps * cfg.batch_size * cfg.group_size
-        evals = 2 * len(self.problems.eval)
+        episodes = rollouts + 2 * len(self.problems.eval)
         notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
-        if self.tools:
-            notes.append(f"upper bound: every episode counted at max_turns={turns} turns")
-        return TokenBudget(
-            train=round(rollouts * trajectory),
-            prefill=round((rollouts + evals) * turns * mean_turn_prompt),
-            sample=(rollouts + evals) * turns * cfg.max_tokens,
-            train_steps=self.total_steps,
-            sequences_per_step=cfg.batch_size * cfg.group_size,
-            mean_train_length=trajectory,
-            notes=notes,
-        )
+        if turns > 1:
+            notes.append(f"upper bound: every episode counted at {turns} turns")
+        budget = TokenBudget(
+            train=round(rollouts * trajectory), prefill=round(episodes * turns * (prompt + (turns - 1) * cfg.max_tokens)),
+            sample=episodes * turns * cfg.max_tokens, train_steps=self.total_steps,
+            sequences_per_step=cfg.batch_size * cfg.group_size, mean_train_length=trajectory, notes=notes,
+        )  # fmt: skip
+        return self.judging.add_judge_tokens(budget, self.problems, prompt, cfg) if self.judging else budget
 
     def score_text(self, value: float) -> str:
-        what = "games" if self.game else "problems"
-        return f"{self.score_label} {value:.1%} on {len(self.problems.eval)} held-out {what}"
+        return f"{self.score_label} {value:.1%} on {len(self.problems.eval)} held-out {self.environment.noun}"
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
-        sizes = {
-            "train_problems": len(self.problems.train),
-            "eval_problems": len(self.problems.eval),
-            "group_size": self.ctx.cfg.group_size,
-        }
-        dataset = {**self.problems.info, "env": self.ctx.cfg.env or "math"}
-        extra: dict[str, Any] = {"answer_instruction": ANSWER_INSTRUCTION, "score_label": self.score_label}
+        cfg = self.cfg
+        sizes = {"train_problems": len(self.problems.train), "eval_problems": len(self.problems.eval),
+                 "group_size": cfg.group_size}  # fmt: skip
+        dataset = {**self.problems.info, "env": str(self.spec)}
+        extra: dict[str, Any] = {"score_label": self.score_label, **self.environment.summary(self.rows)}
+        if self.judging is None:
+            extra["answer_instruction"] = ANSWER_INSTRUCTION
+        else:
+            extra |= self.judging.summary()
         for name, scores in self.extra_scores.items():
-            extra[f"{name}_score"] = {
-                "baseline": scores.get("base model"),
-                "trained": scores.get("trained model"),
-            }
-        if self.ctx.cfg.reward_fn is not None:
-            counts = verifiers.error_counts(self.errors_file)
-            extra["reward_fn"] = self.ctx.cfg.reward_fn
-            extra["verifier_errors"] = {
-                "count": sum(v for k, v in counts.items() if k != "first"),
-                "by_phase": {k: v for k, v in counts.items() if k != "first"},
-                "first": counts.get("first"),
-                "log": str(self.errors_file),
-            }
+            extra[f"{name}_score"] = {"baseline": scores.get("base model"), "trained": scores.get("trained model")}
+        if cfg.reward_fn is not None:
+            extra |= verifiers.summary(cfg.reward_fn, self.ctx.log_path / verifiers.ERRORS_FILE)
         return dataset, sizes, extra

@@ -7,9 +7,14 @@ token-weighted overall, the number the cookbook's NLL evaluator reports.
 from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from posttrain.config import TrainConfig
+import chz
+from tinker_cookbook.utils.lr_scheduling import LRSchedule
+
+from posttrain.config.checks import at_least, choices
+from posttrain.config.parse import UnsupportedConfigError
+from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData, default_train_on_what
 from posttrain.pipeline.data.formats import CHAT_FORMATS
@@ -21,13 +26,49 @@ if TYPE_CHECKING:
     import tinker
 
 
+# tinker_cookbook.renderers.TrainOnWhat values, minus CUSTOMIZED (needs per-token weights we never build); spelled
+# out because importing the renderers pulls in torch, and settings are checked before that (a test pins them).
+TrainOnWhatName = Literal[
+    "last_assistant_message", "last_assistant_turn", "all_assistant_messages", "all_messages", "all_tokens",
+    "all_user_and_system_messages",
+]  # fmt: skip
+
+
+@chz.chz
+class SupervisedOptions:
+    """What the cookbook's supervised loops (`supervised.train.Config`, `preference.train_dpo.Config`) take."""
+
+    lr_schedule: LRSchedule = chz.field(default="linear", doc="linear|cosine|constant")
+    max_length: int = chz.field(default=2048, doc="max tokens per training example")
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        at_least("max_length", cfg.max_length, 16)
+        if cfg.lr_schedule not in choices(LRSchedule):  # another schedule is a warmup Tinker does not offer
+            raise UnsupportedConfigError([f"lr_schedule={cfg.lr_schedule}"], sorted(chz.chz_fields(type(cfg))))
+
+
+@chz.chz
+class SFTOptions:
+    train_on_what: TrainOnWhatName | None = chz.field(
+        default=None,
+        doc="SFT loss tokens: last_assistant_message|all_assistant_messages|all_messages|all_tokens|... "
+        "(None: chosen from the data)",
+    )
+
+
+@chz.chz
+class SFTConfig(RunSettings, SupervisedOptions, SFTOptions):
+    """Every setting of task=sft."""
+
+
 class SFT:
     name: ClassVar[str] = "sft"
     metric: ClassVar = "nll"
     score_label: ClassVar[str] = "NLL"
     extra_models: tuple[str, ...] = ()
 
-    def __init__(self, cfg: TrainConfig, data: LoadedData | None):
+    def __init__(self, cfg: SFTConfig, data: LoadedData | None):
         if data is None or data.format not in CHAT_FORMATS:
             found = f"{data.source} is in the {data.format} format" if data else "no dataset was given"
             raise ConfigError(
@@ -68,7 +109,7 @@ class SFT:
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        from posttrain.pipeline.evaluation.episodes import evaluate_nll
+        from posttrain.pipeline.evaluation.nll import evaluate_nll
 
         return await evaluate_nll(
             client, self.eval_datums, self.data.eval, self.ctx.cfg.eval_concurrency, label

@@ -220,13 +220,6 @@ def write_report(
     results = results_dir if isinstance(results_dir, ResultsDir) else ResultsDir(results_dir)
     results.path.mkdir(parents=True, exist_ok=True)
     warning = None if summary.get("verdict") == "improved" else _not_improved_warning(summary)
-    rl = summary_kind(summary) == "score"
-    imp = summary.get("improvement") or compute_improvement(
-        summary_kind(summary),
-        summary["baseline_score" if rl else "baseline_nll"],
-        summary["trained_score" if rl else "trained_nll"],
-    )
-
     lines = [
         f"# Post-training report: {_md(summary.get('run_name', ''))}",
         "",
@@ -239,15 +232,29 @@ def write_report(
         lines += ["> " + line for line in warning.splitlines()] + [""]
     else:
         lines += ["Verdict: **improved**", ""]
-    rel = imp.get("relative")
-    lines += [
-        "## Result",
-        "",
-        "| | Base | Trained | Change |",
-        "|---|---|---|---|",
-    ]
+    lines += _result_lines(summary) + _teacher_lines(summary) + _example_lines(summary, comparison)
+    lines += _run_lines(summary)
+    metrics_rows = load_metrics(metrics_path)
+    plot_training_curves(results.path / PLOT_FILE, summary, metrics_rows)
+    lines += ["", "## Curves", "", f"![training curves]({PLOT_FILE})", ""]
+    if not metrics_rows:
+        where = f" at {metrics_path}" if metrics_path else ""
+        lines.append(f"(no metrics.jsonl found{where}: only the held-out scores are plotted)")
+    results.write_text(REPORT_FILE, "\n".join(lines) + "\n")
+    return warning
+
+
+def _result_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The base and trained score side by side."""
+    rl = summary_kind(summary) == "score"
+    imp = summary.get("improvement") or compute_improvement(
+        summary_kind(summary),
+        summary["baseline_score" if rl else "baseline_nll"],
+        summary["trained_score" if rl else "trained_nll"],
+    )
+    lines = ["## Result", "", "| | Base | Trained | Change |", "|---|---|---|---|"]
     if rl:
-        b, t = summary["baseline_score"], summary["trained_score"]
+        b, t, rel = summary["baseline_score"], summary["trained_score"], imp.get("relative")
         rel_text = f"{rel * 100:+.1f}% relative" if rel is not None else "n/a relative"
         label = str(summary.get("score_label") or "accuracy").capitalize()
         lines.append(
@@ -255,10 +262,13 @@ def write_report(
         )
     else:
         b, t = summary["baseline_nll"], summary["trained_nll"]
-        rel_text = imp.get("description", "")
-        lines.append(f"| Mean NLL | {b:.4f} | {t:.4f} | {t - b:+.4f} ({rel_text}) |")
-    lines += _teacher_lines(summary)
-    lines += [
+        lines.append(f"| Mean NLL | {b:.4f} | {t:.4f} | {t - b:+.4f} ({imp.get('description', '')}) |")
+    return lines
+
+
+def _example_lines(summary: Mapping[str, Any], comparison: Mapping[str, Any]) -> list[str]:
+    """The paired per-example counts and the most improved and regressed examples."""
+    lines = [
         "",
         "## Per example",
         "",
@@ -267,41 +277,43 @@ def write_report(
         + (f", failed evaluation {comparison['errors']}" if comparison.get("errors") else ""),
         "",
     ]
+    rl = summary_kind(summary) == "score"
     for title, key in (("Most improved", "top_improved"), ("Most regressed", "top_regressed")):
         entries = comparison.get(key) or []
-        if not entries:
-            continue
-        lines += [f"### {title}", ""]
-        if rl and "base_margin" in entries[0]:
-            lines += ["| index | prompt | base margin | trained margin |", "|---|---|---|---|"]
-            for e in entries:
-                lines.append(
-                    f"| {e['index']} | {_md(e.get('prompt', ''))} | {_fmt(e.get('base_margin'))} | "
-                    f"{_fmt(e.get('trained_margin'))} |"
-                )
-        elif rl:
-            lines += [
-                "| index | question | ground truth | base answer | trained answer |",
-                "|---|---|---|---|---|",
-            ]
-            for e in entries:
-                lines.append(
-                    f"| {e['index']} | {_md(e.get('question', ''))} | {_md(e.get('ground_truth', ''))} | "
-                    f"{_md(e.get('base_answer', ''))} | {_md(e.get('trained_answer', ''))} |"
-                )
-        else:
-            lines += ["| index | prompt | base NLL | trained NLL | change |", "|---|---|---|---|---|"]
-            for e in entries:
-                lines.append(
-                    f"| {e['index']} | {_md(e.get('prompt', ''))} | {e['base']:.3f} | {e['trained']:.3f} | "
-                    f"{-e['delta']:+.3f} |"
-                )
-        lines.append("")
+        if entries:
+            lines += [f"### {title}", "", *_example_table(entries, rl), ""]
+    return lines
 
-    lines += ["## Run", "", "| | |", "|---|---|"]
+
+def _example_table(entries: list[Mapping[str, Any]], rl: bool) -> list[str]:
+    if rl and "base_margin" in entries[0]:
+        return ["| index | prompt | base margin | trained margin |", "|---|---|---|---|"] + [
+            f"| {e['index']} | {_md(e.get('prompt', ''))} | {_fmt(e.get('base_margin'))} | "
+            f"{_fmt(e.get('trained_margin'))} |"
+            for e in entries
+        ]
+    if rl:
+        header = [
+            "| index | question | ground truth | base answer | trained answer |",
+            "|---|---|---|---|---|",
+        ]
+        return header + [
+            f"| {e['index']} | {_md(e.get('question', ''))} | {_md(e.get('ground_truth', ''))} | "
+            f"{_md(e.get('base_answer', ''))} | {_md(e.get('trained_answer', ''))} |"
+            for e in entries
+        ]
+    return ["| index | prompt | base NLL | trained NLL | change |", "|---|---|---|---|---|"] + [
+        f"| {e['index']} | {_md(e.get('prompt', ''))} | {e['base']:.3f} | {e['trained']:.3f} | {-e['delta']:+.3f} |"
+        for e in entries
+    ]
+
+
+def _run_lines(summary: Mapping[str, Any]) -> list[str]:
+    """What ran where (ids, paths, sizes, durations) and every setting."""
     renderer = summary.get("renderer") or {}
     run_facts = [
         ("task type", summary.get("task_type")),
+        ("method", summary.get("method")),
         ("model", summary.get("model")),
         ("backend", summary.get("backend")),
         ("renderer", f"{renderer.get('name')} ({renderer.get('source')})" if renderer else None),
@@ -312,26 +324,15 @@ def write_report(
     wv = summary.get("wandb_verification")
     if isinstance(wv, Mapping):
         run_facts.append(("W&B verified", f"{wv.get('verified')} — {wv.get('detail', '')}"))
-    for k, v in (summary.get("sizes") or {}).items():
-        run_facts.append((k, v))
+    run_facts += list((summary.get("sizes") or {}).items())
     for k, v in (summary.get("durations_seconds") or {}).items():
         run_facts.append((f"{k} (s)", f"{v:.1f}" if is_number(v) else v))
-    for k, v in run_facts:
-        if v is not None:
-            lines.append(f"| {_md(k)} | {_md(v)} |")
+    lines = ["## Run", "", "| | |", "|---|---|"] + [
+        f"| {_md(k)} | {_md(v)} |" for k, v in run_facts if v is not None
+    ]
     hp = summary.get("hyperparameters") or {}
     if hp:
         lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
         shown = [k for k in _SETTINGS_SHOWN if k in hp] + [k for k in hp if k not in _SETTINGS_SHOWN]
-        for k in shown:
-            lines.append(f"| {_md(k)} | {_md(_fmt(hp[k]))} |")
-
-    metrics_rows = load_metrics(metrics_path)
-    plot_training_curves(results.path / PLOT_FILE, summary, metrics_rows)
-    lines += ["", "## Curves", "", f"![training curves]({PLOT_FILE})", ""]
-    if not metrics_rows:
-        lines.append(
-            f"(no metrics.jsonl found{f' at {metrics_path}' if metrics_path else ''}: only the held-out scores are plotted)"
-        )
-    results.write_text(REPORT_FILE, "\n".join(lines) + "\n")
-    return warning
+        lines += [f"| {_md(k)} | {_md(_fmt(hp[k]))} |" for k in shown]
+    return lines

@@ -16,7 +16,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import TaskName, choices
 from posttrain.pipeline.results.rows import (
     MetricKind,
     as_dict,
@@ -61,11 +60,16 @@ def collect_versions() -> dict[str, str | None]:
     }
 
 
+# The user guide's two task types: accuracy-based evaluation ("rl": RL, rubrics, preference accuracy) and
+# loss-based evaluation ("sft": SFT, distillation); `method` says which training method ran.
+TASK_TYPES: dict[MetricKind, str] = {"score": "rl", "nll": "sft"}
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """What the run was: everything summary.json holds that is not a measurement."""
 
-    task_type: str
+    method: str  # the training method (task=): sft, rl, dpo, ...
     run_name: str
     tinker_run_id: str
     log_path: str
@@ -156,7 +160,8 @@ def build_summary(
     """
     improvement = compute_improvement(outcome.kind, outcome.baseline, outcome.trained)
     summary: dict[str, Any] = {
-        "task_type": facts.task_type,
+        "task_type": TASK_TYPES[outcome.kind],
+        "method": facts.method,
         "run_name": facts.run_name,
         "tinker_run_id": facts.tinker_run_id,
         "log_path": str(facts.log_path),
@@ -221,9 +226,12 @@ def validate_summary(d: Mapping[str, Any]) -> None:
     problems: list[str] = []
     if not isinstance(d, Mapping):
         raise ValueError("summary must be a JSON object")
-    task_types = [t for t in choices(TaskName) if t != "auto"]
-    if d.get("task_type") not in task_types:
-        problems.append(f"task_type must be one of {', '.join(task_types)} (got {d.get('task_type')!r})")
+    if d.get("task_type") not in TASK_TYPES.values():
+        problems.append(
+            f"task_type must be one of {', '.join(TASK_TYPES.values())} (got {d.get('task_type')!r})"
+        )
+    if not isinstance(d.get("method"), str) or not d.get("method"):
+        problems.append(f"method must name the training method (got {d.get('method')!r})")
     for key in ("tinker_run_id", "log_path", "model", "backend"):
         if not isinstance(d.get(key), str) or not d.get(key, "").strip():
             problems.append(f"{key} must be a non-empty string (got {d.get(key)!r})")
@@ -326,53 +334,14 @@ def compare_examples(
     paired_idx = sorted(set(base) & set(trained))
     improved, regressed, unchanged, errors = [], [], [], []
     for i in paired_idx:
-        b, t = base[i], trained[i]
-        bv, tv = metric_value(b, kind), metric_value(t, kind)
+        bv, tv = metric_value(base[i], kind), metric_value(trained[i], kind)
         if bv is None or tv is None:
             errors.append(i)
             continue
-        if kind == "nll":
-            delta = bv - tv  # > 0: better
-            tol = NLL_RELATIVE_TOLERANCE * max(abs(bv), 1e-8)
-            entry = {
-                "index": i,
-                "prompt": _snippet(b.get("prompt")),
-                "base": bv,
-                "trained": tv,
-                "delta": delta,
-            }
-            (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
-        elif "margin" in b:  # preference rows: the margin moves even when `correct` does not flip
-            entry = {
-                "index": i,
-                "prompt": _snippet(b.get("prompt")),
-                "base_margin": b.get("margin"),
-                "trained_margin": t.get("margin"),
-                "base": bool(bv),
-                "trained": bool(tv),
-                "delta": tv - bv,
-            }
-            (improved if tv > bv else regressed if tv < bv else unchanged).append(entry)
-        else:
-            entry = {
-                "index": i,
-                "question": _snippet(b.get("question")),
-                "ground_truth": _snippet(b.get("ground_truth"), 60),
-                "base_answer": _snippet(b.get("extracted_answer"), 60),
-                "trained_answer": _snippet(t.get("extracted_answer"), 60),
-                "base": bool(bv),
-                "trained": bool(tv),
-                "delta": tv - bv,
-            }
-            tol = 0.0
-            if _partial(b) and _partial(t):  # partial credit (tests passed, judged items): it moves first
-                entry.update(base_reward=b["reward"], trained_reward=t["reward"], delta=t["reward"] - b["reward"])
-                tol = REWARD_TOLERANCE
-            delta = entry["delta"]
-            (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
+        entry, tol = _paired_entry(i, base[i], trained[i], kind)
+        delta = entry["delta"]
+        (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
     valid = [i for i in paired_idx if i not in set(errors)]
-    base_mean = mean_metric([base[i] for i in valid], kind)
-    trained_mean = mean_metric([trained[i] for i in valid], kind)
     improved.sort(key=lambda e: -e["delta"])
     regressed.sort(key=lambda e: e["delta"])
     return {
@@ -384,10 +353,35 @@ def compare_examples(
         "errors": len(errors),
         "error_indices": errors,
         # Means over the examples evaluated successfully on both sides (a like-for-like comparison).
-        "base_mean": base_mean,
-        "trained_mean": trained_mean,
+        "base_mean": mean_metric([base[i] for i in valid], kind),
+        "trained_mean": mean_metric([trained[i] for i in valid], kind),
         "unpaired_base": sorted(set(base) - set(trained)),
         "unpaired_trained": sorted(set(trained) - set(base)),
         "top_improved": improved[:top],
         "top_regressed": regressed[:top],
     }
+
+
+def _paired_entry(i: int, b: dict, t: dict, kind: MetricKind) -> tuple[dict[str, Any], float]:
+    """One example's report entry (`delta` > 0: better) and the tolerance its delta must exceed to count."""
+    bv, tv = metric_value(b, kind), metric_value(t, kind)
+    assert bv is not None and tv is not None
+    if kind == "nll":
+        entry = {"index": i, "prompt": _snippet(b.get("prompt")), "base": bv, "trained": tv, "delta": bv - tv}
+        return entry, NLL_RELATIVE_TOLERANCE * max(abs(bv), 1e-8)
+    common = {"base": bool(bv), "trained": bool(tv), "delta": tv - bv}
+    if "margin" in b:  # preference rows: the margin moves even when `correct` does not flip
+        margins = {"base_margin": b.get("margin"), "trained_margin": t.get("margin")}
+        return {"index": i, "prompt": _snippet(b.get("prompt")), **margins, **common}, 0.0
+    entry = {
+        "index": i,
+        "question": _snippet(b.get("question")),
+        "ground_truth": _snippet(b.get("ground_truth"), 60),
+        "base_answer": _snippet(b.get("extracted_answer"), 60),
+        "trained_answer": _snippet(t.get("extracted_answer"), 60),
+        **common,
+    }
+    if _partial(b) and _partial(t):  # partial credit (tests passed, judged items): it moves first
+        entry.update(base_reward=b["reward"], trained_reward=t["reward"], delta=t["reward"] - b["reward"])
+        return entry, REWARD_TOLERANCE
+    return entry, 0.0

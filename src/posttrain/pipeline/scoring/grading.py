@@ -1,10 +1,11 @@
 """Final-answer extraction and grading for verifiable-reward problems, on the cookbook's math grader.
 
 The reward during RL and the accuracy in evaluation both come from here, so the two cannot disagree.
-A problem is a dict `{"question", "answer", "grader", ...}`: grader "math" compares with the cookbook's
-`safe_grade` (sympy equivalence and normalisation, with a timeout, as its math_rl recipe does);
-"reasoning_gym:TASK" uses the task's own scorer on the problem's `entry`; "text" (short factual answers, e.g. a
-name) is an exact match after the normalisation of the cookbook's search recipe (`normalize_text`).
+A problem is a dict `{"question", "answer", "grader", ...}` (`scorer.GRADERS` dispatches on the grader):
+`grade_math` compares with the cookbook's `safe_grade` (sympy equivalence and normalisation, with a timeout, as
+its math_rl recipe does); `grade_reasoning_gym` uses the task's own scorer on the problem's `entry`;
+`grade_text` (short factual answers, e.g. a name) is an exact match after the normalisation of the cookbook's
+search recipe (`normalize_text`).
 """
 
 from __future__ import annotations
@@ -83,16 +84,20 @@ def normalize_text(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def grade(problem: dict, extracted: str) -> bool:
-    """Whether `extracted` answers `problem` correctly."""
-    grader = problem.get("grader", "math")
-    if grader == "text":
-        return bool(extracted.strip()) and normalize_text(extracted) == normalize_text(str(problem["answer"]))
-    if grader.startswith("reasoning_gym:"):
-        scorer = _reasoning_gym_scorer(grader.split(":", 1)[1])
-        return float(scorer(extracted, problem["entry"])) >= 1.0
+def grade_math(problem: dict, extracted: str) -> bool:
+    """The cookbook's math grader (sympy equivalence, with a timeout) against the problem's answer."""
     if not extracted.strip():
         return False
     from tinker_cookbook.recipes.math_rl.math_env import safe_grade
 
     return bool(safe_grade(extracted, str(problem["answer"]), grader="sympy", timeout=GRADE_TIMEOUT_SECONDS))
+
+
+def grade_text(problem: dict, extracted: str) -> bool:
+    """Exact match after normalisation (short factual answers, e.g. a name)."""
+    return bool(extracted.strip()) and normalize_text(extracted) == normalize_text(str(problem["answer"]))
+
+
+def grade_reasoning_gym(problem: dict, extracted: str) -> bool:
+    """The reasoning-gym task's own scorer on the problem's entry."""
+    return float(_reasoning_gym_scorer(problem["task"])(extracted, problem["entry"])) >= 1.0

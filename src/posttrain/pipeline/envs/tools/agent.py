@@ -1,9 +1,9 @@
-"""The cookbook environment for multi-turn tool use (`env=tools:NAME`; problems and tools' logic in `tool_tasks`).
+"""`env=tools:NAME[:max_turns=N]`: multi-turn tool use, one environment for every tool set (`calculator`, `search`).
 
 The model is given tools and a question; each turn it either calls a tool (the call is run and its result is
-the next message) or answers; the episode ends at the answer, at a malformed call, or after `max_turns` turns.
-The reward is the final answer's score (`scoring`, the same function as the evaluation's), with the format
-term of the cookbook's `TextAnswerReward`: -0.1 when the answer is not written after '####'.
+the next message) or answers; the episode ends at the answer, at a malformed call, or after `max_turns` turns
+(default 4). The reward is the final answer's score (`scoring`, the same function as the evaluation's), with the
+format term of the cookbook's `TextAnswerReward`: -0.1 when the answer is not written after '####'.
 
 Everything tool-shaped is the cookbook's (`tinker_cookbook.tool_use`): the tools are `@tool` functions, the
 env is `build_agent_tool_env` (its `AgentToolMessageEnv` runs the calls and ends the episode, inside the
@@ -15,112 +15,102 @@ whose ChatML is its chat template) that is Qwen's:
     {"name": "calculator", "arguments": {"expression": "24*37-15"}}
     </tool_call>
 
-answered by a user turn `<tool_response>\\n873\\n</tool_response>`. SmolLM2's own template has no tool format,
-and the renderer's is a documented, parseable one, so no protocol of our own is needed. A renderer without a
-tool-call format (`role_colon`, `llama3` in tinker-cookbook 0.6.1) is refused before anything starts. A small
-model has never seen the format, so every conversation opens with one worked example of it (the cookbook's
-search recipe puts one in its instructions).
+answered by a user turn `<tool_response>\\n873\\n</tool_response>`. A renderer without a tool-call format
+(`role_colon`, `llama3` in tinker-cookbook 0.6.1) is refused before anything starts. A small model has never seen
+the format, so every conversation opens with one worked example of it (the cookbook's search recipe puts one in
+its instructions).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
-import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import chz
 from tinker_cookbook import renderers
 from tinker_cookbook.renderers.base import ToolCall
-from tinker_cookbook.rl.problem_env import ProblemGroupBuilder
-from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset
-from tinker_cookbook.tool_use import (
-    Tool,
-    ToolResult,
-    build_agent_tool_env,
-    error_tool_result,
-    simple_tool_result,
-    tool,
-)
+from tinker_cookbook.rl.types import Env, EnvGroupBuilder
+from tinker_cookbook.tool_use import build_agent_tool_env
 
 from posttrain.errors import ConfigError
-from posttrain.pipeline.envs.dataset import ScoredRowsBuilder
-from posttrain.pipeline.envs.tools import CalculatorError, corpus_retriever, format_number, safe_eval
+from posttrain.pipeline.envs.base import (
+    EVAL_SEED_OFFSET,
+    EnvContext,
+    Episode,
+    ProblemSet,
+    mean_score,
+    n_eval,
+    n_train,
+    problem_group,
+)
 from posttrain.pipeline.scoring.scorer import Scored, Scorer
+
+if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
+    from posttrain.pipeline.envs.base import ProblemSettings
+    from posttrain.pipeline.envs.spec import EnvSpec
+    from posttrain.pipeline.results import RLExample
 
 # The cookbook's TextAnswerReward term: a final message without the answer marker loses this much (a
 # malformed tool call, which ends the episode, costs the same).
 FORMAT_COEF = 0.1
 ANSWER_MARKER = "####"
+DEFAULT_MAX_TURNS = 4
+MAX_TURNS_LIMIT = 20
+# Renderers of tinker-cookbook 0.6.1 whose `create_conversation_prefix_with_tools` raises NotImplementedError
+# (a test pins this list to the cookbook); checked before the engine starts.
+NO_TOOL_CALL_RENDERERS = ("llama3", "role_colon")
 
 
-# ------------------------------------------------------------------------------------------------ tools
+def tool_set(spec: EnvSpec) -> ModuleType:
+    """`env=tools:NAME`'s tool set: the module `envs/tools/NAME.py`, with its TOOLS (cookbook `@tool` functions),
+    INSTRUCTIONS, worked EXAMPLE, SOURCE and problems(split, n, seed). A new tool set is such a module and its
+    line in `envs.registry`."""
+    return importlib.import_module(f"{__package__}.{spec.variant}")
 
 
-@tool
-async def calculator(expression: Annotated[str, "an arithmetic expression, e.g. 24*37-15"]) -> ToolResult:
-    """Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses."""
-    try:
-        return simple_tool_result(format_number(safe_eval(expression)))
-    except CalculatorError as exc:
-        return error_tool_result(str(exc), error_type="calculator_error")
+def max_turns(spec: EnvSpec) -> int:
+    """The `max_turns=N` option (the only one), checked."""
+    unknown = set(spec.options) - {"max_turns"}
+    if unknown:
+        raise ConfigError(f"env={spec}: unknown option {sorted(unknown)[0]!r}; the only option is max_turns=N")
+    value = spec.options.get("max_turns", DEFAULT_MAX_TURNS)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TURNS_LIMIT:
+        raise ConfigError(f"env={spec}: max_turns={value!r} is not valid; expected 1 to {MAX_TURNS_LIMIT}")
+    return value
 
 
-@tool
-async def search(query: Annotated[str, "what to look for, e.g. a name from the question"]) -> ToolResult:
-    """Search the encyclopedia; returns the passages that match the query best."""
-    hits = corpus_retriever().search(query)
-    return simple_tool_result("\n".join(p["text"] for p in hits) if hits else "No results.")
+def check_renderer(renderer_name: str, spec: EnvSpec) -> None:
+    if renderer_name in NO_TOOL_CALL_RENDERERS:
+        raise ConfigError(
+            f"env={spec} needs a renderer with a tool-call format; renderer {renderer_name!r} has none "
+            "(set renderer_name, e.g. qwen3_instruct for ChatML models)"
+        )
 
 
-# Stateless tools, shared by every rollout (the cookbook README's "entire training run" lifetime).
-TOOLS: dict[str, list[Tool]] = {"calculator": [calculator], "search": [search]}
-
-# A worked example at the start of every conversation, in the renderer's own tool-call format: question, call
-# arguments, the tool's answer, the final answer (made up: not from the problems or the corpus).
-_EXAMPLES: dict[str, tuple[str, dict[str, str], str, str]] = {
-    "calculator": (
-        "A crate holds 24 jars. Ann has 37 crates and breaks 15 jars. How many jars are left?",
-        {"expression": "24*37-15"},
-        "873",
-        "873",
-    ),
-    "search": (
-        "Who built the Olvenmark Tower?",
-        {"query": "Olvenmark Tower"},
-        "The Olvenmark Tower is a stone tower by the sea. It was built in 1721 by Teodor Vlask.",
-        "Teodor Vlask",
-    ),
-}
-_INSTRUCTIONS = {
-    "calculator": "Use the calculator tool for the arithmetic. Then give only the final answer after ####.",
-    "search": "Search for the facts you need with the search tool. Then give only the final answer after ####.",
-}
-
-
-def initial_messages(problem: dict, renderer: Any) -> list[renderers.Message]:
+def initial_messages(problem: dict, renderer: Any, tools: ModuleType) -> list[renderers.Message]:
     """System prompt with the tool specifications (the renderer's), the worked example, the question."""
-    name = problem["tool_env"]
-    tools = TOOLS[name]
-    question, arguments, result, answer = _EXAMPLES[name]
+    question, arguments, result, answer = tools.EXAMPLE
     try:
         prefix = renderer.create_conversation_prefix_with_tools(
-            [t.to_spec() for t in tools], system_prompt=_INSTRUCTIONS[name]
+            [t.to_spec() for t in tools.TOOLS], system_prompt=tools.INSTRUCTIONS
         )
     except NotImplementedError:
         raise ConfigError(
-            f"env=tools:{name} needs a renderer with a tool-call format; {type(renderer).__name__} has none "
-            "(set renderer_name, e.g. qwen3_instruct for ChatML models)"
+            f"env=tools:{tools.__name__.rsplit('.', 1)[-1]} needs a renderer with a tool-call format; "
+            f"{type(renderer).__name__} has none (set renderer_name, e.g. qwen3_instruct for ChatML models)"
         ) from None
-    call = ToolCall(function=ToolCall.FunctionBody(name=tools[0].name, arguments=json.dumps(arguments)))
+    first = tools.TOOLS[0]
+    call = ToolCall(function=ToolCall.FunctionBody(name=first.name, arguments=json.dumps(arguments)))
     example: list[renderers.Message] = [
         {"role": "user", "content": question},
         {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": result, "name": tools[0].name},
+        {"role": "tool", "content": result, "name": first.name},
         {"role": "assistant", "content": f"{ANSWER_MARKER} {answer}"},
     ]
     return [*prefix, *example, {"role": "user", "content": problem["question"]}]
@@ -168,8 +158,17 @@ class ThreadSafeRenderer:
         return self.own().tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+# One thread-safe wrapper per renderer for the whole run (by identity; the renderer is kept alive with it): its
+# per-thread copies are made once, not once per episode.
+_SHARED: dict[int, tuple[Any, ThreadSafeRenderer]] = {}
+
+
 def thread_safe(renderer: renderers.Renderer | ThreadSafeRenderer) -> ThreadSafeRenderer:
-    return renderer if isinstance(renderer, ThreadSafeRenderer) else ThreadSafeRenderer(renderer)
+    if isinstance(renderer, ThreadSafeRenderer):
+        return renderer
+    if id(renderer) not in _SHARED:
+        _SHARED[id(renderer)] = (renderer, ThreadSafeRenderer(renderer))
+    return _SHARED[id(renderer)][1]
 
 
 @dataclass
@@ -201,93 +200,93 @@ class FinalAnswerReward:
         return FORMAT_COEF * (has_marker - 1) + self.scored.reward, self.metrics
 
 
-def make_env(
-    problem: dict,
-    renderer: renderers.Renderer | ThreadSafeRenderer,
-    scorer: Scorer,
-    max_turns: int,
-    phase: str = "train",
-) -> tuple[Env, FinalAnswerReward]:
-    """One rollout's env (the cookbook's tool-agent env) and its reward function."""
-    renderer = thread_safe(renderer)  # type: ignore[assignment]  # a Renderer in all but name
-    opening = initial_messages(problem, renderer)
-    reward = FinalAnswerReward(problem, scorer, phase, prompt_messages=len(opening))
+def make_env(problem: dict, ctx: EnvContext) -> Env:
+    """One rollout's env (the cookbook's tool-agent env); its reward function is kept on it as `answer`."""
+    tools = tool_set(ctx.spec)
+    renderer = thread_safe(ctx.renderer)
+    opening = initial_messages(problem, renderer, tools)
+    reward = FinalAnswerReward(problem, ctx.scorer, ctx.phase, prompt_messages=len(opening))
     env = build_agent_tool_env(
-        renderer=renderer,
-        tools=TOOLS[problem["tool_env"]],
+        renderer=renderer,  # type: ignore[arg-type]  # a Renderer in all but name
+        tools=tools.TOOLS,
         initial_messages=opening,
         reward_fn=reward,
-        max_turns=max_turns,
+        max_turns=max_turns(ctx.spec),
         failed_parse_reward=-FORMAT_COEF,
     )
-    return env, reward
+    env.answer = reward  # type: ignore[attr-defined]  # what the results row reads back
+    return env
 
 
-# ---------------------------------------------------------------------------------------------- dataset
+class ToolUse:
+    tag = "tools"
+    score_label = "accuracy"
+    noun = "problems"
+    takes_verifier = True
 
+    def problems(self, spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
+        from posttrain.pipeline.setup import preflight
 
-class ToolProblemDataset(RLDataset):
-    """Groups of `group_size` rollouts per problem, the problems in a seeded order (batch i is the same on
-    resume), epoch after epoch."""
+        if data is not None:
+            raise ConfigError(f"env={spec} makes its own problems; leave dataset= out")
+        # A renderer with no tool-call format is refused now, before the engine starts.
+        check_renderer(preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0], spec)
+        turns, tools = max_turns(spec), tool_set(spec)
+        eval_seed = cfg.seed + EVAL_SEED_OFFSET
+        train, held_out = tools.problems("train", n_train(cfg), cfg.seed), tools.problems("test", n_eval(cfg), eval_seed)
+        info = {
+            "source": f"{spec.variant}: {tools.SOURCE}",
+            "eval_source": f"{len(held_out)} held-out problems (seed {eval_seed})",
+            "max_turns": turns,
+            "score": "accuracy of the final answer (after the tool calls)",
+        }
+        return ProblemSet(train, held_out, info)
 
-    def __init__(
-        self,
-        problems: list[dict],
-        renderer: renderers.Renderer | ThreadSafeRenderer,
-        groups_per_batch: int,
-        group_size: int,
-        n_batches: int,
-        seed: int,
-        max_turns: int,
-        scorer: Scorer,
-    ):
-        self.problems = problems
-        self.renderer = thread_safe(renderer)  # one for the whole run: copies are made once per thread
-        self.groups_per_batch = groups_per_batch
-        self.group_size = group_size
-        self.n_batches = n_batches
-        self.seed = seed
-        self.max_turns = max_turns
-        self.scorer = scorer
+    def prompt(self, problem: dict, ctx: EnvContext) -> list[renderers.Message]:
+        return initial_messages(problem, ctx.renderer, tool_set(ctx.spec))
 
-    def _env(self, problem: dict) -> Env:
-        return make_env(problem, self.renderer, self.scorer, self.max_turns)[0]
+    def max_turns(self, spec: EnvSpec) -> int:
+        return max_turns(spec)
 
-    def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        per_epoch = max(1, len(self.problems) // self.groups_per_batch)
-        epoch, offset = divmod(index, per_epoch)
-        order = list(range(len(self.problems)))
-        random.Random(self.seed + epoch).shuffle(order)
-        start = offset * self.groups_per_batch
-        chosen = [order[(start + k) % len(order)] for k in range(self.groups_per_batch)]
-        return [
-            ProblemGroupBuilder(
-                env_thunk=partial(self._env, self.problems[i]),  # type: ignore[arg-type]  # any Env works
-                num_envs=self.group_size,
-                dataset_name="tools",
-            )
-            for i in chosen
+    def make_env(self, problem: dict, ctx: EnvContext) -> Env:
+        return make_env(problem, ctx)
+
+    def group_builder(self, problem: dict, ctx: EnvContext, group_size: int) -> EnvGroupBuilder:
+        # One thread-safe renderer for the whole run: its per-thread copies are made once.
+        return problem_group(make_env, problem, ctx, group_size, self.tag)
+
+    def row(self, index: int, problem: dict, episode: Episode) -> RLExample:
+        """The transcript: per turn the model's text as written (tool calls included), the tools' replies ("" after
+        the final answer) and the step's reward; the final answer scored as the training reward scores it."""
+        from posttrain.pipeline.results import RLExample
+
+        reward: FinalAnswerReward = episode.env.answer  # type: ignore[attr-defined]
+        renderer = thread_safe(episode.renderer)
+        transcript = [
+            {"turn": turn, "player": renderer.decode(t.ac.tokens), "env": _tool_replies(t.logs), "reward": t.reward}
+            for turn, t in enumerate(episode.trajectory.transitions, 1)
         ]
+        record = RLExample(index, problem["question"], str(problem["answer"]), "", "", False, transcript=transcript)
+        calls = sum(1 for t in episode.trajectory.transitions for key in t.logs if key.startswith("tool_call_"))
+        record.details = {"tool_calls": calls, "turns": len(transcript)}
+        scored = reward.scored  # None: the episode ended without an answer (a malformed or cut-off turn)
+        record.completion = reward.answer_text if scored is not None else (transcript[-1]["player"] if transcript else "")
+        if scored is not None:
+            record.extracted_answer, record.correct = scored.extracted, scored.correct
+            record.reward = scored.reward if reward.scorer.verifier is not None else None
+            record.verifier_error = scored.verifier_error
+        return record
 
-    def __len__(self) -> int:
-        return self.n_batches
+    def score(self, rows: Sequence[RLExample]) -> float:
+        return mean_score(rows)
+
+    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
+        return {}
 
 
-@chz.chz
-class ToolProblemFileBuilder(ScoredRowsBuilder):
-    """The dataset builder `rl.train` calls; the user's reward_fn, if any, scores the final answer."""
-
-    max_turns: int = 4
-
-    async def __call__(self) -> tuple[ToolProblemDataset, None]:
-        dataset = ToolProblemDataset(
-            self.rows(),
-            self.renderer(),
-            self.groups_per_batch,
-            self.group_size,
-            self.n_batches,
-            self.seed,
-            self.max_turns,
-            self.scorer(),
-        )
-        return dataset, None
+def _tool_replies(logs: dict[str, Any]) -> str:
+    # AgentToolMessageEnv logs each call's result as tool_result_<k>, and malformed calls as parse_errors.
+    replies = [str(logs[k]) for k in sorted(logs) if k.startswith("tool_result_")]
+    if "parse_errors" in logs:
+        replies.append(f"(tool call not understood: {logs['parse_errors']})")
+    return "\n".join(replies)

@@ -1,0 +1,216 @@
+"""Every set of weights the engine knows: the served base models, training runs, samplers and checkpoints.
+
+The training operations here run on the compute thread (the routes submit them through the engine's queue);
+the look-ups (`model`, `run`, `create_sampler`) run on the event loop to check a request before it is queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.engine import training
+from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_name, parse_tinker_path
+from posttrain.engine.errors import WireError
+from posttrain.engine.models import ModelSource
+from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
+from posttrain.engine.stability import StabilityRecords
+from posttrain.engine.wire import FwdBwdRequest, encode_forward_backward_output
+from posttrain.util import iso_time
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampler:
+    sampler_id: str
+    base: ServedModel
+    model_path: str | None
+    snapshot_key: str | None  # None: the base model
+
+    @property
+    def weights_key(self) -> tuple[str, str | None]:
+        """Requests with the same key decode in one batch."""
+        return self.base.name, self.snapshot_key
+
+
+def load_models(
+    sources: list[ModelSource], dtype: torch.dtype, device: torch.device
+) -> dict[str, ServedModel]:
+    models = {}
+    for source in sources:
+        logger.info("loading %s from %s (%s on %s)", source.name, source.path, dtype, device)
+        models[source.name] = ServedModel(source, dtype, device)
+    return models
+
+
+class Weights:
+    def __init__(self, models: dict[str, ServedModel], checkpoint_dir: Path) -> None:
+        self.models = models
+        self.store = CheckpointStore(checkpoint_dir)
+        self.runs: dict[str, TrainingRun] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self.snapshots = SnapshotCache()
+        self.stability = StabilityRecords()
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None or name not in self.models:
+            raise WireError(
+                f"model {name!r} is not served by this engine; available: {', '.join(self.models)}"
+            )
+        return self.models[name]
+
+    def run(self, model_id: str) -> TrainingRun:
+        run = self.runs.get(model_id)
+        if run is None:
+            raise WireError(
+                f"unknown model_id {model_id!r} (training runs live until the server stops; "
+                "resume from a checkpoint with create_training_client_from_state)"
+            )
+        return run
+
+    # training operations (on the compute thread) ----------------------------------------------------------------
+    def create_run(
+        self, model_id: str, base_model: str, spec: LoraSpec, user_metadata: dict | None
+    ) -> TrainingRun:
+        base = self.model(base_model)
+        if spec.rank < 1 or spec.rank > 512:
+            raise WireError(f"lora rank must be between 1 and 512, got {spec.rank}")
+        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+            raise WireError("at least one of train_attn, train_mlp, train_unembed must be true")
+        adapter = f"run{len(self.runs)}-{uuid.uuid4().hex[:6]}"
+        base.add_adapter(adapter, spec)
+        run = TrainingRun(
+            run_id=model_id,
+            base=base,
+            spec=spec,
+            adapter=adapter,
+            optimizer=training.new_optimizer(base.adapter_params(adapter)),
+            user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()},
+        )
+        self.runs[model_id] = run
+        self.store.write_run(model_id, run.info())
+        return run
+
+    def forward_backward(self, request: FwdBwdRequest) -> bytes:
+        outputs, metrics = training.forward_backward(self.run(request.model_id), request, self.stability)
+        return encode_forward_backward_output(outputs, metrics)
+
+    def optim_step(self, model_id: str, adam: dict) -> dict:
+        return {"metrics": training.optim_step(self.run(model_id), adam)}
+
+    def save_state(
+        self, model_id: str, name: str, ttl: int | None, overwrite: bool, metadata: dict | None
+    ) -> dict:
+        run = self.run(model_id)
+        ref = CheckpointRef(model_id, "weights", check_name(name))
+        meta = _meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}})
+        self.store.save(
+            ref, run.adapter_state(), meta, optimizer=run.optimizer.state_dict(), overwrite=overwrite
+        )
+        return {"path": ref.tinker_path, "type": "save_weights"}
+
+    def save_for_sampler(
+        self, model_id: str, name: str | None, sampler_seq: int | None, ttl: int | None, metadata: dict | None
+    ) -> dict:
+        run = self.run(model_id)
+        snapshot = Snapshot(run.spec, run.adapter_state())
+        if name is None:
+            # Ephemeral: kept in memory only, addressed through a sampling session.
+            sampler_id = (
+                f"{model_id}:sampler:{sampler_seq if sampler_seq is not None else uuid.uuid4().hex[:8]}"
+            )
+            key = f"ephemeral:{sampler_id}:{time.time_ns()}"
+            self.snapshots.put(key, snapshot)
+            self.samplers[sampler_id] = Sampler(sampler_id, run.base, None, key)
+            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+        ref = CheckpointRef(model_id, "sampler_weights", check_name(name))
+        meta = _meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}})
+        self.store.save(ref, snapshot.weights, meta, overwrite=True)
+        self.snapshots.put(ref.tinker_path, snapshot)
+        return {"path": ref.tinker_path, "type": "save_weights_for_sampler"}
+
+    def load(
+        self, model_id: str, path: str, with_optimizer: bool, base_model: str | None, metadata: dict | None
+    ) -> dict:
+        ref = parse_tinker_path(path)
+        adapter, meta, optimizer = self.store.load(ref, with_optimizer)
+        if base_model and base_model != meta["base_model"]:
+            raise WireError(f"{path} was trained on {meta['base_model']}, not {base_model}")
+        run = self.runs.get(model_id)
+        if run is None:
+            run = self.create_run(model_id, meta["base_model"], LoraSpec.from_dict(meta["lora"]), metadata)
+        elif run.steps > 0:
+            raise WireError("load_weights is only allowed as the first request of a training client")
+        from peft.utils import set_peft_model_state_dict
+
+        assert run.base.peft is not None
+        set_peft_model_state_dict(run.base.peft, adapter, adapter_name=run.adapter)
+        if optimizer is not None:
+            run.optimizer.load_state_dict(optimizer)
+        run.steps = int(meta.get("step", 0))
+        return {"path": path, "model_id": model_id, "type": "load_weights"}
+
+    # samplers ----------------------------------------------------------------------------------------------------
+    def create_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None) -> Sampler:
+        if model_path:
+            ref = parse_tinker_path(model_path)
+            meta = self.store.meta(ref)
+            if base_model and base_model != meta["base_model"]:
+                raise WireError(f"{model_path} was trained on {meta['base_model']}, not {base_model}")
+            sampler = Sampler(sampler_id, self.model(meta["base_model"]), model_path, ref.tinker_path)
+        else:
+            sampler = Sampler(sampler_id, self.model(base_model), None, None)
+        self.samplers[sampler_id] = sampler
+        return sampler
+
+    def snapshot(self, sampler: Sampler) -> Snapshot | None:
+        """The adapter a sampler decodes with (None: the base model), from memory or its checkpoint."""
+        if sampler.snapshot_key is None:
+            return None
+        snap = self.snapshots.get(sampler.snapshot_key)
+        if snap is not None:
+            return snap
+        if sampler.snapshot_key.startswith("ephemeral:"):
+            raise WireError(
+                f"sampler {sampler.sampler_id}: its weights were evicted; save them with a name to keep them"
+            )
+        weights, meta, _ = self.store.load(parse_tinker_path(sampler.snapshot_key), with_optimizer=False)
+        snap = Snapshot(LoraSpec.from_dict(meta["lora"]), weights)
+        self.snapshots.put(sampler.snapshot_key, snap)
+        return snap
+
+    # REST views --------------------------------------------------------------------------------------------------
+    def training_run_view(self, run_id: str) -> dict:
+        live = self.runs.get(run_id)
+        info = live.info() if live else self.store.read_run(run_id)
+        if info is None:
+            raise KeyError(run_id)
+        checkpoints = self.store.list(run_id)
+        training = [c for c in checkpoints if c["checkpoint_type"] == "training"]
+        sampler = [c for c in checkpoints if c["checkpoint_type"] == "sampler"]
+        last = live.last_request if live else info.get("created", time.time())
+        return {
+            "training_run_id": run_id,
+            "base_model": info["base_model"],
+            "model_owner": "local",
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": info["lora"]["rank"],
+            "last_request_time": iso_time(last),
+            "last_checkpoint": training[-1] if training else None,
+            "last_sampler_checkpoint": sampler[-1] if sampler else None,
+            "user_metadata": info.get("user_metadata") or None,
+        }
+
+    def run_ids(self) -> list[str]:
+        return sorted(set(self.store.list_runs()) | set(self.runs))
+
+
+def _meta(run: TrainingRun, extra: dict) -> dict:
+    return {"base_model": run.base.name, "lora": run.spec.__dict__, "step": run.steps, **extra}

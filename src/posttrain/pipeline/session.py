@@ -1,0 +1,177 @@
+"""The part of a run that talks to the service: the service up (a local engine started), the models checked, the
+renderer and learning rate chosen, the method prepared; then the base evaluation, the training loop(s) with their
+progress bars, the final checkpoint, and the trained model's evaluation. A plan (`dry_run=true`) goes as far as
+the method's token budget and, locally, a probe of this machine's speed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain.errors import UserError
+from posttrain.pipeline import results, tracking
+from posttrain.pipeline.console import CONSOLE
+from posttrain.pipeline.methods import Method, RunContext, TrainingStage, training_stages
+from posttrain.pipeline.methods.choice import default_learning_rate
+from posttrain.pipeline.setup import backend, plan, preflight, resume, template_check
+from posttrain.pipeline.state import RunState
+
+if TYPE_CHECKING:
+    import tinker
+
+say = CONSOLE.say
+
+
+async def plan_run(state: RunState, method: Method) -> dict[str, Any]:
+    cfg = state.cfg
+    if state.backend == "tinker":  # tokens and published prices: nothing is asked of the service
+        ctx = context(state, None, cfg.base_url)
+        template_check.check_run(ctx, method)
+        method.prepare(ctx)
+        budget = method.token_budget()
+        return {"tokens": budget.as_dict(), "tinker_cost": plan.tinker_price(cfg.model_name, budget)}
+    started = time.monotonic()
+    async with prepared(state, method) as ctx:
+        budget = method.token_budget()
+        startup = time.monotonic() - started
+        say("plan: measuring this machine's speed (one training step, a few samples)")
+        rates = await plan.probe_rates(ctx.service, cfg.model_name, budget, cfg.lora_rank)
+    seconds = plan.estimated_seconds(budget, rates)
+    return {
+        "tokens": budget.as_dict(),
+        "rates": rates,
+        "seconds": round(seconds + startup),
+        "startup": startup,
+    }
+
+
+@asynccontextmanager
+async def prepared(state: RunState, method: Method) -> AsyncIterator[RunContext]:
+    """The service up (a local engine started), the models checked, the method prepared on it."""
+    # The SDK and the cookbook load torch (seconds): only once every check has passed.
+    import tinker
+
+    # A method may need more models served than the one it trains (e.g. a distillation teacher).
+    extra_models = list(method.extra_models)
+    async with backend.service_url(state.cfg, state.backend, state.log_path, say, extra_models) as url:
+        if backend.remote_url(state.cfg, state.backend) is None:  # a service we do not start was checked before
+            models = [state.cfg.model_name, *extra_models]
+            await asyncio.to_thread(backend.check_served_models, url, models, state.backend)
+        service = tinker.ServiceClient(base_url=url)
+        ctx = context(state, service, url)
+        template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
+        method.prepare(ctx)
+        yield ctx
+
+
+async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
+    cfg = state.cfg
+    async with prepared(state, method) as ctx:
+        service = ctx.service
+        state.budget = method.token_budget()
+
+        # Evaluate the base model and the trained model the same way.
+        base_rows, state.baseline = (
+            resume.earlier_base_evaluation(state.store, state.run_name, say) if cfg.resume else (None, None)
+        )
+        if base_rows is None:
+            base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
+            with state.phase("base_eval"):
+                base_rows, state.baseline = await method.evaluate(base_client, "base model")
+            state.store.write_jsonl(results.BASE_FILE, base_rows)  # kept for a resumed run
+        say(f"base model: {method.score_text(state.baseline)}")
+
+        state.stages = training_stages(method, ctx)
+        with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
+            for number, stage in enumerate(state.stages, 1):
+                await run_stage(state, stage, number)
+        record_final_checkpoint(state, state.stages[-1].log_path)
+        trained_client = await service.create_sampling_client_async(model_path=state.sampler_path)
+
+        with state.phase("trained_eval"):
+            trained_rows, state.trained = await method.evaluate(trained_client, "trained model")
+        say(f"trained model: {method.score_text(state.trained)}")
+    dataset, sizes, extra = method.describe()
+    return results.Outcome(
+        method.metric,
+        base_rows,
+        trained_rows,
+        state.baseline,
+        state.trained,
+        dataset,
+        sizes,
+        extra,
+        score_label=method.score_label,
+    )
+
+
+async def run_stage(state: RunState, stage: TrainingStage, number: int) -> None:
+    """One training loop as a phase: its line, its progress bar; a resumed run continues it or skips it."""
+    several = len(state.stages) > 1
+    label = f"training stage {number}/{len(state.stages)}: {stage.name}" if several else "training"
+    if state.cfg.resume:
+        if several and resume.stage_finished(stage.log_path):
+            say(f"{label}: finished before the interruption (kept)")
+            return
+        resume.forget_steps_after_last_checkpoint(stage.log_path, say)
+    say(f"{label}: {stage.total_steps} steps" + (f" (logs in {stage.log_path})" if several else ""))
+    stage.log_path.mkdir(parents=True, exist_ok=True)
+    with state.phase(f"training_{stage.name}") if several else contextlib.nullcontext():
+        desc = stage.name if several else "training"
+        await with_progress(stage.start(), stage.log_path / "metrics.jsonl", stage.total_steps, desc)
+        if stage.after is not None:
+            await stage.after()
+
+
+async def with_progress(
+    loop: Coroutine[Any, Any, Any], metrics_file: Path, total_steps: int, desc: str = "training"
+) -> None:
+    follower = asyncio.create_task(CONSOLE.follow_training(metrics_file, total_steps, desc))
+    try:
+        await loop
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
+def context(state: RunState, service: tinker.ServiceClient | None, url: str | None) -> RunContext:
+    from tinker_cookbook import renderers
+
+    cfg = state.cfg
+    renderer_name, renderer_source = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)
+    say(f"renderer: {renderer_name} ({renderer_source})")
+    state.renderer_name, state.renderer_source = renderer_name, renderer_source
+    if cfg.learning_rate:
+        lr, state.lr_source = cfg.learning_rate, "explicit"
+    else:
+        lr, state.lr_source = default_learning_rate(cfg.model_name, state.method)
+    state.learning_rate = lr
+    return RunContext(
+        cfg=cfg,
+        run_name=state.run_name,
+        log_path=state.log_path,
+        service=service,
+        base_url=url,
+        renderer_name=renderer_name,
+        renderer=renderers.get_renderer(renderer_name, tokenizer=preflight.load_tokenizer(cfg.model_name)),
+        learning_rate=lr,
+        wandb_project=tracking.resolve_project(cfg.wandb_project),
+        say=say,
+    )
+
+
+def record_final_checkpoint(state: RunState, log_path: Path) -> None:
+    from tinker_cookbook import checkpoint_utils
+
+    record = checkpoint_utils.get_last_checkpoint(str(log_path), required_key="sampler_path")
+    if record is None or not record.sampler_path:
+        raise UserError(
+            f"training finished without a final sampler checkpoint in {log_path}/checkpoints.jsonl"
+        )
+    state.sampler_path = record.sampler_path
+    state.tinker_run_id = record.sampler_path[len("tinker://") :].split("/", 1)[0]

@@ -1,0 +1,90 @@
+"""Every setting of posttrain, for the command line: the run's own (`config.run.RunSettings`) and each method's
+(declared with the method, beside the cookbook Config it drives: `SFTConfig`, `RLConfig`, ...).
+
+`TrainConfig` is all of them in one chz class, so one `key=value` command line reads them and `--help` lists them;
+it is assembled from the method registry (a new method adds its settings by its registry line alone). Once the
+method is known, a setting given that the method does not take is refused in one line naming both, and the method
+is given its own config, holding only what it takes (which is also all that summary.json records).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import chz
+
+from posttrain.config.checks import literals
+from posttrain.config.parse import parse_args, to_dict
+from posttrain.config.run import check_run
+from posttrain.errors import ConfigError
+from posttrain.pipeline.methods import METHODS, config_class
+
+TaskName = Literal[("auto", *METHODS)]  # type: ignore[valid-type]  # the registry's names
+
+
+def _assemble() -> type:
+    """One chz class inheriting every method's config (they share their common groups)."""
+    bases = tuple(dict.fromkeys(config_class(name) for name in METHODS))
+    namespace = {
+        "__annotations__": {"task": TaskName},
+        "task": chz.field(default="auto", doc="|".join(("auto", *METHODS)) + " (auto: inferred from the data and settings)"),
+        "__doc__": "posttrain: LoRA fine-tuning through the Tinker API (or the bundled local engine).",
+        "__module__": __name__,
+        "__qualname__": "TrainConfig",
+    }
+    return chz.chz(type("TrainConfig", bases, namespace))
+
+
+TrainConfig: Any = _assemble()
+_DEFAULTS = TrainConfig()
+
+
+def parse_train_args(argv: list[str]) -> Any:
+    """`key=value` arguments as a checked TrainConfig (see `config.parse.parse_args` for what is refused)."""
+    cfg = parse_args(TrainConfig, argv)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """The run's settings, every setting group's own check, and (with task= given) the method's ownership."""
+    for group in type(cfg).__mro__:
+        check = group.__dict__.get("check")
+        if isinstance(check, staticmethod):
+            check.__func__(cfg)
+    literals(cfg, type(cfg))
+    check_run(cfg)
+    if cfg.task != "auto":
+        check_method_settings(cfg, cfg.task)
+
+
+def given(cfg: Any) -> list[str]:
+    """The settings that differ from their defaults."""
+    return [name for name in chz.chz_fields(TrainConfig) if getattr(cfg, name) != getattr(_DEFAULTS, name)]
+
+
+def check_method_settings(cfg: Any, task: str) -> None:
+    """A setting given that the method does not take is refused: it would be accepted and ignored. Then what the
+    method itself requires of its settings (its config's `when_chosen`)."""
+    cls = config_class(task)
+    accepted = set(chz.chz_fields(cls)) | {"task"}
+    for name in given(cfg):
+        if name not in accepted:
+            owners = [m for m in METHODS if name in chz.chz_fields(config_class(m))]
+            if len(owners) == 1:
+                raise ConfigError(f"{name} is only used by task={owners[0]}, not task={task}; leave it out")
+            raise ConfigError(f"{name} is not used by task={task} (only by task={', '.join(owners)}); leave it out")
+    when_chosen = getattr(cls, "when_chosen", None)
+    if when_chosen is not None:
+        when_chosen(cfg)
+
+
+def method_config(cfg: Any, task: str) -> Any:
+    """The method's own config: its settings' values from `cfg`."""
+    cls = config_class(task)
+    return cls(**to_dict(cfg, chz.chz_fields(cls)))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A method's config as summary.json records it (every setting it takes, with the value used)."""
+    return to_dict(cfg)

@@ -1,0 +1,187 @@
+"""RL beyond math, end to end as a user runs it (`train.py` in a subprocess) against the session's local engine
+over loopback, with the tiny model: user verifiers (good and crashing), code RL in the sandbox, and the
+multi-turn guess-the-number game. The tiny model's answers are noise; what is checked is the wiring: rewards
+come from the right place, errors are counted and never crash the run, and the rows carry what they should."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from runs import read_jsonl, train
+
+from posttrain.pipeline.results import validate_rows, validate_summary
+
+FAST = [
+    "renderer_name=role_colon",
+    "batch_size=2",
+    "group_size=2",
+    "max_steps=1",
+    "max_tokens=8",
+    "max_eval_rows=4",
+    "save_every=0",
+    "eval_every=0",
+    "lora_rank=4",
+    "eval_concurrency=8",
+]
+
+
+def _run(
+    tmp_path: Path, engine, tiny_model: str, args: list[str], name: str
+) -> tuple[dict, list[dict], list[dict]]:
+    proc = train(
+        [
+            *args,
+            *(f for f in FAST if f.split("=")[0] not in {a.split("=")[0] for a in args}),
+            f"model_name={tiny_model}",
+            f"base_url={engine.url}",
+            f"run_name={name}",
+        ],  # fmt: skip
+        tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = tmp_path / "results"
+    summary = json.loads((results / "summary.json").read_text())
+    validate_summary(summary)
+    base, trained = read_jsonl(results / "base_model.jsonl"), read_jsonl(results / "trained_model.jsonl")
+    validate_rows(base, "score", "rl")
+    validate_rows(trained, "score", "rl")
+    return summary, base, trained
+
+
+def test_user_verifier_sets_rewards_and_a_crash_scores_zero_with_its_line(
+    tmp_path: Path, engine, tiny_model: str
+):
+    rows = [{"question": f"{'Crash' if i % 2 else 'Say'} {i}.", "answer": str(i)} for i in range(12)]
+    data, held_out = tmp_path / "qa.jsonl", tmp_path / "qa_eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    verifier = tmp_path / "my_verifier.py"
+    verifier.write_text(
+        "def score(row, completion):\n"
+        "    # any non-empty answer earns reward (the tiny model's noise scores ~0 with the math grader)\n"
+        "    if row['question'].startswith('Crash'):\n"
+        "        return 1 / 0\n"
+        "    return 1.0 if completion.strip() else 0.5\n"
+    )
+    args = [f"dataset={data}", f"eval_dataset={held_out}", f"reward_fn={verifier}:score", "group_size=4"]
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "verifier")
+    assert summary["reward_fn"].endswith("my_verifier.py:score")
+    assert summary["score_label"] == "mean reward (user verifier)"
+    for row in base + trained:
+        if row["question"].startswith("Say"):  # the verifier's own value, not the math grader's 0
+            assert row["reward"] in (0.5, 1.0) and "verifier_error" not in row
+        else:  # crashed: 0 for this sample, with the verifier's file and line; the run went on
+            assert row["reward"] == 0.0 and row["correct"] is False
+            assert "my_verifier.py:4: ZeroDivisionError" in row["verifier_error"]
+    assert summary["baseline_score"] >= 0.25  # 2 of 4 held-out rows earn 0.5 or 1
+    errors = summary["verifier_errors"]
+    assert errors["by_phase"]["base model"] == 2 and errors["by_phase"]["trained model"] == 2
+    assert errors["by_phase"].get("train", 0) in (0, 4, 8)  # 2 problems x 4 rollouts, each one may crash
+    assert errors["count"] == sum(errors["by_phase"].values())
+    assert "my_verifier.py:4: ZeroDivisionError: division by zero" in errors["first"]
+    log = (tmp_path / summary["log_path"] / "verifier_errors.jsonl").read_text()
+    assert log.count("my_verifier.py:4: ZeroDivisionError") == errors["count"]
+
+
+def test_a_missing_verifier_file_or_function_is_one_line_before_anything_starts(tmp_path: Path):
+    (tmp_path / "v.py").write_text("def other(row, completion):\n    return 1.0\n")
+    for spec, needle in ((f"{tmp_path}/v.py:nope", "has no function 'nope' (functions there: other)"),
+                         (f"{tmp_path}/missing.py:f", "missing.py not found")):  # fmt: skip
+        proc = train(["env=arithmetic", f"reward_fn={spec}", "backend=local"], tmp_path, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+def test_code_rl_on_generated_tasks_runs_tests_in_the_sandbox(tmp_path: Path, engine, tiny_model: str):
+    summary, base, trained = _run(tmp_path, engine, tiny_model, ["env=code", "max_tokens=16"], "code_rl")
+    assert summary["score_label"].startswith("pass rate")
+    for row in base + trained:
+        assert row["question"].startswith("Write a Python function `")
+        assert row["ground_truth"].startswith("assert ")
+        assert row["details"]["tests_total"] == 4 and 0 <= row["reward"] <= 1
+    problems = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
+    assert problems[0]["grader"] == "code" and problems[0]["tests"]
+    metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
+    assert any("env/all/score" in m for m in metrics)
+
+
+def test_guess_number_game_reports_win_rate_and_transcripts(tmp_path: Path, engine, tiny_model: str):
+    summary, base, trained = _run(
+        tmp_path,
+        engine,
+        tiny_model,
+        ["env=game:guess_number", "max_tokens=5", "max_eval_rows=2", "batch_size=1"],
+        "game",
+    )
+    assert summary["score_label"] == "win rate" and 0 <= summary["trained_score"] <= 1
+    assert [r["ground_truth"] for r in base] == [
+        r["ground_truth"] for r in trained
+    ]  # the same held-out games
+    for row in base + trained:
+        turns = row["transcript"]
+        assert 1 <= len(turns) <= 10 and turns[0]["turn"] == 1
+        assert set(turns[0]) == {"turn", "player", "env", "reward"}
+        assert row["correct"] == any(t["reward"] == 1.0 for t in turns)
+    metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
+    assert any("env/all/reward/total" in m for m in metrics)
+
+
+def test_tic_tac_toe_reports_win_draw_loss_rates_and_board_transcripts(
+    tmp_path: Path, engine, tiny_model: str
+):
+    args = ["env=game:tic_tac_toe", "game_opponent=blocker", "max_tokens=4", "max_eval_rows=4"]
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "ttt")
+    assert summary["score_label"] == "win rate" and summary["dataset"]["env"] == "game:tic_tac_toe"
+    for side, rows in (("baseline", base), ("trained", trained)):
+        rates = [summary[f"{side}_{k}_rate"] for k in ("win", "draw", "loss")]
+        assert abs(sum(rates) - 1) < 1e-9 and summary[f"{side}_win_rate"] == summary[f"{side}_score"]
+        assert 0 <= summary[f"{side}_illegal_move_rate"] <= summary[f"{side}_loss_rate"]
+        assert [r["details"]["player"] for r in rows] == ["O", "X", "O", "X"]  # seats alternate
+        for row in rows:
+            assert row["details"]["opponent"] == "blocker" and row["correct"] == (
+                row["details"]["outcome"] == "win"
+            )
+            assert row["reward"] == {"win": 1.0, "draw": 0.5, "loss": 0.0}[row["details"]["outcome"]]
+            turns = row["transcript"]
+            assert 1 <= len(turns) <= 5 and " | " in turns[0]["board"] and " | " in turns[-1]["board_after"]
+            assert turns[-1]["env"].endswith(("win", "draw", "loss"))
+    assert [r["question"] for r in base] == [r["question"] for r in trained]  # the same held-out games
+    games = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
+    assert games[0]["opponent"] == "blocker" and [g["player_id"] for g in games[:2]] == [0, 1]
+    metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
+    assert any("env/all/win" in m and "env/all/illegal_move" in m for m in metrics), metrics[-1].keys()
+
+
+def test_a_hanging_verifier_times_out_and_the_run_goes_on(tmp_path: Path, engine, tiny_model: str):
+    rows = [{"question": f"{('Sleep', 'Spin', 'Say')[i % 3]} {i}.", "answer": str(i)} for i in range(12)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    verifier = tmp_path / "stuck.py"
+    verifier.write_text(
+        "import time\n\n"
+        "def score(row, completion):\n"
+        "    if row['question'].startswith('Sleep'):\n"
+        "        time.sleep(10**6)\n"
+        "    while row['question'].startswith('Spin'):\n"
+        "        pass\n"
+        "    return 1.0\n"
+    )
+    args = [f"dataset={data}", f"eval_dataset={data}", f"reward_fn={verifier}:score", "verifier_timeout=1",
+            "max_eval_rows=6", "max_steps=1", "batch_size=1"]  # fmt: skip
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "stuck_verifier")
+    assert summary["hyperparameters"]["verifier_timeout"] == 1
+    for row in base + trained:
+        if row["question"].startswith("Say"):
+            assert row["reward"] == 1.0 and "verifier_error" not in row
+        else:
+            assert row["reward"] == 0.0 and row["verifier_error"].endswith(
+                "timed out after 1 s (the call was stopped)"
+            )
+    assert summary["verifier_errors"]["by_phase"]["base model"] == 4
+    assert summary["durations_seconds"]["base_eval"] < 30  # 4 timed-out calls of 1 s, 2+ at a time

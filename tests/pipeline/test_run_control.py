@@ -1,0 +1,157 @@
+"""Runs stopped part-way, by killing real processes: the engine dies, the pipeline gets SIGTERM or SIGKILL;
+`resume=true` continues a stopped run; inputs that can be checked before anything is spent fail fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from runs import REPO
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [{"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."} for i in range(60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _args(pairs: Path, model: str, run_name: str, epochs: int = 3) -> list[str]:
+    return [
+        f"dataset={pairs}",
+        f"model_name={model}",
+        "renderer_name=role_colon",
+        "learning_rate=0.01",
+        "batch_size=8",
+        f"num_epochs={epochs}",
+        "save_every=5",
+        "eval_every=0",
+        "lora_rank=4",
+        "backend=local",
+        f"run_name={run_name}",
+    ]
+
+
+def _start(args: list[str], cwd: Path, sigint_ignored: bool = False) -> subprocess.Popen[str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        # As a shell script's background job (`train.py &`) starts: with SIGINT ignored.
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    proc = _start(args, cwd)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _engine_pids(parent: int) -> list[int]:
+    """The engine processes started by `parent` (its children running posttrain.engine.serve)."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(parent), "-f", "posttrain.engine.serve"], capture_output=True, text=True
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to read its status.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _checkpoint_saved(log_dir: Path) -> bool:
+    file = log_dir / "checkpoints.jsonl"
+    return file.is_file() and "state_path" in file.read_text()
+
+
+def test_engine_killed_mid_training_then_resumed(tmp_path: Path, tiny_model: str, pairs: Path) -> None:
+    log_dir = tmp_path / "results" / "logs" / "r1"
+    proc = _start(_args(pairs, tiny_model, "r1", epochs=40), tmp_path)
+    _wait_for(lambda: _checkpoint_saved(log_dir), 300, "the first checkpoint")
+    (engine_pid,) = _engine_pids(proc.pid)
+    os.kill(engine_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 30  # the SDK alone would retry for minutes
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("error: the local engine stopped during the run")
+    assert "engine.log" in err and "Traceback" not in err
+    assert "resume=true" in out and "run_name=r1" in out
+    partial = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert partial["status"] == "failed" and partial["run_name"] == "r1" and partial["baseline"] is not None
+    steps_before = [json.loads(line)["step"] for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+    resumed = _run([*_args(pairs, tiny_model, "r1", epochs=40), "resume=true", "max_steps=12"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "evaluated before the interruption" in resumed.stdout
+    assert "continuing from step" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(12)) and len(steps_before) >= 5  # one run: earlier steps kept, none repeated
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["baseline_nll"] == pytest.approx(partial["baseline"])
+    assert not (tmp_path / "results" / "previous").exists()  # nothing moved aside on resume
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_pipeline_stops_its_engine(tmp_path: Path, tiny_model: str, pairs: Path, sig) -> None:
+    # SIGTERM: sent to a background job, which inherited SIGINT ignored (SIGTERM used to do nothing then).
+    proc = _start(_args(pairs, tiny_model, "s1", epochs=40), tmp_path, sigint_ignored=sig == signal.SIGTERM)
+    _wait_for(lambda: (tmp_path / "results" / "logs" / "s1" / "metrics.jsonl").is_file(), 300, "training")
+    (engine_pid,) = _engine_pids(proc.pid)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    _wait_for(lambda: not _alive(engine_pid), 30, "the engine to stop")
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "Traceback" not in err
+        assert json.loads((tmp_path / "results" / "summary.json").read_text())["status"] == "failed"
+        assert "resume=true" in out
+
+
+def test_inputs_checked_before_anything_is_spent(tmp_path: Path, pairs: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.json").write_text('{"run_name": "earlier"}\n')
+    cases = [
+        (["backend=local", "base_url=http://127.0.0.1:9"], "http://127.0.0.1:9 cannot be reached"),
+        (["resume=true", "run_name=never-ran"], "no run 'never-ran' to continue"),
+        (["resume=true"], "resume=true needs run_name"),
+        (["env=reasoning_gym:no_such_task"], "reasoning_gym:no_such_task"),
+        ([f"dataset={pairs}", "task=rl"], "env=math needs a dataset with question/answer"),
+    ]
+    for args, needle in cases:
+        proc = _run([f"dataset={pairs}", *args] if "dataset=" not in " ".join(args) else args, tmp_path, 120)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+    assert sorted(p.name for p in results.iterdir()) == ["summary.json"]  # nothing moved, nothing written
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the results folder should be")
+    proc = _run([f"dataset={pairs}", f"results_dir={blocked}"], tmp_path, 120)
+    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
