@@ -25,6 +25,9 @@ EXPECTED_FIELDS = {
     "eval_temperature", "loss_fn", "kl_penalty_coef", "wandb_project", "save_every", "eval_every", "dtype",
     "dry_run", "resume", "verbose", "dpo_beta", "teacher_model", "distillation_mode", "system_prompt", "behaviour_check",
     "reward_fn", "verifier_timeout", "game_opponent", "grader_model", "grader_mode",
+    # the cookbook Configs' own fields the user's document lists (issue 21), and the QA grader
+    "adam_beta1", "adam_beta2", "adam_eps", "kl_discount_factor", "num_substeps", "remove_constant_reward_groups",
+    "max_steps_off_policy", "num_minibatches", "load_checkpoint_path", "wandb_name", "grader",
 }  # fmt: skip
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."

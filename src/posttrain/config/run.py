@@ -60,8 +60,15 @@ class RunSettings:
     )
     eval_concurrency: int = chz.field(default=64, doc="concurrent evaluation requests")
 
+    load_checkpoint_path: str | None = chz.field(
+        default=None,
+        doc="start training from this saved state (tinker://.../weights/NAME, e.g. an earlier run's); the "
+        "baseline is still the base model",
+    )
+
     # Tracking, checkpoints and the run itself
     wandb_project: str | None = chz.field(default=None, doc="W&B project (None: WANDB_PROJECT from .env)")
+    wandb_name: str | None = chz.field(default=None, doc="W&B run name (None: the run name)")
     save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
     eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
     dry_run: bool = chz.field(
@@ -78,7 +85,8 @@ class RunSettings:
 def check_run(cfg: Any) -> None:
     """The run's own settings: enumerations, ranges, names; a one-line ConfigError on the first problem."""
     literals(cfg, RunSettings)
-    not_blank(cfg, "dataset", "dataset_config", "eval_dataset", "eval_split", "renderer_name", "wandb_project")
+    not_blank(cfg, "dataset", "dataset_config", "eval_dataset", "eval_split", "renderer_name", "wandb_project",
+              "wandb_name")  # fmt: skip
     for name in ("dataset_split", "model_name", "results_dir"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name} is empty; give a value")
@@ -98,6 +106,13 @@ def _check_names(cfg: Any) -> None:
         raise ConfigError("resume=true needs run_name=<the run to continue> (its logs are results/logs/<run_name>)")
     if cfg.base_url is not None and not cfg.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url={cfg.base_url!r} is not valid; expected an http:// or https:// URL")
+    if cfg.load_checkpoint_path is not None and not cfg.load_checkpoint_path.startswith("tinker://"):
+        raise ConfigError(
+            f"load_checkpoint_path={cfg.load_checkpoint_path!r} is not valid; expected a saved state, "
+            "tinker://<run>/weights/<name> (an earlier run's checkpoints.jsonl lists them as state_path)"
+        )
+    if cfg.load_checkpoint_path is not None and cfg.resume:
+        raise ConfigError("resume=true continues from the run's own last checkpoint; leave load_checkpoint_path out")
     if cfg.wandb_project is not None and "/" in cfg.wandb_project:
         raise ConfigError(f"wandb_project={cfg.wandb_project!r} is not valid; a W&B project name has no '/'")
 

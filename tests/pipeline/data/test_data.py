@@ -364,13 +364,37 @@ def test_custom_caps(tmp_path: Path) -> None:
 
 
 def test_eval_dataset_file(tmp_path: Path) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", [chat(k) for k in range(30)])
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(k) for k in range(300)])
     evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"e{k}", "completion": "x"} for k in range(30)])
     loaded = load_data(DataRequest(str(train), eval_dataset=str(evals), max_eval_rows=12))
-    assert len(loaded.train) == 30  # nothing carved out
+    assert len(loaded.train) == 300  # nothing carved out
     assert [r["messages"][0]["content"] for r in loaded.eval] == [f"e{k}" for k in range(12)]
     assert loaded.eval_source == str(evals)
     assert loaded.format == "messages"
+
+
+def test_a_given_eval_set_is_capped_at_10_percent_of_training(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(k) for k in range(300)])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"e{k}", "completion": "x"} for k in range(200)])
+    loaded = load_data(DataRequest(str(train), eval_dataset=str(evals)))
+    drawn = [int(r["messages"][0]["content"][1:]) for r in loaded.eval]
+    assert len(drawn) == 30 and drawn == sorted(set(drawn))  # 10% of 300, distinct rows, in file order
+    assert drawn == [
+        int(r["messages"][0]["content"][1:])
+        for r in load_data(DataRequest(str(train), eval_dataset=str(evals))).eval
+    ]
+    assert drawn != list(range(30))  # drawn from the whole set, not its head
+    assert loaded.eval_source == f"{evals}: 30 rows drawn with seed 42 (10% of training)"
+    assert (
+        f"eval: 30 of the 200 rows of {evals}, drawn with seed 42 (10% of the 300 training rows"
+        in loaded.notes[-1]
+    )
+    few = load_data(
+        DataRequest(
+            str(write_jsonl(tmp_path / "few.jsonl", [chat(k) for k in range(5)])), eval_dataset=str(evals)
+        )
+    )
+    assert len(few.eval) == 1  # 10% of 5 rounds down; one row is the least an evaluation can be
 
 
 def test_eval_dataset_with_other_kind_of_rows_is_rejected(tmp_path: Path) -> None:
@@ -418,7 +442,9 @@ def test_mixed_question_answer_field_pairs(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "d.jsonl", [{"question": "q", "answer": "1"}, {"problem": "p", "solution": "2"}]
     )
-    assert data_error(lambda: load_data(DataRequest(str(path)))).startswith(f'{path} line 2: field "question" is missing')
+    assert data_error(lambda: load_data(DataRequest(str(path)))).startswith(
+        f'{path} line 2: field "question" is missing'
+    )
 
 
 def test_invalid_row_reports_field(tmp_path: Path) -> None:
@@ -445,7 +471,10 @@ def test_unknown_extension(tmp_path: Path) -> None:
 
 def test_missing_file_is_not_sent_to_the_hub(tmp_path: Path) -> None:
     # The autouse fixture makes any Hub call fail the test, so this proves no lookup happened.
-    assert data_error(lambda: load_data(DataRequest("no_such_data.jsonl"))) == "no_such_data.jsonl: file not found"
+    assert (
+        data_error(lambda: load_data(DataRequest("no_such_data.jsonl")))
+        == "no_such_data.jsonl: file not found"
+    )
     missing_eval = str(tmp_path / "eval.jsonl")
     train = write_jsonl(tmp_path / "train.jsonl", [chat()])
     assert (
@@ -528,13 +557,13 @@ def test_hub_streams_shuffles_and_caps_without_reading_everything(
 def test_hub_predefined_test_split_used_for_eval(
     monkeypatch: pytest.MonkeyPatch, shuffles: list[dict]
 ) -> None:
-    train = iterable([{"prompt": f"p{k}", "completion": "c"} for k in range(100)])
+    train = iterable([{"prompt": f"p{k}", "completion": "c"} for k in range(25_000)])
     test = iterable([{"prompt": f"t{k}", "completion": "c"} for k in range(2_500)])
     hub = FakeHub({"train": train, "validation": iterable([chat()]), "test": test})
     install(monkeypatch, hub)
     loaded = load_data(DataRequest("org/name"))
-    assert len(loaded.train) == 100  # nothing carved out of train
-    assert len(loaded.eval) == 2_000
+    assert len(loaded.train) == 20_000  # nothing carved out of train
+    assert len(loaded.eval) == 2_000  # 10% of 20,000, and the most
     assert all(r["messages"][0]["content"].startswith("t") for r in loaded.eval)
     assert loaded.eval_source == "test split"
     assert [c[1]["split"] for c in hub.calls] == ["train", "test"]
@@ -542,10 +571,10 @@ def test_hub_predefined_test_split_used_for_eval(
 
 
 def test_hub_validation_split_when_no_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = FakeHub({"train": iterable([chat(k) for k in range(20)]), "validation": iterable([chat(99)] * 3)})
+    hub = FakeHub({"train": iterable([chat(k) for k in range(40)]), "validation": iterable([chat(99)] * 3)})
     install(monkeypatch, hub)
     loaded = load_data(DataRequest("org/name"))
-    assert (len(loaded.train), len(loaded.eval)) == (20, 3)
+    assert (len(loaded.train), len(loaded.eval)) == (40, 3)
     assert loaded.eval_source == "validation split"
 
 
@@ -583,11 +612,11 @@ def test_hub_bad_row_names_dataset_row_and_field(monkeypatch: pytest.MonkeyPatch
 
 def test_hub_eval_dataset_local_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     install(
-        monkeypatch, FakeHub({"train": iterable([chat(k) for k in range(10)]), "test": iterable([chat()])})
+        monkeypatch, FakeHub({"train": iterable([chat(k) for k in range(40)]), "test": iterable([chat()])})
     )
     evals = write_jsonl(tmp_path / "eval.jsonl", [chat(k) for k in range(4)])
     loaded = load_data(DataRequest("org/name", eval_dataset=str(evals)))
-    assert (len(loaded.train), len(loaded.eval)) == (10, 4)
+    assert (len(loaded.train), len(loaded.eval)) == (40, 4)
     assert loaded.eval_source == str(evals)
 
 
@@ -662,7 +691,8 @@ def test_hub_repository_limits_and_predefined_test_split(hub_repo: Path) -> None
     assert [r["messages"][0]["content"] for r in loaded.train[:5]] != [f"train q{i}" for i in range(5)]
 
     small = load_data(DataRequest(str(hub_repo), max_train_rows=500, max_eval_rows=300))
-    assert len(small.train) == 500 and len(small.eval) == 300  # the predefined split, up to max_eval_rows
+    assert len(small.train) == 500 and len(small.eval) == 50  # the predefined split, 10% of training
+    assert small.eval_source == "test split: 50 rows drawn with seed 42 (10% of training)"
 
 
 def test_hub_repository_config_without_test_split_carves_eval(hub_repo: Path) -> None:

@@ -55,7 +55,8 @@ def _run(
 def test_user_verifier_sets_rewards_and_a_crash_scores_zero_with_its_line(
     tmp_path: Path, engine, tiny_model: str
 ):
-    rows = [{"question": f"{'Crash' if i % 2 else 'Say'} {i}.", "answer": str(i)} for i in range(12)]
+    # 40 training rows: the 4 held-out ones are within the 10% an evaluation may take.
+    rows = [{"question": f"{'Crash' if i % 2 else 'Say'} {i}.", "answer": str(i)} for i in range(40)]
     data, held_out = tmp_path / "qa.jsonl", tmp_path / "qa_eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
@@ -159,7 +160,7 @@ def test_tic_tac_toe_reports_win_draw_loss_rates_and_board_transcripts(
 
 
 def test_a_hanging_verifier_times_out_and_the_run_goes_on(tmp_path: Path, engine, tiny_model: str):
-    rows = [{"question": f"{('Sleep', 'Spin', 'Say')[i % 3]} {i}.", "answer": str(i)} for i in range(12)]
+    rows = [{"question": f"{('Sleep', 'Spin', 'Say')[i % 3]} {i}.", "answer": str(i)} for i in range(60)]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     verifier = tmp_path / "stuck.py"
@@ -185,3 +186,40 @@ def test_a_hanging_verifier_times_out_and_the_run_goes_on(tmp_path: Path, engine
             )
     assert summary["verifier_errors"]["by_phase"]["base model"] == 4
     assert summary["durations_seconds"]["base_eval"] < 30  # 4 timed-out calls of 1 s, 2+ at a time
+
+
+def test_factual_qa_is_graded_by_token_f1_and_the_rows_say_so(tmp_path: Path, engine, tiny_model: str):
+    names = ["Ada Lovelace", "Teodor Vlask", "Marie Curie", "Alan Turing"]
+    rows = [{"question": f"Who is person {i}?", "answer": names[i % 4]} for i in range(40)]
+    data = tmp_path / "people.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary, base, trained = _run(tmp_path, engine, tiny_model, [f"dataset={data}"], "factual")
+    assert summary["dataset"]["grader"] == "f1" and "100% of the answers are text" in summary["dataset"]["grader_reason"]
+    assert summary["score_label"] == "token F1 (correct = exact match)"
+    for row in base + trained:
+        assert row["details"]["grader"] == "f1" and 0.0 <= row["reward"] == row["details"]["f1"] <= 1.0
+        assert row["correct"] == (row["reward"] == 1.0)
+    problems = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
+    assert {p["grader"] for p in problems} == {"f1"}
+
+
+def test_the_grader_setting_belongs_to_question_answer_data(tmp_path: Path):
+    proc = train(["env=arithmetic", "grader=f1", "backend=local"], tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: grader is only used with question/answer data (env=math), not env=arithmetic; leave it out"
+    ), proc.stderr
+    proc = train(["task=sft", "grader=f1", "backend=local"], tmp_path, timeout=120)
+    assert proc.stderr.strip() == "error: grader is not used by task=sft (only by task=distillation, rl); leave it out"
+
+
+def test_eval_every_plays_the_held_out_problems_during_rl_training(tmp_path: Path, engine, tiny_model: str):
+    args = ["env=arithmetic", "eval_every=1", "max_steps=2", "max_eval_rows=4", "max_tokens=6"]
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "rl_curve")
+    metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
+    curve = [(m["step"], m["test/env/all/reward/total"]) for m in metrics if "test/env/all/reward/total" in m]
+    # Before step 0, after step 1 and at the end; a reward is the score minus the format penalty (-0.1 to 1).
+    assert [step for step, _ in curve] == [0, 1, 2] and all(-0.1 <= v <= 1 for _, v in curve), curve
+    counted = [m["test/env/all/total_episodes"] for m in metrics if "test/env/all/total_episodes" in m]
+    assert counted and all(n == len(base) == 4 for n in counted)  # every held-out problem, once
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "![training curves]" in report and (tmp_path / "results" / "training_curves.png").stat().st_size > 0

@@ -309,6 +309,6 @@ def test_tool_env_end_to_end(name: str, tmp_path: Path, engine, tiny_model: str)
         assert row["details"]["turns"] == len(turns) and row["details"]["tool_calls"] <= 2
         assert isinstance(row["correct"], bool)
     problems = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
-    assert problems[0]["grader"] == ("math" if name == "calculator" else "text")
+    assert problems[0]["grader"] == ("math" if name == "calculator" else "exact_match")
     metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
     assert any("env/all/reward/total" in m for m in metrics)

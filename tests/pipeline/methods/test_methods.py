@@ -5,7 +5,7 @@ import chz
 import pytest
 
 from posttrain.config.run import RunSettings
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PreflightError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.data.formats import FormatName
 from posttrain.pipeline.envs import registry
@@ -92,7 +92,15 @@ def test_rl_problems_from_each_source():
 def test_choose_backend(monkeypatch):
     monkeypatch.delenv("TINKER_API_KEY", raising=False)
     assert backend.choose_backend(TrainConfig()) == "local"
-    assert backend.choose_backend(TrainConfig(model_name="Qwen/Qwen3-8B")) == "local"  # no key
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "w")
+    # A lineup model with no copy here and no key: stop and ask, naming every missing key (not WANDB_API_KEY).
+    with pytest.raises(PreflightError) as stop:
+        backend.choose_backend(TrainConfig(model_name="Qwen/Qwen3-8B"))
+    message = str(stop.value)
+    assert "Missing required environment variables: TINKER_API_KEY, WANDB_PROJECT (set them in .env" in message
+    assert "pass backend=local" in message and "\n" not in message
+    assert backend.choose_backend(TrainConfig(backend="local", model_name="Qwen/Qwen3-8B")) == "local"  # on purpose
     assert backend.choose_backend(TrainConfig(base_url="https://tinker.example.com")) == "tinker"
     assert backend.choose_backend(TrainConfig(base_url="http://127.0.0.1:8000")) == "local"
     monkeypatch.setenv("TINKER_API_KEY", "tml-x")

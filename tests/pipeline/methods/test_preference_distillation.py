@@ -105,7 +105,9 @@ def test_off_policy_distillation_run(off_policy_run, tiny_model_b: str) -> None:
     _ok(proc)
     assert "task: distillation (teacher_model is set)" in proc.stdout
     summary = _summary(cwd)
-    assert summary["task_type"] == "sft" and summary["method"] == "distillation" and summary["dataset"]["distillation_mode"] == "off_policy"
+    assert summary["task_type"] == "sft" and summary["method"] == "distillation"
+    assert summary["dataset"]["distillation_mode"] == "off_policy"
+    assert summary["dataset"]["train_on_what"] == "last_assistant_message"  # the document's row for traces
     assert summary["dataset"]["teacher_model"] == tiny_model_b
     data = cwd / "results" / "logs" / "distill_e2e" / "data"
     teacher_train, teacher_eval = (
@@ -165,6 +167,9 @@ def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: 
         and summary["system_prompt"] == "Always answer in French."
     )
     assert 0 <= summary["trained_behaviour_agreement"] <= 1
+    assert summary["dataset"]["train_on_what"] == "all_assistant_messages"  # the cookbook's prompt_distillation
+    config = json.loads((tmp_path / "results" / "logs" / "prompt_e2e" / "config.json").read_text())
+    assert config["dataset_builder"]["common_config"]["train_on_what"] == "all_assistant_messages"
     data = tmp_path / "results" / "logs" / "prompt_e2e" / "data"
     check = summary["behaviour_check"]
     assert check["function"] == "check.py:has_vowel" and check["errors"] == 0

@@ -82,6 +82,7 @@ def test_rlhf_run_has_three_stages_one_results_folder(rlhf_run) -> None:
     )
     sft_state = read_jsonl(logs / "sft" / "checkpoints.jsonl")[-1]["state_path"]
     assert f"Loaded weights from {sft_state}" in (logs / "rl" / "logs.log").read_text()
+    assert summary["stages"]["sft"]["train_on_what"] == "last_assistant_message"
     lrs = {s: summary["stages"][s]["learning_rate"] for s in STAGES}
     assert lrs == {"sft": 0.01, "reward_model": 0.01, "rl": 0.005}
     assert "/rl/" in summary["wandb_url"] and summary["wandb_verification"]["verified"]

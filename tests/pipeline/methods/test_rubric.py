@@ -139,7 +139,7 @@ def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, l
 
 
 def test_rubric_run_judged_by_the_base_model(tmp_path: Path, engine, tiny_model: str):
-    data = _write(tmp_path / "rubric.jsonl", _rows(12))
+    data = _write(tmp_path / "rubric.jsonl", _rows(30))  # 30 rows: a held-out set of 3 is within 10%
     held_out = _write(tmp_path / "rubric_eval.jsonl", _rows(3))
     summary, base, trained, results = _run(
         tmp_path, engine.url, tiny_model, [f"dataset={data}", f"eval_dataset={held_out}"]
@@ -177,7 +177,7 @@ def test_rubric_run_judged_by_the_base_model(tmp_path: Path, engine, tiny_model:
 def test_rubric_run_with_another_grader_model_and_sampled_verdicts(
     tmp_path: Path, keyed_engine, tiny_model: str, tiny_model_b: str
 ):
-    data = _write(tmp_path / "rubric.jsonl", _rows(12))
+    data = _write(tmp_path / "rubric.jsonl", _rows(30))
     held_out = _write(tmp_path / "rubric_eval.jsonl", _rows(2))
     summary, base, trained, _ = _run(
         tmp_path,

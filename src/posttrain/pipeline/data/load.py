@@ -2,7 +2,9 @@
 
 Every row that will be used is checked here, before any compute is spent, so a bad row far into a file is
 reported as one line naming the file, the line and the field. Size limits follow the spec's Data
-Preparation section: at most 20,000 training rows and 2,000 eval rows, and Hub datasets are always streamed.
+Preparation section: at most 20,000 training rows, and evaluation at most 10% of the training rows (max 2,000)
+whatever its source (carved from the training rows, a Hub test split, or eval_dataset=; a larger given set is
+sampled with seed 42); Hub datasets are always streamed.
 """
 
 from __future__ import annotations
@@ -226,6 +228,15 @@ def _load_hf(name: str, config: str | None, split: str, limit: int, seed: int, r
 # --- train / eval --------------------------------------------------------------------------------------
 
 
+def _capped(rows: list[dict], n_train: int, request: DataRequest) -> list[dict]:
+    """A given evaluation set within the document's limit: 10% of the training rows (at least 1), at most
+    max_eval_rows; a larger one is sampled with the run's seed, its rows kept in their order."""
+    cap = min(max(int(n_train * EVAL_FRACTION), 1), request.max_eval_rows)
+    if len(rows) <= cap:
+        return rows
+    return [rows[i] for i in sorted(random.Random(request.seed).sample(range(len(rows)), cap))]
+
+
 def _carve_eval(rows: list[dict], max_eval_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
     n = len(rows)
     size = min(max(int(n * EVAL_FRACTION), 1 if n >= 2 else 0), max_eval_rows)
@@ -305,9 +316,14 @@ def load_data(request: DataRequest) -> LoadedData:
     if eval_part is not None:
         _check_eval_shape(train, eval_part)
         notes.extend(eval_part.notes)
-        return LoadedData(
-            train.format, train.rows, eval_part.rows, _describe(train, is_local), eval_source, notes
-        )
+        eval_rows = _capped(eval_part.rows, len(train.rows), request)
+        if len(eval_rows) < len(eval_part.rows):
+            notes.append(
+                f"eval: {len(eval_rows):,} of the {len(eval_part.rows):,} rows of {eval_source}, drawn with seed "
+                f"{seed} (10% of the {len(train.rows):,} training rows, at most {max_eval_rows:,})"
+            )
+            eval_source = f"{eval_source}: {len(eval_rows):,} rows drawn with seed {seed} (10% of training)"
+        return LoadedData(train.format, train.rows, eval_rows, _describe(train, is_local), eval_source, notes)
 
     if len(train.rows) < 2:
         raise DataError(

@@ -41,6 +41,7 @@ class ProblemSettings(Protocol):
     model_name: str
     renderer_name: str | None
     game_opponent: str | None
+    grader: str | None  # question/answer data: math|exact_match|f1, None: chosen from the data
 
 
 @dataclass(frozen=True)

@@ -103,8 +103,11 @@ class EnvironmentDatasetBuilder(RLDatasetBuilder):
     n_batches: int
     seed: int = 0
     base_url: str | None = None  # a judge is served here
+    # The held-out problems: the test set `rl.train` evaluates every eval_every steps (test/env/... metrics), one
+    # rollout of each, in one batch.
+    eval_rows_file: str | None = None
 
-    async def __call__(self) -> tuple[EnvironmentDataset, None]:
+    async def __call__(self) -> tuple[EnvironmentDataset, EnvironmentDataset | None]:
         import tinker
 
         judged = self.episodes.grader_model is not None
@@ -112,4 +115,9 @@ class EnvironmentDatasetBuilder(RLDatasetBuilder):
         ctx = await self.episodes.context(service)
         environment = registry.environment(ctx.spec)
         batching = Batching(self.groups_per_batch, self.group_size, self.n_batches, self.seed)
-        return EnvironmentDataset(environment, read_jsonl(self.rows_file), ctx, batching), None
+        train = EnvironmentDataset(environment, read_jsonl(self.rows_file), ctx, batching)
+        if self.eval_rows_file is None:
+            return train, None
+        held_out = read_jsonl(self.eval_rows_file)
+        test = EnvironmentDataset(environment, held_out, ctx.for_phase("during training"), Batching(len(held_out), 1, 1))
+        return train, test

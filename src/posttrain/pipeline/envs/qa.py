@@ -32,6 +32,7 @@ from posttrain.pipeline.envs.base import (
     problem_group,
     prompt_messages,
 )
+from posttrain.pipeline.scoring.grading import looks_mathematical
 from posttrain.pipeline.scoring.scorer import Scored
 
 if TYPE_CHECKING:
@@ -152,7 +153,9 @@ class SingleTurn:
                            scored.correct)  # fmt: skip
         # 0/1 graders need no separate reward (it is `correct`); tests and verifiers give fractions.
         record.reward = scored.reward if env.ctx.scorer.verifier is not None or scored.details else None
-        record.details = scored.details or None
+        # Which grader scored the row (user verifier aside): the data's own choice, e.g. f1 for factual QA.
+        grader = {} if env.ctx.scorer.verifier is not None else {"grader": problem.get("grader", "math")}
+        record.details = {**grader, **scored.details} or None
         record.verifier_error = scored.verifier_error
         return record
 
@@ -166,12 +169,35 @@ class SingleTurn:
 # ------------------------------------------------------------------------------------------------ sources
 
 
-def qa_problems(rows: list[dict]) -> list[dict]:
+def qa_problems(rows: list[dict], grader: str = "math") -> list[dict]:
     # The row itself is kept: a user verifier (reward_fn=) is given it.
     return [
-        {"question": r["question"], "answer": r.get("final_answer") or r["answer"], "grader": "math", "row": r}
+        {"question": r["question"], "answer": r.get("final_answer") or r["answer"], "grader": grader, "row": r}
         for r in rows
     ]
+
+
+# The share of answers that must look mathematical for the math grader to be chosen.
+MATH_SHARE = 0.9
+
+
+def choose_grader(rows: list[dict], setting: str | None) -> tuple[str, str]:
+    """The grader of question/answer data and why: `grader=` as set, else the math grader when (nearly) every
+    answer is a number, an expression or LaTeX, else token F1 (factual QA, as the user's document grades it)."""
+    if setting is not None:
+        return setting, "grader=" + setting
+    answers = [str(r.get("final_answer") or r["answer"]) for r in rows]
+    share = sum(map(looks_mathematical, answers)) / max(len(answers), 1)
+    if share >= MATH_SHARE:
+        return "math", f"{share:.0%} of the answers are numbers, expressions or LaTeX"
+    return "f1", f"{1 - share:.0%} of the answers are text (factual QA: token F1, exact match as correct)"
+
+
+GRADER_LABELS = {
+    "math": "accuracy",
+    "exact_match": "exact match",
+    "f1": "token F1 (correct = exact match)",
+}
 
 
 def from_dataset(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
@@ -180,11 +206,10 @@ def from_dataset(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -
         raise ConfigError(
             "env=math needs a dataset with question/answer columns (or problem/solution, ground_truth)"
         )
-    return ProblemSet(
-        qa_problems(data.train),
-        qa_problems(data.eval),
-        {"source": data.source, "eval_source": data.eval_source},
-    )
+    grader, why = choose_grader(data.train + data.eval, cfg.grader)
+    info = {"source": data.source, "eval_source": data.eval_source, "grader": grader, "grader_reason": why,
+            "score_label": GRADER_LABELS[grader]}  # fmt: skip
+    return ProblemSet(qa_problems(data.train, grader), qa_problems(data.eval, grader), info)
 
 
 def arithmetic_problems(n: int, seed: int) -> list[dict]:

@@ -65,7 +65,8 @@ class RunContext(Generic[C]):
             save_every=cfg.save_every,
             eval_every=cfg.eval_every,
             wandb_project=self.wandb_project,
-            wandb_name=self.run_name,
+            wandb_name=cfg.wandb_name or self.run_name,
+            load_checkpoint_path=cfg.load_checkpoint_path,
         )
 
 

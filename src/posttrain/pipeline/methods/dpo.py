@@ -22,7 +22,7 @@ from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.rl import EvalSamplingOptions
-from posttrain.pipeline.methods.sft import SupervisedOptions
+from posttrain.pipeline.methods.sft import SupervisedOptions, supervised_settings
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
@@ -136,9 +136,7 @@ class DPO:
             **settings,
             recipe_name="posttrain_dpo",
             dataset_builder=self.builder,
-            lr_schedule=cfg.lr_schedule,
-            num_epochs=cfg.num_epochs,
-            max_steps=cfg.max_steps,
+            **supervised_settings(cfg),
             dpo_beta=self.beta,
         )
         # train_dpo.main is synchronous and runs its own event loops (asyncio.run per step): a thread of its own.

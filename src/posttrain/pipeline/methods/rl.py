@@ -51,6 +51,8 @@ class Judging(Protocol):
 RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
 # env=game:tic_tac_toe's fixed opponent: a random free cell (seeded); win-or-block, else random; minimax.
 GameOpponent = Literal["random", "blocker", "optimal"]
+# How question/answer data is graded (scoring.GRADERS): the math grader, or for factual answers exact match / token F1.
+AnswerGrader = Literal["math", "exact_match", "f1"]
 
 
 @chz.chz
@@ -82,7 +84,13 @@ class RolloutOptions:
 
     group_size: int = chz.field(default=8, doc="RL rollouts per problem")
     loss_fn: RLLossFn = chz.field(default="importance_sampling", doc="importance_sampling|ppo|cispo|dro|gspo|stable_reinforce")
-    kl_penalty_coef: float = chz.field(default=0.0, doc="KL penalty against the base policy")
+    kl_penalty_coef: float | None = chz.field(
+        default=None,
+        doc="KL penalty against the reference policy (None: the loop's own default, 0 for RL, 1 for on-policy "
+        "distillation, whose reward is that KL)",
+    )
+    kl_discount_factor: float = chz.field(default=0.0, doc="discount of the KL penalty over later tokens")
+    num_substeps: int = chz.field(default=1, doc="optimizer steps per batch of rollouts")
 
     @staticmethod
     def check(cfg: Any) -> None:
@@ -91,7 +99,42 @@ class RolloutOptions:
                 f"group_size={cfg.group_size!r} is not valid; expected an integer >= 2 (RL advantages compare "
                 "rollouts within a group)"
             )
-        at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
+        if cfg.kl_penalty_coef is not None:
+            at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
+        between("kl_discount_factor", cfg.kl_discount_factor, 0, 1)
+        at_least("num_substeps", cfg.num_substeps, 1)
+        if cfg.batch_size % cfg.num_substeps:
+            raise ConfigError(f"num_substeps={cfg.num_substeps} must divide batch_size={cfg.batch_size}")
+
+
+@chz.chz
+class RLLoopOptions:
+    """What only the cookbook's `rl.train.Config` takes (RL, rubrics, RLHF's RL stage; not on-policy distillation)."""
+
+    remove_constant_reward_groups: bool = chz.field(
+        default=False, doc="drop groups whose rollouts all got the same reward (no advantage to learn from)"
+    )
+    max_steps_off_policy: int | None = chz.field(
+        default=None,
+        doc="asynchronous RL (the cookbook's AsyncConfig): sample with weights up to this many steps old "
+        "(None: synchronous)",
+    )
+    num_minibatches: int | None = chz.field(
+        default=None,
+        doc="stream each batch to training in this many minibatches as its rollouts finish (the cookbook's "
+        "StreamMinibatchConfig; None: whole batches)",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        if cfg.max_steps_off_policy is not None:
+            at_least("max_steps_off_policy", cfg.max_steps_off_policy, 0)
+        if cfg.num_minibatches is not None:
+            at_least("num_minibatches", cfg.num_minibatches, 1)
+            if cfg.batch_size % cfg.num_minibatches:
+                raise ConfigError(f"num_minibatches={cfg.num_minibatches} must divide batch_size={cfg.batch_size}")
+        if cfg.max_steps_off_policy is not None and cfg.num_minibatches is not None:
+            raise ConfigError("max_steps_off_policy and num_minibatches do not go together; choose one")
 
 
 @chz.chz
@@ -101,6 +144,11 @@ class EnvOptions:
     )
     game_opponent: GameOpponent | None = chz.field(
         default=None, doc="env=game:tic_tac_toe: the fixed opponent, random|blocker|optimal (None: random)"
+    )
+    grader: AnswerGrader | None = chz.field(
+        default=None,
+        doc="question/answer data: math|exact_match|f1 (None: from the data: math when the answers are numbers, "
+        "expressions or LaTeX, else f1, the token F1 as the reward with exact match as `correct`)",
     )
 
     @staticmethod
@@ -138,17 +186,33 @@ class VerifierOptions:
 
 
 @chz.chz
-class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, EnvOptions, RewardOptions,
-               VerifierOptions):  # fmt: skip
+class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, EnvOptions,
+               RewardOptions, VerifierOptions):  # fmt: skip
     """Every setting of task=rl."""
 
 
-def rollout_settings(cfg: Any) -> dict[str, Any]:
-    """The sampling and loss settings of an `rl.train` Config (RL, rubrics, RLHF's last stage)."""
-    return dict(
-        max_tokens=cfg.max_tokens, temperature=cfg.temperature, loss_fn=cfg.loss_fn,
-        kl_penalty_coef=cfg.kl_penalty_coef, max_steps=cfg.max_steps,
+def rollout_settings(cfg: Any, reference: str | None = None) -> dict[str, Any]:
+    """The sampling, loss and loop settings of an `rl.train` Config (RL, rubrics, RLHF's last stage). A KL
+    penalty is taken against the base model, or against `reference` (a sampler checkpoint of it)."""
+    from tinker_cookbook.rl.train import AsyncConfig, KLReferenceConfig, StreamMinibatchConfig
+
+    kl = cfg.kl_penalty_coef or 0.0
+    settings = dict(
+        max_tokens=cfg.max_tokens, temperature=cfg.temperature, loss_fn=cfg.loss_fn, max_steps=cfg.max_steps,
+        kl_penalty_coef=kl, kl_discount_factor=cfg.kl_discount_factor, num_substeps=cfg.num_substeps,
+        remove_constant_reward_groups=cfg.remove_constant_reward_groups,
     )  # fmt: skip
+    if kl > 0:
+        settings["kl_reference_config"] = KLReferenceConfig(base_model=cfg.model_name, load_checkpoint_path=reference)
+    if cfg.max_steps_off_policy is not None:
+        settings["async_config"] = AsyncConfig(
+            max_steps_off_policy=cfg.max_steps_off_policy, groups_per_batch=cfg.batch_size, loss_fn=cfg.loss_fn
+        )
+    if cfg.num_minibatches is not None:
+        settings["stream_minibatch_config"] = StreamMinibatchConfig(
+            groups_per_batch=cfg.batch_size, num_minibatches=cfg.num_minibatches
+        )
+    return settings
 
 
 class RL:
@@ -164,6 +228,8 @@ class RL:
             verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
         self.judging = judging
         self.environment = registry.environment(self.spec)
+        if getattr(cfg, "grader", None) is not None and registry.lookup(self.spec) != registry.DEFAULT:
+            raise ConfigError(f"grader is only used with question/answer data (env=math), not env={self.spec}; leave it out")
         if cfg.reward_fn is not None and not self.environment.takes_verifier:
             raise ConfigError(f"reward_fn= does not apply to env={self.spec}: the game decides the reward")
         self.problems: ProblemSet = self.environment.problems(self.spec, cfg, data)
@@ -171,7 +237,8 @@ class RL:
             raise ConfigError("RL needs at least one training and one evaluation problem")
         if judging is not None:
             self.extra_models = judging.extra_models(cfg)
-        self.score_label = "mean reward (user verifier)" if cfg.reward_fn else self.environment.score_label
+        label = self.problems.info.get("score_label", self.environment.score_label)  # e.g. the QA data's grader
+        self.score_label = "mean reward (user verifier)" if cfg.reward_fn else label
         if judging is not None:
             self.score_label = f"{self.score_label} (judged by {judging.model})"
         self.rows: dict[str, list[RLExample]] = {}
@@ -184,13 +251,18 @@ class RL:
         cfg = self.cfg
         problems_file = ctx.data_dir / "train_problems.jsonl"
         write_jsonl(problems_file, self.problems.train)
-        write_jsonl(ctx.data_dir / "eval_problems.jsonl", self.problems.eval)
+        eval_file = ctx.data_dir / "eval_problems.jsonl"
+        write_jsonl(eval_file, self.problems.eval)
         self.total_steps = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
         self.episodes = self._episode_settings(ctx)
         self.builder = EnvironmentDatasetBuilder(
             rows_file=str(problems_file), episodes=self.episodes, groups_per_batch=cfg.batch_size,
             group_size=cfg.group_size, n_batches=self.total_steps, seed=cfg.seed, base_url=ctx.base_url,
+            # eval_every: the cookbook's test-set evaluator plays the held-out problems during training.
+            eval_rows_file=str(eval_file) if cfg.eval_every > 0 else None,
         )  # fmt: skip
+        if "grader" in self.problems.info:
+            ctx.say(f"grader: {self.problems.info['grader']} ({self.problems.info['grader_reason']})")
         self._plain = self._plain_context()
         self.environment.prompt(self.problems.eval[0], self._plain)  # e.g. a renderer without tool calls: one line
 

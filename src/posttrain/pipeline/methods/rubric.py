@@ -22,6 +22,7 @@ from posttrain.pipeline.methods.rl import (
     RL,
     EvalSamplingOptions,
     RLConfig,
+    RLLoopOptions,
     RolloutOptions,
     TemperatureOptions,
 )
@@ -57,7 +58,7 @@ class RubricOptions:
 
 
 @chz.chz
-class RubricConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RubricOptions):
+class RubricConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, RubricOptions):
     """Every setting of task=rubric."""
 
 

@@ -40,12 +40,29 @@ class SupervisedOptions:
 
     lr_schedule: LRSchedule = chz.field(default="linear", doc="linear|cosine|constant")
     max_length: int = chz.field(default=2048, doc="max tokens per training example")
+    adam_beta1: float = chz.field(default=0.9, doc="Adam beta1 (the cookbook's default)")
+    adam_beta2: float = chz.field(default=0.95, doc="Adam beta2 (the cookbook's default)")
+    adam_eps: float = chz.field(default=1e-8, doc="Adam epsilon (the cookbook's default)")
 
     @staticmethod
     def check(cfg: Any) -> None:
         at_least("max_length", cfg.max_length, 16)
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{name}={value!r} is not valid; expected a number in [0, 1)")
+        if isinstance(cfg.adam_eps, bool) or not isinstance(cfg.adam_eps, (int, float)) or not cfg.adam_eps > 0:
+            raise ConfigError(f"adam_eps={cfg.adam_eps!r} is not valid; expected a number > 0")
         if cfg.lr_schedule not in choices(LRSchedule):  # another schedule is a warmup Tinker does not offer
             raise UnsupportedConfigError([f"lr_schedule={cfg.lr_schedule}"], sorted(chz.chz_fields(type(cfg))))
+
+
+def supervised_settings(cfg: Any) -> dict[str, Any]:
+    """The optimisation fields of a supervised cookbook Config (`supervised.train`, `preference.train_dpo`)."""
+    return dict(
+        lr_schedule=cfg.lr_schedule, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        num_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+    )  # fmt: skip
 
 
 @chz.chz
@@ -118,14 +135,11 @@ class SFT:
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.supervised import train as sl_train
 
-        cfg = self.ctx.cfg
         config = sl_train.Config(
             **self.ctx.loop_settings(),
             recipe_name="posttrain_sft",
             dataset_builder=self.builder,
-            lr_schedule=cfg.lr_schedule,
-            num_epochs=cfg.num_epochs,
-            max_steps=cfg.max_steps,
+            **supervised_settings(self.ctx.cfg),
         )
         return sl_train.main(config)
 

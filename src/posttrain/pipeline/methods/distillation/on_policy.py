@@ -93,7 +93,8 @@ def train(ctx: RunContext, teachers: Sequence[tuple[Share, Teacher, int]], n_bat
         )
     config = train_on_policy.Config(
         **ctx.loop_settings(), recipe_name="posttrain_distillation_on_policy", dataset_configs=dataset_configs,
-        max_tokens=cfg.max_tokens, temperature=cfg.temperature, kl_penalty_coef=ON_POLICY_KL_COEF,
+        max_tokens=cfg.max_tokens, temperature=cfg.temperature, kl_penalty_coef=ON_POLICY_KL_COEF if cfg.kl_penalty_coef is None else cfg.kl_penalty_coef,
+        kl_discount_factor=cfg.kl_discount_factor, num_substeps=cfg.num_substeps,
         loss_fn=cfg.loss_fn, max_steps=n_batches,
     )  # fmt: skip
     return train_on_policy.main(config)

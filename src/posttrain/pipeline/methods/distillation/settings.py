@@ -46,6 +46,21 @@ class DistillationConfig(RunSettings, SupervisedOptions, EvalSamplingOptions, Te
             raise ConfigError(
                 "task=distillation needs teacher_model= (a model the backend serves or a tinker:// checkpoint)"
             )
+        mode = cfg.distillation_mode or "off_policy"
+        other = "on_policy" if mode == "off_policy" else "off_policy"
+        defaults = chz.chz_fields(DistillationConfig)
+        for name in MODE_SETTINGS[other]:
+            if getattr(cfg, name) != defaults[name]._default:
+                raise ConfigError(
+                    f"{name} is only used by distillation_mode={other}, not distillation_mode={mode}; leave it out"
+                )
+
+
+# The settings only one mode's cookbook loop takes: off-policy is `supervised.train`, on-policy `train_on_policy`.
+MODE_SETTINGS = {
+    "off_policy": ("lr_schedule", "adam_beta1", "adam_beta2", "adam_eps"),
+    "on_policy": ("group_size", "loss_fn", "kl_penalty_coef", "kl_discount_factor", "num_substeps"),
+}
 
 
 # --- distillation with several teachers ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from posttrain.pipeline.methods.distillation import off_policy
 from posttrain.pipeline.setup.plan import TokenBudget
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 class Distillation(Protocol):
     """What the summary reads of a prepared, finished distillation run (`method.Distillation`)."""
 
+    name: str
     ctx: RunContext
     mode: str
     teacher_model: str | None
@@ -54,6 +56,8 @@ def token_budget(method: Distillation) -> TokenBudget:
 def describe(method: Distillation) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
     prompts, held_out = method.prompts, method.held_out
     dataset = {**prompts.source, "teacher_model": method.teacher_model, "distillation_mode": method.mode}
+    if method.mode == "off_policy":  # a supervised loop on the traces: what it trains on
+        dataset["train_on_what"] = str(off_policy.TRAIN_ON_WHAT[method.name])
     counts = {file: sum(method.trace_counts.get(file, [])) for file in TRACES}
     sizes = {
         "train_prompts": len(prompts.train), "eval_prompts": len(prompts.eval),

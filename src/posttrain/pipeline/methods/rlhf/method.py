@@ -21,9 +21,14 @@ from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext, TrainingStage
 from posttrain.pipeline.methods.dpo import check_pairs, comparison_record, pairs_facts, pairs_score_text
-from posttrain.pipeline.methods.rl import EvalSamplingOptions, RolloutOptions, TemperatureOptions
+from posttrain.pipeline.methods.rl import (
+    EvalSamplingOptions,
+    RLLoopOptions,
+    RolloutOptions,
+    TemperatureOptions,
+)
 from posttrain.pipeline.methods.rlhf import policy, reward_model
-from posttrain.pipeline.methods.rlhf.stages import STAGES, Stages, chosen_conversation, sft
+from posttrain.pipeline.methods.rlhf.stages import SFT_TRAIN_ON_WHAT, STAGES, Stages, chosen_conversation, sft
 from posttrain.pipeline.methods.sft import SupervisedOptions
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
@@ -38,7 +43,9 @@ MATCHUP_GROUP_SIZE = 4
 
 
 @chz.chz
-class RLHFConfig(RunSettings, SupervisedOptions, EvalSamplingOptions, TemperatureOptions, RolloutOptions):
+class RLHFConfig(
+    RunSettings, SupervisedOptions, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions
+):
     """Every setting of task=rlhf: its SFT and reward-model stages' and its RL stage's."""
 
 
@@ -178,6 +185,7 @@ class RLHF:
                     "steps": self.steps[s],
                     "learning_rate": self.learning_rates[s],
                     "log_path": str(self.stages_.dir(s)),
+                    **({"train_on_what": SFT_TRAIN_ON_WHAT} if s == "sft" else {}),
                 }
                 for s in STAGES
             },

@@ -29,12 +29,12 @@ async def train(stages: Stages) -> None:
     )
     await rl_train.main(
         rl_train.Config(
-            **stages.settings("rl"),
+            **{**stages.settings("rl"), "load_checkpoint_path": stages.checkpoint("sft", "state_path")},
             recipe_name="posttrain_rlhf_rl",
             dataset_builder=dataset,
-            load_checkpoint_path=stages.checkpoint("sft", "state_path"),
             evaluator_builders=_win_rate(stages, preference_model) if cfg.eval_every > 0 else [],
-            **rollout_settings(cfg),
+            # A KL penalty holds the policy near the SFT model it starts from (the usual RLHF reference).
+            **rollout_settings(cfg, reference=stages.checkpoint("sft", "sampler_path")),
         )
     )
 

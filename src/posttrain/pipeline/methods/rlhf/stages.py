@@ -11,8 +11,11 @@ from typing import Any
 from posttrain.errors import UserError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.sft import supervised_settings
 
 STAGES = ("sft", "reward_model", "rl")
+# The SFT stage trains on the chosen answer of each pair: a single-turn prompt -> response (the user's document).
+SFT_TRAIN_ON_WHAT = "last_assistant_message"
 
 
 @dataclass
@@ -26,12 +29,16 @@ class Stages:
         return self.ctx.log_path / stage
 
     def settings(self, stage: str) -> dict[str, Any]:
-        """The cookbook Config fields every stage sets alike: its own folder, learning rate and W&B name."""
+        """The cookbook Config fields every stage sets alike: its own folder, learning rate and W&B name. A
+        load_checkpoint_path= starts the policy (the SFT stage); the reward model starts from the base model and
+        the RL stage from the SFT stage's checkpoint."""
+        shared = self.ctx.loop_settings()
         return {
-            **self.ctx.loop_settings(),
+            **shared,
             "log_path": str(self.dir(stage)),
             "learning_rate": self.learning_rates[stage],
-            "wandb_name": f"{self.ctx.run_name}-{stage}",
+            "wandb_name": f"{shared['wandb_name']}-{stage}",
+            "load_checkpoint_path": shared["load_checkpoint_path"] if stage == "sft" else None,
         }
 
     def common_config(self, train_on_what: Any = None) -> Any:
@@ -56,9 +63,7 @@ class Stages:
                 **self.settings(stage),
                 recipe_name=f"posttrain_rlhf_{stage}",
                 dataset_builder=builder,
-                lr_schedule=cfg.lr_schedule,
-                num_epochs=cfg.num_epochs,
-                max_steps=cfg.max_steps,
+                **supervised_settings(cfg),
             )
         )
 
@@ -84,7 +89,7 @@ def sft(stages: Stages) -> Coroutine[Any, Any, Any]:
 
     cfg, data = stages.ctx.cfg, stages.ctx.data_dir
     builder = ConversationFilesBuilder(
-        common_config=stages.common_config(TrainOnWhat.LAST_ASSISTANT_MESSAGE),
+        common_config=stages.common_config(TrainOnWhat(SFT_TRAIN_ON_WHAT)),
         train_file=str(data / "sft_train.jsonl"),
         eval_file=str(data / "sft_eval.jsonl") if cfg.eval_every > 0 else None,
         shuffle_seed=cfg.seed,
