@@ -21,3 +21,7 @@ class ConfigError(UserError):
 
 class PreflightError(UserError):
     """Something missing before any compute is spent (keys, model availability)."""
+
+
+class NoSpaceError(UserError):
+    """A write failed for lack of disk space: the message names the path and the space left."""

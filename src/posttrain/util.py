@@ -91,6 +91,9 @@ def replaced_directory(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
         yield staging
+        for f in (f for f in staging.rglob("*") if f.is_file()):  # on disk before the rename: whole or absent
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

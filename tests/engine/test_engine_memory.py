@@ -27,7 +27,8 @@ big = torch.ones(16 << 20, dtype=torch.uint8)
 del big
 before = rss()
 blocks = [torch.ones(3 << 20, dtype=torch.uint8) for _ in range(60)]  # 180 MB of activation-sized tensors
-keep = torch.ones(1000)  # allocated after them: the heap's top stays in use, so no automatic trim
+# Larger than any free chunk, so carved from the heap's top, which then stays in use: no automatic trim.
+keep = torch.ones(4 << 20, dtype=torch.uint8)
 held = rss()
 del blocks
 freed = rss()
@@ -87,7 +88,8 @@ def rss():
 
 def churn():
     blocks = [torch.ones(3 << 20, dtype=torch.uint8) for _ in range(60)]
-    keep = torch.ones(1000)  # allocated after them: the heap's top stays in use, so no automatic trim
+    # Larger than any free chunk, so carved from the heap's top, which then stays in use: no automatic trim.
+    keep = torch.ones(4 << 20, dtype=torch.uint8)
     del blocks
     return keep
 

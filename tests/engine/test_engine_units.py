@@ -405,6 +405,27 @@ def test_a_failed_save_leaves_neither_a_partial_checkpoint_nor_staging_files(tmp
     assert sorted(os.listdir(tmp_path / "run" / "weights")) == ["keep"]
 
 
+@pytest.mark.parametrize(
+    ("damage", "file", "why"),
+    [
+        ("truncate", "adapter.safetensors", "differ from what was saved"),
+        ("flip", "optimizer.pt", "differ from what was saved"),
+        ("truncate", "meta.json", ""),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage: str, file: str, why: str):
+    store = CheckpointStore(tmp_path)
+    ref = CheckpointRef("run", "weights", "000005")
+    store.save(ref, {"w": torch.arange(64.0)}, {"step": 5}, optimizer={"state": {}, "param_groups": []})
+    path = tmp_path / "run" / "weights" / "000005" / file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    with pytest.raises(WireError) as caught:
+        store.load(ref, with_optimizer=True)
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint tinker://run/weights/000005 is damaged: {path}: ") and why in message
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Scheduling helpers
 

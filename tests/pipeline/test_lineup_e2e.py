@@ -75,7 +75,8 @@ RL_ARGS = [
     "save_every=0",
     "eval_every=0",
 ]
-RUNS = [(QWEN, "sft"), (LLAMA, "rl"), (LLAMA, "sft"), (QWEN, "rl"), (GPT_OSS, "sft")]
+# Each lineup model's renderer once, each task on a different model (both tasks on one model added 40 s).
+RUNS = [(QWEN, "sft"), (LLAMA, "rl"), (GPT_OSS, "sft")]
 MISMATCH = "qwen3_instruct"  # the 2507-Instruct renderer on the hybrid Qwen3-8B: no empty <think> block
 
 
@@ -204,29 +205,55 @@ def test_lineup_check_uses_the_services_own_model_list(lineup_engine, monkeypatc
     )
 
 
-def _offline_plan(cwd: Path, hub: Path, chat_data: Path, model: str) -> subprocess.CompletedProcess:
+def _offline_plan(cwd: Path, hub: Path, chat_data: Path, model: str) -> subprocess.Popen:
     """A Tinker plan with the service out of reach: the default-service path, its URL a closed local port."""
     cwd.mkdir(parents=True, exist_ok=True)
-    (cwd / ".env").write_text(f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=p\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "TINKER_BASE_URL": "http://127.0.0.1:9"}
+    (cwd / ".env").write_text(
+        f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=p\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(hub),
+        "TINKER_BASE_URL": "http://127.0.0.1:9",
+    }
     args = [f"model_name={model}", f"dataset={chat_data}", "backend=tinker", "dry_run=true", "batch_size=4"]
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def test_a_tinker_plan_prices_the_run_offline(lineup_hub_cache: Path, chat_data: Path, tmp_path: Path) -> None:
+def _finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_tinker_plan_prices_the_run_offline(
+    lineup_hub_cache: Path, chat_data: Path, tmp_path: Path
+) -> None:
     from tinker_cost import PRICING
 
-    priced = _offline_plan(tmp_path / "qwen", lineup_hub_cache, chat_data, QWEN)
+    # Both plans at once: most of each is the interpreter starting.
+    plans = [
+        _offline_plan(tmp_path / name, lineup_hub_cache, chat_data, model)
+        for name, model in (("qwen", QWEN), ("llama", LLAMA))
+    ]
+    priced, unpriced = (_finished(p) for p in plans)
     assert priced.returncode == 0, priced.stdout[-3000:] + priced.stderr[-3000:]
     assert "plan: warning: the Tinker service at http://127.0.0.1:9 cannot be reached" in priced.stdout
     assert "planning offline" in priced.stdout
-    cost = next(line for line in priced.stdout.splitlines() if line.startswith("plan: estimated Tinker cost: $"))
-    assert "tinker-cost" in cost and "tinker-docs.thinkingmachines.ai/tinker/models.json could not be fetched" in cost
+    cost = next(
+        line for line in priced.stdout.splitlines() if line.startswith("plan: estimated Tinker cost: $")
+    )
+    assert (
+        "tinker-cost" in cost
+        and "tinker-docs.thinkingmachines.ai/tinker/models.json could not be fetched" in cost
+    )
     tokens = next(line for line in priced.stdout.splitlines() if line.startswith("plan: tokens: train "))
-    counts = [int(part.split()[-1].replace(",", "")) for part in tokens.removeprefix("plan: tokens: ").split(", ")]
+    counts = [
+        int(part.split()[-1].replace(",", "")) for part in tokens.removeprefix("plan: tokens: ").split(", ")
+    ]
     prefill_rate, sample_rate, train_rate = PRICING[QWEN]
     train, prefill, sample = counts
     assert train > 0 and prefill > 0
@@ -234,9 +261,11 @@ def test_a_tinker_plan_prices_the_run_offline(lineup_hub_cache: Path, chat_data:
     assert cost.startswith(f"plan: estimated Tinker cost: ${expected:.4f};")
     assert not (tmp_path / "qwen" / "results").exists()
     # A model the cookbook knows but no published table prices (Llama retired from Tinker 2026-06): no guess.
-    unpriced = _offline_plan(tmp_path / "llama", lineup_hub_cache, chat_data, LLAMA)
     assert unpriced.returncode == 0, unpriced.stdout[-3000:] + unpriced.stderr[-3000:]
-    assert f"plan: estimated Tinker cost: unknown (no published price for {LLAMA} in the tinker-cost" in unpriced.stdout
+    assert (
+        f"plan: estimated Tinker cost: unknown (no published price for {LLAMA} in the tinker-cost"
+        in unpriced.stdout
+    )
 
 
 def test_an_evaluation_that_fails_on_every_example_stops_in_one_line(tiny_model: str) -> None:
@@ -259,7 +288,9 @@ def test_an_evaluation_that_fails_on_every_example_stops_in_one_line(tiny_model:
     spec = registry.check("arithmetic")
     renderer = renderers.get_renderer("role_colon", get_tokenizer(tiny_model))
     problems = [{"question": "What is 1+1?", "answer": "2", "grader": "math"}] * 3
-    held_out = HeldOut(registry.environment(spec), problems, EnvContext(spec, renderer, Scorer(), phase="base model"))
+    held_out = HeldOut(
+        registry.environment(spec), problems, EnvContext(spec, renderer, Scorer(), phase="base model")
+    )
     settings = SamplingSettings(max_tokens=4, temperature=0.0, seed=0, concurrency=2)
     with pytest.raises(EvaluationFailed) as info:
         asyncio.run(evaluate_episodes(Refusing(), held_out, settings))

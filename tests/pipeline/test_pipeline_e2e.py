@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train
+from runs import read_jsonl, train, train_here
 
 from posttrain.config.parse import UNSUPPORTED_SENTENCE
 from posttrain.pipeline.results import validate_summary
@@ -132,7 +132,7 @@ def test_rl_run_on_arithmetic_env(tmp_path: Path, tiny_model: str) -> None:
 )
 def test_bad_settings_fail_in_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     env = {"TINKER_API_KEY": "", "WANDB_API_KEY": "", "WANDB_PROJECT": ""}
-    proc = train(args, tmp_path, extra_env=env, timeout=300)
+    proc = train_here(args, tmp_path, extra_env=env)
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -142,7 +142,7 @@ def test_bad_settings_fail_in_one_line(tmp_path: Path, args: list[str], needle: 
 def test_malformed_row_is_reported_before_training(tmp_path: Path) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
-    proc = train([f"dataset={data}", "backend=local"], tmp_path, timeout=300)
+    proc = train_here([f"dataset={data}", "backend=local"], tmp_path)
     assert proc.returncode == 2
     assert "bad.jsonl" in proc.stderr and "line 2" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runs import REPO
+from runs import REPO, train_here
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,16 @@ def test_stopping_the_pipeline_stops_its_engine(tmp_path: Path, tiny_model: str,
     proc = _start(_args(pairs, tiny_model, "s1", epochs=40), tmp_path, sigint_ignored=sig == signal.SIGTERM)
     _wait_for(lambda: (tmp_path / "results" / "logs" / "s1" / "metrics.jsonl").is_file(), 300, "training")
     (engine_pid,) = _engine_pids(proc.pid)
+    if sig == signal.SIGKILL:
+        # A second run into the same folder stops in one line naming the first, and moves nothing of it aside.
+        second = _run(_args(pairs, tiny_model, "s2", epochs=40), tmp_path, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"error: results_dir=results: run s1 (process {proc.pid}, started "
+            + second.stderr.split("started ", 1)[1].split(")", 1)[0]
+            + ") is writing there; wait for it to end, or give this run a results_dir= of its own"
+        ]
+        assert not (tmp_path / "results" / "previous").exists() and not (tmp_path / "results" / "logs" / "s2").exists()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     _wait_for(lambda: not _alive(engine_pid), 30, "the engine to stop")
@@ -144,7 +155,7 @@ def test_inputs_checked_before_anything_is_spent(tmp_path: Path, pairs: Path) ->
         ([f"dataset={pairs}", "task=rl"], "env=math needs a dataset with question/answer"),
     ]
     for args, needle in cases:
-        proc = _run([f"dataset={pairs}", *args] if "dataset=" not in " ".join(args) else args, tmp_path, 120)
+        proc = train_here([f"dataset={pairs}", *args] if "dataset=" not in " ".join(args) else args, tmp_path)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
@@ -152,6 +163,71 @@ def test_inputs_checked_before_anything_is_spent(tmp_path: Path, pairs: Path) ->
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the results folder should be")
-    proc = _run([f"dataset={pairs}", f"results_dir={blocked}"], tmp_path, 120)
+    proc = train_here([f"dataset={pairs}", f"results_dir={blocked}"], tmp_path)
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_stopped_dry_run_says_it_wrote_nothing(tmp_path: Path, tiny_model: str, pairs: Path) -> None:
+    proc = _start([*_args(pairs, tiny_model, "d1"), "dry_run=true"], tmp_path)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("plan: sft on backend local"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted: nothing was written (a dry run writes no results)"
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MB filesystem of its own (tmpfs), so that the test can fill it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(
+    small_disk: Path, engine, tiny_model: str, pairs: Path
+) -> None:
+    args = [*_args(pairs, tiny_model, "full", epochs=40), f"base_url={engine.url}", f"results_dir={small_disk}/results"]
+    args.remove("backend=local")
+    proc = _start(args, small_disk.parent)
+    log_dir = small_disk / "results" / "logs" / "full"
+    _wait_for(lambda: _checkpoint_saved(log_dir), 300, "the first checkpoint")
+    base_rows = (small_disk / "results" / "base_model.jsonl").read_text()
+    filler = _fill(small_disk)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {small_disk}/results") and ": no space left on the device (" in line, line
+    assert "MB free there); what was written before is intact" in line
+    assert (small_disk / "results" / "base_model.jsonl").read_text() == base_rows  # intact
+    assert "resume=true" in out
+
+    filler.unlink()
+    resumed = _run([*args, "resume=true", "max_steps=12"], small_disk.parent)
+    assert resumed.returncode in (0, 1), resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "continuing from step" in resumed.stdout
+    summary = json.loads((small_disk / "results" / "summary.json").read_text())
+    assert summary["status"] == "completed"

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 USAGE = """usage: posttrain <command> [args]
 
@@ -54,12 +55,23 @@ def train_main(argv: list[str]) -> int:
     try:
         summary = run(cfg)
     except UserError as exc:
+        _quiet_background_threads()
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted: partial results were written to the results folder", file=sys.stderr)
+        _quiet_background_threads()
+        kept = "partial results were written to the results folder"
+        print(f"interrupted: {'nothing was written (a dry run writes no results)' if cfg.dry_run else kept}", file=sys.stderr)
         return 130
     return 0 if summary.get("dry_run") or summary.get("verdict") == "improved" else 1
+
+
+def _quiet_background_threads() -> None:
+    """After a run that stopped: library threads still retrying requests (the SDK's, to an engine that died) must
+    not write to the terminal from here on. One writing to stderr while the interpreter shuts down makes it abort
+    (SIGABRT, "could not acquire lock for <stderr> at interpreter shutdown") instead of exiting with our code."""
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,14 @@
 
 Layout: `<root>/<run_id>/run.json` (base model, LoRA settings, metadata) and
 `<root>/<run_id>/<kind>/<name>/{adapter.safetensors, optimizer.pt, meta.json}`. Every write goes to a staging
-directory first and is renamed into place, so a crash never leaves a half-written checkpoint.
+directory first, flushed to disk and renamed into place, so a crash never leaves a half-written checkpoint;
+meta.json records each file's SHA-256, so a checkpoint damaged afterwards (a truncated copy, a bad disk) is
+refused by name on load rather than loaded as garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -110,7 +113,9 @@ class CheckpointStore:
             )
             if optimizer is not None:
                 torch.save(optimizer, staging / "optimizer.pt")
-            (staging / "meta.json").write_text(json.dumps({**meta, "time": time.time()}, indent=2))
+            digests = {f.name: _sha256(f) for f in sorted(staging.iterdir())}
+            meta = {**meta, "time": time.time(), "sha256": digests}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def load(
         self, ref: CheckpointRef, with_optimizer: bool
@@ -118,15 +123,28 @@ class CheckpointStore:
         directory = self._dir(ref)
         if not (directory / "meta.json").exists():
             raise WireError(f"checkpoint {ref.tinker_path} not found")
-        meta = json.loads((directory / "meta.json").read_text())
-        adapter = load_file(directory / "adapter.safetensors")
-        optimizer = None
+        names = ["meta.json", "adapter.safetensors"]
         if with_optimizer:
             if not (directory / "optimizer.pt").exists():
                 raise WireError(
                     f"checkpoint {ref.tinker_path} has no optimizer state (it was saved for sampling)"
                 )
-            optimizer = torch.load(directory / "optimizer.pt", weights_only=True)
+            names.append("optimizer.pt")
+        name = names[0]
+        try:
+            meta = json.loads((directory / name).read_text())
+            for name in names[1:]:
+                expected = meta.get("sha256", {}).get(name)  # older checkpoints have none
+                if expected is not None and _sha256(directory / name) != expected:
+                    raise ValueError("its contents differ from what was saved (SHA-256)")
+            name = "adapter.safetensors"
+            adapter = load_file(directory / name)
+            name = "optimizer.pt"
+            optimizer = torch.load(directory / name, weights_only=True) if with_optimizer else None
+        except Exception as exc:  # noqa: BLE001 - truncated, altered or unreadable: one line naming the file
+            raise WireError(
+                f"checkpoint {ref.tinker_path} is damaged: {directory / name}: {str(exc)[:200]}"
+            ) from None
         return adapter, meta, optimizer
 
     def meta(self, ref: CheckpointRef) -> dict:
@@ -166,3 +184,11 @@ class CheckpointStore:
                     entry["user_metadata"] = meta["user_metadata"]
                 out.append(entry)
         return sorted(out, key=lambda e: e["time"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

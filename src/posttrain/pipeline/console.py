@@ -37,16 +37,16 @@ class Console:
     def __init__(self, verbose: bool = False):
         self.verbose = verbose
         self.log_file: Path | None = None
-        self._terminal: IO[str] = sys.stdout
+        self._terminal: IO[str] | None = None  # while output is captured; else sys.stdout as it is then
 
     def say(self, message: str) -> None:
         # tqdm.write keeps an active progress bar intact (it is redrawn below the line).
-        tqdm.write(redact(message), file=self._terminal)
+        tqdm.write(redact(message), file=self.stream)
 
     @property
     def stream(self) -> IO[str]:
         """Where progress bars go: the real terminal, also while the rest is captured."""
-        return self._terminal
+        return self._terminal or sys.stdout
 
     @contextlib.contextmanager
     def capture(self, log_file: Path) -> Iterator[None]:
@@ -73,7 +73,7 @@ class Console:
             os.dup2(saved_err, 2)
             os.close(saved_out)
             os.close(saved_err)
-            self._terminal = sys.stdout
+            self._terminal = None
             terminal.close()
 
     def progress(self, total: int | None, desc: str) -> tqdm:

@@ -58,11 +58,20 @@ def run(train_config: Any) -> dict[str, Any]:
 
     state = RunState(cfg, make_run_name(cfg, task), where, task, res)
     if cfg.resume:
-        resume.check_resumable(state.store, state.run_name)
-    else:
+        resume.check_resumable(res, state.run_name)
+    with res.single_writer(state.run_name) as died:
+        if died:
+            say(f"results: {died} ended without finishing; this run takes {res.path} over")
+        return _train_and_write(state, method, started)
+
+
+def _train_and_write(state: RunState, method: Method, started: float) -> dict[str, Any]:
+    """Training and evaluation; results/ gets what was obtained even when the run stops part-way."""
+    cfg, res = state.cfg, state.store
+    if not cfg.resume:
         res.prepare(state.run_name)
     state.log_path.mkdir(parents=True, exist_ok=True)
-    say(f"run: {state.run_name} ({task}, backend {where}); logs in {state.log_path}")
+    say(f"run: {state.run_name} ({state.method}, backend {state.backend}); logs in {state.log_path}")
     if not cfg.verbose:
         say(f"library output (warnings, retries, per-step tables): {state.log_path / 'console.log'}")
     with CONSOLE.capture(state.log_path / "console.log"):
@@ -71,9 +80,16 @@ def run(train_config: Any) -> dict[str, Any]:
             state.durations["total"] = round(time.monotonic() - started, 2)
             return finish.write_results(state, outcome)
         except (UserError, KeyboardInterrupt, Exception) as exc:
-            finish.write_partial(state, exc)
+            full = results.no_space(exc, res.path)
+            try:
+                finish.write_partial(state, full or exc)
+            except OSError:
+                if full is None:
+                    raise  # with a full disk, the summary of the failure is what cannot be written
             if not isinstance(exc, PreflightError):  # stopped before training: nothing to continue
                 say(f"to continue this run from its last checkpoint: {resume.resume_command(state.run_name)}")
+            if full is not None:
+                raise full from None
             raise
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train
+from runs import read_jsonl, train, train_here
 
 from posttrain.pipeline.results import validate_rows, validate_summary
 
@@ -92,7 +92,7 @@ def test_a_missing_verifier_file_or_function_is_one_line_before_anything_starts(
     (tmp_path / "v.py").write_text("def other(row, completion):\n    return 1.0\n")
     for spec, needle in ((f"{tmp_path}/v.py:nope", "has no function 'nope' (functions there: other)"),
                          (f"{tmp_path}/missing.py:f", "missing.py not found")):  # fmt: skip
-        proc = train(["env=arithmetic", f"reward_fn={spec}", "backend=local"], tmp_path, timeout=120)
+        proc = train_here(["env=arithmetic", f"reward_fn={spec}", "backend=local"], tmp_path)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "results").exists()

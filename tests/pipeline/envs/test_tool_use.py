@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from runs import REPO, read_jsonl, train
+from runs import REPO, read_jsonl, train, train_here
 
 from posttrain.pipeline.envs.base import EVAL_SEED_OFFSET, EnvContext
 from posttrain.pipeline.envs.spec import EnvSpec
@@ -255,7 +255,7 @@ def test_renderers_without_a_tool_call_format_are_the_ones_listed(tiny_model: st
     ],
 )
 def test_bad_tool_settings_are_one_line_before_anything_starts(args: list[str], needle: str, tmp_path: Path):
-    proc = train([*args, "backend=local"], tmp_path, timeout=120)
+    proc = train_here([*args, "backend=local"], tmp_path)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train
+from runs import read_jsonl, train, train_here
 
 FAST = ["save_every=0", "eval_every=0", "lora_rank=4", "eval_concurrency=8", "max_eval_rows=4"]
 
@@ -97,6 +97,6 @@ def test_async_and_streaming_rl(tmp_path: Path, engine, tiny_model: str, setting
     ],
 )
 def test_a_setting_the_method_does_not_take_is_refused(tmp_path: Path, args: list[str], message: str):
-    proc = train([*args, "backend=local"], tmp_path, timeout=120)
+    proc = train_here([*args, "backend=local"], tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -247,3 +247,6 @@ def test_every_teacher_gets_the_tokenizer_check(tmp_path: Path, tiny_model: str,
     )
     with pytest.raises(ConfigError, match=f"teacher_model {other} has a different tokenizer"):
         distillation(f"{tiny_model_b},{other}")
+    # A teacher that exists nowhere is "not found", not a chat format that differs (guessed from its name).
+    with pytest.raises(ConfigError, match=r"^teacher_model=nobody/no-such-model: not found: not a local directory"):
+        distillation(f"{tiny_model_b},nobody/no-such-model")

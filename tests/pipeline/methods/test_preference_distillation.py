@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train
+from runs import read_jsonl, train, train_here
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
@@ -199,11 +199,7 @@ def test_teacher_with_another_tokenizer_is_refused(
         check_same_tokenizer(tiny_model, str(other), "role_colon", "role_colon")
     with pytest.raises(ConfigError, match="uses the llama3 chat format but the student .* uses role_colon"):
         check_same_tokenizer(tiny_model, tiny_model, "role_colon", "llama3")
-    proc = train(
-        [f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={other}", *TINY],
-        tmp_path,
-        timeout=300,
-    )
+    proc = train_here([f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={other}", *TINY], tmp_path)
     assert proc.returncode == 2 and "different tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -298,11 +294,10 @@ def test_a_missing_behaviour_check_stops_the_run_in_one_line(
     tmp_path: Path, tiny_model: str, prompts_file: Path
 ) -> None:
     (tmp_path / "check.py").write_text("def other(row, answer):\n    return True\n")
-    proc = train(
+    proc = train_here(
         [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=Be brief.", *TINY,
          "behaviour_check=check.py:in_french"],
         tmp_path,
-        timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "check.py" in proc.stderr

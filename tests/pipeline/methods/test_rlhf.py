@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train
+from runs import read_jsonl, train, train_here
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
@@ -125,7 +125,7 @@ def test_rlhf_data_and_settings_errors(tmp_path: Path, tiny_model: str) -> None:
     lines = data.read_text().splitlines()
     lines[3] = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "answer": [4]})
     data.write_text("\n".join(lines) + "\n")
-    proc = train([f"dataset={data}", f"model_name={tiny_model}", "task=rlhf", *TINY], tmp_path, timeout=300)
+    proc = train_here([f"dataset={data}", f"model_name={tiny_model}", "task=rlhf", *TINY], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert 'line 4: field "answer" must be a string or a number, got list' in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from runs import REPO, read_jsonl, train
+from runs import REPO, read_jsonl, train, train_here
 
 from posttrain.errors import DataError
 from posttrain.pipeline.data import DataRequest, load_data
@@ -117,7 +117,7 @@ def test_data_and_setting_errors_are_one_line_before_anything_starts(tmp_path: P
         ([f"dataset={rubric}", "grader_model=tinker://run/sampler_weights/1"], "the grader must be a model"),
     ]
     for args, needle in cases:
-        proc = train([*args, "backend=local"], tmp_path, timeout=120)
+        proc = train_here([*args, "backend=local"], tmp_path)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "results").exists()

@@ -1,9 +1,13 @@
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from posttrain import util
+from posttrain.errors import ConfigError
 from posttrain.pipeline.results import (
     RL_KEYS,
     SFT_KEYS,
@@ -374,3 +378,37 @@ def test_empty_wandb_url_only_allowed_with_a_failed_verification():
     s = _summary(wandb_url="", wandb_verification={"mode": "online", "verified": True, "detail": "ok"})
     with pytest.raises(ValueError, match="wandb_url"):
         validate_summary(s)
+
+
+HOLD = """
+import sys, time
+from posttrain.pipeline.results import ResultsDir
+with ResultsDir(sys.argv[1]).single_writer("first"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_at_a_time_writes_into_a_results_folder(tmp_path: Path) -> None:
+    folder = ResultsDir(tmp_path / "results")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        with pytest.raises(ConfigError, match=rf"results: run first \(process {holder.pid}, started .*\) is writing"):
+            with folder.single_writer("second"):
+                pass
+        # A run killed outright holds nothing: the next takes the folder over and is told whose run died.
+        holder.kill()
+        holder.wait()
+        with folder.single_writer("second") as died:
+            assert died is not None and died.startswith(f"run first (process {holder.pid}")
+    finally:
+        holder.kill()
+    # A run that ended (here: by an exception) leaves the folder free and names nobody.
+    with pytest.raises(RuntimeError), folder.single_writer("third"):
+        raise RuntimeError("stopped")
+    with folder.single_writer("fourth") as died:
+        assert died is None
+        with pytest.raises(ConfigError, match=r"run fourth \(process"):
+            with ResultsDir(folder.path).single_writer("fifth"):
+                pass

@@ -123,3 +123,14 @@ def test_a_busy_worker_does_not_outlive_a_killed_run(verifier_file: Path, tmp_pa
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert _gone(worker, within=5), "the verifier's worker kept spinning after the run was killed"
+
+
+def test_a_verifier_that_does_not_compile_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    from posttrain.errors import ConfigError
+    from posttrain.pipeline.scoring.verifiers import load
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("import math\n\ndef score(row, completion)\n    return 1.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load(f"{bad}:score")
+    assert str(caught.value) == f"reward_fn={bad}:score: importing {bad} failed: {bad}:3: SyntaxError: expected ':'"

@@ -233,10 +233,10 @@ def test_redact(monkeypatch):
 def test_a_lineup_model_without_keys_stops_and_asks(tmp_path: Path):
     """backend=auto, a lineup model with no copy on this machine, no .env: stop before anything starts, naming
     every missing key and the way to train here on purpose (the bundled model needs none: test_choose_backend)."""
-    from runs import train
+    from runs import train_here
 
     keys = ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT")
-    proc = train(["model_name=Qwen/Qwen3-8B"], tmp_path, unset=keys, timeout=120)
+    proc = train_here(["model_name=Qwen/Qwen3-8B"], tmp_path, unset=keys)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip() == (
         "error: model_name=Qwen/Qwen3-8B trains on the Tinker service: Missing required environment variables: "

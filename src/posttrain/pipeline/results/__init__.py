@@ -16,7 +16,7 @@ from posttrain.pipeline.results.rows import (
     summary_kind,
     validate_rows,
 )
-from posttrain.pipeline.results.store import BASE_FILE, SUMMARY_FILE, TRAINED_FILE, ResultsDir
+from posttrain.pipeline.results.store import BASE_FILE, SUMMARY_FILE, TRAINED_FILE, ResultsDir, no_space
 from posttrain.pipeline.results.summary import (
     TEACHER_KEYS,
     Outcome,
@@ -51,6 +51,7 @@ __all__ = [
     "compare_examples",
     "compute_improvement",
     "headline",
+    "no_space",
     "summary_kind",
     "validate_rows",
     "validate_summary",

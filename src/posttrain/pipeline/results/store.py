@@ -2,20 +2,23 @@
 
 Files are written atomically (temp file in the same directory + os.replace) and pass through `redact()` first.
 `ResultsDir.prepare()` moves a previous run's files to `previous/<its run_name or timestamp>/`; nothing is ever
-deleted or silently overwritten.
+deleted or silently overwritten. One run at a time writes into a folder (`ResultsDir.single_writer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, NoSpaceError
 from posttrain.pipeline.results.rows import as_dict, json_safe
 from posttrain.util import atomic_write_text, jsonl_text, redact
 
@@ -24,6 +27,8 @@ TRAINED_FILE = "trained_model.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "training_curves.png"
+# Who holds the folder: "run NAME (process PID, started TIME)", emptied when the run ends.
+LOCK_FILE = ".writer"
 
 # Top-level files that belong to a run (moved aside together by `prepare`).
 _ARTIFACT_GLOBS = ("*.json", "*.jsonl", "*.md", "*.png")
@@ -86,6 +91,34 @@ class ResultsDir:
         print(f"Moved the previous run's results ({', '.join(moved)}) to {dest}")
         return dest
 
+    @contextlib.contextmanager
+    def single_writer(self, run_name: str) -> Iterator[str | None]:
+        """Hold the folder for one run; yields the holder before it when that run died holding it.
+
+        A second run into a folder that a live run holds stops with a `ConfigError` naming that run. The hold
+        is the kernel's (flock), so a run that died, however it died (a kill, a power cut), holds nothing.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"results_dir={self.path}: {holder or 'another run'} is writing there; wait for it to end, "
+                    "or give this run a results_dir= of its own"
+                ) from None
+            started = _dt.datetime.now().isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"run {run_name} (process {os.getpid()}, started {started})\n".encode(), 0)
+            try:
+                yield holder
+            finally:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
     def check_usable(self) -> None:
         """Raise `ConfigError` unless the folder is (or can become) a writable directory."""
         if self.path.exists() and not self.path.is_dir():
@@ -115,3 +148,22 @@ class ResultsDir:
 
     def write_jsonl(self, name: str, rows: Iterable[Any]) -> Path:
         return self.write_text(name, jsonl_text(json_safe(as_dict(r)) for r in rows))
+
+
+def no_space(exc: BaseException, folder: Path) -> NoSpaceError | None:
+    """A `NoSpaceError` for `exc` when it (or what it was raised from, through libraries that wrap errors) is a
+    write that found the disk full; None otherwise. It names the path and the space left on its filesystem."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            path = Path(cause.filename) if cause.filename else folder
+            where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+            free = shutil.disk_usage(where).free
+            return NoSpaceError(
+                f"{path}: no space left on the device ({free / 1e6:,.1f} MB free there); what was written before "
+                "is intact: free some space, then continue the run with resume=true"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None

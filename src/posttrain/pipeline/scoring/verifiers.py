@@ -70,6 +70,8 @@ def load(spec: str) -> Callable[[dict, str], Any]:
 
 def _where(exc: BaseException, path: Path | None = None) -> str:
     """'file.py:12: ZeroDivisionError: division by zero', naming the deepest frame in the user's file."""
+    if isinstance(exc, SyntaxError) and exc.filename:  # raised by the compiler: its frames are importlib's
+        return f"{exc.filename}:{exc.lineno}: {type(exc).__name__}: {exc.msg}"[:500]
     frames = traceback.extract_tb(exc.__traceback__)
     target = str(path.resolve()) if path else None
     inside = [f for f in frames if target and str(Path(f.filename).resolve()) == target]

@@ -15,7 +15,11 @@ from posttrain.pipeline.methods.distillation import off_policy, on_policy, summa
 from posttrain.pipeline.methods.distillation.held_out import HeldOut
 from posttrain.pipeline.methods.distillation.prompts import Share, load_prompts, pooled, split_evenly
 from posttrain.pipeline.methods.distillation.settings import DistillationConfig, teacher_models
-from posttrain.pipeline.methods.distillation.teachers import TeacherPool, check_same_tokenizer
+from posttrain.pipeline.methods.distillation.teachers import (
+    TeacherPool,
+    check_same_tokenizer,
+    check_teacher_found,
+)
 from posttrain.pipeline.setup import preflight
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
@@ -40,6 +44,7 @@ class Distillation:
         named = [s.teacher_model for s in self.shares if not s.teacher_model.startswith("tinker://")]
         self.extra_models = [t for t in named if t != cfg.model_name]
         for teacher in named:
+            check_teacher_found(teacher)
             # An explicit renderer_name is the chat format of all; otherwise each model's recommended one.
             student_renderer = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0]
             teacher_renderer = cfg.renderer_name or preflight.resolve_renderer(teacher, None)[0]

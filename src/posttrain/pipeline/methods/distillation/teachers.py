@@ -3,6 +3,7 @@ render and tokenize like the student, and what they are asked (their answers; th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.evaluation.common import SamplingSettings, bounded_gather
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.distillation.prompts import Messages, Share
-from posttrain.pipeline.setup import preflight
+from posttrain.pipeline.setup import backend, preflight
 from posttrain.util import short_error, write_jsonl
 
 # Strings whose encodings must agree between teacher and student tokenizers (words, digits, code, unicode).
@@ -25,6 +26,28 @@ TOKENIZER_PROBES = (
     "def f(x):\n\treturn x**2",
     "naïve café 東京 🙂",
 )
+
+
+def check_teacher_found(teacher: str) -> None:
+    """A teacher that exists nowhere is 'not found', said before its chat format (only guessed from its name
+    then) is compared with the student's."""
+    if backend.has_local_copy(teacher) or teacher in preflight.cookbook_models():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+        from huggingface_hub import repo_exists
+
+        try:
+            if repo_exists(teacher):
+                return
+        except Exception:  # noqa: BLE001 - the Hub did not answer: the engine or the service judges later
+            return
+        raise ConfigError(
+            f"teacher_model={teacher}: not found: not a local directory, not a Tinker model, not on the Hugging Face Hub"
+        )
+    raise ConfigError(
+        f"teacher_model={teacher}: not found: not a local directory, not a Tinker model, and not in the Hugging Face "
+        "cache (the Hub is offline)"
+    )
 
 
 def check_same_tokenizer(student: str, teacher: str, student_renderer: str, teacher_renderer: str) -> None:
