@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runs import REPO, train_here
+from runs import REPO, read_jsonl, train_here
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +106,21 @@ def test_engine_killed_mid_training_then_resumed(tmp_path: Path, tiny_model: str
     partial = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert partial["status"] == "failed" and partial["run_name"] == "r1" and partial["baseline"] is not None
     steps_before = [json.loads(line)["step"] for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    # The last checkpoint is damaged on disk meanwhile (a truncated copy): the run goes back to the one before.
+    from posttrain.engine.models import cache_root
+
+    saved = [json.loads(line) for line in (log_dir / "checkpoints.jsonl").read_text().splitlines()]
+    run_id, _, name = saved[-1]["state_path"].removeprefix("tinker://").partition("/weights/")
+    adapter = cache_root() / "checkpoints" / run_id / "weights" / name / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
 
     resumed = _run([*_args(pairs, tiny_model, "r1", epochs=40), "resume=true", "max_steps=12"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "evaluated before the interruption" in resumed.stdout
-    assert "continuing from step" in resumed.stdout
+    before = f"checkpoint {saved[-2]['name']}" if len(saved) > 1 else "the start"
+    damaged = f"checkpoint {name} is damaged ({adapter}: its contents differ from what was saved (SHA-256))"
+    assert f"training: {damaged}; continuing from {before}" in resumed.stdout, resumed.stdout
+    assert [r["name"] for r in read_jsonl(log_dir / "checkpoints_damaged.jsonl")] == [name]
     steps = [json.loads(line)["step"] for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(12)) and len(steps_before) >= 5  # one run: earlier steps kept, none repeated
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
@@ -231,3 +241,16 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(
     assert "continuing from step" in resumed.stdout
     summary = json.loads((small_disk / "results" / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def test_a_request_the_service_refuses_is_one_line(tmp_path: Path, engine, tiny_model: str, pairs: Path) -> None:
+    missing = "tinker://nobody:train:0/weights/000001"
+    args = [*_args(pairs, tiny_model, "refused"), f"base_url={engine.url}", f"load_checkpoint_path={missing}"]
+    args.remove("backend=local")
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    console_log = tmp_path / "results" / "logs" / "refused" / "console.log"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the service refused a request: checkpoint {missing} not found (the full error: {console_log.relative_to(tmp_path)})"
+    )
+    assert "Traceback" in console_log.read_text()  # kept for whoever debugs it

@@ -81,15 +81,16 @@ def _train_and_write(state: RunState, method: Method, started: float) -> dict[st
             return finish.write_results(state, outcome)
         except (UserError, KeyboardInterrupt, Exception) as exc:
             full = results.no_space(exc, res.path)
+            one_line = full or backend.refused(exc, state.log_path / "console.log")
             try:
-                finish.write_partial(state, full or exc)
+                finish.write_partial(state, one_line or exc)
             except OSError:
                 if full is None:
                     raise  # with a full disk, the summary of the failure is what cannot be written
             if not isinstance(exc, PreflightError):  # stopped before training: nothing to continue
                 say(f"to continue this run from its last checkpoint: {resume.resume_command(state.run_name)}")
-            if full is not None:
-                raise full from None
+            if one_line is not None:
+                raise one_line from None
             raise
 
 

@@ -123,7 +123,13 @@ async def run_stage(state: RunState, stage: TrainingStage, number: int) -> None:
     stage.log_path.mkdir(parents=True, exist_ok=True)
     with state.phase(f"training_{stage.name}") if several else contextlib.nullcontext():
         desc = stage.name if several else "training"
-        await with_progress(stage.start(), stage.log_path / "metrics.jsonl", stage.total_steps, desc)
+        while True:
+            try:
+                await with_progress(stage.start(), stage.log_path / "metrics.jsonl", stage.total_steps, desc)
+                break
+            except Exception as exc:
+                if not (state.cfg.resume and resume.set_aside_damaged_checkpoint(stage.log_path, exc, say)):
+                    raise
         if stage.after is not None:
             await stage.after()
 

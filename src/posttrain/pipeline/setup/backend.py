@@ -7,8 +7,10 @@ This is the pipeline's only contact with the engine package, and only to start a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -197,3 +199,14 @@ def check_served_models(url: str | None, names: Sequence[str], backend: prefligh
     available = service_models(url)
     for name in dict.fromkeys(names):
         preflight.check_model(name, backend, available)
+
+
+def refused(exc: BaseException, log_file: Path) -> UserError | None:
+    """A request the service (Tinker or the engine) refused, as one line; its traceback goes to `log_file` (the
+    run's console.log). None when `exc` is not the SDK's."""
+    tinker = sys.modules.get("tinker")
+    if tinker is None or not isinstance(exc, tinker.TinkerError):
+        return None
+    logging.getLogger(__name__).error("the service refused a request", exc_info=exc)
+    message = short_error(exc, 400, with_type=False).split(" for self.request_id=", 1)[0].removeprefix("Request failed: ")
+    return UserError(f"the service refused a request: {message} (the full error: {log_file})")

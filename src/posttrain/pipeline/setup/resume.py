@@ -72,3 +72,26 @@ def forget_steps_after_last_checkpoint(log_path: Path, say: Callable[[str], None
     ]
     write_jsonl(metrics_file, rows)
     say(f"training: continuing from step {resume_step} ({log_path / 'checkpoints.jsonl'})")
+
+
+def set_aside_damaged_checkpoint(log_path: Path, exc: BaseException, say: Callable[[str], None]) -> bool:
+    """When the loop could not load its last checkpoint because the engine found it damaged, move that checkpoint's
+    record to checkpoints_damaged.jsonl, so that the loop continues from the one before it (or from the start);
+    False when `exc` is something else."""
+    file = log_path / "checkpoints.jsonl"
+    records = read_jsonl(file) if file.is_file() else []
+    saved = [i for i, r in enumerate(records) if r.get("state_path")]
+    if not saved or f"{records[saved[-1]]['state_path']} is damaged" not in str(exc):
+        return False
+    damaged = records.pop(saved[-1])
+    write_jsonl(log_path / "checkpoints_damaged.jsonl", [*_read(log_path / "checkpoints_damaged.jsonl"), damaged])
+    write_jsonl(file, records)
+    reason = str(exc).split(" is damaged: ", 1)[1].split(" for self.request_id", 1)[0]
+    before = f"checkpoint {records[saved[-2]]['name']}" if len(saved) > 1 else "the start"
+    say(f"training: checkpoint {damaged.get('name')} is damaged ({reason}); continuing from {before}")
+    forget_steps_after_last_checkpoint(log_path, say)
+    return True
+
+
+def _read(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.is_file() else []
