@@ -159,6 +159,36 @@ def test_tic_tac_toe_reports_win_draw_loss_rates_and_board_transcripts(
     assert any("env/all/win" in m and "env/all/illegal_move" in m for m in metrics), metrics[-1].keys()
 
 
+def test_tic_tac_toe_self_play_trains_both_seats_and_is_measured_against_a_fixed_opponent(
+    tmp_path: Path, engine, tiny_model: str
+):
+    args = ["env=game:tic_tac_toe", "game_opponent=self", "max_tokens=4", "max_eval_rows=2", "batch_size=2"]
+    summary, base, trained = _run(tmp_path, engine, tiny_model, args, "selfplay")
+    assert "self-play" in summary["dataset"]["source"]
+    assert summary["dataset"]["eval_source"].endswith("against the random opponent (self-play trains; a fixed "
+                                                      "opponent measures)")  # fmt: skip
+    assert {r["details"]["opponent"] for r in base + trained} == {"random"}
+    games = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
+    assert {g["opponent"] for g in games} == {"self"}
+    # Both seats of each game are trajectories of the training batch: the loop's rollout log shows both.
+    rollouts = (tmp_path / summary["log_path"] / "iteration_000000" / "train.html").read_text()
+    assert rollouts.count("seat: O") >= 1 and rollouts.count("seat: X") >= 1
+    metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
+    assert any("env/all/opponent_illegal_move" in m for m in metrics), metrics[-1].keys()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["group_size=3"], "game_opponent=self needs an even group_size (each game fills two seats), got 3"),
+        (["teacher_model=x", "distillation_mode=on_policy"], "game_opponent=self is only used by task=rl (self-play trains both seats)"),
+    ],
+)
+def test_self_play_settings_are_checked_before_anything_starts(tmp_path: Path, args: list[str], message: str):
+    proc = train_here(["env=game:tic_tac_toe", "game_opponent=self", *args, "backend=local"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr
+
+
 def test_a_hanging_verifier_times_out_and_the_run_goes_on(tmp_path: Path, engine, tiny_model: str):
     rows = [{"question": f"{('Sleep', 'Spin', 'Say')[i % 3]} {i}.", "answer": str(i)} for i in range(60)]
     data = tmp_path / "qa.jsonl"

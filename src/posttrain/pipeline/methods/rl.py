@@ -49,8 +49,9 @@ class Judging(Protocol):
 # The RL losses both Tinker and the local engine implement that the RL loop takes (tinker.types.LossFnType,
 # less `custom`, which is client-side).
 RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
-# env=game:tic_tac_toe's fixed opponent: a random free cell (seeded); win-or-block, else random; minimax.
-GameOpponent = Literal["random", "blocker", "optimal"]
+# env=game:tic_tac_toe's opponent: a random free cell (seeded); win-or-block, else random; minimax; or the policy
+# itself in training (self-play; evaluated against the random opponent).
+GameOpponent = Literal["random", "blocker", "optimal", "self"]
 # How question/answer data is graded (scoring.GRADERS): the math grader, or for factual answers exact match / token F1.
 AnswerGrader = Literal["math", "exact_match", "f1"]
 
@@ -143,7 +144,9 @@ class EnvOptions:
         default=None, doc="RL environment: " + "|".join(registry.CHOICES) + " (tools: add :max_turns=N)"
     )
     game_opponent: GameOpponent | None = chz.field(
-        default=None, doc="env=game:tic_tac_toe: the fixed opponent, random|blocker|optimal (None: random)"
+        default=None,
+        doc="env=game:tic_tac_toe: the opponent, random|blocker|optimal, or self: the policy plays both seats in "
+        "training (the cookbook's text_arena self-play) and is evaluated against random (None: random)",
     )
     grader: AnswerGrader | None = chz.field(
         default=None,
@@ -158,6 +161,14 @@ class EnvOptions:
             registry.check(cfg.env)
         if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
             raise ConfigError(f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out")
+        if cfg.game_opponent == "self":
+            group_size = getattr(cfg, "group_size", None)
+            if group_size is None or getattr(cfg, "teacher_model", None) is not None:
+                raise ConfigError("game_opponent=self is only used by task=rl (self-play trains both seats)")
+            if group_size % 2:
+                raise ConfigError(
+                    f"game_opponent=self needs an even group_size (each game fills two seats), got {group_size}"
+                )
 
 
 @chz.chz

@@ -1,4 +1,5 @@
-"""Tic-tac-toe against a fixed opponent (`env=game:tic_tac_toe`, `game_opponent=random|blocker|optimal`).
+"""Tic-tac-toe against a fixed opponent (`env=game:tic_tac_toe`, `game_opponent=random|blocker|optimal`), or
+against itself (`game_opponent=self`).
 
 A game is a seat (player 0 = O, who moves first, or player 1 = X; alternating, so half the games each) and the
 seed of the opponent's random choices. Held-out games use opponent seeds never used in training, fixed by the
@@ -12,6 +13,12 @@ game itself is textarena's `TicTacToe-v0` (rules, move parsing, win/draw detecti
 self-play and its fixed opponents are not seeded: seeded opponents (`random`, `blocker`), one game per group
 (every rollout of a group plays the same seat against the same opponent seed, so advantages compare like with
 like), the reward, a short prompt, and per-turn logs for the transcripts.
+
+Self-play (`game_opponent=self`) is the recipe's own mode: the policy plays both seats of one textarena game (two
+envs sharing a coordinator, `SelfPlayGames`), and both seats' turns are trajectories of the same RL group, so a
+group of `group_size` rollouts is `group_size / 2` games. A seat whose opponent seat moved illegally gets a draw's
+reward (the recipe gives it 0, its draw). Held-out games are still played against the random opponent: a score
+against itself says nothing about improvement.
 
 Player 0 is O and moves first (textarena's convention); the model plays O in half the games and X in the other
 half. The model's move is the first `[N]` in its answer, else its first number (`parse_move`). Reward at the end
@@ -64,7 +71,9 @@ if TYPE_CHECKING:
 GAME_ID = "TicTacToe-v0-train"
 SYMBOLS = ("O", "X")  # by player id
 WIN, DRAW, LOSS = "win", "draw", "loss"
-REWARDS = {WIN: 1.0, DRAW: 0.5, LOSS: 0.0}
+OTHER_ILLEGAL = "opponent's illegal move"  # self-play only: the other seat ended the game
+REWARDS = {WIN: 1.0, DRAW: 0.5, LOSS: 0.0, OTHER_ILLEGAL: 0.5}
+SELF_PLAY_EVAL_OPPONENT = "random"
 ILLEGAL_MOVE_REWARD = -0.5
 LEGAL_MOVE_CREDIT = 0.1  # per legal move before an illegal one (at most 4: still below a legal loss's 0)
 MAX_MODEL_TURNS = 5
@@ -141,14 +150,14 @@ def parse_move(text: str) -> int | None:
 
 class ModelMoveCoordinator(TwoPlayerCoordinator):
     """The cookbook's coordinator; the model's answers are turned into `[N]` (`parse_move`) before textarena
-    checks them."""
+    checks them (in self-play, both seats' answers)."""
 
-    def __init__(self, shared_env: ta.Env, model_player_id: int):
+    def __init__(self, shared_env: ta.Env, model_player_ids: set[int]):
         super().__init__(shared_env)
-        self.model_player_id = model_player_id
+        self.model_player_ids = model_player_ids
 
     async def make_move(self, player_id: int, move: str) -> None:
-        if player_id == self.model_player_id:
+        if player_id in self.model_player_ids:
             cell = parse_move(move)
             move = f"[{cell}]" if cell is not None else "(no move)"
         await super().make_move(player_id, move)
@@ -189,6 +198,13 @@ class TicTacToeEnv(TwoPlayerEnv):
         rows = self.coordinator.state.game_state["board"]
         return [rows[i // 3][i % 3] for i in range(9)]
 
+    async def initial_observation(self) -> tuple[tinker.ModelInput, StopCondition]:
+        if self.player_id != 0:
+            await self.wait_for_turn()
+        # The board even when the other seat already ended the game (self-play): the loop samples a first turn.
+        text = prompt_text(self.board(), self.symbol)
+        return self.renderer.build_generation_prompt([{"role": "user", "content": text}]), self.stop_condition
+
     def get_observation(self) -> tinker.ModelInput:
         if self.coordinator.game_done:
             return tinker.ModelInput.empty()
@@ -199,9 +215,11 @@ class TicTacToeEnv(TwoPlayerEnv):
         """win / draw / loss, or None while the game goes on (an illegal move by the model is a loss)."""
         coordinator = self.coordinator
         if coordinator.illegal_player_id is not None:
-            if coordinator.illegal_player_id != self.player_id:
+            if coordinator.illegal_player_id == self.player_id:
+                return LOSS
+            if not self.self_play:
                 raise RuntimeError("the fixed opponent made an illegal move")  # it only picks free cells
-            return LOSS
+            return OTHER_ILLEGAL
         rewards = coordinator.rewards
         if not coordinator.state.done or not rewards:
             return None
@@ -222,7 +240,15 @@ class TicTacToeEnv(TwoPlayerEnv):
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
         before = self.board()
         text = get_text_content(self.renderer.parse_response(action)[0])
-        result = await super().step(action, extra=extra)
+        if self.coordinator.game_done:  # self-play: the other seat ended the game before this seat's first move
+            result = StepResult(
+                reward=self.compute_reward(),
+                episode_done=True,
+                next_observation=tinker.ModelInput.empty(),
+                next_stop_condition=self.stop_condition,
+            )
+        else:
+            result = await super().step(action, extra=extra)
         after = self.board()
         mine = [i for i in range(9) if before[i] == "" and after[i] == self.symbol]
         theirs = [i for i in range(9) if before[i] == "" and after[i] not in ("", self.symbol)]
@@ -239,10 +265,13 @@ class TicTacToeEnv(TwoPlayerEnv):
             happened = f"{self.symbol} took {mine[0]}" if mine else "no move"
             if theirs:
                 happened += f"; {SYMBOLS[1 - self.player_id]} took {theirs[0]}"
+            elif outcome == OTHER_ILLEGAL:
+                happened += f"; {SYMBOLS[1 - self.player_id]} made an illegal move"
             if outcome is not None:
                 happened += f"; {outcome}"
         turn = {
             "turn": len(self.turns) + 1,
+            "seat": self.symbol,
             "player": text,
             "env": happened,
             "reward": result.reward,
@@ -260,6 +289,7 @@ class TicTacToeEnv(TwoPlayerEnv):
                 "draw": float(outcome == DRAW),
                 "loss": float(outcome == LOSS),
                 "illegal_move": float(self.illegal()),
+                **({"opponent_illegal_move": float(outcome == OTHER_ILLEGAL)} if self.self_play else {}),
             }
         return result
 
@@ -270,11 +300,36 @@ def make_env(game: dict, ctx: EnvContext) -> TicTacToeEnv:
     shared.reset(num_players=2, seed=int(game["opponent_seed"]))
     return TicTacToeEnv(
         player_id=int(game["player_id"]),
-        coordinator=ModelMoveCoordinator(shared, int(game["player_id"])),
+        coordinator=ModelMoveCoordinator(shared, {int(game["player_id"])}),
         self_play=False,
         renderer=ctx.renderer,
         opponent_policy=make_opponent(game["opponent"], int(game["opponent_seed"])),
     )
+
+
+@dataclass
+class SelfPlayGames(EnvGroupBuilder):
+    """One RL group of self-play: `size / 2` games of the policy against itself, both seats of each game."""
+
+    game: dict
+    ctx: EnvContext
+    size: int
+
+    async def make_envs(self) -> Sequence[TicTacToeEnv]:
+        envs = []
+        for _ in range(self.size // 2):
+            shared = ta.make(env_id=GAME_ID)
+            shared.reset(num_players=2, seed=int(self.game["opponent_seed"]))
+            coordinator = ModelMoveCoordinator(shared, {0, 1})
+            envs += [
+                TicTacToeEnv(player_id=seat, coordinator=coordinator, self_play=True, renderer=self.ctx.renderer,
+                             opponent_policy=None)
+                for seat in (0, 1)
+            ]  # fmt: skip
+        return envs
+
+    def logging_tags(self) -> list[str]:
+        return [TicTacToe.tag]
 
 
 # ------------------------------------------------------------------------------------------ the environment
@@ -294,6 +349,8 @@ def _game(player_id: int, opponent: str, opponent_seed: int) -> dict:
 
 
 def games(n_train: int, n_eval: int, seed: int, opponent: str) -> ProblemSet:
+    if opponent == "self":
+        return _self_play_games(n_train, n_eval, seed)
     train_seeds = random.Random(seed).sample(range(_SEED_SPACE), n_train)
     used = set(train_seeds)
     eval_rng = random.Random(seed + 1)
@@ -315,6 +372,23 @@ def games(n_train: int, n_eval: int, seed: int, opponent: str) -> ProblemSet:
     )
 
 
+def _self_play_games(n_train: int, n_eval: int, seed: int) -> ProblemSet:
+    """Training games against itself (each group fills both seats); held-out games against the random opponent."""
+    against_random = games(n_train, n_eval, seed, SELF_PLAY_EVAL_OPPONENT)
+    train = [
+        {**g, "question": f"tic-tac-toe against itself, both seats, game seed {g['opponent_seed']}", "opponent": "self"}
+        for g in against_random.train
+    ]
+    info = {
+        **against_random.info,
+        "source": "textarena TicTacToe-v0, self-play: the policy plays both seats (O moves first) of each training "
+        "game, and both seats' turns train",
+        "eval_source": f"{against_random.info['eval_source']}, against the {SELF_PLAY_EVAL_OPPONENT} opponent "
+        "(self-play trains; a fixed opponent measures)",
+    }
+    return ProblemSet(train, against_random.eval, info)
+
+
 class TicTacToe:
     tag = "tic_tac_toe"
     score_label = "win rate"
@@ -334,6 +408,8 @@ class TicTacToe:
         return make_env(problem, ctx)
 
     def group_builder(self, problem: dict, ctx: EnvContext, group_size: int) -> EnvGroupBuilder:
+        if problem["opponent"] == "self":
+            return SelfPlayGames(problem, ctx, group_size)
         # Every rollout of a group plays the same seat against the same opponent seed: like is compared with like.
         return problem_group(make_env, problem, ctx, group_size, self.tag)
 
