@@ -22,6 +22,11 @@ commands:
 
 
 def train_main(argv: list[str]) -> int:
+    # Before the settings are parsed: parsing imports the methods' cookbook modules, and with them
+    # huggingface_hub and datasets, which read HF_HUB_OFFLINE once, at import.
+    from posttrain.netcheck import hub_offline_if_unreachable
+
+    offline = hub_offline_if_unreachable()
     from posttrain.config.parse import HelpRequested
     from posttrain.errors import UserError
     from posttrain.pipeline.settings import parse_train_args
@@ -34,13 +39,8 @@ def train_main(argv: list[str]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    from posttrain.netcheck import hub_offline_if_unreachable
-
-    if hub_offline_if_unreachable():
-        print(
-            "note: the Hugging Face Hub is not reachable: models and datasets come from local caches",
-            flush=True,
-        )
+    if offline:
+        print("note: the Hugging Face Hub is not reachable: models and datasets come from local caches", flush=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # `timeout`, job schedulers and `kill` send SIGTERM: stop the same way as on Ctrl-C (partial results,
     # the engine stopped, the resume command printed).

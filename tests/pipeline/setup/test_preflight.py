@@ -244,3 +244,32 @@ def test_a_lineup_model_without_keys_stops_and_asks(tmp_path: Path):
         "on this machine instead, on purpose, pass backend=local)"
     )
     assert "engine" not in proc.stdout and not (tmp_path / "results").exists()
+
+
+HUB_UNREACHABLE = """
+import os, socket
+
+def unreachable(*args, **kwargs):  # this machine's network, with the Hub out of reach
+    raise OSError("Network is unreachable")
+
+socket.create_connection = unreachable
+for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.pop(name, None)
+from posttrain.cli.main import main
+
+code = main(["train", "dataset=/nonexistent/rows.jsonl", "backend=local"])
+import datasets.config
+import huggingface_hub.constants
+
+print(code, huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+"""
+
+
+def test_an_unreachable_hub_is_known_before_the_hub_libraries_are_imported(tmp_path: Path):
+    """They read HF_HUB_OFFLINE once, at import; set later, every file of a tokenizer was retried for a minute."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", HUB_UNREACHABLE], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "2 True True", out.stdout + out.stderr
