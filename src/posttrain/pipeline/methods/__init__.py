@@ -59,6 +59,8 @@ METHODS: dict[str, Registered] = {
     "sft": Registered(f"{_M}.sft:SFT", f"{_M}.sft:SFTConfig", CHAT_FORMATS, learning_rate=SUPERVISED_LR),
     "dpo": Registered(f"{_M}.dpo:DPO", f"{_M}.dpo:DPOConfig", frozenset({"preference"})),
     "rlhf": Registered(f"{_M}.rlhf:RLHF", f"{_M}.rlhf:RLHFConfig", learning_rate=SUPERVISED_LR),
+    "pairwise_rl": Registered(f"{_M}.pairwise_rl:PairwiseRL", f"{_M}.pairwise_rl:PairwiseRLConfig",
+                              chosen_by=("preference_model",), learning_rate=RL_LR),
 }  # fmt: skip
 
 
