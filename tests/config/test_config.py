@@ -230,3 +230,19 @@ def test_enumerated_values_from_the_command_line_name_the_allowed_ones(arg):
     key = arg.split("=")[0]
     with pytest.raises(ConfigError, match=f"^{key}=.* is not valid; allowed values: "):
         parse_train_args([arg])
+
+
+def test_parsing_the_settings_imports_no_heavy_library():
+    """Bad settings are reported in a fraction of a second (0.25 s here), and the Hub check comes first: parsing
+    imports no torch, SDK, cookbook loop or Hub library (importing them took 4 s, and the Hub libraries read
+    HF_HUB_OFFLINE once, at import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from posttrain.pipeline.settings import parse_train_args; "
+        "parse_train_args(['task=distillation', 'teacher_model=t', 'batch_size=4']); "
+        "print(sorted(m for m in ('torch', 'tinker', 'datasets', 'transformers', 'huggingface_hub') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -13,24 +13,26 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any
 
-from tinker_cookbook.renderers import TrainOnWhat
-from tinker_cookbook.supervised import train as sl_train
-from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
-
-from posttrain.pipeline.data.chat import ConversationFilesBuilder
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.sft import supervised_settings
 
-TRAIN_ON_WHAT = {"distillation": TrainOnWhat.LAST_ASSISTANT_MESSAGE, "prompt_distillation": TrainOnWhat.ALL_ASSISTANT_MESSAGES}
+# The cookbook's TrainOnWhat values (its loop is imported only when it runs: settings parsing imports this module).
+TRAIN_ON_WHAT = {"distillation": "last_assistant_message", "prompt_distillation": "all_assistant_messages"}
 
 
 def train(ctx: RunContext, recipe: str) -> Coroutine[Any, Any, Any]:
     """The supervised loop over the traces in the run's data folder (`recipe`: the method, see TRAIN_ON_WHAT)."""
+    from tinker_cookbook.renderers import TrainOnWhat
+    from tinker_cookbook.supervised import train as sl_train
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    from posttrain.pipeline.data.chat import ConversationFilesBuilder
+
     cfg = ctx.cfg
     builder = ConversationFilesBuilder(
         common_config=ChatDatasetBuilderCommonConfig(
             model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name, max_length=cfg.max_length,
-            batch_size=cfg.batch_size, train_on_what=TRAIN_ON_WHAT[recipe],
+            batch_size=cfg.batch_size, train_on_what=TrainOnWhat(TRAIN_ON_WHAT[recipe]),
         ),
         train_file=str(ctx.data_dir / "teacher_train.jsonl"),
         eval_file=str(ctx.data_dir / "teacher_eval.jsonl") if cfg.eval_every > 0 else None,
