@@ -89,6 +89,25 @@ def test_a_preference_function_that_crashes_or_hangs_is_recorded_and_the_run_goe
             assert row["reward"] == 0.5
 
 
+def test_the_preference_reaches_the_cookbook_on_its_scale(tmp_path: Path):
+    """The cookbook's PreferenceModel returns 1 when completion B is preferred and -1 when A is (its environments
+    credit B with a positive value): the shorter answer must win there, in either position."""
+    import asyncio
+
+    from tinker_cookbook.preference.types import Comparison
+
+    from posttrain.pipeline.methods.pairwise_rl import PreferenceModelBuilder
+
+    (tmp_path / "prefer.py").write_text(PREFERENCE)
+    prompt = [{"role": "user", "content": "Say the number 1."}]
+    short, long = [{"role": "assistant", "content": "One."}], [{"role": "assistant", "content": "The number one."}]
+    for spec in ("shorter", f"{tmp_path}/prefer.py:prefer"):
+        model = PreferenceModelBuilder(spec=spec)()
+        assert asyncio.run(model(Comparison(prompt, short, long))) == -1.0  # A, the shorter, preferred
+        assert asyncio.run(model(Comparison(prompt, long, short))) == 1.0
+        assert asyncio.run(model(Comparison(prompt, short, short))) == 0.0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

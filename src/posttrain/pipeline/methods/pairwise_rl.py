@@ -88,7 +88,7 @@ class Preference:
             self.user = verifiers.UserVerifier(spec, path, timeout, option="preference_model")
 
     async def __call__(self, prompt: Messages, a: str, b: str, phase: str) -> float:
-        """In [-1, 1]: 1 when `a` is preferred, -1 when `b` is, 0 for a tie (the cookbook's PreferenceModel scale)."""
+        """In [-1, 1]: 1 when `a` is preferred, -1 when `b` is, 0 for a tie."""
         if self.user is None:
             return float((len(a) < len(b)) - (len(a) > len(b)))
         value, error = await self.user.score({"prompt": prompt, "other": b}, a, phase)
@@ -111,7 +111,8 @@ class PreferenceModelBuilder:
         class Model(PreferenceModel):
             async def __call__(self, comparison: Comparison) -> float:
                 a, b = (" ".join(str(m["content"]) for m in c) for c in (comparison.completion_A, comparison.completion_B))
-                return await preference(comparison.prompt_conversation, a, b, "train")
+                # The cookbook's scale is the other way round: 1 when B is preferred, -1 when A is.
+                return -await preference(comparison.prompt_conversation, a, b, "train")
 
         return Model()
 
