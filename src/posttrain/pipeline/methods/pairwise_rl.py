@@ -41,7 +41,7 @@ from posttrain.pipeline.methods.rl import (
 )
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.setup.plan import TokenBudget
-from posttrain.util import write_jsonl
+from posttrain.util import short_error, write_jsonl
 
 if TYPE_CHECKING:
     import tinker
@@ -182,6 +182,9 @@ class PairwiseRL:
             from posttrain.pipeline.results import RLExample
 
             mine, theirs = answers[i], base[i]
+            if isinstance(mine, Exception) or isinstance(theirs, Exception):
+                failed = mine if isinstance(mine, Exception) else theirs
+                return RLExample(i, prompt_text(prompt), str(theirs), str(mine), None, None, error=short_error(failed))
             if label == BASE_LABEL:
                 win = 0.5  # its own answers: a tie by definition
             else:
@@ -194,9 +197,9 @@ class PairwiseRL:
 
         rows = await bounded_gather(self.prompts.eval, judge, self.cfg.eval_concurrency, f"{label}: comparing")
         check_some_succeeded(rows, label)
-        return rows, sum(r.reward or 0.0 for r in rows) / len(rows)
+        return rows, sum(r.reward or 0.0 for r in rows) / len(rows)  # a failed example counts as a loss
 
-    async def _answers(self, client: tinker.SamplingClient, label: str) -> list[str]:
+    async def _answers(self, client: tinker.SamplingClient, label: str) -> list[str | Exception]:
         import tinker
         from tinker_cookbook.renderers import get_text_content
 
@@ -206,8 +209,11 @@ class PairwiseRL:
         params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
                                        stop=renderer.get_stop_sequences(), seed=cfg.seed)  # fmt: skip
 
-        async def answer(i: int, prompt: Messages) -> str:
-            response = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
+        async def answer(i: int, prompt: Messages) -> str | Exception:
+            try:
+                response = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
+            except Exception as exc:  # noqa: BLE001 - one failed example is recorded, not the end of the evaluation
+                return exc
             return get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])
 
         return await bounded_gather(self.prompts.eval, answer, cfg.eval_concurrency, label)
@@ -234,7 +240,10 @@ class PairwiseRL:
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
         sizes = {"train_rows": len(self.prompts.train), "eval_rows": len(self.prompts.eval)}
-        chars = {label.split()[0]: sum(map(len, a)) / len(a) for label, a in self.answers.items() if a}
+        chars = {}
+        for label, answers in self.answers.items():
+            texts = [a for a in answers if isinstance(a, str)]
+            chars[label.split()[0]] = sum(map(len, texts)) / len(texts) if texts else None
         extra: dict[str, Any] = {
             "preference_model": self.spec,
             "win_rate_definition": "each held-out prompt's trained answer against the base model's answer (greedy "
