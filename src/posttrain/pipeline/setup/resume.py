@@ -79,7 +79,7 @@ def set_aside_damaged_checkpoint(log_path: Path, exc: BaseException, say: Callab
     record to checkpoints_damaged.jsonl, so that the loop continues from the one before it (or from the start);
     False when `exc` is something else."""
     file = log_path / "checkpoints.jsonl"
-    records = read_jsonl(file) if file.is_file() else []
+    records = _read(file)
     saved = [i for i, r in enumerate(records) if r.get("state_path")]
     if not saved or f"{records[saved[-1]]['state_path']} is damaged" not in str(exc):
         return False
