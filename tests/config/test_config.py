@@ -28,6 +28,7 @@ EXPECTED_FIELDS = {
     # the cookbook Configs' own fields the user's document lists (issue 21), and the QA grader
     "adam_beta1", "adam_beta2", "adam_eps", "kl_discount_factor", "num_substeps", "remove_constant_reward_groups",
     "max_steps_off_policy", "num_minibatches", "load_checkpoint_path", "wandb_name", "grader",
+    "preference_model",  # task=pairwise_rl
 }  # fmt: skip
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."

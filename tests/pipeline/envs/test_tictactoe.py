@@ -67,9 +67,12 @@ def test_win_draw_and_loss_rewards_and_the_transcript(renderer):
         assert env.turns[-1]["env"].endswith(outcome)
         assert all(t["reward"] == 0.0 for t in env.turns[:-1])  # the reward comes at the end of the game
         assert [t["turn"] for t in env.turns] == list(range(1, len(env.turns) + 1))
-    assert tictactoe.REWARDS == {"win": 1.0, "draw": 0.5, "loss": 0.0} and len(outcomes) >= 2
+    # (the fourth outcome, the other seat's illegal move, exists only in self-play: a draw's reward)
+    assert tictactoe.REWARDS == {"win": 1.0, "draw": 0.5, "loss": 0.0, tictactoe.OTHER_ILLEGAL: 0.5}
+    assert len(outcomes) >= 2
     first = env.turns[0]
-    assert set(first) == {"turn", "player", "env", "reward", "board", "move", "opponent_move", "board_after"}
+    assert set(first) == {"turn", "seat", "player", "env", "reward", "board", "move", "opponent_move", "board_after"}
+    assert first["seat"] == env.symbol
     assert first["board"].count("|") == 6 and first["player"].startswith("[")
 
 
