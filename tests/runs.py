@@ -67,3 +67,15 @@ def train_here(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rl_results(results: Path) -> tuple[dict, list[dict], list[dict]]:
+    """A finished run's summary.json and its base/trained rows in the RL schema, each checked against its schema."""
+    from posttrain.pipeline.results import validate_rows, validate_summary
+
+    summary = json.loads((results / "summary.json").read_text())
+    validate_summary(summary)
+    base, trained = read_jsonl(results / "base_model.jsonl"), read_jsonl(results / "trained_model.jsonl")
+    validate_rows(base, "score", "rl")
+    validate_rows(trained, "score", "rl")
+    return summary, base, trained

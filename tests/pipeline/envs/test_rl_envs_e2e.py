@@ -10,9 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train, train_here
-
-from posttrain.pipeline.results import validate_rows, validate_summary
+from runs import read_jsonl, rl_results, train, train_here
 
 FAST = [
     "renderer_name=role_colon",
@@ -43,12 +41,7 @@ def _run(
         timeout=400,
     )
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = tmp_path / "results"
-    summary = json.loads((results / "summary.json").read_text())
-    validate_summary(summary)
-    base, trained = read_jsonl(results / "base_model.jsonl"), read_jsonl(results / "trained_model.jsonl")
-    validate_rows(base, "score", "rl")
-    validate_rows(trained, "score", "rl")
+    summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained
 
 

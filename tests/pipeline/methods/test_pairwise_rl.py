@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train, train_here
-
-from posttrain.pipeline.results import validate_rows, validate_summary
+from runs import read_jsonl, rl_results, train, train_here
 
 FAST = ["renderer_name=role_colon", "lora_rank=4", "save_every=0", "eval_every=0", "batch_size=2", "group_size=4",
         "max_steps=2", "max_tokens=10", "max_eval_rows=4"]  # fmt: skip
@@ -40,12 +38,7 @@ def _run(tmp_path: Path, engine, model: str, prompts: Path, args: list[str]) -> 
     proc = train([f"dataset={prompts}", f"model_name={model}", f"base_url={engine.url}", "run_name=pw", *FAST, *args],
                  tmp_path, timeout=600)  # fmt: skip
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = tmp_path / "results"
-    summary = json.loads((results / "summary.json").read_text())
-    validate_summary(summary)
-    base, trained = read_jsonl(results / "base_model.jsonl"), read_jsonl(results / "trained_model.jsonl")
-    validate_rows(base, "score", "rl")
-    validate_rows(trained, "score", "rl")
+    summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained
 
 

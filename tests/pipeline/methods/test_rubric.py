@@ -10,11 +10,10 @@ import re
 from pathlib import Path
 
 import pytest
-from runs import REPO, read_jsonl, train, train_here
+from runs import REPO, read_jsonl, rl_results, train, train_here
 
 from posttrain.errors import DataError
 from posttrain.pipeline.data import DataRequest, load_data
-from posttrain.pipeline.results import validate_rows, validate_summary
 
 EXAMPLE = REPO / "src" / "posttrain" / "data" / "rubric_example.jsonl"
 FAST = [
@@ -129,11 +128,7 @@ def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, l
     )
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
     results = tmp_path / "results"
-    summary = json.loads((results / "summary.json").read_text())
-    validate_summary(summary)
-    base, trained = read_jsonl(results / "base_model.jsonl"), read_jsonl(results / "trained_model.jsonl")
-    validate_rows(base, "score", "rl")
-    validate_rows(trained, "score", "rl")
+    summary, base, trained = rl_results(results)
     assert "judged by" in proc.stdout
     return summary, base, trained, results
 
