@@ -39,7 +39,14 @@ def train(
 def train_here(
     args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """`train.py ARGS` in this process, for runs that stop before training (settings, data, credentials): the
+    """`train.py ARGS` in this process (see `cli_here`)."""
+    return cli_here(["train", *args], cwd, extra_env, unset)
+
+
+def cli_here(
+    argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`posttrain ARGV` in this process, for runs that stop before training (settings, data, credentials): the
     CLI's own code from argv to exit code, less the interpreter start-up and imports a subprocess pays (~5 s).
     An exception the CLI lets through fails the test with its traceback, as it would reach a user's terminal.
     The process's environment, working directory, signal handlers and logging are restored afterwards."""
@@ -54,7 +61,7 @@ def train_here(
             os.environ.pop(name, None)
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            code = main(["train", *args])
+            code = main(argv)
     finally:
         logging.disable(logging.NOTSET)  # the CLI silences library logging after a stopped run
         os.chdir(saved_cwd)
@@ -62,7 +69,16 @@ def train_here(
         os.environ.update(saved_env)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(["posttrain", *argv], code, out.getvalue(), err.getvalue())
+
+
+def posttrain(argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None, stdin: str | None = None):
+    """`posttrain ARGV` as a user runs it: a real subprocess, W&B and the Hub offline."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "posttrain.cli.main", *argv],
+        cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:

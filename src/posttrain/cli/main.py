@@ -16,8 +16,11 @@ USAGE = """usage: posttrain <command> [args]
 commands:
   train key=value ...   run post-training end to end (default: SFT of SmolLM2-135M on the local engine)
   serve [--model M]     serve models over the Tinker wire protocol (the local engine)
+  chat key=value ...    talk to a trained run's model in the terminal (base model's answer beside it: base=true)
+  export key=value ...  a trained run's weights: format=peft (the LoRA adapter) or format=merged (a full model)
+  runs [RESULTS_DIR]    list the runs in a results folder (default results/); `runs A B` compares two runs
 
-`posttrain train --help` lists every setting.
+`posttrain train --help` (and `chat --help`, `export --help`) lists every setting.
 """
 
 
@@ -66,6 +69,36 @@ def train_main(argv: list[str]) -> int:
     return 0 if summary.get("dry_run") or summary.get("verdict") == "improved" else 1
 
 
+def after_main(command: str, argv: list[str]) -> int:
+    """`posttrain chat` and `posttrain export`: a finished run's trained model."""
+    from posttrain.netcheck import hub_offline_if_unreachable
+
+    hub_offline_if_unreachable()
+    from posttrain.config.parse import HelpRequested, parse_args
+    from posttrain.errors import UserError
+    from posttrain.pipeline.after import chat, export
+
+    settings_class, action = {
+        "chat": (chat.ChatSettings, chat.chat),
+        "export": (export.ExportSettings, export.export),
+    }[command]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        action(parse_args(settings_class, argv))
+    except HelpRequested as exc:
+        print(exc.text, end="")
+    except UserError as exc:
+        _quiet_background_threads()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _quiet_background_threads()
+        print(f"interrupted: {command} stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _quiet_background_threads() -> None:
     """After a run that stopped: library threads still retrying requests (the SDK's, to an engine that died) must
     not write to the terminal from here on. One writing to stderr while the interpreter shuts down makes it abort
@@ -83,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
+    if command in ("chat", "export"):
+        return after_main(command, rest)
     if command == "serve":
         from posttrain.engine.serve import main as serve_main
 
         return serve_main(rest)
+    if command == "runs":
+        from posttrain.pipeline.results.runs_table import runs_main
+
+        return runs_main(rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

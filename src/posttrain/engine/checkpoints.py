@@ -1,7 +1,9 @@
-"""Checkpoints on disk, addressed as `tinker://RUN/weights|sampler_weights/NAME`.
+"""Checkpoints on disk, addressed as `tinker://RUN/weights|sampler_weights|external_weights/NAME`.
 
 Layout: `<root>/<run_id>/run.json` (base model, LoRA settings, metadata) and
-`<root>/<run_id>/<kind>/<name>/{adapter.safetensors, optimizer.pt, meta.json}`. Every write goes to a staging
+`<root>/<run_id>/<kind>/<name>/{adapter.safetensors, optimizer.pt, meta.json}`; an external-weights export holds
+the files a user downloads instead (`adapter_model.safetensors`, `adapter_config.json`, each `.age` when
+encrypted). Every write goes to a staging
 directory first, flushed to disk and renamed into place, so a crash never leaves a half-written checkpoint;
 meta.json records each file's SHA-256, so a checkpoint damaged afterwards (a truncated copy, a bad disk) is
 refused by name on load rather than loaded as garbage.
@@ -14,6 +16,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from posttrain.engine.errors import WireError
 from posttrain.util import atomic_write_text, iso_time, replaced_directory
 
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 _SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
 
@@ -53,7 +56,8 @@ def parse_tinker_path(path: str) -> CheckpointRef:
     parts = path[len("tinker://") :].split("/")
     if len(parts) != 3 or parts[1] not in KINDS:
         raise WireError(
-            f"{path!r}: expected tinker://RUN_ID/weights/NAME or tinker://RUN_ID/sampler_weights/NAME"
+            f"{path!r}: expected tinker://RUN_ID/weights/NAME, tinker://RUN_ID/sampler_weights/NAME or "
+            "tinker://RUN_ID/external_weights/NAME"
         )
     run_id, kind, name = parts
     if not _SAFE_RUN.match(run_id):
@@ -101,18 +105,34 @@ class CheckpointStore:
         optimizer: dict | None = None,
         overwrite: bool = False,
     ) -> None:
-        target = self._dir(ref)
-        if target.exists() and not overwrite:
-            raise WireError(
-                f"checkpoint {ref.tinker_path} already exists (pass overwrite=True to replace it)"
-            )
-        with replaced_directory(target) as staging:
+        def fill(staging: Path) -> None:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in adapter.items()},
                 staging / "adapter.safetensors",
             )
             if optimizer is not None:
                 torch.save(optimizer, staging / "optimizer.pt")
+
+        self._write(ref, fill, meta, overwrite)
+
+    def save_files(self, ref: CheckpointRef, files: dict[str, bytes], meta: dict, overwrite: bool) -> int:
+        """An export: the named files as they are; returns their total size in bytes."""
+
+        def fill(staging: Path) -> None:
+            for name, data in files.items():
+                (staging / check_name(name, "file name")).write_bytes(data)
+
+        self._write(ref, fill, {**meta, "files": sorted(files)}, overwrite)
+        return sum(len(data) for data in files.values())
+
+    def _write(self, ref: CheckpointRef, fill: Callable[[Path], None], meta: dict, overwrite: bool) -> None:
+        target = self._dir(ref)
+        if target.exists() and not overwrite:
+            raise WireError(
+                f"checkpoint {ref.tinker_path} already exists (pass overwrite=True to replace it)"
+            )
+        with replaced_directory(target) as staging:
+            fill(staging)
             digests = {f.name: _sha256(f) for f in sorted(staging.iterdir())}
             meta = {**meta, "time": time.time(), "sha256": digests}
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -153,6 +173,22 @@ class CheckpointStore:
         except (OSError, ValueError):
             raise WireError(f"checkpoint {ref.tinker_path} not found") from None
 
+    def exported_file(self, ref: CheckpointRef, name: str) -> Path:
+        """One file of an external-weights export, checked against the digest recorded when it was written."""
+        meta = self.meta(ref)
+        if name not in meta.get("files", []):
+            raise WireError(f"{ref.tinker_path} has no file {name!r}")
+        path = self._dir(ref) / name
+        if _sha256(path) != meta["sha256"].get(name):
+            raise WireError(f"checkpoint {ref.tinker_path} is damaged: {path}: its contents differ from what was saved")
+        return path
+
+    def set_ttl(self, ref: CheckpointRef, ttl_seconds: int | None) -> None:
+        """Expire `ttl_seconds` from now (None: never)."""
+        meta = self.meta(ref)
+        meta.update(ttl_seconds=ttl_seconds, ttl_from=time.time())
+        atomic_write_text(self._dir(ref) / "meta.json", json.dumps(meta, indent=2))
+
     def delete(self, ref: CheckpointRef) -> bool:
         target = self._dir(ref)
         if not target.exists():
@@ -179,7 +215,7 @@ class CheckpointStore:
                     "public": False,
                 }
                 if meta.get("ttl_seconds"):
-                    entry["expires_at"] = iso_time(meta["time"] + meta["ttl_seconds"])
+                    entry["expires_at"] = iso_time(meta.get("ttl_from", meta["time"]) + meta["ttl_seconds"])
                 if meta.get("user_metadata"):
                     entry["user_metadata"] = meta["user_metadata"]
                 out.append(entry)

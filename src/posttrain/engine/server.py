@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 
 from posttrain.engine.engine import Engine, internal_error
 from posttrain.engine.errors import WireError
-from posttrain.engine.routes import futures, rest, sampling, session, training
+from posttrain.engine.routes import exports, futures, rest, sampling, session, training
 from posttrain.engine.routes.common import error
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def create_app(
 
     @app.middleware("http")
     async def _auth_and_errors(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if api_key is not None and request.headers.get("x-api-key") != api_key:
+        signed = request.url.path.startswith(exports.FILES_PATH)  # a signed download URL is its own key
+        if api_key is not None and not signed and request.headers.get("x-api-key") != api_key:
             return error(401, "missing or wrong X-API-Key for this engine (it was started with --api-key)")
         try:
             return await call_next(request)
@@ -46,6 +47,6 @@ def create_app(
             logger.exception("unhandled error on %s", request.url.path)
             return error(500, internal_error(exc))
 
-    for routes in (session, training, sampling, futures, rest):
+    for routes in (session, training, sampling, futures, rest, exports):
         app.include_router(routes.router)
     return app

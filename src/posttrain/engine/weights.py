@@ -6,19 +6,21 @@ the look-ups (`model`, `run`, `create_sampler`) run on the event loop to check a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from posttrain.engine import training
 from posttrain.engine.checkpoints import CheckpointRef, CheckpointStore, check_name, parse_tinker_path
 from posttrain.engine.errors import WireError
 from posttrain.engine.models import ModelSource
-from posttrain.engine.runtime import LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
+from posttrain.engine.runtime import LORA_ALPHA, LoraSpec, ServedModel, Snapshot, SnapshotCache, TrainingRun
 from posttrain.engine.stability import StabilityRecords
 from posttrain.engine.wire import FwdBwdRequest, encode_forward_backward_output
 from posttrain.util import iso_time
@@ -115,6 +117,20 @@ class Weights:
         )
         return {"path": ref.tinker_path, "type": "save_weights"}
 
+    def save_external(
+        self, model_id: str, name: str, ttl: int | None, recipients: list[str] | None, metadata: dict | None
+    ) -> dict:
+        """The adapter as Tinker exports it for download (`adapter_model.safetensors` + `adapter_config.json`,
+        Tinker's parameter names), each file age-encrypted to `recipients` when given."""
+        run = self.run(model_id)
+        ref = CheckpointRef(model_id, "external_weights", check_name(name))
+        files = external_adapter_files(run.adapter_state(), run.spec.rank, run.base.name)
+        if recipients:
+            files = {f"{n}.age": _age_encrypt(data, recipients) for n, data in files.items()}
+        meta = _meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}})
+        size = self.store.save_files(ref, files, meta, overwrite=True)
+        return {"path": ref.tinker_path, "size_bytes": size, "type": "save_weights_external"}
+
     def save_for_sampler(
         self, model_id: str, name: str | None, sampler_seq: int | None, ttl: int | None, metadata: dict | None
     ) -> dict:
@@ -139,6 +155,7 @@ class Weights:
         self, model_id: str, path: str, with_optimizer: bool, base_model: str | None, metadata: dict | None
     ) -> dict:
         ref = parse_tinker_path(path)
+        _not_an_export(ref)
         adapter, meta, optimizer = self.store.load(ref, with_optimizer)
         if base_model and base_model != meta["base_model"]:
             raise WireError(f"{path} was trained on {meta['base_model']}, not {base_model}")
@@ -160,6 +177,7 @@ class Weights:
     def create_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None) -> Sampler:
         if model_path:
             ref = parse_tinker_path(model_path)
+            _not_an_export(ref)
             meta = self.store.meta(ref)
             if base_model and base_model != meta["base_model"]:
                 raise WireError(f"{model_path} was trained on {meta['base_model']}, not {base_model}")
@@ -210,6 +228,40 @@ class Weights:
 
     def run_ids(self) -> list[str]:
         return sorted(set(self.store.list_runs()) | set(self.runs))
+
+
+# The name Tinker's adapters give the unembedding (the cookbook's weights module maps it back to lm_head).
+_PEFT_HEAD, _TINKER_HEAD = "base_model.model.lm_head.", "base_model.model.model.unembed_tokens."
+
+
+def _not_an_export(ref: CheckpointRef) -> None:
+    if ref.kind == "external_weights":
+        raise WireError(
+            f"{ref.tinker_path} is an export for download (get_external_weights_urls), not weights to load: "
+            f"use tinker://{ref.run_id}/weights/NAME or sampler_weights/NAME"
+        )
+
+
+def external_adapter_files(state: dict[str, torch.Tensor], rank: int, base_model: str) -> dict[str, bytes]:
+    tensors = {k.replace(_PEFT_HEAD, _TINKER_HEAD): v.contiguous() for k, v in state.items()}
+    config = {"r": rank, "lora_alpha": LORA_ALPHA, "base_model_name_or_path": base_model, "peft_type": "LORA"}
+    return {
+        "adapter_model.safetensors": safetensors.torch.save(tensors),
+        "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+    }
+
+
+def _age_encrypt(data: bytes, recipients: list[str]) -> bytes:
+    import pyrage
+
+    keys = []
+    for r in recipients:
+        kind = pyrage.ssh if r.startswith(("ssh-", "ecdsa-")) else pyrage.x25519
+        try:
+            keys.append(kind.Recipient.from_str(r))
+        except pyrage.RecipientError as exc:
+            raise WireError(f"age_encryption_recipients: {r[:20]!r} is not an age or SSH public key ({exc})") from None
+    return pyrage.encrypt(data, keys)
 
 
 def _meta(run: TrainingRun, extra: dict) -> dict:

@@ -78,7 +78,7 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     )
     verified = "verified" if verification["verified"] else "NOT verified"
     say(f"W&B ({verification['mode']}): {verified}: {facts.wandb_url}")
-    say(f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl, report.md)")
+    say(f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl, report.md, report.html)")
     if warning:
         say("")
         say(warning)

@@ -43,7 +43,7 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -155,7 +155,7 @@ def plot_training_curves(
     return Path(path)
 
 
-_SETTINGS_SHOWN = (
+SETTINGS_SHOWN = (
     "task",
     "model_name",
     "renderer_name",
@@ -206,7 +206,7 @@ def _teacher_lines(summary: Mapping[str, Any]) -> list[str]:
         ]
         if kl:
             cells += [t.get("baseline_reverse_kl"), t.get("trained_reverse_kl")]
-        lines.append("| " + " | ".join(_md(_fmt(c)) for c in cells) + " |")
+        lines.append("| " + " | ".join(_md(fmt_value(c)) for c in cells) + " |")
     return lines
 
 
@@ -241,6 +241,9 @@ def write_report(
         where = f" at {metrics_path}" if metrics_path else ""
         lines.append(f"(no metrics.jsonl found{where}: only the held-out scores are plotted)")
     results.write_text(REPORT_FILE, "\n".join(lines) + "\n")
+    from posttrain.pipeline.results.report_html import write_report_html  # it imports this module
+
+    write_report_html(results, summary)
     return warning
 
 
@@ -288,8 +291,8 @@ def _example_lines(summary: Mapping[str, Any], comparison: Mapping[str, Any]) ->
 def _example_table(entries: list[Mapping[str, Any]], rl: bool) -> list[str]:
     if rl and "base_margin" in entries[0]:
         return ["| index | prompt | base margin | trained margin |", "|---|---|---|---|"] + [
-            f"| {e['index']} | {_md(e.get('prompt', ''))} | {_fmt(e.get('base_margin'))} | "
-            f"{_fmt(e.get('trained_margin'))} |"
+            f"| {e['index']} | {_md(e.get('prompt', ''))} | {fmt_value(e.get('base_margin'))} | "
+            f"{fmt_value(e.get('trained_margin'))} |"
             for e in entries
         ]
     if rl:
@@ -333,6 +336,6 @@ def _run_lines(summary: Mapping[str, Any]) -> list[str]:
     hp = summary.get("hyperparameters") or {}
     if hp:
         lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
-        shown = [k for k in _SETTINGS_SHOWN if k in hp] + [k for k in hp if k not in _SETTINGS_SHOWN]
-        lines += [f"| {_md(k)} | {_md(_fmt(hp[k]))} |" for k in shown]
+        shown = [k for k in SETTINGS_SHOWN if k in hp] + [k for k in hp if k not in SETTINGS_SHOWN]
+        lines += [f"| {_md(k)} | {_md(fmt_value(hp[k]))} |" for k in shown]
     return lines

@@ -31,7 +31,7 @@ PLOT_FILE = "training_curves.png"
 LOCK_FILE = ".writer"
 
 # Top-level files that belong to a run (moved aside together by `prepare`).
-_ARTIFACT_GLOBS = ("*.json", "*.jsonl", "*.md", "*.png")
+_ARTIFACT_GLOBS = ("*.json", "*.jsonl", "*.md", "*.png", "*.html")
 
 
 class ResultsDir:

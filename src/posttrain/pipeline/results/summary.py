@@ -338,7 +338,7 @@ def compare_examples(
         if bv is None or tv is None:
             errors.append(i)
             continue
-        entry, tol = _paired_entry(i, base[i], trained[i], kind)
+        entry, tol = paired_entry(i, base[i], trained[i], kind)
         delta = entry["delta"]
         (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
     valid = [i for i in paired_idx if i not in set(errors)]
@@ -362,7 +362,7 @@ def compare_examples(
     }
 
 
-def _paired_entry(i: int, b: dict, t: dict, kind: MetricKind) -> tuple[dict[str, Any], float]:
+def paired_entry(i: int, b: dict, t: dict, kind: MetricKind) -> tuple[dict[str, Any], float]:
     """One example's report entry (`delta` > 0: better) and the tolerance its delta must exceed to count."""
     bv, tv = metric_value(b, kind), metric_value(t, kind)
     assert bv is not None and tv is not None

@@ -1,0 +1,1 @@
+"""After training: a finished run's trained model, talked to (`posttrain chat`) or taken home (`posttrain export`)."""

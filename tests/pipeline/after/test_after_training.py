@@ -1,0 +1,165 @@
+"""After a run: `posttrain export` (PEFT and merged, loaded back and compared with the engine's own log-probabilities)
+and `posttrain chat` driven through a pipe, against a real finished run on the local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from runs import cli_here, posttrain, train
+
+PROMPTS = ["Say the number 7.", "Say the number 12. Then stop.", "Hello there"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> tuple[Path, dict[str, str]]:
+    """A finished SFT run of the tiny model (fp32, so the comparisons are tight), its own checkpoint cache."""
+    cwd = tmp_path_factory.mktemp("after")
+    env = {"POSTTRAIN_CACHE": str(cwd / "cache")}
+    data = cwd / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."}) + "\n"
+                            for i in range(40)))  # fmt: skip
+    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.05",
+            "batch_size=8", "max_steps=8", "save_every=0", "eval_every=0", "run_name=done", "backend=local",
+            "lora_rank=8", "dtype=fp32"]  # fmt: skip
+    proc = train(args, cwd, extra_env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return cwd, env
+
+
+@pytest.fixture(scope="module")
+def run_engine(finished, tiny_model: str):
+    """A second engine on the run's checkpoint folder, to check what the commands produced against."""
+    import tinker
+
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
+
+    cwd, _ = finished
+    engine = EngineProcess(
+        ServeOptions(models=[tiny_model], checkpoint_dir=cwd / "cache" / "checkpoints", dtype="fp32"),
+        log_file=cwd / "verify-engine.log",
+    )
+    engine.start()
+    service = tinker.ServiceClient(base_url=engine.url, api_key="tml-local-test")
+    yield service
+    service.close("success").result(timeout=10)
+    engine.stop()
+
+
+def _engine_logprobs(service, sampler_path: str, tokens: list[list[int]]) -> list[list[float]]:
+    """The engine's own log-probability of each prompt token (compute_logprobs on the run's final weights)."""
+    import tinker
+
+    sampler = service.create_sampling_client(model_path=sampler_path)
+
+    async def all_logprobs() -> list[list[float]]:
+        replies = await asyncio.gather(*(sampler.compute_logprobs(tinker.ModelInput.from_ints(t)) for t in tokens))
+        return [list(r)[1:] for r in replies]  # the first token has no prefix to be predicted from
+
+    return asyncio.run(all_logprobs())
+
+
+def _engine_answer(service, tiny_model: str, model_path: str | None, messages: list[dict]) -> str:
+    """The answer the engine gives itself to `messages` at temperature 0, rendered as the run renders."""
+    import tinker
+    from tinker_cookbook import renderers
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+    renderer = renderers.get_renderer("role_colon", tokenizer=get_tokenizer(tiny_model))
+    sampler = service.create_sampling_client(model_path=model_path, base_model=None if model_path else tiny_model)
+    params = tinker.SamplingParams(max_tokens=12, temperature=0.0, stop=renderer.get_stop_sequences())
+    reply = sampler.sample(renderer.build_generation_prompt(messages), num_samples=1, sampling_params=params).result()
+    return renderers.get_text_content(renderer.parse_response(reply.sequences[0].tokens)[0])
+
+
+def _hf_logprobs(model: torch.nn.Module, tokens: list[list[int]]) -> list[list[float]]:
+    out = []
+    with torch.no_grad():
+        for t in tokens:
+            logits = model(torch.tensor([t])).logits.float()
+            logp = torch.log_softmax(logits[0, :-1], dim=-1)
+            out.append(logp.gather(1, torch.tensor(t[1:])[:, None])[:, 0].tolist())
+    return out
+
+
+def test_export_peft_and_merged_reproduce_the_engines_model(finished, run_engine, tiny_model: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cwd, env = finished
+    for fmt in ("peft", "merged"):
+        proc = posttrain(["export", f"format={fmt}"], cwd, env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"export: done: results/exports/done-{fmt}" in proc.stdout
+        assert proc.stderr.strip() == "", proc.stderr[-2000:]  # library output went to the log
+    peft_dir, merged_dir = cwd / "results/exports/done-peft", cwd / "results/exports/done-merged"
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 and "lm_head" in config["target_modules"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in merged_dir.iterdir()}
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)  # the merged folder carries the tokenizer
+    tokens = [tokenizer.encode(f"User: {p}\n\nAssistant: Number") for p in PROMPTS]
+    summary = json.loads((cwd / "results/summary.json").read_text())
+    engine = _engine_logprobs(run_engine, summary["checkpoint_path"], tokens)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    untrained = _hf_logprobs(base, tokens)
+    peft = _hf_logprobs(PeftModel.from_pretrained(base, str(peft_dir)).eval(), tokens)
+    merged = _hf_logprobs(AutoModelForCausalLM.from_pretrained(merged_dir, torch_dtype=torch.float32), tokens)
+    for engine_row, peft_row, merged_row, base_row in zip(engine, peft, merged, untrained, strict=True):
+        assert peft_row == pytest.approx(engine_row, abs=2e-3)
+        # The merged weights are stored in the base's dtype: the same model up to rounding once per weight.
+        assert merged_row == pytest.approx(engine_row, abs=2e-2)
+        # ...and training changed the model measurably, so the match above is not the base matching itself.
+        assert max(abs(a - b) for a, b in zip(base_row, engine_row, strict=True)) > 0.05
+
+
+def test_chat_through_a_pipe_answers_with_trained_and_base_models(finished, run_engine, tiny_model: str) -> None:
+    cwd, env = finished
+    proc = posttrain(["chat", "base=true", "max_tokens=12"], cwd, env, stdin="Say the number 7.\n\n/reset\nHi\n")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    speakers = [line.split("> ", 1)[0] for line in lines if line.startswith(("you> ", "trained> ", "base> "))]
+    assert speakers == ["you", "trained", "base", "you", "trained", "base"], lines
+    assert "chat: new conversation" in lines
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]
+    # Each answer is the one the engine itself gives that model (the run's final weights, or the base) for the
+    # conversation as the run's renderer renders it; after /reset, "Hi" starts a new conversation.
+    sampler_path = json.loads((cwd / "results/summary.json").read_text())["checkpoint_path"]
+    shown = proc.stdout.split("you> ")
+    for turn, prompt in ((1, "Say the number 7."), (2, "Hi")):
+        for who, path in (("trained", sampler_path), ("base", None)):
+            expected = _engine_answer(run_engine, tiny_model, path, [{"role": "user", "content": prompt}])
+            assert f"\n{who}> {expected}\n" in shown[turn], (who, prompt, expected, shown[turn])
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["export", "run_name=nope"], "run_name=nope: no such run in results (runs there: done)"),
+        (["export", "format=onnx"], "format"),
+        (["chat", "results_dir=elsewhere"], "results_dir=elsewhere: no run there"),
+        (["chat", "max_tokens=0"], "max_tokens=0: must be at least 1"),
+        (["export", "output=results/summary.json"], "output=results/summary.json: already exists"),
+    ],
+)
+def test_bad_input_is_one_line(finished, argv: list[str], needle: str) -> None:
+    cwd, env = finished
+    proc = cli_here(argv, cwd, env)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_run_that_failed_has_nothing_to_export(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.json").write_text(json.dumps({"run_name": "broke", "status": "failed", "error": "engine died"}))
+    proc = cli_here(["export"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "run broke" in proc.stderr and "did not finish training" in proc.stderr and "engine died" in proc.stderr
+    (results / "summary.json").write_text("{not json")
+    proc = cli_here(["chat"], tmp_path)
+    assert proc.returncode == 2 and "summary.json: not a readable summary" in proc.stderr, proc.stderr
