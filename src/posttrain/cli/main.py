@@ -83,7 +83,9 @@ def after_main(command: str, argv: list[str]) -> int:
         "export": (export.ExportSettings, export.export),
     }[command]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # As for `train`: SIGTERM stops like Ctrl-C, and a background job's inherited SIG_IGN is undone.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         action(parse_args(settings_class, argv))
     except HelpRequested as exc:
