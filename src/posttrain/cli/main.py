@@ -45,13 +45,7 @@ def train_main(argv: list[str]) -> int:
     if offline:
         print("note: the Hugging Face Hub is not reachable: models and datasets come from local caches", flush=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # `timeout`, job schedulers and `kill` send SIGTERM: stop the same way as on Ctrl-C (partial results,
-    # the engine stopped, the resume command printed).
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    # A job started in the background by a non-interactive shell (`train.py &` in a script) inherits SIGINT
-    # ignored: SIGTERM above and the engine watcher would then do nothing, and the run went on training.
-    # (Ctrl-C never reaches a background job, so restoring the default loses nothing.)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_on_signals_like_ctrl_c()
     from posttrain.pipeline.run import run
     from posttrain.util import redact
 
@@ -83,22 +77,32 @@ def after_main(command: str, argv: list[str]) -> int:
         "export": (export.ExportSettings, export.export),
     }[command]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # As for `train`: SIGTERM stops like Ctrl-C, and a background job's inherited SIG_IGN is undone.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_on_signals_like_ctrl_c()
+    from posttrain.util import redact
+
     try:
         action(parse_args(settings_class, argv))
     except HelpRequested as exc:
         print(exc.text, end="")
     except UserError as exc:
         _quiet_background_threads()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         _quiet_background_threads()
         print(f"interrupted: {command} stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def _stop_on_signals_like_ctrl_c() -> None:
+    # `timeout`, job schedulers and `kill` send SIGTERM: stop the same way as on Ctrl-C (partial results,
+    # the engine stopped, the resume command printed).
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # A job started in the background by a non-interactive shell (`train.py &` in a script) inherits SIGINT
+    # ignored: SIGTERM above and the engine watcher would then do nothing, and the run went on training.
+    # (Ctrl-C never reaches a background job, so restoring the default loses nothing.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _quiet_background_threads() -> None:

@@ -1,4 +1,5 @@
-"""Weights for download: save_weights_external, the signed per-file URLs, the files, and checkpoint TTLs.
+"""Weights for download (saved by `save_weights_external`, in `routes.training`): the signed per-file URLs, the
+files, and checkpoint TTLs.
 
 A signed URL carries its expiry and an HMAC of (path, expiry) under a key this engine process draws at start, so
 whoever holds the URL can fetch that one file until it expires, without the API key (as Tinker's signed URLs).
@@ -16,14 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from posttrain.engine.checkpoints import check_name, parse_tinker_path
-from posttrain.engine.routes.common import (
-    API,
-    EngineDep,
-    error,
-    future_reply,
-    json_body,
-    returns_failed_future,
-)
+from posttrain.engine.routes.common import API, EngineDep, error, json_body
 from posttrain.engine.wire import WireError
 
 router = APIRouter(prefix=API)
@@ -34,26 +28,6 @@ _SIGNING_KEY = secrets.token_bytes(32)
 
 def _signature(path: str, expires: int) -> str:
     return hmac.new(_SIGNING_KEY, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-
-@router.post("/save_weights_external")
-@returns_failed_future
-async def save_weights_external(request: Request, engine: EngineDep) -> dict:
-    data = await json_body(request)
-    model_id = str(data.get("model_id", ""))
-    engine.weights.run(model_id)
-    name = check_name(str(data.get("path") or ""))
-    recipients = data.get("age_encryption_recipients")
-    if recipients is not None and not (isinstance(recipients, list) and 0 < len(recipients) <= 10):
-        raise WireError("age_encryption_recipients: give 1 to 10 public keys")
-    seq_id = data.get("seq_id")
-    future = engine.submit_training(
-        ("train", model_id, seq_id) if seq_id else None,
-        lambda: engine.weights.save_external(
-            model_id, name, data.get("ttl_seconds"), recipients, data.get("user_metadata")
-        ),
-    )
-    return future_reply(future, model_id=model_id)
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls")

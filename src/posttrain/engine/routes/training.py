@@ -1,4 +1,5 @@
-"""Training clients: create_model, get_info, forward(_backward), optim_step, and saving and loading weights.
+"""Training clients: create_model, get_info, forward(_backward), optim_step, and saving (also for download) and
+loading weights.
 
 Each future-returning request is queued on the engine's compute thread. Its idempotency key makes a retried
 POST (same seq_id) get the original future back instead of running twice.
@@ -125,6 +126,26 @@ async def save_weights_for_sampler(request: Request, engine: EngineDep) -> dict:
         req.seq_id,
         lambda: engine.weights.save_for_sampler(
             req.model_id, req.path, req.sampling_session_seq_id, req.ttl_seconds, req.user_metadata
+        ),
+    )
+
+
+@router.post("/save_weights_external")
+@returns_failed_future
+async def save_weights_external(request: Request, engine: EngineDep) -> dict:
+    data = await json_body(request)
+    model_id = str(data.get("model_id", ""))
+    engine.weights.run(model_id)
+    name = check_name(str(data.get("path") or ""))
+    recipients = data.get("age_encryption_recipients")
+    if recipients is not None and not (isinstance(recipients, list) and 0 < len(recipients) <= 10):
+        raise WireError("age_encryption_recipients: give 1 to 10 public keys")
+    return _submit(
+        engine,
+        model_id,
+        data.get("seq_id"),
+        lambda: engine.weights.save_external(
+            model_id, name, data.get("ttl_seconds"), recipients, data.get("user_metadata")
         ),
     )
 
