@@ -13,10 +13,9 @@ those runs the head adapter stays on `lm_head`, and a merge unties the head firs
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import chz
 
@@ -76,8 +75,11 @@ async def _download(run: FinishedRun, state_path: str, adapter: Path) -> None:
 
 def _convert(run: FinishedRun, adapter: Path, out: Path, fmt: ExportFormat) -> None:
     from tinker_cookbook import weights
+    from transformers import AutoConfig
 
-    head_on_lm_head = run.backend == "local" and _tied(run.model) and _move_head_to_lm_head(adapter)
+    config = AutoConfig.from_pretrained(run.model)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_on_lm_head = run.backend == "local" and tied and _move_head_to_lm_head(adapter)
     say(f"export: building the {'PEFT adapter' if fmt == 'peft' else 'merged model'} (tinker_cookbook.weights)")
     try:
         if fmt == "peft":
@@ -85,19 +87,13 @@ def _convert(run: FinishedRun, adapter: Path, out: Path, fmt: ExportFormat) -> N
         elif head_on_lm_head:
             peft_dir = adapter.parent / "peft"
             weights.build_lora_adapter(base_model=run.model, adapter_path=str(adapter), output_path=str(peft_dir))
-            _merge_untied(run.model, peft_dir, out)
+            _merge_untied(run.model, peft_dir, out, getattr(config, "dtype", None))
         else:
             weights.build_hf_model(base_model=run.model, adapter_path=str(adapter), output_path=str(out))
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - an architecture the converter does not know, a missing base: one line
         raise UserError(f"export: converting run {run.name}'s adapter failed: {short_error(exc, 300)}") from None
-
-
-def _tied(model: str) -> bool:
-    from transformers import AutoConfig
-
-    return bool(getattr(AutoConfig.from_pretrained(model), "tie_word_embeddings", False))
 
 
 def _move_head_to_lm_head(adapter: Path) -> bool:
@@ -111,7 +107,8 @@ def _move_head_to_lm_head(adapter: Path) -> bool:
     return True
 
 
-def _merge_untied(model: str, peft_dir: Path, out: Path) -> None:
+def _merge_untied(model: str, peft_dir: Path, out: Path, dtype: Any) -> None:
+    """Merged in fp32, saved in the base's dtype (fp32 where its config names none)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,17 +118,8 @@ def _merge_untied(model: str, peft_dir: Path, out: Path) -> None:
     base.lm_head.weight = torch.nn.Parameter(base.get_input_embeddings().weight.detach().clone())
     base.config.tie_word_embeddings = False
     merged = PeftModel.from_pretrained(base, str(peft_dir)).merge_and_unload()
-    dtype = json.loads((Path(_model_dir(model)) / "config.json").read_text()).get("torch_dtype", "bfloat16")
-    merged.to(getattr(torch, str(dtype), torch.bfloat16)).save_pretrained(str(out), safe_serialization=True)
+    merged.to(dtype or torch.float32).save_pretrained(str(out), safe_serialization=True)
     AutoTokenizer.from_pretrained(model).save_pretrained(str(out))
-
-
-def _model_dir(model: str) -> str:
-    if Path(model).is_dir():
-        return model
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(model, allow_patterns=["config.json"])
 
 
 def _size_mb(folder: Path) -> float:
