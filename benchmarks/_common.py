@@ -22,12 +22,10 @@ def load_average() -> list[float]:
 
 
 def machine_info() -> dict:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in cpuinfo})
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "")
+    from posttrain.util import processor
+
+    facts = processor()
+    flags, model = facts["cpu_flags"], facts["cpu"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -18,6 +18,7 @@ from posttrain.pipeline.results import (
     build_summary,
     compare_examples,
     write_report,
+    write_report_html,
     write_summary,
 )
 from posttrain.pipeline.settings import TrainConfig, config_to_dict
@@ -102,4 +103,5 @@ def write_run(
     summary.update(extra or {})
     write_summary(results, summary)
     write_report(results, summary, comparison, None)
+    write_report_html(results, summary)
     return json.loads((folder / "summary.json").read_text())

@@ -116,3 +116,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Every non-blank line of a JSONL file, parsed."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def processor() -> dict[str, Any]:
+    """The processor's model and its flags that decide bf16 speed (avx2 only, avx512_bf16, AMX): what a measured
+    number holds for."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in cpuinfo})
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "unknown")
+    return {"cpu": model, "cpu_flags": flags}

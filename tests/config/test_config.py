@@ -29,6 +29,9 @@ EXPECTED_FIELDS = {
     "adam_beta1", "adam_beta2", "adam_eps", "kl_discount_factor", "num_substeps", "remove_constant_reward_groups",
     "max_steps_off_policy", "num_minibatches", "load_checkpoint_path", "wandb_name", "grader",
     "preference_model",  # task=pairwise_rl
+    "partner_model",  # env=game:twenty_questions
+    "corpus", "retriever",  # env=tools:search over the user's corpus
+    "verifiers_args",  # env=verifiers:NAME
 }  # fmt: skip
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."

@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.engine.serve import main as serve_main
 
         return serve_main(rest)
+    if command == "examples":
+        from posttrain.gallery import examples_main
+
+        return examples_main(rest)
     if command == "runs":
         from posttrain.pipeline.results.runs_table import runs_main
 

@@ -69,6 +69,7 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     results.write_summary(res, summary)
     metrics_file = (final.log_path if final else state.log_path) / "metrics.jsonl"
     warning = results.write_report(res, summary, comparison, metrics_file)
+    results.write_report_html(res, summary)
 
     say("")
     say(summary["headline"])

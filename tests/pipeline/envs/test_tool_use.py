@@ -305,7 +305,8 @@ def test_tool_env_end_to_end(name: str, tmp_path: Path, engine, tiny_model: str)
     for row in base + trained:
         turns = row["transcript"]
         assert 1 <= len(turns) <= 2 and [t["turn"] for t in turns] == list(range(1, len(turns) + 1))
-        assert all(set(t) == {"turn", "player", "env", "reward"} for t in turns)
+        extra = {"retrieved"} if name == "search" else set()  # the passage ids each turn's searches retrieved
+        assert all(set(t) == {"turn", "player", "env", "reward", *extra} for t in turns)
         assert row["details"]["turns"] == len(turns) and row["details"]["tool_calls"] <= 2
         assert isinstance(row["correct"], bool)
     problems = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")

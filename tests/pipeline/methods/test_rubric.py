@@ -112,7 +112,7 @@ def test_data_and_setting_errors_are_one_line_before_anything_starts(tmp_path: P
         ([f"dataset={bad}"], 'line 4: field "rubric" must be a non-empty list of criteria'),
         ([f"dataset={chat}", "task=rubric"], "task=rubric needs rows with a conversation and rubric items"),
         ([f"dataset={rubric}", "task=rubric", "grader_mode=vibes"], "grader_mode='vibes' is not valid"),
-        ([f"dataset={rubric}", "task=sft", "grader_model=x"], "grader_model is only used by task=rubric"),
+        ([f"dataset={rubric}", "task=sft", "grader_model=x"], "grader_model is not used by task=sft (only by task=rubric"),
         ([f"dataset={rubric}", "grader_model=tinker://run/sampler_weights/1"], "the grader must be a model"),
     ]
     for args, needle in cases:

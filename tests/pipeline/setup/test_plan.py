@@ -55,3 +55,18 @@ def test_dry_run_plans_without_training_or_touching_results(tmp_path: Path, tiny
     assert any(line.startswith("plan: 9 steps of 4 sequences") for line in plan), plan
     assert any("estimated time on this machine" in line and "tokens/s" in line for line in plan), plan
     assert not (tmp_path / "results").exists()
+
+
+def test_the_speed_probe_fits_a_long_multi_turn_budget_in_the_models_context(tmp_path: Path, tiny_model: str) -> None:
+    # Tool use at the default max_tokens=256: 4 turns make an upper-bound training length beyond the tiny model's
+    # 2048-token context; the probe measures its rates at a length that fits.
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    args = ["env=tools:search", f"model_name={tiny_model}", "renderer_name=qwen3_instruct", "batch_size=2", "group_size=2",
+            "max_steps=1", "backend=local", "dry_run=true"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert any("estimated time on this machine" in line for line in proc.stdout.splitlines())

@@ -5,7 +5,8 @@ Chat-like layouts (messages, prompt/completion, alpaca instruction, ShareGPT) al
 layouts become `{"question", "answer", "final_answer"}`; preference pairs become
 `{"prompt": [messages], "chosen", "rejected"}`, plus `"answer"` (the final answer) when the row carries a ground
 truth (`answer` or `ground_truth`, e.g. pairs made from a verifiable task); rubric rows become
-`{"messages": [...ending with a user turn], "rubric": [{"criterion", "weight"}, ...]}`. Every error names `where`
+`{"messages": [...ending with a user turn], "rubric": [{"criterion", "weight"}, ...]}`; twenty questions' rows
+become `{"secret"}`. Every error names `where`
 (file + line, or dataset + row)
 and the offending field, so a user can fix the row without reading a traceback.
 
@@ -32,6 +33,7 @@ FormatName = Literal[
     "preference",
     "code",
     "rubric",
+    "secret",
 ]
 
 CHAT_FORMATS: frozenset[str] = frozenset({"messages", "prompt_completion", "instruction", "sharegpt"})
@@ -354,11 +356,28 @@ def _conversation(field: str) -> Callable[[dict, str], dict]:
     return normalize
 
 
+# Assert strings or stdin/stdout tests under "tests"; stdin/stdout tests also as inputs/outputs lists.
+_CODE_TEST_KEYS = ("tests", "inputs", "outputs")
+
+
+def _is_code(row: dict) -> bool:
+    statement = any(_has(row, k) for k in ("question", "prompt", "problem"))
+    return statement and any(_has(row, k) for k in _CODE_TEST_KEYS)
+
+
 def _code(row: dict, where: str) -> dict:
-    from posttrain.pipeline.scoring.code import problem_from_row
+    from posttrain.pipeline.scoring.code_problems import problem_from_row
 
     problem = problem_from_row(row, where)  # validates the statement and every test
-    return {"question": problem["question"], "tests": problem["tests"], "entry_point": problem["entry_point"]}
+    # stdin/stdout problems have no entry point; their tests become [{"input", "output"}], one layout for all.
+    return {k: problem[k] for k in ("question", "tests", "entry_point") if k in problem}
+
+
+def _secret(row: dict, where: str) -> dict:
+    secret = _non_empty_str(row, "secret", where).strip()
+    if "\n" in secret:
+        raise DataError(f'{where}: field "secret" must be one line (a word or a short phrase the player can guess)')
+    return {"secret": secret}
 
 
 def _qa_fields(row: dict) -> tuple[str, ...]:
@@ -381,9 +400,9 @@ FORMATS: tuple[Format, ...] = (
     ),
     # Before prompt/completion and question/answer: a code problem may carry either too.
     Format(
-        "code", "code problems: question (or prompt, problem)+tests",
-        lambda r: _has(r, "tests") and any(_has(r, k) for k in ("question", "prompt", "problem")),
-        _fields("tests"), _code,
+        "code", "code problems: question (or prompt, problem)+tests (or inputs+outputs, stdin/stdout)",
+        _is_code,
+        lambda r: (next((k for k in _CODE_TEST_KEYS if _has(r, k)), "tests"),), _code,
     ),
     Format("messages", "messages", lambda r: _has(r, "messages"), _fields("messages"), _conversation("messages")),
     Format(
@@ -403,6 +422,8 @@ FORMATS: tuple[Format, ...] = (
         "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer)",
         lambda r: _qa_pair(r) is not None, _qa_fields, lambda r, where: _question_answer(r, where),
     ),
+    # Twenty questions' secrets (env=game:twenty_questions): one per row.
+    Format("secret", "secret (one secret word per row)", lambda r: _has(r, "secret"), _fields("secret"), _secret),
 )  # fmt: skip
 _BY_NAME = {f.name: f for f in FORMATS}
 assert set(_BY_NAME) == set(get_args(FormatName)), "every FormatName has one entry in FORMATS"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
 
 if TYPE_CHECKING:
+    from tinker_cookbook.completers import MessageCompleter
     from tinker_cookbook.renderers import Message, Renderer
     from tinker_cookbook.rl.types import Env, EnvGroupBuilder, Trajectory
 
@@ -61,6 +62,7 @@ class EnvContext:
     renderer: Renderer
     scorer: Scorer
     judge: Judge | None = None  # the rubric environment's grader model
+    partner: MessageCompleter | None = None  # a game's other player, a served model (twenty questions' answerer)
     phase: str = "train"  # or the model evaluated ("base model"): a user verifier's errors are counted by it
 
     def for_phase(self, phase: str) -> EnvContext:

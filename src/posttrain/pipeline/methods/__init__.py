@@ -55,7 +55,7 @@ METHODS: dict[str, Registered] = {
                                       f"{_M}.prompt_distillation:PromptDistillationConfig", chosen_by=("system_prompt",)),
     "rubric": Registered(f"{_M}.rubric:rubric", f"{_M}.rubric:RubricConfig", frozenset({"rubric"}),
                          ("grader_model", "grader_mode"), RL_LR),
-    "rl": Registered(f"{_M}.rl:RL", f"{_M}.rl:RLConfig", frozenset({"question_answer", "code"}), ("env",), RL_LR),
+    "rl": Registered(f"{_M}.rl:RL", f"{_M}.rl:RLConfig", frozenset({"question_answer", "code", "secret"}), ("env",), RL_LR),
     "sft": Registered(f"{_M}.sft:SFT", f"{_M}.sft:SFTConfig", CHAT_FORMATS, learning_rate=SUPERVISED_LR),
     "dpo": Registered(f"{_M}.dpo:DPO", f"{_M}.dpo:DPOConfig", frozenset({"preference"})),
     "rlhf": Registered(f"{_M}.rlhf:RLHF", f"{_M}.rlhf:RLHFConfig", learning_rate=SUPERVISED_LR),

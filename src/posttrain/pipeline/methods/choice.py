@@ -1,17 +1,20 @@
 """Choosing the recipe (the user guide's "Choosing a Recipe"), and the default learning rate, from the registry.
 
 `task=auto`: the first method (in registry order) whose own choosing settings are given (a teacher means
-distillation, a system prompt prompt distillation, a grader rubric RL, `env=` RL); else the first that trains
-on the data's format; no data at all means the default SFT data.
+distillation, a system prompt prompt distillation, a grader rubric RL, `env=` RL, a preference model pairwise
+RL), preferring one that takes every setting given (a grader with a preference model is pairwise RL's judge);
+else the first that trains on the data's format; no data at all means the default SFT data.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import chz
+
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.methods import METHODS
+from posttrain.pipeline.methods import METHODS, config_class
 from posttrain.pipeline.settings import check_method_settings, given
 
 
@@ -26,11 +29,14 @@ def choose_task(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
 
 def _auto(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
     settings = set(given(cfg))
-    for name, entry in METHODS.items():
-        chosen = [s for s in entry.chosen_by if s in settings]
-        if chosen:
-            value = getattr(cfg, chosen[0])
-            return name, f"{chosen[0]}={value}" if chosen[0] == "env" else f"{chosen[0]} is set"
+    chosen = {name: [s for s in entry.chosen_by if s in settings] for name, entry in METHODS.items()}
+    candidates = [name for name, by in chosen.items() if by]
+    if candidates:
+        # The first would refuse a setting a later candidate takes (grader_model with preference_model): the
+        # later one is meant. When none takes them all, the first is chosen and refuses the rest in one line.
+        name = next((n for n in candidates if settings <= set(chz.chz_fields(config_class(n)))), candidates[0])
+        setting = chosen[name][0]
+        return name, f"{setting}={getattr(cfg, setting)}" if setting == "env" else f"{setting} is set"
     if data is None:
         return "sft", "no dataset: the default data"
     for name, entry in METHODS.items():

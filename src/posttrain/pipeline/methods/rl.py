@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import chz
@@ -19,6 +20,7 @@ from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.envs import registry
+from posttrain.pipeline.envs.spec import parse_env
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
@@ -54,6 +56,8 @@ RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable
 GameOpponent = Literal["random", "blocker", "optimal", "self"]
 # How question/answer data is graded (scoring.GRADERS): the math grader, or for factual answers exact match / token F1.
 AnswerGrader = Literal["math", "exact_match", "f1"]
+# env=tools:search's retriever: embeddings in a Chroma index, or BM25 (no embedding model).
+SearchRetriever = Literal["chroma", "bm25"]
 
 
 @chz.chz
@@ -153,12 +157,38 @@ class EnvOptions:
         doc="question/answer data: math|exact_match|f1 (None: from the data: math when the answers are numbers, "
         "expressions or LaTeX, else f1, the token F1 as the reward with exact match as `correct`)",
     )
+    corpus: str | None = chz.field(
+        default=None,
+        doc="env=tools:search: your passages, a JSONL file (text, optional id and title), searched to answer the "
+        "questions of dataset= (None: the shipped corpus and its own questions)",
+    )
+    retriever: SearchRetriever | None = chz.field(
+        default=None,
+        doc="env=tools:search: chroma (all-MiniLM-L6-v2 embeddings, index cached by the corpus's hash) or bm25 "
+        "(None: chroma with corpus=, else bm25)",
+    )
+    verifiers_args: str | None = chz.field(
+        default=None,
+        doc="env=verifiers:NAME: the arguments of its load_environment, key=value,... (values JSON where they "
+        "parse) or a JSON object",
+    )
 
     @staticmethod
     def check(cfg: Any) -> None:
         not_blank(cfg, "env")
         if cfg.env is not None:
             registry.check(cfg.env)
+        not_blank(cfg, "corpus")
+        for name in ("corpus", "retriever"):
+            if getattr(cfg, name) is not None and (cfg.env is None or parse_env(cfg.env).key != "tools:search"):
+                where = f", not env={cfg.env}" if cfg.env is not None else ""
+                raise ConfigError(f"{name} is only used by env=tools:search{where}; leave it out")
+        # Its grammar is checked where the environment loads (`envs.verifiers_env`), still before anything starts.
+        if cfg.verifiers_args is not None and (cfg.env is None or parse_env(cfg.env).name != "verifiers"):
+            where = f", not env={cfg.env}" if cfg.env is not None else ""
+            raise ConfigError(f"verifiers_args is only used by env=verifiers:NAME{where}; leave it out")
+        if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
+            raise ConfigError(f"corpus={cfg.corpus}: no such file")
         if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
             raise ConfigError(f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out")
         if cfg.game_opponent == "self":
@@ -169,6 +199,24 @@ class EnvOptions:
                 raise ConfigError(
                     f"game_opponent=self needs an even group_size (each game fills two seats), got {group_size}"
                 )
+
+
+@chz.chz
+class PartnerOptions:
+    partner_model: str | None = chz.field(
+        default=None,
+        doc="env=game:twenty_questions: the answerer, a model the backend serves by name, never trained (None: the "
+        "base model itself)",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "partner_model")
+        if cfg.partner_model is not None and cfg.partner_model.startswith("tinker://"):
+            raise ConfigError(
+                f"partner_model={cfg.partner_model}: the partner must be a model the backend serves by name, not a "
+                "checkpoint (the other player is never trained)"
+            )
 
 
 @chz.chz
@@ -198,7 +246,7 @@ class VerifierOptions:
 
 @chz.chz
 class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, EnvOptions,
-               RewardOptions, VerifierOptions):  # fmt: skip
+               PartnerOptions, RewardOptions, VerifierOptions):  # fmt: skip
     """Every setting of task=rl."""
 
 
@@ -243,17 +291,29 @@ class RL:
             raise ConfigError(f"grader is only used with question/answer data (env=math), not env={self.spec}; leave it out")
         if cfg.reward_fn is not None and not self.environment.takes_verifier:
             raise ConfigError(f"reward_fn= does not apply to env={self.spec}: the game decides the reward")
+        self.partner = self._partner(cfg)
         self.problems: ProblemSet = self.environment.problems(self.spec, cfg, data)
         if not self.problems.train or not self.problems.eval:
             raise ConfigError("RL needs at least one training and one evaluation problem")
         if judging is not None:
             self.extra_models = judging.extra_models(cfg)
+        if self.partner is not None and self.partner != cfg.model_name:
+            self.extra_models = (*self.extra_models, self.partner)
         label = self.problems.info.get("score_label", self.environment.score_label)  # e.g. the QA data's grader
         self.score_label = "mean reward (user verifier)" if cfg.reward_fn else label
         if judging is not None:
             self.score_label = f"{self.score_label} (judged by {judging.model})"
         self.rows: dict[str, list[RLExample]] = {}
         self.extra_scores: dict[str, dict[str, float]] = {}
+
+    def _partner(self, cfg: Any) -> str | None:
+        """The model that plays the environment's other side (twenty questions' answerer), if it has one."""
+        given = getattr(cfg, "partner_model", None)
+        if not registry.takes_partner(self.spec):
+            if given is not None:
+                raise ConfigError(f"partner_model is only used by env=game:twenty_questions, not env={self.spec}; leave it out")
+            return None
+        return given or cfg.model_name
 
     def prepare(self, ctx: RunContext) -> None:
         from posttrain.pipeline.envs.dataset import EnvironmentDatasetBuilder
@@ -274,6 +334,8 @@ class RL:
         )  # fmt: skip
         if "grader" in self.problems.info:
             ctx.say(f"grader: {self.problems.info['grader']} ({self.problems.info['grader_reason']})")
+        if "retriever" in self.problems.info:  # env=tools:search: which index, and whether it was reused
+            ctx.say(f"retriever: {self.problems.info['retriever']}")
         self._plain = self._plain_context()
         self.environment.prompt(self.problems.eval[0], self._plain)  # e.g. a renderer without tool calls: one line
 
@@ -282,11 +344,28 @@ class RL:
 
         cfg = self.cfg
         judge = self.judging.settings(ctx) if self.judging is not None else {}
+        partner = self._partner_settings(ctx) if self.partner is not None else {}
         return EpisodeSettings(
             env=str(self.spec), model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name,
             reward_fn=cfg.reward_fn, verifier_errors_file=str(ctx.log_path / verifiers.ERRORS_FILE),
-            verifier_timeout=cfg.verifier_timeout, grader_concurrency=cfg.eval_concurrency, **judge,
+            verifier_timeout=cfg.verifier_timeout, grader_concurrency=cfg.eval_concurrency, **judge, **partner,
         )  # fmt: skip
+
+    def _partner_settings(self, ctx: RunContext) -> dict[str, Any]:
+        """The partner's model and renderer (thinking off where the model has it: it answers in a few tokens)."""
+        from posttrain.pipeline.setup import preflight
+
+        assert self.partner is not None
+        if self.partner == self.cfg.model_name:
+            renderer, source = ctx.renderer_name, "the policy's"
+        else:
+            renderer, source = preflight.resolve_renderer(self.partner, None)
+        if preflight.renderer_exists(f"{renderer}_disable_thinking"):
+            renderer, source = f"{renderer}_disable_thinking", f"{source}, thinking off"
+        same = " (the base model itself, never trained)" if self.partner == self.cfg.model_name else ""
+        ctx.say(f"partner: {self.partner}{same}, greedy, renderer {renderer} ({source})")
+        self.partner_renderer = renderer
+        return {"partner_model": self.partner, "partner_renderer_name": renderer}
 
     def _plain_context(self) -> EnvContext:
         """The run's renderer without a scorer's workers or a judge: for prompts and token counts."""
@@ -344,7 +423,24 @@ class RL:
             sample=episodes * turns * cfg.max_tokens, train_steps=self.total_steps,
             sequences_per_step=cfg.batch_size * cfg.group_size, mean_train_length=trajectory, notes=notes,
         )  # fmt: skip
+        if self.partner is not None:
+            budget = self._add_partner_tokens(budget, episodes * turns, prompt)
         return self.judging.add_judge_tokens(budget, self.problems, prompt, cfg) if self.judging else budget
+
+    def _add_partner_tokens(self, budget: TokenBudget, replies: int, prompt: float) -> TokenBudget:
+        """Each of the partner's replies reads its own prompt (counted as long as the policy's: both are the game's
+        rules) and the policy's last turn, and writes a few tokens."""
+        from dataclasses import replace
+
+        from posttrain.pipeline.envs.dataset import PARTNER_MAX_TOKENS
+
+        cfg = self.cfg
+        per_reply = prompt + cfg.max_tokens
+        note = f"partner {self.partner}: one reply of at most {PARTNER_MAX_TOKENS} tokens per turn"
+        return replace(
+            budget, prefill=round(budget.prefill + replies * per_reply),
+            sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
+        )  # fmt: skip
 
     def score_text(self, value: float) -> str:
         return f"{self.score_label} {value:.1%} on {len(self.problems.eval)} held-out {self.environment.noun}"
@@ -363,4 +459,6 @@ class RL:
             extra[f"{name}_score"] = {"baseline": scores.get("base model"), "trained": scores.get("trained model")}
         if cfg.reward_fn is not None:
             extra |= verifiers.summary(cfg.reward_fn, self.ctx.log_path / verifiers.ERRORS_FILE)
+        if self.partner is not None:
+            extra |= {"partner_model": self.partner, "partner_renderer": getattr(self, "partner_renderer", None)}
         return dataset, sizes, extra

@@ -9,7 +9,7 @@ model alike; the score is the mean judged score. The scores are judgements, and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import chz
 
@@ -40,21 +40,27 @@ SAMPLED_VERDICT_TOKENS = 128
 
 
 @chz.chz
-class RubricOptions:
+class GraderOptions:
+    """The judge model: task=rubric's, and task=pairwise_rl's with preference_model=judge."""
+
     grader_model: str | None = chz.field(
         default=None,
-        doc="rubric: the model that judges each response against each rubric item, any model the backend serves "
-        "(None: the base model itself; never trained)",
-    )
-    grader_mode: GraderMode | None = chz.field(
-        default=None,
-        doc="rubric: probability|sampled (None: probability, the grader's P(Yes) per item; sampled: the "
-        "cookbook's <score>...</score> answer)",
+        doc="rubric: the model that judges each response against each rubric item; pairwise_rl: the judge of "
+        "preference_model=judge. Any model the backend serves (None: the base model itself; never trained)",
     )
 
     @staticmethod
     def check(cfg: Any) -> None:
         not_blank(cfg, "grader_model")
+
+
+@chz.chz
+class RubricOptions(GraderOptions):
+    grader_mode: GraderMode | None = chz.field(
+        default=None,
+        doc="rubric: probability|sampled (None: probability, the grader's P(Yes) per item; sampled: the "
+        "cookbook's <score>...</score> answer)",
+    )
 
 
 @chz.chz
@@ -74,14 +80,15 @@ class Judging:
     choices: list[str] = field(default_factory=list)  # how the renderer was chosen, for the terminal
 
     @classmethod
-    def from_config(cls, cfg: RubricConfig) -> Judging:
+    def from_config(cls, cfg: Any) -> Self:
         model = cfg.grader_model or cfg.model_name
         if model.startswith("tinker://"):
             raise ConfigError(
                 f"grader_model={model}: the grader must be a model the backend serves by name, not a checkpoint "
                 "(the judge is never a trained model)"
             )
-        return cls(model, cfg.grader_mode or "probability")
+        # task=pairwise_rl has no grader_mode: its judge is read by probability only.
+        return cls(model, getattr(cfg, "grader_mode", None) or "probability")
 
     def extra_models(self, cfg: RLConfig) -> tuple[str, ...]:
         return (self.model,) if self.model != cfg.model_name else ()

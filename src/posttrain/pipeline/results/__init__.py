@@ -1,7 +1,8 @@
 """The results/ folder: per-example rows (`rows`), files on disk (`store`), summary.json (`summary`) and the
-human report (`report`). The names a run needs are re-exported here."""
+human reports (`report`: report.md and its plot; `report_html`). The names a run needs are re-exported here."""
 
 from posttrain.pipeline.results.report import write_report
+from posttrain.pipeline.results.report_html import write_report_html
 from posttrain.pipeline.results.rows import (
     PREFERENCE_KEYS,
     PREFERENCE_OPTIONAL_KEYS,
@@ -56,5 +57,6 @@ __all__ = [
     "validate_rows",
     "validate_summary",
     "write_report",
+    "write_report_html",
     "write_summary",
 ]

@@ -241,9 +241,6 @@ def write_report(
         where = f" at {metrics_path}" if metrics_path else ""
         lines.append(f"(no metrics.jsonl found{where}: only the held-out scores are plotted)")
     results.write_text(REPORT_FILE, "\n".join(lines) + "\n")
-    from posttrain.pipeline.results.report_html import write_report_html  # it imports this module
-
-    write_report_html(results, summary)
     return warning
 
 

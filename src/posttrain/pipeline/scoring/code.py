@@ -1,4 +1,6 @@
 """Code answers graded by running tests in the sandbox: the model writes a Python function.
+(Problems judged on stdin/stdout, where the model writes a whole program, are `code_stdio`'s; `code_problems`
+reads a row of either form.)
 
 Row format of a local file of problems (JSONL, one per line), detected when rows have a statement and tests:
 
@@ -78,6 +80,7 @@ class CodeResult:
     passed: int
     total: int
     note: str  # why it failed, when it did (load error, timeout, ...)
+    per_test: tuple[dict, ...] = ()  # {"passed", "failure"} per test, where each test is its own run
 
 
 def parse_test(test: str, where: str) -> tuple[str, Any]:
@@ -95,11 +98,18 @@ def parse_test(test: str, where: str) -> tuple[str, Any]:
     raise DataError(f"{where}: test {test[:80]!r} is not of the form `assert EXPRESSION == LITERAL`")
 
 
-def problem_from_row(row: dict, where: str) -> dict:
-    """A code problem from a data row (format in the module docstring); a one-line DataError if malformed."""
+def statement_of(row: dict, where: str) -> str:
+    """A code row's problem statement; a one-line DataError when it has none."""
     statement = next((row[k] for k in STATEMENT_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
     if statement is None:
         raise DataError(f"{where}: a code problem needs a statement in one of {', '.join(STATEMENT_KEYS)}")
+    return statement
+
+
+def problem_from_row(row: dict, where: str) -> dict:
+    """A code problem with `assert` tests from a data row (format in the module docstring); a one-line DataError
+    if malformed. (`code_problems.problem_from_row` takes either form.)"""
+    statement = statement_of(row, where)
     tests = row.get("tests")
     if isinstance(tests, str):
         tests = [t for t in tests.splitlines() if t.strip()]

@@ -88,10 +88,17 @@ class Judge:
         self.renderer = renderer
         self.mode = mode
         self._slots = asyncio.Semaphore(max(1, concurrency))
-        tokenizer = renderer.tokenizer
-        # The first token of each answer word (what the grader's reply starts with).
-        self._yes = tokenizer.encode("Yes", add_special_tokens=False)[0]
-        self._no = tokenizer.encode("No", add_special_tokens=False)[0]
+        self._yes, self._no = self.first_token("Yes"), self.first_token("No")
+
+    def first_token(self, word: str) -> int:
+        """The first token of an answer word (what the grader's reply starts with)."""
+        return self.renderer.tokenizer.encode(word, add_special_tokens=False)[0]
+
+    async def odds(self, prompt: tinker.ModelInput, first: int, second: int) -> tuple[float, float]:
+        """P(first) and P(second) as the reply's first token, within the concurrency bound (a pairwise judge's
+        A/B, `scoring.pairwise_judge`)."""
+        async with self._slots:
+            return await self._odds(prompt, first, second)
 
     async def judge(self, conversation: Messages, response: str, items: Sequence[dict]) -> list[ItemVerdict]:
         return list(await asyncio.gather(*(self._judge_item(conversation, response, i) for i in items)))
@@ -111,12 +118,16 @@ class Judge:
             return ItemVerdict(criterion, weight, 0.0, "", error=f"grader: {short_error(exc)}")
         return ItemVerdict(criterion, weight, score, verdict)
 
-    async def _probability(self, prompt: tinker.ModelInput) -> tuple[float, str]:
-        yes, no = await asyncio.gather(
-            self.client.compute_logprobs_async(prompt.append_int(self._yes)),
-            self.client.compute_logprobs_async(prompt.append_int(self._no)),
+    async def _odds(self, prompt: tinker.ModelInput, first: int, second: int) -> tuple[float, float]:
+        one, other = await asyncio.gather(
+            self.client.compute_logprobs_async(prompt.append_int(first)),
+            self.client.compute_logprobs_async(prompt.append_int(second)),
         )
-        p_yes, p_no = (math.exp(lp[-1]) if lp[-1] is not None else 0.0 for lp in (yes, no))
+        p_one, p_other = (math.exp(lp[-1]) if lp[-1] is not None else 0.0 for lp in (one, other))
+        return p_one, p_other
+
+    async def _probability(self, prompt: tinker.ModelInput) -> tuple[float, str]:
+        p_yes, p_no = await self._odds(prompt, self._yes, self._no)
         score = p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.0
         return score, f"P(Yes)={p_yes:.4g} P(No)={p_no:.4g}"
 

@@ -3,7 +3,8 @@ cannot disagree): the user's verifier when `reward_fn=` is set, else the grader 
 
 A problem's `"grader"` is looked up in `GRADERS`, here and nowhere else: "math" (the cookbook's sympy grader),
 "exact_match" (after SQuAD's normalisation), "f1" (token F1 as the reward, exact match as `correct`), "reasoning_gym" (the task's own scorer), "code" (tests in the sandbox,
-the fraction passed) and "humaneval" (its `check` in the sandbox). A new grader is one entry.
+the fraction passed), "code_stdio" (a whole program run on each test's stdin, the fraction of outputs matched)
+and "humaneval" (its `check` in the sandbox). A new grader is one entry.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.pipeline.scoring import code, grading
+from posttrain.pipeline.scoring import code, code_stdio, grading
 from posttrain.pipeline.scoring.verifiers import UserVerifier
 
 # Sandboxes run at once: each is a process or two; more than the cores only adds contention.
@@ -53,6 +54,8 @@ def _sandboxed(run: Callable[[dict, str], code.CodeResult]) -> Callable[[dict, s
         details: dict[str, Any] = {"tests_passed": result.passed, "tests_total": result.total}
         if result.note:
             details["failure"] = result.note
+        if result.per_test:
+            details["tests"] = list(result.per_test)
         return Scored(result.reward, result.code, result.passed == result.total, details)
 
     return score
@@ -74,6 +77,10 @@ def _code(problem: dict, completion: str) -> str:
     return code.extract_code(completion, problem.get("entry_point"))
 
 
+def _program(problem: dict, completion: str) -> str:
+    return code_stdio.extract_program(completion)
+
+
 GRADERS: dict[str, Grader] = {
     "math": Grader(_answer(grading.grade_math), _final_answer),
     "exact_match": Grader(_answer(grading.grade_text), _final_answer),
@@ -81,6 +88,7 @@ GRADERS: dict[str, Grader] = {
     "reasoning_gym": Grader(_answer(grading.grade_reasoning_gym), _final_answer),
     "code": Grader(_sandboxed(code.grade), _code, sandboxed=True),
     "humaneval": Grader(_sandboxed(code.grade_humaneval), _code, sandboxed=True),
+    "code_stdio": Grader(_sandboxed(code_stdio.grade), _program, sandboxed=True),
 }
 
 

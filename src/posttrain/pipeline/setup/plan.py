@@ -93,6 +93,9 @@ def _published_rates(model_name: str) -> tuple[Any, str]:
     return cost_estimation.TokenCostRates(prefill, prefill, sample, train), source
 
 
+PROBE_MAX_LENGTH = 1024
+
+
 async def probe_rates(
     service: tinker.ServiceClient, model_name: str, budget: TokenBudget, lora_rank: int
 ) -> dict[str, float]:
@@ -103,7 +106,9 @@ async def probe_rates(
     import tinker
 
     rng = random.Random(0)
-    length = max(8, round(budget.mean_train_length))
+    # A rate per token, measured at the run's length up to PROBE_MAX_LENGTH: a multi-turn budget's upper-bound
+    # length can exceed a small model's context window, which the probe's random sequence must fit in.
+    length = min(PROBE_MAX_LENGTH, max(8, round(budget.mean_train_length)))
     batch = max(1, min(budget.sequences_per_step, 64))
     training = await service.create_lora_training_client_async(base_model=model_name, rank=lora_rank)
     vocab = training.get_tokenizer().vocab_size

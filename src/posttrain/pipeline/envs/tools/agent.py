@@ -27,10 +27,11 @@ import copy
 import importlib
 import json
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tinker_cookbook import renderers
 from tinker_cookbook.renderers.base import ToolCall
@@ -69,9 +70,20 @@ NO_TOOL_CALL_RENDERERS = ("llama3", "role_colon")
 
 def tool_set(spec: EnvSpec) -> ModuleType:
     """`env=tools:NAME`'s tool set: the module `envs/tools/NAME.py`, with its TOOLS (cookbook `@tool` functions),
-    INSTRUCTIONS, worked EXAMPLE, SOURCE and problems(split, n, seed). A new tool set is such a module and its
-    line in `envs.registry`."""
+    INSTRUCTIONS, worked EXAMPLE, SOURCE and problems(split, n, seed), and, for tools that keep what an episode
+    did, episode_tools(problem) (`EpisodeTools`). A new tool set is such a module and its line in `envs.registry`."""
     return importlib.import_module(f"{__package__}.{spec.variant}")
+
+
+class EpisodeTools(Protocol):
+    """One episode's own tools, which keep what they did for the results row (search: the passage ids)."""
+
+    tools: list[Any]
+    turn: Callable[[], int]  # the turn being played, set by the env that runs the tools
+
+    def turn_details(self, turn: int) -> dict[str, Any]:
+        """Fields added to turn `turn` of the row's transcript."""
+        ...
 
 
 def max_turns(spec: EnvSpec) -> int:
@@ -206,15 +218,22 @@ def make_env(problem: dict, ctx: EnvContext) -> Env:
     renderer = thread_safe(ctx.renderer)
     opening = initial_messages(problem, renderer, tools)
     reward = FinalAnswerReward(problem, ctx.scorer, ctx.phase, prompt_messages=len(opening))
+    own: EpisodeTools | None = tools.episode_tools(problem) if hasattr(tools, "episode_tools") else None
     env = build_agent_tool_env(
         renderer=renderer,  # type: ignore[arg-type]  # a Renderer in all but name
-        tools=tools.TOOLS,
+        tools=own.tools if own is not None else tools.TOOLS,
         initial_messages=opening,
         reward_fn=reward,
         max_turns=max_turns(ctx.spec),
         failed_parse_reward=-FORMAT_COEF,
     )
+    if own is not None:
+        # The env appends the model's message before it runs that message's calls: the count of the model's
+        # messages so far (past the worked example) is the turn a call belongs to.
+        messages = env.message_env
+        own.turn = lambda: sum(m["role"] == "assistant" for m in messages.history[len(opening) :])  # type: ignore[attr-defined]
     env.answer = reward  # type: ignore[attr-defined]  # what the results row reads back
+    env.episode_tools = own  # type: ignore[attr-defined]
     return env
 
 
@@ -227,11 +246,16 @@ class ToolUse:
     def problems(self, spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
         from posttrain.pipeline.setup import preflight
 
-        if data is not None:
+        corpus, retriever = getattr(cfg, "corpus", None), getattr(cfg, "retriever", None)
+        if spec.variant != "search" and data is not None:
             raise ConfigError(f"env={spec} makes its own problems; leave dataset= out")
         # A renderer with no tool-call format is refused now, before the engine starts.
         check_renderer(preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0], spec)
         turns, tools = max_turns(spec), tool_set(spec)
+        if corpus is not None or data is not None:  # env=tools:search over the user's corpus
+            path = Path(corpus).expanduser().resolve() if corpus is not None else None
+            found = tools.user_problems(path, retriever or "chroma", data)
+            return replace(found, info={**found.info, "max_turns": turns})
         eval_seed = cfg.seed + EVAL_SEED_OFFSET
         train, held_out = tools.problems("train", n_train(cfg), cfg.seed), tools.problems("test", n_eval(cfg), eval_seed)
         info = {
@@ -240,6 +264,9 @@ class ToolUse:
             "max_turns": turns,
             "score": "accuracy of the final answer (after the tool calls)",
         }
+        if retriever is not None:  # the shipped corpus, searched another way than its default
+            train, held_out = ([{**p, "retriever": retriever} for p in ps] for ps in (train, held_out))
+            info["retriever"] = tools.describe(tools.retriever(None, retriever))
         return ProblemSet(train, held_out, info)
 
     def prompt(self, problem: dict, ctx: EnvContext) -> list[renderers.Message]:
@@ -261,9 +288,11 @@ class ToolUse:
         from posttrain.pipeline.results import RLExample
 
         reward: FinalAnswerReward = episode.env.answer  # type: ignore[attr-defined]
+        own: EpisodeTools | None = episode.env.episode_tools  # type: ignore[attr-defined]
         renderer = thread_safe(episode.renderer)
         transcript = [
-            {"turn": turn, "player": renderer.decode(t.ac.tokens), "env": _tool_replies(t.logs), "reward": t.reward}
+            {"turn": turn, "player": renderer.decode(t.ac.tokens), "env": _tool_replies(t.logs), "reward": t.reward,
+             **(own.turn_details(turn) if own is not None else {})}  # fmt: skip
             for turn, t in enumerate(episode.trajectory.transitions, 1)
         ]
         record = RLExample(index, problem["question"], str(problem["answer"]), "", "", False, transcript=transcript)
@@ -273,7 +302,9 @@ class ToolUse:
         record.completion = reward.answer_text if scored is not None else (transcript[-1]["player"] if transcript else "")
         if scored is not None:
             record.extracted_answer, record.correct = scored.extracted, scored.correct
-            record.reward = scored.reward if reward.scorer.verifier is not None else None
+            # A graded fraction (token F1 over the user's corpus) is the score, as for single-turn rows.
+            record.reward = scored.reward if reward.scorer.verifier is not None or scored.details else None
+            record.details |= scored.details
             record.verifier_error = scored.verifier_error
         return record
 

@@ -1,23 +1,38 @@
-"""`env=tools:search`: questions about a shipped corpus of 300 short passages about invented entities
-(`data/search_corpus.jsonl`, made by `scripts/make_search_corpus.py`), searched with BM25 (`bm25s`, in memory);
-questions on a fixed fifth of the passages are held out for evaluation, so no evaluation answer is ever trained
-on. The answers are names and numbers from the passages, graded by exact match after normalisation."""
+"""`env=tools:search`: questions answered by searching a corpus.
+
+By default the corpus is a shipped one of 300 short passages about invented entities (`data/search_corpus.jsonl`,
+made by `scripts/make_search_corpus.py`), searched with BM25 (`bm25s`, in memory); questions on a fixed fifth of
+the passages are held out for evaluation, so no evaluation answer is ever trained on. Its answers are names and
+numbers from the passages, graded by exact match after normalisation.
+
+With `corpus=FILE dataset=QA` the corpus is the user's (`tools.corpus`) and the questions are the dataset's rows,
+graded by token F1 (exact match as `correct`); `retriever=chroma` (the default there) searches it by embeddings
+(`tools.vector_store`), `retriever=bm25` by words. Each problem names its corpus and retriever, so an episode
+finds them from its problem alone, in training and in evaluation.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from tinker_cookbook.tool_use import ToolResult, simple_tool_result, tool
 
+from posttrain.errors import ConfigError
+from posttrain.pipeline.envs.base import ProblemSet
+from posttrain.pipeline.envs.tools import corpus as user_corpus
 from posttrain.util import PACKAGE_DATA
+
+if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
 
 CORPUS_FILE = PACKAGE_DATA / "search_corpus.jsonl"
 SEARCH_RESULTS = 2
-SOURCE = "questions about a shipped corpus of 300 passages (BM25 search)"
+SOURCE = "questions about a shipped corpus of 300 passages"
 INSTRUCTIONS = "Search for the facts you need with the search tool. Then give only the final answer after ####."
 EXAMPLE = (
     "Who built the Olvenmark Tower?",
@@ -25,6 +40,9 @@ EXAMPLE = (
     "The Olvenmark Tower is a stone tower by the sea. It was built in 1721 by Teodor Vlask.",
     "Teodor Vlask",
 )
+RetrieverName = Literal["chroma", "bm25"]
+# The user's questions are free text: token F1 as the reward, exact match as `correct` (scoring.GRADERS).
+USER_GRADER = "f1"
 
 
 @cache
@@ -33,7 +51,7 @@ def load_corpus(path: Path = CORPUS_FILE) -> tuple[dict, ...]:
 
 
 def problems(split: str, n: int, seed: int) -> list[dict]:
-    """`n` questions on the passages of `split` ("train" or "test"), drawn by `seed` (with repeats if more
+    """`n` questions on the shipped passages of `split` ("train" or "test"), drawn by `seed` (with repeats if more
     are asked for than there are)."""
     pool = [
         {
@@ -52,7 +70,11 @@ def problems(split: str, n: int, seed: int) -> list[dict]:
     return [rng.choice(pool) for _ in range(n)]
 
 
-class Retriever:
+class Retriever(Protocol):
+    def search(self, query: str, k: int) -> list[dict]: ...
+
+
+class BM25Retriever:
     """BM25 over the corpus passages (`bm25s`, in memory; 300 passages index in milliseconds)."""
 
     def __init__(self, passages: tuple[dict, ...] | list[dict]):
@@ -60,7 +82,7 @@ class Retriever:
 
         self.passages = list(passages)
         self._bm25 = bm25s.BM25()
-        self._bm25.index(self._tokenize([p["text"] for p in self.passages]), show_progress=False)
+        self._bm25.index(self._tokenize([user_corpus.shown(p) for p in self.passages]), show_progress=False)
 
     @staticmethod
     def _tokenize(texts: list[str]) -> Any:
@@ -82,17 +104,95 @@ class Retriever:
 
 
 @cache
+def load_user_corpus(path: Path) -> user_corpus.Corpus:
+    return user_corpus.load(path)
+
+
+@cache
+def retriever(corpus: str | None, kind: RetrieverName) -> Retriever:
+    """One retriever per corpus file (None: the shipped one) and kind for the whole process: built once, shared
+    by every episode."""
+    from posttrain.pipeline.envs.tools.vector_store import VectorRetriever
+
+    loaded = load_user_corpus(Path(corpus) if corpus else CORPUS_FILE)
+    return BM25Retriever(loaded.passages) if kind == "bm25" else VectorRetriever(loaded)
+
+
 def corpus_retriever() -> Retriever:
-    return Retriever(load_corpus())
+    """The shipped corpus's BM25 retriever."""
+    return retriever(None, "bm25")
 
 
+def retriever_for(problem: dict) -> Retriever:
+    return retriever(problem.get("corpus"), problem.get("retriever", "bm25"))
 
 
-@tool
-async def search(query: Annotated[str, "what to look for, e.g. a name from the question"]) -> ToolResult:
-    """Search the encyclopedia; returns the passages that match the query best."""
-    hits = corpus_retriever().search(query)
-    return simple_tool_result("\n".join(p["text"] for p in hits) if hits else "No results.")
+class Search:
+    """One episode's search tool. The cookbook keeps only a tool's reply text, so the ids of the passages each call
+    retrieved are kept here, by the turn the call was made in (`turn`, set by the env that runs the tool)."""
+
+    def __init__(self, found: Retriever | None = None):
+        self.retriever = found
+        self.tools = [self.search]
+        self.turn: Callable[[], int] = lambda: 0
+        self.retrieved: dict[int, list[str]] = {}
+
+    @tool
+    async def search(self, query: Annotated[str, "what to look for, e.g. a name from the question"]) -> ToolResult:
+        """Search the encyclopedia; returns the passages that match the query best."""
+        assert self.retriever is not None, "the module's TOOLS are the specification; episodes use episode_tools"
+        hits = self.retriever.search(query, SEARCH_RESULTS)
+        self.retrieved.setdefault(self.turn(), []).extend(p["id"] for p in hits)
+        return simple_tool_result("\n".join(user_corpus.shown(p) for p in hits) if hits else "No results.")
+
+    def turn_details(self, turn: int) -> dict[str, Any]:
+        """What a results row's transcript adds to turn `turn`: the passage ids retrieved in it."""
+        return {"retrieved": self.retrieved.get(turn, [])}
 
 
-TOOLS = [search]
+# The tools' specification, for the prompt; each episode runs its own (`episode_tools`).
+TOOLS = [Search().search]
+
+
+def episode_tools(problem: dict) -> Search:
+    return Search(retriever_for(problem))
+
+
+def user_problems(corpus: Path | None, kind: RetrieverName, data: LoadedData | None) -> ProblemSet:
+    """The dataset's question/answer rows as problems over the user's corpus, whose index is built (or opened)
+    now: a corpus that cannot be indexed stops the run before anything is spent."""
+    from posttrain.pipeline.envs.qa import GRADER_LABELS, qa_problems
+
+    if corpus is None:
+        raise ConfigError(
+            "env=tools:search with dataset=: the questions need the corpus they are about (corpus=docs.jsonl, "
+            "JSONL rows with a \"text\" field); leave dataset= out to use the shipped corpus"
+        )
+    if data is None:
+        raise ConfigError(f"corpus={corpus} needs the questions about it: dataset= with question/answer rows")
+    if data.format != "question_answer":
+        raise ConfigError(
+            f"corpus={corpus}: dataset= must hold question/answer rows (question and answer fields), not "
+            f"{data.format} rows"
+        )
+    passages = load_user_corpus(corpus).passages
+    where = {"corpus": str(corpus), "retriever": kind}
+    info = {
+        "source": f"search: {data.source}, over corpus={corpus} ({len(passages)} passages)",
+        "eval_source": data.eval_source,
+        "retriever": describe(retriever(str(corpus), kind)),
+        "grader": USER_GRADER,
+        "grader_reason": "questions about the user's corpus: token F1 as the reward, exact match as correct",
+        "score_label": GRADER_LABELS[USER_GRADER],
+    }
+    train, held_out = ([{**p, **where} for p in qa_problems(rows, USER_GRADER)] for rows in (data.train, data.eval))
+    return ProblemSet(train, held_out, info)
+
+
+def describe(found: Retriever) -> str:
+    from posttrain.pipeline.envs.tools.vector_store import VectorRetriever, embedding_model_name
+
+    if not isinstance(found, VectorRetriever):
+        return "bm25 (bm25s, in memory)"
+    state = f"built now ({found.embedded} passages embedded)" if found.embedded else "reused"
+    return f"chroma ({embedding_model_name()}), index {found.path} {state}"

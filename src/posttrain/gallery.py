@@ -1,0 +1,241 @@
+"""`posttrain examples`: the user's success examples (math RL, code RL, game RL, instruction SFT, chat SFT,
+distillation, DPO), each reproduced by one command, in the document's shape: base -> trained on held-out data.
+
+An example is a few `posttrain train` runs (stages) with fixed settings; a later stage may take an earlier one's
+trained model (distillation's teacher is the math-RL run, built first in the same command). Data the example needs
+is shipped or generated into its folder. Every stage is a `posttrain train` subprocess, so what the gallery
+measures is exactly what a user's command does; each stage keeps its whole results folder under
+`<out>/<example>/<stage>/`. `examples all` runs every example and writes the table (`gallery.md`, `gallery.json`):
+example, command, base -> trained, the document's target and whether it was met, wall time, processor and date.
+
+Settings given after the names (`key=value`) are added to every stage: the tests run each example for one step on
+the tiny model this way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from posttrain.util import PACKAGE_DATA, atomic_write_text, processor, write_jsonl
+
+USAGE = """usage: posttrain examples [list | NAME ... | all] [out=DIR] [key=value ...]
+
+  list          the examples, their commands and targets
+  NAME ...      run these examples (each in DIR/NAME/, default DIR: gallery/)
+  all           run every example, then write DIR/gallery.md and DIR/gallery.json
+  key=value     added to every run's settings (e.g. max_steps=1 to check the commands)
+"""
+
+FROM_STAGE = "{stage:"  # an argument value `{stage:NAME}` is that earlier stage's trained model (tinker:// path)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    title: str
+    target: str  # the document's example, as it states it
+    stages: tuple[Stage, ...]
+    met: Callable[[dict], bool]  # whether the last stage's summary reaches the gallery's bar for this example
+    bar: str  # that bar, in words
+    make_data: Callable[[Path], None] | None = None  # writes the example's generated data into its folder
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _points(summary: dict) -> float:
+    return 100 * (summary["trained_score"] - summary["baseline_score"])
+
+
+def _nll_drop(summary: dict) -> float:
+    relative = summary["improvement"].get("relative")
+    return 100 * relative if relative is not None else float("nan")
+
+
+ARITHMETIC = ("env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+-,"
+              "allow_parentheses=false,allow_negation=false")  # fmt: skip
+MATH_RL = Stage("rl", (ARITHMETIC, "batch_size=8", "group_size=8", "max_tokens=32", "max_steps=16",
+                       "learning_rate=3e-4", "max_eval_rows=50", "save_every=0", "eval_every=0"))  # fmt: skip
+CHAT_FILE = "chats.jsonl"
+
+
+def _write_chats(folder: Path, n: int = 400, seed: int = 0) -> None:
+    """Multi-turn conversations (three assistant turns each): a running calculation the user extends turn by
+    turn, answered in one fixed style, so every assistant turn has something to learn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, c, d = (rng.randint(2, 20) for _ in range(4))
+        total = a * b
+        messages = [{"role": "user", "content": f"What is {a} times {b}?"},
+                    {"role": "assistant", "content": f"{a} × {b} = {total}."}]  # fmt: skip
+        messages += [{"role": "user", "content": f"Now add {c}."},
+                     {"role": "assistant", "content": f"{total} + {c} = {total + c}."}]  # fmt: skip
+        total += c
+        messages += [{"role": "user", "content": f"And subtract {d}?"},
+                     {"role": "assistant", "content": f"{total} − {d} = {total - d}."}]  # fmt: skip
+        rows.append({"messages": messages})
+    write_jsonl(folder / CHAT_FILE, rows)
+
+
+EXAMPLES: dict[str, Example] = {
+    e.name: e
+    for e in (
+        Example(
+            "math_rl", "Math RL: two-term arithmetic, graded by the math grader", "40% -> 65% accuracy",
+            (MATH_RL,), lambda s: _points(s) >= 20, "trained >= base + 20 points on 50 held-out problems",
+            notes=("The base model's failures here are mostly the answer format, not the reasoning: a task where "
+                   "a 135M base is at 25-50% for reasoning is still to be found.",),
+        ),
+        Example(
+            "code_rl", "Code RL: generated function-writing tasks, tests in the sandbox", "2/10 -> 7/10 tests",
+            (Stage("rl", ("env=code", "batch_size=8", "group_size=8", "max_tokens=48", "max_steps=10",
+                          "learning_rate=3e-4", "save_every=0", "eval_every=0")),),
+            lambda s: s["baseline_score"] <= 0.3 and _points(s) >= 30, "base <= 30% of tests, trained >= +30 points",
+            notes=("The generated tasks start high for the base model (76.5% measured): the bar's first half fails "
+                   "until harder tasks are generated.",),
+        ),
+        Example(
+            "game_rl", "Game RL: tic-tac-toe against a random opponent", "30% -> 70% wins",
+            (Stage("rl", ("env=game:tic_tac_toe", "batch_size=4", "group_size=8", "max_tokens=8", "max_steps=16",
+                          "learning_rate=3e-4", "max_eval_rows=50", "save_every=0", "eval_every=0")),),
+            lambda s: s["baseline_score"] <= 0.35 and _points(s) >= 30, "base <= 35% wins, trained >= +30 points",
+        ),
+        Example(
+            "instruction_sft", "Instruction SFT: the default run", "NLL -32%",
+            (Stage("sft", ()),), lambda s: _nll_drop(s) >= 30, "held-out NLL >= 30% lower",
+        ),
+        Example(
+            "chat_sft", "Chat SFT: multi-turn conversations, every assistant turn trained", "NLL -29%",
+            (Stage("sft", (f"dataset={{folder}}/{CHAT_FILE}", "train_on_what=all_assistant_messages",
+                           "num_epochs=1", "save_every=0")),),
+            lambda s: _nll_drop(s) >= 25, "held-out NLL >= 25% lower", make_data=_write_chats,
+        ),
+        Example(
+            "distillation", "Distillation: the math-RL model teaches the base model", "NLL -36%",
+            (MATH_RL,
+             Stage("off_policy", ("task=distillation", "teacher_model={stage:rl}", ARITHMETIC, "max_train_rows=256",
+                                  "num_epochs=2", "max_tokens=32", "max_eval_rows=50", "save_every=0",
+                                  "eval_every=0"))),
+            lambda s: _nll_drop(s) >= 30, "student NLL of the teacher's answers >= 30% lower",
+            notes=("On-policy distillation is not in this example yet.",),
+        ),  # fmt: skip
+        Example(
+            "dpo", "DPO: arithmetic preference pairs (the hardest near misses)", "(the document's seventh row)",
+            (Stage("dpo", (f"dataset={PACKAGE_DATA / 'preference_arithmetic_hardest.jsonl'}", "learning_rate=3e-4",
+                           "num_epochs=3", "batch_size=16", "save_every=0")),),
+            lambda s: _points(s) >= 15, "held-out preference accuracy >= +15 points",
+        ),
+    )
+}
+
+
+def command(example: Example) -> str:
+    """The example's runs as a user would type them (for the list and the table)."""
+    runs = []
+    for stage in example.stages:
+        shown = [a.replace("{folder}", f"gallery/{example.name}").replace(str(PACKAGE_DATA), "src/posttrain/data")
+                 .replace(f"{FROM_STAGE}rl}}", "tinker://<the rl run's checkpoint_path>") for a in stage.args]  # fmt: skip
+        runs.append(" ".join(["uv run python train.py", *(f"'{a}'" if "," in a else a for a in shown)]))
+    return " && ".join(runs)
+
+
+def machine() -> dict[str, Any]:
+    """The processor, the core count and the date: what a gallery number holds for."""
+    return {**processor(), "cores": os.cpu_count(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _stage_args(example: Example, stage: Stage, folder: Path, done: dict[str, dict], extra: list[str]) -> list[str]:
+    args = []
+    for arg in stage.args:
+        arg = arg.replace("{folder}", str(folder))
+        if FROM_STAGE in arg:
+            key, _, ref = arg.partition("=")
+            source = done[ref.removeprefix(FROM_STAGE).rstrip("}")]
+            arg = f"{key}={source['checkpoint_path']}"
+        args.append(arg)
+    given = {a.split("=", 1)[0] for a in extra}
+    return [*(a for a in args if a.split("=", 1)[0] not in given), *extra, f"results_dir={folder / stage.name}",
+            f"run_name={example.name}-{stage.name}"]  # fmt: skip
+
+
+def run_example(example: Example, out: Path, extra: list[str]) -> dict[str, Any]:
+    """Every stage in order, each a `posttrain train` subprocess; the table row of the last stage."""
+    folder = out / example.name
+    if example.make_data is not None:
+        example.make_data(folder)
+    done: dict[str, dict] = {}
+    started = time.monotonic()
+    for n, stage in enumerate(example.stages, 1):
+        print(f"examples: {example.name}: stage {n}/{len(example.stages)}: {stage.name}", flush=True)
+        args = _stage_args(example, stage, folder, done, extra)
+        proc = subprocess.run([sys.executable, "-m", "posttrain.cli.main", "train", *args], check=False)
+        summary_file = folder / stage.name / "summary.json"
+        if proc.returncode not in (0, 1) or not summary_file.exists():
+            return _row(example, None, time.monotonic() - started, f"stage {stage.name} failed (exit {proc.returncode})")
+        done[stage.name] = json.loads(summary_file.read_text())
+        if done[stage.name].get("status") == "failed":
+            return _row(example, None, time.monotonic() - started, f"stage {stage.name}: {done[stage.name].get('error')}")
+    return _row(example, done[example.stages[-1].name], time.monotonic() - started, None)
+
+
+def _row(example: Example, summary: dict | None, seconds: float, error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"example": example.name, "title": example.title,
+                           "command": f"uv run posttrain examples {example.name}", "runs": command(example),
+                           "target": example.target, "bar": example.bar, "wall_seconds": round(seconds, 1)}  # fmt: skip
+    if summary is None:
+        return row | {"result": None, "met": False, "error": error}
+    return row | {"result": summary["headline"], "met": bool(example.met(summary)), "notes": list(example.notes)}
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+    facts = machine()
+    atomic_write_text(out / "gallery.json", json.dumps({"machine": facts, "examples": rows}, indent=2) + "\n")
+    lines = [f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores; {', '.join(facts['cpu_flags'])})",
+             "", "| example | base -> trained | document's example | bar | met | wall |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        result = r["result"] or f"failed: {r.get('error')}"
+        lines.append(f"| {r['example']} | {result} | {r['target']} | {r['bar']} | {'yes' if r['met'] else 'no'} | "
+                     f"{r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
+    lines += ["", "Each example is `uv run posttrain examples NAME`; its runs:", ""]
+    lines += [f"- {r['example']}: `{r['runs']}`" for r in rows]
+    atomic_write_text(out / "gallery.md", "\n".join(lines) + "\n")
+
+
+def examples_main(argv: list[str]) -> int:
+    names = [a for a in argv if "=" not in a]
+    settings = [a for a in argv if "=" in a]
+    out = Path(next((a.split("=", 1)[1] for a in settings if a.startswith("out=")), "gallery"))
+    extra = [a for a in settings if not a.startswith("out=")]
+    if not names or names == ["list"] or names[0] in ("-h", "--help"):
+        print(USAGE)
+        for e in EXAMPLES.values():
+            print(f"{e.name}: {e.title}\n  document: {e.target}; bar: {e.bar}\n  {command(e)}")
+            for note in e.notes:
+                print(f"  note: {note}")
+        return 0
+    chosen = list(EXAMPLES) if names == ["all"] else names
+    unknown = [n for n in chosen if n not in EXAMPLES]
+    if unknown:
+        print(f"error: no example named {', '.join(unknown)}; examples: {', '.join(EXAMPLES)}, all", file=sys.stderr)
+        return 2
+    rows = [run_example(EXAMPLES[n], out, extra) for n in chosen]
+    write_table(rows, out)
+    for r in rows:
+        print(f"{r['example']}: {r['result'] or r.get('error')} ({'meets' if r['met'] else 'misses'} {r['bar']})")
+    print(f"table: {out / 'gallery.md'}")
+    return 0 if all(r["result"] for r in rows) else 1

@@ -1,0 +1,333 @@
+"""`env=verifiers:NAME`: an environment built with Prime Intellect's `verifiers` library (the Environments Hub's).
+
+NAME is loaded as the cookbook's `verifiers_rl` recipe loads it, `vf.load_environment(NAME, **verifiers_args)`:
+an installed environment package (`prime env install owner/NAME`, or pip; `owner/NAME` is accepted as the Hub
+writes it), or a local module path (`env=verifiers:path/to/my_env.py`, or a package folder). Its dataset rows are
+the training problems, its eval dataset the held-out ones (when it has none, rows held out of its dataset), and
+its rubric's score the reward.
+
+The recipe hands whole groups to the environment (`run_group`) in place of the cookbook's rollout function; here
+one `VerifiersEnv` is the cookbook `Env` of one rollout, so training (`rl.train`) and evaluation
+(`evaluation.episodes`) run the same episode as every other environment. The verifiers rollout itself runs
+unchanged, its own turn loop, `env_response` and stop conditions included (a `MultiTurnEnv`): it sees a client
+whose every chat request becomes the Env's next observation and whose reply is what the policy sampled. When
+the rollout ends, its rubric scores it (`score_group` of one, which takes individual and group reward functions).
+Tool-calling and completion-style environments are refused: the renderers here have no OpenAI tool schema path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import tinker
+from tinker_cookbook import renderers
+from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, StepResult
+
+from posttrain.errors import ConfigError
+from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, mean_score, n_eval, problem_group
+
+if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
+    from posttrain.pipeline.envs.base import ProblemSettings
+    from posttrain.pipeline.envs.spec import EnvSpec
+    from posttrain.pipeline.results import RLExample
+
+# A MultiTurnEnv without max_turns ends by its own stop conditions: the plan's token estimate assumes this many.
+UNBOUNDED_TURNS_ESTIMATE = 10
+
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def parse_args(text: str | None) -> dict[str, Any]:
+    """`verifiers_args=`: key=value pairs (values JSON where they parse, else text), or a JSON object as the
+    recipe's `vf_env_args` takes; a one-line ConfigError otherwise."""
+    if text is None or not text.strip():
+        return {}
+    if text.strip().startswith("{"):
+        try:
+            found = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"verifiers_args={text}: not a JSON object ({e})") from None
+        if not isinstance(found, dict):
+            raise ConfigError(f"verifiers_args={text}: not a JSON object")
+        return found
+    args: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier():
+            raise ConfigError(
+                f"verifiers_args={text}: expected key=value,... (or a JSON object), got {item!r}"
+            )
+        try:
+            args[key] = json.loads(value)
+        except ValueError:
+            args[key] = value
+    return args
+
+
+def _module_name(variant: str) -> str:
+    """The module to import: a local path's (its folder put on sys.path), else the package's, named the way
+    `vf.load_environment` names it (the last part of owner/env-id, '-' as '_')."""
+    path = Path(variant).expanduser()
+    if variant.endswith(".py") or path.is_dir():
+        if not path.exists():
+            raise ConfigError(f"env=verifiers:{variant}: no such file or folder")
+        path = path.resolve()
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        return path.stem if path.is_file() else path.name
+    return variant.replace("-", "_").split("/")[-1]
+
+
+def load(variant: str, args: dict[str, Any]) -> Any:
+    """The verifiers Environment (once per process and arguments), or a one-line ConfigError: not installed, or
+    its load_environment raised."""
+    key = (variant, json.dumps(args, sort_keys=True, default=str))
+    if key in _LOADED:
+        return _LOADED[key]
+    if not variant:
+        raise ConfigError(
+            "env=verifiers needs the environment: env=verifiers:NAME (an installed package or a module path)"
+        )
+    module = _module_name(variant)
+    try:
+        found = module.isidentifier() and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"env=verifiers:{variant}: no environment module {module!r} is installed (install it with "
+            f"`prime env install OWNER/{variant}` or pip, or give the path of its module)"
+        )
+    import verifiers as vf
+
+    vf_logger = logging.getLogger("verifiers")
+    if (
+        "VF_LOG_LEVEL" not in os.environ
+    ):  # its INFO lines (each load, each default arg) would flood the run's log
+        vf_logger.setLevel(logging.WARNING)
+    level = vf_logger.level
+    # A failed load is reported once, as our one line, not also as its logged traceback.
+    vf_logger.setLevel(logging.CRITICAL + 1)
+    # vf.Environment installs SIGINT/SIGTERM handlers on construction; the run's own (stop cleanly, save) stay.
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        env = vf.load_environment(module, **args)
+    except Exception as e:
+        cause = e.__cause__ or e
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        detail = " ".join(str(cause).split()) or "no message"
+        raise ConfigError(
+            f"env=verifiers:{variant}: load_environment({shown}) failed: {type(cause).__name__}: {detail}"
+        ) from None
+    finally:
+        vf_logger.setLevel(level)
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    if not isinstance(env, vf.Environment):
+        raise ConfigError(
+            f"env=verifiers:{variant}: load_environment returned {type(env).__name__}, not a vf.Environment"
+        )
+    if env.message_type != "chat" or env.oai_tools:
+        kind = "tool-calling" if env.oai_tools else f"{env.message_type}-style"
+        raise ConfigError(
+            f"env=verifiers:{variant}: a {kind} environment is not supported (chat environments without tools are)"
+        )
+    _LOADED[key] = env
+    return env
+
+
+def _rows(dataset: Any, limit: int, args: dict[str, Any]) -> list[dict]:
+    """A verifiers dataset's rows as problems (JSON: they are written to the run's data folder and reread)."""
+    rows = []
+    for row in dataset.select(range(min(limit, len(dataset)))):
+        prompt = row["prompt"]
+        question = next(
+            (m["content"] for m in reversed(prompt) if m.get("role") == "user"), prompt[-1]["content"]
+        )
+        problem = {
+            "question": renderers.format_content_as_string(question),
+            "answer": str(row.get("answer") or ""),
+            "prompt": prompt,
+            "task": row.get("task") or "default",
+            "info": row.get("info") or {},
+            "example_id": row["example_id"],
+            "verifiers_args": args,
+        }
+        rows.append(json.loads(json.dumps(problem, default=str)))
+    return rows
+
+
+class _PolicyClient:
+    """The OpenAI client the verifiers rollout calls: each chat request is passed out as the Env's next
+    observation, and answered with the policy's sampled reply (put back by `VerifiersEnv.step`)."""
+
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[list[dict]] = asyncio.Queue()
+        self.replies: asyncio.Queue[Any] = asyncio.Queue()
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    async def create(self, *, messages: list[dict], model: str, **_: Any) -> Any:
+        await self.requests.put(list(messages))
+        return await self.replies.get()
+
+
+class VerifiersEnv(Env):
+    """One rollout of one verifiers problem, driven turn by turn by the cookbook's rollout loop. The reward comes
+    at the end: the rubric's score; `state` is the finished verifiers State (its completion, reward, metrics)."""
+
+    def __init__(self, vf_env: Any, problem: dict, renderer: renderers.Renderer):
+        self.vf_env, self.problem, self.renderer = vf_env, problem, renderer
+        self.client = _PolicyClient()
+        self.task: asyncio.Task | None = None
+        self.state: Any = None
+
+    async def _run(self) -> Any:
+        import verifiers as vf
+        from verifiers.utils.async_utils import NullAsyncContext
+
+        p = self.problem
+        rollout_input = vf.RolloutInput(prompt=p["prompt"], answer=p["answer"], task=p["task"], info=p["info"],
+                                        example_id=p["example_id"])  # fmt: skip
+        # Sampling is the cookbook's (max_tokens, temperature): the client ignores the rollout's sampling args.
+        state = await self.vf_env.rollout(rollout_input, self.client, "policy", None)
+        await self.vf_env.rubric.score_group([state], score_sem=NullAsyncContext())
+        return state
+
+    async def _next(self) -> list[dict] | None:
+        """The rollout's next request (messages), or None when it has ended (then `state` is set)."""
+        assert self.task is not None
+        request = asyncio.ensure_future(self.client.requests.get())
+        await asyncio.wait({request, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if request.done():
+            return request.result()
+        request.cancel()
+        self.state = self.task.result()  # the rollout's own exception, if it raised one
+        return None
+
+    async def initial_observation(self) -> tuple[tinker.ModelInput, renderers.StopCondition]:
+        self.task = asyncio.create_task(self._run())
+        messages = await self._next()
+        if messages is None:
+            error = self.state.get("error") if self.state is not None else None
+            raise RuntimeError(f"the verifiers rollout ended before the model's first turn ({error!r})")
+        return self.renderer.build_generation_prompt(messages), self.renderer.get_stop_sequences()  # type: ignore[arg-type]
+
+    async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
+        from openai.types.chat import ChatCompletion
+
+        message, termination = self.renderer.parse_response(action)
+        reply = ChatCompletion.model_validate({
+            "id": "policy", "object": "chat.completion", "created": 0, "model": "policy",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": renderers.get_text_content(message)},
+                         "finish_reason": "stop" if termination.is_stop_sequence else "length"}],
+        })  # fmt: skip
+        await self.client.replies.put(reply)
+        messages = await self._next()
+        stop = self.renderer.get_stop_sequences()
+        if messages is not None:  # the environment answered: the model's next turn
+            observation = self.renderer.build_generation_prompt(messages)  # type: ignore[arg-type]
+            return StepResult(
+                reward=0.0, episode_done=False, next_observation=observation, next_stop_condition=stop
+            )
+        metrics = {
+            k: float(v) for k, v in (self.state.get("metrics") or {}).items() if isinstance(v, int | float)
+        }
+        return StepResult(reward=float(self.state.get("reward") or 0.0), episode_done=True,
+                          next_observation=tinker.ModelInput.empty(), next_stop_condition=stop,
+                          metrics={**metrics, "rollout_error": float(self.state.get("error") is not None)})  # fmt: skip
+
+
+def _make_env(problem: dict, ctx: EnvContext) -> VerifiersEnv:
+    return VerifiersEnv(load(ctx.spec.variant, problem.get("verifiers_args") or {}), problem, ctx.renderer)
+
+
+class VerifiersEnvironment:
+    tag = "verifiers"
+    score_label = "mean reward (the environment's rubric)"
+    noun = "problems"
+    takes_verifier = False  # the rubric is the reward
+
+    def problems(self, spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
+        if data is not None:
+            raise ConfigError(f"env={spec} brings its own dataset; leave dataset= out")
+        args = parse_args(getattr(cfg, "verifiers_args", None))
+        env = load(spec.variant, args)
+        if env.dataset is None and env.eval_dataset is None:
+            raise ConfigError(f"env={spec}: the environment has no dataset")
+        train_set = env.dataset if env.dataset is not None else env.eval_dataset
+        train = _rows(train_set, cfg.max_train_rows, args)
+        if env.eval_dataset is not None and env.dataset is not None:
+            held_out, eval_source = _rows(env.eval_dataset, n_eval(cfg), args), "its eval dataset"
+        else:  # only one split: the last rows are held out (at most half), never trained on
+            cut = max(1, min(n_eval(cfg), len(train) // 2))
+            train, held_out = train[:-cut], train[-cut:]
+            eval_source = f"the last {cut} rows of its dataset, held out"
+        info = {
+            "source": f"verifiers environment {spec.variant}" + (f" ({args})" if args else ""),
+            "eval_source": f"{len(held_out)} rows from {eval_source}",
+            "score": "mean rubric reward",
+        }
+        return ProblemSet(train, held_out, info)
+
+    def prompt(self, problem: dict, ctx: EnvContext) -> list[renderers.Message]:
+        return problem["prompt"]
+
+    def max_turns(self, spec: EnvSpec) -> int:
+        turns = [env.max_turns for (variant, _), env in _LOADED.items() if variant == spec.variant]
+        if not turns:
+            return 1
+        return turns[0] if turns[0] > 0 else UNBOUNDED_TURNS_ESTIMATE
+
+    def make_env(self, problem: dict, ctx: EnvContext) -> Env:
+        return _make_env(problem, ctx)
+
+    def group_builder(self, problem: dict, ctx: EnvContext, group_size: int) -> EnvGroupBuilder:
+        return problem_group(_make_env, problem, ctx, group_size, self.tag)
+
+    def row(self, index: int, problem: dict, episode: Episode) -> RLExample:
+        """The rubric's reward as the row's; `correct` when it is positive; the turns in the transcript."""
+        from posttrain.pipeline.results import RLExample
+
+        env = episode.env
+        assert isinstance(env, VerifiersEnv)
+        state = env.state or {}
+        completion = state.get("completion") or []
+        said = [str(m.get("content") or "") for m in completion if m.get("role") == "assistant"]
+        reward = float(state.get("reward") or 0.0)
+        answer = env.vf_env.parser.parse_answer(completion) if completion else None
+        record = RLExample(index, problem["question"], problem["answer"], "\n".join(said), answer, reward > 0)
+        record.reward = reward
+        record.details = {"metrics": state.get("metrics") or {}}
+        turns: list[dict[str, Any]] = []
+        for m in completion:  # each model turn with what the environment answered to it
+            text = str(m.get("content") or "")
+            if m.get("role") == "assistant":
+                turns.append({"turn": len(turns) + 1, "player": text, "env": ""})
+            elif turns:
+                turns[-1]["env"] = f"{turns[-1]['env']}\n{text}".strip()
+        if len(turns) > 1 or any(t["env"] for t in turns):
+            record.transcript = turns
+        if state.get("error") is not None:
+            record.error = f"the rollout stopped: {type(state['error']).__name__}: {state['error']}"
+        return record
+
+    def score(self, rows: Sequence[RLExample]) -> float:
+        return mean_score(rows)
+
+    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,51 @@
+"""`posttrain examples`: every example's command is valid and self-contained, checked with one step each on the
+tiny model (the gallery's real numbers come from `examples all` with the default model; see README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runs import posttrain, read_jsonl
+
+from posttrain.gallery import EXAMPLES
+
+
+def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, engine, tiny_model: str):
+    out = tmp_path / "gallery"
+    overrides = [f"model_name={tiny_model}", "renderer_name=role_colon", f"base_url={engine.url}", "max_steps=1",
+                 "batch_size=2", "max_eval_rows=4", "max_train_rows=24", "lora_rank=4"]  # fmt: skip
+    proc = posttrain(["examples", "all", f"out={out}", *overrides], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    table = json.loads((out / "gallery.json").read_text())
+    assert [r["example"] for r in table["examples"]] == list(EXAMPLES)
+    assert "avx2" in table["machine"]["cpu_flags"] and table["machine"]["cores"] >= 1
+    for row in table["examples"]:
+        assert row["result"] and "error" not in row, row  # each stage finished and was evaluated
+        assert row["command"] == f"uv run posttrain examples {row['example']}"
+        example = EXAMPLES[row["example"]]
+        for stage in example.stages:
+            folder = out / example.name / stage.name
+            summary = json.loads((folder / "summary.json").read_text())
+            assert summary["status"] != "failed" and summary["model"] == tiny_model
+            assert (folder / "report.md").exists() and read_jsonl(folder / "trained_model.jsonl")
+    md = (out / "gallery.md").read_text()
+    assert all(f"| {name} |" in md for name in EXAMPLES) and "cores" in md
+    # Self-contained: the distillation's teacher is the rl stage built in the same command.
+    rl = json.loads((out / "distillation" / "rl" / "summary.json").read_text())
+    distilled = json.loads((out / "distillation" / "off_policy" / "summary.json").read_text())
+    assert distilled["hyperparameters"]["teacher_model"] == rl["checkpoint_path"].rstrip("/")
+    # Chat SFT: generated multi-turn conversations, every assistant turn trained.
+    chats = read_jsonl(out / "chat_sft" / "chats.jsonl")
+    assert all(sum(m["role"] == "assistant" for m in c["messages"]) == 3 for c in chats)
+    chat = json.loads((out / "chat_sft" / "sft" / "summary.json").read_text())
+    assert chat["hyperparameters"]["train_on_what"] == "all_assistant_messages"
+
+
+def test_list_and_unknown_names(tmp_path: Path):
+    proc = posttrain(["examples", "list"], tmp_path)
+    assert proc.returncode == 0 and all(f"{name}:" in proc.stdout for name in EXAMPLES)
+    assert "tinker://<the rl run's checkpoint_path>" in proc.stdout
+    proc = posttrain(["examples", "math_rl", "nope"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: no example named nope; examples: {', '.join(EXAMPLES)}, all"
+    assert not (tmp_path / "gallery").exists()
