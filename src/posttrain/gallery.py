@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -183,14 +184,27 @@ def run_example(example: Example, out: Path, extra: list[str]) -> dict[str, Any]
     for n, stage in enumerate(example.stages, 1):
         print(f"examples: {example.name}: stage {n}/{len(example.stages)}: {stage.name}", flush=True)
         args = _stage_args(example, stage, folder, done, extra)
-        proc = subprocess.run([sys.executable, "-m", "posttrain.cli.main", "train", *args], check=False)
+        code = _train(args)
         summary_file = folder / stage.name / "summary.json"
-        if proc.returncode not in (0, 1) or not summary_file.exists():
-            return _row(example, None, time.monotonic() - started, f"stage {stage.name} failed (exit {proc.returncode})")
+        if code not in (0, 1) or not summary_file.exists():
+            return _row(example, None, time.monotonic() - started, f"stage {stage.name} failed (exit {code})")
         done[stage.name] = json.loads(summary_file.read_text())
         if done[stage.name].get("status") == "failed":
             return _row(example, None, time.monotonic() - started, f"stage {stage.name}: {done[stage.name].get('error')}")
     return _row(example, done[example.stages[-1].name], time.monotonic() - started, None)
+
+
+def _train(args: list[str]) -> int:
+    """One `posttrain train` run; on Ctrl-C (or SIGTERM) it gets exactly one SIGINT and stops as it does alone
+    (partial results, its engine stopped), and then this command stops too."""
+    # Its own session: a terminal's Ctrl-C reaches only this process, which passes it on once.
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli.main", "train", *args], start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
 
 
 def _row(example: Example, summary: dict | None, seconds: float, error: str | None) -> dict[str, Any]:
@@ -233,7 +247,11 @@ def examples_main(argv: list[str]) -> int:
     if unknown:
         print(f"error: no example named {', '.join(unknown)}; examples: {', '.join(EXAMPLES)}, all", file=sys.stderr)
         return 2
-    rows = [run_example(EXAMPLES[n], out, extra) for n in chosen]
+    try:
+        rows = [run_example(EXAMPLES[n], out, extra) for n in chosen]
+    except KeyboardInterrupt:
+        print("interrupted: examples stopped (the interrupted run kept its partial results in its folder)", file=sys.stderr)
+        return 130
     write_table(rows, out)
     for r in rows:
         print(f"{r['example']}: {r['result'] or r.get('error')} ({'meets' if r['met'] else 'misses'} {r['bar']})")

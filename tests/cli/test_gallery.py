@@ -50,3 +50,30 @@ def test_list_and_unknown_names(tmp_path: Path):
     proc = posttrain(["examples", "math_rl", "nope"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: no example named nope; examples: {', '.join(EXAMPLES)}, all"
     assert not (tmp_path / "gallery").exists()
+
+
+def test_ctrl_c_stops_the_running_example_and_the_command(tmp_path: Path, engine, tiny_model: str):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "gallery"
+    args = ["examples", "instruction_sft", f"out={out}", f"model_name={tiny_model}", "renderer_name=role_colon",
+            f"base_url={engine.url}", "max_steps=50", "batch_size=2", "lora_rank=4"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli.main", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    logs = out / "instruction_sft" / "sft" / "logs"
+    deadline = time.monotonic() + 120
+    while not any(logs.glob("*/metrics.jsonl")) and time.monotonic() < deadline:  # training has begun
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "interrupted: partial results were written" in stderr  # the run's own clean stop
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: examples stopped")
+    assert "Traceback" not in stderr
+    found = subprocess.run(["pgrep", "-f", "run_name=instruction_sft-sft"], capture_output=True, text=True)
+    assert found.stdout.strip() == ""  # the train run is gone too

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "examples":
         from posttrain.gallery import examples_main
 
+        _stop_on_signals_like_ctrl_c()
         return examples_main(rest)
     if command == "runs":
         from posttrain.pipeline.results.runs_table import runs_main
