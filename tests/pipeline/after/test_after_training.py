@@ -22,8 +22,10 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> tuple
     data = cwd / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."}) + "\n"
                             for i in range(40)))  # fmt: skip
-    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.05",
-            "batch_size=8", "max_steps=8", "save_every=0", "eval_every=0", "run_name=done", "backend=local",
+    # lr 0.01 over 8 steps of 4: the model moves well beyond the tolerances and the run improves (at 0.05 over 4
+    # steps of 8 the loss diverged once in CI, and a run that does not improve exits 1).
+    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.01",
+            "batch_size=4", "max_steps=8", "save_every=0", "eval_every=0", "run_name=done", "backend=local",
             "lora_rank=8", "dtype=fp32"]  # fmt: skip
     proc = train(args, cwd, extra_env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
