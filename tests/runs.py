@@ -16,6 +16,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The quickest RL run on the tiny model that still trains one step and evaluates a few held-out problems.
+FAST_RL = ["renderer_name=role_colon", "batch_size=2", "group_size=2", "max_steps=1", "max_tokens=8", "max_eval_rows=4",
+           "save_every=0", "eval_every=0", "lora_rank=4", "eval_concurrency=8"]  # fmt: skip
+
 def train(
     args: list[str],
     cwd: Path,

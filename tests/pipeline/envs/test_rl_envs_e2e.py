@@ -10,20 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, rl_results, train, train_here
-
-FAST = [
-    "renderer_name=role_colon",
-    "batch_size=2",
-    "group_size=2",
-    "max_steps=1",
-    "max_tokens=8",
-    "max_eval_rows=4",
-    "save_every=0",
-    "eval_every=0",
-    "lora_rank=4",
-    "eval_concurrency=8",
-]
+from runs import FAST_RL, read_jsonl, rl_results, train, train_here
 
 
 def _run(
@@ -32,7 +19,7 @@ def _run(
     proc = train(
         [
             *args,
-            *(f for f in FAST if f.split("=")[0] not in {a.split("=")[0] for a in args}),
+            *(f for f in FAST_RL if f.split("=")[0] not in {a.split("=")[0] for a in args}),
             f"model_name={tiny_model}",
             f"base_url={engine.url}",
             f"run_name={name}",

@@ -12,20 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from runs import rl_results, train, train_here
-
-FAST = [
-    "renderer_name=role_colon",
-    "batch_size=2",
-    "group_size=2",
-    "max_steps=1",
-    "max_tokens=8",
-    "max_eval_rows=4",
-    "save_every=0",
-    "eval_every=0",
-    "lora_rank=4",
-    "eval_concurrency=8",
-]
+from runs import FAST_RL, rl_results, train, train_here
 
 # Single-turn: "Say WORD" rows; the rubric pays 1 for the exact word and 0.25 for replying at all.
 ECHO_ENV = """
@@ -118,7 +105,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _run(tmp_path: Path, engine, tiny_model: str, args: list[str], name: str, site: Path | None = None):
     keys = {a.split("=")[0] for a in args}
     proc = train(
-        [*args, *(f for f in FAST if f.split("=")[0] not in keys), f"model_name={tiny_model}",
+        [*args, *(f for f in FAST_RL if f.split("=")[0] not in keys), f"model_name={tiny_model}",
          f"base_url={engine.url}", f"run_name={name}"],
         tmp_path, extra_env={"PYTHONPATH": str(site)} if site else None, timeout=400,
     )  # fmt: skip
