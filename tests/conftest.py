@@ -147,3 +147,45 @@ def lineup_engine(lineup_models: dict[str, Path], tmp_path_factory: pytest.TempP
     proc.start()
     yield proc
     proc.stop()
+
+
+# ------------------------------------------------------------------ a vision-language stand-in
+
+
+@pytest.fixture(scope="session")
+def vision_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Lineup name -> a tiny random vision-language model of its architecture (tests/lineup_models.py)."""
+    from lineup_models import VISION_STANDINS, make_vision_model
+
+    root = tmp_path_factory.mktemp("vision-models")
+    return {name: make_vision_model(kind, root / kind) for name, kind in VISION_STANDINS.items()}
+
+
+@pytest.fixture(scope="session")
+def vision_hub_cache(vision_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF hub cache in which the cookbook's get_tokenizer and get_image_processor(lineup name) find them."""
+    from lineup_models import link_tokenizers
+
+    hub = tmp_path_factory.mktemp("vision-hub")
+    link_tokenizers(hub, vision_models)
+    return hub
+
+
+@pytest.fixture(scope="session")
+def vision_engine(
+    vision_models: dict[str, Path], tiny_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator:
+    """The local engine serving the vision stand-ins under their lineup names (fp32), and the tiny text model
+    (to check that a text-only model refuses images)."""
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
+
+    dirs = tmp_path_factory.mktemp("vision-engine")
+    options = ServeOptions(
+        models=[*(f"{name}={path}" for name, path in vision_models.items()), tiny_model],
+        checkpoint_dir=dirs / "checkpoints",
+        dtype="fp32",
+    )
+    proc = EngineProcess(options, log_file=dirs / "engine.log")
+    proc.start()
+    yield proc
+    proc.stop()

@@ -37,6 +37,7 @@ _CONFIG_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "preprocessor_config.json",  # a vision-language model's image processor (the cookbook's get_image_processor)
 )
 
 
@@ -229,5 +230,7 @@ def max_context_length(directory: Path) -> int | None:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    value = config.get("max_position_embeddings")
+    # A vision-language model's config holds its language model's in text_config.
+    text = config.get("text_config") or {}
+    value = config.get("max_position_embeddings", text.get("max_position_embeddings"))
     return int(value) if isinstance(value, int) else None

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from posttrain.engine.errors import WireError
 from posttrain.engine.models import ModelSource, max_context_length
+from posttrain.engine.vision import ImageLayout, Part, VisionInputs, has_images, is_vision_config, text_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,29 @@ class TrainingRun:
         }
 
 
+def _load_frozen(
+    path: str | Path, dtype: torch.dtype, device: torch.device
+) -> tuple[Any, ImageLayout | None]:
+    """The base model, frozen, on `device`; a vision-language model (a vision tower in its config) loads as one,
+    with the layout of its images (its own image processor)."""
+    config = AutoConfig.from_pretrained(path)
+    vision = is_vision_config(config)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, ImageLayout(path, config, model) if vision else None
+
+
+def _lora_targets(model: Any) -> list[str]:
+    """The linear layers LoRA goes on: the language model's only. A vision tower (`visual`) stays frozen, as the
+    image embeddings it computes are what the language model learns to read."""
+    return [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "visual" not in n.split(".")
+    ]
+
+
 class ServedModel:
     """One base model, loaded once, shared by every training run and sampler on it."""
 
@@ -110,75 +134,41 @@ class ServedModel:
         self.dtype = dtype
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(source.path)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(self.device)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model, self.images = _load_frozen(source.path, dtype, self.device)
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_context = max_context_length(source.path) or 4096
         self.eos_token_ids = self._eos_ids()
         self.peft: PeftModel | None = None
         self.slots: dict[str, int] = {}  # sampling slot adapter -> version of the snapshot loaded in it
-        self._linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        self.plain_head = self._head_is_plain()
-        self.packs_sequences = self._keeps_packed_sequences_apart()
+        self._linear_names = _lora_targets(model)
+        self.plain_head = _head_is_plain(self)
+        # Datums holding images run one per forward pass (their M-RoPE positions do not restart), so a
+        # vision-language model never packs.
+        self.packs_sequences = self.images is None and _keeps_packed_sequences_apart(self)
 
-    def _head_is_plain(self) -> bool:
-        """Whether logits = output_embeddings(decoder(x).last_hidden_state), so the head can run in chunks.
-
-        True for most causal LMs; false for those that scale or soft-cap logits after the unembedding (their
-        logits are then computed whole, as the model computes them).
-        """
-        try:
-            decoder = self.model.get_decoder()
-            head = self.model.get_output_embeddings()
-            ids = torch.tensor([[1, 2, 3]], device=self.device)
-            with torch.no_grad(), self.autocast:
-                full = self.model(input_ids=ids, use_cache=False).logits
-                split = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
-            return full.shape == split.shape and bool(torch.allclose(full.float(), split.float(), atol=1e-4))
-        except Exception:  # noqa: BLE001 - any surprise: fall back to the model's own forward
-            logger.info("%s: logits computed whole (the model's head is not a plain unembedding)", self.name)
-            return False
-
-    def _keeps_packed_sequences_apart(self) -> bool:
-        """Whether a sequence packed after another computes as it does alone (attention masked between them).
-
-        transformers derives that mask from positions that restart when no attention mask is given; a model
-        that does not would let a datum attend to the one before it, so its datums are never packed.
-        """
-        first = torch.arange(100, 140, device=self.device) % self.vocab_size
-        second = torch.arange(500, 530, device=self.device) % self.vocab_size
-        ids = torch.cat([first, second]).unsqueeze(0)
-        positions = torch.cat([torch.arange(40), torch.arange(30)]).unsqueeze(0).to(self.device)
-        try:
-            with torch.no_grad(), self.autocast:
-                alone = self.model(input_ids=second.unsqueeze(0), use_cache=False).logits[0].float()
-                packed = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 40:]
-                joined = self.model(input_ids=ids, use_cache=False).logits[0, 40:]
-        except Exception:  # noqa: BLE001 - any surprise: one datum per sequence, as the model computes it
-            logger.info("%s: datums not packed (the model did not take restarting positions)", self.name)
-            return False
-        # Packed vs alone differ by rounding only (bf16 logits: up to ~1% of their scale); a model that ignores
-        # the restart computes the packed sequence exactly as joined to the first.
-        apart = float((packed.float() - alone).abs().max()) < 0.1 * float(
-            (joined.float() - alone).abs().max()
-        )
-        if not apart:
-            logger.info("%s: datums not packed (attention is not masked between packed sequences)", self.name)
-        return apart
-
-    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def hidden_states(
+        self, ids: torch.Tensor, positions: torch.Tensor | None, vision: VisionInputs | None = None
+    ) -> torch.Tensor:
         """What `head` turns into logits: the decoder's last hidden states, or the logits themselves.
 
         `ids` hold packed sequences: where `positions` restart, a new sequence begins, and transformers masks
         attention so that no token sees another sequence's (with no attention mask given, it derives this
-        from the positions). Padding after the last sequence is a sequence of its own.
+        from the positions). Padding after the last sequence is a sequence of its own. With `vision` (one
+        sequence holding images) the positions are its M-RoPE ones and the model embeds the images.
         """
         module = self.peft if self.peft is not None else self.model
+        images: dict[str, torch.Tensor] = {}
+        if vision is not None:
+            positions = vision.position_ids.to(self.device)
+            images = vision.model_kwargs(self.device, self.dtype)
         if not self.plain_head:
-            return module(input_ids=ids, position_ids=positions, use_cache=False).logits
+            return module(input_ids=ids, position_ids=positions, use_cache=False, **images).logits
+        if self.images is not None:
+            # Below the head of a vision-language model: the multimodal model (vision tower + language model).
+            return self.model.model(
+                input_ids=ids, position_ids=positions, use_cache=False, **images
+            ).last_hidden_state
         # The decoder of the (peft-injected) model: LoRA layers live inside it, with the active adapter.
         return self.model.get_decoder()(
             input_ids=ids, position_ids=positions, use_cache=False
@@ -290,6 +280,14 @@ class ServedModel:
         self.activate(slot)
         yield self.peft
 
+    def lay_out(self, parts: list[Part], where: str) -> tuple[list[int], VisionInputs | None]:
+        """A model input's token ids, each image laid out as its image-token positions (see `vision`)."""
+        if not has_images(parts):
+            return text_tokens(parts), None
+        if self.images is None:
+            raise WireError(f"{where}: {self.name} is text-only; image chunks need a vision-language model")
+        return self.images.lay_out(parts)
+
     def check_tokens(self, tokens: list[int] | torch.Tensor, where: str) -> None:
         t = torch.as_tensor(tokens)
         if t.numel() == 0:
@@ -324,3 +322,51 @@ class SnapshotCache:
 
 def model_dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+# Probes of a model's forward pass, run once when it loads.
+
+
+def _head_is_plain(served: ServedModel) -> bool:
+    """Whether logits = output_embeddings(decoder(x).last_hidden_state), so the head can run in chunks.
+
+    True for most causal LMs; false for those that scale or soft-cap logits after the unembedding (their
+    logits are then computed whole, as the model computes them).
+    """
+    try:
+        decoder = served.model.get_decoder()
+        head = served.model.get_output_embeddings()
+        ids = torch.tensor([[1, 2, 3]], device=served.device)
+        with torch.no_grad(), served.autocast:
+            full = served.model(input_ids=ids, use_cache=False).logits
+            split = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+        return full.shape == split.shape and bool(torch.allclose(full.float(), split.float(), atol=1e-4))
+    except Exception:  # noqa: BLE001 - any surprise: fall back to the model's own forward
+        logger.info("%s: logits computed whole (the model's head is not a plain unembedding)", served.name)
+        return False
+
+
+def _keeps_packed_sequences_apart(served: ServedModel) -> bool:
+    """Whether a sequence packed after another computes as it does alone (attention masked between them).
+
+    transformers derives that mask from positions that restart when no attention mask is given; a model
+    that does not would let a datum attend to the one before it, so its datums are never packed.
+    """
+    first = torch.arange(100, 140, device=served.device) % served.vocab_size
+    second = torch.arange(500, 530, device=served.device) % served.vocab_size
+    ids = torch.cat([first, second]).unsqueeze(0)
+    positions = torch.cat([torch.arange(40), torch.arange(30)]).unsqueeze(0).to(served.device)
+    try:
+        with torch.no_grad(), served.autocast:
+            alone = served.model(input_ids=second.unsqueeze(0), use_cache=False).logits[0].float()
+            packed = served.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 40:]
+            joined = served.model(input_ids=ids, use_cache=False).logits[0, 40:]
+    except Exception:  # noqa: BLE001 - any surprise: one datum per sequence, as the model computes it
+        logger.info("%s: datums not packed (the model did not take restarting positions)", served.name)
+        return False
+    # Packed vs alone differ by rounding only (bf16 logits: up to ~1% of their scale); a model that ignores
+    # the restart computes the packed sequence exactly as joined to the first.
+    apart = float((packed.float() - alone).abs().max()) < 0.1 * float((joined.float() - alone).abs().max())
+    if not apart:
+        logger.info("%s: datums not packed (attention is not masked between packed sequences)", served.name)
+    return apart

@@ -13,8 +13,9 @@ from posttrain.engine import stability
 from posttrain.engine.errors import WireError
 from posttrain.engine.head import head_losses
 from posttrain.engine.losses import NEEDS_PROVENANCE, SEQUENCE_STATISTICS, check_inputs, get_loss
-from posttrain.engine.packing import PackedInputs, micro_batches, pack_tokens
+from posttrain.engine.packing import MicroBatch, PackedInputs, micro_batches, pack_tokens
 from posttrain.engine.runtime import ServedModel, TrainingRun
+from posttrain.engine.vision import VisionInputs
 from posttrain.engine.wire import FwdBwdRequest
 
 # Tokens per micro-batch in a 2-byte compute dtype, padding included (half as many in fp32). It bounds the
@@ -37,9 +38,10 @@ def forward_backward(
     tokens = [d.tokens for d in request.data]
     assert base.peft is not None
     budget = TRAIN_TOKEN_BUDGET * 2 // base.dtype.itemsize
-    for batch in micro_batches([len(t) for t in tokens], budget, pack=base.packs_sequences):
+    for batch in _micro_batches(base, request, budget):
         group = [i for pack in batch.packs for i in pack]
-        hidden = _hidden_states(base, pack_tokens(batch, tokens), train=not request.forward_only)
+        vision = request.data[group[0]].vision if base.images is not None else None
+        hidden = _hidden_states(base, pack_tokens(batch, tokens), not request.forward_only, vision)
         lp, per_token = _losses(base, hidden, request, group)
         start = 0
         for i in group:
@@ -58,6 +60,8 @@ def _check(request: FwdBwdRequest, base: ServedModel, records: stability.Stabili
     if not request.data:
         raise WireError("forward_backward: no data")
     for i, datum in enumerate(request.data):
+        if datum.parts is not None:  # images: their token positions are known once the model lays them out
+            datum.tokens, datum.vision = base.lay_out(datum.parts, f"datum {i} model_input")
         base.check_tokens(datum.tokens, f"datum {i} model_input")
         check_inputs(request.loss_fn, i, len(datum.tokens), datum.inputs)
         base.check_tokens(datum.inputs["target_tokens"], f"datum {i} target_tokens")
@@ -68,11 +72,24 @@ def _check(request: FwdBwdRequest, base: ServedModel, records: stability.Stabili
         _add_provenance_inputs(request, i, records)
 
 
-def _hidden_states(base: ServedModel, packed: PackedInputs, train: bool) -> torch.Tensor:
-    """The final hidden states of the datums' positions only, datum after datum: [N, hidden]."""
+def _micro_batches(base: ServedModel, request: FwdBwdRequest, budget: int) -> list[MicroBatch]:
+    """Packed micro-batches; for a vision-language model one datum each, unpadded (see `_hidden_states`)."""
+    tokens = [d.tokens for d in request.data]
+    if base.images is not None:
+        return [MicroBatch([[i]], len(t)) for i, t in enumerate(tokens)]
+    return micro_batches([len(t) for t in tokens], budget, pack=base.packs_sequences)
+
+
+def _hidden_states(
+    base: ServedModel, packed: PackedInputs, train: bool, vision: VisionInputs | None = None
+) -> torch.Tensor:
+    """The final hidden states of the datums' positions only, datum after datum: [N, hidden].
+
+    `vision`: the images of the micro-batch's one datum (a vision-language model runs one datum per forward
+    pass: the image embeddings and M-RoPE positions are per sequence, and one sequence needs no padding)."""
     with torch.set_grad_enabled(train), base.autocast:
         positions = packed.positions.to(base.device) if base.packs_sequences else None
-        hidden = base.hidden_states(packed.ids.to(base.device), positions)
+        hidden = base.hidden_states(packed.ids.to(base.device), positions, vision)
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.index.to(base.device))
 
 

@@ -5,6 +5,8 @@ Every request body is read here: routes get typed requests, and the engine never
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from tinker.proto import tinker_public_pb2 as pb
 
 from posttrain.engine.errors import WireError
 from posttrain.engine.sampling import GenerationRequest, SamplingSpec
+from posttrain.engine.vision import ImageInput, Part, VisionInputs, has_images, image_input, input_length
 
 MAX_SAMPLE_TOKENS = 4096
 
@@ -28,6 +31,8 @@ class ServingModel(Protocol):
     max_context: int
 
     def check_tokens(self, tokens: list[int], where: str) -> None: ...
+
+    def lay_out(self, parts: list[Part], where: str) -> tuple[list[int], VisionInputs | None]: ...
 
 
 _NUMPY_OF = {
@@ -54,10 +59,12 @@ class ProvenanceSpan:
 
 @dataclass
 class FwdBwdDatum:
-    tokens: list[int]
+    tokens: list[int]  # with images: empty until the serving model lays the input out (`parts`)
     inputs: dict[str, torch.Tensor]  # dense tensors with their declared shapes
     # Where each target token came from (Datum.loss_fn_input_spans), tiling target_tokens; None: not given.
     target_spans: list[ProvenanceSpan] | None = None
+    parts: list[Part] | None = None  # the model input as token runs and images, when it holds images
+    vision: VisionInputs | None = None  # set with `tokens` when the parts are laid out
 
 
 @dataclass
@@ -138,20 +145,33 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> FwdBwd
         forward_only=bool(msg.forward_only),
     )
     for i, datum in enumerate(msg.data):
-        tokens: list[int] = []
-        for chunk in datum.model_input:
-            kind = chunk.WhichOneof("chunk")
-            if kind != "encoded_text":
-                raise WireError(f"datum {i}: {kind} chunks are not supported by the local engine (text only)")
-            tokens.extend(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist())
+        where = f"datum {i} model_input chunk"
+        parts = [_proto_part(chunk, f"{where} {k}") for k, chunk in enumerate(datum.model_input)]
         inputs = {name: _tensor_from_proto(name, t) for name, t in datum.loss_fn_inputs.items()}
         spans = _spans(datum.loss_fn_input_spans, i, "loss_fn_input_spans")
-        _check_tiling(_spans(datum.model_input_spans, i, "model_input_spans"), len(tokens), i, "model_input")
+        length = input_length(parts)
+        if length is not None:  # an image without expected_tokens: its length is known once laid out
+            _check_tiling(_spans(datum.model_input_spans, i, "model_input_spans"), length, i, "model_input")
         target = inputs.get("target_tokens")
         if target is not None and target.dim() == 1:
             _check_tiling(spans, target.shape[0], i, "target_tokens")
-        request.data.append(FwdBwdDatum(tokens=tokens, inputs=inputs, target_spans=spans))
+        if has_images(parts):
+            request.data.append(FwdBwdDatum(tokens=[], inputs=inputs, target_spans=spans, parts=parts))
+        else:
+            tokens = [t for p in parts if not isinstance(p, ImageInput) for t in p]
+            request.data.append(FwdBwdDatum(tokens=tokens, inputs=inputs, target_spans=spans))
     return request
+
+
+def _proto_part(chunk: pb.Chunk, where: str) -> Part:
+    kind = chunk.WhichOneof("chunk")
+    if kind == "encoded_text":
+        return np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist()
+    if kind == "image":
+        image = chunk.image
+        expected = int(image.expected_tokens) if image.HasField("expected_tokens") else None
+        return image_input(image.data, image.format, expected, where)
+    raise WireError(f"{where}: {kind} chunks are not supported by the local engine (text and image only)")
 
 
 def _spans(messages: Any, index: int, field_name: str) -> list[ProvenanceSpan] | None:
@@ -218,15 +238,39 @@ def encode_sample_response(
     return msg.SerializeToString()
 
 
-def tokens_from_model_input(model_input: dict) -> list[int]:
-    """Flatten the JSON `ModelInput` of a sampling request; only text chunks are supported."""
-    tokens: list[int] = []
-    for chunk in model_input.get("chunks", []):
+def parts_from_model_input(model_input: dict, where: str = "prompt") -> list[Part]:
+    """The JSON `ModelInput` of a sampling request as token runs and images (text and image chunks)."""
+    parts: list[Part] = []
+    for k, chunk in enumerate(model_input.get("chunks", [])):
         kind = chunk.get("type", "encoded_text")
-        if kind != "encoded_text":
-            raise WireError(f"prompt: {kind} chunks are not supported by the local engine (text only)")
-        tokens.extend(int(t) for t in chunk.get("tokens", []))
-    return tokens
+        if kind == "encoded_text":
+            parts.append([int(t) for t in chunk.get("tokens", [])])
+        elif kind == "image":
+            parts.append(_json_image(chunk, f"{where} chunk {k}"))
+        else:
+            raise WireError(
+                f"{where} chunk {k}: {kind} chunks are not supported by the local engine (text and image only)"
+            )
+    return parts
+
+
+def _json_image(chunk: dict, where: str) -> ImageInput:
+    try:
+        data = base64.b64decode(str(chunk.get("data", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError(f"{where}: image data is not base64") from None
+    expected = chunk.get("expected_tokens")
+    if expected is not None and not isinstance(expected, int):
+        raise WireError(f"{where}: expected_tokens must be an integer, got {expected!r}")
+    return image_input(data, str(chunk.get("format")), expected, where)
+
+
+def tokens_from_model_input(model_input: dict) -> list[int]:
+    """Flatten the JSON `ModelInput` of a text-only sampling request (image chunks refused)."""
+    parts = parts_from_model_input(model_input)
+    if has_images(parts):
+        raise WireError("prompt: image chunks are not supported in a text-only prompt")
+    return [t for p in parts if not isinstance(p, ImageInput) for t in p]
 
 
 # JSON requests ---------------------------------------------------------------------------------------------
@@ -394,7 +438,7 @@ class SampleRequest:
         Checked here, per request: an invalid request reaching the sampler would fail its whole batch.
         """
         data = self.body
-        prompt = tokens_from_model_input(data.get("prompt") or {})
+        prompt, vision = model.lay_out(parts_from_model_input(data.get("prompt") or {}), "prompt")
         model.check_tokens(prompt, "prompt")
         params = data.get("sampling_params") or {}
         stop = params.get("stop")
@@ -444,4 +488,5 @@ class SampleRequest:
             spec=spec,
             prompt_logprobs=bool(data.get("prompt_logprobs", False)),
             record_stability=bool(data.get("record_stability_info", False)),
+            vision=vision,
         )

@@ -34,6 +34,9 @@ class Batch:
         self.layers: list[RaggedLayer] = []
         self.logits: torch.Tensor | None = None  # [len(active), V] float32
         self.columns = torch.arange(0, device=runner.device)
+        # Per physical row (like state.lengths): M-RoPE position minus cache length, nonzero after images.
+        self.rope_deltas = torch.zeros(0, dtype=torch.long, device=runner.device)
+        self.shifted = False  # whether any row's delta is nonzero (positions then take the [4, B, 1] form)
 
     @property
     def longest_row(self) -> int:
@@ -56,6 +59,10 @@ class Batch:
             [local[row.prompt_slot] for row in physical], dtype=torch.long, device=device
         )
         lengths = torch.tensor([row.prompt_len for row in physical], dtype=torch.long, device=device)
+        deltas = torch.tensor(
+            [prefills[row.prompt_slot].rope_delta for row in physical], dtype=torch.long, device=device
+        )
+        self.shifted = self.shifted or any(prefills[row.prompt_slot].rope_delta for row in rows)
         reserve = min(max(row.max_new for row in rows), CACHE_GROWTH_TOKENS)
         max_width = round_up(max(row.prompt_len + row.max_new for row in rows), KEY_ALIGN)
         cache, state = ragged_cache(
@@ -64,17 +71,19 @@ class Batch:
         layers = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
         if not self.active:
             self.cache, self.state, self.layers = cache, state, layers
-            self.active, self.logits = list(rows), logits
+            self.active, self.logits, self.rope_deltas = list(rows), logits, deltas
             return
         assert self.state is not None and self.logits is not None
         if self.state.lengths.shape[0] > len(self.active):  # drop the companion row
             keep = torch.arange(len(self.active), device=device)
             self.state.lengths = self.state.lengths.index_select(0, keep)
+            self.rope_deltas = self.rope_deltas.index_select(0, keep)
             for layer in self.layers:
                 layer.keep_rows(keep)
         for layer, extra in zip(self.layers, layers, strict=True):
             layer.append_rows(extra)
         self.state.lengths = torch.cat([self.state.lengths, state.lengths])
+        self.rope_deltas = torch.cat([self.rope_deltas, deltas])
         self.state.rows = torch.arange(len(self.state.lengths), device=device)
         self.state.max_width = max(self.state.max_width, state.max_width)
         self.active = self.active + list(rows)
@@ -97,6 +106,7 @@ class Batch:
         if len(keep) < len(active) or state.lengths.shape[0] != len(with_companion(active)):
             index = torch.tensor(with_companion(keep), dtype=torch.long, device=device)
             state.lengths = state.lengths.index_select(0, index)
+            self.rope_deltas = self.rope_deltas.index_select(0, index)
             state.rows = torch.arange(len(index), device=device)
             for layer in self.layers:
                 layer.keep_rows(index)
@@ -110,13 +120,23 @@ class Batch:
         mask = (self.columns.unsqueeze(0) <= state.lengths.unsqueeze(1)).long()
         out = self.runner.forward(
             next_ids.unsqueeze(1),
-            position_ids=state.lengths.unsqueeze(1),
+            position_ids=self._positions(),
             cache=self.cache,
             attention_mask=mask,
         )[:, -1]
         state.lengths = state.lengths + 1
         self.logits = out[: len(active)]
         return finished
+
+    def _positions(self) -> torch.Tensor:
+        """Each row's position for its next token: its cache length, [B, 1]. After images (M-RoPE, a nonzero
+        delta) [4, B, 1]: the length (the attention mask's position), then length + delta on the 3 axes."""
+        assert self.state is not None
+        lengths = self.state.lengths.unsqueeze(1)
+        if not self.shifted:
+            return lengths
+        shifted = lengths + self.rope_deltas.unsqueeze(1)
+        return torch.stack([lengths, shifted, shifted, shifted])
 
 
 def in_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

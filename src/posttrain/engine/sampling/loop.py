@@ -131,22 +131,25 @@ class DecodeLoop:
         if not admitted:
             return
         # Prefill each unique prompt once (full logits only where prompt logprobs were asked for).
-        prompt_slot: dict[tuple[int, ...], int] = {}
+        prompt_slot: dict[tuple, int] = {}
+        prompts: list[GenerationRequest] = []
         want_logprobs: list[bool] = []
         for _, unit in admitted:
-            prompt = tuple(unit.plan.request.prompt_tokens)
+            prompt = unit.plan.request.prompt_key
             if prompt not in prompt_slot:
                 prompt_slot[prompt] = len(want_logprobs)
+                prompts.append(unit.plan.request)
                 want_logprobs.append(False)
             if unit.want_prompt_logprobs:
                 want_logprobs[prompt_slot[prompt]] = True
         prefills = [
-            prefill(self.runner, list(p), want) for p, want in zip(prompt_slot, want_logprobs, strict=True)
+            prefill(self.runner, r.prompt_tokens, want, r.vision)
+            for r, want in zip(prompts, want_logprobs, strict=True)
         ]
         new_rows: list[Row] = []
         for key, unit in admitted:
             pending = self._pending[key]
-            slot = prompt_slot[tuple(unit.plan.request.prompt_tokens)]
+            slot = prompt_slot[unit.plan.request.prompt_key]
             if unit.want_prompt_logprobs:
                 pending.result.prompt_logprobs = list(prefills[slot].prompt_logprobs or [])
             pending.units_left -= 1

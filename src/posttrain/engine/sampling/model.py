@@ -12,6 +12,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from posttrain.engine.vision import VisionInputs
+
 # Prompts are prefilled in chunks of this many tokens (bounds the [chunk, vocab] logits of prompt logprobs).
 PREFILL_CHUNK_TOKENS = 512
 
@@ -78,9 +80,13 @@ class ModelRunner:
         cache: DynamicCache,
         attention_mask: torch.Tensor | None = None,
         all_logits: bool = False,
+        images: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run the model on `input_ids` [B, T]; return float32 logits [B, T or 1, V]."""
-        kwargs: dict[str, object] = {}
+        """Run the model on `input_ids` [B, T]; return float32 logits [B, T or 1, V].
+
+        `position_ids` is [B, T], or [4, B, T] for a multimodal-RoPE model (text positions, then its 3 axes);
+        `images` the pixel_values and image_grid_thw of a vision-language model's prompt."""
+        kwargs: dict[str, object] = dict(images or {})
         if self.has_logits_to_keep:
             # Two rows rather than one: the lm_head matmul then rounds the last row exactly as it does
             # within the full logits (a one-row matmul takes another kernel path).
@@ -105,19 +111,35 @@ class Prefill:
     values: list[torch.Tensor]
     next_logits: torch.Tensor  # [V] float32: the distribution of the first generated token
     prompt_logprobs: list[float] | None
+    rope_delta: int = 0  # with images (M-RoPE): decoding continues at position length + rope_delta
 
 
-def prefill(runner: ModelRunner, prompt: list[int], want_prompt_logprobs: bool) -> Prefill:
-    """Run one prompt through the model in chunks; return its cache and the next-token logits."""
+def prefill(
+    runner: ModelRunner, prompt: list[int], want_prompt_logprobs: bool, vision: VisionInputs | None = None
+) -> Prefill:
+    """Run one prompt through the model in chunks; return its cache and the next-token logits.
+
+    A prompt with images runs in one chunk: the model scatters each image's embeddings into its image-token
+    positions, which must all be in the same forward pass as its pixel_values."""
     ids = torch.tensor([prompt], dtype=torch.long, device=runner.device)
     cache = DynamicCache()
     prompt_lps: list[float] = [math.nan]
     logits = torch.empty(0)
-    for start in range(0, len(prompt), PREFILL_CHUNK_TOKENS):
-        stop = min(start + PREFILL_CHUNK_TOKENS, len(prompt))
-        positions = torch.arange(start, stop, device=runner.device).unsqueeze(0)
+    chunk = PREFILL_CHUNK_TOKENS if vision is None else len(prompt)
+    for start in range(0, len(prompt), chunk):
+        stop = min(start + chunk, len(prompt))
+        if vision is None:
+            positions = torch.arange(start, stop, device=runner.device).unsqueeze(0)
+            images = None
+        else:
+            positions = vision.position_ids.to(runner.device)
+            images = vision.model_kwargs(runner.device, runner.compute_dtype)
         logits = runner.forward(
-            ids[:, start:stop], position_ids=positions, cache=cache, all_logits=want_prompt_logprobs
+            ids[:, start:stop],
+            position_ids=positions,
+            cache=cache,
+            all_logits=want_prompt_logprobs,
+            images=images,
         )[0]
         if want_prompt_logprobs:
             # logits[t] predicts prompt[start + t + 1]
@@ -132,4 +154,5 @@ def prefill(runner: ModelRunner, prompt: list[int], want_prompt_logprobs: bool) 
         values=[layer.values for layer in layers],
         next_logits=logits[-1],
         prompt_logprobs=prompt_lps if want_prompt_logprobs else None,
+        rope_delta=vision.rope_delta if vision is not None else 0,
     )

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.engine.vision import VisionInputs
+
 StopReason = Literal["stop", "length"]
 
 # Budget of one sub-batch: rows * (longest prompt + longest allowed completion), i.e. the worst-case number
@@ -34,6 +36,12 @@ class GenerationRequest:
     spec: SamplingSpec
     prompt_logprobs: bool = False  # logprob of each prompt token given its prefix; index 0 is NaN
     record_stability: bool = False  # keep the samples for stable_reinforce (engine/stability.py)
+    vision: VisionInputs | None = None  # the prompt's images (their positions are image tokens in the prompt)
+
+    @property
+    def prompt_key(self) -> tuple[tuple[int, ...], str | None]:
+        """Equal for requests whose prompts prefill identically (same tokens, same images)."""
+        return tuple(self.prompt_tokens), self.vision.key if self.vision is not None else None
 
 
 @dataclass
