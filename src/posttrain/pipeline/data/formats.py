@@ -6,7 +6,7 @@ layouts become `{"question", "answer", "final_answer"}`; preference pairs become
 `{"prompt": [messages], "chosen", "rejected"}`, plus `"answer"` (the final answer) when the row carries a ground
 truth (`answer` or `ground_truth`, e.g. pairs made from a verifiable task); rubric rows become
 `{"messages": [...ending with a user turn], "rubric": [{"criterion", "weight"}, ...]}`; twenty questions' rows
-become `{"secret"}`. Every error names `where`
+become `{"secret"}`; image classification rows `{"image", "label"}` (`images.py`). Every error names `where`
 (file + line, or dataset + row)
 and the offending field, so a user can fix the row without reading a traceback.
 
@@ -34,6 +34,7 @@ FormatName = Literal[
     "code",
     "rubric",
     "secret",
+    "image",
 ]
 
 CHAT_FORMATS: frozenset[str] = frozenset({"messages", "prompt_completion", "instruction", "sharegpt"})
@@ -380,6 +381,12 @@ def _secret(row: dict, where: str) -> dict:
     return {"secret": secret}
 
 
+def _image(row: dict, where: str) -> dict:
+    from posttrain.pipeline.data.images import image_row
+
+    return image_row(row, where)  # checks that a local image exists and decodes
+
+
 def _qa_fields(row: dict) -> tuple[str, ...]:
     pair = _qa_pair(row)
     return pair if pair is not None else QA_FIELD_PAIRS[0]
@@ -424,6 +431,9 @@ FORMATS: tuple[Format, ...] = (
     ),
     # Twenty questions' secrets (env=game:twenty_questions): one per row.
     Format("secret", "secret (one secret word per row)", lambda r: _has(r, "secret"), _fields("secret"), _secret),
+    # Image classification (the cookbook's vlm_classifier recipe): an image path or URL and its class.
+    # Only "image" commits later rows: a missing label is reported by the row's own check, naming the field.
+    Format("image", "image (a path or URL)+label", lambda r: _has(r, "image"), _fields("image"), _image),
 )  # fmt: skip
 _BY_NAME = {f.name: f for f in FORMATS}
 assert set(_BY_NAME) == set(get_args(FormatName)), "every FormatName has one entry in FORMATS"

@@ -24,6 +24,7 @@ from posttrain.pipeline.data.formats import (
     normalize_row,
     required_fields,
 )
+from posttrain.pipeline.data.images import rows_relative_to
 from posttrain.pipeline.data.readers import SUPPORTED_SUFFIXES, read_rows
 from posttrain.util import short_error
 
@@ -144,7 +145,8 @@ def _looks_local(dataset: str) -> bool:
 
 
 def _load_local(path: str, limit: int, role: str) -> _Part:
-    collected = _collect(read_rows(path), limit, path, probe_more=True)
+    # Image rows name their images relative to the data file (images.py); other rows are left as they are.
+    collected = _collect(rows_relative_to(read_rows(path), path), limit, path, probe_more=True)
     notes = [f'{path}: format "{collected.format}", {len(collected.rows):,} {role} rows read']
     if collected.more_available:
         notes.append(
