@@ -18,6 +18,9 @@ EngineDtype = Literal["auto", "bf16", "fp32"]
 # The user guide's hard dataset limits.
 MAX_TRAIN_ROWS_LIMIT = 20_000
 MAX_EVAL_ROWS_LIMIT = 2_000
+# num_epochs and batch_size when not given and the data does not call for others (`pipeline.methods.length`).
+DEFAULT_EPOCHS = 1
+DEFAULT_BATCH_SIZE = 32
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -49,9 +52,20 @@ class RunSettings:
 
     # The optimisation every cookbook loop shares
     learning_rate: float | None = chz.field(default=None, doc="peak learning rate (None: recommended for the model)")
-    num_epochs: int = chz.field(default=1, doc="passes over the training data")
+    # None (not given): chosen from the data size and the method (`pipeline.methods.length`), which records why;
+    # the munger makes the value read everywhere else the number used, and X_num_epochs says whether it was given.
+    num_epochs: int = chz.field(
+        default=None,
+        munger=lambda _, value: DEFAULT_EPOCHS if value is None else value,
+        doc="passes over the training data (not given: enough for the method's minimum steps on small data, at most 4)",
+    )
     max_steps: int | None = chz.field(default=None, doc="cap on training steps (None: num_epochs over the data)")
-    batch_size: int = chz.field(default=32, doc="examples (SFT) or problems (RL) per step")
+    batch_size: int = chz.field(
+        default=None,
+        munger=lambda _, value: DEFAULT_BATCH_SIZE if value is None else value,
+        doc=f"examples (SFT) or problems (RL) per step (not given: {DEFAULT_BATCH_SIZE}, or at most 1/8 of a small "
+        "dataset's training rows)",
+    )
     lora_rank: int = chz.field(default=32, doc="LoRA rank")
     seed: int = chz.field(
         default=0,

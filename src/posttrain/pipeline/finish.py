@@ -21,6 +21,11 @@ def settings_record(state: RunState) -> dict[str, Any]:
         **config_to_dict(state.cfg),
         "learning_rate": state.learning_rate,
         "learning_rate_source": state.lr_source,
+        **(
+            {"num_epochs_source": state.length.num_epochs_source, "batch_size_source": state.length.batch_size_source}
+            if state.length
+            else {}
+        ),
         "wandb_project": tracking.resolve_project(state.cfg.wandb_project),
     }
 

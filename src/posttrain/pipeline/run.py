@@ -18,7 +18,7 @@ from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import finish, results, session
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import DataRequest, LoadedData, load_data
-from posttrain.pipeline.methods import Method, method_class
+from posttrain.pipeline.methods import Method, length, method_class
 from posttrain.pipeline.methods.choice import choose_task
 from posttrain.pipeline.methods.distillation.settings import data_sources
 from posttrain.pipeline.settings import method_config
@@ -47,6 +47,10 @@ def run(train_config: Any) -> dict[str, Any]:
     task, why = choose_task(train_config, data)
     if train_config.task == "auto":
         say(f"task: {task} ({why})")
+    # num_epochs and batch_size not given: chosen for the data size and the method (recorded in summary.json).
+    train_config, run_length = length.resolve(train_config, task, data)
+    if note := run_length.note():
+        say(note)
     cfg = method_config(train_config, task)
     method = method_class(task)(cfg, data)
     if url := backend.remote_url(cfg, where):
@@ -54,9 +58,9 @@ def run(train_config: Any) -> dict[str, Any]:
     elif where == "local":
         backend.check_local_model(cfg)
     if cfg.dry_run:
-        return _dry_run(cfg, where, task, method)
+        return _dry_run(cfg, where, task, method, run_length)
 
-    state = RunState(cfg, make_run_name(cfg, task), where, task, res)
+    state = RunState(cfg, make_run_name(cfg, task), where, task, res, length=run_length)
     if cfg.resume:
         resume.check_resumable(res, state.run_name)
     with res.single_writer(state.run_name) as died:
@@ -109,11 +113,13 @@ def _check_service(cfg: Any, where: preflight.Backend, url: str, models: list[st
     backend.check_served_models(cfg.base_url, models, where)
 
 
-def _dry_run(cfg: Any, where: preflight.Backend, task: str, method: Method) -> dict[str, Any]:
+def _dry_run(
+    cfg: Any, where: preflight.Backend, task: str, method: Method, run_length: length.Length
+) -> dict[str, Any]:
     """Everything up to training, then the plan: sizes, tokens, and the cost (Tinker) or time (local)."""
     # Logs of a dry run go beside, not into, results/: nothing there is moved or written.
     store = results.ResultsDir(tempfile.mkdtemp(prefix="posttrain-plan-"))
-    state = RunState(cfg, make_run_name(cfg, task), where, task, store)
+    state = RunState(cfg, make_run_name(cfg, task), where, task, store, length=run_length)
     state.log_path.mkdir(parents=True)
     say(f"plan: {task} on backend {where} (nothing is trained; logs in {state.log_path})")
     with CONSOLE.capture(state.log_path / "console.log"):

@@ -18,6 +18,7 @@ from posttrain.pipeline import results, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.methods import Method, RunContext, TrainingStage, training_stages
 from posttrain.pipeline.methods.choice import default_learning_rate
+from posttrain.pipeline.methods.length import too_short
 from posttrain.pipeline.setup import backend, plan, preflight, resume, template_check
 from posttrain.pipeline.state import RunState
 
@@ -34,7 +35,11 @@ async def plan_run(state: RunState, method: Method) -> dict[str, Any]:
         template_check.check_run(ctx, method)
         method.prepare(ctx)
         budget = method.token_budget()
-        return {"tokens": budget.as_dict(), "tinker_cost": plan.tinker_price(cfg.model_name, budget)}
+        return {
+            "tokens": budget.as_dict(),
+            "tinker_cost": plan.tinker_price(cfg.model_name, budget),
+            **_short_warning(state, budget),
+        }
     started = time.monotonic()
     async with prepared(state, method) as ctx:
         budget = method.token_budget()
@@ -47,7 +52,14 @@ async def plan_run(state: RunState, method: Method) -> dict[str, Any]:
         "rates": rates,
         "seconds": round(seconds + startup),
         "startup": startup,
+        **_short_warning(state, budget),
     }
+
+
+def _short_warning(state: RunState, budget: plan.TokenBudget) -> dict[str, str]:
+    """The plan's `warning` when the run's optimizer steps are fewer than its method needs to move its metric."""
+    warning = too_short(state.method, budget.train_steps, state.length)
+    return {"warning": warning} if warning else {}
 
 
 @asynccontextmanager
@@ -74,6 +86,8 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
     async with prepared(state, method) as ctx:
         service = ctx.service
         state.budget = method.token_budget()
+        if warning := too_short(state.method, state.budget.train_steps, state.length):
+            say(warning)  # before anything is trained or evaluated
 
         # Evaluate the base model and the trained model the same way.
         base_rows, state.baseline = (

@@ -11,6 +11,7 @@ from typing import Any
 
 from posttrain.pipeline import results
 from posttrain.pipeline.methods import TrainingStage
+from posttrain.pipeline.methods.length import Length
 from posttrain.pipeline.setup import plan
 
 
@@ -34,6 +35,7 @@ class RunState:
     lr_source: str = ""
     budget: plan.TokenBudget | None = None
     stages: list[TrainingStage] = field(default_factory=list)
+    length: Length | None = None  # how num_epochs and batch_size were chosen
 
     @property
     def log_path(self) -> Path:

@@ -51,8 +51,9 @@ def test_dry_run_plans_without_training_or_touching_results(tmp_path: Path, tiny
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = [line for line in proc.stdout.splitlines() if line.startswith("plan: ")]
-    # 36 training rows, batch 4 -> 9 steps; every training token counted from the rendered data.
-    assert any(line.startswith("plan: 9 steps of 4 sequences") for line in plan), plan
+    # 36 training rows, batch 4 -> 9 steps a pass, 2 passes for SFT's minimum of 10 (num_epochs not given);
+    # every training token counted from the rendered data.
+    assert any(line.startswith("plan: 18 steps of 4 sequences") for line in plan), plan
     assert any("estimated time on this machine" in line and "tokens/s" in line for line in plan), plan
     assert not (tmp_path / "results").exists()
 

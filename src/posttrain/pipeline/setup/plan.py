@@ -180,6 +180,8 @@ def plan_lines(outcome: dict[str, Any]) -> list[str]:
         f"tokens: train {tokens['train']:,}, prefill {tokens['prefill']:,}, sample {tokens['sample']:,}",
         *tokens["notes"],
     ]
+    if "warning" in outcome:  # too few steps to move the method's metric (`methods.length.too_short`)
+        lines.append(outcome["warning"])
     if "tinker_cost" in outcome:
         cost = outcome["tinker_cost"]
         price = f"${cost['usd']:.4f}" if cost["usd"] is not None else f"unknown ({cost['note']})"
