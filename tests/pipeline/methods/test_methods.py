@@ -115,12 +115,16 @@ def test_default_learning_rate_sources():
     lr_rl, source_rl = default_learning_rate("meta-llama/Llama-3.1-8B", "rl")
     assert lr_rl == pytest.approx(lr / 2) and source_rl.endswith("/ 2 for RL")
     assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "sft")[0] == 5e-4
+    assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 3e-4  # the gallery's DPO rate
 
 
 @pytest.mark.parametrize(
     "completion, expected",
     [
         ("so the total is 12.\n#### 12", "12"),
+        ("#### 5 + 10 = 15", "15"),  # the working after '####': its result is the answer
+        ("#### 8 - 2 = 4\nmore", "4"),
+        ("#### x = 5", "x = 5"),  # not arithmetic on the left: left to the grader as written
         ("We get \\boxed{\\frac{1}{2}} in the end", "\\frac{1}{2}"),
         ("The answer is 7.", "7"),
         ("first 3 then 41", "41"),

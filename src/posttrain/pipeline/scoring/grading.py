@@ -26,6 +26,10 @@ GRADE_TIMEOUT_SECONDS = 5.0
 ANSWER_INSTRUCTION = "Give only the final answer after ####."
 
 
+# An arithmetic expression, "=", a result: numbers, operators and brackets only left of the last "=".
+_WORKED_RESULT = re.compile(r"^[\d\s.,+\-*/×÷^()]+=\s*([^=]+)$")
+
+
 def _gsm8k(text: str) -> str | None:
     from tinker_cookbook.recipes.math_rl.math_env import extract_gsm8k_final_answer
 
@@ -57,7 +61,10 @@ def extract_answer(completion: str) -> str:
     last number, else the last line."""
     if "####" in completion:
         tail = completion.rsplit("####", 1)[1].strip()
-        return tail.splitlines()[0].strip() if tail else ""
+        line = tail.splitlines()[0].strip() if tail else ""
+        # "#### 5 + 10 = 15" answers 15: the format was followed, the working shown; only the result is graded.
+        worked = _WORKED_RESULT.match(line)
+        return worked.group(1).strip() if worked else line
     boxed = _boxed(completion) if "\\boxed" in completion else None
     if boxed:
         return boxed
