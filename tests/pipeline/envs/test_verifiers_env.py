@@ -165,3 +165,28 @@ def test_a_missing_or_broken_environment_is_one_line_before_anything_starts(tmp_
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "results").exists()
+
+
+def test_the_shipped_example_environment_loads_by_path_and_scores_reversals():
+    """`env=verifiers:src/posttrain/data/reverse_word_env.py`, the README's measured example: loaded as any module
+    path is, held-out words unseen in training, and its reward paying for closeness to the reversed word."""
+    from posttrain.pipeline.envs.verifiers_env import load
+
+    path = Path(__file__).resolve().parents[3] / "src" / "posttrain" / "data" / "reverse_word_env.py"
+    env = load(str(path), {"num_train": 64, "num_eval": 8})
+    assert (len(env.dataset), len(env.eval_dataset)) == (64, 8)
+    assert not {r["answer"] for r in env.dataset} & {r["answer"] for r in env.eval_dataset}
+    row = env.eval_dataset[0]
+    word = row["answer"][::-1]
+    assert row["prompt"][-1]["content"] == f"Word: {word}"
+
+    module = sys.modules["reverse_word_env"]  # what load_environment came from
+
+    def score(reply: str) -> tuple[float, float]:
+        completion = [{"role": "assistant", "content": reply}]
+        return module.reversed_answer(completion, row["answer"]), module.exact(completion, row["answer"])
+
+    assert score(f"<reversed>{row['answer']}</reversed>") == (1.0, 1.0)
+    assert score(f"{row['answer'].upper()}.") == (1.0, 1.0)  # letters only, any case, tags optional
+    assert 0.0 < score(word)[0] < 1.0 and score(word)[1] == 0.0
+    assert score("I would be glad to help with that.")[0] < 0.3

@@ -37,20 +37,31 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
+def key_values(text: str, setting: str) -> dict[str, Any]:
+    """`key=value,...` with values JSON where they parse, else text; `setting` (e.g. `env=...`) names it in the
+    one-line ConfigError. The grammar of env= options and of verifiers_args=."""
+    found: dict[str, Any] = {}
+    for item in filter(None, (o.strip() for o in text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{setting}: expected key=value,..., got {item!r}")
+        try:
+            found[key] = json.loads(value)
+        except ValueError:
+            found[key] = value
+    return found
+
+
 def parse_env(text: str) -> EnvSpec:
     """`env=` as given by the user; a ConfigError (one line) names what does not parse."""
     name, colon, rest = text.strip().partition(":")
     variant, _, options_text = rest.partition(":")
     if not name.strip() or (colon and not variant.strip()):
-        raise ConfigError(f"env={text!r} is not valid; expected NAME, NAME:VARIANT or NAME:VARIANT:key=value,...")
-    options: dict[str, Any] = {}
-    for item in filter(None, (o.strip() for o in options_text.split(","))):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or not key:
-            raise ConfigError(f"env={text}: options must be key=value, got {item!r}")
-        try:
-            parsed: Any = json.loads(value)
-        except ValueError:
-            parsed = value
-        options[key] = tuple(parsed) if isinstance(parsed, list) else parsed
-    return EnvSpec(name.strip(), variant.strip(), options)
+        raise ConfigError(
+            f"env={text!r} is not valid; expected NAME, NAME:VARIANT or NAME:VARIANT:key=value,..."
+        )
+    options = key_values(options_text, f"env={text}")
+    # Tuples, not lists: the spec is frozen and hashed.
+    return EnvSpec(
+        name.strip(), variant.strip(), {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    )

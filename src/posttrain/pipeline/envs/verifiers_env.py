@@ -18,6 +18,7 @@ Tool-calling and completion-style environments are refused: the renderers here h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -26,7 +27,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, 
 
 from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, mean_score, n_eval, problem_group
+from posttrain.pipeline.envs.spec import key_values
 
 if TYPE_CHECKING:
     from posttrain.pipeline.data import LoadedData
@@ -63,18 +65,7 @@ def parse_args(text: str | None) -> dict[str, Any]:
         if not isinstance(found, dict):
             raise ConfigError(f"verifiers_args={text}: not a JSON object")
         return found
-    args: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or not key.isidentifier():
-            raise ConfigError(
-                f"verifiers_args={text}: expected key=value,... (or a JSON object), got {item!r}"
-            )
-        try:
-            args[key] = json.loads(value)
-        except ValueError:
-            args[key] = value
-    return args
+    return key_values(text, f"verifiers_args={text}")
 
 
 def _module_name(variant: str) -> str:
@@ -89,6 +80,38 @@ def _module_name(variant: str) -> str:
             sys.path.insert(0, str(path.parent))
         return path.stem if path.is_file() else path.name
     return variant.replace("-", "_").split("/")[-1]
+
+
+@contextlib.contextmanager
+def _quiet_load() -> Iterator[None]:
+    """Loading an environment, with what verifiers and datasets do on load kept off the user's terminal and out
+    of the run's own signal handling."""
+    import datasets
+
+    vf_logger = logging.getLogger("verifiers")
+    if (
+        "VF_LOG_LEVEL" not in os.environ
+    ):  # its INFO lines (each load, each default arg) would flood the run's log
+        vf_logger.setLevel(logging.WARNING)
+    level = vf_logger.level
+    # A failed load is reported once, as our one line, not also as its logged traceback.
+    vf_logger.setLevel(logging.CRITICAL + 1)
+    # vf.Environment installs SIGINT/SIGTERM handlers on construction; the run's own (stop cleanly, save) stay.
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    # Its datasets' "Map: 100%|..." bars would land on the terminal: loading happens before the run's output is
+    # captured into its log.
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+        vf_logger.setLevel(level)
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def load(variant: str, args: dict[str, Any]) -> Any:
@@ -113,31 +136,16 @@ def load(variant: str, args: dict[str, Any]) -> Any:
         )
     import verifiers as vf
 
-    vf_logger = logging.getLogger("verifiers")
-    if (
-        "VF_LOG_LEVEL" not in os.environ
-    ):  # its INFO lines (each load, each default arg) would flood the run's log
-        vf_logger.setLevel(logging.WARNING)
-    level = vf_logger.level
-    # A failed load is reported once, as our one line, not also as its logged traceback.
-    vf_logger.setLevel(logging.CRITICAL + 1)
-    # vf.Environment installs SIGINT/SIGTERM handlers on construction; the run's own (stop cleanly, save) stay.
-    main = threading.current_thread() is threading.main_thread()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        env = vf.load_environment(module, **args)
-    except Exception as e:
-        cause = e.__cause__ or e
-        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-        detail = " ".join(str(cause).split()) or "no message"
-        raise ConfigError(
-            f"env=verifiers:{variant}: load_environment({shown}) failed: {type(cause).__name__}: {detail}"
-        ) from None
-    finally:
-        vf_logger.setLevel(level)
-        for sig, handler in handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+    with _quiet_load():
+        try:
+            env = vf.load_environment(module, **args)
+        except Exception as e:
+            cause = e.__cause__ or e
+            shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+            detail = " ".join(str(cause).split()) or "no message"
+            raise ConfigError(
+                f"env=verifiers:{variant}: load_environment({shown}) failed: {type(cause).__name__}: {detail}"
+            ) from None
     if not isinstance(env, vf.Environment):
         raise ConfigError(
             f"env=verifiers:{variant}: load_environment returned {type(env).__name__}, not a vf.Environment"
