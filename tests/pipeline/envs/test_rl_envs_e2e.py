@@ -101,6 +101,7 @@ def test_guess_number_game_reports_win_rate_and_transcripts(tmp_path: Path, engi
         "game",
     )
     assert summary["score_label"] == "win rate" and 0 <= summary["trained_score"] <= 1
+    assert "answer_instruction" not in summary  # the game's own prompt; no '####' is asked for
     assert [r["ground_truth"] for r in base] == [
         r["ground_truth"] for r in trained
     ]  # the same held-out games
@@ -206,6 +207,7 @@ def test_factual_qa_is_graded_by_token_f1_and_the_rows_say_so(tmp_path: Path, en
     summary, base, trained = _run(tmp_path, engine, tiny_model, [f"dataset={data}"], "factual")
     assert summary["dataset"]["grader"] == "f1" and "100% of the answers are text" in summary["dataset"]["grader_reason"]
     assert summary["score_label"] == "token F1 (correct = exact match)"
+    assert summary["answer_instruction"] == "Give only the final answer after ####."
     for row in base + trained:
         assert row["details"]["grader"] == "f1" and 0.0 <= row["reward"] == row["details"]["f1"] <= 1.0
         assert row["correct"] == (row["reward"] == 1.0)

@@ -225,6 +225,8 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["env=tools:calculator", f"corpus={docs}"], "corpus is only used by env=tools:search, not env=tools:calculator"),
         (["env=math", "retriever=bm25", f"dataset={qa}"], "retriever is only used by env=tools:search, not env=math"),
         ([search_env, "retriever=faiss"], "retriever"),
+        # Distillation takes an environment's prompts, never its tools: the search settings are refused there.
+        (["task=distillation", "teacher_model=x", search_env, "retriever=bm25"], "retriever is only used by task=rl"),
         ([search_env, f"corpus={docs}"], f"corpus={docs} needs the questions about it: dataset="),
         ([search_env, f"dataset={qa}"], "the questions need the corpus they are about (corpus=docs.jsonl"),
         ([search_env, f"corpus={docs}", f"dataset={chat}"], "dataset= must hold question/answer rows"),

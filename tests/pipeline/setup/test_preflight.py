@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,13 @@ def test_an_unreachable_hub_is_known_before_the_hub_libraries_are_imported(tmp_p
     out = subprocess.run([sys.executable, "-c", HUB_UNREACHABLE], capture_output=True, text=True, cwd=tmp_path,
                          timeout=120)  # fmt: skip
     assert out.stdout.strip().splitlines()[-1] == "2 True True", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("prefix", [["train.py"], ["posttrain", "train"]])
+def test_the_resume_command_is_the_same_settings_for_train_py(monkeypatch, prefix: list[str]):
+    """Printed when a run stops: `uv run python train.py` with the run's settings, however it was started
+    (`posttrain train ...` too: its subcommand is not a setting), its run_name and resume=true."""
+    from posttrain.pipeline.setup.resume import resume_command
+
+    monkeypatch.setattr(sys, "argv", [*prefix, "env=arithmetic", "run_name=old", "max_steps=3"])
+    assert resume_command("r1") == "uv run python train.py env=arithmetic max_steps=3 run_name=r1 resume=true"

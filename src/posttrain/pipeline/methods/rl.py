@@ -157,16 +157,6 @@ class EnvOptions:
         doc="question/answer data: math|exact_match|f1 (None: from the data: math when the answers are numbers, "
         "expressions or LaTeX, else f1, the token F1 as the reward with exact match as `correct`)",
     )
-    corpus: str | None = chz.field(
-        default=None,
-        doc="env=tools:search: your passages, a JSONL file (text, optional id and title), searched to answer the "
-        "questions of dataset= (None: the shipped corpus and its own questions)",
-    )
-    retriever: SearchRetriever | None = chz.field(
-        default=None,
-        doc="env=tools:search: chroma (all-MiniLM-L6-v2 embeddings, index cached by the corpus's hash) or bm25 "
-        "(None: chroma with corpus=, else bm25)",
-    )
     verifiers_args: str | None = chz.field(
         default=None,
         doc="env=verifiers:NAME: the arguments of its load_environment, key=value,... (values JSON where they "
@@ -178,17 +168,10 @@ class EnvOptions:
         not_blank(cfg, "env")
         if cfg.env is not None:
             registry.check(cfg.env)
-        not_blank(cfg, "corpus")
-        for name in ("corpus", "retriever"):
-            if getattr(cfg, name) is not None and (cfg.env is None or parse_env(cfg.env).key != "tools:search"):
-                where = f", not env={cfg.env}" if cfg.env is not None else ""
-                raise ConfigError(f"{name} is only used by env=tools:search{where}; leave it out")
         # Its grammar is checked where the environment loads (`envs.verifiers_env`), still before anything starts.
         if cfg.verifiers_args is not None and (cfg.env is None or parse_env(cfg.env).name != "verifiers"):
             where = f", not env={cfg.env}" if cfg.env is not None else ""
             raise ConfigError(f"verifiers_args is only used by env=verifiers:NAME{where}; leave it out")
-        if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
-            raise ConfigError(f"corpus={cfg.corpus}: no such file")
         if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
             raise ConfigError(f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out")
         if cfg.game_opponent == "self":
@@ -199,6 +182,33 @@ class EnvOptions:
                 raise ConfigError(
                     f"game_opponent=self needs an even group_size (each game fills two seats), got {group_size}"
                 )
+
+
+@chz.chz
+class SearchOptions:
+    """Task=rl only: the search tool's corpus is what the policy searches while it trains and is evaluated;
+    distillation takes an environment's prompts, never its tools."""
+
+    corpus: str | None = chz.field(
+        default=None,
+        doc="env=tools:search: your passages, a JSONL file (text, optional id and title), searched to answer the "
+        "questions of dataset= (None: the shipped corpus and its own questions)",
+    )
+    retriever: SearchRetriever | None = chz.field(
+        default=None,
+        doc="env=tools:search: chroma (all-MiniLM-L6-v2 embeddings, index cached by the corpus's hash) or bm25 "
+        "(None: chroma with corpus=, else bm25)",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "corpus")
+        for name in ("corpus", "retriever"):
+            if getattr(cfg, name) is not None and (cfg.env is None or parse_env(cfg.env).key != "tools:search"):
+                where = f", not env={cfg.env}" if cfg.env is not None else ""
+                raise ConfigError(f"{name} is only used by env=tools:search{where}; leave it out")
+        if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
+            raise ConfigError(f"corpus={cfg.corpus}: no such file")
 
 
 @chz.chz
@@ -246,7 +256,7 @@ class VerifierOptions:
 
 @chz.chz
 class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, EnvOptions,
-               PartnerOptions, RewardOptions, VerifierOptions):  # fmt: skip
+               SearchOptions, PartnerOptions, RewardOptions, VerifierOptions):  # fmt: skip
     """Every setting of task=rl."""
 
 
@@ -352,16 +362,12 @@ class RL:
         )  # fmt: skip
 
     def _partner_settings(self, ctx: RunContext) -> dict[str, Any]:
-        """The partner's model and renderer (thinking off where the model has it: it answers in a few tokens)."""
+        """The partner's model and renderer."""
         from posttrain.pipeline.setup import preflight
 
         assert self.partner is not None
-        if self.partner == self.cfg.model_name:
-            renderer, source = ctx.renderer_name, "the policy's"
-        else:
-            renderer, source = preflight.resolve_renderer(self.partner, None)
-        if preflight.renderer_exists(f"{renderer}_disable_thinking"):
-            renderer, source = f"{renderer}_disable_thinking", f"{source}, thinking off"
+        policy = (self.cfg.model_name, ctx.renderer_name)
+        renderer, source = preflight.answering_renderer(self.partner, policy, "it answers in a few tokens")
         same = " (the base model itself, never trained)" if self.partner == self.cfg.model_name else ""
         ctx.say(f"partner: {self.partner}{same}, greedy, renderer {renderer} ({source})")
         self.partner_renderer = renderer
@@ -442,6 +448,14 @@ class RL:
             sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
         )  # fmt: skip
 
+    def _asks_for_the_answer_format(self) -> bool:
+        """Whether the prompts carry our answer instruction: question/answer environments do; games, tools and
+        verifiers environments bring their own prompts."""
+        if not self.problems.eval:
+            return False
+        messages = self.environment.prompt(self.problems.eval[0], self._plain_context())
+        return any(ANSWER_INSTRUCTION in str(m.get("content", "")) for m in messages)
+
     def score_text(self, value: float) -> str:
         return f"{self.score_label} {value:.1%} on {len(self.problems.eval)} held-out {self.environment.noun}"
 
@@ -451,10 +465,10 @@ class RL:
                  "group_size": cfg.group_size}  # fmt: skip
         dataset = {**self.problems.info, "env": str(self.spec)}
         extra: dict[str, Any] = {"score_label": self.score_label, **self.environment.summary(self.rows)}
-        if self.judging is None:
-            extra["answer_instruction"] = ANSWER_INSTRUCTION
-        else:
+        if self.judging is not None:
             extra |= self.judging.summary()
+        elif self._asks_for_the_answer_format():
+            extra["answer_instruction"] = ANSWER_INSTRUCTION
         for name, scores in self.extra_scores.items():
             extra[f"{name}_score"] = {"baseline": scores.get("base model"), "trained": scores.get("trained model")}
         if cfg.reward_fn is not None:

@@ -97,14 +97,9 @@ class Judging:
         """The judge's part of the episode settings; says which judge, scoring and renderer."""
         from posttrain.pipeline.setup import preflight
 
-        if self.model == ctx.cfg.model_name:
-            renderer, source = ctx.renderer_name, "the policy's"
-        else:
-            renderer, source = preflight.resolve_renderer(self.model, None)
-        no_thinking = f"{renderer}_disable_thinking"
-        if self.mode == "probability" and preflight.renderer_exists(no_thinking):
-            # P(Yes) is read at the reply's first token: a thinking judge would start with <think> there.
-            renderer, source = no_thinking, f"{source}, thinking off: the reply starts with the answer"
+        # P(Yes) is read at the reply's first token: a thinking judge would start with <think> there.
+        why = "the reply starts with the answer" if self.mode == "probability" else None
+        renderer, source = preflight.answering_renderer(self.model, (ctx.cfg.model_name, ctx.renderer_name), why)
         self.renderer = renderer
         same = " (the base model itself)" if self.model == ctx.cfg.model_name else ""
         ctx.say(f"grader: {self.model}{same}, {self.mode} scoring, renderer {renderer} ({source})")

@@ -244,6 +244,19 @@ def resolve_renderer(model_name: str, renderer_name: str | None) -> tuple[str, s
     )
 
 
+def answering_renderer(model_name: str, policy: tuple[str, str], why: str | None) -> tuple[str, str]:
+    """The renderer of a model that answers beside the policy (a judge, a game partner): the policy's own when it
+    is the policy's model (`policy` = (model, renderer)), else its recommended one; with thinking off where the
+    family has such a renderer and `why` says why (None: thinking stays as it is). Returns (renderer, source)."""
+    if model_name == policy[0]:
+        renderer, source = policy[1], "the policy's"
+    else:
+        renderer, source = resolve_renderer(model_name, None)
+    if why is not None and renderer_exists(f"{renderer}_disable_thinking"):
+        renderer, source = f"{renderer}_disable_thinking", f"{source}, thinking off: {why}"
+    return renderer, source
+
+
 # ------------------------------------------------------------------------------------------- reachability
 
 REACHABILITY_TIMEOUT_SECONDS = 10.0

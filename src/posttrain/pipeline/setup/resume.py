@@ -29,7 +29,10 @@ def check_resumable(store: results.ResultsDir, run_name: str) -> None:
 
 def resume_command(run_name: str) -> str:
     """The command line that continues this run: the same settings, with run_name and resume=true."""
-    kept = [a for a in sys.argv[1:] if not a.lstrip("-").startswith(("resume=", "run_name="))]
+    given = sys.argv[1:]
+    if given[:1] == ["train"]:  # `posttrain train ...`: train.py takes the settings alone
+        given = given[1:]
+    kept = [a for a in given if not a.lstrip("-").startswith(("resume=", "run_name="))]
     return " ".join(
         ["uv run python train.py", *map(shlex.quote, kept), f"run_name={run_name}", "resume=true"]
     )

@@ -139,7 +139,7 @@ class Search:
 
     @tool
     async def search(self, query: Annotated[str, "what to look for, e.g. a name from the question"]) -> ToolResult:
-        """Search the encyclopedia; returns the passages that match the query best."""
+        """Search the document collection; returns the passages that match the query best."""
         assert self.retriever is not None, "the module's TOOLS are the specification; episodes use episode_tools"
         hits = self.retriever.search(query, SEARCH_RESULTS)
         self.retrieved.setdefault(self.turn(), []).extend(p["id"] for p in hits)
