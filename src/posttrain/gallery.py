@@ -224,9 +224,17 @@ def _row(example: Example, summaries: dict[str, dict] | None, seconds: float, er
     if summaries is None:
         return row | {"result": None, "met": False, "error": error}
     several = len(summaries) > 1
-    result = "; ".join(f"{name}: {s['headline']}" if several else s["headline"] for name, s in summaries.items())
+    result = "; ".join(f"{name}: {_stage_result(s)}" if several else _stage_result(s) for name, s in summaries.items())
     met = all(example.met(s) for s in summaries.values())
     return row | {"result": result, "met": met, "notes": list(example.notes)}
+
+
+def _stage_result(summary: dict) -> str:
+    """A stage's headline, and its task accuracy where the run measured one beside it (distillation's student)."""
+    base, trained = summary.get("baseline_task_accuracy"), summary.get("trained_task_accuracy")
+    if base is None or trained is None:
+        return summary["headline"]
+    return f"{summary['headline']}, task accuracy {base:.0%} → {trained:.0%}"
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:

@@ -43,6 +43,11 @@ def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, en
         assert distilled["hyperparameters"]["distillation_mode"] in (mode, None if mode == "off_policy" else mode)
     row = next(r for r in table["examples"] if r["example"] == "distillation")
     assert row["result"].startswith("off_policy: Base NLL") and "; on_policy: Base NLL" in row["result"]
+    # Each mode's task accuracy beside its NLL: the student's answers graded as the teacher's were.
+    for mode in ("off_policy", "on_policy"):
+        distilled = json.loads((out / "distillation" / mode / "summary.json").read_text())
+        accuracy = f"task accuracy {distilled['baseline_task_accuracy']:.0%} → {distilled['trained_task_accuracy']:.0%}"
+        assert f"{mode}: {distilled['headline']}, {accuracy}" in row["result"]
     # Chat SFT: generated multi-turn conversations, every assistant turn trained.
     chats = read_jsonl(out / "chat_sft" / "chats.jsonl")
     assert all(sum(m["role"] == "assistant" for m in c["messages"]) == 3 for c in chats)
