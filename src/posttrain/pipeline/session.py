@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -79,6 +80,21 @@ async def prepared(state: RunState, method: Method) -> AsyncIterator[RunContext]
         template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
         method.prepare(ctx)
         yield ctx
+        await _finish_session(service)
+
+
+# Seconds a finished run waits for its session to close; the results are written by then.
+SESSION_CLOSE_TIMEOUT = 10.0
+
+
+async def _finish_session(service: Any) -> None:
+    """Mark the finished run's session done (the SDK's `close`), so the service ends it now rather than when its
+    heartbeats stop, and no heartbeat thread outlives the run (a library caller's process goes on). Only after
+    success: a stopped or failed run exits at once, as it did, and its process ends the heartbeats."""
+    try:
+        await asyncio.wait_for(service.close("success"), SESSION_CLOSE_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - the run is done and its results written; this is housekeeping
+        logging.getLogger(__name__).warning("session close: %s: %s", type(e).__name__, e)
 
 
 async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
