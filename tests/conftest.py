@@ -38,6 +38,21 @@ def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models-b") / "tiny-llama-b", seed=1))
 
 
+@contextlib.contextmanager
+def serving(models: list[str], folder: Path, api_key: str | None = None) -> Iterator:
+    """A local engine serving `models` (fp32, so numeric checks are tight), its checkpoints and log in `folder`,
+    stopped when the block ends."""
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
+
+    options = ServeOptions(models=models, checkpoint_dir=folder / "checkpoints", dtype="fp32", api_key=api_key)
+    proc = EngineProcess(options, log_file=folder / "engine.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture(scope="session")
 def engine_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engine")
@@ -45,16 +60,9 @@ def engine_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_model: str, engine_dirs: Path) -> Iterator:
-    """One engine for the session, serving the tiny model (fp32, so numeric checks are tight)."""
-    from posttrain.engine.launcher import EngineProcess, ServeOptions
-
-    proc = EngineProcess(
-        ServeOptions(models=[tiny_model], checkpoint_dir=engine_dirs / "checkpoints", dtype="fp32"),
-        log_file=engine_dirs / "engine.log",
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    """One engine for the session, serving the tiny model."""
+    with serving([tiny_model], engine_dirs) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
@@ -62,19 +70,8 @@ def keyed_engine(tiny_model: str, tiny_model_b: str, tmp_path_factory: pytest.Te
     """A second engine, started only by the tests that need it: two models at once, an API key (the one in
     $TINKER_API_KEY, so cookbook loops can use it), and its own checkpoint directory. Tests may `.restart()` it,
     so read `.url` after requesting the fixture, never cache it across a restart."""
-    from posttrain.engine.launcher import EngineProcess, ServeOptions
-
-    dirs = tmp_path_factory.mktemp("keyed-engine")
-    options = ServeOptions(
-        models=[tiny_model, tiny_model_b],
-        checkpoint_dir=dirs / "checkpoints",
-        dtype="fp32",
-        api_key=os.environ["TINKER_API_KEY"],
-    )
-    proc = EngineProcess(options, log_file=dirs / "engine.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    with serving([tiny_model, tiny_model_b], tmp_path_factory.mktemp("keyed-engine"), os.environ["TINKER_API_KEY"]) as proc:
+        yield proc
 
 
 def finish(client: Any) -> None:
@@ -134,19 +131,9 @@ LINEUP_API_KEY = "-".join(("tml", "fake", "lineup", "key", "789"))
 @pytest.fixture(scope="session")
 def lineup_engine(lineup_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """The local engine serving the stand-ins under their exact lineup names, behind an API key (the .env one)."""
-    from posttrain.engine.launcher import EngineProcess, ServeOptions
-
-    dirs = tmp_path_factory.mktemp("lineup-engine")
-    options = ServeOptions(
-        models=[f"{name}={path}" for name, path in lineup_models.items()],
-        checkpoint_dir=dirs / "checkpoints",
-        dtype="fp32",
-        api_key=LINEUP_API_KEY,
-    )
-    proc = EngineProcess(options, log_file=dirs / "engine.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    models = [f"{name}={path}" for name, path in lineup_models.items()]
+    with serving(models, tmp_path_factory.mktemp("lineup-engine"), LINEUP_API_KEY) as proc:
+        yield proc
 
 
 # ------------------------------------------------------------------ a vision-language stand-in
@@ -177,15 +164,6 @@ def vision_engine(
 ) -> Iterator:
     """The local engine serving the vision stand-ins under their lineup names (fp32), and the tiny text model
     (to check that a text-only model refuses images)."""
-    from posttrain.engine.launcher import EngineProcess, ServeOptions
-
-    dirs = tmp_path_factory.mktemp("vision-engine")
-    options = ServeOptions(
-        models=[*(f"{name}={path}" for name, path in vision_models.items()), tiny_model],
-        checkpoint_dir=dirs / "checkpoints",
-        dtype="fp32",
-    )
-    proc = EngineProcess(options, log_file=dirs / "engine.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    models = [*(f"{name}={path}" for name, path in vision_models.items()), tiny_model]
+    with serving(models, tmp_path_factory.mktemp("vision-engine")) as proc:
+        yield proc

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +84,62 @@ def posttrain(argv: list[str], cwd: Path, extra_env: dict[str, str] | None = Non
         [sys.executable, "-m", "posttrain.cli.main", *argv],
         cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+@dataclass
+class Finished:
+    """A `train.py` subprocess that has ended: where it ran and what it said."""
+
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def start_with_keys_file(args: list[str], cwd: Path, env_file: str, hub: Path) -> subprocess.Popen:
+    """`train.py ARGS` started in `cwd` as a paying user starts it: the keys only from `cwd/.env` (`env_file`),
+    W&B and the Hub offline, tokenizers (and image processors) from the hub cache `hub`."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / ".env").write_text(env_file)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    for name in ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT", "TINKER_BASE_URL"):
+        env.pop(name, None)  # the keys come from .env, as for a user
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_all(started: dict[str, tuple[Path, subprocess.Popen]], timeout: int) -> dict[str, Finished]:
+    """Each run started at once (most of a run's time is imports: they overlap), waited for in turn; one that
+    outlives `timeout` is killed and reported as it ended."""
+    finished = {}
+    for key, (cwd, proc) in started.items():
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        finished[key] = Finished(cwd, proc.returncode, out, err)
+    return finished
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def data_error(call) -> str:
+    """The message of the DataError `call` raises; the CLI prints it as one line, so it must be one."""
+    import pytest
+
+    from posttrain.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -12,12 +12,11 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import LINEUP_API_KEY
-from runs import REPO
+from runs import REPO, Finished, read_jsonl, start_with_keys_file, wait_all
 
 from posttrain.pipeline.results import validate_summary
 
@@ -26,26 +25,7 @@ RECOMMENDED = {QWEN: "qwen3", LLAMA: "llama3", GPT_OSS: "gpt_oss_no_sysprompt"}
 WANDB_KEY = "-".join(("fake", "wandb", "key", "lineup", "321"))  # see conftest.LINEUP_API_KEY
 
 
-def start_train(args: list[str], cwd: Path, engine, hub: Path) -> subprocess.Popen:
-    cwd.mkdir(parents=True, exist_ok=True)
-    (cwd / ".env").write_text(
-        f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=posttrain-lineup-tests\n"
-    )
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
-    for name in ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT", "TINKER_BASE_URL"):
-        env.pop(name, None)  # all three keys come from .env, as for a user
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), "backend=tinker", f"base_url={engine.url}", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+LINEUP_KEYS = f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=posttrain-lineup-tests\n"
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +60,6 @@ RUNS = [(QWEN, "sft"), (LLAMA, "rl"), (GPT_OSS, "sft")]
 MISMATCH = "qwen3_instruct"  # the 2507-Instruct renderer on the hybrid Qwen3-8B: no empty <think> block
 
 
-@dataclass
-class Finished:
-    cwd: Path
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture(scope="module")
 def lineup_runs(
     tmp_path_factory: pytest.TempPathFactory, lineup_engine, lineup_hub_cache: Path, chat_data: Path
@@ -106,21 +78,12 @@ def lineup_runs(
         f"dataset={chat_data}",
         "run_name=mismatch",
     ]
-    procs = {
-        key: start_train(
-            args, root / key.replace("/", "_").replace(":", "_"), lineup_engine, lineup_hub_cache
-        )
-        for key, args in planned.items()
-    }
-    finished = {}
-    for key, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        finished[key] = Finished(root / key.replace("/", "_").replace(":", "_"), proc.returncode, out, err)
-    return finished
+    started = {}
+    for key, args in planned.items():
+        cwd = root / key.replace("/", "_").replace(":", "_")
+        run_args = ["backend=tinker", f"base_url={lineup_engine.url}", *args]
+        started[key] = (cwd, start_with_keys_file(run_args, cwd, LINEUP_KEYS, lineup_hub_cache))
+    return wait_all(started, timeout=600)
 
 
 @pytest.mark.parametrize(("model", "task"), RUNS)

@@ -10,15 +10,11 @@ a complete results folder. Bad inputs stop the same command in one line before a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from runs import REPO, read_jsonl
+from runs import Finished, read_jsonl, start_with_keys_file, wait_all
 
 from posttrain.pipeline.results import validate_rows, validate_summary
 
@@ -51,28 +47,6 @@ def write_images(folder: Path, per_colour: int, prefix: str) -> Path:
     return data
 
 
-def start_train(args: list[str], cwd: Path, url: str | None, hub: Path) -> subprocess.Popen:
-    """train.py with the Tinker backend at `url`, or (None) the local engine the run starts itself."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    (cwd / ".env").write_text(ENV_FILE)
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
-    for name in ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT", "TINKER_BASE_URL"):
-        env.pop(name, None)  # the keys come from .env, as for a user
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *(["backend=tinker", f"base_url={url}"] if url else ["backend=local"]),
-         *args],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-@dataclass
-class Finished:
-    cwd: Path
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture(scope="module")
 def vision_runs(
     tmp_path_factory: pytest.TempPathFactory, vision_engine, vision_hub_cache: Path
@@ -95,7 +69,6 @@ def vision_runs(
         "bad_image": [model, f"dataset={bad_image}"],
         "no_label": [model, f"dataset={no_label}"],
         "text_only": ["model_name=HuggingFaceTB/SmolLM2-135M-Instruct", f"dataset={train}"],
-        # backend=local: the run starts its own engine, which finds the stand-in in the hub cache by its name.
         "local": [
             model,
             f"dataset={train}",
@@ -108,19 +81,12 @@ def vision_runs(
             "eval_every=0",
         ],
     }
-    procs = {
-        key: start_train(args, root / key, None if key == "local" else vision_engine.url, vision_hub_cache)
-        for key, args in planned.items()
-    }
-    finished = {}
-    for key, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        finished[key] = Finished(root / key, proc.returncode, out, err)
-    return finished
+    started = {}
+    for key, args in planned.items():
+        # backend=local: the run starts its own engine, which finds the stand-in in the hub cache by its name.
+        backend = ["backend=local"] if key == "local" else ["backend=tinker", f"base_url={vision_engine.url}"]
+        started[key] = (root / key, start_with_keys_file([*backend, *args], root / key, ENV_FILE, vision_hub_cache))
+    return wait_all(started, timeout=900)
 
 
 def test_an_image_classifier_trains_and_is_evaluated_end_to_end(vision_runs: dict[str, Finished]) -> None:

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pandas as pd
 import pytest
+from runs import data_error, write_jsonl
 
-from posttrain.errors import DataError
 from posttrain.pipeline.data.formats import detect_format, normalize_row
 from posttrain.pipeline.data.load import DataRequest, LoadedData, default_train_on_what, load_data, read_rows
 
 
 def chat(i: int = 0) -> dict:
     return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def data_error(call: Callable[[], object]) -> str:
-    """The message of the DataError `call` raises; the CLI prints it as one line, so it must be one."""
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture(autouse=True)

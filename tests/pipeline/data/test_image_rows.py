@@ -7,32 +7,19 @@ from __future__ import annotations
 import csv
 import http.server
 import inspect
-import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
+from runs import data_error, write_jsonl
 
 from posttrain.errors import DataError
 from posttrain.pipeline.data import images
 from posttrain.pipeline.data.formats import detect_format
 from posttrain.pipeline.data.load import DataRequest, load_data
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def data_error(call: Callable[[], object]) -> str:
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture
