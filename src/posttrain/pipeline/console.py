@@ -59,12 +59,14 @@ class Console:
         sys.stderr.flush()
         saved_out, saved_err = os.dup(1), os.dup(2)
         terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
-        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        self._terminal = terminal
+        # The redirection is inside the try: a Ctrl-C landing between it and the block must still give the
+        # terminal back, or the "interrupted: ..." line that follows is written into the log instead.
         try:
+            log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+            self._terminal = terminal
             yield
         finally:
             sys.stdout.flush()
