@@ -48,6 +48,12 @@ def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, en
         distilled = json.loads((out / "distillation" / mode / "summary.json").read_text())
         accuracy = f"task accuracy {distilled['baseline_task_accuracy']:.0%} → {distilled['trained_task_accuracy']:.0%}"
         assert f"{mode}: {distilled['headline']}, {accuracy}" in row["result"]
+    # Code RL: the harder generated tasks, HumanEval measured for both models and shown beside them.
+    code = json.loads((out / "code_rl" / "rl" / "summary.json").read_text())
+    assert code["dataset"]["source"].startswith("harder generated function-writing tasks")
+    humaneval = code["humaneval_score"]
+    row = next(r for r in table["examples"] if r["example"] == "code_rl")
+    assert f"; HumanEval pass@1 {humaneval['baseline']:.1%} → {humaneval['trained']:.1%}" in row["result"]
     # Chat SFT: generated multi-turn conversations, every assistant turn trained.
     chats = read_jsonl(out / "chat_sft" / "chats.jsonl")
     assert all(sum(m["role"] == "assistant" for m in c["messages"]) == 3 for c in chats)

@@ -39,6 +39,9 @@ def test_a_file_of_code_problems_is_detected_and_becomes_code_rl(tmp_path: Path)
     method = RL(RLConfig(dataset=str(path)), data)
     assert method.problems.train[0]["grader"] == "code"
     assert method.score_label.startswith("pass rate")
+    with pytest.raises(ConfigError, match="env=code:harder generates its own tasks") as exc:
+        RL(RLConfig(dataset=str(path), env="code:harder"), data)
+    assert "\n" not in str(exc.value)
 
 
 def test_a_malformed_code_test_names_the_file_and_line(tmp_path: Path):
@@ -82,7 +85,9 @@ def test_guess_number_games_are_held_out_and_match_the_cookbook():
     ("args", "needle"),
     [
         (["env=game:chess"], "env=game:chess: no such environment"),
-        (["env=code:mbpp"], "env=code:mbpp: expected env=code or env=code:humaneval"),
+        (["env=code:mbpp"], "env=code:mbpp: expected env=code, env=code:harder (env=code:harder:humaneval=true"),
+        (["env=code:harder:humaneval=3"], "env=code:harder:humaneval=3: expected env=code, env=code:harder"),
+        (["env=code:humaneval:humaneval=true"], "expected env=code, env=code:harder"),
         (["reward_fn=nofunction.py"], "expected path/to/file.py:function_name"),
     ],
 )

@@ -214,6 +214,36 @@ def test_generated_tasks_and_humaneval_are_solvable_by_their_references():
     )
 
 
+# A right solution of each harder task, and the default model's greedy answer where it missed (2026-12-04):
+# wrong code, or right code under another name.
+HARDER = {
+    "last_item": ("return xs[-1]", None),
+    "sum_of_squares": ("return sum(x * x for x in xs)", None),
+    "cube": ("return n ** 3", "def cube(n):\n    return n * cube(n)"),
+    "squares": ("return [x * x for x in xs]", "def squares_list(lst):\n    return [x ** 2 for x in lst]"),
+    "count_char": ("return s.count(c)", "def count_char(s, c):\n    return sum(1 for ch in s if c in s)"),
+    "repeat": ("return s * n", "def repeat_string(s, n):\n    return s * n"),
+    "positives": ("return [x for x in xs if x > 0]", "def positive_numbers(lst):\n    return [x for x in lst if x > 0]"),
+    "double_sum": ("return 2 * (a + b)", "def double_sum(a, b):\n    return a * 2 + b"),
+    "spread": ("return max(xs) - min(xs)", "def max_min_difference(lst):\n    return max(lst) - min(lst)"),
+}
+
+
+def test_harder_tasks_are_solvable_and_their_tests_tell_the_base_models_mistakes():
+    problems = code_envs.generated_problems(60, seed=5, harder=True)
+    assert {p["entry_point"] for p in problems} == set(HARDER)
+    for name, (right, wrong) in HARDER.items():
+        p = next(p for p in problems if p["entry_point"] == name)
+        args = p["question"].split("(", 1)[1].split(")", 1)[0]
+        assert code_tasks.grade(p, f"```python\ndef {name}({args}):\n    {right}\n```", LIMITS).reward == 1.0, p
+        if wrong is not None:
+            assert code_tasks.grade(p, f"```python\n{wrong}\n```", LIMITS).reward < 1.0, p
+    # Another seed, other tasks: the held-out set is not the training set.
+    assert {p["question"] + p["answer"] for p in problems}.isdisjoint(
+        {p["question"] + p["answer"] for p in code_envs.generated_problems(60, seed=6, harder=True)}
+    )
+
+
 @pytest.mark.parametrize(
     ("completion", "code"),
     [

