@@ -221,7 +221,11 @@ HARDER = {
     "sum_of_squares": ("return sum(x * x for x in xs)", None),
     "cube": ("return n ** 3", "def cube(n):\n    return n * cube(n)"),
     "squares": ("return [x * x for x in xs]", "def squares_list(lst):\n    return [x ** 2 for x in lst]"),
-    "count_char": ("return s.count(c)", "def count_char(s, c):\n    return sum(1 for ch in s if c in s)"),
+    "count_char": (  # a right count, then a second copy of the function cut off at max_tokens
+        "return s.count(c)",
+        "def count_char(s, c):\n    n = 0\n    for ch in s:\n        if c in ch:\n            n += 1\n    return n\n\n"
+        "def count_char(s, c):",
+    ),
     "repeat": ("return s * n", "def repeat_string(s, n):\n    return s * n"),
     "positives": ("return [x for x in xs if x > 0]", "def positive_numbers(lst):\n    return [x for x in lst if x > 0]"),
     "double_sum": ("return 2 * (a + b)", "def double_sum(a, b):\n    return a * 2 + b"),
