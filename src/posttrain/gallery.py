@@ -109,8 +109,8 @@ EXAMPLES: dict[str, Example] = {
             "2/10 -> 7/10 tests",
             # max_tokens=96: HumanEval's functions, reported beside the generated tasks, need the room.
             (Stage("rl", ("env=code:harder:humaneval=true", "batch_size=8", "group_size=8", "max_tokens=96",
-                          "max_steps=16",
-                          "learning_rate=3e-4", "max_eval_rows=50", "save_every=0", "eval_every=0")),),
+                          "max_steps=16", "learning_rate=3e-4", "max_eval_rows=50", "save_every=0",
+                          "eval_every=0")),),
             lambda s: s["baseline_score"] <= 0.3 and _points(s) >= 30, "base <= 30% of tests, trained >= +30 points",
             notes=("Of the base's misses (measured: 41 of 50 tasks), about half are right code under a name of its "
                    "own (`positive_numbers` for `positives`), which the tests cannot call; the rest wrong code "

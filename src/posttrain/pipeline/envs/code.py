@@ -135,14 +135,15 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
 def code_problems(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
     # `humaneval=true` on the harder tasks: HumanEval reported beside them (env=code:humaneval is the easy tasks'
     # form of the same).
-    harder_options = spec.variant == "harder" and spec.options in ({}, {"humaneval": True}, {"humaneval": False})
-    if spec.variant not in ("", "harder", "humaneval") or (spec.options and not harder_options):
+    harder = spec.variant == "harder"
+    options_ok = not spec.options or (harder and spec.options in ({"humaneval": True}, {"humaneval": False}))
+    if spec.variant not in ("", "harder", "humaneval") or not options_ok:
         raise ConfigError(
             f"env={spec}: expected env=code, env=code:harder (env=code:harder:humaneval=true to evaluate on "
             "HumanEval too) or env=code:humaneval"
         )
     sandbox.check_available()  # a missing bubblewrap is reported now, not after the engine has started
-    if data is not None and spec.variant == "harder":
+    if data is not None and harder:
         raise ConfigError("env=code:harder generates its own tasks; for the problems in dataset= use env=code")
     if data is not None:
         if data.format != "code":
@@ -156,7 +157,6 @@ def code_problems(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) 
         info: dict[str, Any] = {"source": data.source, "eval_source": data.eval_source}
     else:
         eval_seed = cfg.seed + EVAL_SEED_OFFSET
-        harder = spec.variant == "harder"
         train = generated_problems(n_train(cfg), cfg.seed, harder=harder)
         held_out = generated_problems(n_eval(cfg), eval_seed, harder=harder)
         kind = "harder generated" if harder else "generated"
