@@ -7,6 +7,10 @@ fifth of the passages (chosen by seed 0) is held out: their questions are only e
 a trained model cannot have memorised their answers.
 
     uv run python scripts/make_search_corpus.py            # writes src/posttrain/data/search_corpus.jsonl
+    uv run python scripts/make_search_corpus.py --as-user-files DIR
+
+The second writes the same corpus as a user's files for `env=tools:search corpus= dataset= eval_dataset=`:
+DIR/docs.jsonl (id, text), DIR/qa.jsonl (the training passages' questions), DIR/qa_eval.jsonl (the held-out ones').
 
 Rows: {"id", "text", "split": "train"|"test", "questions": [{"question", "answer"}, ...]}.
 The same command always writes the same file (a test checks the shipped file against it).
@@ -148,11 +152,32 @@ def make_corpus(seed: int = 0) -> list[dict]:
     ]
 
 
+def user_files(rows: list[dict]) -> dict[str, list[dict]]:
+    """The corpus as a user brings one: the passages, and question/answer rows split as the shipped corpus is."""
+    questions = {
+        split: [{"question": q["question"], "answer": q["answer"]} for r in rows if r["split"] == split
+                for q in r["questions"]]
+        for split in ("train", "test")
+    }  # fmt: skip
+    return {
+        "docs.jsonl": [{"id": r["id"], "text": r["text"]} for r in rows],
+        "qa.jsonl": questions["train"],
+        "qa_eval.jsonl": questions["test"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--as-user-files", type=Path, metavar="DIR", help="write docs.jsonl, qa.jsonl, qa_eval.jsonl")
     args = parser.parse_args()
     rows = make_corpus()
+    if args.as_user_files is not None:
+        for name, lines in user_files(rows).items():
+            (args.as_user_files / name).parent.mkdir(parents=True, exist_ok=True)
+            (args.as_user_files / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+            print(f"{args.as_user_files / name}: {len(lines)} rows")
+        return
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{args.out}: {len(rows)} passages, {sum(len(r['questions']) for r in rows)} questions")
 

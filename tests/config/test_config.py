@@ -31,6 +31,7 @@ EXPECTED_FIELDS = {
     "preference_model",  # task=pairwise_rl
     "partner_model",  # env=game:twenty_questions
     "corpus", "retriever",  # env=tools:search over the user's corpus
+    "warm_start_steps",  # task=rl: a supervised stage on worked answers before RL (env=tools:search)
     "verifiers_args",  # env=verifiers:NAME
 }  # fmt: skip
 

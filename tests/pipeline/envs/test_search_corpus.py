@@ -280,3 +280,115 @@ def test_search_over_the_users_corpus_end_to_end(kind: str, tmp_path: Path, engi
     problems = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
     assert problems[0]["corpus"] == str(docs) and problems[0]["retriever"] == kind and problems[0]["grader"] == "f1"
     assert (tmp_path / "cache" / "search_index").is_dir() == (kind == "chroma")
+
+
+# ------------------------------------------------------------------------------------------- warm start
+
+
+def test_a_worked_answer_trains_on_its_call_and_answer_only(tmp_path: Path, cache: Path):
+    """The demonstration of a question: the question itself searched, the tool's real reply, the answer; written and
+    read back as the warm start's data, its loss falls on the call and the answer, not on the opening's example."""
+    from tinker_cookbook import renderers
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    from posttrain.pipeline.data.chat import ConversationFilesBuilder
+    from posttrain.pipeline.methods.warm_start import TRAIN_ON_WHAT, _jsonable
+    from posttrain.pipeline.setup.preflight import load_tokenizer
+
+    model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    renderer = renderers.get_renderer("qwen3_instruct", tokenizer=load_tokenizer(model))
+    docs = _write(tmp_path / "docs.jsonl", PASSAGES)
+    tools = agent.tool_set(EnvSpec("tools", "search"))
+    found = {"question": "Who invented the piano in Florence?", "answer": "Bartolomeo Cristofori",
+             "corpus": str(docs), "retriever": "bm25"}  # fmt: skip
+    missed = {**found, "question": "Who invented the zither?", "answer": "Johann Petzmayer"}
+    assert agent.demonstration(missed, renderer, tools) is None  # its search cannot return the answer
+    # The reply must hold the answer as whole words: "cat" is not in a passage about "cats".
+    part_word = {**found, "question": "Which pets purr when they are content?", "answer": "cat"}
+    assert agent.demonstration({**part_word, "answer": "cats"}, renderer, tools) is not None
+    assert agent.demonstration(part_word, renderer, tools) is None
+    conversation = agent.demonstration(found, renderer, tools)
+    assert conversation is not None
+    call, reply, answer = conversation[-3:]
+    assert json.loads(call["tool_calls"][0].function.arguments) == {"query": found["question"]}
+    assert reply["role"] == "tool" and "Cristofori invented the piano" in reply["content"]
+    assert answer == {"role": "assistant", "content": "#### Bartolomeo Cristofori", "trainable": True}
+    assert [m["trainable"] for m in conversation] == [False] * (len(conversation) - 3) + [True, False, True]
+
+    _write(tmp_path / "demos.jsonl", [{"messages": [_jsonable(m) for m in conversation]}])
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=model, renderer_name="qwen3_instruct",
+                                            max_length=None, batch_size=1, train_on_what=TRAIN_ON_WHAT)  # fmt: skip
+    datum = ConversationFilesBuilder(common_config=common, train_file=str(tmp_path / "demos.jsonl")).datums(
+        [json.loads((tmp_path / "demos.jsonl").read_text())]
+    )[0]
+    targets = datum.loss_fn_inputs["target_tokens"].tolist()
+    weights = datum.loss_fn_inputs["weights"].tolist()
+    trained = renderer.tokenizer.decode([t for t, w in zip(targets, weights, strict=True) if w > 0])
+    query = json.dumps({"name": "search", "arguments": {"query": found["question"]}})
+    assert trained == f"<tool_call>\n{query}\n</tool_call><|im_end|>#### Bartolomeo Cristofori<|im_end|>", trained
+
+
+def test_a_warm_started_search_run_trains_on_worked_answers_then_rl_from_them(
+    tmp_path: Path, engine, tiny_model: str
+):
+    docs = _write(tmp_path / "docs.jsonl", PASSAGES)
+    qa, held_out = _qa(tmp_path)
+    from posttrain.pipeline.methods.choice import default_learning_rate
+
+    args = ["env=tools:search:max_turns=2", f"corpus={docs}", f"dataset={qa}", f"eval_dataset={held_out}",
+            "retriever=bm25", "warm_start_steps=3", *FAST, f"model_name={tiny_model}", f"base_url={engine.url}",
+            "run_name=warm"]  # fmt: skip
+    proc = train(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")}, timeout=400)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training stage 1/2: warm_start: 3 steps" in proc.stdout and "training stage 2/2: rl: 1 steps" in proc.stdout
+    summary, _, _ = rl_results(tmp_path / "results")
+    log = tmp_path / summary["log_path"]
+    demos = read_jsonl(log / "data" / "warm_start_train.jsonl")
+    problems = read_jsonl(log / "data" / "train_problems.jsonl")
+    # Searched by words, three questions miss their passage (no word in common, or a closer wrong one); every other
+    # training problem gets a worked answer, and these three none.
+    missed = {"the blue whale", "Bartolomeo Cristofori", "The Moon"}
+    found = [p for p in problems if p["answer"] not in missed]
+    assert 0 < len(found) < len(problems) and len(demos) == len(found)
+    assert [d["messages"][-1]["content"] for d in demos] == [f"#### {p['answer']}" for p in found]
+    warm = summary["warm_start"]
+    assert warm["steps"] == 3 and warm["demonstrations"] == len(found) and warm["training_problems"] == len(problems)
+    # The supervised rate task=sft would choose for the model, not RL's half of it.
+    assert warm["learning_rate"] == default_learning_rate(tiny_model, "sft")[0] != summary["hyperparameters"]["learning_rate"]
+    assert warm["batch_size"] == 2
+    assert len(read_jsonl(log / "warm_start" / "metrics.jsonl")) == 3
+    # RL starts from the warm start's last state, in its own folder, and made the trained model.
+    state = read_jsonl(log / "warm_start" / "checkpoints.jsonl")[-1]["state_path"]
+    rl_config = json.loads((log / "rl" / "config.json").read_text())
+    assert rl_config["load_checkpoint_path"] == state
+    assert summary["checkpoint_path"] == read_jsonl(log / "rl" / "checkpoints.jsonl")[-1]["sampler_path"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["env=math", "warm_start_steps=2"], "warm_start_steps is only used by an environment that can demonstrate"),
+        (["env=tools:calculator", "warm_start_steps=2"], "not env=tools:calculator; leave it out"),
+        (["env=tools:search", "warm_start_steps=-1"], "warm_start_steps=-1 is not valid"),
+        (["task=sft", "warm_start_steps=2"], "warm_start_steps is only used by task=rl, not task=sft"),
+    ],
+)
+def test_a_warm_start_where_there_is_nothing_to_demonstrate_is_refused(args: list[str], needle: str, tmp_path: Path):
+    proc = train_here([*args, "backend=local"], tmp_path)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_building_a_bm25_index_prints_nothing(capfd: pytest.CaptureFixture[str]):
+    """bm25s logs at DEBUG by its own choice; an index built before the run's library output is redirected (a dry
+    run, the method's checks) must not reach the terminal through the CLI's logging handler."""
+    import logging
+
+    handler = logging.StreamHandler()
+    logging.getLogger().addHandler(handler)
+    try:
+        search.BM25Retriever([{"id": "a", "text": "a stone tower"}, {"id": "b", "text": "a wooden ship"}])
+    finally:
+        logging.getLogger().removeHandler(handler)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err

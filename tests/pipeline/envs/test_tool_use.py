@@ -106,6 +106,26 @@ def test_the_shipped_corpus_is_what_the_script_makes(tmp_path: Path):
     assert out.read_bytes() == search.CORPUS_FILE.read_bytes()
 
 
+def test_the_shipped_corpus_as_a_users_files_keeps_its_split(tmp_path: Path):
+    """`--as-user-files DIR`: the README's warm-start measurement gives these files as corpus=, dataset= and
+    eval_dataset=; the held-out file has exactly the held-out passages' questions."""
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_search_corpus.py"), "--as-user-files", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    docs, qa, held_out = (
+        [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        for name in ("docs.jsonl", "qa.jsonl", "qa_eval.jsonl")
+    )
+    corpus = search.load_corpus()
+    assert docs == [{"id": p["id"], "text": p["text"]} for p in corpus]
+    for rows, split in ((qa, "train"), (held_out, "test")):
+        assert rows == [{"question": q["question"], "answer": q["answer"]} for p in corpus if p["split"] == split
+                        for q in p["questions"]]  # fmt: skip
+    assert (len(qa), len(held_out)) == (720, 180)
+
+
 def test_every_answer_is_in_its_passage_and_held_out_passages_are_never_trained_on():
     corpus = search.load_corpus()
     assert len(corpus) == 300 and len({p["id"] for p in corpus}) == 300

@@ -6,6 +6,7 @@ import chz
 import datasets
 import tinker
 from tinker_cookbook.renderers import TrainOnWhat
+from tinker_cookbook.renderers.base import ToolCall
 from tinker_cookbook.supervised.data import SupervisedDatasetFromHFDataset, conversation_to_datum
 from tinker_cookbook.supervised.types import ChatDatasetBuilder, SupervisedDataset
 
@@ -29,9 +30,8 @@ class ConversationFilesBuilder(ChatDatasetBuilder):
 
     def _to_datum(self, row: dict) -> tinker.Datum:
         train_on_what = TrainOnWhat(self.common_config.train_on_what or TrainOnWhat.LAST_ASSISTANT_MESSAGE)
-        return conversation_to_datum(
-            row["messages"], self.renderer, self.common_config.max_length, train_on_what
-        )
+        messages = [_with_tool_calls(m) for m in row["messages"]]
+        return conversation_to_datum(messages, self.renderer, self.common_config.max_length, train_on_what)
 
     def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:
         train = datasets.Dataset.from_list(read_jsonl(self.train_file)).shuffle(seed=self.shuffle_seed)
@@ -44,3 +44,12 @@ class ConversationFilesBuilder(ChatDatasetBuilder):
         return train_ds, SupervisedDatasetFromHFDataset(
             held_out, batch_size=len(held_out), map_fn=self._to_datum
         )
+
+
+def _with_tool_calls(message: dict) -> dict:
+    """A message read back through a Hugging Face dataset: the keys other messages have are filled with None (the
+    renderers read a present `tool_calls` as calls), and the calls are dicts where the renderers take `ToolCall`s."""
+    message = {k: v for k, v in message.items() if v is not None}
+    if "tool_calls" in message:
+        message["tool_calls"] = [ToolCall.model_validate(c) for c in message["tool_calls"]]
+    return message

@@ -21,7 +21,8 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.envs import registry
 from posttrain.pipeline.envs.spec import parse_env
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods import warm_start
+from posttrain.pipeline.methods.base import RunContext, TrainingStage
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
 from posttrain.pipeline.setup.plan import TokenBudget
@@ -256,7 +257,8 @@ class VerifierOptions:
 
 @chz.chz
 class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, EnvOptions,
-               SearchOptions, PartnerOptions, RewardOptions, VerifierOptions):  # fmt: skip
+               SearchOptions, PartnerOptions, RewardOptions, VerifierOptions,
+               warm_start.WarmStartOptions):  # fmt: skip
     """Every setting of task=rl."""
 
 
@@ -302,6 +304,8 @@ class RL:
         if cfg.reward_fn is not None and not self.environment.takes_verifier:
             raise ConfigError(f"reward_fn= does not apply to env={self.spec}: the game decides the reward")
         self.partner = self._partner(cfg)
+        self.warm_start_steps = warm_start.checked_steps(cfg, self.environment, self.spec)
+        self.warm: warm_start.WarmStart | None = None
         self.problems: ProblemSet = self.environment.problems(self.spec, cfg, data)
         if not self.problems.train or not self.problems.eval:
             raise ConfigError("RL needs at least one training and one evaluation problem")
@@ -348,6 +352,13 @@ class RL:
             ctx.say(f"retriever: {self.problems.info['retriever']}")
         self._plain = self._plain_context()
         self.environment.prompt(self.problems.eval[0], self._plain)  # e.g. a renderer without tool calls: one line
+        self.warm = warm_start.prepare(ctx, self.warm_start_steps, self.environment, self.problems.train, self._plain)
+
+    def stages(self) -> list[TrainingStage]:
+        """One RL loop in the run's log folder, or (warm_start_steps=) the warm start's loop and then RL's."""
+        if self.warm is not None:
+            return self.warm.stages(self.train, self.total_steps)
+        return [TrainingStage("training", self.ctx.log_path, self.total_steps, self.train, self.ctx.run_name)]
 
     def _episode_settings(self, ctx: RunContext) -> EpisodeSettings:
         from posttrain.pipeline.envs.dataset import EpisodeSettings
@@ -404,10 +415,10 @@ class RL:
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.rl import train as rl_train
 
+        loop = {**self.ctx.loop_settings(), **(self.warm.stage_settings(warm_start.RL_STAGE) if self.warm is not None else {})}
         config = rl_train.Config(
-            **self.ctx.loop_settings(), **rollout_settings(self.cfg), recipe_name=f"posttrain_{self.name}",
-            dataset_builder=self.builder,
-        )  # fmt: skip
+            **loop, **rollout_settings(self.cfg), recipe_name=f"posttrain_{self.name}", dataset_builder=self.builder
+        )
         return rl_train.main(config)
 
     def token_budget(self) -> TokenBudget:
@@ -430,23 +441,10 @@ class RL:
             sequences_per_step=cfg.batch_size * cfg.group_size, mean_train_length=trajectory, notes=notes,
         )  # fmt: skip
         if self.partner is not None:
-            budget = self._add_partner_tokens(budget, episodes * turns, prompt)
+            budget = partner_tokens(budget, self.partner, episodes * turns, prompt + cfg.max_tokens)
+        if self.warm is not None:
+            budget = self.warm.add_tokens(budget)
         return self.judging.add_judge_tokens(budget, self.problems, prompt, cfg) if self.judging else budget
-
-    def _add_partner_tokens(self, budget: TokenBudget, replies: int, prompt: float) -> TokenBudget:
-        """Each of the partner's replies reads its own prompt (counted as long as the policy's: both are the game's
-        rules) and the policy's last turn, and writes a few tokens."""
-        from dataclasses import replace
-
-        from posttrain.pipeline.envs.dataset import PARTNER_MAX_TOKENS
-
-        cfg = self.cfg
-        per_reply = prompt + cfg.max_tokens
-        note = f"partner {self.partner}: one reply of at most {PARTNER_MAX_TOKENS} tokens per turn"
-        return replace(
-            budget, prefill=round(budget.prefill + replies * per_reply),
-            sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
-        )  # fmt: skip
 
     def _asks_for_the_answer_format(self) -> bool:
         """Whether the prompts carry our answer instruction: question/answer environments do; games, tools and
@@ -475,4 +473,20 @@ class RL:
             extra |= verifiers.summary(cfg.reward_fn, self.ctx.log_path / verifiers.ERRORS_FILE)
         if self.partner is not None:
             extra |= {"partner_model": self.partner, "partner_renderer": getattr(self, "partner_renderer", None)}
+        if self.warm is not None:
+            extra["warm_start"] = self.warm.summary()
         return dataset, sizes, extra
+
+
+def partner_tokens(budget: TokenBudget, partner: str, replies: int, reads: float) -> TokenBudget:
+    """`budget` with a game partner's replies added: each reads `reads` tokens (its own prompt, counted as long as
+    the policy's: both are the game's rules, and the policy's last turn) and writes a few."""
+    from dataclasses import replace
+
+    from posttrain.pipeline.envs.dataset import PARTNER_MAX_TOKENS
+
+    note = f"partner {partner}: one reply of at most {PARTNER_MAX_TOKENS} tokens per turn"
+    return replace(
+        budget, prefill=round(budget.prefill + replies * reads),
+        sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
+    )  # fmt: skip

@@ -70,8 +70,10 @@ NO_TOOL_CALL_RENDERERS = ("llama3", "role_colon")
 
 def tool_set(spec: EnvSpec) -> ModuleType:
     """`env=tools:NAME`'s tool set: the module `envs/tools/NAME.py`, with its TOOLS (cookbook `@tool` functions),
-    INSTRUCTIONS, worked EXAMPLE, SOURCE and problems(split, n, seed), and, for tools that keep what an episode
-    did, episode_tools(problem) (`EpisodeTools`). A new tool set is such a module and its line in `envs.registry`."""
+    INSTRUCTIONS, worked EXAMPLE, SOURCE and problems(split, n, seed); for tools that keep what an episode did,
+    episode_tools(problem) (`EpisodeTools`); for a warm start (`methods.warm_start`), demonstration(problem): a
+    worked answer's call arguments and the tool's reply. A new tool set is such a module and its line in
+    `envs.registry`."""
     return importlib.import_module(f"{__package__}.{spec.variant}")
 
 
@@ -117,15 +119,31 @@ def initial_messages(problem: dict, renderer: Any, tools: ModuleType) -> list[re
             f"env=tools:{tools.__name__.rsplit('.', 1)[-1]} needs a renderer with a tool-call format; "
             f"{type(renderer).__name__} has none (set renderer_name, e.g. qwen3_instruct for ChatML models)"
         ) from None
+    example = [{"role": "user", "content": question}, *_worked(tools, arguments, result, answer)]
+    return [*prefix, *example, {"role": "user", "content": problem["question"]}]
+
+
+def _worked(tools: ModuleType, arguments: dict, result: str, answer: str) -> list[renderers.Message]:
+    """One call of the tool set's first tool, its reply, and the answer after the marker."""
     first = tools.TOOLS[0]
     call = ToolCall(function=ToolCall.FunctionBody(name=first.name, arguments=json.dumps(arguments)))
-    example: list[renderers.Message] = [
-        {"role": "user", "content": question},
+    return [
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": result, "name": first.name},
         {"role": "assistant", "content": f"{ANSWER_MARKER} {answer}"},
     ]
-    return [*prefix, *example, {"role": "user", "content": problem["question"]}]
+
+
+def demonstration(problem: dict, renderer: Any, tools: ModuleType) -> list[renderers.Message] | None:
+    """The episode's opening followed by a worked answer (the tool set's `demonstration`: the call and the tool's
+    real reply), only its calls and answer marked trainable; None where the tool set has no worked answer for it."""
+    worked = tools.demonstration(problem)
+    if worked is None:
+        return None
+    arguments, result = worked
+    opening = [{**m, "trainable": False} for m in initial_messages(problem, renderer, tools)]
+    answer = _worked(tools, arguments, result, str(problem["answer"]))
+    return [*opening, *({**m, "trainable": m["role"] == "assistant"} for m in answer)]  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------------ reward, env
@@ -274,6 +292,13 @@ class ToolUse:
 
     def max_turns(self, spec: EnvSpec) -> int:
         return max_turns(spec)
+
+    def demonstrates(self, spec: EnvSpec) -> bool:
+        """Whether the tool set can show a worked answer (`demonstration`), for a warm start."""
+        return hasattr(tool_set(spec), "demonstration")
+
+    def demonstration(self, problem: dict, ctx: EnvContext) -> list[renderers.Message] | None:
+        return demonstration(problem, ctx.renderer, tool_set(ctx.spec))
 
     def make_env(self, problem: dict, ctx: EnvContext) -> Env:
         return make_env(problem, ctx)

@@ -14,6 +14,7 @@ finds them from its problem alone, in training and in evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable
 from functools import cache
@@ -25,6 +26,7 @@ from tinker_cookbook.tool_use import ToolResult, simple_tool_result, tool
 from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import ProblemSet
 from posttrain.pipeline.envs.tools import corpus as user_corpus
+from posttrain.pipeline.scoring.grading import normalize_text
 from posttrain.util import PACKAGE_DATA
 
 if TYPE_CHECKING:
@@ -80,6 +82,9 @@ class BM25Retriever:
     def __init__(self, passages: tuple[dict, ...] | list[dict]):
         import bm25s
 
+        # bm25s sets its own logger to DEBUG at import; its "Building index" lines would reach the user's terminal
+        # when the index is built before the run's library output goes to console.log (a dry run, method checks).
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         self.passages = list(passages)
         self._bm25 = bm25s.BM25()
         self._bm25.index(self._tokenize([user_corpus.shown(p) for p in self.passages]), show_progress=False)
@@ -143,11 +148,28 @@ class Search:
         assert self.retriever is not None, "the module's TOOLS are the specification; episodes use episode_tools"
         hits = self.retriever.search(query, SEARCH_RESULTS)
         self.retrieved.setdefault(self.turn(), []).extend(p["id"] for p in hits)
-        return simple_tool_result("\n".join(user_corpus.shown(p) for p in hits) if hits else "No results.")
+        return simple_tool_result(reply(hits))
 
     def turn_details(self, turn: int) -> dict[str, Any]:
         """What a results row's transcript adds to turn `turn`: the passage ids retrieved in it."""
         return {"retrieved": self.retrieved.get(turn, [])}
+
+
+def reply(hits: list[dict]) -> str:
+    """The tool's reply to a search that found `hits`."""
+    return "\n".join(user_corpus.shown(p) for p in hits) if hits else "No results."
+
+
+def demonstration(problem: dict) -> tuple[dict, str] | None:
+    """A worked answer to `problem` for a warm start (`methods.warm_start`): the call (the question itself as the
+    query) and the tool's real reply, or None when that search does not find the answer: a demonstration that
+    answers what its search did not return would teach the model to guess."""
+    query = problem["question"]
+    found = reply(retriever_for(problem).search(query, SEARCH_RESULTS))
+    # Whole words: the answer "cat" is not in a reply about a "category".
+    if f" {normalize_text(str(problem['answer']))} " not in f" {normalize_text(found)} ":
+        return None
+    return {"query": query}, found
 
 
 # The tools' specification, for the prompt; each episode runs its own (`episode_tools`).
