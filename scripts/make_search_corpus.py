@@ -173,13 +173,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = make_corpus()
     if args.as_user_files is not None:
+        args.as_user_files.mkdir(parents=True, exist_ok=True)
         for name, lines in user_files(rows).items():
-            (args.as_user_files / name).parent.mkdir(parents=True, exist_ok=True)
-            (args.as_user_files / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+            _write(args.as_user_files / name, lines)
             print(f"{args.as_user_files / name}: {len(lines)} rows")
         return
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write(args.out, rows)
     print(f"{args.out}: {len(rows)} passages, {sum(len(r['questions']) for r in rows)} questions")
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from posttrain.config.run import RunSettings
+from posttrain.errors import UserError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.results import MetricKind
 
@@ -126,6 +127,17 @@ class TrainingStage:
     wandb_name: str
     # Run once the loop has finished and its progress bar closed (e.g. measuring the stage's model).
     after: Callable[[], Coroutine[Any, Any, Any]] | None = None
+
+
+def stage_checkpoint(log_path: Path, key: str, stage: str) -> str:
+    """The `key` (state_path or sampler_path) of the last checkpoint a finished stage (`stage`, in words) saved."""
+    from tinker_cookbook import checkpoint_utils
+
+    record = checkpoint_utils.get_last_checkpoint(str(log_path), required_key=key)
+    path = getattr(record, key, None) if record is not None else None
+    if not path:
+        raise UserError(f"{stage} left no checkpoint in {log_path}/checkpoints.jsonl")
+    return path
 
 
 def training_stages(method: Method, ctx: RunContext) -> list[TrainingStage]:

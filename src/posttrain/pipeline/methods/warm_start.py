@@ -22,7 +22,7 @@ import chz
 
 from posttrain.config.checks import at_least
 from posttrain.errors import ConfigError, UserError
-from posttrain.pipeline.methods.base import RunContext, TrainingStage
+from posttrain.pipeline.methods.base import RunContext, TrainingStage, stage_checkpoint
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -170,12 +170,7 @@ class WarmStart:
         return settings
 
     def checkpoint(self) -> str:
-        from tinker_cookbook import checkpoint_utils
-
-        record = checkpoint_utils.get_last_checkpoint(str(self.dir), required_key="state_path")
-        if record is None or not record.state_path:
-            raise UserError(f"warm start: no checkpoint in {self.dir}/checkpoints.jsonl")
-        return record.state_path
+        return stage_checkpoint(self.dir, "state_path", "the warm start")
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import UserError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.base import RunContext, stage_checkpoint
 from posttrain.pipeline.methods.sft import supervised_settings
 
 STAGES = ("sft", "reward_model", "rl")
@@ -69,13 +68,7 @@ class Stages:
 
     def checkpoint(self, stage: str, key: str) -> str:
         """The last checkpoint a finished stage saved (`state_path` or `sampler_path`)."""
-        from tinker_cookbook import checkpoint_utils
-
-        record = checkpoint_utils.get_last_checkpoint(str(self.dir(stage)), required_key=key)
-        path = getattr(record, key, None) if record is not None else None
-        if not path:
-            raise UserError(f"rlhf: the {stage} stage left no checkpoint in {self.dir(stage)}/checkpoints.jsonl")
-        return path
+        return stage_checkpoint(self.dir(stage), key, f"rlhf: the {stage} stage")
 
 
 def chosen_conversation(row: dict) -> list[dict[str, str]]:
