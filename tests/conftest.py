@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
     os.environ[_proxy] = "http://127.0.0.1:9"
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
+# One test worker per processor, each starting engines: one compute thread per engine keeps them from
+# oversubscribing the processors (an engine's default is every processor; the count is fixed either way).
+os.environ.setdefault("POSTTRAIN_ENGINE_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +171,67 @@ def vision_engine(
     models = [*(f"{name}={path}" for name, path in vision_models.items()), tiny_model]
     with serving(models, tmp_path_factory.mktemp("vision-engine")) as proc:
         yield proc
+
+
+# ------------------------------------------------------------------ a finished run (tests/pipeline/after)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> tuple[Path, dict[str, str]]:
+    """A finished SFT run of the tiny model (fp32, so the comparisons are tight), its own checkpoint cache."""
+    from runs import FINISHED, train
+
+    cwd = tmp_path_factory.mktemp("after")
+    env = {"POSTTRAIN_CACHE": str(cwd / "cache")}
+    data = cwd / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."}) + "\n"
+                            for i in range(40)))  # fmt: skip
+    # lr 0.01 over 8 steps of 4: the model moves well beyond the tolerances (at 0.05 over 4 steps of 8 the loss
+    # diverged once in CI). Any verdict will do: 4 held-out examples rarely tell "improved" from "inconclusive".
+    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.01",
+            "batch_size=4", "max_steps=8", "save_every=0", "eval_every=0", "run_name=done", "backend=local",
+            "lora_rank=8", "dtype=fp32"]  # fmt: skip
+    proc = train(args, cwd, extra_env=env)
+    assert proc.returncode in FINISHED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return cwd, env
+
+
+@pytest.fixture(scope="session")
+def run_engine(finished, tiny_model: str) -> Iterator[Any]:
+    """A second engine on the run's checkpoint folder, to check what the commands produced against."""
+    import tinker
+
+    from posttrain.engine.launcher import EngineProcess, ServeOptions
+
+    cwd, _ = finished
+    engine = EngineProcess(
+        ServeOptions(models=[tiny_model], checkpoint_dir=cwd / "cache" / "checkpoints", dtype="fp32"),
+        log_file=cwd / "verify-engine.log",
+    )
+    engine.start()
+    service = tinker.ServiceClient(base_url=engine.url, api_key="tml-local-test")
+    yield service
+    finish(service)
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_answer(run_engine, tiny_model: str) -> Callable[..., str]:
+    """`engine_answer(model_path, messages, max_tokens=12)`: the answer the engine itself gives `messages` at
+    temperature 0 (model_path None: the base model), rendered as the run renders them."""
+    import tinker
+    from tinker_cookbook import renderers
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+    renderer = renderers.get_renderer("role_colon", tokenizer=get_tokenizer(tiny_model))
+
+    def answer(model_path: str | None, messages: list[dict], max_tokens: int = 12) -> str:
+        params = tinker.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.get_stop_sequences())
+        sampler = run_engine.create_sampling_client(
+            model_path=model_path, base_model=None if model_path else tiny_model
+        ).result()
+        prompt = renderer.build_generation_prompt(messages)
+        reply = sampler.sample(prompt, num_samples=1, sampling_params=params).result()
+        return renderers.get_text_content(renderer.parse_response(reply.sequences[0].tokens)[0])
+
+    return answer

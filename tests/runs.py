@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Exit codes of a run that finished, whatever its verdict: improved, not improved, inconclusive, guard regressed.
+FINISHED = (0, 1, 3, 4)
 
 
 # The quickest RL run on the tiny model that still trains one step and evaluates a few held-out problems.

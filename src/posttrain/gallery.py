@@ -37,7 +37,9 @@ USAGE = """usage: posttrain examples [list | NAME ... | all] [out=DIR] [key=valu
   key=value     added to every run's settings (e.g. max_steps=1 to check the commands)
 """
 
-FROM_STAGE = "{stage:"  # an argument value `{stage:NAME}` is that earlier stage's trained model (tinker:// path)
+FROM_STAGE = "{stage:"
+# A stage's `posttrain train` finished, whatever its verdict: improved, not improved, inconclusive, guard regressed.
+FINISHED_CODES = (0, 1, 3, 4)  # an argument value `{stage:NAME}` is that earlier stage's trained model (tinker:// path)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,30 @@ def _write_chats(folder: Path, n: int = 400, seed: int = 0) -> None:
     write_jsonl(folder / CHAT_FILE, rows)
 
 
+PAIRS_FILE = "pairs.jsonl"
+# The forms an answer takes; a pair's chosen and rejected answers share one, so only the result tells them apart.
+ANSWER_FORMS = ("#### {a} {op} {b} = {r}", "{a} {op} {b} = {r}\n\n#### {r}", "The answer is {r}.\n#### {r}",
+                "{a} {op} {b} = {r}. The final answer is {r}.\n#### {r}")  # fmt: skip
+
+
+def _write_pairs(folder: Path, n: int = 640, seed: int = 0) -> None:
+    """Arithmetic preference pairs whose chosen and rejected answers differ only in the result (right vs a near
+    miss), in one of a few shared forms. The pairs sampled from the model (src/posttrain/data/
+    preference_arithmetic_hardest.jsonl) also differed in form, and DPO learned the form (see README); and 640
+    pairs leave 64 held out, where 164 left 16, too few to tell a gain from noise."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-")
+        right = a + b if op == "+" else a - b
+        wrong = right + rng.choice((-2, -1, 1, 2, 10))
+        form = rng.choice(ANSWER_FORMS)
+        rows.append({"prompt": f"Calculate {a} {op} {b}.\nGive only the final answer after ####.",
+                     "chosen": form.format(a=a, op=op, b=b, r=right), "rejected": form.format(a=a, op=op, b=b, r=wrong),
+                     "answer": str(right)})  # fmt: skip
+    write_jsonl(folder / PAIRS_FILE, rows)
+
+
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
@@ -148,10 +174,12 @@ EXAMPLES: dict[str, Example] = {
             reported=("off_policy", "on_policy"),
         ),  # fmt: skip
         Example(
-            "dpo", "DPO: arithmetic preference pairs (the hardest near misses)", "(the document's seventh row)",
-            (Stage("dpo", (f"dataset={PACKAGE_DATA / 'preference_arithmetic_hardest.jsonl'}", "learning_rate=3e-4",
-                           "num_epochs=3", "batch_size=16", "save_every=0")),),
-            lambda s: _points(s) >= 15, "held-out preference accuracy >= +15 points",
+            "dpo", "DPO: arithmetic preference pairs (right vs a near miss, in the same form)",
+            "(the document's seventh row)",
+            (Stage("dpo", (f"dataset={{folder}}/{PAIRS_FILE}", "save_every=0")),),
+            lambda s: _points(s) >= 15 and not (s.get("guard") or {}).get("regressed"),
+            "held-out preference accuracy >= +15 points, no guard regression",
+            make_data=_write_pairs,
         ),
     )
 }
@@ -198,7 +226,7 @@ def run_example(example: Example, out: Path, extra: list[str]) -> dict[str, Any]
         args = _stage_args(example, stage, folder, done, extra)
         code = _train(args)
         summary_file = folder / stage.name / "summary.json"
-        if code not in (0, 1) or not summary_file.exists():
+        if code not in FINISHED_CODES or not summary_file.exists():
             return _row(example, None, time.monotonic() - started, f"stage {stage.name} failed (exit {code})")
         done[stage.name] = json.loads(summary_file.read_text())
         if done[stage.name].get("status") == "failed":
@@ -229,8 +257,43 @@ def _row(example: Example, summaries: dict[str, dict] | None, seconds: float, er
         return row | {"result": None, "met": False, "error": error}
     several = len(summaries) > 1
     result = "; ".join(f"{name}: {_stage_result(s)}" if several else _stage_result(s) for name, s in summaries.items())
-    met = all(example.met(s) for s in summaries.values())
-    return row | {"result": result, "met": met, "notes": list(example.notes)}
+    interval = "; ".join(f"{name}: {_interval(s)}" if several else _interval(s) for name, s in summaries.items())
+    guard = "; ".join(f"{name}: {_guard(s)}" if several else _guard(s) for name, s in summaries.items())
+    # The bar is met when the point estimate reaches it and the verdict is `improved`: the gain's 95% interval
+    # excludes no change, so a bar cleared by noise is not met.
+    met = all(example.met(s) and s.get("verdict") == "improved" for s in summaries.values())
+    return row | {"result": result, "interval": interval, "guard": guard, "met": met, "notes": list(example.notes)}
+
+
+def _interval(summary: dict) -> str:
+    """'+20.0 points [+2.8, +29.4], McNemar p = 0.021, n = 50: improved'."""
+    imp = summary.get("improvement") or {}
+    low, high = imp.get("interval") or (None, None)
+    if low is None or high is None:  # an unbounded interval (JSON has no infinity): too few examples
+        return f"too few examples to tell (n = {imp.get('n')}): {summary.get('verdict')}"
+    scale, unit = (100.0, " points") if imp.get("unit") == "points" else (1.0, " nats")
+    digits = 1 if scale == 100.0 else 3
+    test = "McNemar" if imp.get("test") == "mcnemar_exact" else "permutation"
+    p = imp.get("p_value", 1.0)
+    return (f"{imp['difference'] * scale:+.{digits}f}{unit} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}], "
+            f"{test} p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}, n = {imp.get('n')}: {summary.get('verdict')}")  # fmt: skip
+
+
+def _guard(summary: dict) -> str:
+    """'no regression (general chat NLL -0.054 [-0.137, +0.040])' or 'REGRESSED: task accuracy ... -31.2 points'."""
+    guard = summary.get("guard") or {}
+    checks = guard.get("checks") or []
+    if not checks:
+        return "-"
+    parts = []
+    for c in checks:
+        scale, digits = (100.0, 1) if c.get("metric") == "score" else (1.0, 3)
+        low, high = c["interval"]
+        parts.append(f"{c['name']} {c['difference'] * scale:+.{digits}f} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]")
+    word = "REGRESSED" if guard.get("regressed") else "no regression"
+    length = guard.get("answer_chars")
+    chars = f"; answers {length['baseline']:.0f} -> {length['trained']:.0f} chars" if length else ""
+    return f"{word} ({'; '.join(parts)}){chars}"
 
 
 def _stage_result(summary: dict) -> str:
@@ -250,11 +313,12 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     facts = machine()
     atomic_write_text(out / "gallery.json", json.dumps({"machine": facts, "examples": rows}, indent=2) + "\n")
     lines = [f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores; {', '.join(facts['cpu_flags'])})",
-             "", "| example | base -> trained | document's example | bar | met | wall |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "", "| example | base -> trained | change, 95% interval, test, n: verdict | guard | document's example | bar "
+             "| met | wall |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         result = r["result"] or f"failed: {r.get('error')}"
-        lines.append(f"| {r['example']} | {result} | {r['target']} | {r['bar']} | {'yes' if r['met'] else 'no'} | "
-                     f"{r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
+        lines.append(f"| {r['example']} | {result} | {r.get('interval', '-')} | {r.get('guard', '-')} | {r['target']} | "
+                     f"{r['bar']} | {'yes' if r['met'] else 'no'} | {r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
     lines += ["", "Each example is `uv run posttrain examples NAME`; its runs:", ""]
     lines += [f"- {r['example']}: `{r['runs']}`" for r in rows]
     atomic_write_text(out / "gallery.md", "\n".join(lines) + "\n")

@@ -11,6 +11,8 @@ from runs import posttrain, read_jsonl
 
 from posttrain.gallery import EXAMPLES
 
+X86_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags util.processor records, where present
+
 
 def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, engine, tiny_model: str):
     out = tmp_path / "gallery"
@@ -23,10 +25,21 @@ def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, en
     assert short in proc.stdout and proc.stdout.index(short) < proc.stdout.index("training: 1 steps"), proc.stdout[-4000:]
     table = json.loads((out / "gallery.json").read_text())
     assert [r["example"] for r in table["examples"]] == list(EXAMPLES)
-    assert "avx2" in table["machine"]["cpu_flags"] and table["machine"]["cores"] >= 1
+    machine = table["machine"]
+    # The processor as it is, on any architecture: avx2 is recorded where /proc/cpuinfo has it (an ARM machine
+    # has none of these x86 flags, and may have no cpuinfo model name at all).
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    assert isinstance(machine["cpu"], str) and machine["cpu"] and machine["cores"] >= 1
+    assert isinstance(machine["cpu_flags"], list) and set(machine["cpu_flags"]) <= set(X86_FLAGS)
+    assert ("avx2" in machine["cpu_flags"]) == (" avx2" in cpuinfo)
     for row in table["examples"]:
         assert row["result"] and "error" not in row, row  # each stage finished and was evaluated
         assert row["command"] == f"uv run posttrain examples {row['example']}"
+        # Every row gives the change with its interval and verdict, and what the guard evaluation found.
+        # (one step and 2 held-out examples here: mostly "too few examples to tell")
+        assert row["interval"].rsplit(": ", 1)[-1] in ("improved", "not improved", "inconclusive")
+        assert "]" in row["interval"] or "too few examples to tell (n = " in row["interval"]
+        assert ("no regression (" in row["guard"] or "REGRESSED (" in row["guard"]) and "general chat NLL" in row["guard"]
         example = EXAMPLES[row["example"]]
         for stage in example.stages:
             folder = out / example.name / stage.name
@@ -35,6 +48,7 @@ def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, en
             assert (folder / "report.md").exists() and read_jsonl(folder / "trained_model.jsonl")
     md = (out / "gallery.md").read_text()
     assert all(f"| {name} |" in md for name in EXAMPLES) and "cores" in md
+    assert "| change, 95% interval, test, n: verdict | guard |" in md
     # Self-contained: the distillation's teacher is the rl stage built in the same command.
     rl = json.loads((out / "distillation" / "rl" / "summary.json").read_text())
     for mode in ("off_policy", "on_policy"):  # both modes, from the same teacher, both in the table's row

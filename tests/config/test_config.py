@@ -33,6 +33,7 @@ EXPECTED_FIELDS = {
     "corpus", "retriever",  # env=tools:search over the user's corpus
     "warm_start_steps",  # task=rl: a supervised stage on worked answers before RL (env=tools:search)
     "verifiers_args",  # env=verifiers:NAME
+    "guard", "guard_dataset",  # the guard evaluation (did training break something else?)
 }  # fmt: skip
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."

@@ -74,3 +74,19 @@ def test_an_encrypted_export_is_readable_only_with_the_key(service, tiny_model, 
         pyrage.decrypt(sealed, [pyrage.x25519.Identity.generate()])
     with pytest.raises(Exception, match="not an age or SSH public key"):
         training.save_weights_external("bad", age_encryption_recipients=["age1nonsense"]).result()
+
+
+def test_downloading_a_training_checkpoint_leaves_nothing_in_the_checkpoint_store(services, tiny_model, engine,
+                                                                                   engine_dirs, tmp_path):
+    """The cookbook's `weights.download` of a `weights/` checkpoint loads it into a run of its own, exports, and
+    deletes the export: once its session is closed, that run's folder is gone too."""
+    from tinker_cookbook import weights
+
+    training = _trained(services(base_url=engine.url, api_key="tml-local-test"), tiny_model)
+    state = training.save_state("to-download").result().path
+    store = engine_dirs / "checkpoints"
+    before = sorted(p.name for p in store.iterdir())
+    out = weights.download(tinker_path=state, output_dir=str(tmp_path / "adapter"), base_url=engine.url)
+    assert json.loads((Path(out) / "adapter_config.json").read_text())["r"] == 4
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert (store / training.model_id / "weights" / "to-download" / "meta.json").exists()

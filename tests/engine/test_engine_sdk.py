@@ -440,6 +440,38 @@ def test_a_fixed_seed_gives_identical_samples(trained_sampler):
     assert alone == first
 
 
+def test_a_seeded_session_reproduces_the_lora_initialisation_and_unseeded_samples(
+    engine, services, tiny_model, monkeypatch
+):
+    """The cookbook's loops create the LoRA and sample rollouts without a seed. A session tagged `seed=N` (the SDK
+    sends TINKER_TAGS) gets seeds derived from N: the same trained weights and samples, whatever the order in
+    which concurrent requests arrive; another N (or no tag) gives others."""
+
+    def run(tags: str | None) -> tuple[np.ndarray, list]:
+        if tags is None:
+            monkeypatch.delenv("TINKER_TAGS", raising=False)
+        else:
+            monkeypatch.setenv("TINKER_TAGS", tags)
+        service = services(base_url=engine.url, api_key="tml-local-test")
+        tc = service.create_lora_training_client(base_model=tiny_model, rank=4).result()
+        _step(tc, _batch(0))
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        params = types.SamplingParams(max_tokens=8, temperature=1.0, stop=[])
+        prompts = [PROMPT, PROMPT[:5], PROMPT, PROMPT[:5]]
+        futures = [sampler.sample(types.ModelInput.from_ints(p), 2, params) for p in prompts]
+        return _probe(tc), [[s.tokens for s in f.result().sequences] for f in futures]
+
+    weights, samples = run("posttrain,seed=7")
+    again_weights, again_samples = run("seed=7,other")
+    np.testing.assert_array_equal(weights, again_weights)
+    assert samples == again_samples
+    assert samples[0] != samples[2]  # the same prompt asked twice: two draws, not one repeated
+    other_weights, other_samples = run("seed=8")
+    assert np.abs(weights - other_weights).max() > 1e-4 and samples != other_samples
+    unseeded = [run(None)[0] for _ in range(2)]
+    assert np.abs(unseeded[0] - unseeded[1]).max() > 1e-4  # no tag: a fresh draw each time, as the SDK means
+
+
 def test_stop_strings_and_stop_tokens_end_the_returned_tokens(trained_sampler, tiny_model):
     _, _, sampler = trained_sampler
     tokenizer = reference_tokenizer(tiny_model)

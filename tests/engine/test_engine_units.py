@@ -520,3 +520,30 @@ def test_the_engine_process_spins_briefly_then_sleeps():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["ACTIVE", "None"]
+
+
+def test_session_seed_tags_derive_stable_seeds_per_request():
+    from posttrain.engine.seeding import SampleSeeds, derive, session_seed, split_session
+
+    assert session_seed(["posttrain", "seed=7"]) == 7 and session_seed(["seed=1", "seed=3"]) == 3
+    assert session_seed(["seed=x", "seedy=4", 5]) is None and session_seed([]) is None
+    assert derive(7, "lora", 0) == derive(7, "lora", 0) != derive(7, "lora", 1) != derive(8, "lora", 1)
+    assert 0 <= derive(7, "lora", 0) < 2**63
+    # The session's random id is not part of a seed: the same request order in another session, the same seeds.
+    assert split_session("s1a2:train:0:sampler:5") == ("s1a2", "train:0:sampler:5")
+    first, second = SampleSeeds(), SampleSeeds()
+    a = [first.seed_for(7, "sA:sample:1", (p, None)) for p in ((1, 2), (3,), (1, 2))]
+    b = [second.seed_for(7, "sB:sample:1", (p, None)) for p in ((3,), (1, 2), (1, 2))]  # another arrival order
+    assert a[0] != a[2] and sorted(a) == sorted(b) and a[1] == b[0]
+    second.forget_session("sB")
+    assert second.seed_for(7, "sB:sample:1", ((1, 2), None)) == a[0]  # a finished session's counts are gone
+
+
+def test_the_engines_thread_count_is_fixed_and_can_come_from_the_environment(monkeypatch):
+    from posttrain.engine import serve
+
+    monkeypatch.setenv(serve.THREADS_VARIABLE, "3")
+    assert serve.build_parser().parse_args([]).threads == 3
+    monkeypatch.delenv(serve.THREADS_VARIABLE)
+    assert serve.build_parser().parse_args([]).threads is None  # every processor, fixed (compute.ComputeThread)
+    assert serve.build_parser().parse_args(["--threads", "0"]).threads == 0  # the adaptive policy, on request

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from posttrain.pipeline.console import Console
@@ -40,3 +43,25 @@ def test_on_policy_distillation_bar_shows_the_kl_not_the_zero_reward() -> None:
 
     shown = _postfix({"step": 0, "teacher_kl": 0.362, "env/all/reward/total": 0.0}, 12.0)
     assert shown == {"teacher_kl": "0.362", "tok/s": "12"}
+
+
+# A run started with its stdout a pipe or a file (nohup, `> out.txt`, CI): Python buffers that stdout 8 KB at a
+# time, unless PYTHONUNBUFFERED is set, which the test's own environment may have.
+CAPTURED = """
+import sys
+from pathlib import Path
+from posttrain.pipeline.console import Console
+log = Path(sys.argv[1])
+with Console().capture(log / "console.log"):
+    print("a library's line")
+    (log / "seen").write_text((log / "console.log").read_text())
+"""
+
+
+def test_each_captured_line_reaches_console_log_as_it_is_written(tmp_path: Path) -> None:
+    # What is still buffered when the run fails (a full disk) never reaches the log.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    subprocess.run(
+        [sys.executable, "-c", CAPTURED, str(tmp_path)], env=env, stdout=subprocess.PIPE, check=True
+    )
+    assert (tmp_path / "seen").read_text() == "a library's line\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LINEUP_API_KEY
-from runs import REPO, Finished, read_jsonl, start_with_keys_file, wait_all
+from runs import FINISHED, REPO, Finished, read_jsonl, start_with_keys_file, wait_all
 
 from posttrain.pipeline.results import validate_summary
 
@@ -91,7 +91,8 @@ def test_tinker_path_runs_end_to_end(lineup_runs: dict[str, Finished], model: st
     proc = lineup_runs[f"{model}:{task}"]
     output = proc.stdout + proc.stderr
     # RL on a random model may not improve in two steps: exit 1 then, with complete results.
-    assert proc.returncode in ((0,) if task == "sft" else (0, 1)), output[-4000:]
+    # SFT improves, but 2 held-out examples cannot show it beyond noise: inconclusive (3) is its expected verdict.
+    assert proc.returncode in ((0, 3) if task == "sft" else FINISHED), output[-4000:]
 
     # Preflight: keys from .env, W&B offline as asked, the served lineup, the renderer checked.
     assert "preflight: Tinker: TINKER_API_KEY is set" in proc.stdout

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train, train_here
+from runs import FINISHED, read_jsonl, train, train_here
 
 from posttrain.config.parse import UNSUPPORTED_SENTENCE
 from posttrain.pipeline.results import validate_summary
@@ -60,7 +60,10 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     assert summary["hyperparameters"]["learning_rate"] == 0.01
     base, trained = read_jsonl(results / "base_model.jsonl"), read_jsonl(results / "trained_model.jsonl")
     assert len(base) == len(trained) == summary["sizes"]["eval_rows"] > 0
-    assert set(base[0]) == {"index", "prompt", "completion", "nll"}
+    # Beside each NLL, what the model itself now answers (greedy), for both models.
+    assert set(base[0]) == set(trained[0]) == {"index", "prompt", "completion", "nll", "answer"}
+    assert all(isinstance(r["answer"], str) for r in base + trained)
+    # (the tiny model's greedy answers may be empty; test_report_html checks an answer is shown on the page)
     assert base[0]["completion"].startswith("Number ")
     metrics = read_jsonl(results / "logs" / "sft_e2e" / "metrics.jsonl")
     assert any("test/nll" in m for m in metrics) and any("train_mean_nll" in m for m in metrics)
@@ -93,6 +96,38 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     )  # bad input lost nothing
 
 
+def test_a_run_that_regresses_on_its_guard_says_so(tmp_path: Path, tiny_model: str, sft_data: Path) -> None:
+    """Built to regress: a learning rate far too high for the tiny model drives it onto the training data's one
+    phrasing, so replies made of words the training data never uses (the user's guard set) become much less
+    likely than under the untrained model."""
+    words = ["zephyr", "quixotic", "labyrinth", "obsidian", "marmalade", "nebula", "tundra", "falconry", "origami",
+             "velvet", "archipelago", "kaleidoscope", "sycamore", "bagpipe", "glacier"]  # fmt: skip
+    guard_file = tmp_path / "everyday.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say the number {k}."},
+                          {"role": "assistant", "content": " ".join(words[(k + j) % len(words)] for j in range(12))}]}
+            for k in range(30)]  # fmt: skip
+    guard_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = train(
+        [f"dataset={sft_data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.3",
+         "batch_size=8", "max_steps=6", "eval_every=0", "save_every=0", "run_name=regress", "backend=local",
+         "lora_rank=8", f"guard_dataset={guard_file}"],
+        tmp_path,
+    )  # fmt: skip
+    results = tmp_path / "results"
+    summary = json.loads((results / "summary.json").read_text())
+    guard = summary["guard"]
+    assert guard["regressed"] == ["guard set NLL"], json.dumps(guard)[:2000]
+    (check,) = guard["checks"]
+    assert check["n"] == 30 and check["trained"] > check["baseline"] and check["interval"][1] < 0
+    assert str(guard_file) in check["source"]
+    # Improved on its task, REGRESSED on the guard: exit 4; were the task not improved, its own code.
+    assert proc.returncode == (4 if summary["verdict"] == "improved" else 1 if summary["verdict"] == "not improved" else 3)
+    assert "guard: REGRESSED on guard set NLL (" in proc.stdout, proc.stdout[-3000:]
+    assert "Guard: **REGRESSED**" in (results / "report.md").read_text()
+    assert ">REGRESSED</span>" in (results / "report.html").read_text()
+    assert len(read_jsonl(results / "guard_trained_model.jsonl")) == 30
+
+
 def test_rl_run_on_arithmetic_env(tmp_path: Path, tiny_model: str) -> None:
     proc = train(
         [
@@ -112,7 +147,7 @@ def test_rl_run_on_arithmetic_env(tmp_path: Path, tiny_model: str) -> None:
         ],
         tmp_path,
     )
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     validate_summary(summary)
     assert summary["task_type"] == "rl" and summary["method"] == "rl" and 0.0 <= summary["trained_score"] <= 1.0

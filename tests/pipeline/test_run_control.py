@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runs import REPO, read_jsonl, train_here
+from runs import FINISHED, REPO, read_jsonl, train_here
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,11 @@ def _args(pairs: Path, model: str, run_name: str, epochs: int = 3) -> list[str]:
     ]
 
 
-def _start(args: list[str], cwd: Path, sigint_ignored: bool = False) -> subprocess.Popen[str]:
+def _start(
+    args: list[str], cwd: Path, sigint_ignored: bool = False, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra_env or {})
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=cwd,
@@ -179,7 +182,10 @@ def test_inputs_checked_before_anything_is_spent(tmp_path: Path, pairs: Path) ->
 
 
 def test_a_stopped_dry_run_says_it_wrote_nothing(tmp_path: Path, tiny_model: str, pairs: Path) -> None:
-    proc = _start([*_args(pairs, tiny_model, "d1"), "dry_run=true"], tmp_path)
+    temp = tmp_path / "tmp"  # the system temp folder, where the plan keeps its logs while it runs
+    temp.mkdir()
+    args = [*_args(pairs, tiny_model, "d1"), "dry_run=true"]
+    proc = _start(args, tmp_path, extra_env={"TMPDIR": str(temp)})
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("plan: sft on backend local"):
@@ -189,6 +195,52 @@ def test_a_stopped_dry_run_says_it_wrote_nothing(tmp_path: Path, tiny_model: str
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "interrupted: nothing was written (a dry run writes no results)"
     assert not (tmp_path / "results").exists()
+    assert list(temp.iterdir()) == []  # nor anything in the temp folder
+
+
+@pytest.mark.parametrize("stop", ["finished", "interrupted", "failed"])
+def test_a_dry_run_leaves_only_a_failed_plans_engine_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    import tempfile
+
+    from posttrain.pipeline import run, session
+    from posttrain.pipeline.console import CONSOLE
+    from posttrain.pipeline.settings import method_config, parse_train_args
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    monkeypatch.setattr(CONSOLE, "verbose", True)  # the terminal stays pytest's: no capture into console.log
+    monkeypatch.setattr(run.plan, "plan_lines", lambda outcome: [])
+    said: list[str] = []
+    monkeypatch.setattr(run, "say", said.append)
+
+    async def plan_run(state, method) -> dict:
+        (state.log_path / "console.log").write_text("library output\n")
+        (state.log_path / "engine.log").write_text("engine: out of memory\n")
+        (state.log_path / "data").mkdir()
+        (state.log_path / "data" / "train.jsonl").write_text("{}\n")
+        if stop == "interrupted":
+            raise KeyboardInterrupt  # Ctrl-C
+        if stop == "failed":
+            raise RuntimeError(f"the local engine stopped; see {state.log_path / 'engine.log'}")
+        return {}
+
+    monkeypatch.setattr(session, "plan_run", plan_run)
+    cfg = method_config(parse_train_args(["run_name=p", "dry_run=true"]), "sft")
+    if stop == "finished":
+        assert run._dry_run(cfg, "local", "sft", None, None)["dry_run"] is True  # type: ignore[arg-type]
+    else:
+        with pytest.raises(KeyboardInterrupt if stop == "interrupted" else RuntimeError):
+            run._dry_run(cfg, "local", "sft", None, None)  # type: ignore[arg-type]
+    left = [p for p in temp.rglob("*") if p.is_file()]
+    if stop == "failed":  # the log its error points to, and only that
+        assert [p.name for p in left] == ["engine.log"]
+        assert said[-1] == f"plan: failed; the local engine's log is kept: {left[0]}"
+    else:
+        assert list(temp.iterdir()) == []
 
 
 @pytest.fixture
@@ -237,7 +289,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(
 
     filler.unlink()
     resumed = _run([*args, "resume=true", "max_steps=12"], small_disk.parent)
-    assert resumed.returncode in (0, 1), resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert resumed.returncode in FINISHED, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "continuing from step" in resumed.stdout
     summary = json.loads((small_disk / "results" / "summary.json").read_text())
     assert summary["status"] == "completed"

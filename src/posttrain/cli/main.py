@@ -18,9 +18,15 @@ commands:
   serve [--model M]     serve models over the Tinker wire protocol (the local engine)
   chat key=value ...    talk to a trained run's model in the terminal (base model's answer beside it: base=true)
   export key=value ...  a trained run's weights: format=peft (the LoRA adapter) or format=merged (a full model)
+  serve-model key=value ...
+                        a trained run's model behind an OpenAI-compatible API (/v1/chat/completions)
   runs [RESULTS_DIR]    list the runs in a results folder (default results/); `runs A B` compares two runs
+  examples [list|NAME|all]
+                        the user's success examples, one command each (tables in gallery/)
+  cache [list|prune]    what posttrain keeps on disk (checkpoints by run, converted models); `cache prune
+                        older_than=7d` or `run=ID` removes runs from the local checkpoint store
 
-`posttrain train --help` (and `chat --help`, `export --help`) lists every setting.
+`posttrain train --help` (and `chat --help`, `export --help`, `serve-model --help`, `cache --help`) lists every setting.
 """
 
 
@@ -60,7 +66,21 @@ def train_main(argv: list[str]) -> int:
         kept = "partial results were written to the results folder"
         print(f"interrupted: {'nothing was written (a dry run writes no results)' if cfg.dry_run else kept}", file=sys.stderr)
         return 130
-    return 0 if summary.get("dry_run") or summary.get("verdict") == "improved" else 1
+    return 0 if summary.get("dry_run") else verdict_exit_code(summary)
+
+
+# A run's exit code says what its verdict is, so a script can act on it (2 is bad input, 130 an interruption).
+VERDICT_EXIT_CODES = {"improved": 0, "not improved": 1, "inconclusive": 3}
+GUARD_REGRESSED_EXIT_CODE = 4
+
+
+def verdict_exit_code(summary: dict) -> int:
+    """0 improved, 1 not improved, 3 inconclusive (better, but not beyond noise), 4 improved on the task while
+    a guard evaluation regressed."""
+    code = VERDICT_EXIT_CODES.get(str(summary.get("verdict")), 1)
+    if code == 0 and (summary.get("guard") or {}).get("regressed"):
+        return GUARD_REGRESSED_EXIT_CODE
+    return code
 
 
 def after_main(command: str, argv: list[str]) -> int:
@@ -70,11 +90,12 @@ def after_main(command: str, argv: list[str]) -> int:
     hub_offline_if_unreachable()
     from posttrain.config.parse import HelpRequested, parse_args
     from posttrain.errors import UserError
-    from posttrain.pipeline.after import chat, export
+    from posttrain.pipeline.after import chat, export, serve_model
 
     settings_class, action = {
         "chat": (chat.ChatSettings, chat.chat),
         "export": (export.ExportSettings, export.export),
+        "serve-model": (serve_model.ServeModelSettings, serve_model.serve_model),
     }[command]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _stop_on_signals_like_ctrl_c()
@@ -131,7 +152,7 @@ def _dispatch(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
-    if command in ("chat", "export"):
+    if command in ("chat", "export", "serve-model"):
         return after_main(command, rest)
     if command == "serve":
         from posttrain.engine.serve import main as serve_main
@@ -146,6 +167,10 @@ def _dispatch(argv: list[str]) -> int:
         from posttrain.pipeline.results.runs_table import runs_main
 
         return runs_main(rest)
+    if command == "cache":
+        from posttrain.cli.cache import cache_main
+
+        return cache_main(rest)
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

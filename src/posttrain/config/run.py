@@ -69,8 +69,8 @@ class RunSettings:
     lora_rank: int = chz.field(default=32, doc="LoRA rank")
     seed: int = chz.field(
         default=0,
-        doc="random seed (training order, generated RL problems, sampling); data shuffling and the held-out split "
-        "use 42, as the user guide does",
+        doc="the run's one seed: LoRA initialisation (local engine), training order, the held-out split (42 + seed, "
+        "so the default splits as the user guide does), generated problems, evaluation and rollout sampling",
     )
     eval_concurrency: int = chz.field(default=64, doc="concurrent evaluation requests")
 
@@ -78,6 +78,18 @@ class RunSettings:
         default=None,
         doc="start training from this saved state (tinker://.../weights/NAME, e.g. an earlier run's); the "
         "baseline is still the base model",
+    )
+
+    # Did training break something else: both models are also scored on data the run does not train on.
+    guard: bool = chz.field(
+        default=True,
+        doc="guard evaluation: base and trained model also scored on a general chat set the run did not train on "
+        "(and, per method, the answers' task score and length); the verdict says if it REGRESSED",
+    )
+    guard_dataset: str | None = chz.field(
+        default=None,
+        doc="your own guard set: a JSONL file of conversations ({\"messages\": [...]}, the last assistant reply is "
+        "scored); None: 64 everyday conversations shipped with tinker-cookbook",
     )
 
     # Tracking, checkpoints and the run itself
@@ -100,7 +112,7 @@ def check_run(cfg: Any) -> None:
     """The run's own settings: enumerations, ranges, names; a one-line ConfigError on the first problem."""
     literals(cfg, RunSettings)
     not_blank(cfg, "dataset", "dataset_config", "eval_dataset", "eval_split", "renderer_name", "wandb_project",
-              "wandb_name")  # fmt: skip
+              "wandb_name", "guard_dataset")  # fmt: skip
     for name in ("dataset_split", "model_name", "results_dir"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name} is empty; give a value")
@@ -127,6 +139,8 @@ def _check_names(cfg: Any) -> None:
         )
     if cfg.load_checkpoint_path is not None and cfg.resume:
         raise ConfigError("resume=true continues from the run's own last checkpoint; leave load_checkpoint_path out")
+    if cfg.guard_dataset is not None and not cfg.guard:
+        raise ConfigError("guard_dataset= is a guard set, and guard=false turns the guard off; give one or the other")
     if cfg.wandb_project is not None and "/" in cfg.wandb_project:
         raise ConfigError(f"wandb_project={cfg.wandb_project!r} is not valid; a W&B project name has no '/'")
 

@@ -6,11 +6,14 @@ the files a user downloads instead (`adapter_model.safetensors`, `adapter_config
 encrypted). Every write goes to a staging
 directory first, flushed to disk and renamed into place, so a crash never leaves a half-written checkpoint;
 meta.json records each file's SHA-256, so a checkpoint damaged afterwards (a truncated copy, a bad disk) is
-refused by name on load rather than loaded as garbage.
+refused by name on load rather than loaded as garbage. A checkpoint saved with `ttl_seconds` is deleted once that
+has passed (`expire`, called by the engine at start and after each save); one saved without is kept, as Tinker
+keeps it (`posttrain cache prune` removes old runs on request).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -23,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.engine.disk import KINDS, expires_at, holds_only_run_info, read_json, remove_folder
 from posttrain.engine.errors import WireError
 from posttrain.util import atomic_write_text, iso_time, replaced_directory
 
-KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 _SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
 
@@ -194,7 +197,42 @@ class CheckpointStore:
         if not target.exists():
             return False
         shutil.rmtree(target)
+        # An emptied kind folder goes too, so a run whose last checkpoint was deleted (the export a download
+        # made) is seen as holding nothing (`remove_if_empty`). rmdir never removes a folder that still holds
+        # something, e.g. a checkpoint being written into it at this moment.
+        with contextlib.suppress(OSError):
+            target.parent.rmdir()
         return True
+
+    def remove_if_empty(self, run_id: str) -> bool:
+        """Remove a run folder that holds nothing but its run.json (no checkpoint)."""
+        directory = self.run_dir(run_id)
+        if not holds_only_run_info(directory):
+            return False
+        remove_folder(directory)
+        return True
+
+    def expire(self, keep: Callable[[CheckpointRef], bool], now: float | None = None) -> list[CheckpointRef]:
+        """Delete the checkpoints whose TTL (`ttl_seconds` of their save, or a later TTL change) has passed,
+        except those `keep` names; returns those deleted. A scan of the meta.json files only."""
+        now = time.time() if now is None else now
+        gone = []
+        for meta_file in self.root.glob("*/*/*/meta.json"):
+            run_id, kind, name = meta_file.parts[-4:-1]
+            meta = read_json(meta_file)
+            when = expires_at(meta) if meta is not None else None
+            if kind not in KINDS or when is None or when > now or not _SAFE_NAME.match(name):
+                continue
+            ref = CheckpointRef(run_id, kind, name)
+            if _SAFE_RUN.match(run_id) and not keep(ref) and self._delete_quietly(ref):
+                gone.append(ref)
+        return gone
+
+    def _delete_quietly(self, ref: CheckpointRef) -> bool:
+        try:
+            return self.delete(ref)
+        except OSError:  # another process (a second engine, `posttrain cache prune`) removed it first
+            return False
 
     def list(self, run_id: str) -> list[dict]:
         out = []
@@ -214,8 +252,8 @@ class CheckpointStore:
                     "size_bytes": size,
                     "public": False,
                 }
-                if meta.get("ttl_seconds"):
-                    entry["expires_at"] = iso_time(meta.get("ttl_from", meta["time"]) + meta["ttl_seconds"])
+                if (expiry := expires_at(meta)) is not None:
+                    entry["expires_at"] = iso_time(expiry)
                 if meta.get("user_metadata"):
                     entry["user_metadata"] = meta["user_metadata"]
                 out.append(entry)

@@ -27,9 +27,11 @@ STOP_GRACE_SECONDS = 5.0  # on shutdown, how long a running compute job may take
 
 class ComputeThread:
     def __init__(self, threads: int | None, device: torch.device) -> None:
-        # A fixed count (--threads N), or adaptive up to every processor: see engine/threads.py.
+        # A fixed count (every processor unless --threads N) by default: reductions split by thread, so a bf16
+        # result depends on the count, and a run must not change with the machine's load. --threads 0: adaptive
+        # (engine/threads.py).
         self.threads = threads if threads and threads > 0 else available_cpus()
-        adaptive = not (threads and threads > 0) and device.type == "cpu"
+        adaptive = threads == 0 and device.type == "cpu"
         self.policy = ThreadPolicy(self.threads) if adaptive else None
         self._executor = ThreadPoolExecutor(
             max_workers=1,

@@ -4,7 +4,8 @@ Training requests run in arrival order, which is the SDK's submission order (it 
 request k's POST has returned). The one exception, forward_backward chunks of one call posted in parallel,
 only accumulates gradients, which commutes. Sampling requests for one sampler decode together, and those that
 arrive while that batch decodes join it at the next decode step (continuous batching), unless a training
-request is waiting. Each compute job sets the thread count the machine's load allows (`compute`, `threads`).
+request is waiting. Each compute job runs on a fixed thread count (every processor; `--threads 0`: adaptive to
+the load, see `compute`, `threads`).
 What the requests act on (models, runs, samplers, checkpoints) is `weights.Weights`.
 """
 
@@ -18,7 +19,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from posttrain.engine.errors import WireError
 from posttrain.engine.futures import Future, FutureStore
 from posttrain.engine.models import ModelSource
 from posttrain.engine.sampling import DecodeLoop, Decoding, GenerationRequest, GenerationResult
+from posttrain.engine.seeding import SampleSeeds, derive, session_seed, split_session
 from posttrain.engine.stability import SampledRecord, session_of
 from posttrain.engine.weights import Sampler, Weights, load_models
 from posttrain.engine.wire import encode_sample_response, sequence_id
@@ -63,6 +65,7 @@ class Engine:
         self.weights = Weights(self.compute.call(lambda: load_models(sources, dtype, device)), checkpoint_dir)
         self.futures = FutureStore()
         self.sessions: dict[str, dict[str, Any]] = {}
+        self.sample_seeds = SampleSeeds()
         self._train_queue: deque[tuple[Future, Callable[[], Any]]] = deque()
         self._sample_queue: list[PendingSample] = []
         self._sample_lock = threading.Lock()  # the compute thread takes requests that join a running batch
@@ -85,8 +88,22 @@ class Engine:
 
     def new_session(self, tags: list) -> str:
         session_id = f"s{uuid.uuid4().hex[:12]}"
-        self.sessions[session_id] = {"created": time.time(), "tags": tags, "last": time.time()}
+        self.sessions[session_id] = {
+            "created": time.time(),
+            "tags": tags,
+            "last": time.time(),
+            "seed": session_seed(tags),
+        }
         return session_id
+
+    def seed_of(self, object_id: str) -> int | None:
+        """The `seed=N` tag of the session a model, sampler or session id belongs to (engine/seeding.py)."""
+        return self.sessions.get(split_session(object_id)[0], {}).get("seed")
+
+    def lora_seed(self, session_id: str, model_seq_id: Any) -> int | None:
+        """The LoRA initialisation seed of a create_model request that gave none."""
+        seed = self.seed_of(str(session_id))
+        return derive(seed, "lora", model_seq_id) if seed is not None else None
 
     # scheduling --------------------------------------------------------------------------------------------------
     def submit_training(self, key: tuple | None, fn: Callable[[], Any]) -> Future:
@@ -101,6 +118,10 @@ class Engine:
     ) -> tuple[Future, bool]:
         future, new = self.futures.create(key)
         if new:
+            if request.spec.seed is None and (seed := self.seed_of(sampler.sampler_id)) is not None:
+                # Only a new request counts: a retry (same key) must not shift the seeds of later ones.
+                drawn = self.sample_seeds.seed_for(seed, sampler.sampler_id, request.prompt_key)
+                request.spec = replace(request.spec, seed=drawn)
             with self._sample_lock:
                 self._sample_queue.append(PendingSample(future, sampler, request))
             self._poke()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.engine.disk import cache_root
 from posttrain.errors import UserError
 from posttrain.util import replaced_directory, short_error
 
@@ -45,10 +46,6 @@ _CONFIG_FILES = (
 class ModelSource:
     name: str  # the name clients use (`base_model`), e.g. a hub name or a directory path
     path: Path  # a local directory holding config, weights and tokenizer
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def resolve_model(spec: str | None) -> ModelSource:

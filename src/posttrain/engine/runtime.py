@@ -248,8 +248,20 @@ class ServedModel:
         return [p for n, p in self.peft.named_parameters() if marker in n and "lora_" in n]
 
     def remove_adapter(self, adapter: str) -> None:
-        if self.peft is not None and adapter in self.peft.peft_config:
-            self.peft.delete_adapter(adapter)
+        """Free an adapter (a released training run's). The model's last adapter stays, only its gradients
+        freed: peft cannot run a model all of whose adapters were deleted (the base model's samples, under
+        `disable_adapter`, fail), so at most one stale adapter remains."""
+        if self.peft is None or adapter not in self.peft.peft_config:
+            return
+        others = [a for a in self.peft.peft_config if a != adapter]
+        if not others:
+            for p in self.adapter_params(adapter):
+                p.grad = None
+            return
+        if adapter in self.peft.active_adapters:
+            self.activate(others[0])  # as peft would on deleting it, without its warning
+        self.peft.delete_adapter(adapter)
+        self.slots.pop(adapter, None)
 
     def activate(self, adapter: str) -> None:
         assert self.peft is not None

@@ -27,6 +27,10 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
 
 
+# Several engines on one machine (a test suite's workers, a sweep) each take this many threads when set.
+THREADS_VARIABLE = "POSTTRAIN_ENGINE_THREADS"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posttrain serve",
@@ -57,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="torch compute threads (default 0: adaptive, each job uses the processors other processes leave "
-        "free when it starts, up to all of them)",
+        default=int(os.environ[THREADS_VARIABLE]) if os.environ.get(THREADS_VARIABLE, "").isdigit() else None,
+        help=f"torch compute threads (default: ${THREADS_VARIABLE} if set, else every processor this process may "
+        "use, so results do not depend on the machine's load; 0: adaptive, each job uses the processors other processes leave free, faster "
+        "beside other work but its bf16 results change with the thread count it picks)",
     )
     parser.add_argument("--api-key", default=None, help="refuse requests whose X-API-Key is not this value")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

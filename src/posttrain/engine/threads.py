@@ -1,4 +1,6 @@
-"""How many threads each compute job uses: every processor, less what other processes demand while we compute.
+"""`--threads 0` (adaptive): how many threads each compute job uses: every processor, less what other processes
+demand while we compute. Not the default: a job's thread count changes its bf16 results, so with it the same
+run gives different numbers on a busy machine (the default is every processor, fixed: `compute`).
 
 OpenMP teams wait for every member at each parallel region; when other processes take the cores, a member
 descheduled from its core stalls the whole team (measured on a loaded 2-core machine: 2.3 s per training step

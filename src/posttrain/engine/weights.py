@@ -59,6 +59,8 @@ class Weights:
         self.samplers: dict[str, Sampler] = {}
         self.snapshots = SnapshotCache()
         self.stability = StabilityRecords()
+        self.loaded_from: dict[str, str] = {}  # training run -> the checkpoint it was loaded from
+        self.expire()
 
     def model(self, name: str | None) -> ServedModel:
         if name is None or name not in self.models:
@@ -75,6 +77,19 @@ class Weights:
                 "resume from a checkpoint with create_training_client_from_state)"
             )
         return run
+
+    # checkpoint lifetimes (on the compute thread, or before the server starts) -----------------------------------
+    def expire(self) -> list[CheckpointRef]:
+        """Delete the checkpoints whose TTL has passed, but none that this engine still uses: every checkpoint of
+        a run it trains, one a run was loaded from, one a sampler samples from. A run folder left with nothing
+        then goes too (e.g. a download's export, left behind by a client that crashed)."""
+        used = set(self.loaded_from.values()) | {s.model_path for s in self.samplers.values() if s.model_path}
+        gone = self.store.expire(lambda ref: ref.run_id in self.runs or ref.tinker_path in used)
+        for run_id in sorted({ref.run_id for ref in gone} - set(self.runs)):
+            self.store.remove_if_empty(run_id)
+        if gone:
+            logger.info("expired checkpoints deleted (their ttl_seconds passed): %s", [r.tinker_path for r in gone])
+        return gone
 
     # training operations (on the compute thread) ----------------------------------------------------------------
     def create_run(
@@ -115,6 +130,7 @@ class Weights:
         self.store.save(
             ref, run.adapter_state(), meta, optimizer=run.optimizer.state_dict(), overwrite=overwrite
         )
+        self.expire()  # each save checks the TTLs: a long-lived engine keeps to them without a timer
         return {"path": ref.tinker_path, "type": "save_weights"}
 
     def save_external(
@@ -129,6 +145,7 @@ class Weights:
             files = {f"{n}.age": _age_encrypt(data, recipients) for n, data in files.items()}
         meta = _meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}})
         size = self.store.save_files(ref, files, meta, overwrite=True)
+        self.expire()
         return {"path": ref.tinker_path, "size_bytes": size, "type": "save_weights_external"}
 
     def save_for_sampler(
@@ -149,6 +166,7 @@ class Weights:
         meta = _meta(run, {"ttl_seconds": ttl, "user_metadata": metadata or {}})
         self.store.save(ref, snapshot.weights, meta, overwrite=True)
         self.snapshots.put(ref.tinker_path, snapshot)
+        self.expire()
         return {"path": ref.tinker_path, "type": "save_weights_for_sampler"}
 
     def load(
@@ -171,6 +189,7 @@ class Weights:
         if optimizer is not None:
             run.optimizer.load_state_dict(optimizer)
         run.steps = int(meta.get("step", 0))
+        self.loaded_from[model_id] = ref.tinker_path
         return {"path": path, "model_id": model_id, "type": "load_weights"}
 
     # samplers ----------------------------------------------------------------------------------------------------
@@ -212,7 +231,7 @@ class Weights:
         checkpoints = self.store.list(run_id)
         training = [c for c in checkpoints if c["checkpoint_type"] == "training"]
         sampler = [c for c in checkpoints if c["checkpoint_type"] == "sampler"]
-        last = live.last_request if live else info.get("created", time.time())
+        last = live.last_request if live else info.get("last_request", info.get("created", time.time()))
         return {
             "training_run_id": run_id,
             "base_model": info["base_model"],
@@ -228,6 +247,26 @@ class Weights:
 
     def run_ids(self) -> list[str]:
         return sorted(set(self.store.list_runs()) | set(self.runs))
+
+
+def release_session(weights: Weights, session_id: str) -> list[str]:
+    """Forget the training runs of a finished session (the SDK's `close`: Tinker refuses its clients' requests
+    from then on), on the compute thread; returns their ids."""
+    released = [run_id for run_id in list(weights.runs) if run_id.startswith(f"{session_id}:")]
+    for run_id in released:
+        _release_run(weights, run_id)
+    return released
+
+
+def _release_run(weights: Weights, run_id: str) -> None:
+    """Free a run's adapter and optimizer state. Its folder stays while it holds a checkpoint (with the run's last
+    request time, for the REST views); one holding nothing else goes: the run the cookbook's `weights.download`
+    creates only to export a checkpoint, its export deleted, would otherwise stay behind after every download."""
+    run = weights.runs.pop(run_id)
+    weights.loaded_from.pop(run_id, None)
+    run.base.remove_adapter(run.adapter)
+    if weights.store.run_dir(run_id).is_dir() and not weights.store.remove_if_empty(run_id):
+        weights.store.write_run(run_id, {**run.info(), "last_request": run.last_request})
 
 
 # The name Tinker's adapters give the unembedding (the cookbook's weights module maps it back to lm_head).

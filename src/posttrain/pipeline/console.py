@@ -61,7 +61,13 @@ class Console:
         terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
         # The redirection is inside the try: a Ctrl-C landing between it and the block must still give the
         # terminal back, or the "interrupted: ..." line that follows is written into the log instead.
+        # Written to a file, print() fills an 8 KB buffer first: whatever it held when the run failed (a full
+        # disk) never reached the log, and those are the lines that say what happened. Line by line, then.
+        reconfigure = getattr(sys.stdout, "reconfigure", None)  # a test's StringIO has none
+        was_line_buffered = getattr(sys.stdout, "line_buffering", None)
         try:
+            if reconfigure is not None:
+                reconfigure(line_buffering=True)
             log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
@@ -75,6 +81,8 @@ class Console:
             os.dup2(saved_err, 2)
             os.close(saved_out)
             os.close(saved_err)
+            if reconfigure is not None and was_line_buffered is not None:
+                reconfigure(line_buffering=was_line_buffered)
             self._terminal = None
             terminal.close()
 

@@ -13,6 +13,7 @@ from posttrain.pipeline.state import RunState
 from posttrain.util import read_jsonl, redact
 
 say = CONSOLE.say
+GUARD_FILES = ("guard_base_model.jsonl", "guard_trained_model.jsonl")
 
 
 def settings_record(state: RunState) -> dict[str, Any]:
@@ -34,6 +35,9 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     cfg, res = state.cfg, state.store
     # base_model.jsonl was written when the base evaluation finished (a resumed run keeps it).
     res.write_jsonl(results.TRAINED_FILE, outcome.trained_rows)
+    if outcome.guard is not None:  # the guard set's rows, beside the task's, in the same schema (SFT's)
+        res.write_jsonl(GUARD_FILES[0], outcome.guard[2])
+        res.write_jsonl(GUARD_FILES[1], outcome.guard[3])
     comparison = results.compare_examples(outcome.base_rows, outcome.trained_rows, outcome.kind)
 
     # Verified W&B logging: the training run's metrics must be in its run files (offline) or on W&B.
@@ -78,13 +82,16 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
 
     say("")
     say(summary["headline"])
+    say(f"verdict: {summary['improvement']['verdict_text']}")
+    say(f"guard: {summary['guard']['text']}")
     say(
         f"per example: {comparison['improved']} improved, {comparison['regressed']} regressed, "
         f"{comparison['unchanged']} unchanged"
     )
     verified = "verified" if verification["verified"] else "NOT verified"
     say(f"W&B ({verification['mode']}): {verified}: {facts.wandb_url}")
-    say(f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl, report.md, report.html)")
+    guard_files = ", guard_*.jsonl" if outcome.guard is not None else ""
+    say(f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl{guard_files}, report.md, report.html)")
     if warning:
         say("")
         say(warning)

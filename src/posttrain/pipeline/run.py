@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import finish, results, session
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import DataRequest, LoadedData, load_data
+from posttrain.pipeline.evaluation.guard import load_guard
 from posttrain.pipeline.methods import Method, length, method_class
 from posttrain.pipeline.methods.choice import choose_task
 from posttrain.pipeline.methods.distillation.settings import data_sources
@@ -27,6 +30,8 @@ from posttrain.pipeline.state import RunState
 from posttrain.util import PACKAGE_DATA
 
 DEFAULT_SFT_DATA = PACKAGE_DATA / "default_sft.jsonl"
+# The user's guide samples and splits with seed 42; `seed=` moves it, so seed=0 (the default) splits as the guide.
+SPLIT_SEED = 42
 say = CONSOLE.say
 
 
@@ -44,6 +49,10 @@ def run(train_config: Any) -> dict[str, Any]:
 
     # Data preparation, then choosing the recipe; the method checks that the two fit.
     data = _load_data(train_config)
+    # The guard set (did training break something else?), checked now: a bad file stops the run before it costs.
+    guard_set = load_guard(train_config, data.train if data is not None else [])
+    if guard_set is not None:
+        say(f"guard: {guard_set.name}, {guard_set.source}; scored for both models (seconds; guard=false: off)")
     task, why = choose_task(train_config, data)
     if train_config.task == "auto":
         say(f"task: {task} ({why})")
@@ -60,7 +69,7 @@ def run(train_config: Any) -> dict[str, Any]:
     if cfg.dry_run:
         return _dry_run(cfg, where, task, method, run_length)
 
-    state = RunState(cfg, make_run_name(cfg, task), where, task, res, length=run_length)
+    state = RunState(cfg, make_run_name(cfg, task), where, task, res, length=run_length, guard=guard_set)
     if cfg.resume:
         resume.check_resumable(res, state.run_name)
     with res.single_writer(state.run_name) as died:
@@ -117,16 +126,45 @@ def _dry_run(
     cfg: Any, where: preflight.Backend, task: str, method: Method, run_length: length.Length
 ) -> dict[str, Any]:
     """Everything up to training, then the plan: sizes, tokens, and the cost (Tinker) or time (local)."""
-    # Logs of a dry run go beside, not into, results/: nothing there is moved or written.
-    store = results.ResultsDir(tempfile.mkdtemp(prefix="posttrain-plan-"))
-    state = RunState(cfg, make_run_name(cfg, task), where, task, store, length=run_length)
-    state.log_path.mkdir(parents=True)
-    say(f"plan: {task} on backend {where} (nothing is trained; logs in {state.log_path})")
-    with CONSOLE.capture(state.log_path / "console.log"):
-        outcome = asyncio.run(session.plan_run(state, method))
+    # Logs of a dry run go beside, not into, results/: nothing there is moved or written. They are removed when
+    # the plan ends, however it ends (a plan is asked for again and again; each would leave a folder behind),
+    # except a failed plan's engine log: an engine error says "see .../engine.log", and that file must be there.
+    root = Path(tempfile.mkdtemp(prefix="posttrain-plan-"))
+    kept: Path | None = None
+    try:
+        store = results.ResultsDir(root)
+        state = RunState(cfg, make_run_name(cfg, task), where, task, store, length=run_length)
+        state.log_path.mkdir(parents=True)
+        say(f"plan: {task} on backend {where} (nothing is trained; logs in {state.log_path} until it ends)")
+        try:
+            with CONSOLE.capture(state.log_path / "console.log"):
+                outcome = asyncio.run(session.plan_run(state, method))
+        except Exception:
+            if (state.log_path / "engine.log").is_file():
+                kept = state.log_path / "engine.log"
+                say(f"plan: failed; the local engine's log is kept: {kept}")
+            raise
+    finally:
+        _remove_all_but(root, kept)
     for line in plan.plan_lines(outcome):
         say(f"plan: {line}")
     return {"dry_run": True, "method": task, "backend": where, **outcome}
+
+
+def _remove_all_but(root: Path, kept: Path | None) -> None:
+    """`root` and everything in it, but `kept` (a file under it) and the folders that lead to it."""
+    if kept is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for child in root.iterdir():
+        if child == kept:
+            continue
+        if kept.is_relative_to(child):
+            _remove_all_but(child, kept)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _load_data(cfg: Any) -> LoadedData | None:
@@ -139,6 +177,7 @@ def _load_data(cfg: Any) -> LoadedData | None:
         request = DataRequest(
             source.dataset or str(DEFAULT_SFT_DATA), source.dataset_config, source.dataset_split,
             source.eval_dataset, source.eval_split, source.max_train_rows, source.max_eval_rows,
+            seed=SPLIT_SEED + cfg.seed,
         )  # fmt: skip
         data = load_data(request)
         say(

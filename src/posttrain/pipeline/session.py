@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     import tinker
 
 say = CONSOLE.say
+# The SDK's session tags (tinker.lib.internal_client_holder) and the tag the local engine reads a seed from.
+TAGS_VARIABLE, SEED_TAG = "TINKER_TAGS", "seed="
 
 
 async def plan_run(state: RunState, method: Method) -> dict[str, Any]:
@@ -71,16 +74,34 @@ async def prepared(state: RunState, method: Method) -> AsyncIterator[RunContext]
 
     # A method may need more models served than the one it trains (e.g. a distillation teacher).
     extra_models = list(method.extra_models)
-    async with backend.service_url(state.cfg, state.backend, state.log_path, say, extra_models) as url:
-        if backend.remote_url(state.cfg, state.backend) is None:  # a service we do not start was checked before
-            models = [state.cfg.model_name, *extra_models]
-            await asyncio.to_thread(backend.check_served_models, url, models, state.backend)
-        service = tinker.ServiceClient(base_url=url)
-        ctx = context(state, service, url)
-        template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
-        method.prepare(ctx)
-        yield ctx
-        await _finish_session(service)
+    with seeded_sessions(state.cfg.seed):
+        async with backend.service_url(state.cfg, state.backend, state.log_path, say, extra_models) as url:
+            if backend.remote_url(state.cfg, state.backend) is None:  # a service we do not start was checked
+                models = [state.cfg.model_name, *extra_models]
+                await asyncio.to_thread(backend.check_served_models, url, models, state.backend)
+            service = tinker.ServiceClient(base_url=url)
+            ctx = context(state, service, url)
+            template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
+            method.prepare(ctx)
+            yield ctx
+            await _finish_session(service)
+
+
+@contextlib.contextmanager
+def seeded_sessions(seed: int) -> Iterator[None]:
+    """Every service session of the run (ours and the cookbook loops', which create their own clients) is tagged
+    `seed=N`: the SDK sends the tags of TINKER_TAGS when a session starts, and the local engine seeds the LoRA
+    initialisation and rollouts that ask for no seed from it (engine/seeding.py). Tinker keeps the tag, no more."""
+    previous = os.environ.get(TAGS_VARIABLE)
+    tags = [t for t in (previous or "").split(",") if t and not t.startswith(SEED_TAG)]
+    os.environ[TAGS_VARIABLE] = ",".join([*tags, f"{SEED_TAG}{seed}"])
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TAGS_VARIABLE, None)
+        else:
+            os.environ[TAGS_VARIABLE] = previous
 
 
 # Seconds a finished run waits for its session to close; the results are written by then.
@@ -109,12 +130,13 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         base_rows, state.baseline = (
             resume.earlier_base_evaluation(state.store, state.run_name, say) if cfg.resume else (None, None)
         )
+        base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
         if base_rows is None:
-            base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
             with state.phase("base_eval"):
                 base_rows, state.baseline = await method.evaluate(base_client, "base model")
             state.store.write_jsonl(results.BASE_FILE, base_rows)  # kept for a resumed run
         say(f"base model: {method.score_text(state.baseline)}")
+        base_guard = await guard_rows(state, ctx, base_client, "base model")
 
         state.stages = training_stages(method, ctx)
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
@@ -126,7 +148,10 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         with state.phase("trained_eval"):
             trained_rows, state.trained = await method.evaluate(trained_client, "trained model")
         say(f"trained model: {method.score_text(state.trained)}")
+        trained_guard = await guard_rows(state, ctx, trained_client, "trained model")
     dataset, sizes, extra = method.describe()
+    guard = state.guard
+    measured = (guard.name, guard.source, base_guard, trained_guard) if guard and base_guard and trained_guard else None
     return results.Outcome(
         method.metric,
         base_rows,
@@ -137,7 +162,21 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         sizes,
         extra,
         score_label=method.score_label,
+        guard=measured,
     )
+
+
+async def guard_rows(
+    state: RunState, ctx: RunContext, client: tinker.SamplingClient, label: str
+) -> list[Any] | None:
+    """The guard set scored by `client`, as a phase of its own; None without a guard set."""
+    from posttrain.pipeline.evaluation.guard import evaluate_guard
+
+    if state.guard is None:
+        return None
+    with state.phase("guard_base" if label == "base model" else "guard_trained"):
+        rows = await evaluate_guard(client, state.guard, ctx.renderer, state.cfg.eval_concurrency, label)
+    return [r.to_dict() for r in rows]
 
 
 async def run_stage(state: RunState, stage: TrainingStage, number: int) -> None:

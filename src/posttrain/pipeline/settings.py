@@ -80,9 +80,15 @@ def check_method_settings(cfg: Any, task: str) -> None:
 
 
 def method_config(cfg: Any, task: str) -> Any:
-    """The method's own config: its settings' values from `cfg`."""
+    """The method's own config: its settings' values from `cfg`, with those a setting group chooses when left out
+    (its `chosen(cfg)`: name -> value) filled in, so the method runs with, and summary.json records, what is used."""
     cls = config_class(task)
-    return cls(**to_dict(cfg, chz.chz_fields(cls)))
+    values = to_dict(cfg, chz.chz_fields(cls))
+    for group in cls.__mro__:
+        chosen = group.__dict__.get("chosen")
+        if isinstance(chosen, staticmethod):
+            values |= chosen.__func__(cfg)
+    return cls(**values)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

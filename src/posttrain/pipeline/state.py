@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.pipeline import results
+from posttrain.pipeline.evaluation.guard import GuardSet
 from posttrain.pipeline.methods import TrainingStage
 from posttrain.pipeline.methods.length import Length
 from posttrain.pipeline.setup import plan
@@ -36,6 +37,7 @@ class RunState:
     budget: plan.TokenBudget | None = None
     stages: list[TrainingStage] = field(default_factory=list)
     length: Length | None = None  # how num_epochs and batch_size were chosen
+    guard: GuardSet | None = None  # the guard set both models are also scored on (guard=false: None)
 
     @property
     def log_path(self) -> Path:

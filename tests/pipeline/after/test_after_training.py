@@ -1,5 +1,6 @@
 """After a run: `posttrain export` (PEFT and merged, loaded back and compared with the engine's own log-probabilities)
-and `posttrain chat` driven through a pipe, against a real finished run on the local engine."""
+and `posttrain chat` driven through a pipe, against a real finished run on the local engine (the
+`finished` fixture in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,46 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import cli_here, posttrain, train
+from runs import cli_here, posttrain
 
 PROMPTS = ["Say the number 7.", "Say the number 12. Then stop.", "Hello there"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> tuple[Path, dict[str, str]]:
-    """A finished SFT run of the tiny model (fp32, so the comparisons are tight), its own checkpoint cache."""
-    cwd = tmp_path_factory.mktemp("after")
-    env = {"POSTTRAIN_CACHE": str(cwd / "cache")}
-    data = cwd / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."}) + "\n"
-                            for i in range(40)))  # fmt: skip
-    # lr 0.01 over 8 steps of 4: the model moves well beyond the tolerances and the run improves (at 0.05 over 4
-    # steps of 8 the loss diverged once in CI, and a run that does not improve exits 1).
-    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.01",
-            "batch_size=4", "max_steps=8", "save_every=0", "eval_every=0", "run_name=done", "backend=local",
-            "lora_rank=8", "dtype=fp32"]  # fmt: skip
-    proc = train(args, cwd, extra_env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return cwd, env
-
-
-@pytest.fixture(scope="module")
-def run_engine(finished, tiny_model: str):
-    """A second engine on the run's checkpoint folder, to check what the commands produced against."""
-    import tinker
-
-    from posttrain.engine.launcher import EngineProcess, ServeOptions
-
-    cwd, _ = finished
-    engine = EngineProcess(
-        ServeOptions(models=[tiny_model], checkpoint_dir=cwd / "cache" / "checkpoints", dtype="fp32"),
-        log_file=cwd / "verify-engine.log",
-    )
-    engine.start()
-    service = tinker.ServiceClient(base_url=engine.url, api_key="tml-local-test")
-    yield service
-    service.close("success").result(timeout=10)
-    engine.stop()
 
 
 def _engine_logprobs(service, sampler_path: str, tokens: list[list[int]]) -> list[list[float]]:
@@ -62,19 +26,6 @@ def _engine_logprobs(service, sampler_path: str, tokens: list[list[int]]) -> lis
         return [list(r)[1:] for r in replies]  # the first token has no prefix to be predicted from
 
     return asyncio.run(all_logprobs())
-
-
-def _engine_answer(service, tiny_model: str, model_path: str | None, messages: list[dict]) -> str:
-    """The answer the engine gives itself to `messages` at temperature 0, rendered as the run renders."""
-    import tinker
-    from tinker_cookbook import renderers
-    from tinker_cookbook.tokenizer_utils import get_tokenizer
-
-    renderer = renderers.get_renderer("role_colon", tokenizer=get_tokenizer(tiny_model))
-    sampler = service.create_sampling_client(model_path=model_path, base_model=None if model_path else tiny_model)
-    params = tinker.SamplingParams(max_tokens=12, temperature=0.0, stop=renderer.get_stop_sequences())
-    reply = sampler.sample(renderer.build_generation_prompt(messages), num_samples=1, sampling_params=params).result()
-    return renderers.get_text_content(renderer.parse_response(reply.sequences[0].tokens)[0])
 
 
 def _hf_logprobs(model: torch.nn.Module, tokens: list[list[int]]) -> list[list[float]]:
@@ -92,11 +43,15 @@ def test_export_peft_and_merged_reproduce_the_engines_model(finished, run_engine
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cwd, env = finished
+    store = cwd / "cache" / "checkpoints"
+    before = sorted(p.name for p in store.iterdir())
     for fmt in ("peft", "merged"):
         proc = posttrain(["export", f"format={fmt}"], cwd, env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert f"export: done: results/exports/done-{fmt}" in proc.stdout
         assert proc.stderr.strip() == "", proc.stderr[-2000:]  # library output went to the log
+    # The download's own run (its export deleted) left nothing in the checkpoint store.
+    assert sorted(p.name for p in store.iterdir()) == before
     peft_dir, merged_dir = cwd / "results/exports/done-peft", cwd / "results/exports/done-merged"
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and "lm_head" in config["target_modules"]
@@ -119,7 +74,7 @@ def test_export_peft_and_merged_reproduce_the_engines_model(finished, run_engine
         assert max(abs(a - b) for a, b in zip(base_row, engine_row, strict=True)) > 0.05
 
 
-def test_chat_through_a_pipe_answers_with_trained_and_base_models(finished, run_engine, tiny_model: str) -> None:
+def test_chat_through_a_pipe_answers_with_trained_and_base_models(finished, engine_answer) -> None:
     cwd, env = finished
     proc = posttrain(["chat", "base=true", "max_tokens=12"], cwd, env, stdin="Say the number 7.\n\n/reset\nHi\n")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -134,7 +89,7 @@ def test_chat_through_a_pipe_answers_with_trained_and_base_models(finished, run_
     shown = proc.stdout.split("you> ")
     for turn, prompt in ((1, "Say the number 7."), (2, "Hi")):
         for who, path in (("trained", sampler_path), ("base", None)):
-            expected = _engine_answer(run_engine, tiny_model, path, [{"role": "user", "content": prompt}])
+            expected = engine_answer(path, [{"role": "user", "content": prompt}])
             assert f"\n{who}> {expected}\n" in shown[turn], (who, prompt, expected, shown[turn])
 
 

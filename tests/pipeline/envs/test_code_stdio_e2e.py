@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, rl_results, train
+from runs import FINISHED, read_jsonl, rl_results, train
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 
@@ -46,7 +46,7 @@ def test_stdio_code_problems_train_with_rl_and_record_per_test_results(
         tmp_path,
         timeout=400,
     )  # fmt: skip
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     assert summary["dataset"]["env"] == "code" and summary["score_label"].startswith("pass rate")
     for row in base + trained:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, rl_results, train, train_here
+from runs import FINISHED, read_jsonl, rl_results, train, train_here
 
 from posttrain.errors import DataError
 from posttrain.pipeline.envs.base import EnvContext, Episode
@@ -208,6 +208,23 @@ def test_the_shipped_corpus_takes_a_retriever_too(cache: Path):
     assert search.retriever_for(problems.eval[0]) is search.corpus_retriever()
 
 
+def test_the_settings_record_the_retriever_chosen_when_none_is_given(tmp_path: Path):
+    from posttrain.pipeline.settings import config_to_dict, method_config, parse_train_args
+
+    docs = _write(tmp_path / "docs.jsonl", PASSAGES)
+    qa, _ = _qa(tmp_path)
+
+    def recorded(*args: str) -> str | None:
+        """hyperparameters.retriever in summary.json: the method's config as the run records it."""
+        return config_to_dict(method_config(parse_train_args(["task=rl", *args]), "rl"))["retriever"]
+
+    # What the user's corpus is searched with, and the shipped one's.
+    assert recorded("env=tools:search", f"corpus={docs}", f"dataset={qa}") == "chroma"
+    assert recorded("env=tools:search") == "bm25"
+    assert recorded("env=tools:search", f"corpus={docs}", f"dataset={qa}", "retriever=bm25") == "bm25"
+    assert recorded("env=tools:calculator") is None  # no retriever runs
+
+
 # ---------------------------------------------------------------------------------------- bad inputs
 
 
@@ -265,7 +282,7 @@ def test_search_over_the_users_corpus_end_to_end(kind: str, tmp_path: Path, engi
     args = ["env=tools:search:max_turns=2", f"corpus={docs}", f"dataset={qa}", f"eval_dataset={held_out}",
             f"retriever={kind}", *FAST, f"model_name={tiny_model}", f"base_url={engine.url}", f"run_name=corpus-{kind}"]  # fmt: skip
     proc = train(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")}, timeout=400)
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     assert summary["score_label"] == "token F1 (correct = exact match)"
     assert summary["dataset"]["retriever"].startswith(kind) and summary["dataset"]["max_turns"] == 2
@@ -339,7 +356,7 @@ def test_a_warm_started_search_run_trains_on_worked_answers_then_rl_from_them(
             "retriever=bm25", "warm_start_steps=3", *FAST, f"model_name={tiny_model}", f"base_url={engine.url}",
             "run_name=warm"]  # fmt: skip
     proc = train(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")}, timeout=400)
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "training stage 1/2: warm_start: 3 steps" in proc.stdout and "training stage 2/2: rl: 1 steps" in proc.stdout
     summary, _, _ = rl_results(tmp_path / "results")
     log = tmp_path / summary["log_path"]

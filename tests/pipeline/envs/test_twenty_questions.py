@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from runs import REPO, read_jsonl, rl_results, train, train_here
+from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here
 
 from posttrain.pipeline.envs.games import twenty_questions
 
@@ -20,7 +21,7 @@ FAST = ["renderer_name=role_colon", "batch_size=1", "group_size=2", "max_steps=1
 
 def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, list[dict], list[dict], str]:
     proc = train([*FAST, *args, f"model_name={model}", f"base_url={url}", "run_name=tq"], tmp_path, timeout=600)
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained, proc.stdout
 
@@ -126,6 +127,9 @@ def test_dry_run_plans_the_partners_tokens(tmp_path: Path, tiny_model: str):
     plan = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("plan: "))
     assert f"partner {tiny_model}: one reply of at most 5 tokens per turn" in plan, plan
     assert "every episode counted at 20 turns" in plan, plan
+    # Its time counts the 20 turns of the training step's games and of each evaluation's, one after another.
+    assert "time: 60 turns played one after another (20 a game;" in plan, plan
+    assert re.search(r"a turn [\d.]+ s, 60 turns in a row\)", plan), plan
     assert not (tmp_path / "results").exists()
 
 

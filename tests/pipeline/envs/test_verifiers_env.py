@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from runs import FAST_RL, rl_results, train, train_here
+from runs import FAST_RL, FINISHED, rl_results, train, train_here
 
 # Single-turn: "Say WORD" rows; the rubric pays 1 for the exact word and 0.25 for replying at all.
 ECHO_ENV = """
@@ -109,7 +109,7 @@ def _run(tmp_path: Path, engine, tiny_model: str, args: list[str], name: str, si
          f"base_url={engine.url}", f"run_name={name}"],
         tmp_path, extra_env={"PYTHONPATH": str(site)} if site else None, timeout=400,
     )  # fmt: skip
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     return rl_results(tmp_path / "results")
 
 
@@ -165,6 +165,27 @@ def test_a_missing_or_broken_environment_is_one_line_before_anything_starts(tmp_
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "results").exists()
+
+
+def test_an_environment_that_is_not_installed_gets_an_install_command_that_works():
+    from posttrain.errors import ConfigError
+    from posttrain.pipeline.envs.verifiers_env import load
+
+    def refusal(variant: str) -> str:
+        with pytest.raises(ConfigError) as exc:
+            load(variant, {})
+        return str(exc.value)
+
+    # As the Hub writes it (owner/name), the name is the command's argument as it stands: no OWNER/ added again.
+    assert refusal("acme/lantern-glossary") == (
+        "env=verifiers:acme/lantern-glossary: no environment module 'lantern_glossary' is installed (install it "
+        "with `prime env install acme/lantern-glossary`, or pip, or give the path of its module)"
+    )
+    assert refusal("lantern-glossary") == (
+        "env=verifiers:lantern-glossary: no environment module 'lantern_glossary' is installed (install it with "
+        "`prime env install OWNER/lantern-glossary`, OWNER being its publisher on the Environments Hub, or pip, "
+        "or give the path of its module)"
+    )
 
 
 def test_the_shipped_example_environment_loads_by_path_and_scores_reversals():

@@ -245,8 +245,42 @@ def test_every_teacher_gets_the_tokenizer_check(tmp_path: Path, tiny_model: str,
         len(fine.prompts.train) == 6
         and fine.prompts.source["source"] == "x.jsonl (local file) + x.jsonl (local file)"
     )
-    with pytest.raises(ConfigError, match=f"teacher_model {other} has a different tokenizer"):
+    with pytest.raises(ConfigError, match=f"^teacher_model={other} has a different tokenizer"):
         distillation(f"{tiny_model_b},{other}")
     # A teacher that exists nowhere is "not found", not a chat format that differs (guessed from its name).
     with pytest.raises(ConfigError, match=r"^teacher_model=nobody/no-such-model: not found: not a local directory"):
         distillation(f"{tiny_model_b},nobody/no-such-model")
+
+
+def test_a_teacher_the_service_refuses_is_named_by_the_users_setting() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from posttrain.pipeline.methods.distillation.prompts import Prompts, Share
+    from posttrain.pipeline.methods.distillation.teachers import Teacher, TeacherPool
+
+    async def not_served(**_: object) -> None:
+        raise RuntimeError("model not served")
+
+    async def no_run(path: str) -> None:
+        raise RuntimeError("no such run")
+
+    rest = SimpleNamespace(get_training_run_by_tinker_path_async=no_run)
+    ctx = SimpleNamespace(
+        service=SimpleNamespace(create_sampling_client_async=not_served, create_rest_client=lambda: rest)
+    )
+    prompts = Prompts([], [], {})
+
+    def refusal(teacher_model: str, fixed: Teacher | None = None) -> str:
+        with pytest.raises(ConfigError) as exc:
+            asyncio.run(TeacherPool(ctx, [Share(teacher_model, prompts)], fixed).get(0))  # type: ignore[arg-type]
+        return str(exc.value)
+
+    assert refusal("a/teacher") == "teacher_model=a/teacher: RuntimeError: model not served"
+    assert refusal("tinker://r/sampler_weights/1") == (
+        "teacher_model=tinker://r/sampler_weights/1: cannot find this checkpoint (RuntimeError: no such run)"
+    )
+    # Prompt distillation's teacher is the base model itself, which the user named with model_name=.
+    assert refusal("base/m", Teacher("base/m", None, "Be brief.")) == (
+        "model_name=base/m (the teacher, with system_prompt=): RuntimeError: model not served"
+    )

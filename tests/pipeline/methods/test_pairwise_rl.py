@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import REPO, read_jsonl, rl_results, train, train_here
+from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here
 
 FAST = ["renderer_name=role_colon", "lora_rank=4", "save_every=0", "eval_every=0", "batch_size=2", "group_size=4",
         "max_steps=2", "max_tokens=10", "max_eval_rows=4"]  # fmt: skip
@@ -43,7 +43,7 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(tmp_path: Path, engine, model: str, prompts: Path, args: list[str]) -> tuple[dict, list[dict], list[dict]]:
     proc = train([f"dataset={prompts}", f"model_name={model}", f"base_url={engine.url}", "run_name=pw", *FAST, *args],
                  tmp_path, timeout=600)  # fmt: skip
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained
 
@@ -127,6 +127,17 @@ def test_the_preference_reaches_the_cookbook_on_its_scale(tmp_path: Path):
 def test_bad_pairwise_settings_are_one_line(tmp_path: Path, args: list[str], message: str):
     proc = train_here([*args, "backend=local"], tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_missing_preference_function_is_refused_naming_preference_model(tmp_path: Path):
+    # The user's function is loaded by the reward_fn= loader; the line must name the setting the user wrote.
+    (tmp_path / "prefs.py").write_text("def prefer_digits(row, completion):\n    return 1.0\n")
+    for spec, reason in ((f"{tmp_path}/nofile.py:f", f"file {tmp_path}/nofile.py not found"),
+                         (f"{tmp_path}/prefs.py:missing",
+                          f"{tmp_path}/prefs.py has no function 'missing' (functions there: prefer_digits)")):  # fmt: skip
+        proc = train_here(["task=pairwise_rl", f"preference_model={spec}", "backend=local"], tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == f"error: preference_model={spec}: {reason}\n"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train, train_here
+from runs import FINISHED, read_jsonl, train, train_here
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
@@ -47,7 +47,7 @@ def _summary(cwd: Path) -> dict:
 
 def _ok(proc) -> None:
     # 1 = trained but not better: allowed for a few steps of a random tiny model; the schema is what is tested.
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -299,9 +299,11 @@ def test_a_missing_behaviour_check_stops_the_run_in_one_line(
          "behaviour_check=check.py:in_french"],
         tmp_path,
     )  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1 and "check.py" in proc.stderr
-    assert "in_french" in proc.stderr and "engine: starting" not in proc.stdout
+    assert proc.returncode == 2 and "engine: starting" not in proc.stdout, proc.stderr[-2000:]
+    # Loaded as a reward_fn= verifier is, but named by the setting the user wrote.
+    assert proc.stderr == (
+        "error: behaviour_check=check.py:in_french: check.py has no function 'in_french' (functions there: other)\n"
+    )
 
 
 def test_only_single_questions_with_an_answer_are_graded() -> None:

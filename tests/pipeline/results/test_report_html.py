@@ -154,3 +154,15 @@ def test_screenshot(run, tmp_path: Path):
 
 def test_nasty_text_is_in_the_rows():  # the escaping tests above mean something only if the rows carry it
     assert "<script>" in NASTY and "&" in NASTY
+
+
+def test_an_sft_rows_greedy_answers_and_the_guard_are_on_the_page(tmp_path: Path):
+    from result_folders import sft_rows
+
+    base, trained = sft_rows()
+    base[0].answer, trained[0].answer = "I would say <four>", "The answer is 4 & no more."
+    write_run(tmp_path, "answers", rows=(base, trained))
+    page = (tmp_path / "report.html").read_text()
+    # What each model now writes, beside the NLL of the reference (escaped like every text).
+    assert "I would say &lt;four&gt;" in page and "The answer is 4 &amp; no more." in page
+    assert 'Guard: <span class="verdict unsure">not evaluated</span>' in page  # this run had no guard set

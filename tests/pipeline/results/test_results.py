@@ -50,16 +50,31 @@ def _summary(task_type="sft", baseline=2.8, trained=1.9, **overrides):
     )
     verification = overrides.pop("wandb_verification", {"mode": "offline", "verified": True, "detail": "ok"})
     facts.update(overrides)
+    base_rows, trained_rows = _rows(KIND[task_type], baseline, trained)
     outcome = Outcome(
         kind=KIND[task_type],
-        base_rows=[],
-        trained_rows=[],
+        base_rows=base_rows,
+        trained_rows=trained_rows,
         baseline=baseline,
         trained=trained,
         dataset={"name": "embedded", "split": "train"},
         sizes={"train_rows": 100, "eval_rows": 10},
     )
     return build_summary(RunFacts(**facts), outcome, verification)
+
+
+def _rows(kind: str, baseline: float, trained: float, n: int = 20) -> tuple[list, list]:
+    """n paired rows whose means are `baseline` and `trained` (NLL: with a spread of +-0.1; scores: the first
+    round(n * score) examples right)."""
+    if kind == "nll":
+        offsets = [0.1 * ((i % 5) - 2) for i in range(n)]
+        return [SFTExample(i, "p", "c", baseline + o) for i, o in enumerate(offsets)], [
+            SFTExample(i, "p", "c", trained + o) for i, o in enumerate(offsets)
+        ]
+    right = lambda score, i: i < round(n * score)  # noqa: E731
+    return [RLExample(i, "q", "1", "1", "1", right(baseline, i)) for i in range(n)], [
+        RLExample(i, "q", "1", "1", "1", right(trained, i)) for i in range(n)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -253,7 +268,7 @@ def test_headlines():
     assert headline(_summary("rl", 0.42, 0.67)) == "Base accuracy: 42.0% → Trained: 67.0% (+25.0 points)"
     assert headline(_summary(baseline=2.0, trained=2.1)).endswith("(5.0% increase)")
     imp = compute_improvement("score", 0.4, 0.6)
-    assert imp["points"] == pytest.approx(20.0) and imp["relative"] == pytest.approx(0.5) and imp["improved"]
+    assert imp["points"] == pytest.approx(20.0) and imp["relative"] == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------------------------------ comparison
@@ -412,3 +427,31 @@ def test_one_run_at_a_time_writes_into_a_results_folder(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=r"run fourth \(process"):
             with ResultsDir(folder.path).single_writer("fifth"):
                 pass
+
+
+def test_a_run_that_ends_removes_its_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = ResultsDir(tmp_path / "results")
+    lock = folder.path / ".writer"
+    with folder.single_writer("first"):
+        assert lock.read_text().startswith(f"run first (process {os.getpid()}, started ")
+    assert not lock.exists() and sorted(folder.path.iterdir()) == []
+    with pytest.raises(RuntimeError), folder.single_writer("second"):
+        raise RuntimeError("stopped")
+    assert not lock.exists()
+    # The run holding the folder ends, removing its lock file, just after this one opened it: holding that file
+    # would hold nothing, so this run takes the folder's current one.
+    real_open, opened = os.open, []
+
+    def open_as_the_holder_ends(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if Path(path) == lock:
+            if not opened:
+                lock.unlink()
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_as_the_holder_ends)
+    with folder.single_writer("third") as died:
+        assert died is None and len(opened) == 2
+        assert os.fstat(opened[1]).st_ino == lock.stat().st_ino and lock.read_text().startswith("run third")
+    assert not lock.exists()

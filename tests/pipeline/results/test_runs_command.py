@@ -50,7 +50,8 @@ def test_table_lists_every_run_newest_first(results: Path, capsys):
     rl, b, a = lines
     assert "previous/sft_b" in b and "previous/sft_a" in a
     assert "60.0% -> 40.0% accuracy" in rl and "not improved" in rl
-    assert "1.800 -> 1.700 NLL" in a and "improved" in a
+    # 5 paired examples, 2 better, 1 worse: a 0.1-nat mean gain is within noise, and the row shows the interval.
+    assert "1.800 -> 1.700 NLL" in a and "inconclusive [-" in a and "nats" in a
     assert "4,321" in b and "$0.12" in b  # tokens trained and the estimated bill where the run recorded them
     assert a.split()[-2:] == ["-", "-"]  # neither recorded: "-"
     for line in lines:
@@ -67,6 +68,8 @@ def test_compare_two_runs_by_name_and_by_path(results: Path, capsys):
     assert rows["learning_rate"] == ["0.0001", "0.0003"]
     assert rows["lora_rank"][1] == "8" and "run_name" not in rows and "model" not in rows
     assert "6 paired by index): B better on 1, worse on 2, the same on 2, failed on either side 1" in out
+    # 5 scored pairs, B better on 1 and worse on 2: no evidence either way, and the line says so with its interval.
+    assert "B against A: " in out and "95% interval" in out and "n = 5): B is not better" in out
     gains, losses = out[out.index("Largest gains in B") :], out[out.index("Largest losses in B") :]
     assert gains.splitlines()[3].split()[0] == "0"  # example 0: 1.0 -> 0.5
     assert [line.split()[0] for line in losses.splitlines()[3:5]] == ["3", "1"]  # the largest loss first

@@ -193,7 +193,10 @@ def test_a_missing_bwrap_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     with pytest.raises(ConfigError, match="bubblewrap") as exc:
         sandbox.bwrap_path()
-    assert "\n" not in str(exc.value) and "apt-get install -y bubblewrap" in str(exc.value)
+    assert str(exc.value) == (
+        "code execution needs bubblewrap (bwrap), which is not installed; install it with: "
+        "sudo apt-get install -y bubblewrap (Debian/Ubuntu) or sudo dnf install -y bubblewrap (Fedora)"
+    )
 
 
 def test_generated_tasks_and_humaneval_are_solvable_by_their_references():

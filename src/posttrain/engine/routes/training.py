@@ -8,6 +8,7 @@ POST (same seq_id) get the original future back instead of running twice.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -48,6 +49,8 @@ def _submit(engine: Engine, model_id: str, seq_id: Any, work: Callable[[], Any])
 async def create_model(request: Request, engine: EngineDep) -> dict:
     req = CreateModelRequest.from_json(await json_body(request))
     spec = LoraSpec.from_dict(req.lora_config)
+    if spec.seed is None:  # a seeded session (engine/seeding.py) makes the initialisation reproducible
+        spec = replace(spec, seed=engine.lora_seed(req.session_id, req.model_seq_id))
 
     def work() -> dict:
         engine.weights.create_run(req.model_id, req.base_model, spec, req.user_metadata)

@@ -15,7 +15,14 @@ from typing import Any
 import chz
 
 from posttrain.errors import ConfigError
-from posttrain.pipeline.after.finished import FinishedRun, find_run, service_for
+from posttrain.pipeline.after.finished import (
+    FinishedRun,
+    answer_text,
+    find_run,
+    renderer_for,
+    sampler_for,
+    service_for,
+)
 from posttrain.pipeline.console import CONSOLE
 from posttrain.util import short_error
 
@@ -57,18 +64,16 @@ def chat(settings: ChatSettings) -> None:
 
 async def _session(run: FinishedRun, settings: ChatSettings, log_path: Any) -> None:
     import tinker
-    from tinker_cookbook import renderers
-    from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-    renderer = renderers.get_renderer(str(run.summary["renderer"]["name"]), tokenizer=get_tokenizer(run.model))
+    renderer = renderer_for(run)
     params = tinker.SamplingParams(
         max_tokens=settings.max_tokens, temperature=settings.temperature, stop=renderer.get_stop_sequences()
     )
     async with service_for(run, log_path, say) as url:
         service = tinker.ServiceClient(base_url=url)
-        speakers = [Speaker("trained", await service.create_sampling_client_async(model_path=run.sampler_path))]
+        speakers = [Speaker("trained", await sampler_for(service, run))]
         if settings.base:
-            speakers.append(Speaker("base", await service.create_sampling_client_async(base_model=run.model)))
+            speakers.append(Speaker("base", await sampler_for(service, run, base=True)))
         interactive = sys.stdin.isatty()
         say(f"chat: run {run.name} ({run.model}, {run.sampler_path}); one message per line, /reset, Ctrl-D ends")
         while (line := await asyncio.to_thread(_read, interactive)) is not None:
@@ -99,15 +104,12 @@ def _read(interactive: bool) -> str | None:
 
 
 async def _answer(speaker: Speaker, renderer: Any, params: Any) -> str:
-    from tinker_cookbook import renderers
-
     prompt = renderer.build_generation_prompt(speaker.messages)
     try:
         reply = await speaker.sampler.sample_async(prompt, num_samples=1, sampling_params=params)
     except Exception as exc:  # noqa: BLE001 - one failed answer is shown, the conversation goes on
         speaker.messages.pop()
         return f"[no answer: {short_error(exc, 200)}]"
-    message, _ = renderer.parse_response(reply.sequences[0].tokens)
-    text = renderers.get_text_content(message)
+    text = answer_text(renderer, reply.sequences[0].tokens)
     speaker.messages.append({"role": "assistant", "content": text})
     return text

@@ -78,6 +78,29 @@ def find_run(results_dir: str, run_name: str | None) -> FinishedRun:
     return FinishedRun(name, summary, log_path)
 
 
+def renderer_for(run: FinishedRun) -> Any:
+    """The renderer the run trained with, on its model's tokenizer: prompts are rendered as in training."""
+    from tinker_cookbook import renderers
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+    return renderers.get_renderer(str(run.summary["renderer"]["name"]), tokenizer=get_tokenizer(run.model))
+
+
+async def sampler_for(service: Any, run: FinishedRun, base: bool = False) -> Any:
+    """A sampling client of the run's final weights (`base`: of the model it started from)."""
+    if base:
+        return await service.create_sampling_client_async(base_model=run.model)
+    return await service.create_sampling_client_async(model_path=run.sampler_path)
+
+
+def answer_text(renderer: Any, tokens: list[int]) -> str:
+    """The text of a sampled answer, parsed as the renderer parses its model's replies (thinking left out)."""
+    from tinker_cookbook import renderers
+
+    message, _ = renderer.parse_response(tokens)
+    return renderers.get_text_content(message)
+
+
 def _read_summary(path: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))

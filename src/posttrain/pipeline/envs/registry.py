@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.spec import EnvSpec, parse_env
 
 if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
     from posttrain.pipeline.envs.base import Environment
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Entry:
     path: str  # "module:attribute": the Environment (a class, or an instance)
     shown: tuple[str, ...] | None = None  # how env= help and errors list it (None: by its key; (): not at all)
     partner: bool = False  # a served model plays its other side (`partner_model=`, `EnvContext.partner`)
+    # "module:function" in a light module: the environment's own inputs (files) checked before `path` is imported
+    inputs: str | None = None
 
 
 ENVIRONMENTS: dict[str, Entry] = {
@@ -33,7 +36,9 @@ ENVIRONMENTS: dict[str, Entry] = {
     "game:tic_tac_toe": Entry("posttrain.pipeline.envs.games.tictactoe:TicTacToe"),
     "game:twenty_questions": Entry("posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions", partner=True),
     "tools:calculator": Entry("posttrain.pipeline.envs.tools.agent:ToolUse"),
-    "tools:search": Entry("posttrain.pipeline.envs.tools.agent:ToolUse"),
+    "tools:search": Entry(
+        "posttrain.pipeline.envs.tools.agent:ToolUse", inputs="posttrain.pipeline.envs.tools.corpus:check_inputs"
+    ),
     "verifiers": Entry("posttrain.pipeline.envs.verifiers_env:VerifiersEnvironment", ("verifiers:NAME",)),
     "rubric": Entry("posttrain.pipeline.envs.rubric:RubricConversations", ()),  # task=rubric's rows
 }
@@ -68,6 +73,15 @@ def check(text: str) -> EnvSpec:
 
 def takes_partner(spec: EnvSpec) -> bool:
     return ENVIRONMENTS[lookup(spec)].partner
+
+
+def check_inputs(spec: EnvSpec, cfg: Any, data: LoadedData | None) -> None:
+    """The environment's own inputs (its `inputs` check), before its module is imported: a bad file is refused
+    in a fraction of a second, not after the seconds that import takes."""
+    check = ENVIRONMENTS[lookup(spec)].inputs
+    if check is not None:
+        module, _, attribute = check.partition(":")
+        getattr(importlib.import_module(module), attribute)(spec, cfg, data)
 
 
 def environment(spec: EnvSpec) -> Environment:

@@ -1,13 +1,14 @@
 """`env=verifiers:NAME`: an environment built with Prime Intellect's `verifiers` library (the Environments Hub's).
 
-NAME is loaded as the cookbook's `verifiers_rl` recipe loads it, `vf.load_environment(NAME, **verifiers_args)`:
+NAME is loaded as the cookbook's `verifiers_rl` recipe loads it (`vf.load_environment(NAME, **verifiers_args)`:
+its module imported, its `load_environment` called, the same steps done here before verifiers itself is imported):
 an installed environment package (`prime env install owner/NAME`, or pip; `owner/NAME` is accepted as the Hub
 writes it), or a local module path (`env=verifiers:path/to/my_env.py`, or a package folder). Its dataset rows are
 the training problems, its eval dataset the held-out ones (when it has none, rows held out of its dataset), and
 its rubric's score the reward.
 
 The recipe hands whole groups to the environment (`run_group`) in place of the cookbook's rollout function; here
-one `VerifiersEnv` is the cookbook `Env` of one rollout, so training (`rl.train`) and evaluation
+one `VerifiersEnv` (`verifiers_rollout`) is the cookbook `Env` of one rollout, so training (`rl.train`) and evaluation
 (`evaluation.episodes`) run the same episode as every other environment. The verifiers rollout itself runs
 unchanged, its own turn loop, `env_response` and stop conditions included (a `MultiTurnEnv`): it sees a client
 whose every chat request becomes the Env's next observation and whose reply is what the policy sampled. When
@@ -17,7 +18,6 @@ Tool-calling and completion-style environments are refused: the renderers here h
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import importlib.util
@@ -29,18 +29,19 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import tinker
-from tinker_cookbook import renderers
-from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, StepResult
-
+# Nothing here imports the Tinker SDK, the cookbook's renderers or verifiers at import time (torch and datasets
+# come with them: seconds): a missing or broken environment is refused before any of them is needed.
 from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, mean_score, n_eval, problem_group
 from posttrain.pipeline.envs.spec import key_values
 
 if TYPE_CHECKING:
+    from tinker_cookbook import renderers
+    from tinker_cookbook.rl.types import Env, EnvGroupBuilder
+
     from posttrain.pipeline.data import LoadedData
     from posttrain.pipeline.envs.base import ProblemSettings
     from posttrain.pipeline.envs.spec import EnvSpec
@@ -84,10 +85,8 @@ def _module_name(variant: str) -> str:
 
 @contextlib.contextmanager
 def _quiet_load() -> Iterator[None]:
-    """Loading an environment, with what verifiers and datasets do on load kept off the user's terminal and out
-    of the run's own signal handling."""
-    import datasets
-
+    """Loading an environment, with what verifiers does on load kept off the user's terminal and out of the run's
+    own signal handling."""
     vf_logger = logging.getLogger("verifiers")
     if (
         "VF_LOG_LEVEL" not in os.environ
@@ -99,24 +98,91 @@ def _quiet_load() -> Iterator[None]:
     # vf.Environment installs SIGINT/SIGTERM handlers on construction; the run's own (stop cleanly, save) stay.
     main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    # Its datasets' "Map: 100%|..." bars would land on the terminal: loading happens before the run's output is
-    # captured into its log.
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        if bars:
-            datasets.enable_progress_bars()
         vf_logger.setLevel(level)
         for sig, handler in handlers.items():
             if handler is not None:
                 signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _no_dataset_bars() -> Iterator[None]:
+    """Its datasets' "Map: 100%|..." bars kept off the terminal: loading happens before the run's output is
+    captured into its log. Only when the module brought datasets in (verifiers does): importing it here would
+    cost a second to a load that is about to fail."""
+    datasets = sys.modules.get("datasets")
+    bars = datasets is not None and datasets.is_progress_bar_enabled()
+    if bars:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _installed_module(variant: str) -> str:
+    """The environment's module name, or a one-line ConfigError when no such module can be imported (found
+    without importing it)."""
+    module = _module_name(variant)
+    try:
+        found = module.isidentifier() and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        # The Hub installs by owner/name: a name given with its owner is the command as it stands; a bare name
+        # (which `prime env install` would look for in ./environments) needs its owner, which only the user knows.
+        hub = variant if "/" in variant else f"OWNER/{variant}"
+        owner = "" if "/" in variant else ", OWNER being its publisher on the Environments Hub"
+        raise ConfigError(
+            f"env=verifiers:{variant}: no environment module {module!r} is installed (install it with "
+            f"`prime env install {hub}`{owner}, or pip, or give the path of its module)"
+        )
+    return module
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no message'}"
+
+
+def _import(variant: str, module: str) -> ModuleType:
+    """The environment's module imported (what `vf.load_environment` does first), its failure one line."""
+    try:
+        imported = importlib.import_module(module)
+    except Exception as e:
+        raise ConfigError(f"env=verifiers:{variant}: importing module {module!r} failed: {_one_line(e)}") from None
+    if not callable(getattr(imported, "load_environment", None)):
+        raise ConfigError(
+            f"env=verifiers:{variant}: module {module!r} ({getattr(imported, '__file__', None) or 'a namespace'}) "
+            "has no load_environment function: another module of that name comes first, or it is not an environment"
+        )
+    return imported
+
+
+def _call(variant: str, module: ModuleType, args: dict[str, Any]) -> Any:
+    """`module.load_environment(**args)`, named as `vf.load_environment` names it; its failure one line."""
+    try:
+        env = module.load_environment(**args)
+    except Exception as e:
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        raise ConfigError(f"env=verifiers:{variant}: load_environment({shown}) failed: {_one_line(e)}") from None
+    # verifiers is imported only now: the environment's own module has imported it already (it built `env`).
+    import verifiers as vf
+
+    if not isinstance(env, vf.Environment):
+        raise ConfigError(
+            f"env=verifiers:{variant}: load_environment returned {type(env).__name__}, not a vf.Environment"
+        )
+    env.env_id = env.env_id or module.__name__  # as `vf.load_environment(module name)` sets them
+    env.env_args = env.env_args or args
+    return env
+
+
 def load(variant: str, args: dict[str, Any]) -> Any:
-    """The verifiers Environment (once per process and arguments), or a one-line ConfigError: not installed, or
-    its load_environment raised."""
+    """The verifiers Environment (once per process and arguments), or a one-line ConfigError: not installed, its
+    import or its load_environment raised, or it is of a kind not supported."""
     key = (variant, json.dumps(args, sort_keys=True, default=str))
     if key in _LOADED:
         return _LOADED[key]
@@ -124,32 +190,11 @@ def load(variant: str, args: dict[str, Any]) -> Any:
         raise ConfigError(
             "env=verifiers needs the environment: env=verifiers:NAME (an installed package or a module path)"
         )
-    module = _module_name(variant)
-    try:
-        found = module.isidentifier() and importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(
-            f"env=verifiers:{variant}: no environment module {module!r} is installed (install it with "
-            f"`prime env install OWNER/{variant}` or pip, or give the path of its module)"
-        )
-    import verifiers as vf
-
+    module = _installed_module(variant)
     with _quiet_load():
-        try:
-            env = vf.load_environment(module, **args)
-        except Exception as e:
-            cause = e.__cause__ or e
-            shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-            detail = " ".join(str(cause).split()) or "no message"
-            raise ConfigError(
-                f"env=verifiers:{variant}: load_environment({shown}) failed: {type(cause).__name__}: {detail}"
-            ) from None
-    if not isinstance(env, vf.Environment):
-        raise ConfigError(
-            f"env=verifiers:{variant}: load_environment returned {type(env).__name__}, not a vf.Environment"
-        )
+        imported = _import(variant, module)
+        with _no_dataset_bars():
+            env = _call(variant, imported, args)
     if env.message_type != "chat" or env.oai_tools:
         kind = "tool-calling" if env.oai_tools else f"{env.message_type}-style"
         raise ConfigError(
@@ -161,6 +206,8 @@ def load(variant: str, args: dict[str, Any]) -> Any:
 
 def _rows(dataset: Any, limit: int, args: dict[str, Any]) -> list[dict]:
     """A verifiers dataset's rows as problems (JSON: they are written to the run's data folder and reread)."""
+    from tinker_cookbook import renderers
+
     rows = []
     for row in dataset.select(range(min(limit, len(dataset)))):
         prompt = row["prompt"]
@@ -180,87 +227,9 @@ def _rows(dataset: Any, limit: int, args: dict[str, Any]) -> list[dict]:
     return rows
 
 
-class _PolicyClient:
-    """The OpenAI client the verifiers rollout calls: each chat request is passed out as the Env's next
-    observation, and answered with the policy's sampled reply (put back by `VerifiersEnv.step`)."""
+def _make_env(problem: dict, ctx: EnvContext) -> Env:
+    from posttrain.pipeline.envs.verifiers_rollout import VerifiersEnv
 
-    def __init__(self) -> None:
-        self.requests: asyncio.Queue[list[dict]] = asyncio.Queue()
-        self.replies: asyncio.Queue[Any] = asyncio.Queue()
-        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
-
-    async def create(self, *, messages: list[dict], model: str, **_: Any) -> Any:
-        await self.requests.put(list(messages))
-        return await self.replies.get()
-
-
-class VerifiersEnv(Env):
-    """One rollout of one verifiers problem, driven turn by turn by the cookbook's rollout loop. The reward comes
-    at the end: the rubric's score; `state` is the finished verifiers State (its completion, reward, metrics)."""
-
-    def __init__(self, vf_env: Any, problem: dict, renderer: renderers.Renderer):
-        self.vf_env, self.problem, self.renderer = vf_env, problem, renderer
-        self.client = _PolicyClient()
-        self.task: asyncio.Task | None = None
-        self.state: Any = None
-
-    async def _run(self) -> Any:
-        import verifiers as vf
-        from verifiers.utils.async_utils import NullAsyncContext
-
-        p = self.problem
-        rollout_input = vf.RolloutInput(prompt=p["prompt"], answer=p["answer"], task=p["task"], info=p["info"],
-                                        example_id=p["example_id"])  # fmt: skip
-        # Sampling is the cookbook's (max_tokens, temperature): the client ignores the rollout's sampling args.
-        state = await self.vf_env.rollout(rollout_input, self.client, "policy", None)
-        await self.vf_env.rubric.score_group([state], score_sem=NullAsyncContext())
-        return state
-
-    async def _next(self) -> list[dict] | None:
-        """The rollout's next request (messages), or None when it has ended (then `state` is set)."""
-        assert self.task is not None
-        request = asyncio.ensure_future(self.client.requests.get())
-        await asyncio.wait({request, self.task}, return_when=asyncio.FIRST_COMPLETED)
-        if request.done():
-            return request.result()
-        request.cancel()
-        self.state = self.task.result()  # the rollout's own exception, if it raised one
-        return None
-
-    async def initial_observation(self) -> tuple[tinker.ModelInput, renderers.StopCondition]:
-        self.task = asyncio.create_task(self._run())
-        messages = await self._next()
-        if messages is None:
-            error = self.state.get("error") if self.state is not None else None
-            raise RuntimeError(f"the verifiers rollout ended before the model's first turn ({error!r})")
-        return self.renderer.build_generation_prompt(messages), self.renderer.get_stop_sequences()  # type: ignore[arg-type]
-
-    async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
-        from openai.types.chat import ChatCompletion
-
-        message, termination = self.renderer.parse_response(action)
-        reply = ChatCompletion.model_validate({
-            "id": "policy", "object": "chat.completion", "created": 0, "model": "policy",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": renderers.get_text_content(message)},
-                         "finish_reason": "stop" if termination.is_stop_sequence else "length"}],
-        })  # fmt: skip
-        await self.client.replies.put(reply)
-        messages = await self._next()
-        stop = self.renderer.get_stop_sequences()
-        if messages is not None:  # the environment answered: the model's next turn
-            observation = self.renderer.build_generation_prompt(messages)  # type: ignore[arg-type]
-            return StepResult(
-                reward=0.0, episode_done=False, next_observation=observation, next_stop_condition=stop
-            )
-        metrics = {
-            k: float(v) for k, v in (self.state.get("metrics") or {}).items() if isinstance(v, int | float)
-        }
-        return StepResult(reward=float(self.state.get("reward") or 0.0), episode_done=True,
-                          next_observation=tinker.ModelInput.empty(), next_stop_condition=stop,
-                          metrics={**metrics, "rollout_error": float(self.state.get("error") is not None)})  # fmt: skip
-
-
-def _make_env(problem: dict, ctx: EnvContext) -> VerifiersEnv:
     return VerifiersEnv(load(ctx.spec.variant, problem.get("verifiers_args") or {}), problem, ctx.renderer)
 
 
@@ -309,6 +278,7 @@ class VerifiersEnvironment:
 
     def row(self, index: int, problem: dict, episode: Episode) -> RLExample:
         """The rubric's reward as the row's; `correct` when it is positive; the turns in the transcript."""
+        from posttrain.pipeline.envs.verifiers_rollout import VerifiersEnv
         from posttrain.pipeline.results import RLExample
 
         env = episode.env

@@ -18,6 +18,7 @@ import chz
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.data.pair_checks import form_confounds
 from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext
@@ -109,6 +110,9 @@ class DPO:
         steps = len(self.data.train) // cfg.batch_size * cfg.num_epochs  # full batches of pairs per epoch
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
         ctx.say(f"dpo: beta {self.beta:g}, reference model = the base model ({cfg.model_name})")
+        self.confounds = form_confounds(self.data.train)
+        for note in self.confounds:
+            ctx.say(f"data: warning: {note}")
         train_file = ctx.data_dir / "train_pairs.jsonl"
         write_jsonl(train_file, (comparison_record(r) for r in self.data.train))
         write_jsonl(ctx.data_dir / "eval_pairs.jsonl", (comparison_record(r) for r in self.data.eval))
@@ -162,4 +166,6 @@ class DPO:
         return pairs_score_text(value, self.data)
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
-        return (*pairs_facts(self.data), {"dpo_beta": self.beta, **self.held_out.summary_fields()})
+        dataset, sizes = pairs_facts(self.data)
+        dataset["form_confounds"] = self.confounds
+        return dataset, sizes, {"dpo_beta": self.beta, **self.held_out.summary_fields()}

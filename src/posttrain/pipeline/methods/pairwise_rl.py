@@ -208,7 +208,7 @@ class PairwiseRL:
         if self.judging is not None:
             self.extra_models = self.judging.extra_models(cfg)  # served beside the policy
         elif self.spec != SHORTER:
-            verifiers.load(self.spec)  # a missing file or function: one line now
+            verifiers.load(self.spec, "preference_model")  # a missing file or function: one line now
         self.prompts = load_prompts(cfg, data, self.name)
         self.named = f"judged by {self.judging.model}" if self.judging is not None else self.spec
         self.score_label = f"win rate against the base model's answers ({self.named})"

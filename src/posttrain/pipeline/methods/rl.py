@@ -25,7 +25,7 @@ from posttrain.pipeline.methods import warm_start
 from posttrain.pipeline.methods.base import RunContext, TrainingStage
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
-from posttrain.pipeline.setup.plan import TokenBudget
+from posttrain.pipeline.setup.plan import TokenBudget, partner_tokens, sequential_turns
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -211,6 +211,14 @@ class SearchOptions:
         if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
             raise ConfigError(f"corpus={cfg.corpus}: no such file")
 
+    @staticmethod
+    def chosen(cfg: Any) -> dict[str, Any]:
+        """The retriever env=tools:search runs with when none is given (`settings.method_config` fills it in), so
+        that summary.json's hyperparameters record it rather than None."""
+        if cfg.retriever is None and cfg.env is not None and parse_env(cfg.env).key == "tools:search":
+            return {"retriever": "chroma" if cfg.corpus is not None else "bm25"}
+        return {}
+
 
 @chz.chz
 class PartnerOptions:
@@ -298,6 +306,7 @@ class RL:
         if cfg.reward_fn is not None:
             verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
         self.judging = judging
+        registry.check_inputs(self.spec, cfg, data)  # before the environment's module: that import takes seconds
         self.environment = registry.environment(self.spec)
         if getattr(cfg, "grader", None) is not None and registry.lookup(self.spec) != registry.DEFAULT:
             raise ConfigError(f"grader is only used with question/answer data (env=math), not env={self.spec}; leave it out")
@@ -433,12 +442,17 @@ class RL:
         rollouts = self.total_steps * cfg.batch_size * cfg.group_size
         episodes = rollouts + 2 * len(self.problems.eval)
         notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
+        context = prompt + (turns - 1) * cfg.max_tokens  # what a turn reads, on average: midway through a game
+        in_a_row = None
         if turns > 1:
-            notes.append(f"upper bound: every episode counted at {turns} turns")
+            in_a_row = sequential_turns(cfg, turns, self.total_steps, len(self.problems.eval),
+                                        self.partner is not None, round(context))  # fmt: skip
+            notes += [f"upper bound: every episode counted at {turns} turns", in_a_row.note()]
         budget = TokenBudget(
-            train=round(rollouts * trajectory), prefill=round(episodes * turns * (prompt + (turns - 1) * cfg.max_tokens)),
+            train=round(rollouts * trajectory), prefill=round(episodes * turns * context),
             sample=episodes * turns * cfg.max_tokens, train_steps=self.total_steps,
             sequences_per_step=cfg.batch_size * cfg.group_size, mean_train_length=trajectory, notes=notes,
+            turns=in_a_row,
         )  # fmt: skip
         if self.partner is not None:
             budget = partner_tokens(budget, self.partner, episodes * turns, prompt + cfg.max_tokens)
@@ -476,17 +490,3 @@ class RL:
         if self.warm is not None:
             extra["warm_start"] = self.warm.summary()
         return dataset, sizes, extra
-
-
-def partner_tokens(budget: TokenBudget, partner: str, replies: int, reads: float) -> TokenBudget:
-    """`budget` with a game partner's replies added: each reads `reads` tokens (its own prompt, counted as long as
-    the policy's: both are the game's rules, and the policy's last turn) and writes a few."""
-    from dataclasses import replace
-
-    from posttrain.pipeline.envs.dataset import PARTNER_MAX_TOKENS
-
-    note = f"partner {partner}: one reply of at most {PARTNER_MAX_TOKENS} tokens per turn"
-    return replace(
-        budget, prefill=round(budget.prefill + replies * reads),
-        sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
-    )  # fmt: skip

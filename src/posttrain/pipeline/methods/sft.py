@@ -126,11 +126,17 @@ class SFT:
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
+        from posttrain.pipeline.evaluation.answers import answer_budget, greedy_answers
         from posttrain.pipeline.evaluation.nll import evaluate_nll
 
-        return await evaluate_nll(
-            client, self.eval_datums, self.data.eval, self.ctx.cfg.eval_concurrency, label
-        )
+        concurrency = self.ctx.cfg.eval_concurrency
+        rows, nll = await evaluate_nll(client, self.eval_datums, self.data.eval, concurrency, label)
+        # What the model now writes, beside how likely it finds the reference (report.html shows both).
+        budget = answer_budget(self.ctx.renderer, self.data.eval)
+        answers = await greedy_answers(client, self.ctx.renderer, self.data.eval, budget, concurrency, label)
+        for row, answer in zip(rows, answers, strict=False):
+            row.answer = answer
+        return rows, nll
 
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.supervised import train as sl_train
@@ -151,15 +157,20 @@ class SFT:
         # compute_logprobs scores the whole sequence: the model input plus its last target token.
         eval_tokens = sum(d.model_input.length + 1 for d in self.eval_datums)
         in_training_evals = self.total_steps // cfg.eval_every if cfg.eval_every else 0
+        from posttrain.pipeline.evaluation.answers import ANSWERED_ROWS, answer_budget
+
+        answered = min(ANSWERED_ROWS, len(self.data.eval))
         return TokenBudget(
             train=round(mean * sequences),
             prefill=eval_tokens * (2 + in_training_evals),
-            sample=0,
+            # Each model's greedy answers to the first held-out prompts (at most this many tokens each).
+            sample=2 * answered * answer_budget(self.ctx.renderer, self.data.eval),
             train_steps=self.total_steps,
             sequences_per_step=cfg.batch_size,
             mean_train_length=mean,
             notes=[
-                f"held-out NLL evaluated {2 + in_training_evals} times (base, trained, every {cfg.eval_every} steps)"
+                f"held-out NLL evaluated {2 + in_training_evals} times (base, trained, every {cfg.eval_every} steps)",
+                f"each model's greedy answers to {answered} held-out prompts (shown beside the NLL)",
             ],
         )
 

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.pipeline.results.rows import is_number, summary_kind
 from posttrain.pipeline.results.store import PLOT_FILE, REPORT_FILE, ResultsDir
 from posttrain.pipeline.results.summary import compute_improvement, headline
 from posttrain.util import atomic_output_path
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 
 def _not_improved_warning(summary: Mapping[str, Any]) -> str:
+    if summary.get("verdict") == "inconclusive":
+        imp = summary.get("improvement") or {}
+        needed = imp.get("examples_needed")
+        more = f" (about {needed} would tell an effect this size)" if needed else ""
+        return (
+            f"NOTE: the trained model scored better, but not by more than noise on {imp.get('n', 0)} held-out "
+            f"examples ({imp.get('verdict_text', headline(summary))}). Evaluate on more held-out examples"
+            f"{more} (max_eval_rows, eval_dataset) before relying on it."
+        )
     rl = summary_kind(summary) == "score"
     checks = [
         "learning rate: too low to move the model, or too high (loss/reward unstable) -- try learning_rate x3 or /3",
@@ -98,6 +111,19 @@ def plot_training_curves(
     path: str | Path, summary: Mapping[str, Any], metrics_rows: list[dict[str, Any]]
 ) -> Path:
     """training_curves.png: training loss/reward, evaluation series, and base vs trained held-out score."""
+    import matplotlib.pyplot as plt
+
+    fig = training_figure(summary, metrics_rows)
+    try:
+        with atomic_output_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def training_figure(summary: Mapping[str, Any], metrics_rows: list[dict[str, Any]]) -> Figure:
+    """The figure of training_curves.png, one panel per series kind; the caller closes it (`plt.close`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,22 +134,33 @@ def plot_training_curves(
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
     ax_iter = iter(axes[0])
     if train:
-        ax = next(ax_iter)
-        for k, pts in train.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
-        ax.set_title("Training")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _step_panel(next(ax_iter), train, "Training", lambda n: "." if n < 30 else None)
     if evals:
-        ax = next(ax_iter)
-        for k, pts in evals.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o")
-        ax.set_title("Evaluation during training")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    ax = next(ax_iter)
+        _step_panel(next(ax_iter), evals, "Evaluation during training", lambda n: "o")
+    _held_out_panel(next(ax_iter), summary)
+    fig.suptitle(headline(summary), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _step_panel(
+    ax: Axes, series: dict[str, list[tuple[float, float]]], title: str, marker: Callable[[int], str | None]
+) -> None:
+    """Series over the training steps; `marker(n)`: how a series of n points is marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    for k, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker=marker(len(pts)))
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    # Steps are whole numbers: left to itself matplotlib labels a 3-step run 0.00, 0.25, ... 2.00.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _held_out_panel(ax: Axes, summary: Mapping[str, Any]) -> None:
+    """The base and the trained model's held-out score, side by side."""
     if summary_kind(summary) == "score":
         b, t, label = summary["baseline_score"] * 100, summary["trained_score"] * 100, "accuracy (%)"
     else:
@@ -145,14 +182,6 @@ def plot_training_curves(
     ax.set_title("Held-out evaluation")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.suptitle(headline(summary), fontsize=10)
-    fig.tight_layout()
-    try:
-        with atomic_output_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return Path(path)
 
 
 SETTINGS_SHOWN = (
@@ -228,10 +257,11 @@ def write_report(
     ]
     if summary.get("score_note"):  # e.g. judged (not verified) scores
         lines += [f"> {_md(summary['score_note'])}", ""]
+    verdict_text = (summary.get("improvement") or {}).get("verdict_text")
+    lines += [f"Verdict: **{summary.get('verdict')}**" + (f" — {_md(verdict_text)}" if verdict_text else ""), ""]
+    lines += _guard_lines(summary)
     if warning:
         lines += ["> " + line for line in warning.splitlines()] + [""]
-    else:
-        lines += ["Verdict: **improved**", ""]
     lines += _result_lines(summary) + _teacher_lines(summary) + _example_lines(summary, comparison)
     lines += _run_lines(summary)
     metrics_rows = load_metrics(metrics_path)
@@ -242,6 +272,28 @@ def write_report(
         lines.append(f"(no metrics.jsonl found{where}: only the held-out scores are plotted)")
     results.write_text(REPORT_FILE, "\n".join(lines) + "\n")
     return warning
+
+
+def _guard_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The guard's word ('no regression' / 'REGRESSED on ...') and a row per check."""
+    guard = summary.get("guard")
+    if not isinstance(guard, Mapping):
+        return []
+    word = "**REGRESSED**" if guard.get("regressed") else "no regression"
+    lines = [f"Guard: {word} — {_md(guard.get('text', ''))}", ""]
+    checks = guard.get("checks") or []
+    if checks:
+        lines += ["| guard check | base | trained | change (95% interval, test, n) | regressed | source |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for c in checks:
+            pct = c.get("metric") == "score"
+            side = (lambda v: f"{v * 100:.1f}%") if pct else (lambda v: f"{v:.3f}")  # noqa: E731
+            lines.append(
+                f"| {_md(c['name'])} | {side(c['baseline'])} | {side(c['trained'])} | {_md(c['text'])} | "
+                f"{'**yes**' if c['regressed'] else 'no'} | {_md(c['source'])} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _result_lines(summary: Mapping[str, Any]) -> list[str]:

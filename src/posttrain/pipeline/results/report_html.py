@@ -99,7 +99,7 @@ def _side(title: str, row: dict | None, kind: MetricKind, reference: Any) -> str
         return f'<div class="side"><h3>{_e(title)}</h3><p class="muted">not evaluated</p></div>'
     answer = row.get("completion")
     if kind == "nll" and answer == reference:  # SFT: the reference completion is what was scored
-        answer = None
+        answer = row.get("answer")  # the model's own greedy reply, where the run sampled one
     body = [
         f'<p class="score">{_e(_score(row, kind))}</p>',
         _details(row.get("details")),
@@ -154,6 +154,14 @@ def _run_pairs(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _guard_word(summary: Mapping[str, Any]) -> tuple[str, str]:
+    """The guard's word and its badge class."""
+    guard = summary.get("guard")
+    if not isinstance(guard, Mapping) or not guard.get("checks"):
+        return "not evaluated", "unsure"
+    return ("REGRESSED", "bad") if guard.get("regressed") else ("no regression", "good")
+
+
 def render_html(
     summary: Mapping[str, Any], base_rows: list[dict], trained_rows: list[dict], plot: bytes | None
 ) -> str:
@@ -186,7 +194,11 @@ def render_html(
         title=_e(f"Post-training report: {summary.get('run_name', '')}"),
         headline=_e(head),
         verdict=_e(verdict),
-        verdict_class="good" if verdict == "improved" else "bad",
+        verdict_class={"improved": "good", "inconclusive": "unsure"}.get(verdict, "bad"),
+        verdict_text=_e((summary.get("improvement") or {}).get("verdict_text") or ""),
+        guard=_e((summary.get("guard") or {}).get("text") or ""),
+        guard_class=_guard_word(summary)[1],
+        guard_word=_guard_word(summary)[0],
         note=_e(summary.get("score_note") or ""),
         run=_table(_run_pairs(summary)),
         settings=_table(settings),
@@ -214,7 +226,7 @@ _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;color:#222}
 h1{font-size:1.4em}.headline{font-size:1.2em;font-weight:600}
 .verdict{display:inline-block;padding:.1em .6em;border-radius:1em;color:#fff}
-.verdict.good{background:#2a7d2a}.verdict.bad{background:#b03030}
+.verdict.good{background:#2a7d2a}.verdict.bad{background:#b03030}.verdict.unsure{background:#a06a00}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:2px 8px;text-align:left;
 vertical-align:top}th{background:#f6f6f6;font-weight:500}
 details.box>summary{cursor:pointer;font-weight:600;margin:.6em 0}img{max-width:100%}
@@ -286,7 +298,8 @@ _TEMPLATE = """<!DOCTYPE html>
 <body data-filter="all">
 <h1>{title}</h1>
 <p class="headline">{headline}</p>
-<p>Verdict: <span class="verdict {verdict_class}">{verdict}</span></p>
+<p>Verdict: <span class="verdict {verdict_class}">{verdict}</span> <span class="muted">{verdict_text}</span></p>
+<p>Guard: <span class="verdict {guard_class}">{guard_word}</span> <span class="muted">{guard}</span></p>
 <p class="muted">{note}</p>
 <details class="box" open><summary>Training curves</summary>{image}</details>
 <details class="box"><summary>Run</summary>{run}</details>

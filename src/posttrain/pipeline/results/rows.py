@@ -8,7 +8,7 @@ Rows (one per evaluated example, `index` = position in the evaluation set, the s
   win/draw/loss), "verifier_error" (the user verifier failed on this sample: file:line and error; the sample
   scored 0), "transcript" (multi-turn games: one entry per turn)
 - SFT (`SFTExample`): {"index", "prompt", "completion", "nll"}, and with several distillation teachers
-  "teacher" (whose completion it is)
+  "teacher" (whose completion it is); SFT runs add "answer" (the model's own greedy reply) to the first 64
 - preference (`PreferenceExample`, DPO): {"index", "prompt", "chosen", "rejected", "chosen_logprob",
   "rejected_logprob", "margin", "correct"}: the length-normalised log-probs (mean per completion token) of the
   chosen and the rejected completion, margin = chosen - rejected, correct = margin > 0. Verifiable pairs (the
@@ -40,7 +40,7 @@ PREFERENCE_KEYS = (
     "index", "prompt", "chosen", "rejected", "chosen_logprob", "rejected_logprob", "margin", "correct"
 )  # fmt: skip
 RL_OPTIONAL_KEYS = ("reward", "details", "verifier_error", "transcript")
-SFT_OPTIONAL_KEYS = ("teacher",)
+SFT_OPTIONAL_KEYS = ("teacher", "answer")
 PREFERENCE_OPTIONAL_KEYS = ("ground_truth", "completion", "extracted_answer", "task_correct")
 OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
     "rl": RL_OPTIONAL_KEYS,
@@ -90,6 +90,7 @@ class SFTExample:
     nll: float | None
     error: str | None = None
     teacher: str | None = None  # distillation with several teachers: whose completion this is
+    answer: str | None = None  # SFT: the model's own greedy reply to the prompt (the first held-out prompts)
 
     def to_dict(self) -> dict[str, Any]:
         return _row_dict(self)
@@ -181,6 +182,8 @@ def validate_rows(rows: Iterable[Any], kind: MetricKind, schema: RowSchema | Non
         if schema == "sft":
             if "teacher" in d and not (isinstance(d["teacher"], str) and d["teacher"]):
                 raise ValueError(f"row {n}: teacher must be a non-empty string when present")
+            if "answer" in d and not isinstance(d["answer"], str):
+                raise ValueError(f"row {n}: answer must be a string when present")
             nll = d["nll"]
             ok = is_number(nll) and nll >= 0
             if not (ok or (failed and nll is None)):

@@ -18,7 +18,7 @@ from typing import Any
 from posttrain.errors import UserError
 from posttrain.pipeline.results.rows import as_dict, is_number, summary_kind
 from posttrain.pipeline.results.store import SUMMARY_FILE, TRAINED_FILE
-from posttrain.pipeline.results.summary import compare_examples
+from posttrain.pipeline.results.summary import compare_examples, judge_improvement
 
 DEFAULT_DIR = "results"
 USAGE = "usage: posttrain runs [RESULTS_DIR] | posttrain runs A B [results_dir=DIR]"
@@ -119,6 +119,16 @@ def _metric(summary: Mapping[str, Any], key: str) -> str:
     return f"{value:.3f}" if is_number(value) else "-"
 
 
+def _interval(summary: Mapping[str, Any]) -> str:
+    """' [+2.8, +29.4] pts': the verdict's 95% interval of the difference (better is positive)."""
+    imp = summary.get("improvement") if isinstance(summary.get("improvement"), Mapping) else {}
+    interval, scale = imp.get("interval"), (100.0 if imp.get("unit") == "points" else 1.0)
+    if not (isinstance(interval, list) and len(interval) == 2 and all(map(is_number, interval))):
+        return ""
+    unit = " pts" if scale == 100.0 else " nats"
+    return f" [{interval[0] * scale:+.{1 if scale == 100.0 else 2}f}, {interval[1] * scale:+.{1 if scale == 100.0 else 2}f}]{unit}"
+
+
 def _label(summary: Mapping[str, Any]) -> str:
     if summary_kind(summary) == "score":
         return str(summary.get("score_label") or "accuracy")
@@ -140,7 +150,7 @@ def row_cells(run: Run) -> dict[str, str]:
         "data": _data(s, hp),
         "base -> trained": f"{_metric(s, 'baseline')} -> {_metric(s, 'trained')}"
         + (f" {_short(label, 20)}" if label else ""),
-        "verdict": str(s.get("verdict") or s.get("status") or "-"),
+        "verdict": str(s.get("verdict") or s.get("status") or "-") + _interval(s),
         "wall time": _duration(wall) if is_number(wall) else "-",
         "tokens": f"{int(tokens):,}" if is_number(tokens) else "-",
         "est. cost": f"${cost:,.2f}" if is_number(cost) else "-",
@@ -284,6 +294,11 @@ def print_comparison(a: Run, b: Run) -> None:
             f"{c['improved']}, worse on {c['regressed']}, the same on {c['unchanged']}"
             + (f", failed on either side {c['errors']}" if c["errors"] else "")
         )
+        # B against A as a verdict: is B's difference more than noise on these examples?
+        v = judge_improvement(c["kind"], c)
+        numbers = v["text"].split(f"): {v['verdict']}")[0] + ")"
+        word = {"improved": "B is better", "not improved": "B is not better", "inconclusive": "inconclusive"}
+        print(f"B against A: {numbers}: {word[v['verdict']]}")
         header = ["index", "prompt", "A", "B", "change (>0: B better)"]
         for title, key in (("Largest gains in B", "top_improved"), ("Largest losses in B", "top_regressed")):
             if c[key]:

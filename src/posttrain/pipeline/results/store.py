@@ -27,7 +27,7 @@ TRAINED_FILE = "trained_model.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "training_curves.png"
-# Who holds the folder: "run NAME (process PID, started TIME)", emptied when the run ends.
+# Who holds the folder: "run NAME (process PID, started TIME)", removed when the run ends.
 LOCK_FILE = ".writer"
 
 # Top-level files that belong to a run (moved aside together by `prepare`).
@@ -96,26 +96,39 @@ class ResultsDir:
         """Hold the folder for one run; yields the holder before it when that run died holding it.
 
         A second run into a folder that a live run holds stops with a `ConfigError` naming that run. The hold
-        is the kernel's (flock), so a run that died, however it died (a kill, a power cut), holds nothing.
+        is the kernel's (flock), so a run that died, however it died (a kill, a power cut), holds nothing; its
+        lock file, still naming it, is how the next run knows it died. A run that ends removes the file.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
+        lock = self.path / LOCK_FILE
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"results_dir={self.path}: {holder or 'another run'} is writing there; wait for it to end, "
-                    "or give this run a results_dir= of its own"
-                ) from None
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ConfigError(
+                        f"results_dir={self.path}: {holder or 'another run'} is writing there; wait for it to "
+                        "end, or give this run a results_dir= of its own"
+                    ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # A file opened just before the run holding it ended and removed it: holding it would hold nothing
+            # (the next run creates another); open the folder's own again.
+            if _same_file(fd, lock):
+                break
+            os.close(fd)
+        try:
             started = _dt.datetime.now().isoformat(timespec="seconds")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"run {run_name} (process {os.getpid()}, started {started})\n".encode(), 0)
             try:
                 yield holder
             finally:
-                os.ftruncate(fd, 0)
+                # Removed while still held, so that no run can take the folder between the removal and the close.
+                lock.unlink(missing_ok=True)
         finally:
             os.close(fd)
 
@@ -148,6 +161,16 @@ class ResultsDir:
 
     def write_jsonl(self, name: str, rows: Iterable[Any]) -> Path:
         return self.write_text(name, jsonl_text(json_safe(as_dict(r)) for r in rows))
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` is still the file open as `fd` (not removed, nor replaced by another)."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
 def no_space(exc: BaseException, folder: Path) -> NoSpaceError | None:

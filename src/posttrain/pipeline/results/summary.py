@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from posttrain.pipeline.results.guard import guard_summary
 from posttrain.pipeline.results.rows import (
     MetricKind,
     as_dict,
@@ -25,12 +26,10 @@ from posttrain.pipeline.results.rows import (
     summary_kind,
 )
 from posttrain.pipeline.results.store import SUMMARY_FILE, ResultsDir
+from posttrain.pipeline.results.verdict import VERDICTS, paired_verdict, verdict_text
 
-VERDICTS = ("improved", "not improved")
 # Per-example NLL counts as changed when it moves by more than this fraction of the base NLL.
 NLL_RELATIVE_TOLERANCE = 1e-3
-# The run counts as improved when the mean NLL drops by more than this fraction (RL: any accuracy gain).
-IMPROVEMENT_NLL_RELATIVE = 1e-3
 # Distillation with several teachers: summary.json `teachers`, one object per teacher in teacher_model order,
 # each measured on its own held-out prompts (on-policy adds baseline_reverse_kl, trained_reverse_kl,
 # prompts_per_step and training_metric). A null NLL or KL: none of that teacher's examples could be scored.
@@ -102,6 +101,8 @@ class Outcome:
     extra: Mapping[str, Any] = field(default_factory=dict)
     # What the score measures, for the headline and report ("accuracy", "preference accuracy", ...).
     score_label: str = "accuracy"
+    # The guard set's NLL rows: (name, source, base rows, trained rows); None with guard=false.
+    guard: tuple[str, str, list[Any], list[Any]] | None = None
 
 
 def compute_improvement(kind: MetricKind, baseline: float, trained: float) -> dict[str, Any]:
@@ -109,11 +110,11 @@ def compute_improvement(kind: MetricKind, baseline: float, trained: float) -> di
 
     NLL: absolute = baseline - trained (the reduction), relative = absolute / baseline.
     Score: absolute = trained - baseline, points = 100 * absolute, relative = absolute / baseline (None if 0).
+    Whether that is more than noise is the verdict's (`judge_improvement`).
     """
     if kind == "nll":
         absolute = baseline - trained
         relative = absolute / baseline if baseline > 0 else None
-        improved = relative is not None and relative > IMPROVEMENT_NLL_RELATIVE
         pct = abs(relative) * 100 if relative is not None else None
         text = f"{pct:.1f}% {'reduction' if absolute >= 0 else 'increase'}" if pct is not None else "n/a"
         return {
@@ -122,7 +123,6 @@ def compute_improvement(kind: MetricKind, baseline: float, trained: float) -> di
             "absolute": absolute,
             "relative": relative,
             "description": text,
-            "improved": improved,
         }
     absolute = trained - baseline
     relative = absolute / baseline if baseline > 0 else None
@@ -133,8 +133,15 @@ def compute_improvement(kind: MetricKind, baseline: float, trained: float) -> di
         "points": absolute * 100,
         "relative": relative,
         "description": f"{absolute * 100:+.1f} points",
-        "improved": absolute > 1e-12,
     }
+
+
+def judge_improvement(kind: MetricKind, comparison: Mapping[str, Any]) -> dict[str, Any]:
+    """The verdict on the paired held-out examples: the mean per-example difference (NLL: per-example NLL, in
+    nats; scores: in points), its 95% interval, the test, its p-value, and `text` for the terminal and reports."""
+    v = paired_verdict(comparison.get("deltas", []), binary=not comparison.get("graded", kind == "nll"))
+    unit, scale = ("nats per example", 1.0) if kind == "nll" else ("points", 100.0)
+    return {**v, "unit": unit, "scale": scale, "text": verdict_text(v, unit, scale)}
 
 
 def headline(summary: Mapping[str, Any]) -> str:
@@ -159,6 +166,11 @@ def build_summary(
     `wandb_url` is the run URL online; offline it is the local offline-run directory (`wandb sync` it).
     """
     improvement = compute_improvement(outcome.kind, outcome.baseline, outcome.trained)
+    if comparison is None:
+        comparison = compare_examples(outcome.base_rows, outcome.trained_rows, outcome.kind)
+    judged = judge_improvement(outcome.kind, comparison)
+    improvement.update({k: judged[k] for k in ("difference", "unit", "interval", "confidence", "test", "p_value", "n")})
+    improvement.update(examples_needed=judged["examples_needed"], verdict_text=judged["text"])
     summary: dict[str, Any] = {
         "task_type": TASK_TYPES[outcome.kind],
         "method": facts.method,
@@ -176,7 +188,7 @@ def build_summary(
     summary.update(
         headline="",
         improvement=improvement,
-        verdict="improved" if improvement["improved"] else "not improved",
+        verdict=judged["verdict"],
         model=facts.model,
         backend=facts.backend,
         renderer={"name": facts.renderer, "source": facts.renderer_source},
@@ -190,12 +202,10 @@ def build_summary(
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
     summary["headline"] = headline(summary)
-    if comparison is not None:
-        summary["per_example"] = {
-            k: comparison[k]
-            for k in ("paired", "improved", "regressed", "unchanged", "errors")
-            if k in comparison
-        }
+    summary["per_example"] = {
+        k: comparison[k] for k in ("paired", "improved", "regressed", "unchanged", "errors") if k in comparison
+    }
+    summary["guard"] = guard_summary(outcome.guard, outcome.base_rows, outcome.trained_rows)
     for side, rows in (("baseline", outcome.base_rows), ("trained", outcome.trained_rows)):
         summary.update(game_outcome_rates(rows, side))
     summary.update({"status": "completed", **outcome.extra})
@@ -333,6 +343,8 @@ def compare_examples(
     trained = {d["index"]: d for d in map(as_dict, trained_rows)}
     paired_idx = sorted(set(base) & set(trained))
     improved, regressed, unchanged, errors = [], [], [], []
+    deltas: list[float] = []
+    graded = kind == "nll"
     for i in paired_idx:
         bv, tv = metric_value(base[i], kind), metric_value(trained[i], kind)
         if bv is None or tv is None:
@@ -340,6 +352,8 @@ def compare_examples(
             continue
         entry, tol = paired_entry(i, base[i], trained[i], kind)
         delta = entry["delta"]
+        deltas.append(delta)
+        graded = graded or "base_reward" in entry
         (improved if delta > tol else regressed if delta < -tol else unchanged).append(entry)
     valid = [i for i in paired_idx if i not in set(errors)]
     improved.sort(key=lambda e: -e["delta"])
@@ -359,6 +373,9 @@ def compare_examples(
         "unpaired_trained": sorted(set(trained) - set(base)),
         "top_improved": improved[:top],
         "top_regressed": regressed[:top],
+        # Each paired example's difference (positive: better), for the verdict's interval and test.
+        "deltas": deltas,
+        "graded": graded,
     }
 
 

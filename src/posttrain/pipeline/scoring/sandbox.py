@@ -33,7 +33,11 @@ from pathlib import Path
 from posttrain.errors import ConfigError
 
 NOBODY = 65534
-INSTALL_HINT = "install it with: apt-get install -y bubblewrap (Debian/Ubuntu) or dnf install bubblewrap"
+# Installing a system package needs root: without sudo the command fails for most users.
+INSTALL_HINT = (
+    "install it with: sudo apt-get install -y bubblewrap (Debian/Ubuntu) or "
+    "sudo dnf install -y bubblewrap (Fedora)"
+)
 
 
 @dataclass(frozen=True)

@@ -38,33 +38,34 @@ DEFAULT_TIMEOUT_S = 10.0
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-def parse_spec(spec: str) -> tuple[Path, str]:
+def parse_spec(spec: str, option: str = "reward_fn") -> tuple[Path, str]:
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name.isidentifier():
-        raise ConfigError(f"reward_fn={spec!r}: expected path/to/file.py:function_name")
+        raise ConfigError(f"{option}={spec!r}: expected path/to/file.py:function_name")
     return Path(path).expanduser(), name
 
 
-def load(spec: str) -> Callable[[dict, str], Any]:
-    """Import the user's file and return the function, or raise a one-line ConfigError naming what is missing."""
-    path, name = parse_spec(spec)
+def load(spec: str, option: str = "reward_fn") -> Callable[[dict, str], Any]:
+    """Import the user's file and return the function, or raise a one-line ConfigError naming what is missing
+    and the setting the user wrote (`option`: reward_fn, preference_model, behaviour_check)."""
+    path, name = parse_spec(spec, option)
     if not path.is_file():
-        raise ConfigError(f"reward_fn={spec}: file {path} not found")
+        raise ConfigError(f"{option}={spec}: file {path} not found")
     module_spec = importlib.util.spec_from_file_location(f"posttrain_user_verifier_{path.stem}", path)
     if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"reward_fn={spec}: {path} cannot be imported as a Python file")
+        raise ConfigError(f"{option}={spec}: {path} cannot be imported as a Python file")
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - the user's file: report where it failed, in one line
-        raise ConfigError(f"reward_fn={spec}: importing {path} failed: {_where(exc, path)}") from None
+        raise ConfigError(f"{option}={spec}: importing {path} failed: {_where(exc, path)}") from None
     fn = getattr(module, name, None)
     if fn is None:
         found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
         hint = f" (functions there: {', '.join(found)})" if found else ""
-        raise ConfigError(f"reward_fn={spec}: {path} has no function {name!r}{hint}")
+        raise ConfigError(f"{option}={spec}: {path} has no function {name!r}{hint}")
     if not callable(fn):
-        raise ConfigError(f"reward_fn={spec}: {name!r} in {path} is not a function")
+        raise ConfigError(f"{option}={spec}: {name!r} in {path} is not a function")
     return fn
 
 
@@ -106,13 +107,13 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="posttrain-parent-watch").start()
 
 
-def _call(spec: str, row: dict, completion: str) -> tuple[float | None, str | None]:
+def _call(spec: str, row: dict, completion: str, option: str) -> tuple[float | None, str | None]:
     """(reward, None) or (None, 'file.py:line: error'); runs in a worker process."""
-    path = parse_spec(spec)[0]
+    path = parse_spec(spec, option)[0]
     try:
         fn = _loaded.get(spec)
         if fn is None:
-            fn = _loaded[spec] = load(spec)
+            fn = _loaded[spec] = load(spec, option)
         return _check_value(fn(row, completion)), None
     except Exception as exc:  # noqa: BLE001 - a crashing verifier scores 0, it never stops the run
         return None, str(exc) if isinstance(exc, ConfigError) else _where(exc, path)
@@ -156,11 +157,12 @@ class UserVerifier:
     spec: str
     errors_file: Path | None = None
     timeout: float = DEFAULT_TIMEOUT_S
-    option: str = "reward_fn"  # the setting that named it, for the log
+    option: str = "reward_fn"  # the setting that named it, for its errors and the log
 
     def __post_init__(self) -> None:
-        load(self.spec)  # a missing file or function is a one-line error now, in the training process
-        self.path = parse_spec(self.spec)[0]
+        # A missing file or function: a one-line error now, in the training process.
+        load(self.spec, self.option)
+        self.path = parse_spec(self.spec, self.option)[0]
         self._lock = threading.Lock()
 
     async def score(self, row: dict, completion: str, phase: str) -> tuple[float, str | None]:
@@ -169,7 +171,8 @@ class UserVerifier:
         from pebble import ProcessExpired
 
         try:
-            future = _worker_pool().schedule(_call, args=(self.spec, row, completion), timeout=self.timeout)
+            args = (self.spec, row, completion, self.option)
+            future = _worker_pool().schedule(_call, args=args, timeout=self.timeout)
             value, error = await asyncio.wrap_future(future)
         except TimeoutError:
             value, error = None, f"{self.path}: timed out after {self.timeout:g} s (the call was stopped)"

@@ -10,9 +10,10 @@ concurrent samples and a logprob pass, at the run's sequence lengths.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,24 @@ if TYPE_CHECKING:
     import tinker
 
 _PER_MILLION = 1_000_000
+
+
+@dataclass(frozen=True)
+class SequentialTurns:
+    """The turns of multi-turn episodes that are played one after another: a turn waits for the one before it, so
+    however fast the engine samples in bulk, sampling takes at least these turns' latency in a row. The games of a
+    training step (and those of an evaluation, up to its concurrency) play at the same time."""
+
+    count: int  # turns in a row over the whole run: turns per game x (training steps + evaluation rounds)
+    per_game: int  # turns a game lasts, at most
+    requests: int  # sample requests in a row per turn: the policy's, then a partner's reply (twenty questions)
+    tokens: int  # tokens those requests sample in all, at most
+    concurrency: int  # games played at once
+    context: int  # tokens a turn's request reads, on average (the conversation so far)
+
+    def note(self) -> str:
+        return (f"time: {self.count:,} turns played one after another ({self.per_game} a game; the games of a step "
+                "or an evaluation play at once)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -33,9 +52,39 @@ class TokenBudget:
     sequences_per_step: int
     mean_train_length: float
     notes: list[str] = field(default_factory=list)
+    turns: SequentialTurns | None = None  # multi-turn episodes; None: one turn, where throughput sets the time
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def sequential_turns(
+    cfg: Any, turns: int, steps: int, held_out: int, partner: bool, context: int
+) -> SequentialTurns:
+    """An RL run's turns in a row (`cfg`: its settings): every training step plays its games' `turns` one after
+    another, and so does each evaluation (base, trained, and the in-loop ones of eval_every) for each round of
+    eval_concurrency games; a partner's reply is a second request in each turn."""
+    from posttrain.pipeline.envs.dataset import PARTNER_MAX_TOKENS
+
+    evaluations = 2 + (steps // cfg.eval_every if cfg.eval_every > 0 else 0)
+    rounds = steps + evaluations * math.ceil(held_out / cfg.eval_concurrency)
+    return SequentialTurns(
+        count=turns * rounds, per_game=turns, requests=2 if partner else 1,
+        tokens=cfg.max_tokens + (PARTNER_MAX_TOKENS if partner else 0),
+        concurrency=max(cfg.batch_size * cfg.group_size, min(held_out, cfg.eval_concurrency)), context=context,
+    )  # fmt: skip
+
+
+def partner_tokens(budget: TokenBudget, partner: str, replies: int, reads: float) -> TokenBudget:
+    """`budget` with a game partner's replies added: each reads `reads` tokens (its own prompt, counted as long as
+    the policy's: both are the game's rules, and the policy's last turn) and writes a few."""
+    from posttrain.pipeline.envs.dataset import PARTNER_MAX_TOKENS
+
+    note = f"partner {partner}: one reply of at most {PARTNER_MAX_TOKENS} tokens per turn"
+    return replace(
+        budget, prefill=round(budget.prefill + replies * reads),
+        sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
+    )  # fmt: skip
 
 
 def tinker_price(model_name: str, budget: TokenBudget) -> dict[str, Any]:
@@ -141,7 +190,40 @@ async def probe_rates(
     )
     produced = sum(len(r.sequences[0].tokens) for r in replies)
     rates["sample_tokens_per_s"] = produced / (time.monotonic() - started)
-    return {k: round(v, 1) for k, v in rates.items()}
+    rates = {k: round(v, 1) for k, v in rates.items()}
+    if budget.turns is not None:
+        rates |= await _turn_latency(sampler, rng, vocab, budget.turns)
+    return rates
+
+
+PROBE_TURN_TOKENS = 16
+PROBE_MAX_CONCURRENCY = 64
+
+
+async def _turn_latency(
+    sampler: tinker.SamplingClient, rng: random.Random, vocab: int, turns: SequentialTurns
+) -> dict[str, float]:
+    """Seconds one round of a turn's requests takes at the run's concurrency and context: `turn_request_s` for a
+    request that samples one token (reading its context included), `turn_token_s` for each token after that."""
+    import tinker
+
+    length = max(8, min(PROBE_MAX_LENGTH, turns.context))
+    prompt = tinker.ModelInput.from_ints([rng.randrange(vocab) for _ in range(length)])
+
+    async def one_round(max_tokens: int) -> tuple[float, int]:
+        params = tinker.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0)
+        started = time.monotonic()
+        replies = await asyncio.gather(*(
+            sampler.sample_async(prompt, num_samples=1, sampling_params=params)
+            for _ in range(max(1, min(turns.concurrency, PROBE_MAX_CONCURRENCY)))
+        ))  # fmt: skip
+        # The round lasts as long as its longest reply: that many decoding steps.
+        return time.monotonic() - started, max(len(r.sequences[0].tokens) for r in replies)
+
+    request, _ = await one_round(1)
+    longer, produced = await one_round(PROBE_TURN_TOKENS)
+    per_token = max(0.0, longer - request) / max(1, produced - 1)
+    return {"turn_request_s": round(request, 4), "turn_token_s": round(per_token, 5)}
 
 
 def _random_datum(rng: random.Random, vocab: int, length: int) -> tinker.Datum:
@@ -159,12 +241,19 @@ def _random_datum(rng: random.Random, vocab: int, length: int) -> tinker.Datum:
 
 
 def estimated_seconds(budget: TokenBudget, rates: dict[str, float]) -> float:
-    """Training, prefill and sampling time at the probed rates (sampling at its upper bound)."""
-    return (
-        budget.train / rates["train_tokens_per_s"]
-        + budget.prefill / rates["prefill_tokens_per_s"]
-        + budget.sample / rates["sample_tokens_per_s"]
-    )
+    """Training, prefill and sampling time at the probed rates (sampling at its upper bound). Multi-turn
+    episodes sample at least as long as their turns in a row take, however fast the engine samples in bulk."""
+    sampling = budget.prefill / rates["prefill_tokens_per_s"] + budget.sample / rates["sample_tokens_per_s"]
+    if budget.turns is not None and "turn_request_s" in rates:
+        sampling = max(sampling, turns_seconds(budget.turns, rates))
+    return budget.train / rates["train_tokens_per_s"] + sampling
+
+
+def turns_seconds(turns: SequentialTurns, rates: dict[str, float]) -> float:
+    """The turns played one after another: each turn's requests in a row, each paying a request's latency (its
+    first token included) and then a decoding step for every further token."""
+    one_turn = turns.requests * rates["turn_request_s"] + (turns.tokens - turns.requests) * rates["turn_token_s"]
+    return turns.count * one_turn
 
 
 def minutes(seconds: float) -> str:
@@ -191,6 +280,15 @@ def plan_lines(outcome: dict[str, Any]) -> list[str]:
         lines.append(
             f"estimated time on this machine: {minutes(outcome['seconds'])} "
             f"(engine start {minutes(outcome['startup'])}; measured: train {rates['train_tokens_per_s']:,.0f}, "
-            f"prefill {rates['prefill_tokens_per_s']:,.0f}, sample {rates['sample_tokens_per_s']:,.0f} tokens/s)"
+            f"prefill {rates['prefill_tokens_per_s']:,.0f}, sample {rates['sample_tokens_per_s']:,.0f} tokens/s"
+            f"{_turn_rates(tokens.get('turns'), rates)})"
         )
     return lines
+
+
+def _turn_rates(turns: dict[str, int] | None, rates: dict[str, float]) -> str:
+    """The probed latency of a turn, where the turns in a row bound the time."""
+    if not turns or "turn_request_s" not in rates:
+        return ""
+    one_turn = turns_seconds(SequentialTurns(**turns), rates) / max(1, turns["count"])
+    return f"; a turn {one_turn:.2f} s, {turns['count']:,} turns in a row"

@@ -7,9 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from posttrain.pipeline.data import LoadedData
+    from posttrain.pipeline.envs.spec import EnvSpec
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,37 @@ class Corpus:
 def shown(passage: dict) -> str:
     """What is searched and what the tool replies: the text, after its title where it has one."""
     return f"{passage['title']}: {passage['text']}" if passage.get("title") else passage["text"]
+
+
+def check_inputs(spec: EnvSpec, cfg: Any, data: LoadedData | None) -> None:
+    """`env=tools:search` over the user's corpus: the corpus and its questions checked before the tool set is
+    imported (the cookbook's tool use, the Tinker SDK and torch: seconds), so a bad file is refused at once."""
+    corpus = getattr(cfg, "corpus", None)
+    if spec.variant == "search" and (corpus is not None or data is not None):
+        checked(Path(corpus).expanduser().resolve() if corpus is not None else None, data)
+
+
+def checked(corpus: Path | None, data: LoadedData | None) -> Corpus:
+    """The user's corpus (parsed once per process) with the question/answer rows about it, or a one-line error."""
+    if corpus is None:
+        raise ConfigError(
+            "env=tools:search with dataset=: the questions need the corpus they are about (corpus=docs.jsonl, "
+            "JSONL rows with a \"text\" field); leave dataset= out to use the shipped corpus"
+        )
+    if data is None:
+        raise ConfigError(f"corpus={corpus} needs the questions about it: dataset= with question/answer rows")
+    if data.format != "question_answer":
+        raise ConfigError(
+            f"corpus={corpus}: dataset= must hold question/answer rows (question and answer fields), not "
+            f"{data.format} rows"
+        )
+    return loaded(corpus)
+
+
+@cache
+def loaded(path: Path) -> Corpus:
+    """`load`, once per file and process: the check before the heavy imports and the retriever share it."""
+    return load(path)
 
 
 def load(path: Path) -> Corpus:

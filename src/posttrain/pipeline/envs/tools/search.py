@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from tinker_cookbook.tool_use import ToolResult, simple_tool_result, tool
 
-from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import ProblemSet
 from posttrain.pipeline.envs.tools import corpus as user_corpus
 from posttrain.pipeline.scoring.grading import normalize_text
@@ -108,9 +107,8 @@ class BM25Retriever:
         return [self.passages[int(d)] for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
 
 
-@cache
-def load_user_corpus(path: Path) -> user_corpus.Corpus:
-    return user_corpus.load(path)
+# One parse per corpus file and process, shared with the check made before this module is imported.
+load_user_corpus = user_corpus.loaded
 
 
 @cache
@@ -185,19 +183,8 @@ def user_problems(corpus: Path | None, kind: RetrieverName, data: LoadedData | N
     now: a corpus that cannot be indexed stops the run before anything is spent."""
     from posttrain.pipeline.envs.qa import GRADER_LABELS, qa_problems
 
-    if corpus is None:
-        raise ConfigError(
-            "env=tools:search with dataset=: the questions need the corpus they are about (corpus=docs.jsonl, "
-            "JSONL rows with a \"text\" field); leave dataset= out to use the shipped corpus"
-        )
-    if data is None:
-        raise ConfigError(f"corpus={corpus} needs the questions about it: dataset= with question/answer rows")
-    if data.format != "question_answer":
-        raise ConfigError(
-            f"corpus={corpus}: dataset= must hold question/answer rows (question and answer fields), not "
-            f"{data.format} rows"
-        )
-    passages = load_user_corpus(corpus).passages
+    passages = user_corpus.checked(corpus, data).passages
+    assert corpus is not None and data is not None  # `checked` refused them otherwise
     where = {"corpus": str(corpus), "retriever": kind}
     info = {
         "source": f"search: {data.source}, over corpus={corpus} ({len(passages)} passages)",

@@ -50,18 +50,22 @@ def check_teacher_found(teacher: str) -> None:
     )
 
 
-def check_same_tokenizer(student: str, teacher: str, student_renderer: str, teacher_renderer: str) -> None:
-    """One-line ConfigError unless the teacher renders and tokenizes like the student (tinker-cookbook #796)."""
+def check_same_tokenizer(
+    student: str, teacher: str, student_renderer: str, teacher_renderer: str, setting: str | None = None
+) -> None:
+    """One-line ConfigError unless the teacher renders and tokenizes like the student (tinker-cookbook #796).
+    `setting`: what the user wrote, when `teacher` is not it (the base model of a tinker:// checkpoint)."""
+    named = setting or f"teacher_model={teacher}"
     if student_renderer != teacher_renderer:
         raise ConfigError(
-            f"teacher_model {teacher} uses the {teacher_renderer} chat format but the student {student} uses "
+            f"{named} uses the {teacher_renderer} chat format but the student {student} uses "
             f"{student_renderer}; distillation needs the same renderer and tokenizer (tinker-cookbook #796)"
         )
     s_tok, t_tok = get_tokenizer(student), get_tokenizer(teacher)
     same = len(s_tok) == len(t_tok) and all(s_tok.encode(p) == t_tok.encode(p) for p in TOKENIZER_PROBES)
     if not same:
         raise ConfigError(
-            f"teacher_model {teacher} has a different tokenizer from the student {student} (vocabulary "
+            f"{named} has a different tokenizer from the student {student} (vocabulary "
             f"{len(t_tok)} vs {len(s_tok)} tokens, or other token ids); distillation needs the same renderer "
             "and tokenizer (tinker-cookbook #796)"
         )
@@ -92,22 +96,24 @@ async def resolve_teacher(ctx: RunContext, teacher_model: str) -> Teacher:
         run = await rest.get_training_run_by_tinker_path_async(teacher_model)
     except Exception as exc:  # noqa: BLE001 - unknown path, malformed path, service error: one line
         raise ConfigError(
-            f"teacher_model {teacher_model}: cannot find this checkpoint ({short_error(exc)})"
+            f"teacher_model={teacher_model}: cannot find this checkpoint ({short_error(exc)})"
         ) from None
     renderer = (run.user_metadata or {}).get("renderer_name") or preflight.resolve_renderer(
         run.base_model, None
     )[0]
-    check_same_tokenizer(ctx.cfg.model_name, run.base_model, ctx.renderer_name, renderer)
+    check_same_tokenizer(ctx.cfg.model_name, run.base_model, ctx.renderer_name, renderer,
+                         f"teacher_model={teacher_model} (a checkpoint of {run.base_model})")  # fmt: skip
     return Teacher(run.base_model, teacher_model)
 
 
-async def teacher_client(ctx: RunContext, teacher: Teacher) -> tinker.SamplingClient:
+async def teacher_client(ctx: RunContext, teacher: Teacher, setting: str) -> tinker.SamplingClient:
+    """The teacher's sampling client; `setting` is how the user named the teacher, for a one-line refusal."""
     try:
         return await ctx.service.create_sampling_client_async(
             base_model=teacher.base_model, model_path=teacher.checkpoint
         )
     except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint of a model this engine does not serve
-        raise ConfigError(f"teacher {teacher.checkpoint or teacher.base_model}: {short_error(exc)}") from None
+        raise ConfigError(f"{setting}: {short_error(exc)}") from None
 
 
 async def sample_completions(
@@ -208,7 +214,10 @@ class TeacherPool:
     async def get(self, k: int) -> tuple[Teacher, tinker.SamplingClient]:
         if k not in self._resolved:
             spec = self.fixed or await resolve_teacher(self.ctx, self.shares[k].teacher_model)
-            self._resolved[k] = spec, await teacher_client(self.ctx, spec)
+            # The fixed teacher is the student's own base model, named by model_name=, not teacher_model=.
+            setting = (f"model_name={spec.base_model} (the teacher, with system_prompt=)" if self.fixed
+                       else f"teacher_model={self.shares[k].teacher_model}")  # fmt: skip
+            self._resolved[k] = spec, await teacher_client(self.ctx, spec, setting)
         return self._resolved[k]
 
     async def check_all(self) -> None:
