@@ -33,11 +33,7 @@ def settings_record(state: RunState) -> dict[str, Any]:
 
 def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     cfg, res = state.cfg, state.store
-    # base_model.jsonl was written when the base evaluation finished (a resumed run keeps it).
-    res.write_jsonl(results.TRAINED_FILE, outcome.trained_rows)
-    if outcome.guard is not None:  # the guard set's rows, beside the task's, in the same schema (SFT's)
-        res.write_jsonl(GUARD_FILES[0], outcome.guard[2])
-        res.write_jsonl(GUARD_FILES[1], outcome.guard[3])
+    write_rows(res, outcome)
     comparison = results.compare_examples(outcome.base_rows, outcome.trained_rows, outcome.kind)
 
     # Verified W&B logging: the training run's metrics must be in its run files (offline) or on W&B.
@@ -81,9 +77,8 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     results.write_report_html(res, summary)
 
     say("")
-    say(summary["headline"])
-    say(f"verdict: {summary['improvement']['verdict_text']}")
-    say(f"guard: {summary['guard']['text']}")
+    for line in (summary["headline"], f"verdict: {summary['improvement']['verdict_text']}", f"guard: {summary['guard']['text']}"):
+        say(line)
     say(
         f"per example: {comparison['improved']} improved, {comparison['regressed']} regressed, "
         f"{comparison['unchanged']} unchanged"
@@ -96,6 +91,15 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
         say("")
         say(warning)
     return summary
+
+
+def write_rows(res: results.ResultsDir, outcome: results.Outcome) -> None:
+    """The trained model's rows and, with a guard set, both models' guard rows (in SFT's schema)."""
+    # base_model.jsonl was written when the base evaluation finished (a resumed run keeps it).
+    res.write_jsonl(results.TRAINED_FILE, outcome.trained_rows)
+    if outcome.guard is not None:
+        res.write_jsonl(GUARD_FILES[0], outcome.guard[2])
+        res.write_jsonl(GUARD_FILES[1], outcome.guard[3])
 
 
 def token_record(state: RunState) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def _nll_check(name: str, source: str, base: Sequence[Any], trained: Sequence[An
     base_mean = sum(b for b, _ in pairs) / len(pairs) if pairs else 0.0
     trained_mean = sum(t for _, t in pairs) / len(pairs) if pairs else 0.0
     worse = v["interval"][1] < 0 and -v["difference"] > NLL_MARGIN * base_mean
-    return _check(name, source, "nll", v, base_mean, trained_mean, worse, "nats per example", 1.0)
+    return _check(name, source, "nll", v, (base_mean, trained_mean), worse)
 
 
 def _task_answers_check(base_rows: Sequence[Any], trained_rows: Sequence[Any]) -> dict[str, Any] | None:
@@ -67,12 +67,17 @@ def _task_answers_check(base_rows: Sequence[Any], trained_rows: Sequence[Any]) -
     trained_mean = sum(map(float, (t for _, t in pairs))) / len(pairs)
     worse = v["interval"][1] < 0 and -v["difference"] > SCORE_MARGIN
     source = "each model's greedy answer to the held-out prompts, graded against the pair's answer"
-    return _check("task accuracy of greedy answers", source, "score", v, base_mean, trained_mean, worse, "points", 100.0)
+    return _check("task accuracy of greedy answers", source, "score", v, (base_mean, trained_mean), worse)
+
+
+# A check's unit and the factor that turns its differences into it, by metric.
+UNITS = {"nll": ("nats per example", 1.0), "score": ("points", 100.0)}
 
 
 def _check(
-    name: str, source: str, metric: str, v: dict, base: float, trained: float, worse: bool, unit: str, scale: float
+    name: str, source: str, metric: str, v: dict, means: tuple[float, float], worse: bool
 ) -> dict[str, Any]:
+    (base, trained), (unit, scale) = means, UNITS[metric]
     return {
         "name": name,
         "source": source,
