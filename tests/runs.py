@@ -23,6 +23,15 @@ FINISHED = (0, 1, 3, 4)
 FAST_RL = ["renderer_name=role_colon", "batch_size=2", "group_size=2", "max_steps=1", "max_tokens=8", "max_eval_rows=4",
            "save_every=0", "eval_every=0", "lora_rank=4", "eval_concurrency=8"]  # fmt: skip
 
+# The guard set (64 conversations, scored for both models) costs a run seconds: runs of tests that are not about
+# the guard leave it out; a test about it gives guard= or guard_dataset= itself (and the gallery keeps it).
+GUARD_KEYS = ("guard=", "guard_dataset=")
+
+
+def without_guard(args: list[str]) -> list[str]:
+    return list(args) if any(a.startswith(GUARD_KEYS) for a in args) else [*args, "guard=false"]
+
+
 def train(
     args: list[str],
     cwd: Path,
@@ -34,7 +43,7 @@ def train(
     for name in unset:
         env.pop(name, None)
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -47,7 +56,7 @@ def train_here(
     args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """`train.py ARGS` in this process (see `cli_here`)."""
-    return cli_here(["train", *args], cwd, extra_env, unset)
+    return cli_here(["train", *without_guard(args)], cwd, extra_env, unset)
 
 
 def cli_here(
@@ -82,6 +91,8 @@ def cli_here(
 def posttrain(argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None, stdin: str | None = None):
     """`posttrain ARGV` as a user runs it: a real subprocess, W&B and the Hub offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    if argv[:1] == ["train"]:
+        argv = ["train", *without_guard(argv[1:])]
     return subprocess.run(
         [sys.executable, "-m", "posttrain.cli.main", *argv],
         cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600,
@@ -107,7 +118,7 @@ def start_with_keys_file(args: list[str], cwd: Path, env_file: str, hub: Path) -
     for name in ("TINKER_API_KEY", "WANDB_API_KEY", "WANDB_PROJECT", "TINKER_BASE_URL"):
         env.pop(name, None)  # the keys come from .env, as for a user
     return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from posttrain.pipeline.results.verdict import interval_bounds
 from posttrain.util import PACKAGE_DATA, atomic_write_text, processor, write_jsonl
 
 USAGE = """usage: posttrain examples [list | NAME ... | all] [out=DIR] [key=value ...]
@@ -106,8 +107,8 @@ ANSWER_FORMS = ("#### {a} {op} {b} = {r}", "{a} {op} {b} = {r}\n\n#### {r}", "Th
 def _write_pairs(folder: Path, n: int = 640, seed: int = 0) -> None:
     """Arithmetic preference pairs whose chosen and rejected answers differ only in the result (right vs a near
     miss), in one of a few shared forms. The pairs sampled from the model (src/posttrain/data/
-    preference_arithmetic_hardest.jsonl) also differed in form, and DPO learned the form (see README); and 640
-    pairs leave 64 held out, where 164 left 16, too few to tell a gain from noise."""
+    preference_arithmetic_hardest.jsonl) also differed in form, and DPO learned the form (docs/gallery.md);
+    and 640 pairs leave 64 held out, where 164 left 16, too few to tell a gain from noise."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -165,7 +166,7 @@ EXAMPLES: dict[str, Example] = {
              Stage("off_policy", ("task=distillation", "teacher_model={stage:rl}", ARITHMETIC, "max_train_rows=256",
                                   "num_epochs=2", "max_tokens=32", "max_eval_rows=50", "save_every=0",
                                   "eval_every=0")),
-             # The same teacher; the settings of README's measured on-policy run (12 steps of 16, 4 samples each).
+             # The same teacher, on-policy as measured in docs/distillation.md (12 steps of 16, 4 samples each).
              Stage("on_policy", ("task=distillation", "distillation_mode=on_policy", "teacher_model={stage:rl}",
                                  ARITHMETIC, "max_train_rows=256", "batch_size=16", "group_size=4", "max_tokens=32",
                                  "max_steps=12", "learning_rate=5e-4", "max_eval_rows=50", "save_every=0",
@@ -268,14 +269,13 @@ def _row(example: Example, summaries: dict[str, dict] | None, seconds: float, er
 def _interval(summary: dict) -> str:
     """'+20.0 points [+2.8, +29.4], McNemar p = 0.021, n = 50: improved'."""
     imp = summary.get("improvement") or {}
-    low, high = imp.get("interval") or (None, None)
-    if low is None or high is None:  # an unbounded interval (JSON has no infinity): too few examples
+    bounds = interval_bounds(imp)
+    if bounds is None:
         return f"too few examples to tell (n = {imp.get('n')}): {summary.get('verdict')}"
     scale, unit = (100.0, " points") if imp.get("unit") == "points" else (1.0, " nats")
-    digits = 1 if scale == 100.0 else 3
     test = "McNemar" if imp.get("test") == "mcnemar_exact" else "permutation"
     p = imp.get("p_value", 1.0)
-    return (f"{imp['difference'] * scale:+.{digits}f}{unit} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}], "
+    return (f"{imp['difference'] * scale:+.{1 if scale == 100.0 else 3}f}{unit} {bounds}, "
             f"{test} p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}, n = {imp.get('n')}: {summary.get('verdict')}")  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LINEUP_API_KEY
-from runs import FINISHED, REPO, Finished, read_jsonl, start_with_keys_file, wait_all
+from runs import FINISHED, REPO, Finished, read_jsonl, start_with_keys_file, wait_all, without_guard
 
 from posttrain.pipeline.results import validate_summary
 
@@ -183,7 +183,7 @@ def _offline_plan(cwd: Path, hub: Path, chat_data: Path, model: str) -> subproce
     }
     args = [f"model_name={model}", f"dataset={chat_data}", "backend=tinker", "dry_run=true", "batch_size=4"]
     return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

@@ -42,6 +42,7 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
             "backend=local",
             "lora_rank=8",
             "wandb_project=posttrain-tests",
+            "guard=true",  # the default guard set, end to end (other tests' runs leave it out: runs.without_guard)
         ],
         tmp_path,
         unset=("TINKER_API_KEY", "WANDB_API_KEY"),  # so both come from the .env file
@@ -52,6 +53,9 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     validate_summary(summary)
     assert summary["task_type"] == "sft" and summary["method"] == "sft"
     assert summary["trained_nll"] < summary["baseline_nll"]
+    # How long the run took to be ready (engine, tokenizer, the method prepared), beside its phases.
+    durations = summary["durations_seconds"]
+    assert 0 < durations["setup"] < durations["total"] and {"base_eval", "training", "trained_eval"} <= set(durations)
     assert summary["log_path"].endswith("results/logs/sft_e2e")
     assert summary["tinker_run_id"] and summary["tinker_run_id"] in summary["checkpoint_path"]
     assert summary["dataset"]["format"] == "prompt_completion"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, train_here
+from runs import FINISHED, REPO, read_jsonl, train_here, without_guard
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _start(
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.update(extra_env or {})
     return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
         cwd=cwd,
         env=env,
         # As a shell script's background job (`train.py &`) starts: with SIGINT ignored.

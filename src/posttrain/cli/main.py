@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 
 USAGE = """usage: posttrain <command> [args]
 
@@ -17,7 +18,12 @@ commands:
   train key=value ...   run post-training end to end (default: SFT of SmolLM2-135M on the local engine)
   serve [--model M]     serve models over the Tinker wire protocol (the local engine)
   chat key=value ...    talk to a trained run's model in the terminal (base model's answer beside it: base=true)
-  export key=value ...  a trained run's weights: format=peft (the LoRA adapter) or format=merged (a full model)
+  export key=value ...  a trained run's weights: format=peft (the LoRA adapter), merged (a full model) or gguf
+  eval key=value ...    evaluate a run's model, a tinker:// checkpoint or a base model as a run evaluates it, on
+                        the run's data or another env=/dataset=; against=base|RUN|tinker://... adds the verdict
+  sweep KEY=V1,V2 ... [seeds=N]
+                        a grid of train runs, the best setting chosen on validation rows and reported once on
+                        held-out test rows (table, plot); the same command continues a stopped sweep
   serve-model key=value ...
                         a trained run's model behind an OpenAI-compatible API (/v1/chat/completions)
   runs [RESULTS_DIR]    list the runs in a results folder (default results/); `runs A B` compares two runs
@@ -26,7 +32,7 @@ commands:
   cache [list|prune]    what posttrain keeps on disk (checkpoints by run, converted models); `cache prune
                         older_than=7d` or `run=ID` removes runs from the local checkpoint store
 
-`posttrain train --help` (and `chat --help`, `export --help`, `serve-model --help`, `cache --help`) lists every setting.
+`posttrain train --help` (and `chat --help`, `export --help`, `eval --help`, `sweep --help`, `serve-model --help`, `cache --help`) lists every setting.
 """
 
 
@@ -84,36 +90,57 @@ def verdict_exit_code(summary: dict) -> int:
 
 
 def after_main(command: str, argv: list[str]) -> int:
-    """`posttrain chat` and `posttrain export`: a finished run's trained model."""
+    """A finished run's model: `posttrain chat`, `export`, `serve-model` (exit 0) and `eval` (with against=, the
+    verdict's exit code); and `posttrain sweep` (runs, then the chosen one's verdict on the test rows)."""
     from posttrain.netcheck import hub_offline_if_unreachable
 
     hub_offline_if_unreachable()
-    from posttrain.config.parse import HelpRequested, parse_args
+    from posttrain.config.parse import HelpRequested
     from posttrain.errors import UserError
-    from posttrain.pipeline.after import chat, export, serve_model
-
-    settings_class, action = {
-        "chat": (chat.ChatSettings, chat.chat),
-        "export": (export.ExportSettings, export.export),
-        "serve-model": (serve_model.ServeModelSettings, serve_model.serve_model),
-    }[command]
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _stop_on_signals_like_ctrl_c()
     from posttrain.util import redact
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _stop_on_signals_like_ctrl_c()
     try:
-        action(parse_args(settings_class, argv))
+        record = _after_action(command)(argv)
     except HelpRequested as exc:
         print(exc.text, end="")
+        return 0
     except UserError as exc:
         _quiet_background_threads()
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         _quiet_background_threads()
-        print(f"interrupted: {command} stopped", file=sys.stderr)
+        again = "; the same command continues it" if command == "sweep" else ""
+        print(f"interrupted: {command} stopped{again}", file=sys.stderr)
         return 130
-    return 0
+    if record is None or record.get("dry_run"):
+        return 0
+    if command == "sweep":
+        record = (record.get("chosen") or {}).get("test") or {"verdict": "not improved"}
+    return VERDICT_EXIT_CODES.get(str(record.get("verdict")), 0)
+
+
+def _after_action(command: str) -> Callable[[list[str]], dict | None]:
+    """The command's action on its key=value arguments: a record with a verdict (eval, sweep) or None."""
+    from posttrain.config.parse import parse_args
+    from posttrain.pipeline.after import chat, evaluate, export, serve_model, sweep
+
+    if command == "eval":
+        return evaluate.evaluate
+    if command == "sweep":
+        return sweep.sweep
+    settings_class, action = {
+        "chat": (chat.ChatSettings, chat.chat),
+        "export": (export.ExportSettings, export.export),
+        "serve-model": (serve_model.ServeModelSettings, serve_model.serve_model),
+    }[command]
+
+    def run(argv: list[str]) -> None:
+        action(parse_args(settings_class, argv))
+
+    return run
 
 
 def _stop_on_signals_like_ctrl_c() -> None:
@@ -152,7 +179,7 @@ def _dispatch(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_main(rest)
-    if command in ("chat", "export", "serve-model"):
+    if command in ("chat", "export", "serve-model", "eval", "sweep"):
         return after_main(command, rest)
     if command == "serve":
         from posttrain.engine.serve import main as serve_main

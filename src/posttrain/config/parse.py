@@ -9,6 +9,7 @@ line ` Unsupported: <keys>. Supported parameters: <sorted field names>.`
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
 from typing import Any, TypeVar
@@ -166,6 +167,11 @@ def help_text(cls: type) -> str:
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     w2 = max(len(r[2]) for r in rows)
+    command, about = _command_of(cls)
+    if command != "train":
+        lines = [f"usage: posttrain {command} [key=value ...]", "", about, "", "Settings, as key=value:", ""]
+        lines += [f"  {name:<{w0}}  {tp:<{w1}}  {default:<{w2}}  {doc}" for name, tp, default, doc in rows]
+        return "\n".join(lines) + "\n"
     lines = [
         "usage: posttrain train [key=value ...]",
         "",
@@ -181,6 +187,16 @@ def help_text(cls: type) -> str:
         "Example: posttrain train task=sft dataset=data.jsonl learning_rate=2e-4 num_epochs=2",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _command_of(cls: type) -> tuple[str, str]:
+    """('chat', its description) from a settings class documented as "posttrain chat: ..."; train otherwise."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    head, sep, _ = doc.partition(":")
+    words = head.split()
+    if sep and len(words) == 2 and words[0] == "posttrain":
+        return words[1], doc
+    return "train", doc
 
 
 _HELP_FLAGS = ("--help", "-h", "help")

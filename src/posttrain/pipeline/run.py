@@ -13,6 +13,7 @@ import datetime as dt
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import finish, results, session
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import DataRequest, LoadedData, load_data
-from posttrain.pipeline.evaluation.guard import load_guard
+from posttrain.pipeline.evaluation.guard import GuardSet, load_guard
 from posttrain.pipeline.methods import Method, length, method_class
 from posttrain.pipeline.methods.choice import choose_task
 from posttrain.pipeline.methods.distillation.settings import data_sources
@@ -48,7 +49,35 @@ def run(train_config: Any) -> dict[str, Any]:
     res.check_usable()
 
     # Data preparation, then choosing the recipe; the method checks that the two fit.
-    data = _load_data(train_config)
+    recipe = choose_recipe(train_config, where)
+    cfg, task, method = recipe.cfg, recipe.task, recipe.method
+    if cfg.dry_run:
+        return _dry_run(cfg, where, task, method, recipe.length)
+
+    state = RunState(cfg, make_run_name(cfg, task), where, task, res, length=recipe.length, guard=recipe.guard)
+    if cfg.resume:
+        resume.check_resumable(res, state.run_name)
+    with res.single_writer(state.run_name) as died:
+        if died:
+            say(f"results: {died} ended without finishing; this run takes {res.path} over")
+        return _train_and_write(state, method, started)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the settings and the data came to: the method (which accepted both) and its own config."""
+
+    cfg: Any  # the method's own config (e.g. SFTConfig)
+    task: str
+    method: Method
+    length: length.Length
+    guard: GuardSet | None
+
+
+def choose_recipe(train_config: Any, where: preflight.Backend, for_training: bool = True) -> Recipe:
+    """The data loaded, the method chosen and configured on it, the models it needs checked on the backend
+    (`for_training=False`: for an evaluation only, which takes a given evaluation set whole)."""
+    data = load_run_data(train_config, for_training)
     # The guard set (did training break something else?), checked now: a bad file stops the run before it costs.
     guard_set = load_guard(train_config, data.train if data is not None else [])
     if guard_set is not None:
@@ -66,16 +95,7 @@ def run(train_config: Any) -> dict[str, Any]:
         _check_service(cfg, where, url, [cfg.model_name, *method.extra_models])
     elif where == "local":
         backend.check_local_model(cfg)
-    if cfg.dry_run:
-        return _dry_run(cfg, where, task, method, run_length)
-
-    state = RunState(cfg, make_run_name(cfg, task), where, task, res, length=run_length, guard=guard_set)
-    if cfg.resume:
-        resume.check_resumable(res, state.run_name)
-    with res.single_writer(state.run_name) as died:
-        if died:
-            say(f"results: {died} ended without finishing; this run takes {res.path} over")
-        return _train_and_write(state, method, started)
+    return Recipe(cfg, task, method, run_length, guard_set)
 
 
 def _train_and_write(state: RunState, method: Method, started: float) -> dict[str, Any]:
@@ -167,7 +187,7 @@ def _remove_all_but(root: Path, kept: Path | None) -> None:
             child.unlink(missing_ok=True)
 
 
-def _load_data(cfg: Any) -> LoadedData | None:
+def load_run_data(cfg: Any, for_training: bool = True) -> LoadedData | None:
     if cfg.dataset is None and cfg.env:
         return None  # the environment generates its own problems
     # One dataset; with several distillation teachers, one per teacher (the first carries the others).
@@ -177,7 +197,7 @@ def _load_data(cfg: Any) -> LoadedData | None:
         request = DataRequest(
             source.dataset or str(DEFAULT_SFT_DATA), source.dataset_config, source.dataset_split,
             source.eval_dataset, source.eval_split, source.max_train_rows, source.max_eval_rows,
-            seed=SPLIT_SEED + cfg.seed,
+            seed=SPLIT_SEED + cfg.seed, for_training=for_training,
         )  # fmt: skip
         data = load_data(request)
         say(

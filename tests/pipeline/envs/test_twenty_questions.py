@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here
+from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here, without_guard
 
 from posttrain.pipeline.envs.games import twenty_questions
 
@@ -121,7 +121,7 @@ def test_bad_settings_and_rows_are_one_line_before_anything_starts(tmp_path: Pat
 def test_dry_run_plans_the_partners_tokens(tmp_path: Path, tiny_model: str):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     args = ["env=game:twenty_questions", *FAST, f"model_name={tiny_model}", "backend=local", "dry_run=true"]
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("plan: "))

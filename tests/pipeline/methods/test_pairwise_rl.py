@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here
+from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here, without_guard
 
 FAST = ["renderer_name=role_colon", "lora_rank=4", "save_every=0", "eval_every=0", "batch_size=2", "group_size=4",
         "max_steps=2", "max_tokens=10", "max_eval_rows=4"]  # fmt: skip
@@ -257,7 +257,7 @@ def test_dry_run_serves_the_judge_and_plans_its_tokens(tmp_path: Path, tiny_mode
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     args = ["task=pairwise_rl", f"grader_model={tiny_model_b}", f"dataset={prompts}", f"model_name={tiny_model}",
             *FAST, "backend=local", "dry_run=true"]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"grader: {tiny_model_b}, probability scoring" in proc.stdout, proc.stdout

@@ -57,6 +57,15 @@ def test_fewer_right_answers_is_not_improved():
     assert slight["verdict"] == "not improved" and slight["interval"][0] < 0 < slight["interval"][1]
 
 
+def test_no_example_changing_leaves_the_difference_open_by_what_n_examples_tell():
+    """10 answers, none changed (the 2026-12-06 RL sweep's test rows): not a point interval at zero."""
+    v = verdict_of(*rl_pairs(0, 0, 9, 1))
+    assert v["verdict"] == "not improved" and v["difference"] == 0 and v["p_value"] == 1
+    assert v["interval"] == pytest.approx([-0.3085, 0.3085], abs=1e-4)  # 1 - 0.025 ** (1 / 10)
+    wide, narrow = verdict_of(*rl_pairs(0, 0, 5, 5)), verdict_of(*rl_pairs(0, 0, 100, 100))
+    assert narrow["interval"][1] < wide["interval"][1] < 1
+
+
 def test_binary_interval_excludes_zero_exactly_when_mcnemar_rejects():
     for improved in range(25):
         for regressed in range(25):

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from runs import REPO
+from runs import REPO, without_guard
 
 from posttrain.pipeline.setup.plan import (
     SequentialTurns,
@@ -103,7 +103,7 @@ def test_dry_run_plans_without_training_or_touching_results(tmp_path: Path, tiny
     args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "batch_size=4",
             "backend=local", "dry_run=true"]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -123,7 +123,7 @@ def test_the_speed_probe_fits_a_long_multi_turn_budget_in_the_models_context(tmp
     args = ["env=tools:search", f"model_name={tiny_model}", "renderer_name=qwen3_instruct", "batch_size=2", "group_size=2",
             "max_steps=1", "backend=local", "dry_run=true"]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -46,9 +46,11 @@ async def external_weights_urls(run_id: str, kind: str, name: str, request: Requ
 
 
 @router.get("/external_files/{run_id}/{name}/{file}")
-async def external_file(
-    run_id: str, name: str, file: str, request: Request, engine: EngineDep, expires: int = 0, signature: str = ""
-) -> FileResponse:
+async def external_file(run_id: str, name: str, file: str, request: Request, engine: EngineDep) -> FileResponse:
+    # The URL's own query, as _signature signed it: `expires` (unix seconds) and `signature`.
+    text = request.query_params.get("expires", "0")
+    expires = int(text) if text.isdigit() else 0
+    signature = request.query_params.get("signature", "")
     if not hmac.compare_digest(signature, _signature(request.url.path, expires)):
         return error(403, "this download URL is not valid: ask for new URLs")  # type: ignore[return-value]
     if time.time() > expires:

@@ -233,7 +233,8 @@ def _load_hf(name: str, config: str | None, split: str, limit: int, seed: int, r
 def _capped(rows: list[dict], n_train: int, request: DataRequest) -> list[dict]:
     """A given evaluation set within the document's limit: 10% of the training rows (at least 1), at most
     max_eval_rows; a larger one is sampled with the run's seed, its rows kept in their order."""
-    cap = min(max(int(n_train * EVAL_FRACTION), 1), request.max_eval_rows)
+    tenth = max(int(n_train * EVAL_FRACTION), 1) if request.for_training else len(rows)
+    cap = min(tenth, request.max_eval_rows)
     if len(rows) <= cap:
         return rows
     return [rows[i] for i in sorted(random.Random(request.seed).sample(range(len(rows)), cap))]
@@ -289,6 +290,9 @@ class DataRequest:
     max_train_rows: int = 20_000
     max_eval_rows: int = 2_000
     seed: int = 42
+    # A given evaluation set is at most a tenth of the training rows (the user's guide); an evaluation that
+    # trains nothing (`posttrain eval`) takes it whole, up to max_eval_rows.
+    for_training: bool = True
 
 
 def load_data(request: DataRequest) -> LoadedData:

@@ -42,7 +42,7 @@ DPO_LR = LearningRate(1.0, 3e-4)
 
 @dataclass(frozen=True)
 class Steps:
-    """The optimizer steps a method needs to move its metric, from the gallery's and README's measured runs with the
+    """The optimizer steps a method needs to move its metric, from the gallery's and docs/' measured runs with the
     default model (a few hundred rows). With neither num_epochs nor max_steps given, a run on a dataset takes enough
     passes to reach it (`methods/length.py`); a run with fewer steps is warned about in its plan and before training."""
 
@@ -53,7 +53,7 @@ class Steps:
     shrink_batch: bool = True
 
 
-# Measured with SmolLM2-135M-Instruct on the local engine (README: gallery, Measured runs, Distillation).
+# Measured with SmolLM2-135M-Instruct on the local engine (README: gallery; docs/: measured-runs, distillation).
 SFT_STEPS = Steps(10, "the default SFT run: 11 steps of 32 -> held-out NLL -44%")
 DPO_STEPS = Steps(24, "gallery dpo: 27 steps of 16 -> +25 points; one pass of 216 pairs in 32s left it unchanged")
 DISTILLATION_STEPS = Steps(
@@ -91,7 +91,7 @@ METHODS: dict[str, Registered] = {
                       learning_rate=SUPERVISED_LR, steps=SFT_STEPS),
     "dpo": Registered(f"{_M}.dpo:DPO", f"{_M}.dpo:DPOConfig", frozenset({"preference"}), learning_rate=DPO_LR,
                       steps=DPO_STEPS),
-    # RLHF: no minimum measured (6 steps per stage left its reward model at chance; README, RLHF).
+    # RLHF: no minimum measured (6 steps per stage left its reward model at chance; docs/preference.md, RLHF).
     "rlhf": Registered(f"{_M}.rlhf:RLHF", f"{_M}.rlhf:RLHFConfig", learning_rate=SUPERVISED_LR),
     "pairwise_rl": Registered(f"{_M}.pairwise_rl:PairwiseRL", f"{_M}.pairwise_rl:PairwiseRLConfig",
                               chosen_by=("preference_model",), learning_rate=RL_LR, steps=PAIRWISE_RL_STEPS),

@@ -6,8 +6,8 @@ that checkpoint.
 RL reinforces what the policy already does now and then. A small model that never calls the tool (SmolLM2-135M
 called the search tool in 0 of 72 held-out episodes and 0 of 64 rollouts) gives it nothing to reinforce; worked
 answers teach the call, and RL goes on from there. The baseline stays the base model's, so the gain a run reports
-is the warm start and RL together (the README's measurement tells them apart); summary.json's `warm_start` says
-how the warm start was made.
+is the warm start and RL together (the measurement in docs/rl-tools.md tells them apart); summary.json's
+`warm_start` says how the warm start was made.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from posttrain.errors import UserError
 from posttrain.pipeline.results.rows import as_dict, is_number, summary_kind
 from posttrain.pipeline.results.store import SUMMARY_FILE, TRAINED_FILE
 from posttrain.pipeline.results.summary import compare_examples, judge_improvement
+from posttrain.pipeline.results.verdict import interval_bounds
 
 DEFAULT_DIR = "results"
 USAGE = "usage: posttrain runs [RESULTS_DIR] | posttrain runs A B [results_dir=DIR]"
@@ -122,11 +123,8 @@ def _metric(summary: Mapping[str, Any], key: str) -> str:
 def _interval(summary: Mapping[str, Any]) -> str:
     """' [+2.8, +29.4] pts': the verdict's 95% interval of the difference (better is positive)."""
     imp = summary.get("improvement") if isinstance(summary.get("improvement"), Mapping) else {}
-    interval, scale = imp.get("interval"), (100.0 if imp.get("unit") == "points" else 1.0)
-    if not (isinstance(interval, list) and len(interval) == 2 and all(map(is_number, interval))):
-        return ""
-    unit = " pts" if scale == 100.0 else " nats"
-    return f" [{interval[0] * scale:+.{1 if scale == 100.0 else 2}f}, {interval[1] * scale:+.{1 if scale == 100.0 else 2}f}]{unit}"
+    bounds = interval_bounds(imp)
+    return f" {bounds} {'pts' if imp.get('unit') == 'points' else 'nats'}" if bounds else ""
 
 
 def _label(summary: Mapping[str, Any]) -> str:

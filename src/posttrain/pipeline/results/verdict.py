@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 Verdict = Literal["improved", "not improved", "inconclusive"]
@@ -88,7 +88,11 @@ def _mcnemar(improved: int, regressed: int, n: int) -> tuple[float, float, float
     if n == 0:
         return -math.inf, math.inf, 1.0, "mcnemar_exact"
     if flipped == 0:
-        return 0.0, 0.0, 1.0, "mcnemar_exact"
+        # No example changed. The difference is at most the share of examples that change, which here is known
+        # only to lie below its exact 95% bound (0 of n: 1 - 0.025^(1/n)); a point interval would overstate what
+        # n examples tell (10 unchanged examples leave +-31 points open).
+        bound = 1 - ((1 - CONFIDENCE) / 2) ** (1 / n)
+        return -bound, bound, 1.0, "mcnemar_exact"
     result = binomtest(improved, flipped, 0.5)
     ci = result.proportion_ci(CONFIDENCE, method="exact")
     share = flipped / n
@@ -137,6 +141,18 @@ def verdict_text(v: dict[str, Any], unit: str, scale: float = 1.0) -> str:
     if v.get("examples_needed"):
         text += f" (about {v['examples_needed']} held-out examples would tell an effect this size)"
     return text
+
+
+def interval_bounds(improvement: Mapping[str, Any]) -> str | None:
+    """'[+2.8, +29.4]': summary.json's `improvement` interval in its unit (points: x100), or None when it is
+    unbounded (too few examples; JSON has no infinity, so it reads back as null)."""
+    interval, unit = improvement.get("interval"), str(improvement.get("unit") or "")
+    if not (isinstance(interval, list | tuple) and len(interval) == 2):
+        return None
+    if not all(isinstance(x, int | float) and math.isfinite(x) for x in interval):
+        return None
+    scale, digits = (100.0 if unit == "points" else 1.0), _digits(unit)
+    return f"[{interval[0] * scale:+.{digits}f}, {interval[1] * scale:+.{digits}f}]"
 
 
 def _digits(unit: str) -> int:
