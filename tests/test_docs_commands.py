@@ -91,34 +91,71 @@ def test_the_readmes_commands_are_the_ones_posttrain_offers():
 
 
 # (command line, the docs page that quotes the refusal, its quote there, what the one error line must hold)
-KL_FOR_SFT = ("kl_discount_factor is not used by task=sft "
-              "(only by task=distillation, rubric, rl, rlhf, pairwise_rl); leave it out")  # fmt: skip
+KL_FOR_SFT = (
+    "kl_discount_factor is not used by task=sft "
+    "(only by task=distillation, rubric, rl, rlhf, pairwise_rl); leave it out"
+)
 NO_FUNCTION = "has no function 'nope' (functions there: score)"
 NO_RUN = "nope: no run of that name in results/ and no summary.json in a folder nope"
 REFUSALS = [
-    (["train", "nope=1", "backend=local"], "tinker.md",
-     "This configuration is not currently available in the Tinker training configs.",
-     ["This configuration is not currently available in the Tinker training configs.", "Unsupported: nope"]),
-    (["train", "task=sft", "kl_discount_factor=0.9", "backend=local"], "settings.md",
-     KL_FOR_SFT, [KL_FOR_SFT]),
-    (["train", "env=math", "reward_fn=v.py:nope", "backend=local"], "rl.md", NO_FUNCTION,
-     ["reward_fn=v.py:nope:", NO_FUNCTION]),
-    (["train", "dataset=missing.jsonl", "backend=local"], "watching-and-resuming.md",
-     "naming the option, file or URL", ["missing.jsonl"]),
-    (["train", "model_name=no/such-model", "backend=local"], "watching-and-resuming.md",
-     "a model the backend cannot serve", ["model_name=no/such-model"]),
-    (["train", "env=game:tic_tac_toe", "game_opponent=self", "group_size=3", "backend=local"], "rl-games.md",
-     "an odd one is refused in one line", ["game_opponent=self", "group_size", "3"]),
-    (["train", "corpus=docs.jsonl", "backend=local"], "rl-tools.md",
-     "`corpus=` or `retriever=` without `env=tools:search`", ["corpus", "env=tools:search"]),
+    (
+        ["train", "nope=1", "backend=local"],
+        "tinker.md",
+        "This configuration is not currently available in the Tinker training configs.",
+        [
+            "This configuration is not currently available in the Tinker training configs.",
+            "Unsupported: nope",
+        ],
+    ),
+    (
+        ["train", "task=sft", "kl_discount_factor=0.9", "backend=local"],
+        "settings.md",
+        KL_FOR_SFT,
+        [KL_FOR_SFT],
+    ),
+    (
+        ["train", "env=math", "reward_fn=v.py:nope", "backend=local"],
+        "rl.md",
+        NO_FUNCTION,
+        ["reward_fn=v.py:nope:", NO_FUNCTION],
+    ),
+    (
+        ["train", "dataset=missing.jsonl", "backend=local"],
+        "watching-and-resuming.md",
+        "naming the option, file or URL",
+        ["missing.jsonl"],
+    ),
+    (
+        ["train", "model_name=no/such-model", "backend=local"],
+        "watching-and-resuming.md",
+        "a model the backend cannot serve",
+        ["model_name=no/such-model"],
+    ),
+    (
+        ["train", "env=game:tic_tac_toe", "game_opponent=self", "group_size=3", "backend=local"],
+        "rl-games.md",
+        "an odd one is refused in one line",
+        ["game_opponent=self", "group_size", "3"],
+    ),
+    (
+        ["train", "corpus=docs.jsonl", "backend=local"],
+        "rl-tools.md",
+        "`corpus=` or `retriever=` without `env=tools:search`",
+        ["corpus", "env=tools:search"],
+    ),
     (["runs", "nope", "demo1"], "after-training.md", f"error: {NO_RUN}", [NO_RUN]),
-    (["cache", "prune", "older_than=7x"], "local-engine.md",
-     "a bad duration or an unknown run is one line, exit code 2", ["older_than=7x"]),
-]  # fmt: skip
+    (
+        ["cache", "prune", "older_than=7x"],
+        "local-engine.md",
+        "a bad duration or an unknown run is one line, exit code 2",
+        ["older_than=7x"],
+    ),
+]
 
 
-@pytest.mark.parametrize(("argv", "page", "quote", "expected"), REFUSALS,
-                         ids=[" ".join(r[0][:2]) for r in REFUSALS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "page", "quote", "expected"), REFUSALS, ids=[" ".join(r[0][:2]) for r in REFUSALS]
+)
 def test_a_documented_refusal_is_one_line_and_exit_code_2(
     argv: list[str], page: str, quote: str, expected: list[str], tmp_path: Path
 ):
@@ -130,8 +167,12 @@ def test_a_documented_refusal_is_one_line_and_exit_code_2(
     env.pop("TINKER_API_KEY", None)
     proc = subprocess.run(
         [sys.executable, "-m", CLI, *argv],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]

@@ -29,11 +29,34 @@ def test_a_sweep_stops_continues_and_chooses_on_validation_rows_apart_from_the_t
     tmp_path: Path, tiny_model: str
 ) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(48))
-    argv = [sys.executable, "-m", "posttrain.cli.main", "sweep", "learning_rate=1e-3,3e-2", f"dataset={data}",
-            f"model_name={tiny_model}", "renderer_name=role_colon", "batch_size=4", "max_steps=6", "save_every=0",
-            "eval_every=0", "backend=local", "lora_rank=8", "dtype=fp32", "guard=false", "name=lr"]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")}
-    first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "posttrain.cli.main",
+        "sweep",
+        "learning_rate=1e-3,3e-2",
+        f"dataset={data}",
+        f"model_name={tiny_model}",
+        "renderer_name=role_colon",
+        "batch_size=4",
+        "max_steps=6",
+        "save_every=0",
+        "eval_every=0",
+        "backend=local",
+        "lora_rank=8",
+        "dtype=fp32",
+        "guard=false",
+        "name=lr",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "POSTTRAIN_CACHE": str(tmp_path / "cache"),
+    }
+    first = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert first.stdout is not None
     lines = []
     for line in first.stdout:  # stopped once its first run has finished
@@ -52,7 +75,9 @@ def test_a_sweep_stops_continues_and_chooses_on_validation_rows_apart_from_the_t
 
     folder = tmp_path / "sweeps" / "lr"
     record = json.loads((folder / "sweep.json").read_text())
-    train, validation, test = (_prompts(folder / "data" / f"{p}.jsonl") for p in ("train", "validation", "test"))
+    train, validation, test = (
+        _prompts(folder / "data" / f"{p}.jsonl") for p in ("train", "validation", "test")
+    )
     assert train and validation and test
     assert not (train & validation or train & test or validation & test)
     assert len(train | validation | test) == 48
@@ -69,21 +94,40 @@ def test_a_sweep_stops_continues_and_chooses_on_validation_rows_apart_from_the_t
     evaluated = json.loads((folder / "test" / "eval.json").read_text())
     test_rows = read_jsonl(folder / "test" / "model.jsonl")
     assert len(test_rows) == len(test) and evaluated["models"][0]["checkpoint"].startswith("tinker://")
-    assert chosen["test"]["trained"] == evaluated["models"][0]["score"] and chosen["test"]["verdict"] == evaluated["verdict"]
+    assert (
+        chosen["test"]["trained"] == evaluated["models"][0]["score"]
+        and chosen["test"]["verdict"] == evaluated["verdict"]
+    )
     assert (folder / "sweep.png").stat().st_size > 1000
     table = (folder / "sweep.md").read_text()
     assert "| learning_rate | base | trained |" in table and f"Chosen: learning_rate={best}" in table
 
 
 def test_seeds_make_an_axis_and_every_point_its_own_run(tmp_path: Path) -> None:
-    settings, grid = parse_grid(["learning_rate=1e-4,3e-4", "lr_schedule=linear,cosine", "seeds=2", "seed=5",
-                                 "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2", "dataset=x.jsonl",
-                                 f"out={tmp_path}"])  # fmt: skip
-    assert grid.axes == {"learning_rate": ["1e-4", "3e-4"], "lr_schedule": ["linear", "cosine"], "seed": ["5", "6"]}
-    assert "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2" in grid.shared  # free text keeps its commas
+    settings, grid = parse_grid(
+        [
+            "learning_rate=1e-4,3e-4",
+            "lr_schedule=linear,cosine",
+            "seeds=2",
+            "seed=5",
+            "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2",
+            "dataset=x.jsonl",
+            f"out={tmp_path}",
+        ]
+    )
+    assert grid.axes == {
+        "learning_rate": ["1e-4", "3e-4"],
+        "lr_schedule": ["linear", "cosine"],
+        "seed": ["5", "6"],
+    }
+    assert (
+        "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2" in grid.shared
+    )  # free text keeps its commas
     assert len(grid.points) == 8 and len({p.id for p in grid.points}) == 8
     assert grid.points[0].argv() == ["learning_rate=1e-4", "lr_schedule=linear", "seed=5"]
-    assert {p.setting for p in grid.points if p.values[-1] == ("seed", "6")} == {p.setting for p in grid.points[::2]}
+    assert {p.setting for p in grid.points if p.values[-1] == ("seed", "6")} == {
+        p.setting for p in grid.points[::2]
+    }
     assert grid.folder.parent == tmp_path and settings.seeds == 2
     # The same settings name the same folder: the same command continues the same sweep.
     same = parse_grid(["learning_rate=1e-4,3e-4", "seeds=2", "lora_rank=8"])[1].folder
@@ -102,8 +146,10 @@ def test_seeds_make_an_axis_and_every_point_its_own_run(tmp_path: Path) -> None:
         (["sweep", "seeds=0", "learning_rate=1e-4,3e-4"], "seeds=0: must be at least 1"),
         (["sweep", "run_name=a", "learning_rate=1e-4,3e-4"], "run_name= is the sweep's own"),
         (["sweep", "env=arithmetic", "learning_rate=1e-4,3e-4"], "env=arithmetic generates its problems"),
-        (["sweep", "learning_rate=1e-5,2e-5,3e-5,4e-5,5e-5", "lora_rank=4,8,16"],
-         f"the grid has 15 runs, more than {GRID_LIMIT}; add yes=true"),
+        (
+            ["sweep", "learning_rate=1e-5,2e-5,3e-5,4e-5,5e-5", "lora_rank=4,8,16"],
+            f"the grid has 15 runs, more than {GRID_LIMIT}; add yes=true",
+        ),
     ],
 )
 def test_bad_sweeps_are_one_line_before_anything_runs(tmp_path: Path, argv: list[str], needle: str) -> None:

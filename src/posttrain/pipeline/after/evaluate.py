@@ -35,13 +35,38 @@ from posttrain.pipeline.state import RunState
 say = CONSOLE.say
 BASE = "base"
 # Settings that only shape training: given to an evaluation, they would be accepted and change nothing.
-TRAINING_ONLY = frozenset({
-    "learning_rate", "num_epochs", "max_steps", "batch_size", "lora_rank", "load_checkpoint_path", "lr_schedule",
-    "adam_beta1", "adam_beta2", "adam_eps", "group_size", "loss_fn", "kl_penalty_coef", "kl_discount_factor",
-    "num_substeps", "remove_constant_reward_groups", "max_steps_off_policy", "num_minibatches", "warm_start_steps",
-    "save_every", "eval_every", "wandb_project", "wandb_name", "guard", "guard_dataset", "dry_run", "resume",
-    "run_name",
-})  # fmt: skip
+TRAINING_ONLY = frozenset(
+    {
+        "learning_rate",
+        "num_epochs",
+        "max_steps",
+        "batch_size",
+        "lora_rank",
+        "load_checkpoint_path",
+        "lr_schedule",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_eps",
+        "group_size",
+        "loss_fn",
+        "kl_penalty_coef",
+        "kl_discount_factor",
+        "num_substeps",
+        "remove_constant_reward_groups",
+        "max_steps_off_policy",
+        "num_minibatches",
+        "warm_start_steps",
+        "save_every",
+        "eval_every",
+        "wandb_project",
+        "wandb_name",
+        "guard",
+        "guard_dataset",
+        "dry_run",
+        "resume",
+        "run_name",
+    }
+)
 # A run's recipe: any of these given starts from the defaults (with the run's model); eval_dataset= alone keeps the
 # run's settings and evaluates on that data instead.
 RECIPE_KEYS = frozenset({"task", "env", "dataset"})
@@ -65,9 +90,12 @@ class EvalSettings:
         default=None, doc="saved sampler weights to evaluate instead (tinker://.../sampler_weights/NAME)"
     )
     against: str | None = chz.field(
-        default=None, doc="a second model on the same rows, for the paired verdict: base, a run name, or tinker://..."
+        default=None,
+        doc="a second model on the same rows, for the paired verdict: base, a run name, or tinker://...",
     )
-    out: str | None = chz.field(default=None, doc="where the rows and eval.json go (default: results_dir/evals/NAME)")
+    out: str | None = chz.field(
+        default=None, doc="where the rows and eval.json go (default: results_dir/evals/NAME)"
+    )
 
 
 @dataclass(frozen=True)
@@ -89,7 +117,9 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
         raise ConfigError(f"{refused[0]}= {why}; posttrain eval does not train, leave it out")
     run = _run_of(settings, given)
     if run is not None and "model_name" in given:
-        raise ConfigError(f"model_name= is run {run.name}'s own ({run.model}); leave it out, or leave run_name out")
+        raise ConfigError(
+            f"model_name= is run {run.name}'s own ({run.model}); leave it out, or leave run_name out"
+        )
     train_config = _train_config(run, rest, set(given) & RECIPE_KEYS)
     model = _model(settings, run, train_config)
     against = _against(settings, model, run)
@@ -132,7 +162,9 @@ def _train_config(run: FinishedRun | None, rest: list[str], recipe_given: set[st
         carried["model_name"], carried["backend"] = run.model, run.backend
         if not recipe_given:
             carried["task"] = str(run.summary.get("method") or "auto")
-    cfg = chz.replace(parse_args(TrainConfig, rest), **{k: v for k, v in carried.items() if not _given(k, rest)})
+    cfg = chz.replace(
+        parse_args(TrainConfig, rest), **{k: v for k, v in carried.items() if not _given(k, rest)}
+    )
     cfg = chz.replace(cfg, guard=False)  # the guard compares a run's two models; eval reports the task's rows
     validate(cfg)
     return cfg
@@ -192,8 +224,12 @@ async def _evaluate_models(train_config: Any, models: list[Model], out: Path) ->
     recipe = await asyncio.to_thread(choose_recipe, train_config, where, False)
     store = results.ResultsDir(out)
     state = RunState(recipe.cfg, "eval", where, recipe.task, store)
-    state.log_path.mkdir(parents=True, exist_ok=True)  # out/logs/eval: the engine's log, the data as evaluated
-    say(f"eval: {', '.join(m.label for m in models)} on task={recipe.task} (backend {where}); results in {out}")
+    state.log_path.mkdir(
+        parents=True, exist_ok=True
+    )  # out/logs/eval: the engine's log, the data as evaluated
+    say(
+        f"eval: {', '.join(m.label for m in models)} on task={recipe.task} (backend {where}); results in {out}"
+    )
     scored: list[tuple[Model, list[dict[str, Any]], float]] = []
     with CONSOLE.capture(out / "console.log"):
         async with prepared(state, recipe.method) as ctx:
@@ -226,7 +262,9 @@ async def _sampler(service: Any, model: Model) -> Any:
     try:
         info = await service.create_rest_client().get_weights_info_by_tinker_path(model.path)
     except tinker.APIStatusError as exc:  # a 4xx: the service has no such checkpoint (or may not read it)
-        raise UserError(f"{model.label}: no such checkpoint on this backend ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"{model.label}: no such checkpoint on this backend ({str(exc).splitlines()[0][:160]})"
+        ) from None
     if info.base_model != model.base_model:
         raise UserError(f"{model.label}: trained from {info.base_model}; give model_name={info.base_model}")
     return await service.create_sampling_client_async(model_path=model.path)
@@ -255,6 +293,11 @@ def eval_record(recipe: Recipe, scored: list[tuple[Model, list[dict[str, Any]], 
         comparison = results.compare_examples(against_rows, model_rows, method.metric)
         judged = judge_improvement(method.metric, comparison)
         record["verdict"] = judged["verdict"]
-        record["improvement"] = {**{k: v for k, v in judged.items() if k != "text"}, "verdict_text": judged["text"]}
-        record["per_example"] = {k: comparison[k] for k in ("paired", "improved", "regressed", "unchanged", "errors")}
+        record["improvement"] = {
+            **{k: v for k, v in judged.items() if k != "text"},
+            "verdict_text": judged["text"],
+        }
+        record["per_example"] = {
+            k: comparison[k] for k in ("paired", "improved", "regressed", "unchanged", "errors")
+        }
     return json_safe(record)

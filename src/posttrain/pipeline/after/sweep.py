@@ -81,7 +81,13 @@ def _plan(cfg: Any, runs: int, where: str) -> None:
 
 def _duration(seconds: float) -> str:
     minutes = seconds / 60
-    return f"{minutes / 60:.1f} h" if minutes >= 90 else f"{minutes:.0f} min" if minutes >= 2 else f"{seconds:.0f} s"
+    return (
+        f"{minutes / 60:.1f} h"
+        if minutes >= 90
+        else f"{minutes:.0f} min"
+        if minutes >= 2
+        else f"{seconds:.0f} s"
+    )
 
 
 def split_data(cfg: Any, grid: Grid) -> None:
@@ -90,14 +96,18 @@ def split_data(cfg: Any, grid: Grid) -> None:
     data = load_run_data(cfg)
     assert data is not None  # parse_grid refused generated problems
     if data.others:
-        raise ConfigError("teacher_model= names several teachers: a sweep splits one dataset; sweep one teacher")
+        raise ConfigError(
+            "teacher_model= names several teachers: a sweep splits one dataset; sweep one teacher"
+        )
     rows = list(data.train)
     random.Random(SPLIT_SEED + cfg.seed).shuffle(rows)
     # At most a tenth of the rows trained on, as a run takes a given evaluation set (`data.load`), so every
     # run evaluates every validation row.
     size = min(max(1, len(rows) // 11), cfg.max_eval_rows)
     if len(rows) - size < 2:
-        raise ConfigError(f"dataset: {len(rows)} training rows are too few to set {size} apart for validation")
+        raise ConfigError(
+            f"dataset: {len(rows)} training rows are too few to set {size} apart for validation"
+        )
     parts = {"train": rows[size:], "validation": rows[:size], "test": list(data.eval)}
     marker = grid.data / "split.json"
     facts = {"source": data.source, "format": data.format, **{k: len(v) for k, v in parts.items()}}
@@ -113,15 +123,27 @@ def split_data(cfg: Any, grid: Grid) -> None:
         write_jsonl(grid.data / f"{part}.jsonl", part_rows)
     _check_round_trip(grid, data.format)
     marker.write_text(json.dumps(facts, indent=2) + "\n")
-    say(f"sweep: {facts['train']} training, {facts['validation']} validation and {facts['test']} test rows "
-        f"({data.source}; test: {data.eval_source})")  # fmt: skip
+    say(
+        f"sweep: {facts['train']} training, {facts['validation']} validation and {facts['test']} test rows "
+        f"({data.source}; test: {data.eval_source})"
+    )
 
 
 def _check_round_trip(grid: Grid, fmt: str) -> None:
     """The written rows read back as the same rows of the same kind of data, or the sweep cannot stand for runs
     of the original data."""
-    again = load_data(DataRequest(str(grid.data / "train.jsonl"), None, "train", str(grid.data / "validation.jsonl"),
-                                  None, 10**9, 10**9, seed=0))  # fmt: skip
+    again = load_data(
+        DataRequest(
+            str(grid.data / "train.jsonl"),
+            None,
+            "train",
+            str(grid.data / "validation.jsonl"),
+            None,
+            10**9,
+            10**9,
+            seed=0,
+        )
+    )
     same_kind = again.format == fmt or {again.format, fmt} <= CHAT_FORMATS
     if not same_kind or again.train != read_jsonl(grid.data / "train.jsonl"):
         raise UserError(f"a sweep of {fmt} rows is not supported: they do not read back the same from a file")
@@ -163,12 +185,23 @@ async def _train(grid: Grid, point: Point) -> int:
     folder = grid.results_dir(point)
     folder.mkdir(parents=True, exist_ok=True)
     shared = [a for a in grid.shared if setting_key(a) not in DATA_KEYS]
-    argv = [*shared, *point.argv(), f"dataset={(grid.data / 'train.jsonl').resolve()}",
-            f"eval_dataset={(grid.data / 'validation.jsonl').resolve()}", f"results_dir={folder}",
-            f"run_name={point.id}"]  # fmt: skip
+    argv = [
+        *shared,
+        *point.argv(),
+        f"dataset={(grid.data / 'train.jsonl').resolve()}",
+        f"eval_dataset={(grid.data / 'validation.jsonl').resolve()}",
+        f"results_dir={folder}",
+        f"run_name={point.id}",
+    ]
     with (folder / "console.txt").open("w", encoding="utf-8") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "posttrain.cli.main", "train", *argv, stdout=log, stderr=asyncio.subprocess.STDOUT
+            sys.executable,
+            "-m",
+            "posttrain.cli.main",
+            "train",
+            *argv,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
         )
         try:
             return await proc.wait()
@@ -183,7 +216,9 @@ def _ending(grid: Grid, point: Point, code: int) -> str:
     if code in FINISHED:
         summary = json.loads((grid.results_dir(point) / "summary.json").read_text())
         return f"{summary.get('headline', '')}; {summary.get('verdict', '')}"
-    lines = (grid.results_dir(point) / "console.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = (
+        (grid.results_dir(point) / "console.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+    )
     error = next((line for line in reversed(lines) if line.startswith("error:")), f"exit code {code}")
     if code == 2:  # bad input: every run would refuse it alike
         raise UserError(f"run {point.id}: {error.removeprefix('error: ')}")
@@ -194,8 +229,22 @@ def _test_chosen(grid: Grid, run_id: str) -> dict[str, Any]:
     """The chosen run on the test rows against its base model: its one reported number."""
     say(f"sweep: the chosen run {run_id} on the {len(read_jsonl(grid.data / 'test.jsonl'))} test rows, once")
     point_dir = grid.folder / "runs" / run_id
-    record = evaluate.evaluate([f"run_name={run_id}", f"results_dir={point_dir}", "against=base",
-                                f"eval_dataset={(grid.data / 'test.jsonl').resolve()}", f"out={grid.folder / 'test'}"])  # fmt: skip
+    record = evaluate.evaluate(
+        [
+            f"run_name={run_id}",
+            f"results_dir={point_dir}",
+            "against=base",
+            f"eval_dataset={(grid.data / 'test.jsonl').resolve()}",
+            f"out={grid.folder / 'test'}",
+        ]
+    )
     trained, base = (m["score"] for m in record["models"])
-    return {"metric": record["metric"], "trained": trained, "baseline": base, "verdict": record["verdict"],
-            "improvement": record["improvement"], "rows": record["sizes"], "eval": str(grid.folder / "test")}  # fmt: skip
+    return {
+        "metric": record["metric"],
+        "trained": trained,
+        "baseline": base,
+        "verdict": record["verdict"],
+        "improvement": record["improvement"],
+        "rows": record["sizes"],
+        "eval": str(grid.folder / "test"),
+    }

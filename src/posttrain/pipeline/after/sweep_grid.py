@@ -23,6 +23,7 @@ GRID_LIMIT = 12
 # The sweep names each run's folder and data; these would fight it.
 OWNED = ("run_name", "results_dir", "resume", "dataset_config", "dataset_split", "eval_split", "eval_dataset")
 
+
 @chz.chz
 class SweepSettings:
     """posttrain sweep: a grid of train runs (KEY=V1,V2,... for any numeric, boolean or choice setting), one
@@ -30,9 +31,14 @@ class SweepSettings:
 
     Every other key=value is a train setting shared by all runs (`posttrain train --help`)."""
 
-    seeds: int = chz.field(default=1, doc="runs per setting, seeds seed, seed+1, ... (the spread per setting)")
-    name: str | None = chz.field(default=None, doc="the sweep's folder in out (default: from its settings, so the "
-                                 "same command continues the same sweep)")  # fmt: skip
+    seeds: int = chz.field(
+        default=1, doc="runs per setting, seeds seed, seed+1, ... (the spread per setting)"
+    )
+    name: str | None = chz.field(
+        default=None,
+        doc="the sweep's folder in out (default: from its settings, so the "
+        "same command continues the same sweep)",
+    )
     out: str = chz.field(default="sweeps", doc="where sweeps are kept")
     yes: bool = chz.field(default=False, doc=f"run a grid of more than {GRID_LIMIT} runs")
     parallel: int = chz.field(default=4, doc="runs at once on Tinker (the local engine runs one at a time)")
@@ -49,7 +55,9 @@ class Point:
     @property
     def id(self) -> str:
         # A run name takes letters, digits, '.', '_' and '-' only.
-        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.number:02d}-" + "-".join(f"{k}_{v}" for k, v in self.values))
+        return re.sub(
+            r"[^A-Za-z0-9._-]", "_", f"{self.number:02d}-" + "-".join(f"{k}_{v}" for k, v in self.values)
+        )
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
@@ -87,12 +95,18 @@ def parse_grid(argv: list[str]) -> tuple[SweepSettings, Grid]:
     if settings.parallel < 1:
         raise ConfigError(f"parallel={settings.parallel}: must be at least 1")
     if owned := [setting_key(a) for a in rest if setting_key(a) in OWNED]:
-        raise ConfigError(f"{owned[0]}= is the sweep's own (each run gets its folder and its part of the data); leave it out")
+        raise ConfigError(
+            f"{owned[0]}= is the sweep's own (each run gets its folder and its part of the data); leave it out"
+        )
     axes, shared = _axes(rest, settings.seeds)
-    points = [Point(n, tuple(zip(axes, values, strict=True))) for n, values in
-              enumerate(itertools.product(*axes.values()), 1)]  # fmt: skip
+    points = [
+        Point(n, tuple(zip(axes, values, strict=True)))
+        for n, values in enumerate(itertools.product(*axes.values()), 1)
+    ]
     if len(points) > GRID_LIMIT and not settings.yes:
-        raise ConfigError(f"the grid has {len(points)} runs, more than {GRID_LIMIT}; add yes=true to run them all")
+        raise ConfigError(
+            f"the grid has {len(points)} runs, more than {GRID_LIMIT}; add yes=true to run them all"
+        )
     for point in points:
         cfg = parse_train_args([*shared, *point.argv()])
     if cfg.dataset is None and cfg.env:
@@ -100,7 +114,11 @@ def parse_grid(argv: list[str]) -> tuple[SweepSettings, Grid]:
             f"env={cfg.env} generates its problems: a sweep chooses on validation rows held apart from its test rows, "
             "which needs the problems as a dataset (dataset=FILE of question/answer rows)"
         )
-    name = settings.name or "sweep-" + hashlib.blake2b(repr((sorted(axes.items()), sorted(shared))).encode(), digest_size=4).hexdigest()
+    name = (
+        settings.name
+        or "sweep-"
+        + hashlib.blake2b(repr((sorted(axes.items()), sorted(shared))).encode(), digest_size=4).hexdigest()
+    )
     return settings, Grid(axes, shared, points, Path(settings.out) / name)
 
 
@@ -129,17 +147,28 @@ def _axes(rest: list[str], seeds: int) -> tuple[dict[str, list[str]], list[str]]
     if seeds > 1:
         if "seed" in axes:
             raise ConfigError("seed= is a list and seeds= is given: give one of them")
-        start = next((int(_value) for a in shared if setting_key(a) == "seed" and (_value := a.partition("=")[2]).lstrip("-").isdigit()), 0)
+        start = next(
+            (
+                int(_value)
+                for a in shared
+                if setting_key(a) == "seed" and (_value := a.partition("=")[2]).lstrip("-").isdigit()
+            ),
+            0,
+        )
         shared = [a for a in shared if setting_key(a) != "seed"]
         axes["seed"] = [str(start + k) for k in range(seeds)]
     if not axes:
-        raise ConfigError("nothing to sweep: give a setting a list of values (learning_rate=1e-4,3e-4) or seeds=N")
+        raise ConfigError(
+            "nothing to sweep: give a setting a list of values (learning_rate=1e-4,3e-4) or seeds=N"
+        )
     return axes, shared
 
 
 def _takes_text(tp: Any) -> bool:
     """Whether a setting's type holds free text (its commas are part of a value, e.g. env=...:a=1,b=2)."""
-    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    args = (
+        typing.get_args(tp)
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+        else (tp,)
+    )
     return any(arg is str for arg in args)
-
-

@@ -39,7 +39,11 @@ def collect(grid: Grid, cfg: Any) -> dict[str, Any]:
     if scored:
         lower = scored[0]["metric"] == "nll"
         best = min(scored, key=lambda s: s["mean"]) if lower else max(scored, key=lambda s: s["mean"])
-        record["chosen"] = {"setting": best["setting"], "validation_mean": best["mean"], "run": best["runs"][0]}
+        record["chosen"] = {
+            "setting": best["setting"],
+            "validation_mean": best["mean"],
+            "run": best["runs"][0],
+        }
     return record
 
 
@@ -50,7 +54,11 @@ def _point(grid: Grid, point: Any) -> dict[str, Any]:
     except (OSError, ValueError):
         return {**entry, "status": "not run"}
     if summary.get("status") != "completed":
-        return {**entry, "status": summary.get("status") or "failed", "error": str(summary.get("error") or "")[:200]}
+        return {
+            **entry,
+            "status": summary.get("status") or "failed",
+            "error": str(summary.get("error") or "")[:200],
+        }
     kind = summary_kind(summary)
     improvement = summary.get("improvement") or {}
     return {
@@ -76,16 +84,18 @@ def _settings(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for members in groups.values():
         done = [p for p in members if p["status"] == "completed"]
         values = [p["trained"] for p in done]
-        out.append({
-            "setting": members[0]["setting"],
-            "runs": [p["id"] for p in done],
-            "seeds": len(members),
-            "completed": len(done),
-            "metric": done[0]["metric"] if done else None,
-            "mean": statistics.fmean(values) if values else None,
-            "lowest": min(values, default=None),
-            "highest": max(values, default=None),
-        })  # fmt: skip
+        out.append(
+            {
+                "setting": members[0]["setting"],
+                "runs": [p["id"] for p in done],
+                "seeds": len(members),
+                "completed": len(done),
+                "metric": done[0]["metric"] if done else None,
+                "mean": statistics.fmean(values) if values else None,
+                "lowest": min(values, default=None),
+                "highest": max(values, default=None),
+            }
+        )
     return out
 
 
@@ -133,13 +143,30 @@ def markdown(record: Mapping[str, Any]) -> list[str]:
             cells += ["-", "-", "-", p["status"], "-"]
         else:
             seconds = f"{p['seconds']:.0f} s" if p.get("seconds") is not None else "-"
-            cells += [_value(metric, p["baseline"]), _value(metric, p["trained"]), _interval(p), p["verdict"], seconds]
+            cells += [
+                _value(metric, p["baseline"]),
+                _value(metric, p["trained"]),
+                _interval(p),
+                p["verdict"],
+                seconds,
+            ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Settings (mean over seeds, lowest to highest)", "", "| setting | runs | mean | spread |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Settings (mean over seeds, lowest to highest)",
+        "",
+        "| setting | runs | mean | spread |",
+        "|---|---|---|---|",
+    ]
     for s in record["settings"]:
-        spread = f"{_value(s['metric'], s['lowest'])} to {_value(s['metric'], s['highest'])}" if s["mean"] is not None else "-"
-        lines.append(f"| {_setting_text(s['setting'])} | {s['completed']}/{s['seeds']} | {_value(s['metric'], s['mean'])} | {spread} |")
+        spread = (
+            f"{_value(s['metric'], s['lowest'])} to {_value(s['metric'], s['highest'])}"
+            if s["mean"] is not None
+            else "-"
+        )
+        lines.append(
+            f"| {_setting_text(s['setting'])} | {s['completed']}/{s['seeds']} | {_value(s['metric'], s['mean'])} | {spread} |"
+        )
     lines += ["", *_chosen_lines(record)]
     return lines
 
@@ -160,10 +187,16 @@ def _chosen_lines(record: Mapping[str, Any]) -> list[str]:
 
 
 def console_lines(record: Mapping[str, Any]) -> list[str]:
-    lines = [f"sweep: {_setting_text(s['setting'])}: {_value(s['metric'], s['mean'])} on validation "
-             f"({s['completed']}/{s['seeds']} runs" + (f", {_value(s['metric'], s['lowest'])} to "
-             f"{_value(s['metric'], s['highest'])})" if s["completed"] > 1 else ")")
-             for s in record["settings"]]  # fmt: skip
+    lines = [
+        f"sweep: {_setting_text(s['setting'])}: {_value(s['metric'], s['mean'])} on validation "
+        f"({s['completed']}/{s['seeds']} runs"
+        + (
+            f", {_value(s['metric'], s['lowest'])} to {_value(s['metric'], s['highest'])})"
+            if s["completed"] > 1
+            else ")"
+        )
+        for s in record["settings"]
+    ]
     lines += [f"sweep: {line}" for line in _chosen_lines(record)]
     lines.append(f"sweep: table {record['folder']}/sweep.md, plot sweep.png, everything sweep.json")
     return lines
@@ -191,7 +224,7 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
         means: dict[Any, list[float]] = {}
         for x, y in pts:
             means.setdefault(x, []).append(y)
-        xs = sorted(means, key=lambda v: (v if numeric else str(v)))
+        xs = sorted(means, key=lambda v: v if numeric else str(v))
         ax.plot(xs, [statistics.fmean(means[x]) for x in xs], marker="o", label=label)
     if numeric and done and min(_number(p["values"][x_axis]) or 0 for p in done) > 0:
         ax.set_xscale("log")
@@ -199,7 +232,9 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     ax.set_xlabel(x_axis)
     ax.set_ylabel("validation accuracy" if metric == "score" else "validation NLL (lower is better)")
     if done:
-        ax.axhline(statistics.fmean(p["baseline"] for p in done), color="grey", linestyle="--", label="base model")
+        ax.axhline(
+            statistics.fmean(p["baseline"] for p in done), color="grey", linestyle="--", label="base model"
+        )
     ax.legend(fontsize=8)
     ax.set_title(f"sweep {Path(record['folder']).name}")
     fig.tight_layout()
