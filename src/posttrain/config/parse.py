@@ -202,6 +202,11 @@ def _command_of(cls: type) -> tuple[str, str]:
 _HELP_FLAGS = ("--help", "-h", "help")
 
 
+def setting_key(arg: str) -> str:
+    """'learning_rate' of 'learning_rate=1e-4' (or of '--learning_rate=...')."""
+    return arg.partition("=")[0].strip().removeprefix("--")
+
+
 def parse_args(cls: type[T], argv: list[str]) -> T:
     """Parse `key=value` arguments into a `cls` (not yet validated beyond types and Literal values).
 
@@ -217,10 +222,8 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
     unsupported: list[str] = []
     seen: dict[str, str] = {}
     for arg in argv:
-        raw_key, sep, value = arg.partition("=")
-        key = raw_key.strip()
-        if key.startswith("--"):
-            key = key[2:]
+        _, sep, value = arg.partition("=")
+        key = setting_key(arg)
         if not key:
             raise ConfigError(f"Invalid argument {arg!r}: expected key=value, e.g. learning_rate=1e-4")
         if key not in known:

@@ -198,18 +198,3 @@ def test_a_port_in_use_is_one_line(finished) -> None:
     assert proc.returncode == 2, proc.stderr
     expected = f"error: port={port}: already in use on 127.0.0.1; stop what listens there, or pass another port="
     assert proc.stderr.strip() == expected
-
-
-@pytest.mark.parametrize(
-    ("argv", "needle"),
-    [
-        (["serve-model", "run_name=nope"], "run_name=nope: no such run in results (runs there: done)"),
-        (["serve-model", "port=70000"], "port=70000: must be between 0 and 65535"),
-        (["serve-model", "ports=1"], "ports"),
-    ],
-)
-def test_bad_input_is_one_line(finished, argv: list[str], needle: str) -> None:
-    cwd, env = finished
-    proc = cli_here(argv, cwd, env)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

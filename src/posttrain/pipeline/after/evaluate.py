@@ -19,7 +19,7 @@ from typing import Any
 
 import chz
 
-from posttrain.config.parse import parse_args
+from posttrain.config.parse import parse_args, setting_key
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline import results
 from posttrain.pipeline.after.finished import FinishedRun, find_run
@@ -111,16 +111,15 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     """Parse, evaluate, write; returns eval.json's content (with against=, its `verdict`)."""
     own, rest = _split(argv)
     settings = parse_args(EvalSettings, own)
-    given = [arg.partition("=")[0].strip().removeprefix("--") for arg in rest]
-    if refused := [key for key in given if key in TRAINING_ONLY]:
-        why = "names the run to evaluate" if refused[0] == "run_name" else "only shapes training"
-        raise ConfigError(f"{refused[0]}= {why}; posttrain eval does not train, leave it out")
+    given = {setting_key(arg) for arg in rest}
+    if refused := [key for key in map(setting_key, rest) if key in TRAINING_ONLY]:
+        raise ConfigError(f"{refused[0]}= only shapes training; posttrain eval does not train, leave it out")
     run = _run_of(settings, given)
     if run is not None and "model_name" in given:
         raise ConfigError(
             f"model_name= is run {run.name}'s own ({run.model}); leave it out, or leave run_name out"
         )
-    train_config = _train_config(run, rest, set(given) & RECIPE_KEYS)
+    train_config = _train_config(run, rest, given)
     model = _model(settings, run, train_config)
     against = _against(settings, model, run)
     out = _out_dir(settings, model)
@@ -128,21 +127,14 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
-    """The eval command's own key=value arguments (and --help), and the train settings."""
-    own_keys = set(chz.chz_fields(EvalSettings)) - {"run_name"}
-    own, rest = [], []
-    for arg in argv:
-        key = arg.partition("=")[0].strip().removeprefix("--")
-        (own if key in own_keys or key in ("help", "h", "-h") or arg == "-h" else rest).append(arg)
-    # run_name names the evaluated run here (a train setting of the same name would name a new run).
-    for arg in list(rest):
-        if arg.partition("=")[0].strip().removeprefix("--") == "run_name":
-            rest.remove(arg)
-            own.append(arg)
-    return own, rest
+    """The eval command's own key=value arguments (run_name= names the run to evaluate; --help), and the train
+    settings."""
+    own_keys = set(chz.chz_fields(EvalSettings)) | {"help", "h", "-h"}
+    own = [arg for arg in argv if setting_key(arg) in own_keys]
+    return own, [arg for arg in argv if setting_key(arg) not in own_keys]
 
 
-def _run_of(settings: EvalSettings, given: list[str]) -> FinishedRun | None:
+def _run_of(settings: EvalSettings, given: set[str]) -> FinishedRun | None:
     """The finished run whose model (and, unless others are given, settings) are evaluated; None for a checkpoint
     or a base model named by model_name= alone."""
     if settings.run_name is None and (settings.checkpoint is not None or "model_name" in given):
@@ -150,28 +142,25 @@ def _run_of(settings: EvalSettings, given: list[str]) -> FinishedRun | None:
     return find_run(settings.results_dir, settings.run_name)
 
 
-def _train_config(run: FinishedRun | None, rest: list[str], recipe_given: set[str]) -> Any:
+def _train_config(run: FinishedRun | None, rest: list[str], given: set[str]) -> Any:
     """The train settings to build the recipe from: the run's (all of them, or with a new recipe only what its
     model is), then what was given on the command line, checked as the train command checks them."""
     fields = chz.chz_fields(TrainConfig)
     carried: dict[str, Any] = {}
     if run is not None:
         settings = run.settings
+        recipe_given = bool(given & RECIPE_KEYS)
         keys = MODEL_KEYS if recipe_given else [k for k in settings if k in fields and k not in TRAINING_ONLY]
         carried = {k: settings[k] for k in keys if k in settings and k in fields}
         carried["model_name"], carried["backend"] = run.model, run.backend
         if not recipe_given:
             carried["task"] = str(run.summary.get("method") or "auto")
     cfg = chz.replace(
-        parse_args(TrainConfig, rest), **{k: v for k, v in carried.items() if not _given(k, rest)}
+        parse_args(TrainConfig, rest), **{k: v for k, v in carried.items() if k not in given}
     )
     cfg = chz.replace(cfg, guard=False)  # the guard compares a run's two models; eval reports the task's rows
     validate(cfg)
     return cfg
-
-
-def _given(key: str, rest: list[str]) -> bool:
-    return any(arg.partition("=")[0].strip().removeprefix("--") == key for arg in rest)
 
 
 def _model(settings: EvalSettings, run: FinishedRun | None, cfg: Any) -> Model:

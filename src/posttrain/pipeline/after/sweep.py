@@ -23,9 +23,10 @@ from typing import Any
 
 import chz
 
+from posttrain.config.parse import setting_key
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline.after import evaluate, sweep_report
-from posttrain.pipeline.after.sweep_grid import Grid, Point, parse_grid, setting_key
+from posttrain.pipeline.after.sweep_grid import Grid, Point, parse_grid
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import DataRequest, load_data
 from posttrain.pipeline.data.formats import CHAT_FORMATS

@@ -14,7 +14,7 @@ from typing import Any
 
 import chz
 
-from posttrain.config.parse import parse_args
+from posttrain.config.parse import parse_args, setting_key
 from posttrain.errors import ConfigError
 from posttrain.pipeline.settings import TrainConfig, parse_train_args
 
@@ -122,19 +122,13 @@ def parse_grid(argv: list[str]) -> tuple[SweepSettings, Grid]:
     return settings, Grid(axes, shared, points, Path(settings.out) / name)
 
 
-def setting_key(arg: str) -> str:
-    """'learning_rate' of 'learning_rate=1e-4' (or of '--learning_rate=...')."""
-    return arg.partition("=")[0].strip().removeprefix("--")
-
-
 def _axes(rest: list[str], seeds: int) -> tuple[dict[str, list[str]], list[str]]:
     """Settings given a list of values (a numeric, boolean or choice setting with commas) and seeds= as axes."""
     fields = chz.chz_fields(TrainConfig)
     axes: dict[str, list[str]] = {}
     shared = []
     for arg in rest:
-        key, _, value = arg.partition("=")
-        key = setting_key(arg)
+        key, value = setting_key(arg), arg.partition("=")[2]
         if key in fields and "," in value and not _takes_text(fields[key].final_type):
             values = [v.strip() for v in value.split(",")]
             if not any(values):
@@ -147,14 +141,7 @@ def _axes(rest: list[str], seeds: int) -> tuple[dict[str, list[str]], list[str]]
     if seeds > 1:
         if "seed" in axes:
             raise ConfigError("seed= is a list and seeds= is given: give one of them")
-        start = next(
-            (
-                int(_value)
-                for a in shared
-                if setting_key(a) == "seed" and (_value := a.partition("=")[2]).lstrip("-").isdigit()
-            ),
-            0,
-        )
+        start = _given_seed(shared)
         shared = [a for a in shared if setting_key(a) != "seed"]
         axes["seed"] = [str(start + k) for k in range(seeds)]
     if not axes:
@@ -162,6 +149,17 @@ def _axes(rest: list[str], seeds: int) -> tuple[dict[str, list[str]], list[str]]
             "nothing to sweep: give a setting a list of values (learning_rate=1e-4,3e-4) or seeds=N"
         )
     return axes, shared
+
+
+def _given_seed(shared: list[str]) -> int:
+    """The first of seeds= seeds: seed= as given (the last one), else 0."""
+    values = [a.partition("=")[2].strip() for a in shared if setting_key(a) == "seed"]
+    if not values:
+        return 0
+    try:
+        return int(values[-1])
+    except ValueError:
+        raise ConfigError(f"seed={values[-1]}: not an integer (e.g. seed=0)") from None
 
 
 def _takes_text(tp: Any) -> bool:
