@@ -144,6 +144,7 @@ def test_seeds_make_an_axis_and_every_point_its_own_run(tmp_path: Path) -> None:
         (["sweep", "learning_rate=1e-4,fast"], "learning_rate"),
         (["sweep", "dataset=x.jsonl"], "nothing to sweep"),
         (["sweep", "seeds=0", "learning_rate=1e-4,3e-4"], "seeds=0: must be at least 1"),
+        (["sweep", "seeds=2", "seed=abc", "learning_rate=1e-4,3e-4"], "seed=abc: not an integer"),
         (["sweep", "run_name=a", "learning_rate=1e-4,3e-4"], "run_name= is the sweep's own"),
         (["sweep", "env=arithmetic", "learning_rate=1e-4,3e-4"], "env=arithmetic generates its problems"),
         (
