@@ -62,10 +62,14 @@ def train_here(
 def cli_here(
     argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """`posttrain ARGV` in this process, for runs that stop before training (settings, data, credentials): the
-    CLI's own code from argv to exit code, less the interpreter start-up and imports a subprocess pays (~5 s).
-    An exception the CLI lets through fails the test with its traceback, as it would reach a user's terminal.
-    The process's environment, working directory, signal handlers and logging are restored afterwards."""
+    """`posttrain ARGV` in this process: the CLI's own code from argv to exit code, less the interpreter start-up
+    and imports a subprocess pays (~10 s of CPU a run, most of a tiny run's cost). For refusals, and for whole runs
+    whose subject is a method, an environment or an after-training command (on the session's engine, by base_url=,
+    or one the command starts); what is about the process itself (signals, keys from .env, the engine it starts,
+    `train.py`) stays a real subprocess (`train`, `posttrain`). The console's lines reach the captured stdout and
+    library output the run's console.log, as in a terminal (`Console.capture`). An exception the CLI lets through
+    fails the test with its traceback, as it would reach a user's terminal. The process's environment, working
+    directory, signal handlers and logging are restored afterwards."""
     from posttrain.cli.main import main
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()

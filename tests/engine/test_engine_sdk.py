@@ -464,7 +464,9 @@ def test_a_seeded_session_reproduces_the_lora_initialisation_and_unseeded_sample
     weights, samples = run("posttrain,seed=7")
     again_weights, again_samples = run("seed=7,other")
     np.testing.assert_array_equal(weights, again_weights)
-    assert samples == again_samples
+    # The same draws for each prompt; which of two identical concurrent requests gets which draw depends on their
+    # arrival (seeding.py: identical prompts are interchangeable), so the two of each prompt compare as a set.
+    assert sorted(samples[0::2]) == sorted(again_samples[0::2]) and sorted(samples[1::2]) == sorted(again_samples[1::2])
     assert samples[0] != samples[2]  # the same prompt asked twice: two draws, not one repeated
     other_weights, other_samples = run("seed=8")
     assert np.abs(weights - other_weights).max() > 1e-4 and samples != other_samples

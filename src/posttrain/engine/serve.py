@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.netcheck import hub_offline_if_unreachable
 
     hub_offline_if_unreachable()
+    from posttrain.lean_imports import skip_unused_sklearn
+
+    skip_unused_sklearn()
     # Heavy imports after the hub check: huggingface_hub reads HF_HUB_OFFLINE when imported.
     import uvicorn
     from transformers.utils import logging as hf_logging

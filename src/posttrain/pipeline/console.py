@@ -58,7 +58,8 @@ class Console:
         sys.stdout.flush()
         sys.stderr.flush()
         saved_out, saved_err = os.dup(1), os.dup(2)
-        terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+        streams = sys.stdout, sys.stderr
+        terminal = _terminal_of(sys.stdout)
         # The redirection is inside the try: a Ctrl-C landing between it and the block must still give the
         # terminal back, or the "interrupted: ..." line that follows is written into the log instead.
         # Written to a file, print() fills an 8 KB buffer first: whatever it held when the run failed (a full
@@ -72,11 +73,16 @@ class Console:
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
             os.close(log_fd)
+            if terminal is streams[0]:
+                # sys.stdout is not fd 1 (posttrain called in-process): the Python streams go to the log too. Left
+                # open afterwards: a library's log handler made during the run may still hold it.
+                sys.stdout = sys.stderr = open(log_file, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
             self._terminal = terminal
             yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             os.close(saved_out)
@@ -84,7 +90,8 @@ class Console:
             if reconfigure is not None and was_line_buffered is not None:
                 reconfigure(line_buffering=was_line_buffered)
             self._terminal = None
-            terminal.close()
+            if terminal is not sys.stdout:
+                terminal.close()
 
     def progress(self, total: int | None, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
@@ -127,6 +134,18 @@ class Console:
         finally:
             advance()  # the loop's last steps may land between two polls and the cancellation
             bar.close()
+
+
+def _terminal_of(stdout: IO[str]) -> IO[str]:
+    """Where the user reads while fd 1 and 2 go to the log: a private copy of fd 1, or, when sys.stdout is not fd 1
+    (a notebook's cell output, a program that redirected it, `posttrain` called in-process), sys.stdout itself."""
+    try:
+        is_fd_1 = stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        is_fd_1 = False
+    if not is_fd_1:
+        return stdout
+    return os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
 
 
 def _is_number(value: Any) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import PreflightError, UserError
-from posttrain.pipeline import finish, results, session
+from posttrain.pipeline import finish, results, session, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import DataRequest, LoadedData, load_data
 from posttrain.pipeline.evaluation.guard import GuardSet, load_guard
@@ -107,7 +107,7 @@ def _train_and_write(state: RunState, method: Method, started: float) -> dict[st
     say(f"run: {state.run_name} ({state.method}, backend {state.backend}); logs in {state.log_path}")
     if not cfg.verbose:
         say(f"library output (warnings, retries, per-step tables): {state.log_path / 'console.log'}")
-    with CONSOLE.capture(state.log_path / "console.log"):
+    with CONSOLE.capture(state.log_path / "console.log"), tracking.own_service():
         try:
             outcome = asyncio.run(session.train_and_evaluate(state, method))
             state.durations["total"] = round(time.monotonic() - started, 2)

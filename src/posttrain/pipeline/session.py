@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import UserError
+from posttrain.lean_imports import skip_unused_sklearn
 from posttrain.pipeline import results, tracking
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.methods import Method, RunContext, TrainingStage, training_stages
@@ -91,6 +92,7 @@ async def prepared(state: RunState, method: Method) -> AsyncIterator[RunContext]
 
 
 def _client_side(model_name: str) -> Any:
+    skip_unused_sklearn()
     import tinker  # noqa: F401 - imported here for its time (torch), used by the caller
 
     return preflight.load_tokenizer(model_name)
@@ -151,13 +153,16 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         base_rows, state.baseline = (
             resume.earlier_base_evaluation(state.store, state.run_name, say) if cfg.resume else (None, None)
         )
-        base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
+        # A resumed run without a guard set has every base-model answer it needs already.
+        base_client = None
+        if base_rows is None or state.guard is not None:
+            base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
         if base_rows is None:
             with state.phase("base_eval"):
                 base_rows, state.baseline = await method.evaluate(base_client, "base model")
             state.store.write_jsonl(results.BASE_FILE, base_rows)  # kept for a resumed run
         say(f"base model: {method.score_text(state.baseline)}")
-        base_guard = await guard_rows(state, ctx, base_client, "base model")
+        base_guard = await guard_rows(state, ctx, base_client, "base model") if base_client else None
 
         state.stages = training_stages(method, ctx)
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):

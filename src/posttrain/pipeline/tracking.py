@@ -37,6 +37,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,6 +366,30 @@ def verify_wandb(
         return _verify_online(path, project, run_name, expected, url)
     except Exception as e:  # network, auth, corrupt file: a failed verification, reported
         return _result(mode, url or (str(path) if path else ""), False, [], f"{type(e).__name__}: {e}")
+
+
+@contextlib.contextmanager
+def own_service() -> Iterator[None]:
+    """The run's W&B runs get a W&B service of their own, ended with the run. The service resolves a run's relative
+    directory against its own working directory, fixed when it started: a service left by earlier W&B use in this
+    process (a run from Python in another directory) or inherited from a parent process would write the run files
+    into directories that do not exist, and the run's W&B runs would be lost. One with a run still open is left
+    alone."""
+    _end_idle_service()
+    try:
+        yield
+    finally:
+        _end_idle_service()
+
+
+def _end_idle_service() -> None:
+    wandb = sys.modules.get("wandb")  # None: never imported here
+    if wandb is not None and wandb.run is not None:
+        return
+    if wandb is not None:
+        wandb.teardown()
+    # Inherited from a parent process that logs to W&B, or left by one already ended: not this run's service.
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 # ------------------------------------------------------------------------------------------ final metrics

@@ -46,7 +46,7 @@ def test_export_peft_and_merged_reproduce_the_engines_model(finished, run_engine
     store = cwd / "cache" / "checkpoints"
     before = sorted(p.name for p in store.iterdir())
     for fmt in ("peft", "merged"):
-        proc = posttrain(["export", f"format={fmt}"], cwd, env)
+        proc = cli_here(["export", f"format={fmt}"], cwd, env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert f"export: done: results/exports/done-{fmt}" in proc.stdout
         assert proc.stderr.strip() == "", proc.stderr[-2000:]  # library output went to the log
@@ -144,7 +144,7 @@ def test_eval_reproduces_the_runs_scores_rows_and_verdict_from_its_checkpoint(fi
     """`posttrain eval against=base` on the finished run: its own recipe rebuilt from summary.json, the trained
     weights and the base model evaluated again by the method, in a fresh engine: the same rows and numbers."""
     cwd, env = finished
-    proc = posttrain(["eval", "against=base", "out=evals/same"], cwd, env)
+    proc = cli_here(["eval", "against=base", "out=evals/same"], cwd, env)
     summary = json.loads((cwd / "results" / "summary.json").read_text())
     expected = {0: "improved", 1: "not improved", 3: "inconclusive"}
     assert proc.returncode in expected and expected[proc.returncode] == summary["verdict"], proc.stdout + proc.stderr
@@ -166,7 +166,7 @@ def test_eval_reproduces_the_runs_scores_rows_and_verdict_from_its_checkpoint(fi
 def test_eval_scores_the_trained_model_on_another_environment(finished, tiny_model: str) -> None:
     """The run's model on RL problems it never saw (env=arithmetic): the RL method's evaluation, its rows' schema."""
     cwd, env = finished
-    proc = posttrain(["eval", "env=arithmetic", "max_eval_rows=4", "max_tokens=8", "out=evals/arith"], cwd, env)
+    proc = cli_here(["eval", "env=arithmetic", "max_eval_rows=4", "max_tokens=8", "out=evals/arith"], cwd, env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads((cwd / "evals/arith/eval.json").read_text())
     rows = [json.loads(line) for line in (cwd / "evals/arith/model.jsonl").read_text().splitlines()]
@@ -180,7 +180,7 @@ def test_eval_scores_the_trained_model_on_another_environment(finished, tiny_mod
 def test_eval_of_a_checkpoint_the_service_does_not_have_is_one_line(finished, tiny_model: str) -> None:
     cwd, env = finished
     missing = "tinker://nosuchrun:train:0/sampler_weights/final"
-    proc = posttrain(["eval", f"checkpoint={missing}", f"model_name={tiny_model}", "renderer_name=role_colon",
+    proc = cli_here(["eval", f"checkpoint={missing}", f"model_name={tiny_model}", "renderer_name=role_colon",
                       "backend=local", "dtype=fp32", "out=evals/missing"], cwd, env)  # fmt: skip
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"error: {missing}: no such checkpoint on this backend" in proc.stderr, proc.stderr
@@ -194,7 +194,7 @@ def test_export_gguf_reproduces_the_engines_model(finished, run_engine, tiny_mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cwd, env = finished
-    proc = posttrain(["export", "format=gguf", "output=results/exports/gguf-test"], cwd, env)
+    proc = cli_here(["export", "format=gguf", "output=results/exports/gguf-test"], cwd, env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "export: done: results/exports/gguf-test" in proc.stdout
     assert proc.stderr.strip() == "", proc.stderr[-2000:]  # the converter's output went to the run's log

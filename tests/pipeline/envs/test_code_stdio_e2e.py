@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, read_jsonl, rl_results, train
+from runs import FINISHED, read_jsonl, rl_results, train_here
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 
@@ -37,14 +37,13 @@ def test_stdio_code_problems_train_with_rl_and_record_per_test_results(
             for k in range(2, 6)
         )
     )  # fmt: skip
-    proc = train(
+    proc = train_here(
         [
             f"dataset={data}", f"eval_dataset={held_out}", f"model_name={tiny_model}", f"base_url={engine.url}",
             "run_name=stdio", "renderer_name=role_colon", "batch_size=2", "group_size=2", "max_steps=1",
             "max_tokens=16", "max_eval_rows=4", "save_every=0", "eval_every=0", "lora_rank=4",
         ],
         tmp_path,
-        timeout=400,
     )  # fmt: skip
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")

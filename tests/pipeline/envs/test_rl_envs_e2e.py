@@ -10,13 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runs import FAST_RL, FINISHED, read_jsonl, rl_results, train, train_here
+from runs import FAST_RL, FINISHED, read_jsonl, rl_results, train_here
 
 
 def _run(
     tmp_path: Path, engine, tiny_model: str, args: list[str], name: str
 ) -> tuple[dict, list[dict], list[dict]]:
-    proc = train(
+    proc = train_here(
         [
             *args,
             *(f for f in FAST_RL if f.split("=")[0] not in {a.split("=")[0] for a in args}),
@@ -25,7 +25,6 @@ def _run(
             f"run_name={name}",
         ],  # fmt: skip
         tmp_path,
-        timeout=400,
     )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
@@ -215,11 +214,11 @@ def test_factual_qa_is_graded_by_token_f1_and_the_rows_say_so(tmp_path: Path, en
 
 
 def test_the_grader_setting_belongs_to_question_answer_data(tmp_path: Path):
-    proc = train(["env=arithmetic", "grader=f1", "backend=local"], tmp_path, timeout=120)
+    proc = train_here(["env=arithmetic", "grader=f1", "backend=local"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: grader is only used with question/answer data (env=math), not env=arithmetic; leave it out"
     ), proc.stderr
-    proc = train(["task=sft", "grader=f1", "backend=local"], tmp_path, timeout=120)
+    proc = train_here(["task=sft", "grader=f1", "backend=local"], tmp_path)
     assert proc.stderr.strip() == "error: grader is not used by task=sft (only by task=distillation, rl); leave it out"
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, read_jsonl, rl_results, train, train_here
+from runs import FINISHED, read_jsonl, rl_results, train_here
 
 from posttrain.errors import DataError
 from posttrain.pipeline.envs.base import EnvContext, Episode
@@ -281,7 +281,7 @@ def test_search_over_the_users_corpus_end_to_end(kind: str, tmp_path: Path, engi
     qa, held_out = _qa(tmp_path)
     args = ["env=tools:search:max_turns=2", f"corpus={docs}", f"dataset={qa}", f"eval_dataset={held_out}",
             f"retriever={kind}", *FAST, f"model_name={tiny_model}", f"base_url={engine.url}", f"run_name=corpus-{kind}"]  # fmt: skip
-    proc = train(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")}, timeout=400)
+    proc = train_here(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")})
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     assert summary["score_label"] == "token F1 (correct = exact match)"
@@ -355,7 +355,7 @@ def test_a_warm_started_search_run_trains_on_worked_answers_then_rl_from_them(
     args = ["env=tools:search:max_turns=2", f"corpus={docs}", f"dataset={qa}", f"eval_dataset={held_out}",
             "retriever=bm25", "warm_start_steps=3", *FAST, f"model_name={tiny_model}", f"base_url={engine.url}",
             "run_name=warm"]  # fmt: skip
-    proc = train(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")}, timeout=400)
+    proc = train_here(args, tmp_path, extra_env={"POSTTRAIN_CACHE": str(tmp_path / "cache")})
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "training stage 1/2: warm_start: 3 steps" in proc.stdout and "training stage 2/2: rl: 1 steps" in proc.stdout
     summary, _, _ = rl_results(tmp_path / "results")

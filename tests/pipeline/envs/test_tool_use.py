@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, train, train_here
+from runs import FINISHED, REPO, read_jsonl, train_here
 
 from posttrain.pipeline.envs.base import EVAL_SEED_OFFSET, EnvContext
 from posttrain.pipeline.envs.spec import EnvSpec
@@ -299,7 +299,7 @@ FAST = [
 
 @pytest.mark.parametrize("name", ["calculator", "search"])
 def test_tool_env_end_to_end(name: str, tmp_path: Path, engine, tiny_model: str):
-    proc = train(
+    proc = train_here(
         [
             f"env=tools:{name}:max_turns=2",
             *FAST,
@@ -308,7 +308,6 @@ def test_tool_env_end_to_end(name: str, tmp_path: Path, engine, tiny_model: str)
             f"run_name=tools-{name}",
         ],  # fmt: skip
         tmp_path,
-        timeout=400,
     )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = tmp_path / "results"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here, without_guard
+from runs import FINISHED, REPO, read_jsonl, rl_results, train_here, without_guard
 
 from posttrain.pipeline.envs.games import twenty_questions
 
@@ -20,7 +20,7 @@ FAST = ["renderer_name=role_colon", "batch_size=1", "group_size=2", "max_steps=1
 
 
 def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, list[dict], list[dict], str]:
-    proc = train([*FAST, *args, f"model_name={model}", f"base_url={url}", "run_name=tq"], tmp_path, timeout=600)
+    proc = train_here([*FAST, *args, f"model_name={model}", f"base_url={url}", "run_name=tq"], tmp_path)
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained, proc.stdout

@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, read_jsonl, train, train_here
+from runs import FINISHED, read_jsonl, train_here
 
 FAST = ["save_every=0", "eval_every=0", "lora_rank=4", "eval_concurrency=8", "max_eval_rows=4"]
 
 
 def _run(tmp_path: Path, engine, model: str, args: list[str], name: str) -> tuple[dict, dict]:
-    proc = train([*args, *FAST, f"model_name={model}", f"base_url={engine.url}", f"run_name={name}"], tmp_path,
-                 timeout=600)  # fmt: skip
+    proc = train_here([*args, *FAST, f"model_name={model}", f"base_url={engine.url}", f"run_name={name}"], tmp_path)
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert summary.get("status") != "failed", summary.get("error")

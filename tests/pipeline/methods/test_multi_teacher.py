@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import read_jsonl, train
+from runs import read_jsonl, train_here
 from test_preference_distillation import TINY, _ok, _summary
 
 from posttrain.errors import ConfigError
@@ -87,7 +87,7 @@ def test_on_policy_with_two_teachers(
     tmp_path: Path, keyed_engine, tiny_model: str, tiny_model_b: str, datasets: tuple[Path, Path]
 ) -> None:
     teachers = [tiny_model_b, tiny_model]
-    proc = train(
+    proc = train_here(
         [f"dataset={datasets[0]},{datasets[1]}", f"model_name={tiny_model}", f"teacher_model={','.join(teachers)}",
          "distillation_mode=on_policy", f"base_url={keyed_engine.url}", *TINY, "learning_rate=0.01", "batch_size=3", "group_size=2",
          "max_steps=2", "max_tokens=6", "run_name=multi_on"],
@@ -121,7 +121,7 @@ def test_off_policy_with_two_teachers(
     tmp_path: Path, keyed_engine, tiny_model: str, tiny_model_b: str, datasets: tuple[Path, Path]
 ) -> None:
     teachers = [tiny_model_b, tiny_model]
-    proc = train(
+    proc = train_here(
         [f"dataset={datasets[0]},{datasets[1]}", f"model_name={tiny_model}", f"teacher_model={','.join(teachers)}",
          "task=distillation", f"base_url={keyed_engine.url}", *TINY, "learning_rate=0.01", "batch_size=8", "max_steps=2", "max_tokens=6",
          "max_train_rows=20", "max_eval_rows=2", "run_name=multi_off"],

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here, without_guard
+from runs import FINISHED, REPO, read_jsonl, rl_results, train_here, without_guard
 
 FAST = ["renderer_name=role_colon", "lora_rank=4", "save_every=0", "eval_every=0", "batch_size=2", "group_size=4",
         "max_steps=2", "max_tokens=10", "max_eval_rows=4"]  # fmt: skip
@@ -41,8 +41,8 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(tmp_path: Path, engine, model: str, prompts: Path, args: list[str]) -> tuple[dict, list[dict], list[dict]]:
-    proc = train([f"dataset={prompts}", f"model_name={model}", f"base_url={engine.url}", "run_name=pw", *FAST, *args],
-                 tmp_path, timeout=600)  # fmt: skip
+    proc = train_here([f"dataset={prompts}", f"model_name={model}", f"base_url={engine.url}", "run_name=pw", *FAST, *args],
+                      tmp_path)  # fmt: skip
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, read_jsonl, train, train_here
+from runs import FINISHED, read_jsonl, train_here
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
@@ -28,7 +28,8 @@ from posttrain.pipeline.results import (
 )
 from posttrain.pipeline.settings import TrainConfig, parse_train_args
 
-TINY = ["renderer_name=role_colon", "backend=local", "lora_rank=4", "save_every=0", "eval_every=0"]
+# The runs share the session's second engine (both tiny models, fp32) and run in this process (`train_here`).
+TINY = ["renderer_name=role_colon", "lora_rank=4", "save_every=0", "eval_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def _ok(proc) -> None:
 # ------------------------------------------------------------------------------------------- end to end
 
 
-def test_dpo_run(tmp_path: Path, tiny_model: str) -> None:
+def test_dpo_run(tmp_path: Path, tiny_model: str, keyed_engine) -> None:
     data = tmp_path / "pairs.jsonl"
     rows = [  # the implicit-prompt form: whole conversations sharing the prompt
         {
@@ -66,9 +67,9 @@ def test_dpo_run(tmp_path: Path, tiny_model: str) -> None:
         for i in range(30)
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = train(
+    proc = train_here(
         [f"dataset={data}", f"model_name={tiny_model}", *TINY, "learning_rate=0.01", "batch_size=8", "max_steps=3",
-         "dpo_beta=0.5", "run_name=dpo_e2e"],
+         "dpo_beta=0.5", "run_name=dpo_e2e", f"base_url={keyed_engine.url}"],
         tmp_path,
     )  # fmt: skip
     _ok(proc)  # a random tiny model may already rank all 3 held-out pairs right: the margin must grow
@@ -89,12 +90,13 @@ def test_dpo_run(tmp_path: Path, tiny_model: str) -> None:
 
 @pytest.fixture(scope="module")
 def off_policy_run(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: str, tiny_model_b: str, prompts_file
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: str, tiny_model_b: str, prompts_file, keyed_engine
 ):
     cwd = tmp_path_factory.mktemp("off-policy")
-    proc = train(
+    proc = train_here(
         [f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={tiny_model_b}", *TINY,
-         "learning_rate=0.01", "batch_size=8", "max_steps=3", "max_tokens=8", "run_name=distill_e2e"],
+         "learning_rate=0.01", "batch_size=8", "max_steps=3", "max_tokens=8", "run_name=distill_e2e",
+         f"base_url={keyed_engine.url}"],
         cwd,
     )  # fmt: skip
     return cwd, proc
@@ -123,13 +125,13 @@ def test_off_policy_distillation_run(off_policy_run, tiny_model_b: str) -> None:
     assert "baseline_reverse_kl" not in summary
 
 
-def test_on_policy_distillation_from_a_checkpoint(tmp_path: Path, tiny_model: str, off_policy_run):
+def test_on_policy_distillation_from_a_checkpoint(tmp_path: Path, tiny_model: str, off_policy_run, keyed_engine):
     teacher = _summary(off_policy_run[0])["checkpoint_path"]  # an earlier run's tinker:// checkpoint
     # Prompts from an RL environment: verifiable, so the student's task accuracy is measured too.
-    proc = train(
+    proc = train_here(
         ["env=arithmetic", f"model_name={tiny_model}", f"teacher_model={teacher}", "task=distillation",
          "distillation_mode=on_policy", *TINY, "learning_rate=0.01", "batch_size=4", "group_size=2",
-         "max_steps=2", "max_tokens=6", "max_eval_rows=6", "run_name=on_policy_e2e"],
+         "max_steps=2", "max_tokens=6", "max_eval_rows=6", "run_name=on_policy_e2e", f"base_url={keyed_engine.url}"],
         tmp_path,
     )  # fmt: skip
     _ok(proc)
@@ -147,17 +149,17 @@ def test_on_policy_distillation_from_a_checkpoint(tmp_path: Path, tiny_model: st
     assert any("teacher_kl" in m for m in metrics)
 
 
-def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: Path) -> None:
+def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: Path, keyed_engine) -> None:
     (tmp_path / "system.txt").write_text("Always answer in French.\n")
     (tmp_path / "check.py").write_text(
         "def has_vowel(row, answer):\n"
         "    assert row['messages'][-1]['role'] == 'user'\n"
         "    return any(c in 'aeiou' for c in answer)\n"
     )
-    proc = train(
+    proc = train_here(
         [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=@system.txt", *TINY,
          "learning_rate=0.01", "batch_size=8", "max_steps=2", "max_tokens=6", "run_name=prompt_e2e",
-         "behaviour_check=check.py:has_vowel"],
+         "behaviour_check=check.py:has_vowel", f"base_url={keyed_engine.url}"],
         tmp_path,
     )  # fmt: skip
     _ok(proc)
@@ -199,7 +201,7 @@ def test_teacher_with_another_tokenizer_is_refused(
         check_same_tokenizer(tiny_model, str(other), "role_colon", "role_colon")
     with pytest.raises(ConfigError, match="uses the llama3 chat format but the student .* uses role_colon"):
         check_same_tokenizer(tiny_model, tiny_model, "role_colon", "llama3")
-    proc = train_here([f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={other}", *TINY], tmp_path)
+    proc = train_here([f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={other}", *TINY, "backend=local"], tmp_path)
     assert proc.returncode == 2 and "different tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -296,7 +298,7 @@ def test_a_missing_behaviour_check_stops_the_run_in_one_line(
     (tmp_path / "check.py").write_text("def other(row, answer):\n    return True\n")
     proc = train_here(
         [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=Be brief.", *TINY,
-         "behaviour_check=check.py:in_french"],
+         "behaviour_check=check.py:in_french", "backend=local"],
         tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "engine: starting" not in proc.stdout, proc.stderr[-2000:]

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, read_jsonl, train, train_here
+from runs import FINISHED, read_jsonl, train_here
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData
@@ -42,12 +42,12 @@ def _write_pairs(path: Path, n: int = 30) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rlhf_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: str):
+def rlhf_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: str, engine):
     cwd = tmp_path_factory.mktemp("rlhf")
     data = _write_pairs(cwd / "pairs.jsonl")
-    proc = train(
+    proc = train_here(
         [f"dataset={data}", f"model_name={tiny_model}", "task=rlhf", *TINY, "learning_rate=0.01", "batch_size=4",
-         "group_size=2", "max_steps=2", "max_tokens=6", "run_name=rlhf_e2e"],
+         "group_size=2", "max_steps=2", "max_tokens=6", "run_name=rlhf_e2e", f"base_url={engine.url}"],
         cwd,
     )  # fmt: skip
     return cwd, proc

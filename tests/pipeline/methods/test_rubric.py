@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from runs import FINISHED, REPO, read_jsonl, rl_results, train, train_here
+from runs import FINISHED, REPO, read_jsonl, rl_results, train_here
 
 from posttrain.errors import DataError
 from posttrain.pipeline.data import DataRequest, load_data
@@ -123,9 +123,7 @@ def test_data_and_setting_errors_are_one_line_before_anything_starts(tmp_path: P
 
 
 def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, list[dict], list[dict], Path]:
-    proc = train(
-        [*args, *FAST, f"model_name={model}", f"base_url={url}", "run_name=rubric"], tmp_path, timeout=400
-    )
+    proc = train_here([*args, *FAST, f"model_name={model}", f"base_url={url}", "run_name=rubric"], tmp_path)
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = tmp_path / "results"
     summary, base, trained = rl_results(results)

@@ -134,3 +134,19 @@ def test_a_verifier_that_does_not_compile_is_reported_at_its_own_line(tmp_path: 
     with pytest.raises(ConfigError) as caught:
         load(f"{bad}:score")
     assert str(caught.value) == f"reward_fn={bad}:score: importing {bad} failed: {bad}:3: SyntaxError: expected ':'"
+
+
+def test_the_same_relative_spec_in_two_directories_calls_each_directorys_file(tmp_path: Path, monkeypatch):
+    """Two runs in one process (from Python), each with `reward_fn=check.py:score` in its own directory: the worker
+    pool outlives the first run and keeps its working directory, yet each run gets its own file's function, and a
+    file edited between runs is read again."""
+    for value in ("0.25", "0.75"):
+        folder = tmp_path / value
+        folder.mkdir()
+        (folder / "check.py").write_text(f"def score(row, completion):\n    return {value}\n")
+        monkeypatch.chdir(folder)
+        verifier = UserVerifier("check.py:score")
+        assert asyncio.run(verifier.score({}, "x", "test")) == (float(value), None)
+    (folder / "check.py").write_text("def score(row, completion):\n    return 0.5\n")
+    os.utime(folder / "check.py", ns=(time.time_ns(), time.time_ns() + 10**9))  # a newer modification time
+    assert asyncio.run(UserVerifier("check.py:score").score({}, "x", "test")) == (0.5, None)

@@ -91,7 +91,7 @@ def _check_value(value: Any) -> float:
 
 # ------------------------------------------------------------------------------ in the worker processes
 
-_loaded: dict[str, Callable[[dict, str], Any]] = {}
+_loaded: dict[tuple[str, int], Callable[[dict, str], Any]] = {}
 
 
 def _watch_parent() -> None:
@@ -111,9 +111,10 @@ def _call(spec: str, row: dict, completion: str, option: str) -> tuple[float | N
     """(reward, None) or (None, 'file.py:line: error'); runs in a worker process."""
     path = parse_spec(spec, option)[0]
     try:
-        fn = _loaded.get(spec)
+        key = (spec, path.stat().st_mtime_ns)  # a file changed since (a later run in the same process): again
+        fn = _loaded.get(key)
         if fn is None:
-            fn = _loaded[spec] = load(spec, option)
+            fn = _loaded[key] = load(spec, option)
         return _check_value(fn(row, completion)), None
     except Exception as exc:  # noqa: BLE001 - a crashing verifier scores 0, it never stops the run
         return None, str(exc) if isinstance(exc, ConfigError) else _where(exc, path)
@@ -162,7 +163,9 @@ class UserVerifier:
     def __post_init__(self) -> None:
         # A missing file or function: a one-line error now, in the training process.
         load(self.spec, self.option)
-        self.path = parse_spec(self.spec, self.option)[0]
+        self.path, name = parse_spec(self.spec, self.option)
+        # The workers outlive the run and keep the working directory of the run that started them.
+        self._absolute = f"{self.path.resolve()}:{name}"
         self._lock = threading.Lock()
 
     async def score(self, row: dict, completion: str, phase: str) -> tuple[float, str | None]:
@@ -171,7 +174,7 @@ class UserVerifier:
         from pebble import ProcessExpired
 
         try:
-            args = (self.spec, row, completion, self.option)
+            args = (self._absolute, row, completion, self.option)
             future = _worker_pool().schedule(_call, args=args, timeout=self.timeout)
             value, error = await asyncio.wrap_future(future)
         except TimeoutError:
