@@ -49,7 +49,7 @@ async def plan_run(state: RunState, method: Method) -> dict[str, Any]:
     async with prepared(state, method) as ctx:
         budget = method.token_budget()
         startup = time.monotonic() - started
-        say("plan: measuring this machine's speed (one training step, a few samples)")
+        say("plan: measuring this machine's speed (a training step of a few sequences, a few samples)")
         rates = await plan.probe_rates(ctx.service, cfg.model_name, budget, cfg.lora_rank)
     seconds = plan.estimated_seconds(budget, rates)
     return {

@@ -129,3 +129,5 @@ def test_the_speed_probe_fits_a_long_multi_turn_budget_in_the_models_context(tmp
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert any("estimated time on this machine" in line for line in proc.stdout.splitlines())
+    # Timed on a few sequences, not the run's whole step: 2048 tokens at the longest length the probe takes.
+    assert "training timed on 2 sequences of 1024 tokens, the run's steps extrapolated per token" in proc.stdout

@@ -143,6 +143,10 @@ def _published_rates(model_name: str) -> tuple[Any, str]:
 
 
 PROBE_MAX_LENGTH = 1024
+# Tokens in the probe's training step. A step's time grows with its tokens (the engine packs them into micro-batches
+# of a few hundred), so a few sequences give the run's rate per token: a full RL step (64 rollouts of ~350 tokens)
+# took minutes to probe twice.
+PROBE_TRAIN_TOKENS = 2048
 
 
 async def probe_rates(
@@ -158,7 +162,7 @@ async def probe_rates(
     # A rate per token, measured at the run's length up to PROBE_MAX_LENGTH: a multi-turn budget's upper-bound
     # length can exceed a small model's context window, which the probe's random sequence must fit in.
     length = min(PROBE_MAX_LENGTH, max(8, round(budget.mean_train_length)))
-    batch = max(1, min(budget.sequences_per_step, 64))
+    batch = max(1, min(budget.sequences_per_step, PROBE_TRAIN_TOKENS // length))
     training = await service.create_lora_training_client_async(base_model=model_name, rank=lora_rank)
     vocab = training.get_tokenizer().vocab_size
     datums = [_random_datum(rng, vocab, length) for _ in range(batch)]
@@ -190,7 +194,7 @@ async def probe_rates(
     )
     produced = sum(len(r.sequences[0].tokens) for r in replies)
     rates["sample_tokens_per_s"] = produced / (time.monotonic() - started)
-    rates = {k: round(v, 1) for k, v in rates.items()}
+    rates = {k: round(v, 1) for k, v in rates.items()} | {"probe_train_sequences": batch, "probe_length": length}
     if budget.turns is not None:
         rates |= await _turn_latency(sampler, rng, vocab, budget.turns)
     return rates
@@ -281,9 +285,17 @@ def plan_lines(outcome: dict[str, Any]) -> list[str]:
             f"estimated time on this machine: {minutes(outcome['seconds'])} "
             f"(engine start {minutes(outcome['startup'])}; measured: train {rates['train_tokens_per_s']:,.0f}, "
             f"prefill {rates['prefill_tokens_per_s']:,.0f}, sample {rates['sample_tokens_per_s']:,.0f} tokens/s"
-            f"{_turn_rates(tokens.get('turns'), rates)})"
+            f"{_turn_rates(tokens.get('turns'), rates)}{_probe_shape(rates)})"
         )
     return lines
+
+
+def _probe_shape(rates: dict[str, float]) -> str:
+    """What the training rate was timed on, where the probe says (the run's steps are extrapolated from it)."""
+    if "probe_train_sequences" not in rates:
+        return ""
+    return (f"; training timed on {rates['probe_train_sequences']:.0f} sequences of {rates['probe_length']:.0f} "
+            "tokens, the run's steps extrapolated per token")  # fmt: skip
 
 
 def _turn_rates(turns: dict[str, int] | None, rates: dict[str, float]) -> str:
