@@ -129,7 +129,7 @@ def test_dry_run_plans_the_partners_tokens(tmp_path: Path, tiny_model: str):
     assert "every episode counted at 20 turns" in plan, plan
     # Its time counts the 20 turns of the training step's games and of each evaluation's, one after another.
     assert "time: 60 turns played one after another (20 a game;" in plan, plan
-    assert re.search(r"a turn [\d.]+ s, 60 turns in a row\)", plan), plan
+    assert re.search(r"a turn [\d.]+ s, 60 turns in a row[;)]", plan), plan
     assert not (tmp_path / "results").exists()
 
 
