@@ -28,7 +28,9 @@ def start(model: str, skip: bool) -> tuple[float, float]:
     """(seconds to the ready line, CPU seconds the engine process spent until then)."""
     code = SERVE.format(switch="" if skip else "lean.skip_unused_sklearn = lambda: None\n", model=model)
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("posttrain engine ready"):
@@ -56,8 +58,13 @@ def main() -> None:
         print(f"scikit-learn {kind:6s}: ready in {ready:.2f} s, CPU {cpu:.2f} s (median of {pairs})")
     ratio = medians["import"][1] / medians["skip"][1]
     print(f"CPU ratio (imported / skipped): {ratio:.2f}")
-    report = {"machine": machine_info(), "load_average": load_average(), "runs": runs, "medians": medians,
-              "cpu_ratio": round(ratio, 3)}  # fmt: skip
+    report = {
+        "machine": machine_info(),
+        "load_average": load_average(),
+        "runs": runs,
+        "medians": medians,
+        "cpu_ratio": round(ratio, 3),
+    }
     (RESULTS_DIR / "engine_start.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -46,13 +46,27 @@ def main() -> None:
                 started = time.monotonic()
                 proc = subprocess.run(
                     [sys.executable, str(REPO_ROOT / "train.py"), *args],
-                    cwd=tmp, env=env, capture_output=True, text=True, timeout=120,
-                )  # fmt: skip
+                    cwd=tmp,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 times.append(time.monotonic() - started)
-                assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+                assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (
+                    name,
+                    proc.stderr,
+                )
             best = min(times)
-            rows.append({"case": name, "seconds_best_of_3": round(best, 2), "limit": limit, "ok": best <= limit,
-                         "error": proc.stderr.strip()[:160]})  # fmt: skip
+            rows.append(
+                {
+                    "case": name,
+                    "seconds_best_of_3": round(best, 2),
+                    "limit": limit,
+                    "ok": best <= limit,
+                    "error": proc.stderr.strip()[:160],
+                }
+            )
             print(f"{name:32s} {best:6.2f} s (limit {limit:g} s) {'ok' if best <= limit else 'SLOW'}")
     report = {"machine": machine_info(), "load_average": load_average(), "cases": rows}
     out = Path(__file__).resolve().parent / "results" / "fail_fast.json"

@@ -14,11 +14,21 @@ import argparse
 # Llama-3.2-1B's layer shapes (hidden 2048, MLP 8192, 32 query / 8 key-value heads, 16 layers) and
 # SmolLM2-360M's (hidden 960, MLP 2560, 15 / 5 heads, 32 layers), with SmolLM2's 49k vocabulary.
 SHAPES = {
-    "360m": dict(hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5,
-                 num_hidden_layers=32),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-               num_hidden_layers=16),
-}  # fmt: skip
+    "360m": dict(
+        hidden_size=960,
+        intermediate_size=2560,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        num_hidden_layers=32,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=16,
+    ),
+}
 
 
 def main() -> int:

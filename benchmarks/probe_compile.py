@@ -67,8 +67,10 @@ def main() -> int:
     )
     for name, s in (("eager", eager), ("compiled", compiled)):
         rate = tokens / s * flops_per_token / 1e9
-        print(f"{name}: {s:.2f} s/step, {tokens / s:.0f} tok/s, {rate:.0f} GFLOP/s = {100 * rate / peak:.0f}% "
-              f"of the matmul rate ({peak:.0f} GFLOP/s)")  # fmt: skip
+        print(
+            f"{name}: {s:.2f} s/step, {tokens / s:.0f} tok/s, {rate:.0f} GFLOP/s = {100 * rate / peak:.0f}% "
+            f"of the matmul rate ({peak:.0f} GFLOP/s)"
+        )
     print(f"compiling + first compiled step: {first:.0f} s")
     return 0
 

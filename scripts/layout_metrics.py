@@ -55,7 +55,9 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
         for target in targets:
             while target and target not in known:
@@ -120,7 +122,10 @@ def main() -> int:
     print("largest classes:", ", ".join(f"{q} {n}" for n, q in sorted(classes, reverse=True)[:5]))
     graph = {name: imports(name, path, set(found)) for name, path in found.items()}
     # A package's __init__ importing its own modules is not a circle of concepts.
-    graph = {k: {v for v in vs if not k.startswith(v + ".") and not v.startswith(k + ".")} for k, vs in graph.items()}
+    graph = {
+        k: {v for v in vs if not k.startswith(v + ".") and not v.startswith(k + ".")}
+        for k, vs in graph.items()
+    }
     circles = cycles(graph)
     print(f"import circles: {len(circles)}", *(" <-> ".join(c) for c in circles), sep="\n  ")
     over = {

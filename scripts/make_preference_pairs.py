@@ -95,7 +95,9 @@ async def make_pairs(cfg: Config, url: str) -> list[dict]:
         ]
         right = [t for t, _ in answers if t and grade_reasoning_gym(problem, extract_answer(t))]
         wrong = [
-            (t, lp) for t, lp in answers if t and not grade_reasoning_gym(problem, extract_answer(t)) and t not in right
+            (t, lp)
+            for t, lp in answers
+            if t and not grade_reasoning_gym(problem, extract_answer(t)) and t not in right
         ]
         if not right or not wrong:
             return None

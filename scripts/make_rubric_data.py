@@ -19,8 +19,18 @@ N_ROWS = 400
 ANIMALS = ["dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "eagle", "shark", "frog", "sheep", "bear"]
 FRUITS = ["apple", "banana", "orange", "grape", "pear", "cherry", "lemon", "mango", "peach", "plum"]
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
-COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
-             "Canada": "Ottawa", "Germany": "Berlin", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo"}  # fmt: skip
+COUNTRIES = {
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Germany": "Berlin",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+}
 TOPICS = ["the sun", "the ocean", "rain", "trees", "the moon", "snow", "music", "bread", "bicycles", "rivers"]
 KINDS = {"animal": ANIMALS, "fruit": FRUITS, "colour": COLOURS}
 

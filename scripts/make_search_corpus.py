@@ -28,16 +28,65 @@ OUT = Path(__file__).resolve().parent.parent / "src" / "posttrain" / "data" / "s
 PER_KIND = 60  # x 5 kinds = 300 passages
 HELD_OUT_FRACTION = 0.2
 
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "st", "t",
-           "th", "v", "w", "z"]  # fmt: skip
+_ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "qu",
+    "r",
+    "s",
+    "st",
+    "t",
+    "th",
+    "v",
+    "w",
+    "z",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "", "", "l", "n", "r", "s", "th", "nd", "rk", "st", "m"]
 _COLOURS = ["red", "blue", "green", "yellow", "black", "white", "grey", "orange", "purple", "brown"]
-_PRODUCTS = ["blue salt", "glass bells", "river pearls", "copper kettles", "honey wine", "wool blankets",
-             "clay pipes", "silver thread", "smoked eels", "paper lanterns", "oak barrels", "rose soap",
-             "iron nails", "goat cheese", "linen sails", "amber beads"]  # fmt: skip
-_DEVICES = ["steam loom", "wind clock", "water pump", "rope bridge", "glass lens", "brass compass",
-            "signal lamp", "printing drum", "sea anchor", "music box", "spring lock", "snow plough"]  # fmt: skip
+_PRODUCTS = [
+    "blue salt",
+    "glass bells",
+    "river pearls",
+    "copper kettles",
+    "honey wine",
+    "wool blankets",
+    "clay pipes",
+    "silver thread",
+    "smoked eels",
+    "paper lanterns",
+    "oak barrels",
+    "rose soap",
+    "iron nails",
+    "goat cheese",
+    "linen sails",
+    "amber beads",
+]
+_DEVICES = [
+    "steam loom",
+    "wind clock",
+    "water pump",
+    "rope bridge",
+    "glass lens",
+    "brass compass",
+    "signal lamp",
+    "printing drum",
+    "sea anchor",
+    "music box",
+    "spring lock",
+    "snow plough",
+]
 _REGIONS = ["northern", "southern", "eastern", "western", "upper", "lower"]
 _CARGO = ["grain", "timber", "coal", "salt", "tea", "cotton", "wine", "spices", "marble", "wool"]
 _SEASONS = ["spring", "summer", "autumn", "winter"]
@@ -127,8 +176,12 @@ def _festival(names: Names, rng: random.Random) -> tuple[str, list[tuple[str, st
 
 
 KINDS: list[Callable[[Names, random.Random], tuple[str, list[tuple[str, str]]]]] = [
-    _town, _inventor, _ship, _company, _festival
-]  # fmt: skip
+    _town,
+    _inventor,
+    _ship,
+    _company,
+    _festival,
+]
 
 
 def make_corpus(seed: int = 0) -> list[dict]:
@@ -147,7 +200,7 @@ def make_corpus(seed: int = 0) -> list[dict]:
             "text": p["text"],
             "split": "test" if i in held_out else "train",
             "questions": p["questions"],
-        }  # fmt: skip
+        }
         for i, p in enumerate(passages)
     ]
 
@@ -155,10 +208,14 @@ def make_corpus(seed: int = 0) -> list[dict]:
 def user_files(rows: list[dict]) -> dict[str, list[dict]]:
     """The corpus as a user brings one: the passages, and question/answer rows split as the shipped corpus is."""
     questions = {
-        split: [{"question": q["question"], "answer": q["answer"]} for r in rows if r["split"] == split
-                for q in r["questions"]]
+        split: [
+            {"question": q["question"], "answer": q["answer"]}
+            for r in rows
+            if r["split"] == split
+            for q in r["questions"]
+        ]
         for split in ("train", "test")
-    }  # fmt: skip
+    }
     return {
         "docs.jsonl": [{"id": r["id"], "text": r["text"]} for r in rows],
         "qa.jsonl": questions["train"],
@@ -169,7 +226,9 @@ def user_files(rows: list[dict]) -> dict[str, list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--as-user-files", type=Path, metavar="DIR", help="write docs.jsonl, qa.jsonl, qa_eval.jsonl")
+    parser.add_argument(
+        "--as-user-files", type=Path, metavar="DIR", help="write docs.jsonl, qa.jsonl, qa_eval.jsonl"
+    )
     args = parser.parse_args()
     rows = make_corpus()
     if args.as_user_files is not None:

@@ -48,7 +48,9 @@ def serving(models: list[str], folder: Path, api_key: str | None = None) -> Iter
     stopped when the block ends."""
     from posttrain.engine.launcher import EngineProcess, ServeOptions
 
-    options = ServeOptions(models=models, checkpoint_dir=folder / "checkpoints", dtype="fp32", api_key=api_key)
+    options = ServeOptions(
+        models=models, checkpoint_dir=folder / "checkpoints", dtype="fp32", api_key=api_key
+    )
     proc = EngineProcess(options, log_file=folder / "engine.log")
     proc.start()
     try:
@@ -74,7 +76,9 @@ def keyed_engine(tiny_model: str, tiny_model_b: str, tmp_path_factory: pytest.Te
     """A second engine, started only by the tests that need it: two models at once, an API key (the one in
     $TINKER_API_KEY, so cookbook loops can use it), and its own checkpoint directory. Tests may `.restart()` it,
     so read `.url` after requesting the fixture, never cache it across a restart."""
-    with serving([tiny_model, tiny_model_b], tmp_path_factory.mktemp("keyed-engine"), os.environ["TINKER_API_KEY"]) as proc:
+    with serving(
+        [tiny_model, tiny_model_b], tmp_path_factory.mktemp("keyed-engine"), os.environ["TINKER_API_KEY"]
+    ) as proc:
         yield proc
 
 
@@ -184,13 +188,28 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> tuple
     cwd = tmp_path_factory.mktemp("after")
     env = {"POSTTRAIN_CACHE": str(cwd / "cache")}
     data = cwd / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."}) + "\n"
-                            for i in range(40)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say the number {i}.", "completion": f"Number {i}. Done."}) + "\n"
+            for i in range(40)
+        )
+    )
     # lr 0.01 over 8 steps of 4: the model moves well beyond the tolerances (at 0.05 over 4 steps of 8 the loss
     # diverged once in CI). Any verdict will do: 4 held-out examples rarely tell "improved" from "inconclusive".
-    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.01",
-            "batch_size=4", "max_steps=8", "save_every=0", "eval_every=0", "run_name=done", "backend=local",
-            "lora_rank=8", "dtype=fp32"]  # fmt: skip
+    args = [
+        f"dataset={data}",
+        f"model_name={tiny_model}",
+        "renderer_name=role_colon",
+        "learning_rate=0.01",
+        "batch_size=4",
+        "max_steps=8",
+        "save_every=0",
+        "eval_every=0",
+        "run_name=done",
+        "backend=local",
+        "lora_rank=8",
+        "dtype=fp32",
+    ]
     proc = train(args, cwd, extra_env=env)
     assert proc.returncode in FINISHED, proc.stdout[-2000:] + proc.stderr[-2000:]
     return cwd, env
@@ -226,7 +245,9 @@ def engine_answer(run_engine, tiny_model: str) -> Callable[..., str]:
     renderer = renderers.get_renderer("role_colon", tokenizer=get_tokenizer(tiny_model))
 
     def answer(model_path: str | None, messages: list[dict], max_tokens: int = 12) -> str:
-        params = tinker.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.get_stop_sequences())
+        params = tinker.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, stop=renderer.get_stop_sequences()
+        )
         sampler = run_engine.create_sampling_client(
             model_path=model_path, base_model=None if model_path else tiny_model
         ).result()

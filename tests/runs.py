@@ -20,8 +20,18 @@ FINISHED = (0, 1, 3, 4)
 
 
 # The quickest RL run on the tiny model that still trains one step and evaluates a few held-out problems.
-FAST_RL = ["renderer_name=role_colon", "batch_size=2", "group_size=2", "max_steps=1", "max_tokens=8", "max_eval_rows=4",
-           "save_every=0", "eval_every=0", "lora_rank=4", "eval_concurrency=8"]  # fmt: skip
+FAST_RL = [
+    "renderer_name=role_colon",
+    "batch_size=2",
+    "group_size=2",
+    "max_steps=1",
+    "max_tokens=8",
+    "max_eval_rows=4",
+    "save_every=0",
+    "eval_every=0",
+    "lora_rank=4",
+    "eval_concurrency=8",
+]
 
 # The guard set (64 conversations, scored for both models) costs a run seconds: runs of tests that are not about
 # the guard leave it out; a test about it gives guard= or guard_dataset= itself (and the gallery keeps it).
@@ -99,8 +109,13 @@ def posttrain(argv: list[str], cwd: Path, extra_env: dict[str, str] | None = Non
         argv = ["train", *without_guard(argv[1:])]
     return subprocess.run(
         [sys.executable, "-m", "posttrain.cli.main", *argv],
-        cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @dataclass
@@ -123,8 +138,12 @@ def start_with_keys_file(args: list[str], cwd: Path, env_file: str, hub: Path) -
         env.pop(name, None)  # the keys come from .env, as for a user
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *without_guard(args)],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_all(started: dict[str, tuple[Path, subprocess.Popen]], timeout: int) -> dict[str, Finished]:

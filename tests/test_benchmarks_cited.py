@@ -16,7 +16,9 @@ PLACEHOLDER = "NAME"  # `--name NAME`, benchmarks/results/NAME.json: how to name
 # What a benchmark's result is named (its --name): a kind, then the run's own words.
 RESULT_NAME = re.compile(r"(?:memory|mem|sft|sampling|threads|fail_fast|engine_start)(?:_[A-Za-z0-9]+)*")
 # "Base NLL: 2.41 → Trained NLL: 1.35 (44.0% reduction)", "2.41 -> 1.35 (44.0%)", "2.41 -> 1.35".
-QUOTED_NLL = re.compile(r"(\d\.\d\d) (?:→|->) (?:Trained NLL: )?(\d\.\d\d)(?: \((\d+\.\d)%(?: reduction)?\))?")
+QUOTED_NLL = re.compile(
+    r"(\d\.\d\d) (?:→|->) (?:Trained NLL: )?(\d\.\d\d)(?: \((\d+\.\d)%(?: reduction)?\))?"
+)
 # The run's own headline, as its terminal printed it (bench_memory keeps the lines in `progress_lines`).
 HEADLINE = re.compile(r"Base NLL: (\d\.\d\d) → Trained NLL: (\d\.\d\d) \((\d+\.\d)% reduction\)")
 
@@ -27,8 +29,10 @@ def _measured_runs() -> str:
 
 
 def _documents() -> dict[str, str]:
-    return {"BENCHMARKS.md": (REPO / "BENCHMARKS.md").read_text(encoding="utf-8"),
-            "docs/measured-runs.md": _measured_runs()}  # fmt: skip
+    return {
+        "BENCHMARKS.md": (REPO / "BENCHMARKS.md").read_text(encoding="utf-8"),
+        "docs/measured-runs.md": _measured_runs(),
+    }
 
 
 def _cited(line: str) -> list[str]:
@@ -42,8 +46,12 @@ def _cited(line: str) -> list[str]:
 
 def _rows() -> list[tuple[str, int, str]]:
     """Every table row of the documents: (document, line number in it, the row)."""
-    return [(doc, n, line) for doc, text in _documents().items()
-            for n, line in enumerate(text.splitlines(), 1) if line.startswith("|")]  # fmt: skip
+    return [
+        (doc, n, line)
+        for doc, text in _documents().items()
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.startswith("|")
+    ]
 
 
 def _headline(result: Path) -> tuple[str, str, str] | None:
@@ -56,9 +64,13 @@ def _headline(result: Path) -> tuple[str, str, str] | None:
 
 
 def test_every_cited_result_file_exists():
-    missing = [(doc, n, name) for doc, text in _documents().items()
-               for n, line in enumerate(text.splitlines(), 1) for name in _cited(line)
-               if not (RESULTS / name).is_file()]  # fmt: skip
+    missing = [
+        (doc, n, name)
+        for doc, text in _documents().items()
+        for n, line in enumerate(text.splitlines(), 1)
+        for name in _cited(line)
+        if not (RESULTS / name).is_file()
+    ]
     assert missing == []
     # The check sees the citations it is meant to: measured-runs.md's rows name their bench_memory runs.
     assert {"memory_s5_final.json", "memory_s7_w192.json"} <= {c for _, _, r in _rows() for c in _cited(r)}

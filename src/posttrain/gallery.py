@@ -40,7 +40,12 @@ USAGE = """usage: posttrain examples [list | NAME ... | all] [out=DIR] [key=valu
 
 FROM_STAGE = "{stage:"
 # A stage's `posttrain train` finished, whatever its verdict: improved, not improved, inconclusive, guard regressed.
-FINISHED_CODES = (0, 1, 3, 4)  # an argument value `{stage:NAME}` is that earlier stage's trained model (tinker:// path)
+FINISHED_CODES = (
+    0,
+    1,
+    3,
+    4,
+)  # an argument value `{stage:NAME}` is that earlier stage's trained model (tinker:// path)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ class Example:
     title: str
     target: str  # the document's example, as it states it
     stages: tuple[Stage, ...]
-    met: Callable[[dict], bool]  # whether a reported stage's summary reaches the gallery's bar for this example
+    met: Callable[
+        [dict], bool
+    ]  # whether a reported stage's summary reaches the gallery's bar for this example
     bar: str  # that bar, in words
     make_data: Callable[[Path], None] | None = None  # writes the example's generated data into its folder
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -72,10 +79,24 @@ def _nll_drop(summary: dict) -> float:
     return 100 * relative if relative is not None else float("nan")
 
 
-ARITHMETIC = ("env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+-,"
-              "allow_parentheses=false,allow_negation=false")  # fmt: skip
-MATH_RL = Stage("rl", (ARITHMETIC, "batch_size=8", "group_size=8", "max_tokens=32", "max_steps=16",
-                       "learning_rate=3e-4", "max_eval_rows=50", "save_every=0", "eval_every=0"))  # fmt: skip
+ARITHMETIC = (
+    "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+-,"
+    "allow_parentheses=false,allow_negation=false"
+)
+MATH_RL = Stage(
+    "rl",
+    (
+        ARITHMETIC,
+        "batch_size=8",
+        "group_size=8",
+        "max_tokens=32",
+        "max_steps=16",
+        "learning_rate=3e-4",
+        "max_eval_rows=50",
+        "save_every=0",
+        "eval_every=0",
+    ),
+)
 CHAT_FILE = "chats.jsonl"
 
 
@@ -87,21 +108,31 @@ def _write_chats(folder: Path, n: int = 400, seed: int = 0) -> None:
     for _ in range(n):
         a, b, c, d = (rng.randint(2, 20) for _ in range(4))
         total = a * b
-        messages = [{"role": "user", "content": f"What is {a} times {b}?"},
-                    {"role": "assistant", "content": f"{a} × {b} = {total}."}]  # fmt: skip
-        messages += [{"role": "user", "content": f"Now add {c}."},
-                     {"role": "assistant", "content": f"{total} + {c} = {total + c}."}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": f"What is {a} times {b}?"},
+            {"role": "assistant", "content": f"{a} × {b} = {total}."},
+        ]
+        messages += [
+            {"role": "user", "content": f"Now add {c}."},
+            {"role": "assistant", "content": f"{total} + {c} = {total + c}."},
+        ]
         total += c
-        messages += [{"role": "user", "content": f"And subtract {d}?"},
-                     {"role": "assistant", "content": f"{total} − {d} = {total - d}."}]  # fmt: skip
+        messages += [
+            {"role": "user", "content": f"And subtract {d}?"},
+            {"role": "assistant", "content": f"{total} − {d} = {total - d}."},
+        ]
         rows.append({"messages": messages})
     write_jsonl(folder / CHAT_FILE, rows)
 
 
 PAIRS_FILE = "pairs.jsonl"
 # The forms an answer takes; a pair's chosen and rejected answers share one, so only the result tells them apart.
-ANSWER_FORMS = ("#### {a} {op} {b} = {r}", "{a} {op} {b} = {r}\n\n#### {r}", "The answer is {r}.\n#### {r}",
-                "{a} {op} {b} = {r}. The final answer is {r}.\n#### {r}")  # fmt: skip
+ANSWER_FORMS = (
+    "#### {a} {op} {b} = {r}",
+    "{a} {op} {b} = {r}\n\n#### {r}",
+    "The answer is {r}.\n#### {r}",
+    "{a} {op} {b} = {r}. The final answer is {r}.\n#### {r}",
+)
 
 
 def _write_pairs(folder: Path, n: int = 640, seed: int = 0) -> None:
@@ -116,9 +147,14 @@ def _write_pairs(folder: Path, n: int = 640, seed: int = 0) -> None:
         right = a + b if op == "+" else a - b
         wrong = right + rng.choice((-2, -1, 1, 2, 10))
         form = rng.choice(ANSWER_FORMS)
-        rows.append({"prompt": f"Calculate {a} {op} {b}.\nGive only the final answer after ####.",
-                     "chosen": form.format(a=a, op=op, b=b, r=right), "rejected": form.format(a=a, op=op, b=b, r=wrong),
-                     "answer": str(right)})  # fmt: skip
+        rows.append(
+            {
+                "prompt": f"Calculate {a} {op} {b}.\nGive only the final answer after ####.",
+                "chosen": form.format(a=a, op=op, b=b, r=right),
+                "rejected": form.format(a=a, op=op, b=b, r=wrong),
+                "answer": str(right),
+            }
+        )
     write_jsonl(folder / PAIRS_FILE, rows)
 
 
@@ -126,56 +162,143 @@ EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
         Example(
-            "math_rl", "Math RL: two-term arithmetic, graded by the math grader", "40% -> 65% accuracy",
-            (MATH_RL,), lambda s: _points(s) >= 20, "trained >= base + 20 points on 50 held-out problems",
-            notes=("Single-digit sums and differences: the base solves about a third, and most of its failures are "
-                   "wrong results (`#### 8 - 2 = 4`), not the answer's form.",),
+            "math_rl",
+            "Math RL: two-term arithmetic, graded by the math grader",
+            "40% -> 65% accuracy",
+            (MATH_RL,),
+            lambda s: _points(s) >= 20,
+            "trained >= base + 20 points on 50 held-out problems",
+            notes=(
+                "Single-digit sums and differences: the base solves about a third, and most of its failures are "
+                "wrong results (`#### 8 - 2 = 4`), not the answer's form.",
+            ),
         ),
         Example(
-            "code_rl", "Code RL: generated function-writing tasks one step past the easy ones, tests in the sandbox",
+            "code_rl",
+            "Code RL: generated function-writing tasks one step past the easy ones, tests in the sandbox",
             "2/10 -> 7/10 tests",
             # max_tokens=96: HumanEval's functions, reported beside the generated tasks, need the room.
-            (Stage("rl", ("env=code:harder:humaneval=true", "batch_size=8", "group_size=8", "max_tokens=96",
-                          "max_steps=16", "learning_rate=3e-4", "max_eval_rows=50", "save_every=0",
-                          "eval_every=0")),),
-            lambda s: s["baseline_score"] <= 0.3 and _points(s) >= 30, "base <= 30% of tests, trained >= +30 points",
-            notes=("Of the base's misses (measured: 41 of 50 tasks), about half are right code under a name of its "
-                   "own (`positive_numbers` for `positives`), which the tests cannot call; the rest wrong code "
-                   "(`n * cube(n)`, `a * 2 + b`) or code that does not parse.",),
+            (
+                Stage(
+                    "rl",
+                    (
+                        "env=code:harder:humaneval=true",
+                        "batch_size=8",
+                        "group_size=8",
+                        "max_tokens=96",
+                        "max_steps=16",
+                        "learning_rate=3e-4",
+                        "max_eval_rows=50",
+                        "save_every=0",
+                        "eval_every=0",
+                    ),
+                ),
+            ),
+            lambda s: s["baseline_score"] <= 0.3 and _points(s) >= 30,
+            "base <= 30% of tests, trained >= +30 points",
+            notes=(
+                "Of the base's misses (measured: 41 of 50 tasks), about half are right code under a name of its "
+                "own (`positive_numbers` for `positives`), which the tests cannot call; the rest wrong code "
+                "(`n * cube(n)`, `a * 2 + b`) or code that does not parse.",
+            ),
         ),
         Example(
-            "game_rl", "Game RL: tic-tac-toe against a random opponent", "30% -> 70% wins",
-            (Stage("rl", ("env=game:tic_tac_toe", "batch_size=4", "group_size=8", "max_tokens=8", "max_steps=16",
-                          "learning_rate=3e-4", "max_eval_rows=50", "save_every=0", "eval_every=0")),),
-            lambda s: s["baseline_score"] <= 0.35 and _points(s) >= 30, "base <= 35% wins, trained >= +30 points",
+            "game_rl",
+            "Game RL: tic-tac-toe against a random opponent",
+            "30% -> 70% wins",
+            (
+                Stage(
+                    "rl",
+                    (
+                        "env=game:tic_tac_toe",
+                        "batch_size=4",
+                        "group_size=8",
+                        "max_tokens=8",
+                        "max_steps=16",
+                        "learning_rate=3e-4",
+                        "max_eval_rows=50",
+                        "save_every=0",
+                        "eval_every=0",
+                    ),
+                ),
+            ),
+            lambda s: s["baseline_score"] <= 0.35 and _points(s) >= 30,
+            "base <= 35% wins, trained >= +30 points",
         ),
         Example(
-            "instruction_sft", "Instruction SFT: the default run", "NLL -32%",
-            (Stage("sft", ()),), lambda s: _nll_drop(s) >= 30, "held-out NLL >= 30% lower",
+            "instruction_sft",
+            "Instruction SFT: the default run",
+            "NLL -32%",
+            (Stage("sft", ()),),
+            lambda s: _nll_drop(s) >= 30,
+            "held-out NLL >= 30% lower",
         ),
         Example(
-            "chat_sft", "Chat SFT: multi-turn conversations, every assistant turn trained", "NLL -29%",
-            (Stage("sft", (f"dataset={{folder}}/{CHAT_FILE}", "train_on_what=all_assistant_messages",
-                           "num_epochs=1", "save_every=0")),),
-            lambda s: _nll_drop(s) >= 25, "held-out NLL >= 25% lower", make_data=_write_chats,
+            "chat_sft",
+            "Chat SFT: multi-turn conversations, every assistant turn trained",
+            "NLL -29%",
+            (
+                Stage(
+                    "sft",
+                    (
+                        f"dataset={{folder}}/{CHAT_FILE}",
+                        "train_on_what=all_assistant_messages",
+                        "num_epochs=1",
+                        "save_every=0",
+                    ),
+                ),
+            ),
+            lambda s: _nll_drop(s) >= 25,
+            "held-out NLL >= 25% lower",
+            make_data=_write_chats,
         ),
         Example(
-            "distillation", "Distillation: the math-RL model teaches the base model, off-policy then on-policy",
+            "distillation",
+            "Distillation: the math-RL model teaches the base model, off-policy then on-policy",
             "NLL -36%",
-            (MATH_RL,
-             Stage("off_policy", ("task=distillation", "teacher_model={stage:rl}", ARITHMETIC, "max_train_rows=256",
-                                  "num_epochs=2", "max_tokens=32", "max_eval_rows=50", "save_every=0",
-                                  "eval_every=0")),
-             # The same teacher, on-policy as measured in docs/distillation.md (12 steps of 16, 4 samples each).
-             Stage("on_policy", ("task=distillation", "distillation_mode=on_policy", "teacher_model={stage:rl}",
-                                 ARITHMETIC, "max_train_rows=256", "batch_size=16", "group_size=4", "max_tokens=32",
-                                 "max_steps=12", "learning_rate=5e-4", "max_eval_rows=50", "save_every=0",
-                                 "eval_every=0"))),
-            lambda s: _nll_drop(s) >= 30, "student NLL of the teacher's answers >= 30% lower",
+            (
+                MATH_RL,
+                Stage(
+                    "off_policy",
+                    (
+                        "task=distillation",
+                        "teacher_model={stage:rl}",
+                        ARITHMETIC,
+                        "max_train_rows=256",
+                        "num_epochs=2",
+                        "max_tokens=32",
+                        "max_eval_rows=50",
+                        "save_every=0",
+                        "eval_every=0",
+                    ),
+                ),
+                # The same teacher, on-policy as measured in docs/distillation.md (12 steps of 16, 4 samples each).
+                Stage(
+                    "on_policy",
+                    (
+                        "task=distillation",
+                        "distillation_mode=on_policy",
+                        "teacher_model={stage:rl}",
+                        ARITHMETIC,
+                        "max_train_rows=256",
+                        "batch_size=16",
+                        "group_size=4",
+                        "max_tokens=32",
+                        "max_steps=12",
+                        "learning_rate=5e-4",
+                        "max_eval_rows=50",
+                        "save_every=0",
+                        "eval_every=0",
+                    ),
+                ),
+            ),
+            lambda s: _nll_drop(s) >= 30,
+            "student NLL of the teacher's answers >= 30% lower",
             reported=("off_policy", "on_policy"),
-        ),  # fmt: skip
+        ),
         Example(
-            "dpo", "DPO: arithmetic preference pairs (right vs a near miss, in the same form)",
+            "dpo",
+            "DPO: arithmetic preference pairs (right vs a near miss, in the same form)",
             "(the document's seventh row)",
             (Stage("dpo", (f"dataset={{folder}}/{PAIRS_FILE}", "save_every=0")),),
             lambda s: _points(s) >= 15 and not (s.get("guard") or {}).get("regressed"),
@@ -190,8 +313,12 @@ def command(example: Example) -> str:
     """The example's runs as a user would type them (for the list and the table)."""
     runs = []
     for stage in example.stages:
-        shown = [a.replace("{folder}", f"gallery/{example.name}").replace(str(PACKAGE_DATA), "src/posttrain/data")
-                 .replace(f"{FROM_STAGE}rl}}", "tinker://<the rl run's checkpoint_path>") for a in stage.args]  # fmt: skip
+        shown = [
+            a.replace("{folder}", f"gallery/{example.name}")
+            .replace(str(PACKAGE_DATA), "src/posttrain/data")
+            .replace(f"{FROM_STAGE}rl}}", "tinker://<the rl run's checkpoint_path>")
+            for a in stage.args
+        ]
         runs.append(" ".join(["uv run python train.py", *(f"'{a}'" if "," in a else a for a in shown)]))
     return " && ".join(runs)
 
@@ -201,7 +328,9 @@ def machine() -> dict[str, Any]:
     return {**processor(), "cores": os.cpu_count(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
-def _stage_args(example: Example, stage: Stage, folder: Path, done: dict[str, dict], extra: list[str]) -> list[str]:
+def _stage_args(
+    example: Example, stage: Stage, folder: Path, done: dict[str, dict], extra: list[str]
+) -> list[str]:
     args = []
     for arg in stage.args:
         arg = arg.replace("{folder}", str(folder))
@@ -211,8 +340,12 @@ def _stage_args(example: Example, stage: Stage, folder: Path, done: dict[str, di
             arg = f"{key}={source['checkpoint_path']}"
         args.append(arg)
     given = {a.split("=", 1)[0] for a in extra}
-    return [*(a for a in args if a.split("=", 1)[0] not in given), *extra, f"results_dir={folder / stage.name}",
-            f"run_name={example.name}-{stage.name}"]  # fmt: skip
+    return [
+        *(a for a in args if a.split("=", 1)[0] not in given),
+        *extra,
+        f"results_dir={folder / stage.name}",
+        f"run_name={example.name}-{stage.name}",
+    ]
 
 
 def run_example(example: Example, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -231,7 +364,12 @@ def run_example(example: Example, out: Path, extra: list[str]) -> dict[str, Any]
             return _row(example, None, time.monotonic() - started, f"stage {stage.name} failed (exit {code})")
         done[stage.name] = json.loads(summary_file.read_text())
         if done[stage.name].get("status") == "failed":
-            return _row(example, None, time.monotonic() - started, f"stage {stage.name}: {done[stage.name].get('error')}")
+            return _row(
+                example,
+                None,
+                time.monotonic() - started,
+                f"stage {stage.name}: {done[stage.name].get('error')}",
+            )
     reported = example.reported or (example.stages[-1].name,)
     return _row(example, {name: done[name] for name in reported}, time.monotonic() - started, None)
 
@@ -240,7 +378,9 @@ def _train(args: list[str]) -> int:
     """One `posttrain train` run; on Ctrl-C (or SIGTERM) it gets exactly one SIGINT and stops as it does alone
     (partial results, its engine stopped), and then this command stops too."""
     # Its own session: a terminal's Ctrl-C reaches only this process, which passes it on once.
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli.main", "train", *args], start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain.cli.main", "train", *args], start_new_session=True
+    )
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -249,21 +389,39 @@ def _train(args: list[str]) -> int:
         raise
 
 
-def _row(example: Example, summaries: dict[str, dict] | None, seconds: float, error: str | None) -> dict[str, Any]:
+def _row(
+    example: Example, summaries: dict[str, dict] | None, seconds: float, error: str | None
+) -> dict[str, Any]:
     """The table row: the reported stages' headlines (named when there are several), met when each clears the bar."""
-    row: dict[str, Any] = {"example": example.name, "title": example.title,
-                           "command": f"uv run posttrain examples {example.name}", "runs": command(example),
-                           "target": example.target, "bar": example.bar, "wall_seconds": round(seconds, 1)}  # fmt: skip
+    row: dict[str, Any] = {
+        "example": example.name,
+        "title": example.title,
+        "command": f"uv run posttrain examples {example.name}",
+        "runs": command(example),
+        "target": example.target,
+        "bar": example.bar,
+        "wall_seconds": round(seconds, 1),
+    }
     if summaries is None:
         return row | {"result": None, "met": False, "error": error}
     several = len(summaries) > 1
-    result = "; ".join(f"{name}: {_stage_result(s)}" if several else _stage_result(s) for name, s in summaries.items())
-    interval = "; ".join(f"{name}: {_interval(s)}" if several else _interval(s) for name, s in summaries.items())
+    result = "; ".join(
+        f"{name}: {_stage_result(s)}" if several else _stage_result(s) for name, s in summaries.items()
+    )
+    interval = "; ".join(
+        f"{name}: {_interval(s)}" if several else _interval(s) for name, s in summaries.items()
+    )
     guard = "; ".join(f"{name}: {_guard(s)}" if several else _guard(s) for name, s in summaries.items())
     # The bar is met when the point estimate reaches it and the verdict is `improved`: the gain's 95% interval
     # excludes no change, so a bar cleared by noise is not met.
     met = all(example.met(s) and s.get("verdict") == "improved" for s in summaries.values())
-    return row | {"result": result, "interval": interval, "guard": guard, "met": met, "notes": list(example.notes)}
+    return row | {
+        "result": result,
+        "interval": interval,
+        "guard": guard,
+        "met": met,
+        "notes": list(example.notes),
+    }
 
 
 def _interval(summary: dict) -> str:
@@ -275,8 +433,10 @@ def _interval(summary: dict) -> str:
     scale, unit = (100.0, " points") if imp.get("unit") == "points" else (1.0, " nats")
     test = "McNemar" if imp.get("test") == "mcnemar_exact" else "permutation"
     p = imp.get("p_value", 1.0)
-    return (f"{imp['difference'] * scale:+.{1 if scale == 100.0 else 3}f}{unit} {bounds}, "
-            f"{test} p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}, n = {imp.get('n')}: {summary.get('verdict')}")  # fmt: skip
+    return (
+        f"{imp['difference'] * scale:+.{1 if scale == 100.0 else 3}f}{unit} {bounds}, "
+        f"{test} p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}, n = {imp.get('n')}: {summary.get('verdict')}"
+    )
 
 
 def _guard(summary: dict) -> str:
@@ -289,7 +449,9 @@ def _guard(summary: dict) -> str:
     for c in checks:
         scale, digits = (100.0, 1) if c.get("metric") == "score" else (1.0, 3)
         low, high = c["interval"]
-        parts.append(f"{c['name']} {c['difference'] * scale:+.{digits}f} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]")
+        parts.append(
+            f"{c['name']} {c['difference'] * scale:+.{digits}f} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]"
+        )
     word = "REGRESSED" if guard.get("regressed") else "no regression"
     length = guard.get("answer_chars")
     chars = f"; answers {length['baseline']:.0f} -> {length['trained']:.0f} chars" if length else ""
@@ -312,13 +474,19 @@ def _stage_result(summary: dict) -> str:
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     facts = machine()
     atomic_write_text(out / "gallery.json", json.dumps({"machine": facts, "examples": rows}, indent=2) + "\n")
-    lines = [f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores; {', '.join(facts['cpu_flags'])})",
-             "", "| example | base -> trained | change, 95% interval, test, n: verdict | guard | document's example | bar "
-             "| met | wall |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Measured {facts['date']} on {facts['cpu']} ({facts['cores']} cores; {', '.join(facts['cpu_flags'])})",
+        "",
+        "| example | base -> trained | change, 95% interval, test, n: verdict | guard | document's example | bar "
+        "| met | wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         result = r["result"] or f"failed: {r.get('error')}"
-        lines.append(f"| {r['example']} | {result} | {r.get('interval', '-')} | {r.get('guard', '-')} | {r['target']} | "
-                     f"{r['bar']} | {'yes' if r['met'] else 'no'} | {r['wall_seconds'] / 60:.1f} min |")  # fmt: skip
+        lines.append(
+            f"| {r['example']} | {result} | {r.get('interval', '-')} | {r.get('guard', '-')} | {r['target']} | "
+            f"{r['bar']} | {'yes' if r['met'] else 'no'} | {r['wall_seconds'] / 60:.1f} min |"
+        )
     lines += ["", "Each example is `uv run posttrain examples NAME`; its runs:", ""]
     lines += [f"- {r['example']}: `{r['runs']}`" for r in rows]
     atomic_write_text(out / "gallery.md", "\n".join(lines) + "\n")
@@ -339,15 +507,23 @@ def examples_main(argv: list[str]) -> int:
     chosen = list(EXAMPLES) if names == ["all"] else names
     unknown = [n for n in chosen if n not in EXAMPLES]
     if unknown:
-        print(f"error: no example named {', '.join(unknown)}; examples: {', '.join(EXAMPLES)}, all", file=sys.stderr)
+        print(
+            f"error: no example named {', '.join(unknown)}; examples: {', '.join(EXAMPLES)}, all",
+            file=sys.stderr,
+        )
         return 2
     try:
         rows = [run_example(EXAMPLES[n], out, extra) for n in chosen]
     except KeyboardInterrupt:
-        print("interrupted: examples stopped (the interrupted run kept its partial results in its folder)", file=sys.stderr)
+        print(
+            "interrupted: examples stopped (the interrupted run kept its partial results in its folder)",
+            file=sys.stderr,
+        )
         return 130
     write_table(rows, out)
     for r in rows:
-        print(f"{r['example']}: {r['result'] or r.get('error')} ({'meets' if r['met'] else 'misses'} {r['bar']})")
+        print(
+            f"{r['example']}: {r['result'] or r.get('error')} ({'meets' if r['met'] else 'misses'} {r['bar']})"
+        )
     print(f"table: {out / 'gallery.md'}")
     return 0 if all(r["result"] for r in rows) else 1

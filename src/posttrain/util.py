@@ -126,5 +126,7 @@ def processor() -> dict[str, Any]:
     except OSError:
         cpuinfo = ""
     flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in cpuinfo})
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "unknown")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "unknown"
+    )
     return {"cpu": model, "cpu_flags": flags}

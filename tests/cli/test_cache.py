@@ -15,7 +15,9 @@ from posttrain.cli.cache import parse_duration
 DAY = 86400.0
 
 
-def _run_folder(store: Path, run_id: str, days_old: float, checkpoints: dict[str, int], metadata: dict | None = None):
+def _run_folder(
+    store: Path, run_id: str, days_old: float, checkpoints: dict[str, int], metadata: dict | None = None
+):
     """A run folder as the engine writes it: run.json, and per checkpoint `kind/name/` holding meta.json and an
     adapter of `size` bytes; every file last changed `days_old` days ago."""
     folder = store / run_id
@@ -36,8 +38,13 @@ def cache(tmp_path: Path) -> Path:
     """A posttrain cache: three runs in its checkpoint store (10 days, 3 days and 14 minutes old) and a converted
     model."""
     store = tmp_path / "cache" / "checkpoints"
-    _run_folder(store, "sold:train:0", 10, {"weights/final": 3_000_000, "sampler_weights/final": 1_000_000},
-                {"renderer_name": "role_colon"})  # fmt: skip
+    _run_folder(
+        store,
+        "sold:train:0",
+        10,
+        {"weights/final": 3_000_000, "sampler_weights/final": 1_000_000},
+        {"renderer_name": "role_colon"},
+    )
     _run_folder(store, "smid:train:0", 3, {"sampler_weights/000004": 2_000_000})
     _run_folder(store, "snew:train:0", 0.01, {})  # e.g. a run still training, nothing saved yet
     (tmp_path / "cache" / "models" / "m").mkdir(parents=True)
@@ -50,7 +57,13 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def test_durations_take_s_m_h_d():
-    assert [parse_duration(t) for t in ("30s", "90m", "12h", "7d", "1.5d")] == [30, 5400, 43200, 604800, 129600]
+    assert [parse_duration(t) for t in ("30s", "90m", "12h", "7d", "1.5d")] == [
+        30,
+        5400,
+        43200,
+        604800,
+        129600,
+    ]
 
 
 def test_cache_lists_runs_checkpoints_sizes_metadata_and_other_caches_as_a_subprocess(cache, tmp_path):
@@ -72,13 +85,18 @@ def test_prune_older_than_removes_old_runs_and_says_what_was_freed(cache, tmp_pa
     store = cache / "checkpoints"
     dry = cli_here(["cache", "prune", "older_than=2d", "dry_run=true"], tmp_path, _env(cache))
     assert dry.returncode == 0, dry.stderr
-    assert "would remove sold:train:0 (4.0 MB" in dry.stdout and "would remove smid:train:0 (2.0 MB" in dry.stdout
+    assert (
+        "would remove sold:train:0 (4.0 MB" in dry.stdout
+        and "would remove smid:train:0 (2.0 MB" in dry.stdout
+    )
     assert "dry run: would free 6.0 MB (2 runs); nothing was removed" in dry.stdout
     assert len(list(store.iterdir())) == 3
 
     proc = cli_here(["cache", "prune", "older_than=7d"], tmp_path, _env(cache))
     assert proc.returncode == 0, proc.stderr
-    assert "removed sold:train:0 (4.0 MB, changed 10d ago: weights/final, sampler_weights/final)" in proc.stdout
+    assert (
+        "removed sold:train:0 (4.0 MB, changed 10d ago: weights/final, sampler_weights/final)" in proc.stdout
+    )
     assert "freed 4.0 MB (1 run); the store holds 2 runs, 2.0 MB" in proc.stdout
     assert sorted(p.name for p in store.iterdir()) == ["smid:train:0", "snew:train:0"]
     again = cli_here(["cache", "prune", "older_than=7d"], tmp_path, _env(cache))
@@ -100,7 +118,10 @@ def test_prune_run_removes_that_run_from_the_store_given(cache, tmp_path):
         (["prune", "older_than=7x"], "error: older_than=7x: not a duration: a number with s, m, h or d"),
         (["prune", "older_than=7"], "error: older_than=7: not a duration"),
         (["prune", "run=nope"], "error: run=nope: no such run in "),
-        (["prune", "olderthan=7d"], "error: olderthan=7d: not a setting of `posttrain cache prune` (it takes"),
+        (
+            ["prune", "olderthan=7d"],
+            "error: olderthan=7d: not a setting of `posttrain cache prune` (it takes",
+        ),
         (["prune"], "error: cache prune: give older_than=DURATION (e.g. 7d) or run=RUN_ID, one of them"),
         (["prune", "run=sold:train:0", "older_than=1d"], "error: cache prune: give older_than=DURATION"),
         (["prune", "run=sold:train:0", "dry_run=maybe"], "error: dry_run=maybe: expected true or false"),

@@ -16,13 +16,23 @@ X86_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags util.pro
 
 def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, engine, tiny_model: str):
     out = tmp_path / "gallery"
-    overrides = [f"model_name={tiny_model}", "renderer_name=role_colon", f"base_url={engine.url}", "max_steps=1",
-                 "batch_size=2", "max_eval_rows=2", "max_train_rows=12", "lora_rank=4"]  # fmt: skip
+    overrides = [
+        f"model_name={tiny_model}",
+        "renderer_name=role_colon",
+        f"base_url={engine.url}",
+        "max_steps=1",
+        "batch_size=2",
+        "max_eval_rows=2",
+        "max_train_rows=12",
+        "lora_rank=4",
+    ]
     proc = posttrain(["examples", "all", f"out={out}", *overrides], tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # One step is too few to move a metric: each run says so on the terminal before it trains.
     short = "warning: task=rl needs at least 16 optimizer steps to move its metric"  # math_rl, the first
-    assert short in proc.stdout and proc.stdout.index(short) < proc.stdout.index("training: 1 steps"), proc.stdout[-4000:]
+    assert short in proc.stdout and proc.stdout.index(short) < proc.stdout.index("training: 1 steps"), (
+        proc.stdout[-4000:]
+    )
     table = json.loads((out / "gallery.json").read_text())
     assert [r["example"] for r in table["examples"]] == list(EXAMPLES)
     machine = table["machine"]
@@ -39,7 +49,9 @@ def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, en
         # (one step and 2 held-out examples here: mostly "too few examples to tell")
         assert row["interval"].rsplit(": ", 1)[-1] in ("improved", "not improved", "inconclusive")
         assert "]" in row["interval"] or "too few examples to tell (n = " in row["interval"]
-        assert ("no regression (" in row["guard"] or "REGRESSED (" in row["guard"]) and "general chat NLL" in row["guard"]
+        assert (
+            "no regression (" in row["guard"] or "REGRESSED (" in row["guard"]
+        ) and "general chat NLL" in row["guard"]
         example = EXAMPLES[row["example"]]
         for stage in example.stages:
             folder = out / example.name / stage.name
@@ -54,7 +66,10 @@ def test_every_example_runs_one_step_and_the_table_is_written(tmp_path: Path, en
     for mode in ("off_policy", "on_policy"):  # both modes, from the same teacher, both in the table's row
         distilled = json.loads((out / "distillation" / mode / "summary.json").read_text())
         assert distilled["hyperparameters"]["teacher_model"] == rl["checkpoint_path"].rstrip("/")
-        assert distilled["hyperparameters"]["distillation_mode"] in (mode, None if mode == "off_policy" else mode)
+        assert distilled["hyperparameters"]["distillation_mode"] in (
+            mode,
+            None if mode == "off_policy" else mode,
+        )
     row = next(r for r in table["examples"] if r["example"] == "distillation")
     assert row["result"].startswith("off_policy: Base NLL") and "; on_policy: Base NLL" in row["result"]
     # Each mode's task accuracy beside its NLL: the student's answers graded as the teacher's were.
@@ -80,7 +95,10 @@ def test_list_and_unknown_names(tmp_path: Path):
     assert proc.returncode == 0 and all(f"{name}:" in proc.stdout for name in EXAMPLES)
     assert "tinker://<the rl run's checkpoint_path>" in proc.stdout
     proc = posttrain(["examples", "math_rl", "nope"], tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: no example named nope; examples: {', '.join(EXAMPLES)}, all"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == f"error: no example named nope; examples: {', '.join(EXAMPLES)}, all"
+    )
     assert not (tmp_path / "gallery").exists()
 
 
@@ -92,11 +110,26 @@ def test_ctrl_c_stops_the_running_example_and_the_command(tmp_path: Path, engine
     import time
 
     out = tmp_path / "gallery"
-    args = ["examples", "instruction_sft", f"out={out}", f"model_name={tiny_model}", "renderer_name=role_colon",
-            f"base_url={engine.url}", "max_steps=50", "batch_size=2", "lora_rank=4"]  # fmt: skip
+    args = [
+        "examples",
+        "instruction_sft",
+        f"out={out}",
+        f"model_name={tiny_model}",
+        "renderer_name=role_colon",
+        f"base_url={engine.url}",
+        "max_steps=50",
+        "batch_size=2",
+        "lora_rank=4",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli.main", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain.cli.main", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     logs = out / "instruction_sft" / "sft" / "logs"
     deadline = time.monotonic() + 120
     while not any(logs.glob("*/metrics.jsonl")) and time.monotonic() < deadline:  # training has begun

@@ -18,36 +18,106 @@ def supported_parameters() -> list[str]:
 
 
 EXPECTED_FIELDS = {
-    "task", "dataset", "dataset_config", "dataset_split", "eval_dataset", "eval_split", "model_name",
-    "renderer_name", "backend", "base_url", "run_name", "results_dir", "learning_rate", "lr_schedule",
-    "num_epochs", "max_steps", "batch_size", "lora_rank", "max_length", "train_on_what", "max_train_rows",
-    "max_eval_rows", "eval_concurrency", "seed", "env", "group_size", "max_tokens", "temperature",
-    "eval_temperature", "loss_fn", "kl_penalty_coef", "wandb_project", "save_every", "eval_every", "dtype",
-    "dry_run", "resume", "verbose", "dpo_beta", "teacher_model", "distillation_mode", "system_prompt", "behaviour_check",
-    "reward_fn", "verifier_timeout", "game_opponent", "grader_model", "grader_mode",
+    "task",
+    "dataset",
+    "dataset_config",
+    "dataset_split",
+    "eval_dataset",
+    "eval_split",
+    "model_name",
+    "renderer_name",
+    "backend",
+    "base_url",
+    "run_name",
+    "results_dir",
+    "learning_rate",
+    "lr_schedule",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "lora_rank",
+    "max_length",
+    "train_on_what",
+    "max_train_rows",
+    "max_eval_rows",
+    "eval_concurrency",
+    "seed",
+    "env",
+    "group_size",
+    "max_tokens",
+    "temperature",
+    "eval_temperature",
+    "loss_fn",
+    "kl_penalty_coef",
+    "wandb_project",
+    "save_every",
+    "eval_every",
+    "dtype",
+    "dry_run",
+    "resume",
+    "verbose",
+    "dpo_beta",
+    "teacher_model",
+    "distillation_mode",
+    "system_prompt",
+    "behaviour_check",
+    "reward_fn",
+    "verifier_timeout",
+    "game_opponent",
+    "grader_model",
+    "grader_mode",
     # the cookbook Configs' own fields the user's document lists (issue 21), and the QA grader
-    "adam_beta1", "adam_beta2", "adam_eps", "kl_discount_factor", "num_substeps", "remove_constant_reward_groups",
-    "max_steps_off_policy", "num_minibatches", "load_checkpoint_path", "wandb_name", "grader",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "kl_discount_factor",
+    "num_substeps",
+    "remove_constant_reward_groups",
+    "max_steps_off_policy",
+    "num_minibatches",
+    "load_checkpoint_path",
+    "wandb_name",
+    "grader",
     "preference_model",  # task=pairwise_rl
     "partner_model",  # env=game:twenty_questions
-    "corpus", "retriever",  # env=tools:search over the user's corpus
+    "corpus",
+    "retriever",  # env=tools:search over the user's corpus
     "warm_start_steps",  # task=rl: a supervised stage on worked answers before RL (env=tools:search)
     "verifiers_args",  # env=verifiers:NAME
-    "guard", "guard_dataset",  # the guard evaluation (did training break something else?)
-}  # fmt: skip
+    "guard",
+    "guard_dataset",  # the guard evaluation (did training break something else?)
+}
 
 SUPPORTED_TAIL = f" Supported parameters: {', '.join(sorted(EXPECTED_FIELDS))}."
 
 NAMED_UNSUPPORTED = [
-    "clip_epsilon", "ppo_clip", "cliprange", "epsilon",
-    "gae_lambda", "lam",
+    "clip_epsilon",
+    "ppo_clip",
+    "cliprange",
+    "epsilon",
+    "gae_lambda",
+    "lam",
     "dynamic_batch_size",
-    "optimizer", "optim",
-    "grad_clip", "max_grad_norm", "gradient_clipping", "grad_clip_norm",
-    "warmup_steps", "warmup_ratio", "warmup",
-    "mixed_precision", "fp16", "bf16", "precision",
-    "tensor_parallel", "tp_size", "pipeline_parallel", "model_parallel", "fsdp", "deepspeed",
-]  # fmt: skip
+    "optimizer",
+    "optim",
+    "grad_clip",
+    "max_grad_norm",
+    "gradient_clipping",
+    "grad_clip_norm",
+    "warmup_steps",
+    "warmup_ratio",
+    "warmup",
+    "mixed_precision",
+    "fp16",
+    "bf16",
+    "precision",
+    "tensor_parallel",
+    "tp_size",
+    "pipeline_parallel",
+    "model_parallel",
+    "fsdp",
+    "deepspeed",
+]
 
 
 def test_fields_and_defaults():
@@ -155,7 +225,10 @@ def test_help_raises_help_requested_with_every_field(flag):
 @pytest.mark.parametrize(
     "kwargs, names",
     [
-        ({"task": "pretrain"}, ["task", "auto", "sft", "rl", "dpo", "rlhf", "distillation", "prompt_distillation"]),
+        (
+            {"task": "pretrain"},
+            ["task", "auto", "sft", "rl", "dpo", "rlhf", "distillation", "prompt_distillation"],
+        ),
         ({"backend": "gpu"}, ["backend", "tinker", "local"]),
         ({"loss_fn": "grpo"}, ["loss_fn", "importance_sampling", "ppo", "cispo", "dro"]),
         ({"dtype": "fp16"}, ["dtype", "bf16", "fp32"]),
@@ -197,10 +270,18 @@ def test_validate_ranges(kwargs, key):
 def test_validate_accepts_reasonable_settings():
     validate(
         TrainConfig(
-            task="rl", env="math", group_size=4, learning_rate=4e-5, max_train_rows=100, max_eval_rows=10,
-            base_url="http://127.0.0.1:8000", run_name="math_rl_run_001", dtype="bf16", eval_temperature=0.0,
+            task="rl",
+            env="math",
+            group_size=4,
+            learning_rate=4e-5,
+            max_train_rows=100,
+            max_eval_rows=10,
+            base_url="http://127.0.0.1:8000",
+            run_name="math_rl_run_001",
+            dtype="bf16",
+            eval_temperature=0.0,
         )
-    )  # fmt: skip
+    )
 
 
 def test_config_to_dict_records_every_field():
@@ -226,12 +307,17 @@ def test_enumerations_follow_the_cookbook_and_the_method_registry():
     from posttrain.pipeline.settings import TaskName
 
     assert typing.get_type_hints(TrainConfig)["lr_schedule"] is LRSchedule
-    assert set(choices(RLLossFn)) == set(typing.get_args(tinker.types.LossFnType)) - {"cross_entropy", "custom"}
+    assert set(choices(RLLossFn)) == set(typing.get_args(tinker.types.LossFnType)) - {
+        "cross_entropy",
+        "custom",
+    }
     assert set(choices(TrainOnWhatName)) == {t.value for t in TrainOnWhat} - {"customized"}
     assert set(choices(TaskName)) == {"auto", *METHODS}
 
 
-@pytest.mark.parametrize("arg", ["task=pretrain", "distillation_mode=offline", "backend=gpu", "loss_fn=grpo", "dtype=fp16"])
+@pytest.mark.parametrize(
+    "arg", ["task=pretrain", "distillation_mode=offline", "backend=gpu", "loss_fn=grpo", "dtype=fp16"]
+)
 def test_enumerated_values_from_the_command_line_name_the_allowed_ones(arg):
     key = arg.split("=")[0]
     with pytest.raises(ConfigError, match=f"^{key}=.* is not valid; allowed values: "):

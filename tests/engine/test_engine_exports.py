@@ -26,7 +26,9 @@ def _trained(service, tiny_model: str) -> tinker.TrainingClient:
     return training
 
 
-def test_an_export_downloads_as_tinker_names_it_and_the_urls_are_signed(service, tiny_model, engine, tmp_path):
+def test_an_export_downloads_as_tinker_names_it_and_the_urls_are_signed(
+    service, tiny_model, engine, tmp_path
+):
     from tinker_cookbook import weights
 
     training = _trained(service, tiny_model)
@@ -63,7 +65,11 @@ def test_an_export_downloads_as_tinker_names_it_and_the_urls_are_signed(service,
 def test_an_encrypted_export_is_readable_only_with_the_key(service, tiny_model, engine, tmp_path):
     training = _trained(service, tiny_model)
     identity = pyrage.x25519.Identity.generate()
-    path = training.save_weights_external("sealed", age_encryption_recipients=[str(identity.to_public())]).result().path
+    path = (
+        training.save_weights_external("sealed", age_encryption_recipients=[str(identity.to_public())])
+        .result()
+        .path
+    )
     rest = tinker.RestClient(base_url=engine.url, api_key="tml-local-test")
     urls = rest.get_external_weights_urls(path).result().urls
     assert sorted(urls) == ["adapter_config.json.age", "adapter_model.safetensors.age"]
@@ -76,8 +82,9 @@ def test_an_encrypted_export_is_readable_only_with_the_key(service, tiny_model, 
         training.save_weights_external("bad", age_encryption_recipients=["age1nonsense"]).result()
 
 
-def test_downloading_a_training_checkpoint_leaves_nothing_in_the_checkpoint_store(services, tiny_model, engine,
-                                                                                   engine_dirs, tmp_path):
+def test_downloading_a_training_checkpoint_leaves_nothing_in_the_checkpoint_store(
+    services, tiny_model, engine, engine_dirs, tmp_path
+):
     """The cookbook's `weights.download` of a `weights/` checkpoint loads it into a run of its own, exports, and
     deletes the export: once its session is closed, that run's folder is gone too."""
     from tinker_cookbook import weights

@@ -30,7 +30,9 @@ def _datums(n: int = 4, length: int = 24) -> list[types.Datum]:
     return out
 
 
-async def _wave(service: tinker.ServiceClient, model: str, training: tinker.TrainingClient) -> tuple[int, int]:
+async def _wave(
+    service: tinker.ServiceClient, model: str, training: tinker.TrainingClient
+) -> tuple[int, int]:
     sampler = await service.create_sampling_client_async(base_model=model)
     params = types.SamplingParams(max_tokens=8, temperature=1.0)
 

@@ -122,7 +122,9 @@ def _rl_expected(name: str, config: dict, lp: np.ndarray, q: np.ndarray, adv: np
     if name == "importance_sampling":
         return -ratio * adv
     if name in ("ppo", "gspo"):
-        if name == "gspo":  # GSPO-token: every token's ratio is the sequence's, exp(mean log-ratio over the mask)
+        if (
+            name == "gspo"
+        ):  # GSPO-token: every token's ratio is the sequence's, exp(mean log-ratio over the mask)
             ratio = np.full_like(lp, np.exp(np.mean((lp - q)[GSPO_MASK_FROM:])))
         clipped = np.clip(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
         return -np.minimum(ratio * adv, clipped * adv)
@@ -328,7 +330,9 @@ def trained_sampler(engine, tiny_model):
     finish(service)
 
 
-def _sampled_datum(prompt: list[int], seq: types.SampledSequence, advantage: float, prompt_advantage: float = 0.0):
+def _sampled_datum(
+    prompt: list[int], seq: types.SampledSequence, advantage: float, prompt_advantage: float = 0.0
+):
     """A sampled completion as the cookbook's RL loop sends it: the prompt and sampled tokens with provenance."""
     p, n = len(prompt), len(seq.tokens)
     datum = types.Datum(
@@ -341,11 +345,15 @@ def _sampled_datum(prompt: list[int], seq: types.SampledSequence, advantage: flo
     )
     sid = seq.sequence_id
     return datum.with_provenance(
-        model_input=[types.PromptProvenanceSpan(sequence_id=sid, length=p),
-                     types.SampledProvenanceSpan(sequence_id=sid, length=n - 1)],
-        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=p - 1),
-                        types.SampledProvenanceSpan(sequence_id=sid, length=n)],
-    )  # fmt: skip
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=sid, length=p),
+            types.SampledProvenanceSpan(sequence_id=sid, length=n - 1),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=p - 1),
+            types.SampledProvenanceSpan(sequence_id=sid, length=n),
+        ],
+    )
 
 
 def test_stable_reinforce_trains_on_sequences_recorded_at_sampling(service, tiny_model):
@@ -353,7 +361,9 @@ def test_stable_reinforce_trains_on_sequences_recorded_at_sampling(service, tiny
     _step(tc, _batch(4), lr=5e-2)  # LoRA weights away from zero, so the sampler's adapter matters
     recording = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
     params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[])
-    seqs = recording.sample(types.ModelInput.from_ints(PROMPT), num_samples=2, sampling_params=params).result()
+    seqs = recording.sample(
+        types.ModelInput.from_ints(PROMPT), num_samples=2, sampling_params=params
+    ).result()
     pos, neg = (_sampled_datum(PROMPT, s, a) for s, a in zip(seqs.sequences, (1.5, -2.0), strict=True))
     out = tc.forward([pos, neg], "stable_reinforce").result()
     p = len(PROMPT) - 1
@@ -376,11 +386,17 @@ def test_stable_reinforce_trains_on_sequences_recorded_at_sampling(service, tiny
 
     plain = types.Datum(model_input=pos.model_input, loss_fn_inputs=pos.loss_fn_inputs)
     refused([plain], "needs provenance")
-    refused([_sampled_datum(PROMPT, seqs.sequences[0], 1.0, prompt_advantage=0.5)], "nonzero advantages on sampled")
+    refused(
+        [_sampled_datum(PROMPT, seqs.sequences[0], 1.0, prompt_advantage=0.5)],
+        "nonzero advantages on sampled",
+    )
     # A sampler made without record_stability_info keeps nothing to train on.
-    unrecorded = tc.save_weights_and_get_sampling_client().result().sample(
-        types.ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=params
-    ).result()
+    unrecorded = (
+        tc.save_weights_and_get_sampling_client()
+        .result()
+        .sample(types.ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=params)
+        .result()
+    )
     refused([_sampled_datum(PROMPT, unrecorded.sequences[0], 1.0)], "no such recorded sequence")
     # It trains: a positive advantage raises the sampled tokens' log-probabilities.
     before = _logprobs(tc.forward([pos], "cross_entropy").result())[0][p:].sum()
@@ -466,7 +482,9 @@ def test_a_seeded_session_reproduces_the_lora_initialisation_and_unseeded_sample
     np.testing.assert_array_equal(weights, again_weights)
     # The same draws for each prompt; which of two identical concurrent requests gets which draw depends on their
     # arrival (seeding.py: identical prompts are interchangeable), so the two of each prompt compare as a set.
-    assert sorted(samples[0::2]) == sorted(again_samples[0::2]) and sorted(samples[1::2]) == sorted(again_samples[1::2])
+    assert sorted(samples[0::2]) == sorted(again_samples[0::2]) and sorted(samples[1::2]) == sorted(
+        again_samples[1::2]
+    )
     assert samples[0] != samples[2]  # the same prompt asked twice: two draws, not one repeated
     other_weights, other_samples = run("seed=8")
     assert np.abs(weights - other_weights).max() > 1e-4 and samples != other_samples

@@ -115,18 +115,26 @@ def test_gspo_token_ratio_has_the_sequence_value_and_its_own_gradient():
     out.sum().backward()
     # d/dlp_t: -s * A_t where the unclipped term is the minimum, 0 where the clipped (constant) one is.
     unclipped = [s * a <= min(max(s, 0.8), 1.1) * a for a in A]
-    assert lp.grad.tolist() == pytest.approx([-s * a if u else 0.0 for a, u in zip(A, unclipped, strict=True)])
+    assert lp.grad.tolist() == pytest.approx(
+        [-s * a if u else 0.0 for a, u in zip(A, unclipped, strict=True)]
+    )
     assert any(unclipped) and not all(unclipped)
     # Without a mask: the tokens with an advantage (here all); an all-zero mask: ratio 1.
     no_mask = losses.SEQUENCE_STATISTICS["gspo"](torch.tensor(LP), _inputs())
     assert no_mask[0] == pytest.approx(sum(x - q for x, q in zip(LP, Q, strict=True)) / 4, rel=1e-6)
-    assert losses.SEQUENCE_STATISTICS["gspo"](torch.tensor(LP), _inputs(sequence_ratio_mask=[0.0] * 4))[0] == 0
+    assert (
+        losses.SEQUENCE_STATISTICS["gspo"](torch.tensor(LP), _inputs(sequence_ratio_mask=[0.0] * 4))[0] == 0
+    )
 
 
 def test_stable_reinforce_tapers_only_negative_advantages_by_the_truncated_sequence_ratio():
     sampled = [1.0, 1.0, 1.0, 0.0]
     advantages = [1.0, -2.0, 0.5, 0.0]
-    inputs = {**_inputs(advantages=advantages), "sampler_logprobs": torch.tensor(Q), "sampled": torch.tensor(sampled)}
+    inputs = {
+        **_inputs(advantages=advantages),
+        "sampler_logprobs": torch.tensor(Q),
+        "sampled": torch.tensor(sampled),
+    }
     rho = sum((x - q) * m for x, q, m in zip(LP, Q, sampled, strict=True))
     stat = losses.SEQUENCE_STATISTICS["stable_reinforce"](torch.tensor(LP), inputs)
     assert stat.tolist() == pytest.approx([rho] * 4, rel=1e-6)
@@ -138,7 +146,9 @@ def test_stable_reinforce_tapers_only_negative_advantages_by_the_truncated_seque
     expected = [-w * x * a * m for w, x, a, m in zip(weights, LP, advantages, sampled, strict=True)]
     assert out.tolist() == pytest.approx(expected, rel=1e-6)
     out.sum().backward()
-    assert lp.grad.tolist() == pytest.approx([-w * a * m for w, a, m in zip(weights, advantages, sampled, strict=True)])
+    assert lp.grad.tolist() == pytest.approx(
+        [-w * a * m for w, a, m in zip(weights, advantages, sampled, strict=True)]
+    )
     # On-policy (ratio 1) its gradient is importance_sampling's: -A per sampled token.
     on_policy = {**inputs, "sequence_log_ratio": torch.zeros(4)}
     lp2 = torch.tensor(LP, requires_grad=True)
@@ -422,11 +432,15 @@ def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage: str, file: st
     store.save(ref, {"w": torch.arange(64.0)}, {"step": 5}, optimizer={"state": {}, "param_groups": []})
     path = tmp_path / "run" / "weights" / "000005" / file
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    path.write_bytes(
+        data[: len(data) // 2] if damage == "truncate" else data[:-9] + bytes([data[-9] ^ 1]) + data[-8:]
+    )
     with pytest.raises(WireError) as caught:
         store.load(ref, with_optimizer=True)
     message = str(caught.value)
-    assert message.startswith(f"checkpoint tinker://run/weights/000005 is damaged: {path}: ") and why in message
+    assert (
+        message.startswith(f"checkpoint tinker://run/weights/000005 is damaged: {path}: ") and why in message
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -533,7 +547,9 @@ def test_session_seed_tags_derive_stable_seeds_per_request():
     assert split_session("s1a2:train:0:sampler:5") == ("s1a2", "train:0:sampler:5")
     first, second = SampleSeeds(), SampleSeeds()
     a = [first.seed_for(7, "sA:sample:1", (p, None)) for p in ((1, 2), (3,), (1, 2))]
-    b = [second.seed_for(7, "sB:sample:1", (p, None)) for p in ((3,), (1, 2), (1, 2))]  # another arrival order
+    b = [
+        second.seed_for(7, "sB:sample:1", (p, None)) for p in ((3,), (1, 2), (1, 2))
+    ]  # another arrival order
     assert a[0] != a[2] and sorted(a) == sorted(b) and a[1] == b[0]
     second.forget_session("sB")
     assert second.seed_for(7, "sB:sample:1", ((1, 2), None)) == a[0]  # a finished session's counts are gone
@@ -545,5 +561,7 @@ def test_the_engines_thread_count_is_fixed_and_can_come_from_the_environment(mon
     monkeypatch.setenv(serve.THREADS_VARIABLE, "3")
     assert serve.build_parser().parse_args([]).threads == 3
     monkeypatch.delenv(serve.THREADS_VARIABLE)
-    assert serve.build_parser().parse_args([]).threads is None  # every processor, fixed (compute.ComputeThread)
+    assert (
+        serve.build_parser().parse_args([]).threads is None
+    )  # every processor, fixed (compute.ComputeThread)
     assert serve.build_parser().parse_args(["--threads", "0"]).threads == 0  # the adaptive policy, on request

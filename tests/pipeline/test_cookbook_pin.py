@@ -21,33 +21,92 @@ from runs import REPO
 # rl_settings, and each method's own), by the config class that takes them.
 CONFIG_FIELDS = {
     "tinker_cookbook.supervised.train:Config": {
-        "log_path", "model_name", "renderer_name", "learning_rate", "lora_rank", "base_url", "save_every",
-        "eval_every", "wandb_project", "wandb_name", "recipe_name", "dataset_builder", "lr_schedule",
-        "num_epochs", "max_steps",
+        "log_path",
+        "model_name",
+        "renderer_name",
+        "learning_rate",
+        "lora_rank",
+        "base_url",
+        "save_every",
+        "eval_every",
+        "wandb_project",
+        "wandb_name",
+        "recipe_name",
+        "dataset_builder",
+        "lr_schedule",
+        "num_epochs",
+        "max_steps",
     },
     "tinker_cookbook.rl.train:Config": {
-        "log_path", "model_name", "renderer_name", "learning_rate", "lora_rank", "base_url", "save_every",
-        "eval_every", "wandb_project", "wandb_name", "recipe_name", "dataset_builder", "max_tokens",
-        "temperature", "loss_fn", "kl_penalty_coef", "max_steps",
+        "log_path",
+        "model_name",
+        "renderer_name",
+        "learning_rate",
+        "lora_rank",
+        "base_url",
+        "save_every",
+        "eval_every",
+        "wandb_project",
+        "wandb_name",
+        "recipe_name",
+        "dataset_builder",
+        "max_tokens",
+        "temperature",
+        "loss_fn",
+        "kl_penalty_coef",
+        "max_steps",
     },
     "tinker_cookbook.preference.train_dpo:Config": {
-        "log_path", "model_name", "renderer_name", "learning_rate", "lora_rank", "base_url", "save_every",
-        "eval_every", "wandb_project", "wandb_name", "recipe_name", "dataset_builder", "dpo_beta", "lr_schedule",
-        "num_epochs", "max_steps",
+        "log_path",
+        "model_name",
+        "renderer_name",
+        "learning_rate",
+        "lora_rank",
+        "base_url",
+        "save_every",
+        "eval_every",
+        "wandb_project",
+        "wandb_name",
+        "recipe_name",
+        "dataset_builder",
+        "dpo_beta",
+        "lr_schedule",
+        "num_epochs",
+        "max_steps",
     },
     "tinker_cookbook.distillation.train_on_policy:Config": {
-        "log_path", "model_name", "renderer_name", "learning_rate", "lora_rank", "base_url", "save_every",
-        "eval_every", "wandb_project", "wandb_name", "recipe_name", "dataset_configs", "max_tokens", "temperature",
-        "kl_penalty_coef", "loss_fn", "max_steps",
+        "log_path",
+        "model_name",
+        "renderer_name",
+        "learning_rate",
+        "lora_rank",
+        "base_url",
+        "save_every",
+        "eval_every",
+        "wandb_project",
+        "wandb_name",
+        "recipe_name",
+        "dataset_configs",
+        "max_tokens",
+        "temperature",
+        "kl_penalty_coef",
+        "loss_fn",
+        "max_steps",
     },
     "tinker_cookbook.supervised.types:ChatDatasetBuilderCommonConfig": {
-        "model_name_for_tokenizer", "renderer_name", "max_length", "batch_size", "train_on_what",
+        "model_name_for_tokenizer",
+        "renderer_name",
+        "max_length",
+        "batch_size",
+        "train_on_what",
     },
     "tinker_cookbook.distillation.datasets:DistillationDatasetConfig": {
-        "dataset_builder", "teacher_config", "groups_per_batch",
+        "dataset_builder",
+        "teacher_config",
+        "groups_per_batch",
     },
     "tinker_cookbook.distillation.datasets:TeacherConfig": {"base_model", "load_checkpoint_path"},
-}  # fmt: skip
+}
 
 
 def _config_class(path: str) -> type:
@@ -96,10 +155,20 @@ def test_the_model_table_knows_the_current_lineup():
     from posttrain.pipeline.setup.preflight import cookbook_models
 
     current = [
-        "Qwen/Qwen3.8-27B", "Qwen/Qwen3.6-35B-A3B", "Qwen/Qwen3.6-27B", "Qwen/Qwen3.5-397B-A17B",
-        "Qwen/Qwen3.5-35B-A3B-Base", "Qwen/Qwen3.5-9B", "Qwen/Qwen3.5-9B-Base", "Qwen/Qwen3.5-4B", "Qwen/Qwen3-8B",
-        "openai/gpt-oss-120b", "openai/gpt-oss-20b", "deepseek-ai/DeepSeek-V3.1", "moonshotai/Kimi-K2.6",
-    ]  # fmt: skip
+        "Qwen/Qwen3.8-27B",
+        "Qwen/Qwen3.6-35B-A3B",
+        "Qwen/Qwen3.6-27B",
+        "Qwen/Qwen3.5-397B-A17B",
+        "Qwen/Qwen3.5-35B-A3B-Base",
+        "Qwen/Qwen3.5-9B",
+        "Qwen/Qwen3.5-9B-Base",
+        "Qwen/Qwen3.5-4B",
+        "Qwen/Qwen3-8B",
+        "openai/gpt-oss-120b",
+        "openai/gpt-oss-20b",
+        "deepseek-ai/DeepSeek-V3.1",
+        "moonshotai/Kimi-K2.6",
+    ]
     table = cookbook_models()
     for name in current:
         assert name in table, name
@@ -114,8 +183,11 @@ def _recipe(module: str, args: list[str], url: str, log_path: Path) -> list[dict
     env = {**os.environ, "TINKER_BASE_URL": url, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args, f"log_path={log_path}", "behavior_if_log_dir_exists=delete"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
 
@@ -126,10 +198,20 @@ def test_chat_sl_recipe_trains_on_the_cookbooks_example_conversations(engine, ti
     data = Path(tinker_cookbook.__file__).parent / "example_data" / "conversations.jsonl"
     metrics = _recipe(
         "tinker_cookbook.recipes.chat_sl.train",
-        [f"model_name={tiny_model}", "renderer_name=role_colon", f"dataset={data}", "batch_size=8", "max_steps=2",
-         "max_length=256", "eval_every=0", "save_every=0", f"base_url={engine.url}"],
-        engine.url, tmp_path / "chat_sl",
-    )  # fmt: skip
+        [
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            f"dataset={data}",
+            "batch_size=8",
+            "max_steps=2",
+            "max_length=256",
+            "eval_every=0",
+            "save_every=0",
+            f"base_url={engine.url}",
+        ],
+        engine.url,
+        tmp_path / "chat_sl",
+    )
     nll = [m["train_mean_nll"] for m in metrics if "train_mean_nll" in m]
     assert len(nll) == 2 and all(x > 0 for x in nll)
 
@@ -138,10 +220,20 @@ def test_math_rl_recipe_trains_with_its_default_stable_reinforce(engine, tiny_mo
     log_path = tmp_path / "math_rl"
     metrics = _recipe(
         "tinker_cookbook.recipes.math_rl.train",
-        [f"model_name={tiny_model}", "renderer_name=role_colon", "env=arithmetic", "groups_per_batch=2",
-         "group_size=2", "max_steps=2", "eval_every=0", "save_every=0", f"base_url={engine.url}"],
-        engine.url, log_path,
-    )  # fmt: skip
+        [
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            "env=arithmetic",
+            "groups_per_batch=2",
+            "group_size=2",
+            "max_steps=2",
+            "eval_every=0",
+            "save_every=0",
+            f"base_url={engine.url}",
+        ],
+        engine.url,
+        log_path,
+    )
     assert json.loads((log_path / "config.json").read_text())["loss_fn"] == "stable_reinforce"
     steps = [m["step"] for m in metrics if "env/all/reward/total" in m]
     assert steps == [0, 1]
@@ -150,8 +242,17 @@ def test_math_rl_recipe_trains_with_its_default_stable_reinforce(engine, tiny_mo
 def test_guess_number_recipe_plays_and_trains(engine, tiny_model, tmp_path):
     metrics = _recipe(
         "tinker_cookbook.recipes.multiplayer_rl.guess_number.train",
-        [f"model_name={tiny_model}", "renderer_name=role_colon", "batch_size=2", "group_size=2", "max_tokens=8",
-         "max_steps=1", "eval_every=0", "save_every=0"],
-        engine.url, tmp_path / "guess_number",
-    )  # fmt: skip
+        [
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            "batch_size=2",
+            "group_size=2",
+            "max_tokens=8",
+            "max_steps=1",
+            "eval_every=0",
+            "save_every=0",
+        ],
+        engine.url,
+        tmp_path / "guess_number",
+    )
     assert [m["step"] for m in metrics if "env/all/reward/total" in m] == [0]

@@ -25,7 +25,9 @@ RECOMMENDED = {QWEN: "qwen3", LLAMA: "llama3", GPT_OSS: "gpt_oss_no_sysprompt"}
 WANDB_KEY = "-".join(("fake", "wandb", "key", "lineup", "321"))  # see conftest.LINEUP_API_KEY
 
 
-LINEUP_KEYS = f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=posttrain-lineup-tests\n"
+LINEUP_KEYS = (
+    f"TINKER_API_KEY={LINEUP_API_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=posttrain-lineup-tests\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +185,13 @@ def _offline_plan(cwd: Path, hub: Path, chat_data: Path, model: str) -> subproce
     }
     args = [f"model_name={model}", f"dataset={chat_data}", "backend=tinker", "dry_run=true", "batch_size=4"]
     return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:

@@ -55,7 +55,9 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     assert summary["trained_nll"] < summary["baseline_nll"]
     # How long the run took to be ready (engine, tokenizer, the method prepared), beside its phases.
     durations = summary["durations_seconds"]
-    assert 0 < durations["setup"] < durations["total"] and {"base_eval", "training", "trained_eval"} <= set(durations)
+    assert 0 < durations["setup"] < durations["total"] and {"base_eval", "training", "trained_eval"} <= set(
+        durations
+    )
     assert summary["log_path"].endswith("results/logs/sft_e2e")
     assert summary["tinker_run_id"] and summary["tinker_run_id"] in summary["checkpoint_path"]
     assert summary["dataset"]["format"] == "prompt_completion"
@@ -104,19 +106,51 @@ def test_a_run_that_regresses_on_its_guard_says_so(tmp_path: Path, tiny_model: s
     """Built to regress: a learning rate far too high for the tiny model drives it onto the training data's one
     phrasing, so replies made of words the training data never uses (the user's guard set) become much less
     likely than under the untrained model."""
-    words = ["zephyr", "quixotic", "labyrinth", "obsidian", "marmalade", "nebula", "tundra", "falconry", "origami",
-             "velvet", "archipelago", "kaleidoscope", "sycamore", "bagpipe", "glacier"]  # fmt: skip
+    words = [
+        "zephyr",
+        "quixotic",
+        "labyrinth",
+        "obsidian",
+        "marmalade",
+        "nebula",
+        "tundra",
+        "falconry",
+        "origami",
+        "velvet",
+        "archipelago",
+        "kaleidoscope",
+        "sycamore",
+        "bagpipe",
+        "glacier",
+    ]
     guard_file = tmp_path / "everyday.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say the number {k}."},
-                          {"role": "assistant", "content": " ".join(words[(k + j) % len(words)] for j in range(12))}]}
-            for k in range(30)]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say the number {k}."},
+                {"role": "assistant", "content": " ".join(words[(k + j) % len(words)] for j in range(12))},
+            ]
+        }
+        for k in range(30)
+    ]
     guard_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = train(
-        [f"dataset={sft_data}", f"model_name={tiny_model}", "renderer_name=role_colon", "learning_rate=0.3",
-         "batch_size=8", "max_steps=6", "eval_every=0", "save_every=0", "run_name=regress", "backend=local",
-         "lora_rank=8", f"guard_dataset={guard_file}"],
+        [
+            f"dataset={sft_data}",
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            "learning_rate=0.3",
+            "batch_size=8",
+            "max_steps=6",
+            "eval_every=0",
+            "save_every=0",
+            "run_name=regress",
+            "backend=local",
+            "lora_rank=8",
+            f"guard_dataset={guard_file}",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     results = tmp_path / "results"
     summary = json.loads((results / "summary.json").read_text())
     guard = summary["guard"]
@@ -125,7 +159,9 @@ def test_a_run_that_regresses_on_its_guard_says_so(tmp_path: Path, tiny_model: s
     assert check["n"] == 30 and check["trained"] > check["baseline"] and check["interval"][1] < 0
     assert str(guard_file) in check["source"]
     # Improved on its task, REGRESSED on the guard: exit 4; were the task not improved, its own code.
-    assert proc.returncode == (4 if summary["verdict"] == "improved" else 1 if summary["verdict"] == "not improved" else 3)
+    assert proc.returncode == (
+        4 if summary["verdict"] == "improved" else 1 if summary["verdict"] == "not improved" else 3
+    )
     assert "guard: REGRESSED on guard set NLL (" in proc.stdout, proc.stdout[-3000:]
     assert "Guard: **REGRESSED**" in (results / "report.md").read_text()
     assert ">REGRESSED</span>" in (results / "report.html").read_text()
@@ -154,7 +190,9 @@ def test_rl_run_on_arithmetic_env(tmp_path: Path, tiny_model: str) -> None:
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     validate_summary(summary)
-    assert summary["task_type"] == "rl" and summary["method"] == "rl" and 0.0 <= summary["trained_score"] <= 1.0
+    assert (
+        summary["task_type"] == "rl" and summary["method"] == "rl" and 0.0 <= summary["trained_score"] <= 1.0
+    )
     rows = read_jsonl(tmp_path / "results" / "trained_model.jsonl")
     assert len(rows) == 6
     assert set(rows[0]) >= {"index", "question", "ground_truth", "completion", "extracted_answer", "correct"}

@@ -146,7 +146,10 @@ def test_stopping_the_pipeline_stops_its_engine(tmp_path: Path, tiny_model: str,
             + second.stderr.split("started ", 1)[1].split(")", 1)[0]
             + ") is writing there; wait for it to end, or give this run a results_dir= of its own"
         ]
-        assert not (tmp_path / "results" / "previous").exists() and not (tmp_path / "results" / "logs" / "s2").exists()
+        assert (
+            not (tmp_path / "results" / "previous").exists()
+            and not (tmp_path / "results" / "logs" / "s2").exists()
+        )
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     _wait_for(lambda: not _alive(engine_pid), 30, "the engine to stop")
@@ -248,7 +251,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MB filesystem of its own (tmpfs), so that the test can fill it."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
@@ -272,7 +277,11 @@ def _fill(disk: Path) -> Path:
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(
     small_disk: Path, engine, tiny_model: str, pairs: Path
 ) -> None:
-    args = [*_args(pairs, tiny_model, "full", epochs=40), f"base_url={engine.url}", f"results_dir={small_disk}/results"]
+    args = [
+        *_args(pairs, tiny_model, "full", epochs=40),
+        f"base_url={engine.url}",
+        f"results_dir={small_disk}/results",
+    ]
     args.remove("backend=local")
     proc = _start(args, small_disk.parent)
     log_dir = small_disk / "results" / "logs" / "full"
@@ -295,7 +304,9 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(
     assert summary["status"] == "completed"
 
 
-def test_a_request_the_service_refuses_is_one_line(tmp_path: Path, engine, tiny_model: str, pairs: Path) -> None:
+def test_a_request_the_service_refuses_is_one_line(
+    tmp_path: Path, engine, tiny_model: str, pairs: Path
+) -> None:
     missing = "tinker://nobody:train:0/weights/000001"
     args = [*_args(pairs, tiny_model, "refused"), f"base_url={engine.url}", f"load_checkpoint_path={missing}"]
     args.remove("backend=local")

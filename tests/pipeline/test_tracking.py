@@ -273,19 +273,35 @@ def test_corrupt_run_file_is_a_failed_verification(offline):
         verify_wandb(offline, PROJECT, "bad", "sideways")
 
 
-def test_two_runs_in_one_process_each_write_their_own_verified_wandb_runs(tmp_path: Path, engine, tiny_model: str):
+def test_two_runs_in_one_process_each_write_their_own_verified_wandb_runs(
+    tmp_path: Path, engine, tiny_model: str
+):
     """From Python, one run after another in other directories: wandb's service resolves a relative run directory
     in its own working directory, so each run ends the service it started (`tracking.end_service`)."""
     import json
 
     from runs import train_here, write_jsonl
 
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {i}.", "completion": f"N {i}."} for i in range(40)])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"Say {i}.", "completion": f"N {i}."} for i in range(40)]
+    )
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-        proc = train_here([f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon",
-                           f"base_url={engine.url}", "max_steps=1", "batch_size=4", "lora_rank=4", "save_every=0",
-                           "eval_every=0", f"run_name={name}"], tmp_path / name)  # fmt: skip
+        proc = train_here(
+            [
+                f"dataset={data}",
+                f"model_name={tiny_model}",
+                "renderer_name=role_colon",
+                f"base_url={engine.url}",
+                "max_steps=1",
+                "batch_size=4",
+                "lora_rank=4",
+                "save_every=0",
+                "eval_every=0",
+                f"run_name={name}",
+            ],
+            tmp_path / name,
+        )
         summary = json.loads((tmp_path / name / "results" / "summary.json").read_text())
         assert summary["wandb_verification"]["verified"], (proc.stderr[-2000:], summary["wandb_verification"])
         files = find_wandb_run_files(tmp_path / name / "results" / "logs" / name)

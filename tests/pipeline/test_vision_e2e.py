@@ -85,7 +85,10 @@ def vision_runs(
     for key, args in planned.items():
         # backend=local: the run starts its own engine, which finds the stand-in in the hub cache by its name.
         backend = ["backend=local"] if key == "local" else ["backend=tinker", f"base_url={vision_engine.url}"]
-        started[key] = (root / key, start_with_keys_file([*backend, *args], root / key, ENV_FILE, vision_hub_cache))
+        started[key] = (
+            root / key,
+            start_with_keys_file([*backend, *args], root / key, ENV_FILE, vision_hub_cache),
+        )
     return wait_all(started, timeout=900)
 
 
@@ -159,8 +162,10 @@ def test_the_plan_counts_each_images_tokens(vision_runs: dict[str, Finished]) ->
     proc = vision_runs["plan"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert "plan: image tokens as the model's image processor counts them (each image resized to at most 480 px " \
-        "on its longest side)" in lines  # fmt: skip
+    assert (
+        "plan: image tokens as the model's image processor counts them (each image resized to at most 480 px "
+        "on its longest side)" in lines
+    )
     mean = next(line for line in lines if line.startswith("plan: 3 steps of 4 sequences (mean "))
     # Each image is scaled up to the processor's minimum of 65,536 pixels: 64 image tokens for a 32x32 square, up to
     # 75 for the 104x32 one; the question, the answer and the chat markup add 39 tokens.
@@ -171,12 +176,18 @@ def test_the_plan_counts_each_images_tokens(vision_runs: dict[str, Finished]) ->
 @pytest.mark.parametrize(
     ("key", "expected"),
     [
-        ("bad_image", 'bad.jsonl line 5: field "image": {folder}/pics/broken.png cannot be read as an image ('),
+        (
+            "bad_image",
+            'bad.jsonl line 5: field "image": {folder}/pics/broken.png cannot be read as an image (',
+        ),
         ("no_label", 'nolabel.jsonl line 5: field "label" is missing (the class name)'),
-        ("text_only", "train.jsonl: image rows need a vision-language model; HuggingFaceTB/SmolLM2-135M-Instruct "
-                      "is text-only (vision-language models: Qwen/Qwen3-VL-30B-A3B-Instruct, "),
+        (
+            "text_only",
+            "train.jsonl: image rows need a vision-language model; HuggingFaceTB/SmolLM2-135M-Instruct "
+            "is text-only (vision-language models: Qwen/Qwen3-VL-30B-A3B-Instruct, ",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_inputs_stop_in_one_line_before_anything_is_spent(
     vision_runs: dict[str, Finished], key: str, expected: str
 ) -> None:

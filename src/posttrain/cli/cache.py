@@ -64,7 +64,9 @@ def parse_args(argv: list[str]) -> CacheArgs:
     if argv and "=" not in argv[0]:
         action, argv = argv[0], argv[1:]
     if action not in _KEYS:
-        raise UserError(f"cache {action}: unknown action (cache list, cache prune; see posttrain cache --help)")
+        raise UserError(
+            f"cache {action}: unknown action (cache list, cache prune; see posttrain cache --help)"
+        )
     values: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -122,8 +124,10 @@ def _runs(n: int) -> str:
 def _describe(folder: disk.RunFolder) -> list[str]:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(folder.modified))
     checkpoints = ", ".join(folder.checkpoints) or "(no checkpoints)"
-    lines = [f"  {folder.run_id}  {human_size(folder.size_bytes)}  changed {when} ({age(folder.modified)})",
-             f"      {checkpoints}"]  # fmt: skip
+    lines = [
+        f"  {folder.run_id}  {human_size(folder.size_bytes)}  changed {when} ({age(folder.modified)})",
+        f"      {checkpoints}",
+    ]
     details = [f"base {folder.base_model}"] if folder.base_model else []
     if folder.user_metadata:
         details.append("metadata " + ", ".join(f"{k}={v}" for k, v in sorted(folder.user_metadata.items())))
@@ -161,19 +165,25 @@ def _chosen(args: CacheArgs) -> list[disk.RunFolder]:
 def prune(args: CacheArgs) -> None:
     chosen = _chosen(args)
     if not chosen:
-        print(f"nothing to remove: no run in {args.checkpoint_dir} unchanged for longer than {args.older_than_text}")
+        print(
+            f"nothing to remove: no run in {args.checkpoint_dir} unchanged for longer than {args.older_than_text}"
+        )
         return
     verb = "would remove" if args.dry_run else "removed"
     for folder in chosen:
         if not args.dry_run:
             disk.remove_folder(folder.path)
         what = ", ".join(folder.checkpoints) or "no checkpoints"
-        print(f"{verb} {folder.run_id} ({human_size(folder.size_bytes)}, changed {age(folder.modified)}: {what})")
+        print(
+            f"{verb} {folder.run_id} ({human_size(folder.size_bytes)}, changed {age(folder.modified)}: {what})"
+        )
     freed = human_size(sum(f.size_bytes for f in chosen))
     runs = _runs(len(chosen))
     if args.dry_run:
         print(f"dry run: would free {freed} ({runs}); nothing was removed")
     else:
         left = disk.run_folders(args.checkpoint_dir)
-        print(f"freed {freed} ({runs}); the store holds {_runs(len(left))}, "
-              f"{human_size(sum(f.size_bytes for f in left))}")  # fmt: skip
+        print(
+            f"freed {freed} ({runs}); the store holds {_runs(len(left))}, "
+            f"{human_size(sum(f.size_bytes for f in left))}"
+        )

@@ -55,7 +55,10 @@ def train_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     if offline:
-        print("note: the Hugging Face Hub is not reachable: models and datasets come from local caches", flush=True)
+        print(
+            "note: the Hugging Face Hub is not reachable: models and datasets come from local caches",
+            flush=True,
+        )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _stop_on_signals_like_ctrl_c()
     from posttrain.pipeline.run import run
@@ -70,7 +73,10 @@ def train_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _quiet_background_threads()
         kept = "partial results were written to the results folder"
-        print(f"interrupted: {'nothing was written (a dry run writes no results)' if cfg.dry_run else kept}", file=sys.stderr)
+        print(
+            f"interrupted: {'nothing was written (a dry run writes no results)' if cfg.dry_run else kept}",
+            file=sys.stderr,
+        )
         return 130
     return 0 if summary.get("dry_run") else verdict_exit_code(summary)
 

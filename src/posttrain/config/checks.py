@@ -25,7 +25,12 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def at_least(name: str, value: Any, low: float, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < low
+    ):
         raise ConfigError(f"{name}={value!r} is not valid; expected a number >= {low:g}")
 
 

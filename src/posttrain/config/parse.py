@@ -34,8 +34,14 @@ UNSUPPORTED_SENTENCE = (
     "Let me know if you'd like to proceed with the supported options."
 )
 # What chz raises for arguments it cannot turn into a settings object.
-_CHZ_ERRORS = (ConstructionException, ExtraneousBlueprintArg, InvalidBlueprintArg, MissingBlueprintArg, ValueError,
-               TypeError)  # fmt: skip
+_CHZ_ERRORS = (
+    ConstructionException,
+    ExtraneousBlueprintArg,
+    InvalidBlueprintArg,
+    MissingBlueprintArg,
+    ValueError,
+    TypeError,
+)
 
 # Keys people use for settings the Tinker training configs do not expose, by category. Every unknown key is
 # rejected; these are listed so the rejection can also say what the setting is (`unsupported_category`).
@@ -119,7 +125,6 @@ def to_dict(cfg: Any, names: typing.Iterable[str] | None = None) -> dict[str, An
     """The settings (every field, or `names`) and their values, in declaration order."""
     fields = chz.chz_fields(type(cfg))
     return {name: getattr(cfg, name) for name in fields if names is None or name in names}
-
 
 
 def _normalize_key(key: str) -> str:
@@ -241,7 +246,11 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
     hints = _field_types(cls)
     # The cookbook's learning-rate schedules are all there are: another is a warmup or schedule Tinker lacks.
     lr_schedule = seen.get("lr_schedule")
-    if lr_schedule is not None and "lr_schedule" in hints and lr_schedule not in choices(hints["lr_schedule"]):
+    if (
+        lr_schedule is not None
+        and "lr_schedule" in hints
+        and lr_schedule not in choices(hints["lr_schedule"])
+    ):
         unsupported.append(f"lr_schedule={lr_schedule}")
     if unsupported:
         raise UnsupportedConfigError(unsupported, sorted(known))
@@ -276,5 +285,3 @@ def _first_bad_pair(cls: type, pairs: list[tuple[str, str]]) -> tuple[str, str] 
         except _CHZ_ERRORS:
             return key, value
     return None
-
-

@@ -37,8 +37,12 @@ class RunSettings:
     dataset_config: str | None = chz.field(default=None, doc="HF dataset config (subset) name")
     dataset_split: str = chz.field(default="train", doc="split to train on")
     eval_dataset: str | None = chz.field(default=None, doc="separate evaluation data (file or HF dataset)")
-    eval_split: str | None = chz.field(default=None, doc="evaluation split (None: test split or a held-out 10%)")
-    max_train_rows: int = chz.field(default=20_000, doc=f"training rows used (at most {MAX_TRAIN_ROWS_LIMIT})")
+    eval_split: str | None = chz.field(
+        default=None, doc="evaluation split (None: test split or a held-out 10%)"
+    )
+    max_train_rows: int = chz.field(
+        default=20_000, doc=f"training rows used (at most {MAX_TRAIN_ROWS_LIMIT})"
+    )
     max_eval_rows: int = chz.field(default=2_000, doc=f"evaluation rows used (at most {MAX_EVAL_ROWS_LIMIT})")
     model_name: str = chz.field(default="HuggingFaceTB/SmolLM2-135M-Instruct", doc="base model")
     renderer_name: str | None = chz.field(default=None, doc="chat renderer (None: recommended for the model)")
@@ -46,12 +50,16 @@ class RunSettings:
     # Where it runs and where results go
     backend: Backend = chz.field(default="auto", doc="auto|tinker|local")
     base_url: str | None = chz.field(default=None, doc="Tinker service URL (None: the default service)")
-    run_name: str | None = chz.field(default=None, doc="run name (None: generated); logs in results/logs/<run_name>")
+    run_name: str | None = chz.field(
+        default=None, doc="run name (None: generated); logs in results/logs/<run_name>"
+    )
     results_dir: str = chz.field(default="results", doc="results folder")
     dtype: EngineDtype = chz.field(default="auto", doc="local engine compute dtype: auto|bf16|fp32")
 
     # The optimisation every cookbook loop shares
-    learning_rate: float | None = chz.field(default=None, doc="peak learning rate (None: recommended for the model)")
+    learning_rate: float | None = chz.field(
+        default=None, doc="peak learning rate (None: recommended for the model)"
+    )
     # None (not given): chosen from the data size and the method (`pipeline.methods.length`), which records why;
     # the munger makes the value read everywhere else the number used, and X_num_epochs says whether it was given.
     num_epochs: int = chz.field(
@@ -59,7 +67,9 @@ class RunSettings:
         munger=lambda _, value: DEFAULT_EPOCHS if value is None else value,
         doc="passes over the training data (not given: enough for the method's minimum steps on small data, at most 4)",
     )
-    max_steps: int | None = chz.field(default=None, doc="cap on training steps (None: num_epochs over the data)")
+    max_steps: int | None = chz.field(
+        default=None, doc="cap on training steps (None: num_epochs over the data)"
+    )
     batch_size: int = chz.field(
         default=None,
         munger=lambda _, value: DEFAULT_BATCH_SIZE if value is None else value,
@@ -88,7 +98,7 @@ class RunSettings:
     )
     guard_dataset: str | None = chz.field(
         default=None,
-        doc="your own guard set: a JSONL file of conversations ({\"messages\": [...]}, the last assistant reply is "
+        doc='your own guard set: a JSONL file of conversations ({"messages": [...]}, the last assistant reply is '
         "scored); None: 64 everyday conversations shipped with tinker-cookbook",
     )
 
@@ -98,10 +108,12 @@ class RunSettings:
     save_every: int = chz.field(default=20, doc="checkpoint every N steps (0: only the final one)")
     eval_every: int = chz.field(default=10, doc="evaluate every N steps during training (0: never)")
     dry_run: bool = chz.field(
-        default=False, doc="check everything, then print the plan (sizes, tokens, Tinker cost or local time) and stop"
+        default=False,
+        doc="check everything, then print the plan (sizes, tokens, Tinker cost or local time) and stop",
     )
     resume: bool = chz.field(
-        default=False, doc="continue the stopped run named run_name from its last checkpoint, in the same log directory"
+        default=False,
+        doc="continue the stopped run named run_name from its last checkpoint, in the same log directory",
     )
     verbose: bool = chz.field(
         default=False, doc="show every library's output (else it goes to results/logs/<run>/console.log)"
@@ -111,8 +123,17 @@ class RunSettings:
 def check_run(cfg: Any) -> None:
     """The run's own settings: enumerations, ranges, names; a one-line ConfigError on the first problem."""
     literals(cfg, RunSettings)
-    not_blank(cfg, "dataset", "dataset_config", "eval_dataset", "eval_split", "renderer_name", "wandb_project",
-              "wandb_name", "guard_dataset")  # fmt: skip
+    not_blank(
+        cfg,
+        "dataset",
+        "dataset_config",
+        "eval_dataset",
+        "eval_split",
+        "renderer_name",
+        "wandb_project",
+        "wandb_name",
+        "guard_dataset",
+    )
     for name in ("dataset_split", "model_name", "results_dir"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name} is empty; give a value")
@@ -127,9 +148,13 @@ def _check_names(cfg: Any) -> None:
             "results/logs/<run_name>)"
         )
     if cfg.resume and cfg.dry_run:
-        raise ConfigError("resume=true and dry_run=true do not go together: a plan is made before a run starts")
+        raise ConfigError(
+            "resume=true and dry_run=true do not go together: a plan is made before a run starts"
+        )
     if cfg.resume and not cfg.run_name:
-        raise ConfigError("resume=true needs run_name=<the run to continue> (its logs are results/logs/<run_name>)")
+        raise ConfigError(
+            "resume=true needs run_name=<the run to continue> (its logs are results/logs/<run_name>)"
+        )
     if cfg.base_url is not None and not cfg.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"base_url={cfg.base_url!r} is not valid; expected an http:// or https:// URL")
     if cfg.load_checkpoint_path is not None and not cfg.load_checkpoint_path.startswith("tinker://"):
@@ -138,15 +163,21 @@ def _check_names(cfg: Any) -> None:
             "tinker://<run>/weights/<name> (an earlier run's checkpoints.jsonl lists them as state_path)"
         )
     if cfg.load_checkpoint_path is not None and cfg.resume:
-        raise ConfigError("resume=true continues from the run's own last checkpoint; leave load_checkpoint_path out")
+        raise ConfigError(
+            "resume=true continues from the run's own last checkpoint; leave load_checkpoint_path out"
+        )
     if cfg.guard_dataset is not None and not cfg.guard:
-        raise ConfigError("guard_dataset= is a guard set, and guard=false turns the guard off; give one or the other")
+        raise ConfigError(
+            "guard_dataset= is a guard set, and guard=false turns the guard off; give one or the other"
+        )
     if cfg.wandb_project is not None and "/" in cfg.wandb_project:
         raise ConfigError(f"wandb_project={cfg.wandb_project!r} is not valid; a W&B project name has no '/'")
 
 
 def _check_numbers(cfg: Any) -> None:
-    if cfg.learning_rate is not None and not (isinstance(cfg.learning_rate, int | float) and 0 < cfg.learning_rate < 1):
+    if cfg.learning_rate is not None and not (
+        isinstance(cfg.learning_rate, int | float) and 0 < cfg.learning_rate < 1
+    ):
         raise ConfigError(f"learning_rate={cfg.learning_rate!r} is not valid; expected a number in (0, 1)")
     at_least("num_epochs", cfg.num_epochs, 1)
     at_least("max_steps", cfg.max_steps, 1, allow_none=True)

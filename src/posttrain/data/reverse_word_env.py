@@ -51,7 +51,9 @@ def exact(completion: list[dict], answer: str) -> float:
     return float(_answer(completion) == answer)
 
 
-def load_environment(num_train: int = 512, num_eval: int = 50, min_len: int = 3, max_len: int = 5) -> vf.Environment:
+def load_environment(
+    num_train: int = 512, num_eval: int = 50, min_len: int = 3, max_len: int = 5
+) -> vf.Environment:
     """Training words and held-out words come from different seeds; `exact` is reported, not rewarded."""
     rubric = vf.Rubric(funcs=[reversed_answer, exact], weights=[1.0, 0.0])
     return vf.SingleTurnEnv(

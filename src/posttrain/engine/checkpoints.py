@@ -183,7 +183,9 @@ class CheckpointStore:
             raise WireError(f"{ref.tinker_path} has no file {name!r}")
         path = self._dir(ref) / name
         if _sha256(path) != meta["sha256"].get(name):
-            raise WireError(f"checkpoint {ref.tinker_path} is damaged: {path}: its contents differ from what was saved")
+            raise WireError(
+                f"checkpoint {ref.tinker_path} is damaged: {path}: its contents differ from what was saved"
+            )
         return path
 
     def set_ttl(self, ref: CheckpointRef, ttl_seconds: int | None) -> None:

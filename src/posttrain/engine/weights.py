@@ -88,7 +88,9 @@ class Weights:
         for run_id in sorted({ref.run_id for ref in gone} - set(self.runs)):
             self.store.remove_if_empty(run_id)
         if gone:
-            logger.info("expired checkpoints deleted (their ttl_seconds passed): %s", [r.tinker_path for r in gone])
+            logger.info(
+                "expired checkpoints deleted (their ttl_seconds passed): %s", [r.tinker_path for r in gone]
+            )
         return gone
 
     # training operations (on the compute thread) ----------------------------------------------------------------
@@ -299,7 +301,9 @@ def _age_encrypt(data: bytes, recipients: list[str]) -> bytes:
         try:
             keys.append(kind.Recipient.from_str(r))
         except pyrage.RecipientError as exc:
-            raise WireError(f"age_encryption_recipients: {r[:20]!r} is not an age or SSH public key ({exc})") from None
+            raise WireError(
+                f"age_encryption_recipients: {r[:20]!r} is not an age or SSH public key ({exc})"
+            ) from None
     return pyrage.encrypt(data, keys)
 
 

@@ -23,7 +23,10 @@ def settings_record(state: RunState) -> dict[str, Any]:
         "learning_rate": state.learning_rate,
         "learning_rate_source": state.lr_source,
         **(
-            {"num_epochs_source": state.length.num_epochs_source, "batch_size_source": state.length.batch_size_source}
+            {
+                "num_epochs_source": state.length.num_epochs_source,
+                "batch_size_source": state.length.batch_size_source,
+            }
             if state.length
             else {}
         ),
@@ -77,7 +80,11 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     results.write_report_html(res, summary)
 
     say("")
-    for line in (summary["headline"], f"verdict: {summary['improvement']['verdict_text']}", f"guard: {summary['guard']['text']}"):
+    for line in (
+        summary["headline"],
+        f"verdict: {summary['improvement']['verdict_text']}",
+        f"guard: {summary['guard']['text']}",
+    ):
         say(line)
     say(
         f"per example: {comparison['improved']} improved, {comparison['regressed']} regressed, "
@@ -86,7 +93,9 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     verified = "verified" if verification["verified"] else "NOT verified"
     say(f"W&B ({verification['mode']}): {verified}: {facts.wandb_url}")
     guard_files = ", guard_*.jsonl" if outcome.guard is not None else ""
-    say(f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl{guard_files}, report.md, report.html)")
+    say(
+        f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl{guard_files}, report.md, report.html)"
+    )
     if warning:
         say("")
         say(warning)

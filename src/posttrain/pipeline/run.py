@@ -54,7 +54,9 @@ def run(train_config: Any) -> dict[str, Any]:
     if cfg.dry_run:
         return _dry_run(cfg, where, task, method, recipe.length)
 
-    state = RunState(cfg, make_run_name(cfg, task), where, task, res, length=recipe.length, guard=recipe.guard)
+    state = RunState(
+        cfg, make_run_name(cfg, task), where, task, res, length=recipe.length, guard=recipe.guard
+    )
     if cfg.resume:
         resume.check_resumable(res, state.run_name)
     with res.single_writer(state.run_name) as died:
@@ -81,7 +83,9 @@ def choose_recipe(train_config: Any, where: preflight.Backend, for_training: boo
     # The guard set (did training break something else?), checked now: a bad file stops the run before it costs.
     guard_set = load_guard(train_config, data.train if data is not None else [])
     if guard_set is not None:
-        say(f"guard: {guard_set.name}, {guard_set.source}; scored for both models (seconds; guard=false: off)")
+        say(
+            f"guard: {guard_set.name}, {guard_set.source}; scored for both models (seconds; guard=false: off)"
+        )
     task, why = choose_task(train_config, data)
     if train_config.task == "auto":
         say(f"task: {task} ({why})")
@@ -195,10 +199,16 @@ def load_run_data(cfg: Any, for_training: bool = True) -> LoadedData | None:
     loaded = []
     for source in sources:
         request = DataRequest(
-            source.dataset or str(DEFAULT_SFT_DATA), source.dataset_config, source.dataset_split,
-            source.eval_dataset, source.eval_split, source.max_train_rows, source.max_eval_rows,
-            seed=SPLIT_SEED + cfg.seed, for_training=for_training,
-        )  # fmt: skip
+            source.dataset or str(DEFAULT_SFT_DATA),
+            source.dataset_config,
+            source.dataset_split,
+            source.eval_dataset,
+            source.eval_split,
+            source.max_train_rows,
+            source.max_eval_rows,
+            seed=SPLIT_SEED + cfg.seed,
+            for_training=for_training,
+        )
         data = load_data(request)
         say(
             f"data: {data.source}: {data.format} format, {len(data.train):,} training rows, "

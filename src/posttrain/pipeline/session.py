@@ -177,7 +177,11 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         trained_guard = await guard_rows(state, ctx, trained_client, "trained model")
     dataset, sizes, extra = method.describe()
     guard = state.guard
-    measured = (guard.name, guard.source, base_guard, trained_guard) if guard and base_guard and trained_guard else None
+    measured = (
+        (guard.name, guard.source, base_guard, trained_guard)
+        if guard and base_guard and trained_guard
+        else None
+    )
     return results.Outcome(
         method.metric,
         base_rows,

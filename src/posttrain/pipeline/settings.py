@@ -27,7 +27,9 @@ def _assemble() -> type:
     bases = tuple(dict.fromkeys(config_class(name) for name in METHODS))
     namespace = {
         "__annotations__": {"task": TaskName},
-        "task": chz.field(default="auto", doc="|".join(("auto", *METHODS)) + " (auto: inferred from the data and settings)"),
+        "task": chz.field(
+            default="auto", doc="|".join(("auto", *METHODS)) + " (auto: inferred from the data and settings)"
+        ),
         "__doc__": "posttrain: LoRA fine-tuning through the Tinker API (or the bundled local engine).",
         "__module__": __name__,
         "__qualname__": "TrainConfig",
@@ -73,7 +75,9 @@ def check_method_settings(cfg: Any, task: str) -> None:
             owners = [m for m in METHODS if name in chz.chz_fields(config_class(m))]
             if len(owners) == 1:
                 raise ConfigError(f"{name} is only used by task={owners[0]}, not task={task}; leave it out")
-            raise ConfigError(f"{name} is not used by task={task} (only by task={', '.join(owners)}); leave it out")
+            raise ConfigError(
+                f"{name} is not used by task={task} (only by task={', '.join(owners)}); leave it out"
+            )
     when_chosen = getattr(cls, "when_chosen", None)
     if when_chosen is not None:
         when_chosen(cfg)

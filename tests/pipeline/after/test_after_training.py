@@ -22,7 +22,9 @@ def _engine_logprobs(service, sampler_path: str, tokens: list[list[int]]) -> lis
     sampler = service.create_sampling_client(model_path=sampler_path)
 
     async def all_logprobs() -> list[list[float]]:
-        replies = await asyncio.gather(*(sampler.compute_logprobs(tinker.ModelInput.from_ints(t)) for t in tokens))
+        replies = await asyncio.gather(
+            *(sampler.compute_logprobs(tinker.ModelInput.from_ints(t)) for t in tokens)
+        )
         return [list(r)[1:] for r in replies]  # the first token has no prefix to be predicted from
 
     return asyncio.run(all_logprobs())
@@ -76,7 +78,9 @@ def test_export_peft_and_merged_reproduce_the_engines_model(finished, run_engine
 
 def test_chat_through_a_pipe_answers_with_trained_and_base_models(finished, engine_answer) -> None:
     cwd, env = finished
-    proc = posttrain(["chat", "base=true", "max_tokens=12"], cwd, env, stdin="Say the number 7.\n\n/reset\nHi\n")
+    proc = posttrain(
+        ["chat", "base=true", "max_tokens=12"], cwd, env, stdin="Say the number 7.\n\n/reset\nHi\n"
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     speakers = [line.split("> ", 1)[0] for line in lines if line.startswith(("you> ", "trained> ", "base> "))]
@@ -104,7 +108,10 @@ def test_chat_through_a_pipe_answers_with_trained_and_base_models(finished, engi
         (["serve-model", "run_name=nope"], "run_name=nope: no such run in results (runs there: done)"),
         (["serve-model", "port=70000"], "port=70000: must be between 0 and 65535"),
         (["serve-model", "ports=1"], "ports"),
-        (["eval", "learning_rate=1e-4"], "learning_rate= only shapes training; posttrain eval does not train"),
+        (
+            ["eval", "learning_rate=1e-4"],
+            "learning_rate= only shapes training; posttrain eval does not train",
+        ),
         (["eval", "run_name=nope"], "run_name=nope: no such run in results (runs there: done)"),
         (["eval", "against=nope"], "run_name=nope: no such run"),
         (["eval", "checkpoint=done"], "checkpoint=done: not sampler weights; expected tinker://"),
@@ -122,10 +129,16 @@ def test_bad_input_is_one_line(finished, argv: list[str], needle: str) -> None:
 def test_a_run_that_failed_has_nothing_to_export(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
-    (results / "summary.json").write_text(json.dumps({"run_name": "broke", "status": "failed", "error": "engine died"}))
+    (results / "summary.json").write_text(
+        json.dumps({"run_name": "broke", "status": "failed", "error": "engine died"})
+    )
     proc = cli_here(["export"], tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "run broke" in proc.stderr and "did not finish training" in proc.stderr and "engine died" in proc.stderr
+    assert (
+        "run broke" in proc.stderr
+        and "did not finish training" in proc.stderr
+        and "engine died" in proc.stderr
+    )
     (results / "summary.json").write_text("{not json")
     proc = cli_here(["chat"], tmp_path)
     assert proc.returncode == 2 and "summary.json: not a readable summary" in proc.stderr, proc.stderr
@@ -136,8 +149,11 @@ def test_a_run_that_failed_has_nothing_to_export(tmp_path: Path) -> None:
 
 def _eval_record(cwd: Path, out: str) -> tuple[dict, list[dict], list[dict]]:
     folder = cwd / out
-    rows = [[json.loads(line) for line in (folder / name).read_text().splitlines()] for name in ("model.jsonl", "against.jsonl")]
-    return json.loads((folder / "eval.json").read_text()), rows[0], rows[1]  # fmt: skip
+    rows = [
+        [json.loads(line) for line in (folder / name).read_text().splitlines()]
+        for name in ("model.jsonl", "against.jsonl")
+    ]
+    return json.loads((folder / "eval.json").read_text()), rows[0], rows[1]
 
 
 def test_eval_reproduces_the_runs_scores_rows_and_verdict_from_its_checkpoint(finished) -> None:
@@ -147,15 +163,19 @@ def test_eval_reproduces_the_runs_scores_rows_and_verdict_from_its_checkpoint(fi
     proc = cli_here(["eval", "against=base", "out=evals/same"], cwd, env)
     summary = json.loads((cwd / "results" / "summary.json").read_text())
     expected = {0: "improved", 1: "not improved", 3: "inconclusive"}
-    assert proc.returncode in expected and expected[proc.returncode] == summary["verdict"], proc.stdout + proc.stderr
+    assert proc.returncode in expected and expected[proc.returncode] == summary["verdict"], (
+        proc.stdout + proc.stderr
+    )
     record, trained_rows, base_rows = _eval_record(cwd, "evals/same")
     assert record["method"] == "sft" and record["metric"] == "nll"
     assert [m["label"] for m in record["models"]] == ["run done", f"base model {summary['model']}"]
     assert record["models"][0]["checkpoint"] == summary["checkpoint_path"]
     assert record["models"][0]["score"] == summary["trained_nll"]
     assert record["models"][1]["score"] == summary["baseline_nll"]
-    run_rows = {name: [json.loads(line) for line in (cwd / "results" / name).read_text().splitlines()]
-                for name in ("trained_model.jsonl", "base_model.jsonl")}  # fmt: skip
+    run_rows = {
+        name: [json.loads(line) for line in (cwd / "results" / name).read_text().splitlines()]
+        for name in ("trained_model.jsonl", "base_model.jsonl")
+    }
     assert trained_rows == run_rows["trained_model.jsonl"] and base_rows == run_rows["base_model.jsonl"]
     assert record["verdict"] == summary["verdict"]
     assert record["improvement"]["interval"] == summary["improvement"]["interval"]
@@ -166,12 +186,16 @@ def test_eval_reproduces_the_runs_scores_rows_and_verdict_from_its_checkpoint(fi
 def test_eval_scores_the_trained_model_on_another_environment(finished, tiny_model: str) -> None:
     """The run's model on RL problems it never saw (env=arithmetic): the RL method's evaluation, its rows' schema."""
     cwd, env = finished
-    proc = cli_here(["eval", "env=arithmetic", "max_eval_rows=4", "max_tokens=8", "out=evals/arith"], cwd, env)
+    proc = cli_here(
+        ["eval", "env=arithmetic", "max_eval_rows=4", "max_tokens=8", "out=evals/arith"], cwd, env
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads((cwd / "evals/arith/eval.json").read_text())
     rows = [json.loads(line) for line in (cwd / "evals/arith/model.jsonl").read_text().splitlines()]
     assert record["method"] == "rl" and record["metric"] == "score" and "verdict" not in record
-    assert record["settings"]["model_name"] == tiny_model and record["settings"]["renderer_name"] == "role_colon"
+    assert (
+        record["settings"]["model_name"] == tiny_model and record["settings"]["renderer_name"] == "role_colon"
+    )
     assert len(rows) == 4 and {"question", "ground_truth", "completion", "correct"} <= set(rows[0])
     assert record["models"][0]["score"] == sum(r["correct"] for r in rows) / 4
     assert not (cwd / "evals/arith/against.jsonl").exists()
@@ -180,8 +204,19 @@ def test_eval_scores_the_trained_model_on_another_environment(finished, tiny_mod
 def test_eval_of_a_checkpoint_the_service_does_not_have_is_one_line(finished, tiny_model: str) -> None:
     cwd, env = finished
     missing = "tinker://nosuchrun:train:0/sampler_weights/final"
-    proc = cli_here(["eval", f"checkpoint={missing}", f"model_name={tiny_model}", "renderer_name=role_colon",
-                      "backend=local", "dtype=fp32", "out=evals/missing"], cwd, env)  # fmt: skip
+    proc = cli_here(
+        [
+            "eval",
+            f"checkpoint={missing}",
+            f"model_name={tiny_model}",
+            "renderer_name=role_colon",
+            "backend=local",
+            "dtype=fp32",
+            "out=evals/missing",
+        ],
+        cwd,
+        env,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"error: {missing}: no such checkpoint on this backend" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (cwd / "evals/missing/eval.json").exists()
@@ -200,7 +235,9 @@ def test_export_gguf_reproduces_the_engines_model(finished, run_engine, tiny_mod
     assert proc.stderr.strip() == "", proc.stderr[-2000:]  # the converter's output went to the run's log
     out = cwd / "results/exports/gguf-test"
     assert [p.name for p in out.iterdir()] == ["model.gguf"]
-    assert "Model successfully exported" in (cwd / "results/logs/done/export/convert_hf_to_gguf.log").read_text()
+    assert (
+        "Model successfully exported" in (cwd / "results/logs/done/export/convert_hf_to_gguf.log").read_text()
+    )
 
     reader = gguf.GGUFReader(out / "model.gguf")
     field = reader.fields["general.architecture"]
@@ -228,4 +265,6 @@ def test_export_gguf_type_is_checked_before_anything_runs(finished) -> None:
     assert proc.returncode == 2 and "gguf_type" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     proc = cli_here(["export", "format=merged", "gguf_type=q8_0"], cwd, env)
-    assert proc.returncode == 2 and "gguf_type is only used by format=gguf, not format=merged" in proc.stderr, proc.stderr
+    assert (
+        proc.returncode == 2 and "gguf_type is only used by format=gguf, not format=merged" in proc.stderr
+    ), proc.stderr

@@ -68,8 +68,12 @@ def start_server(cwd: Path, env: dict[str, str], *args: str) -> Server:
     full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "posttrain.cli.main", "serve-model", "port=0", *args],
-        cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     server = Server(proc)
     server.reader = threading.Thread(target=server.follow, daemon=True)
     server.reader.start()
@@ -133,18 +137,28 @@ def test_max_tokens_and_stop(served, finished, engine_answer) -> None:
 def test_streaming_sends_openai_chunks_then_done(served, finished, engine_answer) -> None:
     _, base_url = served
     stream = _client(base_url).chat.completions.create(
-        model="done", messages=CONVERSATION, temperature=0, max_tokens=ANSWER_TOKENS, stream=True,
+        model="done",
+        messages=CONVERSATION,
+        temperature=0,
+        max_tokens=ANSWER_TOKENS,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)  # the client reads up to `data: [DONE]` and stops there
     assert all(c.object == "chat.completion.chunk" and c.model == "done" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == engine_answer(_sampler_path(finished[0]), CONVERSATION, ANSWER_TOKENS)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    with httpx.stream("POST", f"{base_url}/chat/completions", json={"model": "done", "messages": CONVERSATION,
-                      "max_tokens": 2, "stream": True}, timeout=120) as raw:  # fmt: skip
+    assert (
+        chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    )
+    with httpx.stream(
+        "POST",
+        f"{base_url}/chat/completions",
+        json={"model": "done", "messages": CONVERSATION, "max_tokens": 2, "stream": True},
+        timeout=120,
+    ) as raw:
         assert raw.headers["content-type"].startswith("text/event-stream")
         events = [line for line in raw.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
@@ -160,10 +174,17 @@ def test_unknown_model_is_404_and_a_bad_body_400_in_openais_shape(served) -> Non
     with pytest.raises(openai.BadRequestError) as empty:
         client.chat.completions.create(model="done", messages=[])
     assert empty.value.status_code == 400 and empty.value.param == "messages"
-    for body in (b"{not json", json.dumps({"model": "done", "messages": [{"role": "user"}], "n": 0}).encode()):
-        raw = httpx.post(f"{base_url}/chat/completions", content=body, headers={"content-type": "application/json"})
+    for body in (
+        b"{not json",
+        json.dumps({"model": "done", "messages": [{"role": "user"}], "n": 0}).encode(),
+    ):
+        raw = httpx.post(
+            f"{base_url}/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
         error = raw.json()["error"]
-        assert raw.status_code == 400 and error["type"] == "invalid_request_error" and error["message"], raw.text
+        assert raw.status_code == 400 and error["type"] == "invalid_request_error" and error["message"], (
+            raw.text
+        )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -196,5 +217,7 @@ def test_a_port_in_use_is_one_line(finished) -> None:
         port = taken.getsockname()[1]
         proc = cli_here(["serve-model", f"port={port}"], cwd, env)
     assert proc.returncode == 2, proc.stderr
-    expected = f"error: port={port}: already in use on 127.0.0.1; stop what listens there, or pass another port="
+    expected = (
+        f"error: port={port}: already in use on 127.0.0.1; stop what listens there, or pass another port="
+    )
     assert proc.stderr.strip() == expected

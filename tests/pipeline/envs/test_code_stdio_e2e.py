@@ -32,19 +32,36 @@ def test_stdio_code_problems_train_with_rl_and_record_per_test_results(
     # The other layout for the held-out rows: parallel inputs/outputs lists.
     held_out.write_text(
         "".join(
-            json.dumps({"question": f"Read an integer n and print n * {k}.", "inputs": ["2\n", "3\n", "4\n"],
-                        "outputs": [f"{2 * k}\n", f"{3 * k}\n", f"{4 * k}\n"]}) + "\n"
+            json.dumps(
+                {
+                    "question": f"Read an integer n and print n * {k}.",
+                    "inputs": ["2\n", "3\n", "4\n"],
+                    "outputs": [f"{2 * k}\n", f"{3 * k}\n", f"{4 * k}\n"],
+                }
+            )
+            + "\n"
             for k in range(2, 6)
         )
-    )  # fmt: skip
+    )
     proc = train_here(
         [
-            f"dataset={data}", f"eval_dataset={held_out}", f"model_name={tiny_model}", f"base_url={engine.url}",
-            "run_name=stdio", "renderer_name=role_colon", "batch_size=2", "group_size=2", "max_steps=1",
-            "max_tokens=16", "max_eval_rows=4", "save_every=0", "eval_every=0", "lora_rank=4",
+            f"dataset={data}",
+            f"eval_dataset={held_out}",
+            f"model_name={tiny_model}",
+            f"base_url={engine.url}",
+            "run_name=stdio",
+            "renderer_name=role_colon",
+            "batch_size=2",
+            "group_size=2",
+            "max_steps=1",
+            "max_tokens=16",
+            "max_eval_rows=4",
+            "save_every=0",
+            "eval_every=0",
+            "lora_rank=4",
         ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     assert summary["dataset"]["env"] == "code" and summary["score_label"].startswith("pass rate")

@@ -38,8 +38,12 @@ def _refuse(args: list[str], cwd: Path) -> tuple[str, dict]:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", REFUSE, json.dumps(HEAVY), *args, "backend=local"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("REFUSAL ")), None)
     assert line is not None, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stderr, json.loads(line.removeprefix("REFUSAL "))

@@ -23,7 +23,7 @@ def _run(
             f"model_name={tiny_model}",
             f"base_url={engine.url}",
             f"run_name={name}",
-        ],  # fmt: skip
+        ],
         tmp_path,
     )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,8 +69,10 @@ def test_user_verifier_sets_rewards_and_a_crash_scores_zero_with_its_line(
 
 def test_a_missing_verifier_file_or_function_is_one_line_before_anything_starts(tmp_path: Path):
     (tmp_path / "v.py").write_text("def other(row, completion):\n    return 1.0\n")
-    for spec, reason in ((f"{tmp_path}/v.py:nope", f"{tmp_path}/v.py has no function 'nope' (functions there: other)"),
-                         (f"{tmp_path}/missing.py:f", f"file {tmp_path}/missing.py not found")):  # fmt: skip
+    for spec, reason in (
+        (f"{tmp_path}/v.py:nope", f"{tmp_path}/v.py has no function 'nope' (functions there: other)"),
+        (f"{tmp_path}/missing.py:f", f"file {tmp_path}/missing.py not found"),
+    ):
         proc = train_here(["env=arithmetic", f"reward_fn={spec}", "backend=local"], tmp_path)
         assert proc.returncode == 2 and proc.stderr == f"error: reward_fn={spec}: {reason}\n", proc.stderr
         assert not (tmp_path / "results").exists()
@@ -144,8 +146,9 @@ def test_tic_tac_toe_self_play_trains_both_seats_and_is_measured_against_a_fixed
     args = ["env=game:tic_tac_toe", "game_opponent=self", "max_tokens=4", "max_eval_rows=2", "batch_size=2"]
     summary, base, trained = _run(tmp_path, engine, tiny_model, args, "selfplay")
     assert "self-play" in summary["dataset"]["source"]
-    assert summary["dataset"]["eval_source"].endswith("against the random opponent (self-play trains; a fixed "
-                                                      "opponent measures)")  # fmt: skip
+    assert summary["dataset"]["eval_source"].endswith(
+        "against the random opponent (self-play trains; a fixed opponent measures)"
+    )
     assert {r["details"]["opponent"] for r in base + trained} == {"random"}
     games = read_jsonl(tmp_path / summary["log_path"] / "data" / "train_problems.jsonl")
     assert {g["opponent"] for g in games} == {"self"}
@@ -160,7 +163,10 @@ def test_tic_tac_toe_self_play_trains_both_seats_and_is_measured_against_a_fixed
     ("args", "message"),
     [
         (["group_size=3"], "game_opponent=self needs an even group_size (each game fills two seats), got 3"),
-        (["teacher_model=x", "distillation_mode=on_policy"], "game_opponent=self is only used by task=rl (self-play trains both seats)"),
+        (
+            ["teacher_model=x", "distillation_mode=on_policy"],
+            "game_opponent=self is only used by task=rl (self-play trains both seats)",
+        ),
     ],
 )
 def test_self_play_settings_are_checked_before_anything_starts(tmp_path: Path, args: list[str], message: str):
@@ -182,8 +188,15 @@ def test_a_hanging_verifier_times_out_and_the_run_goes_on(tmp_path: Path, engine
         "        pass\n"
         "    return 1.0\n"
     )
-    args = [f"dataset={data}", f"eval_dataset={data}", f"reward_fn={verifier}:score", "verifier_timeout=1",
-            "max_eval_rows=6", "max_steps=1", "batch_size=1"]  # fmt: skip
+    args = [
+        f"dataset={data}",
+        f"eval_dataset={data}",
+        f"reward_fn={verifier}:score",
+        "verifier_timeout=1",
+        "max_eval_rows=6",
+        "max_steps=1",
+        "batch_size=1",
+    ]
     summary, base, trained = _run(tmp_path, engine, tiny_model, args, "stuck_verifier")
     assert summary["hyperparameters"]["verifier_timeout"] == 1
     for row in base + trained:
@@ -203,7 +216,10 @@ def test_factual_qa_is_graded_by_token_f1_and_the_rows_say_so(tmp_path: Path, en
     data = tmp_path / "people.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary, base, trained = _run(tmp_path, engine, tiny_model, [f"dataset={data}"], "factual")
-    assert summary["dataset"]["grader"] == "f1" and "100% of the answers are text" in summary["dataset"]["grader_reason"]
+    assert (
+        summary["dataset"]["grader"] == "f1"
+        and "100% of the answers are text" in summary["dataset"]["grader_reason"]
+    )
     assert summary["score_label"] == "token F1 (correct = exact match)"
     assert summary["answer_instruction"] == "Give only the final answer after ####."
     for row in base + trained:
@@ -219,7 +235,10 @@ def test_the_grader_setting_belongs_to_question_answer_data(tmp_path: Path):
         "error: grader is only used with question/answer data (env=math), not env=arithmetic; leave it out"
     ), proc.stderr
     proc = train_here(["task=sft", "grader=f1", "backend=local"], tmp_path)
-    assert proc.stderr.strip() == "error: grader is not used by task=sft (only by task=distillation, rl); leave it out"
+    assert (
+        proc.stderr.strip()
+        == "error: grader is not used by task=sft (only by task=distillation, rl); leave it out"
+    )
 
 
 def test_eval_every_plays_the_held_out_problems_during_rl_training(tmp_path: Path, engine, tiny_model: str):
@@ -232,4 +251,6 @@ def test_eval_every_plays_the_held_out_problems_during_rl_training(tmp_path: Pat
     counted = [m["test/env/all/total_episodes"] for m in metrics if "test/env/all/total_episodes" in m]
     assert counted and all(n == len(base) == 4 for n in counted)  # every held-out problem, once
     report = (tmp_path / "results" / "report.md").read_text()
-    assert "![training curves]" in report and (tmp_path / "results" / "training_curves.png").stat().st_size > 0
+    assert (
+        "![training curves]" in report and (tmp_path / "results" / "training_curves.png").stat().st_size > 0
+    )

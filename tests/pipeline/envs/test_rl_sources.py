@@ -74,7 +74,9 @@ def test_guess_number_games_are_held_out_and_match_the_cookbook():
     game = guess_number.GuessNumber()
 
     def problems(batch_size: int):
-        return game.problems(EnvSpec("game", "guess_number"), RLConfig(batch_size=batch_size, max_eval_rows=20), None)
+        return game.problems(
+            EnvSpec("game", "guess_number"), RLConfig(batch_size=batch_size, max_eval_rows=20), None
+        )
 
     held_out = problems(64).eval
     assert {p["target"] for p in held_out}.isdisjoint({p["target"] for p in problems(64).train})
@@ -85,7 +87,10 @@ def test_guess_number_games_are_held_out_and_match_the_cookbook():
     ("args", "needle"),
     [
         (["env=game:chess"], "env=game:chess: no such environment"),
-        (["env=code:mbpp"], "env=code:mbpp: expected env=code, env=code:harder (env=code:harder:humaneval=true"),
+        (
+            ["env=code:mbpp"],
+            "env=code:mbpp: expected env=code, env=code:harder (env=code:harder:humaneval=true",
+        ),
         (["env=code:harder:humaneval=3"], "env=code:harder:humaneval=3: expected env=code, env=code:harder"),
         (["env=code:humaneval:humaneval=true"], "expected env=code, env=code:harder"),
         (["reward_fn=nofunction.py"], "expected path/to/file.py:function_name"),

@@ -71,7 +71,17 @@ def test_win_draw_and_loss_rewards_and_the_transcript(renderer):
     assert tictactoe.REWARDS == {"win": 1.0, "draw": 0.5, "loss": 0.0, tictactoe.OTHER_ILLEGAL: 0.5}
     assert len(outcomes) >= 2
     first = env.turns[0]
-    assert set(first) == {"turn", "seat", "player", "env", "reward", "board", "move", "opponent_move", "board_after"}
+    assert set(first) == {
+        "turn",
+        "seat",
+        "player",
+        "env",
+        "reward",
+        "board",
+        "move",
+        "opponent_move",
+        "board_after",
+    }
     assert first["seat"] == env.symbol
     assert first["board"].count("|") == 6 and first["player"].startswith("[")
 
@@ -119,9 +129,9 @@ def test_an_illegal_move_ends_the_game_as_a_loss_with_the_penalty(renderer, answ
 
 
 def test_the_move_is_the_first_bracketed_cell_else_the_first_number(renderer):
-    assert [tictactoe.parse_move(t) for t in ("[4]", "I say 3, no: [5]", "4\n\nA fine move", "cell 1.5", "x")] == [
-        4, 5, 4, None, None
-    ]  # fmt: skip
+    assert [
+        tictactoe.parse_move(t) for t in ("[4]", "I say 3, no: [5]", "4\n\nA fine move", "cell 1.5", "x")
+    ] == [4, 5, 4, None, None]
     env = _play(renderer, _game(0, "random", 5), ["4\n\nThe answer is: "])
     assert env.turns[0]["move"] == 4 and not env.illegal()
 

@@ -73,7 +73,11 @@ def test_the_calculator_tool_answers_errors_as_tool_messages():
 def _settings(**overrides) -> SimpleNamespace:
     """The settings an environment makes its problems from (ProblemSettings)."""
     base = {"seed": 0, "batch_size": 8, "max_steps": 5, "max_train_rows": 40, "max_eval_rows": 20}
-    base |= {"model_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "renderer_name": None, "game_opponent": None}
+    base |= {
+        "model_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "renderer_name": None,
+        "game_opponent": None,
+    }
     return SimpleNamespace(**base | overrides)
 
 
@@ -121,8 +125,12 @@ def test_the_shipped_corpus_as_a_users_files_keeps_its_split(tmp_path: Path):
     corpus = search.load_corpus()
     assert docs == [{"id": p["id"], "text": p["text"]} for p in corpus]
     for rows, split in ((qa, "train"), (held_out, "test")):
-        assert rows == [{"question": q["question"], "answer": q["answer"]} for p in corpus if p["split"] == split
-                        for q in p["questions"]]  # fmt: skip
+        assert rows == [
+            {"question": q["question"], "answer": q["answer"]}
+            for p in corpus
+            if p["split"] == split
+            for q in p["questions"]
+        ]
     assert (len(qa), len(held_out)) == (720, 180)
 
 
@@ -181,7 +189,9 @@ def test_the_env_runs_the_tool_then_rewards_the_final_answer(name: str, tiny_mod
     expected = "1314" if name == "calculator" else "Her captain is"
 
     async def episode(final: str) -> tuple[list, object]:
-        env = agent.make_env(problem, EnvContext(EnvSpec("tools", name, {"max_turns": 3}), renderer, Scorer()))
+        env = agent.make_env(
+            problem, EnvContext(EnvSpec("tools", name, {"max_turns": 3}), renderer, Scorer())
+        )
         reward = env.answer
         observation, _ = await env.initial_observation()
         prompt = renderer.tokenizer.decode(observation.to_ints())
@@ -270,7 +280,10 @@ def test_renderers_without_a_tool_call_format_are_the_ones_listed(tiny_model: st
     [
         (["env=tools:abacus"], "env=tools:abacus: no such environment; allowed values: math, arithmetic"),
         (["env=tools:calculator:max_turns=0"], "max_turns=0 is not valid; expected 1 to 20"),
-        (["env=tools:search:depth=2"], "env=tools:search:depth=2: unknown option 'depth'; the only option is max_turns=N"),
+        (
+            ["env=tools:search:depth=2"],
+            "env=tools:search:depth=2: unknown option 'depth'; the only option is max_turns=N",
+        ),
         (["env=tools:calculator", "renderer_name=role_colon"], "renderer 'role_colon' has none"),
     ],
 )
@@ -306,7 +319,7 @@ def test_tool_env_end_to_end(name: str, tmp_path: Path, engine, tiny_model: str)
             f"model_name={tiny_model}",
             f"base_url={engine.url}",
             f"run_name=tools-{name}",
-        ],  # fmt: skip
+        ],
         tmp_path,
     )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]

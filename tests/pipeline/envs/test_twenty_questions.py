@@ -15,8 +15,17 @@ from runs import FINISHED, REPO, read_jsonl, rl_results, train_here, without_gua
 
 from posttrain.pipeline.envs.games import twenty_questions
 
-FAST = ["renderer_name=role_colon", "batch_size=1", "group_size=2", "max_steps=1", "max_tokens=8",
-        "max_eval_rows=2", "save_every=0", "eval_every=0", "lora_rank=4"]  # fmt: skip
+FAST = [
+    "renderer_name=role_colon",
+    "batch_size=1",
+    "group_size=2",
+    "max_steps=1",
+    "max_tokens=8",
+    "max_eval_rows=2",
+    "save_every=0",
+    "eval_every=0",
+    "lora_rank=4",
+]
 
 
 def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, list[dict], list[dict], str]:
@@ -29,8 +38,9 @@ def _run(tmp_path: Path, url: str, model: str, args: list[str]) -> tuple[dict, l
 def test_the_split_is_the_recipes_own():
     from tinker_cookbook.recipes.multiplayer_rl.twenty_questions.env import TwentyQuestionsDatasetBuilder
 
-    builder = TwentyQuestionsDatasetBuilder(batch_size=1, model_name_for_tokenizer="x", renderer_name="role_colon",
-                                            group_size=1)  # fmt: skip
+    builder = TwentyQuestionsDatasetBuilder(
+        batch_size=1, model_name_for_tokenizer="x", renderer_name="role_colon", group_size=1
+    )
     assert twenty_questions.cookbook_split() == builder._get_train_and_test_words()
     train_words, test_words = twenty_questions.cookbook_split()
     assert len(test_words) == 34 and not set(train_words) & set(test_words)
@@ -45,8 +55,10 @@ def _greedy_answer(url: str, model: str, secret: str, question: str) -> str:
 
     renderer = renderers.get_renderer("role_colon", get_tokenizer(model))
     client = tinker.ServiceClient(base_url=url).create_sampling_client(base_model=model).result()
-    convo = [{"role": "system", "content": ANSWERER_SYSTEM_PROMPT.format(answer=secret)},
-             {"role": "user", "content": question}]  # fmt: skip
+    convo = [
+        {"role": "system", "content": ANSWERER_SYSTEM_PROMPT.format(answer=secret)},
+        {"role": "user", "content": question},
+    ]
     params = tinker.SamplingParams(max_tokens=5, temperature=0.0, stop=renderer.get_stop_sequences())
     result = client.sample(renderer.build_generation_prompt(convo), 1, params).result()
     return renderers.get_text_content(renderer.parse_response(result.sequences[0].tokens)[0])
@@ -64,7 +76,12 @@ def test_the_base_model_answers_and_every_turn_is_in_the_rows(tmp_path: Path, en
         turns = row["transcript"]
         # The tiny model never guesses right: every game runs the recipe's 20 questions.
         assert row["correct"] is False and len(turns) == 20 and row["details"]["questions"] == 20
-        assert [t["turn"] for t in turns] == list(range(1, 21)) and set(turns[0]) == {"turn", "player", "env", "reward"}
+        assert [t["turn"] for t in turns] == list(range(1, 21)) and set(turns[0]) == {
+            "turn",
+            "player",
+            "env",
+            "reward",
+        }
         assert row["completion"].splitlines()[0] == turns[0]["player"].splitlines()[0]
     # The answers are the served partner's own greedy replies to each question.
     first = base[0]["transcript"][0]
@@ -84,7 +101,9 @@ def test_another_served_model_answers_secrets_from_the_users_data(
     held_out.write_text("".join(json.dumps({"secret": s}) + "\n" for s in ("harbor", "tiger")))
     args = [f"dataset={data}", f"eval_dataset={held_out}", f"partner_model={tiny_model_b}"]
     summary, base, trained, stdout = _run(tmp_path, keyed_engine.url, tiny_model, args)
-    assert summary["method"] == "rl" and summary["dataset"]["env"] == "game:twenty_questions"  # task=auto, from the data
+    assert (
+        summary["method"] == "rl" and summary["dataset"]["env"] == "game:twenty_questions"
+    )  # task=auto, from the data
     assert summary["partner_model"] == tiny_model_b and f"partner: {tiny_model_b}," in stdout
     assert [r["ground_truth"] for r in base] == ["harbor", "tiger"]
     first = base[0]["transcript"][0]
@@ -96,12 +115,21 @@ def test_another_served_model_answers_secrets_from_the_users_data(
 @pytest.mark.parametrize(
     ("args", "rows", "needle"),
     [
-        (["env=arithmetic", "partner_model=x"], None,
-         "partner_model is only used by env=game:twenty_questions, not env=arithmetic"),
-        (["env=game:twenty_questions", "partner_model=tinker://run/sampler_weights/1"], None,
-         "the partner must be a model the backend serves by name"),
-        (["env=game:twenty_questions"], [{"question": "1+1?", "answer": "2"}] * 20,
-         'has question_answer rows; the game needs rows with a "secret" field'),
+        (
+            ["env=arithmetic", "partner_model=x"],
+            None,
+            "partner_model is only used by env=game:twenty_questions, not env=arithmetic",
+        ),
+        (
+            ["env=game:twenty_questions", "partner_model=tinker://run/sampler_weights/1"],
+            None,
+            "the partner must be a model the backend serves by name",
+        ),
+        (
+            ["env=game:twenty_questions"],
+            [{"question": "1+1?", "answer": "2"}] * 20,
+            'has question_answer rows; the game needs rows with a "secret" field',
+        ),
         ([], [{"secret": "cat"}, {"secret": ""}], 'line 2: field "secret" is empty'),
         ([], [{"secret": "cat"}, {"secret": 3}], 'line 2: field "secret" must be a string'),
         (["task=sft"], [{"secret": "cat"}] * 20, "task=sft needs chat data"),
@@ -121,8 +149,14 @@ def test_bad_settings_and_rows_are_one_line_before_anything_starts(tmp_path: Pat
 def test_dry_run_plans_the_partners_tokens(tmp_path: Path, tiny_model: str):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     args = ["env=game:twenty_questions", *FAST, f"model_name={tiny_model}", "backend=local", "dry_run=true"]
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("plan: "))
     assert f"partner {tiny_model}: one reply of at most 5 tokens per turn" in plan, plan
@@ -156,8 +190,10 @@ def test_the_partner_is_served_beside_the_policy_with_thinking_off():
         return method, method._partner_settings(ctx)
 
     default, chosen = partnered()
-    assert default.extra_models == () and chosen == {"partner_model": RLConfig().model_name,
-                                                     "partner_renderer_name": "qwen3_instruct"}  # fmt: skip
+    assert default.extra_models == () and chosen == {
+        "partner_model": RLConfig().model_name,
+        "partner_renderer_name": "qwen3_instruct",
+    }
     assert "(the base model itself, never trained), greedy" in said[-1]
     # The recipe's own pairing: the answerer a larger Qwen3.5, which the engine (or Tinker) serves beside the
     # policy; its thinking is switched off, as the recipe does, since it answers in 5 tokens.

@@ -68,7 +68,8 @@ def _package(root: Path, name: str, source: str) -> Path:
     module = name.replace("-", "_")
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "pyproject.toml").write_text(textwrap.dedent(f"""
+    (folder / "pyproject.toml").write_text(
+        textwrap.dedent(f"""
         [project]
         name = "{name}"
         version = "0.1.0"
@@ -78,7 +79,8 @@ def _package(root: Path, name: str, source: str) -> Path:
         build-backend = "setuptools.build_meta"
         [tool.setuptools]
         py-modules = ["{module}"]
-    """))  # fmt: skip
+    """)
+    )
     (folder / f"{module}.py").write_text(source)
     return folder
 
@@ -87,17 +89,32 @@ def _package(root: Path, name: str, source: str) -> Path:
 def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The environment packages' folders, and `site`: where echo-env is installed (built by its own backend)."""
     root = tmp_path_factory.mktemp("vf_envs")
-    found = {name: _package(root, name, src) for name, src in
-             (("echo-env", ECHO_ENV), ("count-env", COUNT_ENV), ("broken-env", BROKEN_ENV))}  # fmt: skip
+    found = {
+        name: _package(root, name, src)
+        for name, src in (("echo-env", ECHO_ENV), ("count-env", COUNT_ENV), ("broken-env", BROKEN_ENV))
+    }
     uv = shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not installed (it installs the environment package)")
     site = root / "site"
     subprocess.run(
-        [uv, "pip", "install", "--python", sys.executable, "--target", str(site), "--no-index",
-         "--no-build-isolation", "--no-deps", str(found["echo-env"])],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            uv,
+            "pip",
+            "install",
+            "--python",
+            sys.executable,
+            "--target",
+            str(site),
+            "--no-index",
+            "--no-build-isolation",
+            "--no-deps",
+            str(found["echo-env"]),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert (site / "echo_env.py").is_file()
     return {**found, "site": site}
 
@@ -105,10 +122,17 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _run(tmp_path: Path, engine, tiny_model: str, args: list[str], name: str, site: Path | None = None):
     keys = {a.split("=")[0] for a in args}
     proc = train(
-        [*args, *(f for f in FAST_RL if f.split("=")[0] not in keys), f"model_name={tiny_model}",
-         f"base_url={engine.url}", f"run_name={name}"],
-        tmp_path, extra_env={"PYTHONPATH": str(site)} if site else None, timeout=400,
-    )  # fmt: skip
+        [
+            *args,
+            *(f for f in FAST_RL if f.split("=")[0] not in keys),
+            f"model_name={tiny_model}",
+            f"base_url={engine.url}",
+            f"run_name={name}",
+        ],
+        tmp_path,
+        extra_env={"PYTHONPATH": str(site)} if site else None,
+        timeout=400,
+    )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     return rl_results(tmp_path / "results")
 

@@ -41,13 +41,22 @@ def test_nll_is_the_same_from_a_server_that_omits_the_leading_none(service, tiny
 
     renderer = renderers.get_renderer("role_colon", tokenizer=get_tokenizer(tiny_model))
     rows = [
-        {"messages": [{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": f"1 to {i}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Count to {i}."},
+                {"role": "assistant", "content": f"1 to {i}."},
+            ]
+        }
         for i in range(2, 6)
     ]
-    datums = [conversation_to_datum(r["messages"], renderer, 256, TrainOnWhat.LAST_ASSISTANT_MESSAGE) for r in rows]
+    datums = [
+        conversation_to_datum(r["messages"], renderer, 256, TrainOnWhat.LAST_ASSISTANT_MESSAGE) for r in rows
+    ]
     client = service.create_sampling_client(base_model=tiny_model).result()
     tinker_rows, tinker_nll = asyncio.run(evaluate_nll(client, datums, rows, 4, "tinker-shaped"))
-    skyrl_rows, skyrl_nll = asyncio.run(evaluate_nll(WithoutLeadingNone(client), datums, rows, 4, "skyrl-shaped"))
+    skyrl_rows, skyrl_nll = asyncio.run(
+        evaluate_nll(WithoutLeadingNone(client), datums, rows, 4, "skyrl-shaped")
+    )
     assert all(r.error is None for r in tinker_rows + skyrl_rows)
     assert np.isfinite(tinker_nll) and skyrl_nll == pytest.approx(tinker_nll, rel=1e-9)
     assert [r.nll for r in skyrl_rows] == pytest.approx([r.nll for r in tinker_rows], rel=1e-9)

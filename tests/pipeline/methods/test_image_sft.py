@@ -153,9 +153,13 @@ def test_an_image_that_cannot_be_fetched_fails_its_example_or_stops_training_in_
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     builder = ImageRowsBuilder(
-        model_name=VL_MODEL, renderer_name="qwen3_vl_instruct", train_file=str(train_file), classes=tuple(CLASSES),
-        batch_size=2, max_length=512,
-    )  # fmt: skip
+        model_name=VL_MODEL,
+        renderer_name="qwen3_vl_instruct",
+        train_file=str(train_file),
+        classes=tuple(CLASSES),
+        batch_size=2,
+        max_length=512,
+    )
     train, held_out = builder()
     assert held_out is None and len(train) == 1
     with pytest.raises(DataError) as info:

@@ -59,8 +59,11 @@ def test_what_the_user_gives_is_kept():
     # Through the settings: num_epochs=1 typed out is the user's, not the rule's default.
     cfg, length = resolve(parse_train_args(["num_epochs=1", "batch_size=32"]), "dpo", _pairs_data(216))
     assert (cfg.num_epochs, cfg.batch_size, length.num_epochs_source, length.batch_size_source) == (
-        1, 32, "explicit", "explicit",
-    )  # fmt: skip
+        1,
+        32,
+        "explicit",
+        "explicit",
+    )
 
 
 def test_passes_are_capped_and_rl_keeps_its_batch():

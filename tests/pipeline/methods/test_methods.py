@@ -78,12 +78,16 @@ def test_a_method_refuses_data_of_the_wrong_shape_in_one_line():
 def test_rl_problems_from_each_source():
     qa = load_problems("math", _data("question_answer", QA))
     assert {k: qa.train[0][k] for k in ("question", "answer", "grader")} == {
-        "question": "What is 2+2?", "answer": "4", "grader": "math"
+        "question": "What is 2+2?",
+        "answer": "4",
+        "grader": "math",
     }
     arith = load_problems("arithmetic", batch_size=4, max_steps=2)
     assert len(arith.train) == 64 and arith.train != arith.eval
     gym = load_problems("reasoning_gym:leg_counting", batch_size=2, max_steps=2)
-    assert (gym.train[0]["grader"], gym.train[0]["task"]) == ("reasoning_gym", "leg_counting") and len(gym.eval) == 50
+    assert (gym.train[0]["grader"], gym.train[0]["task"]) == ("reasoning_gym", "leg_counting") and len(
+        gym.eval
+    ) == 50
     assert [p["question"] for p in gym.train[:5]] != [p["question"] for p in gym.eval[:5]]  # other seed
     with pytest.raises(ConfigError, match="reasoning_gym:no_such_task"):
         load_problems("reasoning_gym:no_such_task")
@@ -98,9 +102,13 @@ def test_choose_backend(monkeypatch):
     with pytest.raises(PreflightError) as stop:
         backend.choose_backend(TrainConfig(model_name="Qwen/Qwen3-8B"))
     message = str(stop.value)
-    assert "Missing required environment variables: TINKER_API_KEY, WANDB_PROJECT (set them in .env" in message
+    assert (
+        "Missing required environment variables: TINKER_API_KEY, WANDB_PROJECT (set them in .env" in message
+    )
     assert "pass backend=local" in message and "\n" not in message
-    assert backend.choose_backend(TrainConfig(backend="local", model_name="Qwen/Qwen3-8B")) == "local"  # on purpose
+    assert (
+        backend.choose_backend(TrainConfig(backend="local", model_name="Qwen/Qwen3-8B")) == "local"
+    )  # on purpose
     assert backend.choose_backend(TrainConfig(base_url="https://tinker.example.com")) == "tinker"
     assert backend.choose_backend(TrainConfig(base_url="http://127.0.0.1:8000")) == "local"
     monkeypatch.setenv("TINKER_API_KEY", "tml-x")
@@ -115,7 +123,9 @@ def test_default_learning_rate_sources():
     lr_rl, source_rl = default_learning_rate("meta-llama/Llama-3.1-8B", "rl")
     assert lr_rl == pytest.approx(lr / 2) and source_rl.endswith("/ 2 for RL")
     assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "sft")[0] == 5e-4
-    assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 3e-4  # the gallery's DPO rate
+    assert (
+        default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 3e-4
+    )  # the gallery's DPO rate
 
 
 @pytest.mark.parametrize(

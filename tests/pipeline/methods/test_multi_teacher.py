@@ -88,11 +88,22 @@ def test_on_policy_with_two_teachers(
 ) -> None:
     teachers = [tiny_model_b, tiny_model]
     proc = train_here(
-        [f"dataset={datasets[0]},{datasets[1]}", f"model_name={tiny_model}", f"teacher_model={','.join(teachers)}",
-         "distillation_mode=on_policy", f"base_url={keyed_engine.url}", *TINY, "learning_rate=0.01", "batch_size=3", "group_size=2",
-         "max_steps=2", "max_tokens=6", "run_name=multi_on"],
+        [
+            f"dataset={datasets[0]},{datasets[1]}",
+            f"model_name={tiny_model}",
+            f"teacher_model={','.join(teachers)}",
+            "distillation_mode=on_policy",
+            f"base_url={keyed_engine.url}",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=3",
+            "group_size=2",
+            "max_steps=2",
+            "max_tokens=6",
+            "run_name=multi_on",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     _ok(proc)
     assert "task: distillation (teacher_model is set)" in proc.stdout
     assert f"teacher 1 {tiny_model}: " in proc.stdout and "1 prompts per step" in proc.stdout
@@ -122,11 +133,23 @@ def test_off_policy_with_two_teachers(
 ) -> None:
     teachers = [tiny_model_b, tiny_model]
     proc = train_here(
-        [f"dataset={datasets[0]},{datasets[1]}", f"model_name={tiny_model}", f"teacher_model={','.join(teachers)}",
-         "task=distillation", f"base_url={keyed_engine.url}", *TINY, "learning_rate=0.01", "batch_size=8", "max_steps=2", "max_tokens=6",
-         "max_train_rows=20", "max_eval_rows=2", "run_name=multi_off"],
+        [
+            f"dataset={datasets[0]},{datasets[1]}",
+            f"model_name={tiny_model}",
+            f"teacher_model={','.join(teachers)}",
+            "task=distillation",
+            f"base_url={keyed_engine.url}",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=8",
+            "max_steps=2",
+            "max_tokens=6",
+            "max_train_rows=20",
+            "max_eval_rows=2",
+            "run_name=multi_off",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     _ok(proc)
     summary = _summary(tmp_path)
     entries = _check_teachers(summary, tmp_path, "multi_off", teachers, "off_policy")
@@ -180,9 +203,15 @@ def test_teachers_that_do_not_fit_are_refused_in_one_line(args: list[str], messa
 
 def test_data_sources_one_per_teacher() -> None:
     cfg = parse_train_args(
-        ["teacher_model=a, b", "dataset=x.jsonl, hub/y", "dataset_config=main", "eval_split=test,validation",
-         "max_train_rows=101", "max_eval_rows=10"]
-    )  # fmt: skip
+        [
+            "teacher_model=a, b",
+            "dataset=x.jsonl, hub/y",
+            "dataset_config=main",
+            "eval_split=test,validation",
+            "max_train_rows=101",
+            "max_eval_rows=10",
+        ]
+    )
     first, second = data_sources(cfg)
     assert (first.dataset, second.dataset) == ("x.jsonl", "hub/y")
     assert first.dataset_config == second.dataset_config == "main"  # one value for every dataset
@@ -202,14 +231,30 @@ def test_sft_rows_carry_their_teacher_and_summary_teachers_are_checked() -> None
     with pytest.raises(ValueError, match="teacher must be a non-empty string"):
         validate_rows([{**row, "teacher": ""}], "nll")
     summary = {
-        "task_type": "sft", "method": "distillation", "tinker_run_id": "r", "log_path": "l", "model": "m", "backend": "local",
-        "wandb_url": "w", "baseline_nll": 2.0, "trained_nll": 1.0, "verdict": "improved",
-        "improvement": {"absolute": 1.0}, "hyperparameters": {}, "versions": {},
-    }  # fmt: skip
+        "task_type": "sft",
+        "method": "distillation",
+        "tinker_run_id": "r",
+        "log_path": "l",
+        "model": "m",
+        "backend": "local",
+        "wandb_url": "w",
+        "baseline_nll": 2.0,
+        "trained_nll": 1.0,
+        "verdict": "improved",
+        "improvement": {"absolute": 1.0},
+        "hyperparameters": {},
+        "versions": {},
+    }
     teacher = {
-        "teacher_model": "a", "dataset": "x", "train_prompts": 4, "eval_prompts": 1, "teacher_train_traces": 4,
-        "teacher_eval_traces": 1, "baseline_nll": 2.0, "trained_nll": None,
-    }  # fmt: skip
+        "teacher_model": "a",
+        "dataset": "x",
+        "train_prompts": 4,
+        "eval_prompts": 1,
+        "teacher_train_traces": 4,
+        "teacher_eval_traces": 1,
+        "baseline_nll": 2.0,
+        "trained_nll": None,
+    }
     validate_summary({**summary, "teachers": [teacher, {**teacher, "teacher_model": "b"}]})
     with pytest.raises(ValueError, match="teachers must be a list of at least 2"):
         validate_summary({**summary, "teachers": [teacher]})
@@ -235,8 +280,11 @@ def test_every_teacher_gets_the_tokenizer_check(tmp_path: Path, tiny_model: str,
     part = LoadedData("question_answer", rows, rows[:1], "x.jsonl (local file)", "10%", [])
     data = LoadedData(**{**part.__dict__, "others": (part,)})
     args = [f"model_name={tiny_model}", "renderer_name=role_colon", "dataset=x.jsonl,y.jsonl"]
+
     def distillation(teachers: str) -> Distillation:
-        return Distillation(method_config(parse_train_args([*args, f"teacher_model={teachers}"]), "distillation"), data)
+        return Distillation(
+            method_config(parse_train_args([*args, f"teacher_model={teachers}"]), "distillation"), data
+        )
 
     fine = distillation(f"{tiny_model_b},{tiny_model}")
     assert [s.teacher_model for s in fine.shares] == [tiny_model_b, tiny_model]
@@ -248,7 +296,9 @@ def test_every_teacher_gets_the_tokenizer_check(tmp_path: Path, tiny_model: str,
     with pytest.raises(ConfigError, match=f"^teacher_model={other} has a different tokenizer"):
         distillation(f"{tiny_model_b},{other}")
     # A teacher that exists nowhere is "not found", not a chat format that differs (guessed from its name).
-    with pytest.raises(ConfigError, match=r"^teacher_model=nobody/no-such-model: not found: not a local directory"):
+    with pytest.raises(
+        ConfigError, match=r"^teacher_model=nobody/no-such-model: not found: not a local directory"
+    ):
         distillation(f"{tiny_model_b},nobody/no-such-model")
 
 

@@ -16,8 +16,17 @@ from pathlib import Path
 import pytest
 from runs import FINISHED, REPO, read_jsonl, rl_results, train_here, without_guard
 
-FAST = ["renderer_name=role_colon", "lora_rank=4", "save_every=0", "eval_every=0", "batch_size=2", "group_size=4",
-        "max_steps=2", "max_tokens=10", "max_eval_rows=4"]  # fmt: skip
+FAST = [
+    "renderer_name=role_colon",
+    "lora_rank=4",
+    "save_every=0",
+    "eval_every=0",
+    "batch_size=2",
+    "group_size=4",
+    "max_steps=2",
+    "max_tokens=10",
+    "max_eval_rows=4",
+]
 
 PREFERENCE = """
 import time
@@ -40,9 +49,13 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(tmp_path: Path, engine, model: str, prompts: Path, args: list[str]) -> tuple[dict, list[dict], list[dict]]:
-    proc = train_here([f"dataset={prompts}", f"model_name={model}", f"base_url={engine.url}", "run_name=pw", *FAST, *args],
-                      tmp_path)  # fmt: skip
+def _run(
+    tmp_path: Path, engine, model: str, prompts: Path, args: list[str]
+) -> tuple[dict, list[dict], list[dict]]:
+    proc = train_here(
+        [f"dataset={prompts}", f"model_name={model}", f"base_url={engine.url}", "run_name=pw", *FAST, *args],
+        tmp_path,
+    )
     assert proc.returncode in FINISHED, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary, base, trained = rl_results(tmp_path / "results")
     return summary, base, trained
@@ -58,7 +71,9 @@ def test_shorter_answers_win_and_the_trained_model_is_compared_with_the_base_mod
     # Each trained answer against the base answer to the same prompt, by length, both orders.
     for b, t in zip(base, trained, strict=True):
         assert t["question"] == b["question"] and t["ground_truth"] == b["completion"]
-        shorter = (len(t["completion"]) < len(b["completion"])) - (len(t["completion"]) > len(b["completion"]))
+        shorter = (len(t["completion"]) < len(b["completion"])) - (
+            len(t["completion"]) > len(b["completion"])
+        )
         assert t["reward"] == 0.5 + shorter / 2 and t["details"]["chars"] == len(t["completion"])
     assert summary["trained_score"] == pytest.approx(sum(r["reward"] for r in trained) / len(trained))
     assert set(summary["answer_chars"]) == {"base", "trained"}
@@ -82,7 +97,10 @@ def test_a_preference_function_that_crashes_or_hangs_is_recorded_and_the_run_goe
     if errors["count"]:
         assert "prefer.py:" in errors["first"]
     log = (tmp_path / summary["log_path"] / "verifier_errors.jsonl").read_text()
-    assert log.count("prefer.py:7: ValueError: no opinion on seven") + log.count("timed out after 1 s") == errors["count"]
+    assert (
+        log.count("prefer.py:7: ValueError: no opinion on seven") + log.count("timed out after 1 s")
+        == errors["count"]
+    )
     for row in trained:  # a failed comparison is a tie
         if row["question"].endswith(("number 7.", "number 3.")):
             assert row["reward"] == 0.5
@@ -99,7 +117,10 @@ def test_the_preference_reaches_the_cookbook_on_its_scale(tmp_path: Path):
 
     (tmp_path / "prefer.py").write_text(PREFERENCE)
     prompt = [{"role": "user", "content": "Say the number 1."}]
-    short, long = [{"role": "assistant", "content": "One."}], [{"role": "assistant", "content": "The number one."}]
+    short, long = (
+        [{"role": "assistant", "content": "One."}],
+        [{"role": "assistant", "content": "The number one."}],
+    )
     for spec in ("shorter", f"{tmp_path}/prefer.py:prefer"):
         model = PreferenceModelBuilder(spec=spec)()
         assert asyncio.run(model(Comparison(prompt, short, long))) == -1.0  # A, the shorter, preferred
@@ -110,31 +131,56 @@ def test_the_preference_reaches_the_cookbook_on_its_scale(tmp_path: Path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["task=pairwise_rl", "preference_model=longer"],
-         "preference_model='longer': expected shorter, judge or path/to/"),
+        (
+            ["task=pairwise_rl", "preference_model=longer"],
+            "preference_model='longer': expected shorter, judge or path/to/",
+        ),
         (["task=pairwise_rl", "preference_model=missing.py:f"], "missing.py not found"),
-        (["task=sft", "preference_model=shorter"], "preference_model is only used by task=pairwise_rl, not task=sft; leave it out"),
+        (
+            ["task=sft", "preference_model=shorter"],
+            "preference_model is only used by task=pairwise_rl, not task=sft; leave it out",
+        ),
         (["task=pairwise_rl", "env=math"], "env is not used by task=pairwise_rl"),
         # The judge's settings: grader_model only names the judge of preference_model=judge.
-        (["task=pairwise_rl", "preference_model=shorter", "grader_model=x"],
-         "grader_model does not apply to preference_model=shorter: it names the judge of preference_model=judge"),
-        (["preference_model=prefer.py:f", "grader_model=x"], "grader_model does not apply to preference_model=prefer.py:f"),
-        (["task=pairwise_rl", "grader_model=tinker://run/sampler_weights/1"], "the grader must be a model the backend serves"),
-        (["task=pairwise_rl", "grader_mode=sampled"], "grader_mode is only used by task=rubric, not task=pairwise_rl"),
-        (["task=sft", "grader_model=x"], "grader_model is not used by task=sft (only by task=rubric, pairwise_rl)"),
+        (
+            ["task=pairwise_rl", "preference_model=shorter", "grader_model=x"],
+            "grader_model does not apply to preference_model=shorter: it names the judge of preference_model=judge",
+        ),
+        (
+            ["preference_model=prefer.py:f", "grader_model=x"],
+            "grader_model does not apply to preference_model=prefer.py:f",
+        ),
+        (
+            ["task=pairwise_rl", "grader_model=tinker://run/sampler_weights/1"],
+            "the grader must be a model the backend serves",
+        ),
+        (
+            ["task=pairwise_rl", "grader_mode=sampled"],
+            "grader_mode is only used by task=rubric, not task=pairwise_rl",
+        ),
+        (
+            ["task=sft", "grader_model=x"],
+            "grader_model is not used by task=sft (only by task=rubric, pairwise_rl)",
+        ),
     ],
 )
 def test_bad_pairwise_settings_are_one_line(tmp_path: Path, args: list[str], message: str):
     proc = train_here([*args, "backend=local"], tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr
+    )
 
 
 def test_a_missing_preference_function_is_refused_naming_preference_model(tmp_path: Path):
     # The user's function is loaded by the reward_fn= loader; the line must name the setting the user wrote.
     (tmp_path / "prefs.py").write_text("def prefer_digits(row, completion):\n    return 1.0\n")
-    for spec, reason in ((f"{tmp_path}/nofile.py:f", f"file {tmp_path}/nofile.py not found"),
-                         (f"{tmp_path}/prefs.py:missing",
-                          f"{tmp_path}/prefs.py has no function 'missing' (functions there: prefer_digits)")):  # fmt: skip
+    for spec, reason in (
+        (f"{tmp_path}/nofile.py:f", f"file {tmp_path}/nofile.py not found"),
+        (
+            f"{tmp_path}/prefs.py:missing",
+            f"{tmp_path}/prefs.py has no function 'missing' (functions there: prefer_digits)",
+        ),
+    ):
         proc = train_here(["task=pairwise_rl", f"preference_model={spec}", "backend=local"], tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr == f"error: preference_model={spec}: {reason}\n"
@@ -150,7 +196,9 @@ def test_a_missing_preference_function_is_refused_naming_preference_model(tmp_pa
         ({"preference_model": "shorter"}, ("pairwise_rl", "preference_model is set")),
     ],
 )
-def test_task_auto_picks_pairwise_rl_for_a_preference_model_even_with_a_grader(settings: dict, expected: tuple):
+def test_task_auto_picks_pairwise_rl_for_a_preference_model_even_with_a_grader(
+    settings: dict, expected: tuple
+):
     from posttrain.pipeline.methods.choice import choose_task
     from posttrain.pipeline.settings import TrainConfig
 
@@ -162,12 +210,18 @@ def _method(prompts: Path, **settings):
     from posttrain.pipeline.methods.pairwise_rl import PairwiseRL, PairwiseRLConfig
 
     data = load_data(DataRequest(str(prompts), max_train_rows=100, max_eval_rows=4, seed=42))
-    return PairwiseRL(PairwiseRLConfig(batch_size=2, group_size=4, max_steps=2, max_tokens=10, **settings), data)
+    return PairwiseRL(
+        PairwiseRLConfig(batch_size=2, group_size=4, max_steps=2, max_tokens=10, **settings), data
+    )
 
 
 def test_the_judge_defaults_to_the_base_model_and_another_judge_is_served_beside_the_policy(prompts: Path):
     itself = _method(prompts, preference_model="judge")
-    assert itself.judging is not None and itself.judging.model == itself.cfg.model_name and itself.extra_models == ()
+    assert (
+        itself.judging is not None
+        and itself.judging.model == itself.cfg.model_name
+        and itself.extra_models == ()
+    )
     other = _method(prompts, grader_model="Qwen/Qwen3-8B")  # task=pairwise_rl grader_model=: the judge
     assert other.spec == "judge" and other.extra_models == ("Qwen/Qwen3-8B",)
     assert other.score_label == "win rate against the base model's answers (judged by Qwen/Qwen3-8B)"
@@ -200,9 +254,15 @@ def test_the_judge_reads_p_a_and_p_b_at_its_first_answer_token(engine, service, 
         prompt = renderer.build_generation_prompt(prompt_messages)
         client = await service.create_sampling_client_async(base_model=tiny_model)
         p_a, p_b = [
-            math.exp((await client.compute_logprobs_async(prompt.append_int(renderer.tokenizer.encode(w, add_special_tokens=False)[0])))[-1])
+            math.exp(
+                (
+                    await client.compute_logprobs_async(
+                        prompt.append_int(renderer.tokenizer.encode(w, add_special_tokens=False)[0])
+                    )
+                )[-1]
+            )
             for w in ("A", "B")
-        ]  # fmt: skip
+        ]
         assert verdict.error is None and verdict.score == pytest.approx(p_a / (p_a + p_b), rel=1e-4)
         assert verdict.verdict == f"P(A)={p_a:.4g} P(B)={p_b:.4g}"
         outcome = await preference.compare(convo, "One.", "The number one.", "test")
@@ -229,7 +289,9 @@ def test_a_judge_model_as_the_preference_model_served_beside_the_policy(
     assert summary["score_label"] == f"win rate against the base model's answers (judged by {tiny_model_b})"
     assert f"(judged by {tiny_model_b})" in summary["headline"]
     assert summary["grader_failed_comparisons"] == {"base model": 0, "trained model": 0}
-    assert summary["baseline_score"] == 0.5 and all(r["reward"] == 0.5 for r in base)  # itself: a tie, unjudged
+    assert summary["baseline_score"] == 0.5 and all(
+        r["reward"] == 0.5 for r in base
+    )  # itself: a tie, unjudged
     for row in trained:  # the judge's two readings make the reward: the trained answer as A, then as B
         assert row["details"]["score_kind"] == "judged" and row["details"]["grader"] == tiny_model_b
         verdicts = row["details"]["verdicts"]
@@ -253,17 +315,34 @@ def test_a_judge_model_as_the_preference_model_served_beside_the_policy(
             assert reward == pytest.approx(1 - 2 * _probabilities(reading), abs=0.006)
 
 
-def test_dry_run_serves_the_judge_and_plans_its_tokens(tmp_path: Path, tiny_model: str, tiny_model_b: str, prompts: Path):
+def test_dry_run_serves_the_judge_and_plans_its_tokens(
+    tmp_path: Path, tiny_model: str, tiny_model_b: str, prompts: Path
+):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    args = ["task=pairwise_rl", f"grader_model={tiny_model_b}", f"dataset={prompts}", f"model_name={tiny_model}",
-            *FAST, "backend=local", "dry_run=true"]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    args = [
+        "task=pairwise_rl",
+        f"grader_model={tiny_model_b}",
+        f"dataset={prompts}",
+        f"model_name={tiny_model}",
+        *FAST,
+        "backend=local",
+        "dry_run=true",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"grader: {tiny_model_b}, probability scoring" in proc.stdout, proc.stdout
     plan = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("plan: "))
     # 2 steps x 2 prompts x 12 matchups (4 answers, every pair both ways) + 4 held-out prompts x 2 orders.
-    assert f"plan: grader {tiny_model_b}: 56 comparisons (every pair both ways), probability scoring" in plan, plan
+    assert (
+        f"plan: grader {tiny_model_b}: 56 comparisons (every pair both ways), probability scoring" in plan
+    ), plan
     assert "runs here, not on the service" not in plan
     assert not (tmp_path / "results").exists()
 
@@ -279,11 +358,16 @@ def test_the_plan_counts_two_judge_reads_per_comparison(tmp_path: Path, prompts:
     renderer = renderers.get_renderer("role_colon", tokenizer=get_tokenizer(tiny_model))
     for name, settings in {"judge": {"preference_model": "judge"}, "shorter": {}}.items():
         method = _method(prompts, model_name=tiny_model, **settings)
-        ctx = RunContext(method.cfg, "plan", tmp_path / name, None, None, "role_colon", renderer, 1e-4, "", print)
+        ctx = RunContext(
+            method.cfg, "plan", tmp_path / name, None, None, "role_colon", renderer, 1e-4, "", print
+        )
         method.prepare(ctx)
         budgets[name] = method.token_budget()
     prompt = sum(renderer.build_generation_prompt(p).length for p in method.prompts.train) / 36
     # Each comparison reads the conversation and both answers (at max_tokens) twice: ending in A, then in B.
     per_comparison = 2 * (prompt + 2 * 10 + PROMPT_OVERHEAD + 1)
     assert budgets["judge"].prefill - budgets["shorter"].prefill == pytest.approx(56 * per_comparison, abs=1)
-    assert (budgets["judge"].train, budgets["judge"].sample) == (budgets["shorter"].train, budgets["shorter"].sample)
+    assert (budgets["judge"].train, budgets["judge"].sample) == (
+        budgets["shorter"].train,
+        budgets["shorter"].sample,
+    )

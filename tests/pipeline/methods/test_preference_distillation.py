@@ -68,14 +68,27 @@ def test_dpo_run(tmp_path: Path, tiny_model: str, keyed_engine) -> None:
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = train_here(
-        [f"dataset={data}", f"model_name={tiny_model}", *TINY, "learning_rate=0.01", "batch_size=8", "max_steps=3",
-         "dpo_beta=0.5", "run_name=dpo_e2e", f"base_url={keyed_engine.url}"],
+        [
+            f"dataset={data}",
+            f"model_name={tiny_model}",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=8",
+            "max_steps=3",
+            "dpo_beta=0.5",
+            "run_name=dpo_e2e",
+            f"base_url={keyed_engine.url}",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     _ok(proc)  # a random tiny model may already rank all 3 held-out pairs right: the margin must grow
     assert "task: dpo (preference data)" in proc.stdout
     summary = _summary(tmp_path)
-    assert summary["task_type"] == "rl" and summary["method"] == "dpo" and summary["score_label"] == "preference accuracy"
+    assert (
+        summary["task_type"] == "rl"
+        and summary["method"] == "dpo"
+        and summary["score_label"] == "preference accuracy"
+    )
     assert summary["headline"].startswith("Base preference accuracy: ")
     assert summary["trained_score"] >= summary["baseline_score"]
     assert summary["trained_mean_margin"] > summary["baseline_mean_margin"] and summary["dpo_beta"] == 0.5
@@ -94,11 +107,20 @@ def off_policy_run(
 ):
     cwd = tmp_path_factory.mktemp("off-policy")
     proc = train_here(
-        [f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={tiny_model_b}", *TINY,
-         "learning_rate=0.01", "batch_size=8", "max_steps=3", "max_tokens=8", "run_name=distill_e2e",
-         f"base_url={keyed_engine.url}"],
+        [
+            f"dataset={prompts_file}",
+            f"model_name={tiny_model}",
+            f"teacher_model={tiny_model_b}",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=8",
+            "max_steps=3",
+            "max_tokens=8",
+            "run_name=distill_e2e",
+            f"base_url={keyed_engine.url}",
+        ],
         cwd,
-    )  # fmt: skip
+    )
     return cwd, proc
 
 
@@ -125,15 +147,30 @@ def test_off_policy_distillation_run(off_policy_run, tiny_model_b: str) -> None:
     assert "baseline_reverse_kl" not in summary
 
 
-def test_on_policy_distillation_from_a_checkpoint(tmp_path: Path, tiny_model: str, off_policy_run, keyed_engine):
+def test_on_policy_distillation_from_a_checkpoint(
+    tmp_path: Path, tiny_model: str, off_policy_run, keyed_engine
+):
     teacher = _summary(off_policy_run[0])["checkpoint_path"]  # an earlier run's tinker:// checkpoint
     # Prompts from an RL environment: verifiable, so the student's task accuracy is measured too.
     proc = train_here(
-        ["env=arithmetic", f"model_name={tiny_model}", f"teacher_model={teacher}", "task=distillation",
-         "distillation_mode=on_policy", *TINY, "learning_rate=0.01", "batch_size=4", "group_size=2",
-         "max_steps=2", "max_tokens=6", "max_eval_rows=6", "run_name=on_policy_e2e", f"base_url={keyed_engine.url}"],
+        [
+            "env=arithmetic",
+            f"model_name={tiny_model}",
+            f"teacher_model={teacher}",
+            "task=distillation",
+            "distillation_mode=on_policy",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=4",
+            "group_size=2",
+            "max_steps=2",
+            "max_tokens=6",
+            "max_eval_rows=6",
+            "run_name=on_policy_e2e",
+            f"base_url={keyed_engine.url}",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     _ok(proc)
     summary = _summary(tmp_path)
     assert summary["dataset"]["distillation_mode"] == "on_policy"
@@ -157,19 +194,32 @@ def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: 
         "    return any(c in 'aeiou' for c in answer)\n"
     )
     proc = train_here(
-        [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=@system.txt", *TINY,
-         "learning_rate=0.01", "batch_size=8", "max_steps=2", "max_tokens=6", "run_name=prompt_e2e",
-         "behaviour_check=check.py:has_vowel", f"base_url={keyed_engine.url}"],
+        [
+            f"dataset={prompts_file}",
+            f"model_name={tiny_model}",
+            "system_prompt=@system.txt",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=8",
+            "max_steps=2",
+            "max_tokens=6",
+            "run_name=prompt_e2e",
+            "behaviour_check=check.py:has_vowel",
+            f"base_url={keyed_engine.url}",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     _ok(proc)
     summary = _summary(tmp_path)
     assert (
-        summary["task_type"] == "sft" and summary["method"] == "prompt_distillation"
+        summary["task_type"] == "sft"
+        and summary["method"] == "prompt_distillation"
         and summary["system_prompt"] == "Always answer in French."
     )
     assert 0 <= summary["trained_behaviour_agreement"] <= 1
-    assert summary["dataset"]["train_on_what"] == "all_assistant_messages"  # the cookbook's prompt_distillation
+    assert (
+        summary["dataset"]["train_on_what"] == "all_assistant_messages"
+    )  # the cookbook's prompt_distillation
     config = json.loads((tmp_path / "results" / "logs" / "prompt_e2e" / "config.json").read_text())
     assert config["dataset_builder"]["common_config"]["train_on_what"] == "all_assistant_messages"
     data = tmp_path / "results" / "logs" / "prompt_e2e" / "data"
@@ -201,7 +251,16 @@ def test_teacher_with_another_tokenizer_is_refused(
         check_same_tokenizer(tiny_model, str(other), "role_colon", "role_colon")
     with pytest.raises(ConfigError, match="uses the llama3 chat format but the student .* uses role_colon"):
         check_same_tokenizer(tiny_model, tiny_model, "role_colon", "llama3")
-    proc = train_here([f"dataset={prompts_file}", f"model_name={tiny_model}", f"teacher_model={other}", *TINY, "backend=local"], tmp_path)
+    proc = train_here(
+        [
+            f"dataset={prompts_file}",
+            f"model_name={tiny_model}",
+            f"teacher_model={other}",
+            *TINY,
+            "backend=local",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2 and "different tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -241,7 +300,9 @@ def test_auto_picks_the_method_from_the_settings() -> None:
         "messages", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
     )
     assert choose_task(TrainConfig(teacher_model="m"), chat)[0] == "distillation"
-    assert choose_task(TrainConfig(distillation_mode="on_policy", teacher_model="m"), chat)[0] == "distillation"
+    assert (
+        choose_task(TrainConfig(distillation_mode="on_policy", teacher_model="m"), chat)[0] == "distillation"
+    )
     assert choose_task(TrainConfig(system_prompt="be brief"), chat)[0] == "prompt_distillation"
     with pytest.raises(ConfigError, match="task=distillation needs teacher_model"):
         choose_task(TrainConfig(distillation_mode="on_policy"), chat)
@@ -268,9 +329,11 @@ def test_preference_rows_hh_transcripts_and_their_errors() -> None:
         "preference",
         "w",
     )
-    assert hh["chosen"] == "4" and hh["rejected"] == "5" and [m["role"] for m in hh["prompt"]] == [
-        "user", "assistant", "user"
-    ]  # fmt: skip
+    assert (
+        hh["chosen"] == "4"
+        and hh["rejected"] == "5"
+        and [m["role"] for m in hh["prompt"]] == ["user", "assistant", "user"]
+    )
     with pytest.raises(DataError, match='d line 2: field "rejected" does not share the conversation'):
         normalize_row(
             {
@@ -297,10 +360,16 @@ def test_a_missing_behaviour_check_stops_the_run_in_one_line(
 ) -> None:
     (tmp_path / "check.py").write_text("def other(row, answer):\n    return True\n")
     proc = train_here(
-        [f"dataset={prompts_file}", f"model_name={tiny_model}", "system_prompt=Be brief.", *TINY,
-         "behaviour_check=check.py:in_french", "backend=local"],
+        [
+            f"dataset={prompts_file}",
+            f"model_name={tiny_model}",
+            "system_prompt=Be brief.",
+            *TINY,
+            "behaviour_check=check.py:in_french",
+            "backend=local",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2 and "engine: starting" not in proc.stdout, proc.stderr[-2000:]
     # Loaded as a reward_fn= verifier is, but named by the setting the user wrote.
     assert proc.stderr == (
@@ -310,7 +379,11 @@ def test_a_missing_behaviour_check_stops_the_run_in_one_line(
 
 def test_only_single_questions_with_an_answer_are_graded() -> None:
     question = [{"role": "user", "content": "What is 2 + 3?"}]
-    assert gradable({"answer": 5}, question) == {"question": "What is 2 + 3?", "answer": "5", "instruction": ""}
+    assert gradable({"answer": 5}, question) == {
+        "question": "What is 2 + 3?",
+        "answer": "5",
+        "instruction": "",
+    }
     assert gradable({"answer": " "}, question) is None and gradable({}, question) is None
     two_turns = [{"role": "system", "content": "Be brief."}, *question]
     assert gradable({"answer": "5"}, two_turns) is None
@@ -337,10 +410,14 @@ def test_shipped_behaviour_checks() -> None:
 
 
 def test_preference_row_schema_and_comparison() -> None:
-    base = [PreferenceExample(0, "p", "c", "r", -2.0, -1.0, -1.0, False).to_dict(),
-            PreferenceExample(1, "p", "c", "r", None, None, None, None, error="timeout").to_dict()]  # fmt: skip
-    trained = [PreferenceExample(0, "p", "c", "r", -1.0, -2.0, 1.0, True).to_dict(),
-               PreferenceExample(1, "p", "c", "r", -1.0, -2.0, 1.0, True).to_dict()]  # fmt: skip
+    base = [
+        PreferenceExample(0, "p", "c", "r", -2.0, -1.0, -1.0, False).to_dict(),
+        PreferenceExample(1, "p", "c", "r", None, None, None, None, error="timeout").to_dict(),
+    ]
+    trained = [
+        PreferenceExample(0, "p", "c", "r", -1.0, -2.0, 1.0, True).to_dict(),
+        PreferenceExample(1, "p", "c", "r", -1.0, -2.0, 1.0, True).to_dict(),
+    ]
     validate_rows(base, "score", "preference")
     with pytest.raises(ValueError, match="margin must be a finite number"):
         validate_rows([{**trained[0], "margin": None}], "score", "preference")

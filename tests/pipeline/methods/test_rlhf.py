@@ -46,10 +46,21 @@ def rlhf_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: str, engine):
     cwd = tmp_path_factory.mktemp("rlhf")
     data = _write_pairs(cwd / "pairs.jsonl")
     proc = train_here(
-        [f"dataset={data}", f"model_name={tiny_model}", "task=rlhf", *TINY, "learning_rate=0.01", "batch_size=4",
-         "group_size=2", "max_steps=2", "max_tokens=6", "run_name=rlhf_e2e", f"base_url={engine.url}"],
+        [
+            f"dataset={data}",
+            f"model_name={tiny_model}",
+            "task=rlhf",
+            *TINY,
+            "learning_rate=0.01",
+            "batch_size=4",
+            "group_size=2",
+            "max_steps=2",
+            "max_tokens=6",
+            "run_name=rlhf_e2e",
+            f"base_url={engine.url}",
+        ],
         cwd,
-    )  # fmt: skip
+    )
     return cwd, proc
 
 
@@ -64,7 +75,11 @@ def test_rlhf_run_has_three_stages_one_results_folder(rlhf_run) -> None:
     results = cwd / "results"
     summary = json.loads((results / "summary.json").read_text())
     validate_summary(summary)
-    assert summary["task_type"] == "rl" and summary["method"] == "rlhf" and summary["score_label"] == "preference accuracy"
+    assert (
+        summary["task_type"] == "rl"
+        and summary["method"] == "rlhf"
+        and summary["score_label"] == "preference accuracy"
+    )
     logs = results / "logs" / "rlhf_e2e"
     for stage in STAGES:  # each stage's cookbook logs in its own folder, ending in a final checkpoint
         assert read_jsonl(logs / stage / "metrics.jsonl")
@@ -160,12 +175,17 @@ def test_task_accuracy_samples_and_grades_each_held_out_prompt(service, tiny_mod
 
     renderer = renderers.get_renderer("role_colon", get_tokenizer(tiny_model))
     rows = [
-        normalize_row({"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": "x", "answer": i + 1},
-                      "preference", f"line {i}")
+        normalize_row(
+            {"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": "x", "answer": i + 1},
+            "preference",
+            f"line {i}",
+        )
         for i in range(3)
-    ]  # fmt: skip
-    records = [PreferenceExample(i, r["prompt"][0]["content"], r["chosen"], r["rejected"], -1.0, -2.0, 1.0, True)
-               for i, r in enumerate(rows)]  # fmt: skip
+    ]
+    records = [
+        PreferenceExample(i, r["prompt"][0]["content"], r["chosen"], r["rejected"], -1.0, -2.0, 1.0, True)
+        for i, r in enumerate(rows)
+    ]
 
     async def go() -> float:
         client = await service.create_sampling_client_async(base_model=tiny_model)

@@ -59,9 +59,11 @@ def test_example_data_is_rubric_rows_in_both_layouts(tmp_path: Path):
             {"rubric_str": "Does the chatbot answer 9?", "extraction_regex": "<score>(.*)</score>"}
         ],
     }
-    loaded = load_data(DataRequest(
-        str(_write(tmp_path / "c.jsonl", [cookbook] * 10)), max_train_rows=100, max_eval_rows=100, seed=42
-    ))
+    loaded = load_data(
+        DataRequest(
+            str(_write(tmp_path / "c.jsonl", [cookbook] * 10)), max_train_rows=100, max_eval_rows=100, seed=42
+        )
+    )
     assert loaded.train[0] == {
         "messages": [{"role": "user", "content": "What is 4 + 5?"}],
         "rubric": [{"criterion": "Does the chatbot answer 9?", "weight": 1.0}],
@@ -112,7 +114,10 @@ def test_data_and_setting_errors_are_one_line_before_anything_starts(tmp_path: P
         ([f"dataset={bad}"], 'line 4: field "rubric" must be a non-empty list of criteria'),
         ([f"dataset={chat}", "task=rubric"], "task=rubric needs rows with a conversation and rubric items"),
         ([f"dataset={rubric}", "task=rubric", "grader_mode=vibes"], "grader_mode='vibes' is not valid"),
-        ([f"dataset={rubric}", "task=sft", "grader_model=x"], "grader_model is not used by task=sft (only by task=rubric"),
+        (
+            [f"dataset={rubric}", "task=sft", "grader_model=x"],
+            "grader_model is not used by task=sft (only by task=rubric",
+        ),
         ([f"dataset={rubric}", "grader_model=tinker://run/sampler_weights/1"], "the grader must be a model"),
     ]
     for args, needle in cases:
@@ -213,6 +218,8 @@ def test_grader_choice_before_anything_is_served(tmp_path: Path):
     # Another model is served beside the policy; P(Yes) needs its reply to start with the answer, so Qwen3's
     # thinking renderer is switched off for it.
     qwen, chosen = judged(grader_model="Qwen/Qwen3-8B")
-    assert qwen.extra_models == ("Qwen/Qwen3-8B",) and chosen["grader_renderer_name"] == "qwen3_disable_thinking"
+    assert (
+        qwen.extra_models == ("Qwen/Qwen3-8B",) and chosen["grader_renderer_name"] == "qwen3_disable_thinking"
+    )
     assert judged(grader_model="Qwen/Qwen3-8B", grader_mode="sampled")[1]["grader_renderer_name"] == "qwen3"
     assert qwen.score_label == "rubric score (judged by Qwen/Qwen3-8B)"

@@ -49,20 +49,29 @@ def test_preference_runs_check_the_greedy_answers_task_score_and_length():
     """The DPO trap: preference accuracy up, the model's own answers right less often (14 -> 3 of 16)."""
 
     def pref(i: int, task_correct: bool, answer: str) -> PreferenceExample:
-        return PreferenceExample(i, "p", "c", "r", -1.0, -2.0, 1.0, True, None, "4", answer, "4", task_correct)
+        return PreferenceExample(
+            i, "p", "c", "r", -1.0, -2.0, 1.0, True, None, "4", answer, "4", task_correct
+        )
 
     base = [pref(i, i < 14, "#### 4") for i in range(16)]
     trained = [pref(i, i < 3, "well, let me think about it at length... #### 4") for i in range(16)]
     guard = guard_summary(None, base, trained)
     (task,) = guard["checks"]
-    assert task["name"] == "task accuracy of greedy answers" and task["regressed"] and task["test"] == "mcnemar_exact"
+    assert (
+        task["name"] == "task accuracy of greedy answers"
+        and task["regressed"]
+        and task["test"] == "mcnemar_exact"
+    )
     assert task["baseline"] == pytest.approx(14 / 16) and task["trained"] == pytest.approx(3 / 16)
     assert guard["answer_chars"]["ratio"] > 5 and "characters on average" in guard["text"]
 
 
 def test_rl_rows_report_answer_length_and_sft_rows_do_not():
     base = [RLExample(i, "q", "1", "#### 1", "1", True).to_dict() for i in range(4)]
-    trained = [RLExample(i, "q", "1", "The answer, after much thought, is #### 1", "1", True).to_dict() for i in range(4)]
+    trained = [
+        RLExample(i, "q", "1", "The answer, after much thought, is #### 1", "1", True).to_dict()
+        for i in range(4)
+    ]
     assert guard_summary(None, base, trained)["answer_chars"]["trained"] > 30
     assert "answer_chars" not in guard_summary(None, nll_rows([1.0] * 4), nll_rows([0.5] * 4))
 
@@ -71,21 +80,27 @@ def test_the_default_guard_set_is_shipped_and_leaves_out_training_rows():
     cfg = parse_train_args([])
     guard = load_guard(cfg, [])
     assert guard is not None and len(guard.rows) == GUARD_ROWS and guard.name == NAME
-    shipped = [json.loads(line) for line in Path(shipped_conversations()).read_text().splitlines() if line.strip()]
+    shipped = [
+        json.loads(line) for line in Path(shipped_conversations()).read_text().splitlines() if line.strip()
+    ]
     assert guard.rows[0]["messages"] == shipped[0]["messages"]
-    overlapping = load_guard(cfg, [{"messages": shipped[0]["messages"]}, {"messages": shipped[5]["messages"]}])
+    overlapping = load_guard(
+        cfg, [{"messages": shipped[0]["messages"]}, {"messages": shipped[5]["messages"]}]
+    )
     assert shipped[0]["messages"] not in [r["messages"] for r in overlapping.rows]
     assert "2 left out (also training rows)" in overlapping.source
     assert load_guard(parse_train_args(["guard=false"]), []) is None
 
 
 def test_a_users_guard_set_is_read_and_bad_rows_named(tmp_path: Path):
-    good = write_jsonl(tmp_path / "mine.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                               {"role": "assistant", "content": "hello"}]}] * 3)  # fmt: skip
+    good = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 3,
+    )
     guard = load_guard(SimpleNamespace(guard=True, guard_dataset=str(good)), [])
     assert guard is not None and len(guard.rows) == 3 and str(good) in guard.source
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "no reply"}]}])
     message = data_error(lambda: load_guard(SimpleNamespace(guard=True, guard_dataset=str(bad)), []))
-    assert message.startswith(f"guard_dataset: {bad} line 1: needs \"messages\"")
+    assert message.startswith(f'guard_dataset: {bad} line 1: needs "messages"')
     with pytest.raises(ConfigError, match="guard_dataset= is a guard set, and guard=false"):
         parse_train_args(["guard=false", f"guard_dataset={good}"])

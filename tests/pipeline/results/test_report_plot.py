@@ -20,8 +20,11 @@ METRICS = [
 def _step_tick_labels(fig) -> dict[str, list[str]]:
     """The x tick labels of each panel over the steps, as drawn."""
     fig.canvas.draw()
-    return {ax.get_title(): [t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes
-            if ax.get_xlabel() == "step"}  # fmt: skip
+    return {
+        ax.get_title(): [t.get_text() for t in ax.get_xticklabels()]
+        for ax in fig.axes
+        if ax.get_xlabel() == "step"
+    }
 
 
 def test_a_short_runs_steps_are_labelled_as_whole_numbers():

@@ -208,7 +208,12 @@ def test_prepare_without_summary_uses_timestamp_and_moves_same_named_logs(tmp_pa
 def test_build_and_validate_summary_sft(tmp_path):
     s = _summary()
     validate_summary(s)
-    assert s["task_type"] == "sft" and s["method"] == "sft" and s["baseline_nll"] == 2.8 and s["trained_nll"] == 1.9
+    assert (
+        s["task_type"] == "sft"
+        and s["method"] == "sft"
+        and s["baseline_nll"] == 2.8
+        and s["trained_nll"] == 1.9
+    )
     assert s["verdict"] == "improved"
     assert s["improvement"]["absolute"] == pytest.approx(0.9)
     assert s["improvement"]["relative"] == pytest.approx(0.9 / 2.8)
@@ -406,10 +411,14 @@ with ResultsDir(sys.argv[1]).single_writer("first"):
 
 def test_one_run_at_a_time_writes_into_a_results_folder(tmp_path: Path) -> None:
     folder = ResultsDir(tmp_path / "results")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder.path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder.path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-        with pytest.raises(ConfigError, match=rf"results: run first \(process {holder.pid}, started .*\) is writing"):
+        with pytest.raises(
+            ConfigError, match=rf"results: run first \(process {holder.pid}, started .*\) is writing"
+        ):
             with folder.single_writer("second"):
                 pass
         # A run killed outright holds nothing: the next takes the folder over and is told whose run died.

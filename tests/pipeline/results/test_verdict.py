@@ -72,7 +72,10 @@ def test_binary_interval_excludes_zero_exactly_when_mcnemar_rejects():
             if improved + regressed == 0:
                 continue
             v = paired_verdict([1] * improved + [-1] * regressed + [0] * 10, binary=True)
-            assert (v["interval"][0] > 0) == (v["p_value"] < 0.05 and improved > regressed), (improved, regressed)
+            assert (v["interval"][0] > 0) == (v["p_value"] < 0.05 and improved > regressed), (
+                improved,
+                regressed,
+            )
 
 
 def nll_pairs(gains: list[float]) -> tuple[list, list]:

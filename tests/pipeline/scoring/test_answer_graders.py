@@ -11,8 +11,22 @@ from posttrain.pipeline.scoring.grading import looks_mathematical, token_f1
 from posttrain.pipeline.scoring.scorer import Scorer
 
 
-@pytest.mark.parametrize("answer", ["42", "-3.5", "1,234", "3/4", "x^2 + 1", "\\frac{1}{2}", "$2\\sqrt{3}$", "50%",
-                                    "(1, 2)", "2 pi", "sqrt(2)"])  # fmt: skip
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "42",
+        "-3.5",
+        "1,234",
+        "3/4",
+        "x^2 + 1",
+        "\\frac{1}{2}",
+        "$2\\sqrt{3}$",
+        "50%",
+        "(1, 2)",
+        "2 pi",
+        "sqrt(2)",
+    ],
+)
 def test_mathematical_answers(answer: str):
     assert looks_mathematical(answer)
 

@@ -208,11 +208,15 @@ def test_generated_tasks_and_humaneval_are_solvable_by_their_references():
     assert len(humaneval) == 164
     first = humaneval[0]
     assert (
-        code_tasks.grade_humaneval(first, f"```python\n{first['prompt']}{first['answer']}\n```", LIMITS).reward
+        code_tasks.grade_humaneval(
+            first, f"```python\n{first['prompt']}{first['answer']}\n```", LIMITS
+        ).reward
         == 1.0
     )
     assert (
-        code_tasks.grade_humaneval(first, "```python\ndef has_close_elements(a, b):\n    return True\n```").reward
+        code_tasks.grade_humaneval(
+            first, "```python\ndef has_close_elements(a, b):\n    return True\n```"
+        ).reward
         == 0.0
     )
 
@@ -230,7 +234,10 @@ HARDER = {
         "def count_char(s, c):",
     ),
     "repeat": ("return s * n", "def repeat_string(s, n):\n    return s * n"),
-    "positives": ("return [x for x in xs if x > 0]", "def positive_numbers(lst):\n    return [x for x in lst if x > 0]"),
+    "positives": (
+        "return [x for x in xs if x > 0]",
+        "def positive_numbers(lst):\n    return [x for x in lst if x > 0]",
+    ),
     "double_sum": ("return 2 * (a + b)", "def double_sum(a, b):\n    return a * 2 + b"),
     "spread": ("return max(xs) - min(xs)", "def max_min_difference(lst):\n    return max(lst) - min(lst)"),
 }
@@ -242,7 +249,9 @@ def test_harder_tasks_are_solvable_and_their_tests_tell_the_base_models_mistakes
     for name, (right, wrong) in HARDER.items():
         p = next(p for p in problems if p["entry_point"] == name)
         args = p["question"].split("(", 1)[1].split(")", 1)[0]
-        assert code_tasks.grade(p, f"```python\ndef {name}({args}):\n    {right}\n```", LIMITS).reward == 1.0, p
+        assert (
+            code_tasks.grade(p, f"```python\ndef {name}({args}):\n    {right}\n```", LIMITS).reward == 1.0
+        ), p
         if wrong is not None:
             assert code_tasks.grade(p, f"```python\n{wrong}\n```", LIMITS).reward < 1.0, p
     # Another seed, other tasks: the held-out set is not the training set.

@@ -133,7 +133,10 @@ def test_a_verifier_that_does_not_compile_is_reported_at_its_own_line(tmp_path: 
     bad.write_text("import math\n\ndef score(row, completion)\n    return 1.0\n")
     with pytest.raises(ConfigError) as caught:
         load(f"{bad}:score")
-    assert str(caught.value) == f"reward_fn={bad}:score: importing {bad} failed: {bad}:3: SyntaxError: expected ':'"
+    assert (
+        str(caught.value)
+        == f"reward_fn={bad}:score: importing {bad} failed: {bad}:3: SyntaxError: expected ':'"
+    )
 
 
 def test_the_same_relative_spec_in_two_directories_calls_each_directorys_file(tmp_path: Path, monkeypatch):

@@ -22,8 +22,14 @@ from posttrain.pipeline.setup.plan import (
 
 
 def _budget(**kw) -> TokenBudget:
-    base = dict(train=2_000_000, prefill=500_000, sample=250_000, train_steps=10, sequences_per_step=32,
-                mean_train_length=300.0)  # fmt: skip
+    base = dict(
+        train=2_000_000,
+        prefill=500_000,
+        sample=250_000,
+        train_steps=10,
+        sequences_per_step=32,
+        mean_train_length=300.0,
+    )
     return TokenBudget(**{**base, **kw})
 
 
@@ -51,14 +57,25 @@ def test_estimated_seconds():
 def test_turns_played_one_after_another_bound_a_multi_turn_estimate():
     """Twenty questions planned 86 s for a run of 360 s: tokens / bulk throughput ignores that a game's turns wait
     for each other. With a turn's latency probed, the sampling time is at least turns-in-a-row x that latency."""
-    rates = {"train_tokens_per_s": 1000.0, "prefill_tokens_per_s": 5000.0, "sample_tokens_per_s": 250.0,
-             "turn_request_s": 0.05, "turn_token_s": 0.02}  # fmt: skip
+    rates = {
+        "train_tokens_per_s": 1000.0,
+        "prefill_tokens_per_s": 5000.0,
+        "sample_tokens_per_s": 250.0,
+        "turn_request_s": 0.05,
+        "turn_token_s": 0.02,
+    }
     small = _budget(train=1000, prefill=5000, sample=250)  # 1 s + 1 s + 1 s in bulk
 
     def planned(games_turns: int, partner: bool = False) -> float:
         # 3 training steps and 2 evaluations of one round each: 5 rounds of `games_turns` turns in a row
-        turns = SequentialTurns(count=5 * games_turns, per_game=games_turns, requests=2 if partner else 1,
-                                tokens=16 + (5 if partner else 0), concurrency=8, context=300)  # fmt: skip
+        turns = SequentialTurns(
+            count=5 * games_turns,
+            per_game=games_turns,
+            requests=2 if partner else 1,
+            tokens=16 + (5 if partner else 0),
+            concurrency=8,
+            context=300,
+        )
         return estimated_seconds(dataclasses.replace(small, turns=turns), rates)
 
     # One turn: 0.05 s for the request and its first token, 15 more tokens at 0.02 s: 0.35 s.
@@ -69,8 +86,10 @@ def test_turns_played_one_after_another_bound_a_multi_turn_estimate():
     assert planned(20, partner=True) == pytest.approx(1 + 100 * (2 * 0.05 + 19 * 0.02))
     # Single-turn budgets (and a probe without turn rates) keep the throughput estimate.
     assert estimated_seconds(small, rates) == pytest.approx(3)
-    assert estimated_seconds(dataclasses.replace(small, turns=SequentialTurns(100, 20, 1, 16, 8, 300)),
-                             {k: v for k, v in rates.items() if not k.startswith("turn_")}) == pytest.approx(3)  # fmt: skip
+    assert estimated_seconds(
+        dataclasses.replace(small, turns=SequentialTurns(100, 20, 1, 16, 8, 300)),
+        {k: v for k, v in rates.items() if not k.startswith("turn_")},
+    ) == pytest.approx(3)
 
 
 def test_the_turns_in_a_row_of_an_rl_run():
@@ -87,8 +106,13 @@ def test_the_turns_in_a_row_of_an_rl_run():
 def test_the_plan_shows_a_turns_latency():
     turns = SequentialTurns(count=60, per_game=20, requests=2, tokens=13, concurrency=2, context=290)
     budget = dataclasses.replace(_budget(), turns=turns)
-    rates = {"train_tokens_per_s": 1000.0, "prefill_tokens_per_s": 5000.0, "sample_tokens_per_s": 250.0,
-             "turn_request_s": 0.1, "turn_token_s": 0.02}  # fmt: skip
+    rates = {
+        "train_tokens_per_s": 1000.0,
+        "prefill_tokens_per_s": 5000.0,
+        "sample_tokens_per_s": 250.0,
+        "turn_request_s": 0.1,
+        "turn_token_s": 0.02,
+    }
     outcome = {"tokens": budget.as_dict(), "rates": rates, "seconds": 100, "startup": 10}
     line = plan_lines(outcome)[-1]
     assert line.endswith("sample 250 tokens/s; a turn 0.42 s, 60 turns in a row)"), line
@@ -96,16 +120,28 @@ def test_the_plan_shows_a_turns_latency():
 
 def test_dry_run_plans_without_training_or_touching_results(tmp_path: Path, tiny_model: str) -> None:
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}."}) + "\n" for i in range(40)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}."}) + "\n" for i in range(40))
+    )
     temp = tmp_path / "tmp"  # the system temp folder, where the plan keeps its logs while it runs
     temp.mkdir()
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TMPDIR": str(temp)}
-    args = [f"dataset={data}", f"model_name={tiny_model}", "renderer_name=role_colon", "batch_size=4",
-            "backend=local", "dry_run=true"]  # fmt: skip
+    args = [
+        f"dataset={data}",
+        f"model_name={tiny_model}",
+        "renderer_name=role_colon",
+        "batch_size=4",
+        "backend=local",
+        "dry_run=true",
+    ]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = [line for line in proc.stdout.splitlines() if line.startswith("plan: ")]
     # 36 training rows, batch 4 -> 9 steps a pass, 2 passes for SFT's minimum of 10 (num_epochs not given);
@@ -116,18 +152,34 @@ def test_dry_run_plans_without_training_or_touching_results(tmp_path: Path, tiny
     assert list(temp.iterdir()) == []  # its logs are gone with it
 
 
-def test_the_speed_probe_fits_a_long_multi_turn_budget_in_the_models_context(tmp_path: Path, tiny_model: str) -> None:
+def test_the_speed_probe_fits_a_long_multi_turn_budget_in_the_models_context(
+    tmp_path: Path, tiny_model: str
+) -> None:
     # Tool use at the default max_tokens=256: 4 turns make an upper-bound training length beyond the tiny model's
     # 2048-token context; the probe measures its rates at a length that fits.
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    args = ["env=tools:search", f"model_name={tiny_model}", "renderer_name=qwen3_instruct", "batch_size=2", "group_size=2",
-            "max_steps=1", "backend=local", "dry_run=true"]  # fmt: skip
+    args = [
+        "env=tools:search",
+        f"model_name={tiny_model}",
+        "renderer_name=qwen3_instruct",
+        "batch_size=2",
+        "group_size=2",
+        "max_steps=1",
+        "backend=local",
+        "dry_run=true",
+    ]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *without_guard(args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), *without_guard(args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert any("estimated time on this machine" in line for line in proc.stdout.splitlines())
     # Timed on a few sequences, not the run's whole step: 2048 tokens at the longest length the probe takes.
-    assert "training timed on 2 sequences of 1024 tokens, the run's steps extrapolated per token" in proc.stdout
+    assert (
+        "training timed on 2 sequences of 1024 tokens, the run's steps extrapolated per token" in proc.stdout
+    )

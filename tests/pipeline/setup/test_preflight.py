@@ -36,8 +36,15 @@ def test_the_offline_model_list_is_the_cookbooks_model_table():
 
     table = cookbook_models()
     # Every model of the user's document's table is one the cookbook knows, and so are today's.
-    for name in ("Qwen/Qwen3-8B", "Qwen/Qwen3-VL-30B-A3B-Instruct", "openai/gpt-oss-20b", "meta-llama/Llama-3.2-1B",
-                 "moonshotai/Kimi-K2-Thinking", "Qwen/Qwen3.5-9B", "moonshotai/Kimi-K2.6"):  # fmt: skip
+    for name in (
+        "Qwen/Qwen3-8B",
+        "Qwen/Qwen3-VL-30B-A3B-Instruct",
+        "openai/gpt-oss-20b",
+        "meta-llama/Llama-3.2-1B",
+        "moonshotai/Kimi-K2-Thinking",
+        "Qwen/Qwen3.5-9B",
+        "moonshotai/Kimi-K2.6",
+    ):
         assert name in table and table[name] == model_info.get_model_attributes(name), name
     assert not table["meta-llama/Llama-3.2-1B"].is_chat and table["Qwen/Qwen3-VL-30B-A3B-Instruct"].is_vl
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" not in table
@@ -165,9 +172,21 @@ def test_resolve_renderer(clean_env):
 
 def test_builtin_renderer_names_match_the_cookbook_dispatch(clean_env):
     names = BUILTIN_RENDERERS
-    spec_table = ["llama3", "qwen3", "qwen3_instruct", "qwen3_disable_thinking", "qwen3_vl", "qwen3_vl_instruct",
-                  "deepseekv3", "deepseekv3_thinking", "gpt_oss_low_reasoning", "gpt_oss_medium_reasoning",
-                  "gpt_oss_high_reasoning", "kimi_k2", "role_colon"]  # fmt: skip
+    spec_table = [
+        "llama3",
+        "qwen3",
+        "qwen3_instruct",
+        "qwen3_disable_thinking",
+        "qwen3_vl",
+        "qwen3_vl_instruct",
+        "deepseekv3",
+        "deepseekv3_thinking",
+        "gpt_oss_low_reasoning",
+        "gpt_oss_medium_reasoning",
+        "gpt_oss_high_reasoning",
+        "kimi_k2",
+        "role_colon",
+    ]
     assert set(spec_table) <= set(names)
     from tinker_cookbook import renderers
 
@@ -271,8 +290,9 @@ def test_an_unreachable_hub_is_known_before_the_hub_libraries_are_imported(tmp_p
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", HUB_UNREACHABLE], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", HUB_UNREACHABLE], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert out.stdout.strip().splitlines()[-1] == "2 True True", out.stdout + out.stderr
 
 

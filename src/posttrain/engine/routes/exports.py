@@ -31,7 +31,9 @@ def _signature(path: str, expires: int) -> str:
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls")
-async def external_weights_urls(run_id: str, kind: str, name: str, request: Request, engine: EngineDep) -> dict:
+async def external_weights_urls(
+    run_id: str, kind: str, name: str, request: Request, engine: EngineDep
+) -> dict:
     ref = parse_tinker_path(f"tinker://{run_id}/{kind}/{name}")
     if ref.kind != "external_weights":
         raise WireError(f"{ref.tinker_path} is not an external weights checkpoint")
@@ -46,7 +48,9 @@ async def external_weights_urls(run_id: str, kind: str, name: str, request: Requ
 
 
 @router.get("/external_files/{run_id}/{name}/{file}")
-async def external_file(run_id: str, name: str, file: str, request: Request, engine: EngineDep) -> FileResponse:
+async def external_file(
+    run_id: str, name: str, file: str, request: Request, engine: EngineDep
+) -> FileResponse:
     # The URL's own query, as _signature signed it: `expires` (unix seconds) and `signature`.
     text = request.query_params.get("expires", "0")
     expires = int(text) if text.isdigit() else 0

@@ -75,7 +75,9 @@ async def _session(run: FinishedRun, settings: ChatSettings, log_path: Any) -> N
         if settings.base:
             speakers.append(Speaker("base", await sampler_for(service, run, base=True)))
         interactive = sys.stdin.isatty()
-        say(f"chat: run {run.name} ({run.model}, {run.sampler_path}); one message per line, /reset, Ctrl-D ends")
+        say(
+            f"chat: run {run.name} ({run.model}, {run.sampler_path}); one message per line, /reset, Ctrl-D ends"
+        )
         while (line := await asyncio.to_thread(_read, interactive)) is not None:
             text = line.strip()
             if not text:

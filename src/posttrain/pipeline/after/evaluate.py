@@ -155,9 +155,7 @@ def _train_config(run: FinishedRun | None, rest: list[str], given: set[str]) -> 
         carried["model_name"], carried["backend"] = run.model, run.backend
         if not recipe_given:
             carried["task"] = str(run.summary.get("method") or "auto")
-    cfg = chz.replace(
-        parse_args(TrainConfig, rest), **{k: v for k, v in carried.items() if k not in given}
-    )
+    cfg = chz.replace(parse_args(TrainConfig, rest), **{k: v for k, v in carried.items() if k not in given})
     cfg = chz.replace(cfg, guard=False)  # the guard compares a run's two models; eval reports the task's rows
     validate(cfg)
     return cfg

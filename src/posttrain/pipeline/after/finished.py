@@ -71,7 +71,9 @@ def find_run(results_dir: str, run_name: str | None) -> FinishedRun:
     name = str(summary.get("run_name"))
     if summary.get("status") != "completed" or not summary.get("checkpoint_path"):
         why = summary.get("error") or summary.get("status") or "it has no trained model"
-        raise UserError(f"run {name} ({path}) did not finish training, so it has no trained model: {str(why)[:200]}")
+        raise UserError(
+            f"run {name} ({path}) did not finish training, so it has no trained model: {str(why)[:200]}"
+        )
     log_path = Path(str(summary.get("log_path") or ""))
     if not log_path.is_dir():
         log_path = root / "logs" / name
@@ -112,7 +114,9 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def service_for(run: FinishedRun, log_path: Path, say: Callable[[str], None]) -> AsyncIterator[str | None]:
+async def service_for(
+    run: FinishedRun, log_path: Path, say: Callable[[str], None]
+) -> AsyncIterator[str | None]:
     """The service URL where the run's checkpoints live: Tinker, the engine it used, or a local engine started
     for this command (on the same checkpoint folder the run's engine wrote to)."""
     preflight.load_env()

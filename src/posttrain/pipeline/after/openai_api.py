@@ -43,7 +43,9 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
     def rendered(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        content = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        )
         return {"role": _ROLES.get(self.role, self.role), "content": content}
 
 
@@ -95,12 +97,17 @@ class Completion:
 
     def usage(self) -> dict[str, int]:
         completion_tokens = sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
@@ -165,8 +172,13 @@ def _model_card(model_id: str) -> dict[str, Any]:
 
 def _check_model(served: Served, model: str) -> None:
     if model != served.model_id:
-        raise ApiError(404, f"The model `{model}` does not exist; this server has `{served.model_id}`",
-                       "invalid_request_error", "model", "model_not_found")  # fmt: skip
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist; this server has `{served.model_id}`",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
 
 async def complete(served: Served, body: ChatRequest) -> Completion:
@@ -203,17 +215,32 @@ def _choice(renderer: Any, sequence: Any, stops: list[str]) -> Choice:
 
 def completion_body(completion: Completion, model_id: str) -> dict[str, Any]:
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-         "finish_reason": c.finish_reason}
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+        }
         for i, c in enumerate(completion.choices)
-    ]  # fmt: skip
-    return {"id": completion.id, "object": "chat.completion", "created": completion.created, "model": model_id,
-            "choices": choices, "usage": completion.usage()}  # fmt: skip
+    ]
+    return {
+        "id": completion.id,
+        "object": "chat.completion",
+        "created": completion.created,
+        "model": model_id,
+        "choices": choices,
+        "usage": completion.usage(),
+    }
 
 
 def completion_chunks(completion: Completion, model_id: str, include_usage: bool) -> list[dict[str, Any]]:
     """OpenAI's chunks for a completion: per choice, the role, the whole text, the finish reason; then the usage."""
-    head = {"id": completion.id, "object": "chat.completion.chunk", "created": completion.created, "model": model_id}
+    head = {
+        "id": completion.id,
+        "object": "chat.completion.chunk",
+        "created": completion.created,
+        "model": model_id,
+    }
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(index: int, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:

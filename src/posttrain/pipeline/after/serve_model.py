@@ -78,7 +78,11 @@ async def _serve(run: FinishedRun, base: bool, sock: socket.socket, log_path: Pa
         app = create_app(Served(model_id, sampler, renderer))
         # log_config=None: uvicorn's records (one per request) go through the root logger into console.log.
         config = uvicorn.Config(
-            app, log_config=None, log_level="info", lifespan="off", timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS
+            app,
+            log_config=None,
+            log_level="info",
+            lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS,
         )
         server = uvicorn.Server(config)
         # uvicorn turns Ctrl-C and SIGTERM into a graceful stop while it serves, then raises the signal again
@@ -88,7 +92,9 @@ async def _serve(run: FinishedRun, base: bool, sock: socket.socket, log_path: Pa
             await asyncio.sleep(0.05)
         if server.started:
             weights = f"the base model {run.model}" if base else f"{run.model}, {run.sampler_path}"
-            say(f"serve-model: run {run.name} ({weights}) at {_address(sock)}/v1 as model {model_id!r}; Ctrl-C stops")
+            say(
+                f"serve-model: run {run.name} ({weights}) at {_address(sock)}/v1 as model {model_id!r}; Ctrl-C stops"
+            )
         await serving
 
 

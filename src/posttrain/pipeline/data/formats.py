@@ -377,7 +377,9 @@ def _code(row: dict, where: str) -> dict:
 def _secret(row: dict, where: str) -> dict:
     secret = _non_empty_str(row, "secret", where).strip()
     if "\n" in secret:
-        raise DataError(f'{where}: field "secret" must be one line (a word or a short phrase the player can guess)')
+        raise DataError(
+            f'{where}: field "secret" must be one line (a word or a short phrase the player can guess)'
+        )
     return {"secret": secret}
 
 
@@ -396,45 +398,67 @@ def _qa_fields(row: dict) -> tuple[str, ...]:
 FORMATS: tuple[Format, ...] = (
     # Preference rows often also carry "prompt", so they must win over prompt/completion.
     Format(
-        "preference", "prompt+chosen+rejected", lambda r: _has(r, "chosen") and _has(r, "rejected"),
-        lambda r: ("prompt", "chosen", "rejected") if _has(r, "prompt") else ("chosen", "rejected"), _preference,
+        "preference",
+        "prompt+chosen+rejected",
+        lambda r: _has(r, "chosen") and _has(r, "rejected"),
+        lambda r: ("prompt", "chosen", "rejected") if _has(r, "prompt") else ("chosen", "rejected"),
+        _preference,
     ),
     # Before messages: a rubric row's conversation is a "messages" list too.
     Format(
-        "rubric", "rubrics: messages (or convo, prompt)+rubric (or rubric_items)",
+        "rubric",
+        "rubrics: messages (or convo, prompt)+rubric (or rubric_items)",
         lambda r: any(_has(r, k) for k in RUBRIC_KEYS),
-        lambda r: (next((k for k in RUBRIC_KEYS if _has(r, k)), RUBRIC_KEYS[0]),), _rubric,
+        lambda r: (next((k for k in RUBRIC_KEYS if _has(r, k)), RUBRIC_KEYS[0]),),
+        _rubric,
     ),
     # Before prompt/completion and question/answer: a code problem may carry either too.
     Format(
-        "code", "code problems: question (or prompt, problem)+tests (or inputs+outputs, stdin/stdout)",
+        "code",
+        "code problems: question (or prompt, problem)+tests (or inputs+outputs, stdin/stdout)",
         _is_code,
-        lambda r: (next((k for k in _CODE_TEST_KEYS if _has(r, k)), "tests"),), _code,
+        lambda r: (next((k for k in _CODE_TEST_KEYS if _has(r, k)), "tests"),),
+        _code,
     ),
-    Format("messages", "messages", lambda r: _has(r, "messages"), _fields("messages"), _conversation("messages")),
     Format(
-        "sharegpt", "conversations (ShareGPT)", lambda r: _has(r, "conversations"), _fields("conversations"),
+        "messages", "messages", lambda r: _has(r, "messages"), _fields("messages"), _conversation("messages")
+    ),
+    Format(
+        "sharegpt",
+        "conversations (ShareGPT)",
+        lambda r: _has(r, "conversations"),
+        _fields("conversations"),
         _conversation("conversations"),
     ),
     Format(
-        "instruction", "instruction+output", lambda r: _has(r, "instruction") and _has(r, "output"),
-        _fields("instruction", "output"), lambda r, where: {"messages": _instruction_messages(r, where)},
+        "instruction",
+        "instruction+output",
+        lambda r: _has(r, "instruction") and _has(r, "output"),
+        _fields("instruction", "output"),
+        lambda r, where: {"messages": _instruction_messages(r, where)},
     ),
     Format(
-        "prompt_completion", "prompt+completion", lambda r: _has(r, "prompt") and _has(r, "completion"),
-        _fields("prompt", "completion"), lambda r, where: {"messages": _prompt_completion_messages(r, where)},
+        "prompt_completion",
+        "prompt+completion",
+        lambda r: _has(r, "prompt") and _has(r, "completion"),
+        _fields("prompt", "completion"),
+        lambda r, where: {"messages": _prompt_completion_messages(r, where)},
     ),
     Format(
         "question_answer",
         "question+answer (or problem+solution, question+ground_truth, prompt+ground_truth, problem+answer)",
-        lambda r: _qa_pair(r) is not None, _qa_fields, lambda r, where: _question_answer(r, where),
+        lambda r: _qa_pair(r) is not None,
+        _qa_fields,
+        lambda r, where: _question_answer(r, where),
     ),
     # Twenty questions' secrets (env=game:twenty_questions): one per row.
-    Format("secret", "secret (one secret word per row)", lambda r: _has(r, "secret"), _fields("secret"), _secret),
+    Format(
+        "secret", "secret (one secret word per row)", lambda r: _has(r, "secret"), _fields("secret"), _secret
+    ),
     # Image classification (the cookbook's vlm_classifier recipe): an image path or URL and its class.
     # Only "image" commits later rows: a missing label is reported by the row's own check, naming the field.
     Format("image", "image (a path or URL)+label", lambda r: _has(r, "image"), _fields("image"), _image),
-)  # fmt: skip
+)
 _BY_NAME = {f.name: f for f in FORMATS}
 assert set(_BY_NAME) == set(get_args(FormatName)), "every FormatName has one entry in FORMATS"
 

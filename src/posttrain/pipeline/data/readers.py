@@ -68,8 +68,12 @@ def _read_jsonl(file: Path, name: str) -> Iterator[tuple[str, dict]]:
 
 def _not_utf8(start: bytes, exc: UnicodeDecodeError) -> str:
     """Why the bytes are not UTF-8, naming UTF-16/32 when a byte-order mark says so (Windows tools' exports)."""
-    for bom, encoding in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
-                          (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):  # fmt: skip
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "UTF-32"),
+        (codecs.BOM_UTF32_BE, "UTF-32"),
+        (codecs.BOM_UTF16_LE, "UTF-16"),
+        (codecs.BOM_UTF16_BE, "UTF-16"),
+    ):
         if start.startswith(bom):
             return f"the file is {encoding} encoded; save it as UTF-8"
     return f"not valid UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
@@ -169,5 +173,3 @@ def _read_parquet(file: Path, name: str) -> Iterator[tuple[str, dict]]:
         raise DataError(
             f"{name}: cannot read as Parquet ({short_error(exc, limit=200, with_type=False)})"
         ) from exc
-
-

@@ -62,7 +62,9 @@ class EnvContext:
     renderer: Renderer
     scorer: Scorer
     judge: Judge | None = None  # the rubric environment's grader model
-    partner: MessageCompleter | None = None  # a game's other player, a served model (twenty questions' answerer)
+    partner: MessageCompleter | None = (
+        None  # a game's other player, a served model (twenty questions' answerer)
+    )
     phase: str = "train"  # or the model evaluated ("base model"): a user verifier's errors are counted by it
 
     def for_phase(self, phase: str) -> EnvContext:
@@ -81,7 +83,10 @@ class Episode:
         """What the model wrote at each turn."""
         from tinker_cookbook.renderers import get_text_content
 
-        return [get_text_content(self.renderer.parse_response(t.ac.tokens)[0]) for t in self.trajectory.transitions]
+        return [
+            get_text_content(self.renderer.parse_response(t.ac.tokens)[0])
+            for t in self.trajectory.transitions
+        ]
 
 
 class Environment(Protocol):
@@ -133,7 +138,9 @@ def prompt_messages(problem: dict, instruction: str = ANSWER_INSTRUCTION) -> lis
     return [{"role": "user", "content": f"{text}\n{instruction}" if instruction else text}]
 
 
-def problem_group(make_env: Callable[[dict, EnvContext], Env], problem: dict, ctx: EnvContext, size: int, tag: str):
+def problem_group(
+    make_env: Callable[[dict, EnvContext], Env], problem: dict, ctx: EnvContext, size: int, tag: str
+):
     """`size` independent rollouts of one problem (the cookbook's ProblemGroupBuilder, which takes any Env)."""
     from tinker_cookbook.rl.problem_env import ProblemGroupBuilder
 
@@ -145,8 +152,12 @@ def mean_score(rows: Sequence[RLExample]) -> float:
     failed example counts as 0."""
     if not rows:
         return float("nan")
-    total = sum(0.0 if r.error and r.reward is None else (r.reward if r.reward is not None else float(bool(r.correct)))
-                for r in rows)  # fmt: skip
+    total = sum(
+        0.0
+        if r.error and r.reward is None
+        else (r.reward if r.reward is not None else float(bool(r.correct)))
+        for r in rows
+    )
     return total / len(rows)
 
 

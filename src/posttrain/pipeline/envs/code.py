@@ -39,30 +39,81 @@ def _words(rng: random.Random) -> str:
 
 # (name choices, argument names, description, argument generator, reference implementation)
 _TEMPLATES: list[tuple[tuple[str, ...], str, str, Any, Any]] = [
-    (("add", "add_numbers", "sum_two"), "a, b", "returns the sum of a and b", lambda r: tuple(_ints(r, 2)),
-     lambda a, b: a + b),
-    (("subtract", "difference"), "a, b", "returns a minus b", lambda r: tuple(_ints(r, 2)), lambda a, b: a - b),
-    (("multiply", "product"), "a, b", "returns a times b", lambda r: tuple(_ints(r, 2, -9, 12)),
-     lambda a, b: a * b),
+    (
+        ("add", "add_numbers", "sum_two"),
+        "a, b",
+        "returns the sum of a and b",
+        lambda r: tuple(_ints(r, 2)),
+        lambda a, b: a + b,
+    ),
+    (
+        ("subtract", "difference"),
+        "a, b",
+        "returns a minus b",
+        lambda r: tuple(_ints(r, 2)),
+        lambda a, b: a - b,
+    ),
+    (
+        ("multiply", "product"),
+        "a, b",
+        "returns a times b",
+        lambda r: tuple(_ints(r, 2, -9, 12)),
+        lambda a, b: a * b,
+    ),
     (("square",), "n", "returns n squared", lambda r: (r.randint(-12, 12),), lambda n: n * n),
     (("double", "twice"), "n", "returns n multiplied by 2", lambda r: (r.randint(-50, 50),), lambda n: 2 * n),
-    (("largest", "max_of_list", "find_max"), "xs", "returns the largest number in the list xs",
-     lambda r: (_ints(r, r.randint(1, 6)),), max),
-    (("smallest", "min_of_list", "find_min"), "xs", "returns the smallest number in the list xs",
-     lambda r: (_ints(r, r.randint(1, 6)),), min),
-    (("sum_list", "total"), "xs", "returns the sum of the numbers in the list xs",
-     lambda r: (_ints(r, r.randint(0, 6)),), sum),
-    (("reverse", "reverse_string"), "s", "returns the string s reversed", lambda r: (_words(r),),
-     lambda s: s[::-1]),
+    (
+        ("largest", "max_of_list", "find_max"),
+        "xs",
+        "returns the largest number in the list xs",
+        lambda r: (_ints(r, r.randint(1, 6)),),
+        max,
+    ),
+    (
+        ("smallest", "min_of_list", "find_min"),
+        "xs",
+        "returns the smallest number in the list xs",
+        lambda r: (_ints(r, r.randint(1, 6)),),
+        min,
+    ),
+    (
+        ("sum_list", "total"),
+        "xs",
+        "returns the sum of the numbers in the list xs",
+        lambda r: (_ints(r, r.randint(0, 6)),),
+        sum,
+    ),
+    (
+        ("reverse", "reverse_string"),
+        "s",
+        "returns the string s reversed",
+        lambda r: (_words(r),),
+        lambda s: s[::-1],
+    ),
     (("to_upper", "shout"), "s", "returns the string s in upper case", lambda r: (_words(r),), str.upper),
-    (("length", "count_items"), "xs", "returns the number of items in the list xs",
-     lambda r: (_ints(r, r.randint(0, 7)),), len),
-    (("is_even",), "n", "returns True if n is even, else False", lambda r: (r.randint(-30, 30),),
-     lambda n: n % 2 == 0),
-    (("first", "first_item"), "xs", "returns the first item of the list xs",
-     lambda r: (_ints(r, r.randint(1, 5)),), lambda xs: xs[0]),
+    (
+        ("length", "count_items"),
+        "xs",
+        "returns the number of items in the list xs",
+        lambda r: (_ints(r, r.randint(0, 7)),),
+        len,
+    ),
+    (
+        ("is_even",),
+        "n",
+        "returns True if n is even, else False",
+        lambda r: (r.randint(-30, 30),),
+        lambda n: n % 2 == 0,
+    ),
+    (
+        ("first", "first_item"),
+        "xs",
+        "returns the first item of the list xs",
+        lambda r: (_ints(r, r.randint(1, 5)),),
+        lambda xs: xs[0],
+    ),
     (("absolute", "abs_value"), "n", "returns the absolute value of n", lambda r: (r.randint(-40, 40),), abs),
-]  # fmt: skip
+]
 
 
 # One step further (`env=code:harder`): the default model writes these wrongly when greedy (`n * cube(n)`,
@@ -70,24 +121,64 @@ _TEMPLATES: list[tuple[tuple[str, ...], str, str, Any, Any]] = [
 # which is what RL needs. Measured with the default model, 2026-12-04: greedy it passes about a fifth of the
 # tests; easy tasks it passes three quarters of.
 _HARDER_TEMPLATES: list[tuple[tuple[str, ...], str, str, Any, Any]] = [
-    (("last_item",), "xs", "returns the last item of the list xs", lambda r: (_ints(r, r.randint(1, 6)),),
-     lambda xs: xs[-1]),
-    (("sum_of_squares",), "xs", "returns the sum of the squares of the numbers in the list xs",
-     lambda r: (_ints(r, r.randint(1, 5), -9, 9),), lambda xs: sum(x * x for x in xs)),
+    (
+        ("last_item",),
+        "xs",
+        "returns the last item of the list xs",
+        lambda r: (_ints(r, r.randint(1, 6)),),
+        lambda xs: xs[-1],
+    ),
+    (
+        ("sum_of_squares",),
+        "xs",
+        "returns the sum of the squares of the numbers in the list xs",
+        lambda r: (_ints(r, r.randint(1, 5), -9, 9),),
+        lambda xs: sum(x * x for x in xs),
+    ),
     (("cube",), "n", "returns n cubed", lambda r: (r.randint(-9, 9),), lambda n: n**3),
-    (("squares",), "xs", "returns a list of the squares of the numbers in the list xs",
-     lambda r: (_ints(r, r.randint(0, 5), -9, 9),), lambda xs: [x * x for x in xs]),
-    (("count_char",), "s, c", "returns how many times the character c occurs in the string s",
-     lambda r: (lambda w: (w, r.choice(w)))(_words(r)), lambda s, c: s.count(c)),
-    (("repeat",), "s, n", "returns the string s repeated n times", lambda r: (_words(r), r.randint(0, 4)),
-     lambda s, n: s * n),
-    (("positives",), "xs", "returns a list of the positive numbers in the list xs, in order",
-     lambda r: (_ints(r, r.randint(0, 6)),), lambda xs: [x for x in xs if x > 0]),
-    (("double_sum",), "a, b", "returns twice the sum of a and b", lambda r: tuple(_ints(r, 2)),
-     lambda a, b: 2 * (a + b)),
-    (("spread",), "xs", "returns the largest number in the list xs minus the smallest",
-     lambda r: (_ints(r, r.randint(1, 6)),), lambda xs: max(xs) - min(xs)),
-]  # fmt: skip
+    (
+        ("squares",),
+        "xs",
+        "returns a list of the squares of the numbers in the list xs",
+        lambda r: (_ints(r, r.randint(0, 5), -9, 9),),
+        lambda xs: [x * x for x in xs],
+    ),
+    (
+        ("count_char",),
+        "s, c",
+        "returns how many times the character c occurs in the string s",
+        lambda r: (lambda w: (w, r.choice(w)))(_words(r)),
+        lambda s, c: s.count(c),
+    ),
+    (
+        ("repeat",),
+        "s, n",
+        "returns the string s repeated n times",
+        lambda r: (_words(r), r.randint(0, 4)),
+        lambda s, n: s * n,
+    ),
+    (
+        ("positives",),
+        "xs",
+        "returns a list of the positive numbers in the list xs, in order",
+        lambda r: (_ints(r, r.randint(0, 6)),),
+        lambda xs: [x for x in xs if x > 0],
+    ),
+    (
+        ("double_sum",),
+        "a, b",
+        "returns twice the sum of a and b",
+        lambda r: tuple(_ints(r, 2)),
+        lambda a, b: 2 * (a + b),
+    ),
+    (
+        ("spread",),
+        "xs",
+        "returns the largest number in the list xs minus the smallest",
+        lambda r: (_ints(r, r.randint(1, 6)),),
+        lambda xs: max(xs) - min(xs),
+    ),
+]
 
 
 def generated_problems(n: int, seed: int, tests_per_problem: int = 4, harder: bool = False) -> list[dict]:
@@ -96,7 +187,9 @@ def generated_problems(n: int, seed: int, tests_per_problem: int = 4, harder: bo
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
-        names, args, description, make_args, reference = rng.choice(_HARDER_TEMPLATES if harder else _TEMPLATES)
+        names, args, description, make_args, reference = rng.choice(
+            _HARDER_TEMPLATES if harder else _TEMPLATES
+        )
         name = rng.choice(names)
         tests = []
         for _ in range(tests_per_problem):
@@ -144,7 +237,9 @@ def code_problems(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) 
         )
     sandbox.check_available()  # a missing bubblewrap is reported now, not after the engine has started
     if data is not None and harder:
-        raise ConfigError("env=code:harder generates its own tasks; for the problems in dataset= use env=code")
+        raise ConfigError(
+            "env=code:harder generates its own tasks; for the problems in dataset= use env=code"
+        )
     if data is not None:
         if data.format != "code":
             raise ConfigError(

@@ -89,12 +89,18 @@ class EpisodeSettings:
         from posttrain.pipeline.scoring.judge import make_judge
         from posttrain.pipeline.scoring.scorer import make_scorer
 
-        renderer = renderers.get_renderer(self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer))
+        renderer = renderers.get_renderer(
+            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
+        )
         scorer = make_scorer(self.reward_fn, self.verifier_errors_file, self.verifier_timeout)
         judge = None
         if self.grader_model is not None and self.grader_renderer_name is not None and service is not None:
             judge = await make_judge(
-                service, self.grader_model, self.grader_renderer_name, self.grader_mode, self.grader_concurrency
+                service,
+                self.grader_model,
+                self.grader_renderer_name,
+                self.grader_mode,
+                self.grader_concurrency,
             )
         partner = await self._partner(service)
         return EnvContext(parse_env(self.env), renderer, scorer, judge, partner, phase)
@@ -109,7 +115,9 @@ class EpisodeSettings:
         if self.partner_model is None or self.partner_renderer_name is None or service is None:
             return None
         client = await service.create_sampling_client_async(base_model=self.partner_model)
-        renderer = renderers.get_renderer(self.partner_renderer_name, tokenizer=get_tokenizer(self.partner_model))
+        renderer = renderers.get_renderer(
+            self.partner_renderer_name, tokenizer=get_tokenizer(self.partner_model)
+        )
         return TinkerMessageCompleter(client, renderer, max_tokens=PARTNER_MAX_TOKENS, temperature=0.0)
 
 
@@ -140,5 +148,7 @@ class EnvironmentDatasetBuilder(RLDatasetBuilder):
         if self.eval_rows_file is None:
             return train, None
         held_out = read_jsonl(self.eval_rows_file)
-        test = EnvironmentDataset(environment, held_out, ctx.for_phase("during training"), Batching(len(held_out), 1, 1))
+        test = EnvironmentDataset(
+            environment, held_out, ctx.for_phase("during training"), Batching(len(held_out), 1, 1)
+        )
         return train, test

@@ -46,27 +46,116 @@ if TYPE_CHECKING:
 
 # The task names reasoning-gym 0.1.25 registers (a test pins them to its registry): a mistyped name is
 # reported at once, without importing reasoning-gym and its ~100 generators (seconds).
-REASONING_GYM_TASKS = frozenset({
-    'ab', 'acre', 'advanced_geometry', 'aiw', 'arc_1d', 'arc_agi', 'base_conversion', 'basic_arithmetic',
-    'bf', 'binary_alternation', 'binary_matrix', 'bitwise_arithmetic', 'boxnet', 'caesar_cipher',
-    'calendar_arithmetic', 'chain_sum', 'circuit_logic', 'codeio', 'coin_flip', 'color_cube_rotation',
-    'complex_arithmetic', 'composite', 'count_bits', 'count_primes', 'countdown', 'course_schedule',
-    'cryptarithm', 'decimal_arithmetic', 'decimal_chain_sum', 'dice', 'emoji_mystery',
-    'family_relationships', 'figlet_font', 'fraction_simplification', 'futoshiki', 'game_of_life',
-    'game_of_life_halting', 'gcd', 'graph_color', 'group_anagrams', 'gsm_symbolic',
-    'intermediate_integration', 'isomorphic_strings', 'jugs', 'kakurasu', 'knight_swap', 'knights_knaves',
-    'largest_island', 'lcm', 'leg_counting', 'letter_counting', 'letter_jumble', 'list_functions',
-    'mahjong_puzzle', 'manipulate_matrix', 'maze', 'mini_sudoku', 'modulo_grid', 'n_queens',
-    'needle_haystack', 'number_filtering', 'number_format', 'number_sequence', 'number_sorting',
-    'palindrome_generation', 'palindrome_partitioning', 'path_star', 'polynomial_equations',
-    'polynomial_multiplication', 'pool_matrix', 'power_function', 'prime_factorization', 'products',
-    'propositional_logic', 'puzzle24', 'quantum_lock', 'ransom_note', 'rearc', 'rectangle_count',
-    'rotate_matrix', 'rotten_oranges', 'rubiks_cube', 'rush_hour', 'self_reference', 'sentence_reordering',
-    'shortest_path', 'simple_equations', 'simple_geometry', 'simple_integration', 'sokoban',
-    'spell_backward', 'spiral_matrix', 'string_insertion', 'string_manipulation', 'string_splitting',
-    'string_synthesis', 'sudoku', 'survo', 'syllogism', 'time_intervals', 'tower_of_hanoi', 'tsumego',
-    'word_ladder', 'word_sequence_reversal', 'word_sorting', 'zebra_puzzles'
-})  # fmt: skip
+REASONING_GYM_TASKS = frozenset(
+    {
+        "ab",
+        "acre",
+        "advanced_geometry",
+        "aiw",
+        "arc_1d",
+        "arc_agi",
+        "base_conversion",
+        "basic_arithmetic",
+        "bf",
+        "binary_alternation",
+        "binary_matrix",
+        "bitwise_arithmetic",
+        "boxnet",
+        "caesar_cipher",
+        "calendar_arithmetic",
+        "chain_sum",
+        "circuit_logic",
+        "codeio",
+        "coin_flip",
+        "color_cube_rotation",
+        "complex_arithmetic",
+        "composite",
+        "count_bits",
+        "count_primes",
+        "countdown",
+        "course_schedule",
+        "cryptarithm",
+        "decimal_arithmetic",
+        "decimal_chain_sum",
+        "dice",
+        "emoji_mystery",
+        "family_relationships",
+        "figlet_font",
+        "fraction_simplification",
+        "futoshiki",
+        "game_of_life",
+        "game_of_life_halting",
+        "gcd",
+        "graph_color",
+        "group_anagrams",
+        "gsm_symbolic",
+        "intermediate_integration",
+        "isomorphic_strings",
+        "jugs",
+        "kakurasu",
+        "knight_swap",
+        "knights_knaves",
+        "largest_island",
+        "lcm",
+        "leg_counting",
+        "letter_counting",
+        "letter_jumble",
+        "list_functions",
+        "mahjong_puzzle",
+        "manipulate_matrix",
+        "maze",
+        "mini_sudoku",
+        "modulo_grid",
+        "n_queens",
+        "needle_haystack",
+        "number_filtering",
+        "number_format",
+        "number_sequence",
+        "number_sorting",
+        "palindrome_generation",
+        "palindrome_partitioning",
+        "path_star",
+        "polynomial_equations",
+        "polynomial_multiplication",
+        "pool_matrix",
+        "power_function",
+        "prime_factorization",
+        "products",
+        "propositional_logic",
+        "puzzle24",
+        "quantum_lock",
+        "ransom_note",
+        "rearc",
+        "rectangle_count",
+        "rotate_matrix",
+        "rotten_oranges",
+        "rubiks_cube",
+        "rush_hour",
+        "self_reference",
+        "sentence_reordering",
+        "shortest_path",
+        "simple_equations",
+        "simple_geometry",
+        "simple_integration",
+        "sokoban",
+        "spell_backward",
+        "spiral_matrix",
+        "string_insertion",
+        "string_manipulation",
+        "string_splitting",
+        "string_synthesis",
+        "sudoku",
+        "survo",
+        "syllogism",
+        "time_intervals",
+        "tower_of_hanoi",
+        "tsumego",
+        "word_ladder",
+        "word_sequence_reversal",
+        "word_sorting",
+        "zebra_puzzles",
+    }
+)
 
 
 Source = Callable[["EnvSpec", "ProblemSettings", "LoadedData | None"], ProblemSet]
@@ -149,8 +238,14 @@ class SingleTurn:
         env = episode.env
         assert isinstance(env, QAEnv) and env.scored is not None
         scored = env.scored
-        record = RLExample(index, problem["question"], str(problem["answer"]), env.completion, scored.extracted,
-                           scored.correct)  # fmt: skip
+        record = RLExample(
+            index,
+            problem["question"],
+            str(problem["answer"]),
+            env.completion,
+            scored.extracted,
+            scored.correct,
+        )
         # 0/1 graders need no separate reward (it is `correct`); tests and verifiers give fractions.
         record.reward = scored.reward if env.ctx.scorer.verifier is not None or scored.details else None
         # Which grader scored the row (user verifier aside): the data's own choice, e.g. f1 for factual QA.
@@ -172,7 +267,12 @@ class SingleTurn:
 def qa_problems(rows: list[dict], grader: str = "math") -> list[dict]:
     # The row itself is kept: a user verifier (reward_fn=) is given it.
     return [
-        {"question": r["question"], "answer": r.get("final_answer") or r["answer"], "grader": grader, "row": r}
+        {
+            "question": r["question"],
+            "answer": r.get("final_answer") or r["answer"],
+            "grader": grader,
+            "row": r,
+        }
         for r in rows
     ]
 
@@ -207,8 +307,13 @@ def from_dataset(spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -
             "env=math needs a dataset with question/answer columns (or problem/solution, ground_truth)"
         )
     grader, why = choose_grader(data.train + data.eval, cfg.grader)
-    info = {"source": data.source, "eval_source": data.eval_source, "grader": grader, "grader_reason": why,
-            "score_label": GRADER_LABELS[grader]}  # fmt: skip
+    info = {
+        "source": data.source,
+        "eval_source": data.eval_source,
+        "grader": grader,
+        "grader_reason": why,
+        "score_label": GRADER_LABELS[grader],
+    }
     return ProblemSet(qa_problems(data.train, grader), qa_problems(data.eval, grader), info)
 
 
@@ -242,12 +347,21 @@ def reasoning_gym_problems(spec: EnvSpec, n: int, seed: int) -> list[dict]:
     try:
         dataset = reasoning_gym.create_dataset(task, size=n, seed=seed, **spec.options)
     except Exception as exc:  # noqa: BLE001 - unknown options raise various errors
-        raise ConfigError(f"env=reasoning_gym:{task}: cannot create this reasoning-gym task ({exc})") from None
+        raise ConfigError(
+            f"env=reasoning_gym:{task}: cannot create this reasoning-gym task ({exc})"
+        ) from None
     problems = []
     for entry in dataset:
         entry = json.loads(json.dumps(entry, default=str))  # JSON-safe, since problems are written to disk
-        problems.append({"question": entry["question"], "answer": str(entry["answer"]), "grader": "reasoning_gym",
-                         "task": task, "entry": entry})  # fmt: skip
+        problems.append(
+            {
+                "question": entry["question"],
+                "answer": str(entry["answer"]),
+                "grader": "reasoning_gym",
+                "task": task,
+                "entry": entry,
+            }
+        )
     return problems
 
 

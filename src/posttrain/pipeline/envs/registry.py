@@ -18,10 +18,13 @@ if TYPE_CHECKING:
     from posttrain.pipeline.data import LoadedData
     from posttrain.pipeline.envs.base import Environment
 
+
 @dataclass(frozen=True)
 class Entry:
     path: str  # "module:attribute": the Environment (a class, or an instance)
-    shown: tuple[str, ...] | None = None  # how env= help and errors list it (None: by its key; (): not at all)
+    shown: tuple[str, ...] | None = (
+        None  # how env= help and errors list it (None: by its key; (): not at all)
+    )
     partner: bool = False  # a served model plays its other side (`partner_model=`, `EnvContext.partner`)
     # "module:function" in a light module: the environment's own inputs (files) checked before `path` is imported
     inputs: str | None = None
@@ -34,16 +37,21 @@ ENVIRONMENTS: dict[str, Entry] = {
     "code": Entry("posttrain.pipeline.envs.code:CODE", ("code", "code:harder", "code:humaneval")),
     "game:guess_number": Entry("posttrain.pipeline.envs.games.guess_number:GuessNumber"),
     "game:tic_tac_toe": Entry("posttrain.pipeline.envs.games.tictactoe:TicTacToe"),
-    "game:twenty_questions": Entry("posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions", partner=True),
+    "game:twenty_questions": Entry(
+        "posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions", partner=True
+    ),
     "tools:calculator": Entry("posttrain.pipeline.envs.tools.agent:ToolUse"),
     "tools:search": Entry(
-        "posttrain.pipeline.envs.tools.agent:ToolUse", inputs="posttrain.pipeline.envs.tools.corpus:check_inputs"
+        "posttrain.pipeline.envs.tools.agent:ToolUse",
+        inputs="posttrain.pipeline.envs.tools.corpus:check_inputs",
     ),
     "verifiers": Entry("posttrain.pipeline.envs.verifiers_env:VerifiersEnvironment", ("verifiers:NAME",)),
     "rubric": Entry("posttrain.pipeline.envs.rubric:RubricConversations", ()),  # task=rubric's rows
 }
 # What `env=` offers, for help and errors.
-CHOICES = tuple(c for key, entry in ENVIRONMENTS.items() for c in (entry.shown if entry.shown is not None else (key,)))
+CHOICES = tuple(
+    c for key, entry in ENVIRONMENTS.items() for c in (entry.shown if entry.shown is not None else (key,))
+)
 
 
 # The environment a task=rl run without env= gets, by its data's format (no data, or another format: math).

@@ -64,7 +64,6 @@ class RubricEnv(Env):
         )
 
 
-
 def make_env(row: dict, ctx: EnvContext) -> RubricEnv:
     return RubricEnv(row, ctx)
 
@@ -105,10 +104,20 @@ class RubricConversations:
         messages = problem["messages"]
         question = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
         verdicts = env.verdicts
-        record = RLExample(index, question, rubric_text(problem["rubric"]), env.response, env.response,
-                           all(v.score >= 0.5 for v in verdicts))  # fmt: skip
+        record = RLExample(
+            index,
+            question,
+            rubric_text(problem["rubric"]),
+            env.response,
+            env.response,
+            all(v.score >= 0.5 for v in verdicts),
+        )
         record.reward = weighted_score(verdicts)
-        record.details = {"score_kind": "judged", "grader": env.judge.model, "items": [v.as_dict() for v in verdicts]}
+        record.details = {
+            "score_kind": "judged",
+            "grader": env.judge.model,
+            "items": [v.as_dict() for v in verdicts],
+        }
         errors = [v.error for v in verdicts if v.error]
         if errors:
             record.error = f"{len(errors)} of {len(verdicts)} rubric items not judged: {errors[0]}"
@@ -116,7 +125,9 @@ class RubricConversations:
 
     def score(self, rows: Sequence[RLExample]) -> float:
         # Like the other RL evaluations: an example that failed counts as 0.
-        return sum((r.reward or 0.0) if not r.error else 0.0 for r in rows) / len(rows) if rows else float("nan")
+        return (
+            sum((r.reward or 0.0) if not r.error else 0.0 for r in rows) / len(rows) if rows else float("nan")
+        )
 
     def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
         """Improved/regressed/unchanged by the judged score itself (the shared count compares `correct`, which a
@@ -125,8 +136,11 @@ class RubricConversations:
         base, trained = rows.get("base model"), rows.get("trained model")
         per_example = None
         if base is not None and trained is not None:
-            pairs = [(b.reward, t.reward) for b, t in zip(base, trained, strict=False)
-                     if not b.error and not t.error and b.reward is not None and t.reward is not None]  # fmt: skip
+            pairs = [
+                (b.reward, t.reward)
+                for b, t in zip(base, trained, strict=False)
+                if not b.error and not t.error and b.reward is not None and t.reward is not None
+            ]
             per_example = {
                 "improved": sum(1 for b, t in pairs if t - b > SCORE_TOLERANCE),
                 "regressed": sum(1 for b, t in pairs if b - t > SCORE_TOLERANCE),

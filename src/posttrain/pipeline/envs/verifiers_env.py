@@ -152,7 +152,9 @@ def _import(variant: str, module: str) -> ModuleType:
     try:
         imported = importlib.import_module(module)
     except Exception as e:
-        raise ConfigError(f"env=verifiers:{variant}: importing module {module!r} failed: {_one_line(e)}") from None
+        raise ConfigError(
+            f"env=verifiers:{variant}: importing module {module!r} failed: {_one_line(e)}"
+        ) from None
     if not callable(getattr(imported, "load_environment", None)):
         raise ConfigError(
             f"env=verifiers:{variant}: module {module!r} ({getattr(imported, '__file__', None) or 'a namespace'}) "
@@ -167,7 +169,9 @@ def _call(variant: str, module: ModuleType, args: dict[str, Any]) -> Any:
         env = module.load_environment(**args)
     except Exception as e:
         shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-        raise ConfigError(f"env=verifiers:{variant}: load_environment({shown}) failed: {_one_line(e)}") from None
+        raise ConfigError(
+            f"env=verifiers:{variant}: load_environment({shown}) failed: {_one_line(e)}"
+        ) from None
     # verifiers is imported only now: the environment's own module has imported it already (it built `env`).
     import verifiers as vf
 

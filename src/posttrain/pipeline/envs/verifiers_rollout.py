@@ -42,8 +42,9 @@ class VerifiersEnv(Env):
         from verifiers.utils.async_utils import NullAsyncContext
 
         p = self.problem
-        rollout_input = vf.RolloutInput(prompt=p["prompt"], answer=p["answer"], task=p["task"], info=p["info"],
-                                        example_id=p["example_id"])  # fmt: skip
+        rollout_input = vf.RolloutInput(
+            prompt=p["prompt"], answer=p["answer"], task=p["task"], info=p["info"], example_id=p["example_id"]
+        )
         # Sampling is the cookbook's (max_tokens, temperature): the client ignores the rollout's sampling args.
         state = await self.vf_env.rollout(rollout_input, self.client, "policy", None)
         await self.vf_env.rubric.score_group([state], score_sem=NullAsyncContext())
@@ -72,11 +73,21 @@ class VerifiersEnv(Env):
         from openai.types.chat import ChatCompletion
 
         message, termination = self.renderer.parse_response(action)
-        reply = ChatCompletion.model_validate({
-            "id": "policy", "object": "chat.completion", "created": 0, "model": "policy",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": renderers.get_text_content(message)},
-                         "finish_reason": "stop" if termination.is_stop_sequence else "length"}],
-        })  # fmt: skip
+        reply = ChatCompletion.model_validate(
+            {
+                "id": "policy",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "policy",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": renderers.get_text_content(message)},
+                        "finish_reason": "stop" if termination.is_stop_sequence else "length",
+                    }
+                ],
+            }
+        )
         await self.client.replies.put(reply)
         messages = await self._next()
         stop = self.renderer.get_stop_sequences()
@@ -88,6 +99,10 @@ class VerifiersEnv(Env):
         metrics = {
             k: float(v) for k, v in (self.state.get("metrics") or {}).items() if isinstance(v, int | float)
         }
-        return StepResult(reward=float(self.state.get("reward") or 0.0), episode_done=True,
-                          next_observation=tinker.ModelInput.empty(), next_stop_condition=stop,
-                          metrics={**metrics, "rollout_error": float(self.state.get("error") is not None)})  # fmt: skip
+        return StepResult(
+            reward=float(self.state.get("reward") or 0.0),
+            episode_done=True,
+            next_observation=tinker.ModelInput.empty(),
+            next_stop_condition=stop,
+            metrics={**metrics, "rollout_error": float(self.state.get("error") is not None)},
+        )

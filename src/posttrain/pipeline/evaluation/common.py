@@ -49,5 +49,3 @@ async def bounded_gather(
 
     tasks = [one(i, x) for i, x in enumerate(items)]
     return list(await tqdm_asyncio.gather(*tasks, desc=desc, leave=False, file=CONSOLE.stream))
-
-

@@ -42,7 +42,9 @@ class SeededPolicy(TokenCompleter):
         self.turn += 1
         response = await self.client.sample_async(model_input, num_samples=1, sampling_params=params)
         sequence = response.sequences[0]
-        return TokensWithLogprobs(sequence.tokens, sequence.logprobs, sequence.stop_reason, sequence.sequence_id)
+        return TokensWithLogprobs(
+            sequence.tokens, sequence.logprobs, sequence.stop_reason, sequence.sequence_id
+        )
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ async def evaluate_episodes(
             trajectory = await do_single_rollout(SeededPolicy(client, settings, i), env)
             return environment.row(i, problem, Episode(env, trajectory, ctx.renderer))
         except Exception as exc:  # noqa: BLE001 - one bad problem must not stop the evaluation
-            record = RLExample(i, str(problem.get("question", "")), str(problem.get("answer", "")), "", "", False)
+            record = RLExample(
+                i, str(problem.get("question", "")), str(problem.get("answer", "")), "", "", False
+            )
             record.error = short_error(exc)
             return record
 

@@ -61,16 +61,21 @@ def load_guard(cfg: Any, training_rows: list[dict]) -> GuardSet | None:
         raise DataError(f"guard_dataset={path}: no conversation left to score (every one is a training row)")
     what = path if cfg.guard_dataset else "tinker-cookbook example_data/conversations.jsonl"
     also = f"; {left_out} left out (also training rows)" if left_out else ""
-    return GuardSet(NAME if cfg.guard_dataset is None else "guard set NLL", f"{what}: {len(rows)} conversations{also}", rows)
+    return GuardSet(
+        NAME if cfg.guard_dataset is None else "guard set NLL",
+        f"{what}: {len(rows)} conversations{also}",
+        rows,
+    )
 
 
 def _messages(row: dict, where: str, checked: bool) -> list[dict]:
     messages = row.get("messages")
     ok = isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
     )
     if not ok or not any(m["role"] == "assistant" for m in messages):
-        detail = "needs \"messages\": a list of {role, content} with an assistant reply"
+        detail = 'needs "messages": a list of {role, content} with an assistant reply'
         raise DataError(f"guard_dataset: {where}: {detail}" if checked else f"{where}: {detail}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 

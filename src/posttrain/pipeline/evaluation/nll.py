@@ -80,7 +80,6 @@ def _prompt_and_completion(row: dict) -> tuple[str, str]:
     return prompt, messages[last]["content"]
 
 
-
 async def mean_completion_logprob(client: tinker.SamplingClient, datum: tinker.Datum) -> float:
     lp = await _completion_logprobs(client, datum)
     weights = datum.loss_fn_inputs["weights"].to_numpy().astype(np.float64)

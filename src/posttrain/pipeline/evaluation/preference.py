@@ -30,8 +30,13 @@ class PreferenceEvaluation:
         self.margins: dict[str, float] = {}
         self.task_accuracy: dict[str, float] = {}
 
-    def prepare(self, renderer: renderers.Renderer, max_length: int, settings: SamplingSettings,
-                say: Callable[[str], None]) -> None:  # fmt: skip
+    def prepare(
+        self,
+        renderer: renderers.Renderer,
+        max_length: int,
+        settings: SamplingSettings,
+        say: Callable[[str], None],
+    ) -> None:
         """Render the held-out pairs the way DPO trains: the final assistant message, after the shared prompt;
         keep how answers are sampled (verifiable pairs) and where to say what was measured."""
         from tinker_cookbook.renderers import TrainOnWhat
@@ -41,19 +46,25 @@ class PreferenceEvaluation:
         self.pairs = [
             tuple(
                 conversation_to_datum(
-                    [*row["prompt"], {"role": "assistant", "content": row[side]}], renderer, max_length,
+                    [*row["prompt"], {"role": "assistant", "content": row[side]}],
+                    renderer,
+                    max_length,
                     TrainOnWhat.LAST_ASSISTANT_MESSAGE,
-                )  # fmt: skip
+                )
                 for side in ("chosen", "rejected")
             )
             for row in self.rows
         ]
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
-        records, accuracy, margin = await evaluate_preference(client, self.pairs, self.rows, self.settings, label)
+        records, accuracy, margin = await evaluate_preference(
+            client, self.pairs, self.rows, self.settings, label
+        )
         self.margins[label] = margin
         if self.verifiable:
-            task = await evaluate_pair_answers(client, records, self.rows, self.renderer, self.settings, label)
+            task = await evaluate_pair_answers(
+                client, records, self.rows, self.renderer, self.settings, label
+            )
             self.task_accuracy[label] = task
             self.say(f"{label}: task accuracy {task:.1%} (answers sampled and graded)")
         return records, accuracy
@@ -158,5 +169,3 @@ async def evaluate_pair_answers(
 
     correct = await bounded_gather(list(records), one, settings.concurrency, f"{desc}: task accuracy")
     return sum(correct) / len(correct) if correct else float("nan")
-
-

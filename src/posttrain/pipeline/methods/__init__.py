@@ -55,12 +55,16 @@ class Steps:
 
 # Measured with SmolLM2-135M-Instruct on the local engine (README: gallery; docs/: measured-runs, distillation).
 SFT_STEPS = Steps(10, "the default SFT run: 11 steps of 32 -> held-out NLL -44%")
-DPO_STEPS = Steps(24, "gallery dpo: 27 steps of 16 -> +25 points; one pass of 216 pairs in 32s left it unchanged")
+DPO_STEPS = Steps(
+    24, "gallery dpo: 27 steps of 16 -> +25 points; one pass of 216 pairs in 32s left it unchanged"
+)
 DISTILLATION_STEPS = Steps(
     16, "off-policy: 11 steps of 32 -> NLL -29%, 16 steps -> -85%; on-policy: 12 steps of 16 -> -37.5%"
 )
 PROMPT_DISTILLATION_STEPS = Steps(32, "10 steps -> NLL -6%; 33 and 44 steps -> -24% and -29%")
-RL_STEPS = Steps(16, "gallery math_rl and game_rl: 16 steps of 8 problems -> +60 and +52 points", shrink_batch=False)
+RL_STEPS = Steps(
+    16, "gallery math_rl and game_rl: 16 steps of 8 problems -> +60 and +52 points", shrink_batch=False
+)
 PAIRWISE_RL_STEPS = Steps(12, "12 steps of 4 prompts -> win rate 50% -> 95%", shrink_batch=False)
 
 
@@ -77,25 +81,59 @@ class Registered:
 _M = "posttrain.pipeline.methods"
 # task=auto tries these in order: the first whose chosen_by settings are given, else the first taking the data.
 METHODS: dict[str, Registered] = {
-    "distillation": Registered(f"{_M}.distillation.method:Distillation", f"{_M}.distillation.settings:DistillationConfig",
-                               chosen_by=("teacher_model", "distillation_mode"), steps=DISTILLATION_STEPS),
-    "prompt_distillation": Registered(f"{_M}.prompt_distillation:PromptDistillation",
-                                      f"{_M}.prompt_distillation:PromptDistillationConfig", chosen_by=("system_prompt",),
-                                      steps=PROMPT_DISTILLATION_STEPS),
-    "rubric": Registered(f"{_M}.rubric:rubric", f"{_M}.rubric:RubricConfig", frozenset({"rubric"}),
-                         ("grader_model", "grader_mode"), RL_LR, RL_STEPS),
-    "rl": Registered(f"{_M}.rl:RL", f"{_M}.rl:RLConfig", frozenset({"question_answer", "code", "secret"}), ("env",), RL_LR,
-                     RL_STEPS),
+    "distillation": Registered(
+        f"{_M}.distillation.method:Distillation",
+        f"{_M}.distillation.settings:DistillationConfig",
+        chosen_by=("teacher_model", "distillation_mode"),
+        steps=DISTILLATION_STEPS,
+    ),
+    "prompt_distillation": Registered(
+        f"{_M}.prompt_distillation:PromptDistillation",
+        f"{_M}.prompt_distillation:PromptDistillationConfig",
+        chosen_by=("system_prompt",),
+        steps=PROMPT_DISTILLATION_STEPS,
+    ),
+    "rubric": Registered(
+        f"{_M}.rubric:rubric",
+        f"{_M}.rubric:RubricConfig",
+        frozenset({"rubric"}),
+        ("grader_model", "grader_mode"),
+        RL_LR,
+        RL_STEPS,
+    ),
+    "rl": Registered(
+        f"{_M}.rl:RL",
+        f"{_M}.rl:RLConfig",
+        frozenset({"question_answer", "code", "secret"}),
+        ("env",),
+        RL_LR,
+        RL_STEPS,
+    ),
     # Image classification rows train a vision-language model (supervised.py picks image_sft.ImageSFT).
-    "sft": Registered(f"{_M}.supervised:supervised", f"{_M}.sft:SFTConfig", CHAT_FORMATS | {"image"},
-                      learning_rate=SUPERVISED_LR, steps=SFT_STEPS),
-    "dpo": Registered(f"{_M}.dpo:DPO", f"{_M}.dpo:DPOConfig", frozenset({"preference"}), learning_rate=DPO_LR,
-                      steps=DPO_STEPS),
+    "sft": Registered(
+        f"{_M}.supervised:supervised",
+        f"{_M}.sft:SFTConfig",
+        CHAT_FORMATS | {"image"},
+        learning_rate=SUPERVISED_LR,
+        steps=SFT_STEPS,
+    ),
+    "dpo": Registered(
+        f"{_M}.dpo:DPO",
+        f"{_M}.dpo:DPOConfig",
+        frozenset({"preference"}),
+        learning_rate=DPO_LR,
+        steps=DPO_STEPS,
+    ),
     # RLHF: no minimum measured (6 steps per stage left its reward model at chance; docs/preference.md, RLHF).
     "rlhf": Registered(f"{_M}.rlhf:RLHF", f"{_M}.rlhf:RLHFConfig", learning_rate=SUPERVISED_LR),
-    "pairwise_rl": Registered(f"{_M}.pairwise_rl:PairwiseRL", f"{_M}.pairwise_rl:PairwiseRLConfig",
-                              chosen_by=("preference_model",), learning_rate=RL_LR, steps=PAIRWISE_RL_STEPS),
-}  # fmt: skip
+    "pairwise_rl": Registered(
+        f"{_M}.pairwise_rl:PairwiseRL",
+        f"{_M}.pairwise_rl:PairwiseRLConfig",
+        chosen_by=("preference_model",),
+        learning_rate=RL_LR,
+        steps=PAIRWISE_RL_STEPS,
+    ),
+}
 
 
 def _load(path: str) -> Any:

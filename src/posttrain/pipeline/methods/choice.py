@@ -34,7 +34,9 @@ def _auto(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
     if candidates:
         # The first would refuse a setting a later candidate takes (grader_model with preference_model): the
         # later one is meant. When none takes them all, the first is chosen and refuses the rest in one line.
-        name = next((n for n in candidates if settings <= set(chz.chz_fields(config_class(n)))), candidates[0])
+        name = next(
+            (n for n in candidates if settings <= set(chz.chz_fields(config_class(n)))), candidates[0]
+        )
         setting = chosen[name][0]
         return name, f"{setting}={getattr(cfg, setting)}" if setting == "env" else f"{setting} is set"
     if data is None:

@@ -22,13 +22,16 @@ SCORING = (
 class PairwiseJudging(Judging):
     method: ClassVar[str] = "pairwise_rl"
 
-    def add_comparison_tokens(self, budget: TokenBudget, comparisons: int, prompt: float, answer: int) -> TokenBudget:
+    def add_comparison_tokens(
+        self, budget: TokenBudget, comparisons: int, prompt: float, answer: int
+    ) -> TokenBudget:
         """Each comparison reads the conversation and both answers twice (once ending in A, once in B) and
         samples nothing."""
         per_comparison = 2 * (prompt + 2 * answer + PROMPT_OVERHEAD + 1)
         note = f"grader {self.model}: {comparisons:,} comparisons (every pair both ways), probability scoring"
-        return replace(budget, prefill=round(budget.prefill + comparisons * per_comparison),
-                       notes=[*budget.notes, note])  # fmt: skip
+        return replace(
+            budget, prefill=round(budget.prefill + comparisons * per_comparison), notes=[*budget.notes, note]
+        )
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "grader_scoring": SCORING}

@@ -78,13 +78,21 @@ class PreferenceOptions:
         not_blank(cfg, "preference_model")
         spec = cfg.preference_model
         if spec is not None and spec not in (SHORTER, JUDGE) and ":" not in spec:
-            raise ConfigError(f"preference_model={spec!r}: expected shorter, judge or path/to/file.py:function")
+            raise ConfigError(
+                f"preference_model={spec!r}: expected shorter, judge or path/to/file.py:function"
+            )
 
 
 @chz.chz
 class PairwiseRLConfig(
-    RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, PreferenceOptions,
-    VerifierOptions, GraderOptions,
+    RunSettings,
+    EvalSamplingOptions,
+    TemperatureOptions,
+    RolloutOptions,
+    RLLoopOptions,
+    PreferenceOptions,
+    VerifierOptions,
+    GraderOptions,
 ):
     """Every setting of task=pairwise_rl."""
 
@@ -134,7 +142,9 @@ class Preference:
         if self.judge is not None:
             verdict = await self.judge.compare(prompt, a, b)
             if verdict.error is not None:  # a tie, like a user function's error; the run goes on
-                logging.getLogger("posttrain.judge").warning("pairwise judge (%s, a tie): %s", phase, verdict.error)
+                logging.getLogger("posttrain.judge").warning(
+                    "pairwise judge (%s, a tie): %s", phase, verdict.error
+                )
             return Outcome(2 * verdict.score - 1, verdict.verdict, verdict.error)
         if self.user is None:
             return Outcome(float((len(a) < len(b)) - (len(a) > len(b))))
@@ -163,10 +173,13 @@ class PreferenceModelBuilder:
 
             from posttrain.pipeline.scoring.pairwise_judge import make_pairwise_judge
 
-            assert self.grader_model is not None and self.grader_renderer_name is not None, "a judge needs its model"
+            assert self.grader_model is not None and self.grader_renderer_name is not None, (
+                "a judge needs its model"
+            )
             service = service or tinker.ServiceClient(base_url=self.base_url)
-            judge = await make_pairwise_judge(service, self.grader_model, self.grader_renderer_name,
-                                              self.grader_concurrency)  # fmt: skip
+            judge = await make_pairwise_judge(
+                service, self.grader_model, self.grader_renderer_name, self.grader_concurrency
+            )
         return Preference(self.spec, self.errors_file, self.timeout, judge)
 
     def __call__(self) -> Any:
@@ -184,7 +197,10 @@ class PreferenceModelBuilder:
                 async with lock:
                     if not made:
                         made.append(await builder.preference())
-                a, b = (" ".join(str(m["content"]) for m in c) for c in (comparison.completion_A, comparison.completion_B))
+                a, b = (
+                    " ".join(str(m["content"]) for m in c)
+                    for c in (comparison.completion_A, comparison.completion_B)
+                )
                 outcome = await made[0].compare(comparison.prompt_conversation, a, b, "train")
                 if outcome.verdict is not None:
                     # The judge's reading, in order before the cookbook's list of matchup rewards (iteration_*/
@@ -220,22 +236,34 @@ class PairwiseRL:
         self.ctx = ctx
         cfg = self.cfg
         self.errors_file = str(ctx.log_path / verifiers.ERRORS_FILE)
-        judge = self.judging.settings(ctx) if self.judging is not None else {}  # says which judge and renderer
+        judge = (
+            self.judging.settings(ctx) if self.judging is not None else {}
+        )  # says which judge and renderer
         self.builder = PreferenceModelBuilder(
-            spec=self.spec, errors_file=self.errors_file, timeout=cfg.verifier_timeout,
-            grader_model=judge.get("grader_model"), grader_renderer_name=judge.get("grader_renderer_name"),
-            grader_concurrency=cfg.eval_concurrency, base_url=ctx.base_url,
-        )  # fmt: skip
+            spec=self.spec,
+            errors_file=self.errors_file,
+            timeout=cfg.verifier_timeout,
+            grader_model=judge.get("grader_model"),
+            grader_renderer_name=judge.get("grader_renderer_name"),
+            grader_concurrency=cfg.eval_concurrency,
+            base_url=ctx.base_url,
+        )
         per_epoch = len(self.prompts.train) // cfg.batch_size
         self.total_steps = min(per_epoch * cfg.num_epochs, cfg.max_steps or math.inf)
         if self.total_steps < 1:
-            raise ConfigError(f"batch_size={cfg.batch_size} is more than the {len(self.prompts.train)} training prompts")
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} is more than the {len(self.prompts.train)} training prompts"
+            )
         # The cookbook's comparison rows; the environments read the prompt and ignore the two dummy answers.
         self.prompts_file = ctx.data_dir / "train_prompts.jsonl"
-        write_jsonl(self.prompts_file, (_comparison(p) for _ in range(cfg.num_epochs) for p in self.prompts.train))
+        write_jsonl(
+            self.prompts_file, (_comparison(p) for _ in range(cfg.num_epochs) for p in self.prompts.train)
+        )
         write_jsonl(ctx.data_dir / "eval_prompts.jsonl", ({"messages": p} for p in self.prompts.eval))
-        ctx.say(f"pairwise_rl: preference model {self.named}; {len(self.prompts.train)} training prompts, "
-                f"{len(self.prompts.eval)} held out")  # fmt: skip
+        ctx.say(
+            f"pairwise_rl: preference model {self.named}; {len(self.prompts.train)} training prompts, "
+            f"{len(self.prompts.eval)} held out"
+        )
 
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.preference.preference_datasets import ComparisonBuilderFromJsonl
@@ -253,8 +281,12 @@ class PairwiseRL:
             tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS,
         )
         settings = {**rollout_settings(cfg), "max_steps": self.total_steps}
-        config = rl_train.Config(**self.ctx.loop_settings(), **settings, recipe_name="posttrain_pairwise_rl",
-                                 dataset_builder=dataset)  # fmt: skip
+        config = rl_train.Config(
+            **self.ctx.loop_settings(),
+            **settings,
+            recipe_name="posttrain_pairwise_rl",
+            dataset_builder=dataset,
+        )
         return rl_train.main(config)
 
     async def evaluate(self, client: tinker.SamplingClient, label: str) -> tuple[list[Any], float]:
@@ -268,7 +300,8 @@ class PairwiseRL:
         base = self.answers.get(BASE_LABEL)
         if base is None:  # a resumed run kept the base model's rows: its greedy answers are sampled again
             base = self.answers[BASE_LABEL] = await self._answers(
-                await self.ctx.service.create_sampling_client_async(base_model=self.cfg.model_name), BASE_LABEL
+                await self.ctx.service.create_sampling_client_async(base_model=self.cfg.model_name),
+                BASE_LABEL,
             )
 
         async def judge(i: int, prompt: Messages) -> RLExample:
@@ -277,26 +310,35 @@ class PairwiseRL:
             mine, theirs = answers[i], base[i]
             if isinstance(mine, Exception) or isinstance(theirs, Exception):
                 failed = mine if isinstance(mine, Exception) else theirs
-                return RLExample(i, prompt_text(prompt), str(theirs), str(mine), None, None, error=short_error(failed))
+                return RLExample(
+                    i, prompt_text(prompt), str(theirs), str(mine), None, None, error=short_error(failed)
+                )
             outcomes: list[Outcome] = []
             if label == BASE_LABEL:
                 win = 0.5  # its own answers: a tie by definition
             else:
-                outcomes = [await preference.compare(prompt, mine, theirs, label),
-                            await preference.compare(prompt, theirs, mine, label)]  # fmt: skip
+                outcomes = [
+                    await preference.compare(prompt, mine, theirs, label),
+                    await preference.compare(prompt, theirs, mine, label),
+                ]
                 win = 0.5 + (outcomes[0].value - outcomes[1].value) / 4
             row = RLExample(i, prompt_text(prompt), theirs, mine, None, win > 0.5, reward=win)
             row.details = {"chars": len(mine), "base_chars": len(theirs), "preference_model": self.spec}
             if self.judging is not None:
                 row.details |= {"score_kind": "judged", "grader": self.judging.model}
                 if outcomes:  # the judge's readings, the trained answer as A, then as B
-                    row.details["verdicts"] = {"trained_first": outcomes[0].verdict, "base_first": outcomes[1].verdict}
+                    row.details["verdicts"] = {
+                        "trained_first": outcomes[0].verdict,
+                        "base_first": outcomes[1].verdict,
+                    }
                     errors = [o.error for o in outcomes if o.error]
                     if errors:
                         row.details["grader_errors"] = errors
             return row
 
-        rows = await bounded_gather(self.prompts.eval, judge, self.cfg.eval_concurrency, f"{label}: comparing")
+        rows = await bounded_gather(
+            self.prompts.eval, judge, self.cfg.eval_concurrency, f"{label}: comparing"
+        )
         check_some_succeeded(rows, label)
         self.rows[label] = rows
         return rows, sum(r.reward or 0.0 for r in rows) / len(rows)  # a failed example counts as a loss
@@ -308,8 +350,12 @@ class PairwiseRL:
         from posttrain.pipeline.evaluation.common import bounded_gather
 
         cfg, renderer = self.cfg, self.ctx.renderer
-        params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature,
-                                       stop=renderer.get_stop_sequences(), seed=cfg.seed)  # fmt: skip
+        params = tinker.SamplingParams(
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.eval_temperature,
+            stop=renderer.get_stop_sequences(),
+            seed=cfg.seed,
+        )
 
         async def answer(i: int, prompt: Messages) -> str | Exception:
             try:
@@ -335,7 +381,7 @@ class PairwiseRL:
             sequences_per_step=cfg.batch_size * cfg.group_size,
             mean_train_length=prompt + cfg.max_tokens,
             notes=[f"answers counted at max_tokens={cfg.max_tokens} (upper bound){where}"],
-        )  # fmt: skip
+        )
         if self.judging is None:
             return budget
         # Training compares each group as the cookbook does; the evaluation, each held-out pair both ways.
@@ -376,10 +422,17 @@ def _comparisons_per_group(group_size: int) -> int:
 
     from tinker_cookbook.rl import preference_envs as envs
 
-    chunk = next(f.default for f in dataclasses.fields(envs.PairwisePreferenceGroupBuilder) if f.name == "matchup_group_size")
+    chunk = next(
+        f.default
+        for f in dataclasses.fields(envs.PairwisePreferenceGroupBuilder)
+        if f.name == "matchup_group_size"
+    )
     return len(envs.get_pairs_chunked(group_size, envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS, chunk))
 
 
 def _comparison(prompt: Messages) -> dict:
     empty = [{"role": "assistant", "content": ""}]
-    return {"comparison": {"prompt_conversation": prompt, "completion_A": empty, "completion_B": empty}, "label": "Tie"}
+    return {
+        "comparison": {"prompt_conversation": prompt, "completion_A": empty, "completion_B": empty},
+        "label": "Tie",
+    }

@@ -47,7 +47,8 @@ BEHAVIOUR_WORDS = 3
 @chz.chz
 class PromptDistillationOptions:
     system_prompt: str | None = chz.field(
-        default=None, doc="prompt_distillation: the system prompt to bake into the weights (text, or @path/to/file)"
+        default=None,
+        doc="prompt_distillation: the system prompt to bake into the weights (text, or @path/to/file)",
     )
     behaviour_check: str | None = chz.field(
         default=None,
@@ -61,8 +62,14 @@ class PromptDistillationOptions:
 
 
 @chz.chz
-class PromptDistillationConfig(RunSettings, SupervisedOptions, EvalSamplingOptions, TemperatureOptions,
-                               PromptDistillationOptions, VerifierOptions):  # fmt: skip
+class PromptDistillationConfig(
+    RunSettings,
+    SupervisedOptions,
+    EvalSamplingOptions,
+    TemperatureOptions,
+    PromptDistillationOptions,
+    VerifierOptions,
+):
     """Every setting of task=prompt_distillation."""
 
     @staticmethod
@@ -108,7 +115,9 @@ class PromptDistillation:
         self.teacher_greedy: list[str] | None = None
         self.check = None
         if cfg.behaviour_check is not None:  # a missing file or function: one line now, before anything runs
-            self.check = verifiers.UserVerifier(cfg.behaviour_check, None, cfg.verifier_timeout, "behaviour_check")
+            self.check = verifiers.UserVerifier(
+                cfg.behaviour_check, None, cfg.verifier_timeout, "behaviour_check"
+            )
 
     def prepare(self, ctx: RunContext) -> None:
         from posttrain.pipeline.methods.distillation import off_policy

@@ -45,7 +45,9 @@ class Judging(Protocol):
 
     def extra_models(self, cfg: Any) -> tuple[str, ...]: ...
     def settings(self, ctx: RunContext) -> dict[str, Any]: ...
-    def add_judge_tokens(self, budget: TokenBudget, problems: ProblemSet, prompt: float, cfg: Any) -> TokenBudget: ...
+    def add_judge_tokens(
+        self, budget: TokenBudget, problems: ProblemSet, prompt: float, cfg: Any
+    ) -> TokenBudget: ...
     def summary(self) -> dict[str, Any]: ...
 
 
@@ -76,7 +78,9 @@ class EvalSamplingOptions:
 
 @chz.chz
 class TemperatureOptions:
-    temperature: float = chz.field(default=1.0, doc="sampling temperature of training rollouts (and of teachers)")
+    temperature: float = chz.field(
+        default=1.0, doc="sampling temperature of training rollouts (and of teachers)"
+    )
 
     @staticmethod
     def check(cfg: Any) -> None:
@@ -89,7 +93,9 @@ class RolloutOptions:
     """What the cookbook's `rl.train.Config` takes besides the run's settings."""
 
     group_size: int = chz.field(default=8, doc="RL rollouts per problem")
-    loss_fn: RLLossFn = chz.field(default="importance_sampling", doc="importance_sampling|ppo|cispo|dro|gspo|stable_reinforce")
+    loss_fn: RLLossFn = chz.field(
+        default="importance_sampling", doc="importance_sampling|ppo|cispo|dro|gspo|stable_reinforce"
+    )
     kl_penalty_coef: float | None = chz.field(
         default=None,
         doc="KL penalty against the reference policy (None: the loop's own default, 0 for RL, 1 for on-policy "
@@ -138,7 +144,9 @@ class RLLoopOptions:
         if cfg.num_minibatches is not None:
             at_least("num_minibatches", cfg.num_minibatches, 1)
             if cfg.batch_size % cfg.num_minibatches:
-                raise ConfigError(f"num_minibatches={cfg.num_minibatches} must divide batch_size={cfg.batch_size}")
+                raise ConfigError(
+                    f"num_minibatches={cfg.num_minibatches} must divide batch_size={cfg.batch_size}"
+                )
         if cfg.max_steps_off_policy is not None and cfg.num_minibatches is not None:
             raise ConfigError("max_steps_off_policy and num_minibatches do not go together; choose one")
 
@@ -174,7 +182,9 @@ class EnvOptions:
             where = f", not env={cfg.env}" if cfg.env is not None else ""
             raise ConfigError(f"verifiers_args is only used by env=verifiers:NAME{where}; leave it out")
         if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
-            raise ConfigError(f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out")
+            raise ConfigError(
+                f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out"
+            )
         if cfg.game_opponent == "self":
             group_size = getattr(cfg, "group_size", None)
             if group_size is None or getattr(cfg, "teacher_model", None) is not None:
@@ -205,7 +215,9 @@ class SearchOptions:
     def check(cfg: Any) -> None:
         not_blank(cfg, "corpus")
         for name in ("corpus", "retriever"):
-            if getattr(cfg, name) is not None and (cfg.env is None or parse_env(cfg.env).key != "tools:search"):
+            if getattr(cfg, name) is not None and (
+                cfg.env is None or parse_env(cfg.env).key != "tools:search"
+            ):
                 where = f", not env={cfg.env}" if cfg.env is not None else ""
                 raise ConfigError(f"{name} is only used by env=tools:search{where}; leave it out")
         if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
@@ -264,9 +276,19 @@ class VerifierOptions:
 
 
 @chz.chz
-class RLConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, EnvOptions,
-               SearchOptions, PartnerOptions, RewardOptions, VerifierOptions,
-               warm_start.WarmStartOptions):  # fmt: skip
+class RLConfig(
+    RunSettings,
+    EvalSamplingOptions,
+    TemperatureOptions,
+    RolloutOptions,
+    RLLoopOptions,
+    EnvOptions,
+    SearchOptions,
+    PartnerOptions,
+    RewardOptions,
+    VerifierOptions,
+    warm_start.WarmStartOptions,
+):
     """Every setting of task=rl."""
 
 
@@ -277,15 +299,24 @@ def rollout_settings(cfg: Any, reference: str | None = None) -> dict[str, Any]:
 
     kl = cfg.kl_penalty_coef or 0.0
     settings = dict(
-        max_tokens=cfg.max_tokens, temperature=cfg.temperature, loss_fn=cfg.loss_fn, max_steps=cfg.max_steps,
-        kl_penalty_coef=kl, kl_discount_factor=cfg.kl_discount_factor, num_substeps=cfg.num_substeps,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        loss_fn=cfg.loss_fn,
+        max_steps=cfg.max_steps,
+        kl_penalty_coef=kl,
+        kl_discount_factor=cfg.kl_discount_factor,
+        num_substeps=cfg.num_substeps,
         remove_constant_reward_groups=cfg.remove_constant_reward_groups,
-    )  # fmt: skip
+    )
     if kl > 0:
-        settings["kl_reference_config"] = KLReferenceConfig(base_model=cfg.model_name, load_checkpoint_path=reference)
+        settings["kl_reference_config"] = KLReferenceConfig(
+            base_model=cfg.model_name, load_checkpoint_path=reference
+        )
     if cfg.max_steps_off_policy is not None:
         settings["async_config"] = AsyncConfig(
-            max_steps_off_policy=cfg.max_steps_off_policy, groups_per_batch=cfg.batch_size, loss_fn=cfg.loss_fn
+            max_steps_off_policy=cfg.max_steps_off_policy,
+            groups_per_batch=cfg.batch_size,
+            loss_fn=cfg.loss_fn,
         )
     if cfg.num_minibatches is not None:
         settings["stream_minibatch_config"] = StreamMinibatchConfig(
@@ -300,16 +331,22 @@ class RL:
 
     def __init__(self, cfg: Any, data: LoadedData | None, judging: Judging | None = None):
         self.name = "rl" if judging is None else judging.method
-        self.cfg = cfg  # task=rubric's settings arrive as an RLConfig (`rubric.rubric`), not as the run's config
+        self.cfg = (
+            cfg  # task=rubric's settings arrive as an RLConfig (`rubric.rubric`), not as the run's config
+        )
         default = judging.env if judging is not None else registry.default_env(data.format if data else None)
         self.spec = registry.check(cfg.env or default)
         if cfg.reward_fn is not None:
             verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
         self.judging = judging
-        registry.check_inputs(self.spec, cfg, data)  # before the environment's module: that import takes seconds
+        registry.check_inputs(
+            self.spec, cfg, data
+        )  # before the environment's module: that import takes seconds
         self.environment = registry.environment(self.spec)
         if getattr(cfg, "grader", None) is not None and registry.lookup(self.spec) != registry.DEFAULT:
-            raise ConfigError(f"grader is only used with question/answer data (env=math), not env={self.spec}; leave it out")
+            raise ConfigError(
+                f"grader is only used with question/answer data (env=math), not env={self.spec}; leave it out"
+            )
         if cfg.reward_fn is not None and not self.environment.takes_verifier:
             raise ConfigError(f"reward_fn= does not apply to env={self.spec}: the game decides the reward")
         self.partner = self._partner(cfg)
@@ -322,7 +359,9 @@ class RL:
             self.extra_models = judging.extra_models(cfg)
         if self.partner is not None and self.partner != cfg.model_name:
             self.extra_models = (*self.extra_models, self.partner)
-        label = self.problems.info.get("score_label", self.environment.score_label)  # e.g. the QA data's grader
+        label = self.problems.info.get(
+            "score_label", self.environment.score_label
+        )  # e.g. the QA data's grader
         self.score_label = "mean reward (user verifier)" if cfg.reward_fn else label
         if judging is not None:
             self.score_label = f"{self.score_label} (judged by {judging.model})"
@@ -334,7 +373,9 @@ class RL:
         given = getattr(cfg, "partner_model", None)
         if not registry.takes_partner(self.spec):
             if given is not None:
-                raise ConfigError(f"partner_model is only used by env=game:twenty_questions, not env={self.spec}; leave it out")
+                raise ConfigError(
+                    f"partner_model is only used by env=game:twenty_questions, not env={self.spec}; leave it out"
+                )
             return None
         return given or cfg.model_name
 
@@ -347,21 +388,32 @@ class RL:
         write_jsonl(problems_file, self.problems.train)
         eval_file = ctx.data_dir / "eval_problems.jsonl"
         write_jsonl(eval_file, self.problems.eval)
-        self.total_steps = cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
+        self.total_steps = (
+            cfg.max_steps or math.ceil(len(self.problems.train) / cfg.batch_size) * cfg.num_epochs
+        )
         self.episodes = self._episode_settings(ctx)
         self.builder = EnvironmentDatasetBuilder(
-            rows_file=str(problems_file), episodes=self.episodes, groups_per_batch=cfg.batch_size,
-            group_size=cfg.group_size, n_batches=self.total_steps, seed=cfg.seed, base_url=ctx.base_url,
+            rows_file=str(problems_file),
+            episodes=self.episodes,
+            groups_per_batch=cfg.batch_size,
+            group_size=cfg.group_size,
+            n_batches=self.total_steps,
+            seed=cfg.seed,
+            base_url=ctx.base_url,
             # eval_every: the cookbook's test-set evaluator plays the held-out problems during training.
             eval_rows_file=str(eval_file) if cfg.eval_every > 0 else None,
-        )  # fmt: skip
+        )
         if "grader" in self.problems.info:
             ctx.say(f"grader: {self.problems.info['grader']} ({self.problems.info['grader_reason']})")
         if "retriever" in self.problems.info:  # env=tools:search: which index, and whether it was reused
             ctx.say(f"retriever: {self.problems.info['retriever']}")
         self._plain = self._plain_context()
-        self.environment.prompt(self.problems.eval[0], self._plain)  # e.g. a renderer without tool calls: one line
-        self.warm = warm_start.prepare(ctx, self.warm_start_steps, self.environment, self.problems.train, self._plain)
+        self.environment.prompt(
+            self.problems.eval[0], self._plain
+        )  # e.g. a renderer without tool calls: one line
+        self.warm = warm_start.prepare(
+            ctx, self.warm_start_steps, self.environment, self.problems.train, self._plain
+        )
 
     def stages(self) -> list[TrainingStage]:
         """One RL loop in the run's log folder, or (warm_start_steps=) the warm start's loop and then RL's."""
@@ -376,10 +428,16 @@ class RL:
         judge = self.judging.settings(ctx) if self.judging is not None else {}
         partner = self._partner_settings(ctx) if self.partner is not None else {}
         return EpisodeSettings(
-            env=str(self.spec), model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name,
-            reward_fn=cfg.reward_fn, verifier_errors_file=str(ctx.log_path / verifiers.ERRORS_FILE),
-            verifier_timeout=cfg.verifier_timeout, grader_concurrency=cfg.eval_concurrency, **judge, **partner,
-        )  # fmt: skip
+            env=str(self.spec),
+            model_name_for_tokenizer=cfg.model_name,
+            renderer_name=ctx.renderer_name,
+            reward_fn=cfg.reward_fn,
+            verifier_errors_file=str(ctx.log_path / verifiers.ERRORS_FILE),
+            verifier_timeout=cfg.verifier_timeout,
+            grader_concurrency=cfg.eval_concurrency,
+            **judge,
+            **partner,
+        )
 
     def _partner_settings(self, ctx: RunContext) -> dict[str, Any]:
         """The partner's model and renderer."""
@@ -409,14 +467,19 @@ class RL:
             self._context = await self.episodes.context(self.ctx.service)
         ctx = self._context.for_phase(label)
         settings = SamplingSettings(cfg.max_tokens, cfg.eval_temperature, cfg.seed, cfg.eval_concurrency)
-        rows, score = await evaluate_episodes(client, HeldOut(self.environment, self.problems.eval, ctx), settings)
+        rows, score = await evaluate_episodes(
+            client, HeldOut(self.environment, self.problems.eval, ctx), settings
+        )
         self.rows[label] = rows
         # Further held-out sets (HumanEval for env=code:humaneval): the same sampling and scoring, reported beside
         # the main score; their rows are kept in the logs.
         for name, problems in self.problems.extra_eval.items():
             held_out = HeldOut(self.environment, problems, ctx, desc=f"{label}: {name}")
             extra_rows, extra = await evaluate_episodes(client, held_out, settings)
-            write_jsonl(self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl", [r.to_dict() for r in extra_rows])
+            write_jsonl(
+                self.ctx.data_dir / f"{name}_{label.replace(' ', '_')}.jsonl",
+                [r.to_dict() for r in extra_rows],
+            )
             self.extra_scores.setdefault(name, {})[label] = extra
             self.ctx.say(f"{label}: {name}: {extra:.1%}")
         return rows, score
@@ -424,16 +487,24 @@ class RL:
     def train(self) -> Coroutine[Any, Any, Any]:
         from tinker_cookbook.rl import train as rl_train
 
-        loop = {**self.ctx.loop_settings(), **(self.warm.stage_settings(warm_start.RL_STAGE) if self.warm is not None else {})}
+        loop = {
+            **self.ctx.loop_settings(),
+            **(self.warm.stage_settings(warm_start.RL_STAGE) if self.warm is not None else {}),
+        }
         config = rl_train.Config(
-            **loop, **rollout_settings(self.cfg), recipe_name=f"posttrain_{self.name}", dataset_builder=self.builder
+            **loop,
+            **rollout_settings(self.cfg),
+            recipe_name=f"posttrain_{self.name}",
+            dataset_builder=self.builder,
         )
         return rl_train.main(config)
 
     def token_budget(self) -> TokenBudget:
         cfg, renderer = self.cfg, self.ctx.renderer
         problems = self.problems.train[:200] + self.problems.eval[:200]
-        prompts = [renderer.build_generation_prompt(self.environment.prompt(p, self._plain)).length for p in problems]
+        prompts = [
+            renderer.build_generation_prompt(self.environment.prompt(p, self._plain)).length for p in problems
+        ]
         prompt = sum(prompts) / len(prompts)
         # Multi-turn: at most max_turns turns, each re-reading the conversation so far; an environment's reply is
         # counted like a turn of max_tokens. One turn: the single-turn formulas.
@@ -442,18 +513,30 @@ class RL:
         rollouts = self.total_steps * cfg.batch_size * cfg.group_size
         episodes = rollouts + 2 * len(self.problems.eval)
         notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
-        context = prompt + (turns - 1) * cfg.max_tokens  # what a turn reads, on average: midway through a game
+        context = (
+            prompt + (turns - 1) * cfg.max_tokens
+        )  # what a turn reads, on average: midway through a game
         in_a_row = None
         if turns > 1:
-            in_a_row = sequential_turns(cfg, turns, self.total_steps, len(self.problems.eval),
-                                        self.partner is not None, round(context))  # fmt: skip
+            in_a_row = sequential_turns(
+                cfg,
+                turns,
+                self.total_steps,
+                len(self.problems.eval),
+                self.partner is not None,
+                round(context),
+            )
             notes += [f"upper bound: every episode counted at {turns} turns", in_a_row.note()]
         budget = TokenBudget(
-            train=round(rollouts * trajectory), prefill=round(episodes * turns * context),
-            sample=episodes * turns * cfg.max_tokens, train_steps=self.total_steps,
-            sequences_per_step=cfg.batch_size * cfg.group_size, mean_train_length=trajectory, notes=notes,
+            train=round(rollouts * trajectory),
+            prefill=round(episodes * turns * context),
+            sample=episodes * turns * cfg.max_tokens,
+            train_steps=self.total_steps,
+            sequences_per_step=cfg.batch_size * cfg.group_size,
+            mean_train_length=trajectory,
+            notes=notes,
             turns=in_a_row,
-        )  # fmt: skip
+        )
         if self.partner is not None:
             budget = partner_tokens(budget, self.partner, episodes * turns, prompt + cfg.max_tokens)
         if self.warm is not None:
@@ -473,8 +556,11 @@ class RL:
 
     def describe(self) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
         cfg = self.cfg
-        sizes = {"train_problems": len(self.problems.train), "eval_problems": len(self.problems.eval),
-                 "group_size": cfg.group_size}  # fmt: skip
+        sizes = {
+            "train_problems": len(self.problems.train),
+            "eval_problems": len(self.problems.eval),
+            "group_size": cfg.group_size,
+        }
         dataset = {**self.problems.info, "env": str(self.spec)}
         extra: dict[str, Any] = {"score_label": self.score_label, **self.environment.summary(self.rows)}
         if self.judging is not None:
@@ -482,11 +568,17 @@ class RL:
         elif self._asks_for_the_answer_format():
             extra["answer_instruction"] = ANSWER_INSTRUCTION
         for name, scores in self.extra_scores.items():
-            extra[f"{name}_score"] = {"baseline": scores.get("base model"), "trained": scores.get("trained model")}
+            extra[f"{name}_score"] = {
+                "baseline": scores.get("base model"),
+                "trained": scores.get("trained model"),
+            }
         if cfg.reward_fn is not None:
             extra |= verifiers.summary(cfg.reward_fn, self.ctx.log_path / verifiers.ERRORS_FILE)
         if self.partner is not None:
-            extra |= {"partner_model": self.partner, "partner_renderer": getattr(self, "partner_renderer", None)}
+            extra |= {
+                "partner_model": self.partner,
+                "partner_renderer": getattr(self, "partner_renderer", None),
+            }
         if self.warm is not None:
             extra["warm_start"] = self.warm.summary()
         return dataset, sizes, extra

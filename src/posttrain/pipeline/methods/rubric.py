@@ -64,7 +64,9 @@ class RubricOptions(GraderOptions):
 
 
 @chz.chz
-class RubricConfig(RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, RubricOptions):
+class RubricConfig(
+    RunSettings, EvalSamplingOptions, TemperatureOptions, RolloutOptions, RLLoopOptions, RubricOptions
+):
     """Every setting of task=rubric."""
 
 
@@ -99,24 +101,32 @@ class Judging:
 
         # P(Yes) is read at the reply's first token: a thinking judge would start with <think> there.
         why = "the reply starts with the answer" if self.mode == "probability" else None
-        renderer, source = preflight.answering_renderer(self.model, (ctx.cfg.model_name, ctx.renderer_name), why)
+        renderer, source = preflight.answering_renderer(
+            self.model, (ctx.cfg.model_name, ctx.renderer_name), why
+        )
         self.renderer = renderer
         same = " (the base model itself)" if self.model == ctx.cfg.model_name else ""
         ctx.say(f"grader: {self.model}{same}, {self.mode} scoring, renderer {renderer} ({source})")
         return {"grader_model": self.model, "grader_renderer_name": renderer, "grader_mode": self.mode}
 
-    def add_judge_tokens(self, budget: TokenBudget, problems: ProblemSet, prompt: float, cfg: RLConfig) -> TokenBudget:
+    def add_judge_tokens(
+        self, budget: TokenBudget, problems: ProblemSet, prompt: float, cfg: RLConfig
+    ) -> TokenBudget:
         """Each judgement reads the conversation, the reply and the criterion; probability scoring asks twice."""
         rows = problems.train[:200] + problems.eval[:200]
         items = sum(len(r["rubric"]) for r in rows) / len(rows)
-        per_item = (prompt + cfg.max_tokens + GRADER_PROMPT_OVERHEAD) * (2 if self.mode == "probability" else 1)
+        per_item = (prompt + cfg.max_tokens + GRADER_PROMPT_OVERHEAD) * (
+            2 if self.mode == "probability" else 1
+        )
         replies = budget.train_steps * cfg.batch_size * cfg.group_size + 2 * len(problems.eval)
         verdicts = replies * items * (0 if self.mode == "probability" else SAMPLED_VERDICT_TOKENS)
         note = f"grader {self.model}: {items:.1f} items per reply, {self.mode} scoring"
         return replace(
-            budget, prefill=round(budget.prefill + replies * items * per_item), sample=round(budget.sample + verdicts),
+            budget,
+            prefill=round(budget.prefill + replies * items * per_item),
+            sample=round(budget.sample + verdicts),
             notes=[*budget.notes, note],
-        )  # fmt: skip
+        )
 
     def summary(self) -> dict[str, Any]:
         return {

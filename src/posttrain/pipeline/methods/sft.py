@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 # tinker_cookbook.renderers.TrainOnWhat values, minus CUSTOMIZED (needs per-token weights we never build); spelled
 # out because importing the renderers pulls in torch, and settings are checked before that (a test pins them).
 TrainOnWhatName = Literal[
-    "last_assistant_message", "last_assistant_turn", "all_assistant_messages", "all_messages", "all_tokens",
+    "last_assistant_message",
+    "last_assistant_turn",
+    "all_assistant_messages",
+    "all_messages",
+    "all_tokens",
     "all_user_and_system_messages",
-]  # fmt: skip
+]
 
 
 @chz.chz
@@ -51,18 +55,28 @@ class SupervisedOptions:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"{name}={value!r} is not valid; expected a number in [0, 1)")
-        if isinstance(cfg.adam_eps, bool) or not isinstance(cfg.adam_eps, (int, float)) or not cfg.adam_eps > 0:
+        if (
+            isinstance(cfg.adam_eps, bool)
+            or not isinstance(cfg.adam_eps, (int, float))
+            or not cfg.adam_eps > 0
+        ):
             raise ConfigError(f"adam_eps={cfg.adam_eps!r} is not valid; expected a number > 0")
         if cfg.lr_schedule not in choices(LRSchedule):  # another schedule is a warmup Tinker does not offer
-            raise UnsupportedConfigError([f"lr_schedule={cfg.lr_schedule}"], sorted(chz.chz_fields(type(cfg))))
+            raise UnsupportedConfigError(
+                [f"lr_schedule={cfg.lr_schedule}"], sorted(chz.chz_fields(type(cfg)))
+            )
 
 
 def supervised_settings(cfg: Any) -> dict[str, Any]:
     """The optimisation fields of a supervised cookbook Config (`supervised.train`, `preference.train_dpo`)."""
     return dict(
-        lr_schedule=cfg.lr_schedule, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        num_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
-    )  # fmt: skip
+        lr_schedule=cfg.lr_schedule,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        num_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+    )
 
 
 @chz.chz

@@ -47,7 +47,9 @@ class WarmStartOptions:
     @staticmethod
     def check(cfg: Any) -> None:
         if isinstance(cfg.warm_start_steps, bool) or not isinstance(cfg.warm_start_steps, int):
-            raise ConfigError(f"warm_start_steps={cfg.warm_start_steps!r} is not valid; expected an integer >= 0")
+            raise ConfigError(
+                f"warm_start_steps={cfg.warm_start_steps!r} is not valid; expected an integer >= 0"
+            )
         at_least("warm_start_steps", cfg.warm_start_steps, 0)
 
 
@@ -106,9 +108,13 @@ class WarmStart:
         write_jsonl(ctx.data_dir / TRAIN_FILE, ({"messages": [_jsonable(m) for m in c]} for c in kept))
         lr, source = default_learning_rate(ctx.cfg.model_name, "sft")
         sample = kept[:200]
-        length = sum(ctx.renderer.build_supervised_example(c, TrainOnWhat(TRAIN_ON_WHAT))[0].length for c in sample)
+        length = sum(
+            ctx.renderer.build_supervised_example(c, TrainOnWhat(TRAIN_ON_WHAT))[0].length for c in sample
+        )
         length /= len(sample)
-        warm = cls(ctx, steps, min(ctx.cfg.batch_size, len(kept)), lr, source, len(kept), len(problems), length)
+        warm = cls(
+            ctx, steps, min(ctx.cfg.batch_size, len(kept)), lr, source, len(kept), len(problems), length
+        )
         missed = len(problems) - len(kept)
         left_out = f" ({missed} left out: the tool's reply did not hold the answer)" if missed else ""
         ctx.say(
@@ -127,17 +133,24 @@ class WarmStart:
 
         ctx, cfg = self.ctx, self.ctx.cfg
         common = ChatDatasetBuilderCommonConfig(
-            model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name, max_length=None,
-            batch_size=self.batch_size, train_on_what=TrainOnWhat(TRAIN_ON_WHAT),
-        )  # fmt: skip
+            model_name_for_tokenizer=cfg.model_name,
+            renderer_name=ctx.renderer_name,
+            max_length=None,
+            batch_size=self.batch_size,
+            train_on_what=TrainOnWhat(TRAIN_ON_WHAT),
+        )
         builder = ConversationFilesBuilder(
             common_config=common, train_file=str(ctx.data_dir / TRAIN_FILE), shuffle_seed=cfg.seed
         )
         batches = self.demonstrations // self.batch_size
         settings = {
-            **ctx.loop_settings(), **self.stage_settings(STAGE), "learning_rate": self.learning_rate,
-            "max_steps": self.steps, "num_epochs": math.ceil(self.steps / batches), "eval_every": 0,
-        }  # fmt: skip
+            **ctx.loop_settings(),
+            **self.stage_settings(STAGE),
+            "learning_rate": self.learning_rate,
+            "max_steps": self.steps,
+            "num_epochs": math.ceil(self.steps / batches),
+            "eval_every": 0,
+        }
         return sl_train.main(
             sl_train.Config(**settings, recipe_name=f"posttrain_rl_{STAGE}", dataset_builder=builder)
         )
@@ -155,16 +168,24 @@ class WarmStart:
         sequences, rollouts = self.steps * self.batch_size, budget.train_steps * budget.sequences_per_step
         train, steps = budget.train + sequences * self.mean_length, budget.train_steps + self.steps
         return replace(
-            budget, train=round(train), train_steps=steps,
+            budget,
+            train=round(train),
+            train_steps=steps,
             sequences_per_step=max(1, round((rollouts + sequences) / steps)),
             mean_train_length=train / max(rollouts + sequences, 1),
-            notes=[*budget.notes, f"warm start: {self.steps} supervised steps of {self.batch_size} worked answers"],
-        )  # fmt: skip
+            notes=[
+                *budget.notes,
+                f"warm start: {self.steps} supervised steps of {self.batch_size} worked answers",
+            ],
+        )
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """A stage's own folder and W&B name; RL starts from the warm start's checkpoint."""
         shared = self.ctx.loop_settings()
-        settings: dict[str, Any] = {"log_path": str(self.ctx.log_path / stage), "wandb_name": f"{shared['wandb_name']}-{stage}"}
+        settings: dict[str, Any] = {
+            "log_path": str(self.ctx.log_path / stage),
+            "wandb_name": f"{shared['wandb_name']}-{stage}",
+        }
         if stage != STAGE:
             settings["load_checkpoint_path"] = self.checkpoint()
         return settings

@@ -91,7 +91,9 @@ def _check(
         "p_value": v["p_value"],
         "n": v["n"],
         "regressed": worse,
-        "text": verdict_text(v, unit, scale).rsplit(": ", 1)[0],  # the numbers; "regressed" is this check's word
+        "text": verdict_text(v, unit, scale).rsplit(": ", 1)[
+            0
+        ],  # the numbers; "regressed" is this check's word
     }
 
 
@@ -105,7 +107,9 @@ def _paired(base: Sequence[Any], trained: Sequence[Any], value: Any) -> list[tup
 
 def answer_lengths(base: Sequence[Any], trained: Sequence[Any]) -> dict[str, float] | None:
     """Mean characters of each model's answers (rows that hold the model's own `completion`: RL, preference)."""
-    pairs = _paired(base, trained, lambda d: len(d["completion"]) if isinstance(d.get("completion"), str) else None)
+    pairs = _paired(
+        base, trained, lambda d: len(d["completion"]) if isinstance(d.get("completion"), str) else None
+    )
     if not pairs or not any(b or t for b, t in pairs) or not _model_written(base):
         return None
     b, t = sum(x for x, _ in pairs) / len(pairs), sum(y for _, y in pairs) / len(pairs)
@@ -125,7 +129,11 @@ def guard_text(checks: Sequence[Mapping[str, Any]], length: Mapping[str, Any] | 
     regressed = [c for c in checks if c["regressed"]]
     shown = regressed or checks
     details = "; ".join(f"{c['name']} {c['text']}" for c in shown)
-    head = "REGRESSED on " + ", ".join(c["name"] for c in regressed) if regressed else "no regression on the guard"
+    head = (
+        "REGRESSED on " + ", ".join(c["name"] for c in regressed)
+        if regressed
+        else "no regression on the guard"
+    )
     text = f"{head} ({details})" if details else head
     if length and length.get("ratio") is not None:
         text += f"; answers {length['baseline']:.0f} -> {length['trained']:.0f} characters on average"

@@ -21,7 +21,9 @@ def _not_improved_warning(summary: Mapping[str, Any]) -> str:
     if summary.get("verdict") == "inconclusive":
         imp = summary.get("improvement") or {}
         needed = imp.get("examples_needed")
-        said = "would tell an effect this size" in str(imp.get("verdict_text", ""))  # the verdict says it already
+        said = "would tell an effect this size" in str(
+            imp.get("verdict_text", "")
+        )  # the verdict says it already
         more = f" (about {needed} would tell an effect this size)" if needed and not said else ""
         return (
             f"NOTE: the trained model scored better, but not by more than noise on {imp.get('n', 0)} held-out "
@@ -259,7 +261,10 @@ def write_report(
     if summary.get("score_note"):  # e.g. judged (not verified) scores
         lines += [f"> {_md(summary['score_note'])}", ""]
     verdict_text = (summary.get("improvement") or {}).get("verdict_text")
-    lines += [f"Verdict: **{summary.get('verdict')}**" + (f" — {_md(verdict_text)}" if verdict_text else ""), ""]
+    lines += [
+        f"Verdict: **{summary.get('verdict')}**" + (f" — {_md(verdict_text)}" if verdict_text else ""),
+        "",
+    ]
     lines += _guard_lines(summary)
     if warning:
         lines += ["> " + line for line in warning.splitlines()] + [""]

@@ -37,8 +37,15 @@ MetricKind = Literal["score", "nll"]
 RL_KEYS = ("index", "question", "ground_truth", "completion", "extracted_answer", "correct")
 SFT_KEYS = ("index", "prompt", "completion", "nll")
 PREFERENCE_KEYS = (
-    "index", "prompt", "chosen", "rejected", "chosen_logprob", "rejected_logprob", "margin", "correct"
-)  # fmt: skip
+    "index",
+    "prompt",
+    "chosen",
+    "rejected",
+    "chosen_logprob",
+    "rejected_logprob",
+    "margin",
+    "correct",
+)
 RL_OPTIONAL_KEYS = ("reward", "details", "verifier_error", "transcript")
 SFT_OPTIONAL_KEYS = ("teacher", "answer")
 PREFERENCE_OPTIONAL_KEYS = ("ground_truth", "completion", "extracted_answer", "task_correct")

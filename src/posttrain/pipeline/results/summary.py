@@ -34,9 +34,15 @@ NLL_RELATIVE_TOLERANCE = 1e-3
 # each measured on its own held-out prompts (on-policy adds baseline_reverse_kl, trained_reverse_kl,
 # prompts_per_step and training_metric). A null NLL or KL: none of that teacher's examples could be scored.
 TEACHER_KEYS = (
-    "teacher_model", "dataset", "train_prompts", "eval_prompts", "teacher_train_traces", "teacher_eval_traces",
-    "baseline_nll", "trained_nll",
-)  # fmt: skip
+    "teacher_model",
+    "dataset",
+    "train_prompts",
+    "eval_prompts",
+    "teacher_train_traces",
+    "teacher_eval_traces",
+    "baseline_nll",
+    "trained_nll",
+)
 
 
 def collect_versions() -> dict[str, str | None]:
@@ -169,7 +175,9 @@ def build_summary(
     if comparison is None:
         comparison = compare_examples(outcome.base_rows, outcome.trained_rows, outcome.kind)
     judged = judge_improvement(outcome.kind, comparison)
-    improvement.update({k: judged[k] for k in ("difference", "unit", "interval", "confidence", "test", "p_value", "n")})
+    improvement.update(
+        {k: judged[k] for k in ("difference", "unit", "interval", "confidence", "test", "p_value", "n")}
+    )
     improvement.update(examples_needed=judged["examples_needed"], verdict_text=judged["text"])
     summary: dict[str, Any] = {
         "task_type": TASK_TYPES[outcome.kind],
@@ -203,7 +211,9 @@ def build_summary(
     )
     summary["headline"] = headline(summary)
     summary["per_example"] = {
-        k: comparison[k] for k in ("paired", "improved", "regressed", "unchanged", "errors") if k in comparison
+        k: comparison[k]
+        for k in ("paired", "improved", "regressed", "unchanged", "errors")
+        if k in comparison
     }
     summary["guard"] = guard_summary(outcome.guard, outcome.base_rows, outcome.trained_rows)
     for side, rows in (("baseline", outcome.base_rows), ("trained", outcome.trained_rows)):

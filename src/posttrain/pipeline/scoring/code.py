@@ -170,7 +170,9 @@ def grade_humaneval(problem: dict, completion: str, limits: sandbox.Limits | Non
     spec = {"mode": "check", "entry_point": problem["entry_point"], "per_test_s": 2.0}
     reports, note = _run(code + "\n\n" + problem["test"], spec, limits)
     passed = int(any(r.get("check") == "passed" for r in reports))
-    note = note or next((f"check: {r['check']}" for r in reports if r.get("check") not in (None, "passed")), "")
+    note = note or next(
+        (f"check: {r['check']}" for r in reports if r.get("check") not in (None, "passed")), ""
+    )
     return CodeResult(float(passed), code, passed, 1, note)
 
 
@@ -207,5 +209,3 @@ def _equal(got: str | None, want: Any) -> bool:
         and value == want
         or (isinstance(want, float) and isinstance(value, int | float) and abs(value - want) < 1e-6)
     )
-
-

@@ -164,10 +164,11 @@ def extract_program(completion: str) -> str:
     if "```" in completion:
         # A piece after a fence whose first line is a Python tag opens a block: closing fences carry no tag.
         blocks = [
-            rest for piece in completion.split("```")[1:]
+            rest
+            for piece in completion.split("```")[1:]
             for tag, _, rest in [piece.partition("\n")]
             if tag.strip().lower() in _PYTHON_TAGS and rest.strip()
-        ]  # fmt: skip
+        ]
         if blocks:
             return blocks[-1].strip("\n")
     return extract_code(completion)

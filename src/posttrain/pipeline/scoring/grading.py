@@ -117,7 +117,9 @@ def token_f1(prediction: str, truth: str) -> float:
 
 
 # Words a mathematical answer may contain (LaTeX commands aside, which make an answer mathematical anyway).
-_MATH_WORDS = frozenset({"sqrt", "pi", "inf", "infty", "frac", "log", "ln", "sin", "cos", "tan", "mod", "and"})
+_MATH_WORDS = frozenset(
+    {"sqrt", "pi", "inf", "infty", "frac", "log", "ln", "sin", "cos", "tan", "mod", "and"}
+)
 
 
 def looks_mathematical(answer: str) -> bool:

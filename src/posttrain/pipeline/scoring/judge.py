@@ -154,5 +154,3 @@ async def make_judge(
     client = await service.create_sampling_client_async(base_model=model)
     renderer = renderers.get_renderer(renderer_name, tokenizer=get_tokenizer(model))
     return Judge(client, renderer, mode, concurrency, model)
-
-

@@ -190,7 +190,9 @@ def service_models(url: str | None) -> list[str]:
             caps = rest.get_server_capabilities().result(timeout=CAPABILITIES_TIMEOUT_SECONDS)
     except Exception as exc:  # noqa: BLE001 - refused key, timeout, an older server: one line, no traceback
         where = url or "the Tinker service"
-        raise PreflightError(f"{where} did not list its models (get_server_capabilities: {short_error(exc)})") from None
+        raise PreflightError(
+            f"{where} did not list its models (get_server_capabilities: {short_error(exc)})"
+        ) from None
     return [m.model_name for m in caps.supported_models if m.model_name]
 
 
@@ -208,5 +210,9 @@ def refused(exc: BaseException, log_file: Path) -> UserError | None:
     if tinker is None or not isinstance(exc, tinker.TinkerError):
         return None
     logging.getLogger(__name__).error("the service refused a request", exc_info=exc)
-    message = short_error(exc, 400, with_type=False).split(" for self.request_id=", 1)[0].removeprefix("Request failed: ")
+    message = (
+        short_error(exc, 400, with_type=False)
+        .split(" for self.request_id=", 1)[0]
+        .removeprefix("Request failed: ")
+    )
     return UserError(f"the service refused a request: {message} (the full error: {log_file})")

@@ -31,14 +31,18 @@ class SequentialTurns:
 
     count: int  # turns in a row over the whole run: turns per game x (training steps + evaluation rounds)
     per_game: int  # turns a game lasts, at most
-    requests: int  # sample requests in a row per turn: the policy's, then a partner's reply (twenty questions)
+    requests: (
+        int  # sample requests in a row per turn: the policy's, then a partner's reply (twenty questions)
+    )
     tokens: int  # tokens those requests sample in all, at most
     concurrency: int  # games played at once
     context: int  # tokens a turn's request reads, on average (the conversation so far)
 
     def note(self) -> str:
-        return (f"time: {self.count:,} turns played one after another ({self.per_game} a game; the games of a step "
-                "or an evaluation play at once)")  # fmt: skip
+        return (
+            f"time: {self.count:,} turns played one after another ({self.per_game} a game; the games of a step "
+            "or an evaluation play at once)"
+        )
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class TokenBudget:
     sequences_per_step: int
     mean_train_length: float
     notes: list[str] = field(default_factory=list)
-    turns: SequentialTurns | None = None  # multi-turn episodes; None: one turn, where throughput sets the time
+    turns: SequentialTurns | None = (
+        None  # multi-turn episodes; None: one turn, where throughput sets the time
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,10 +75,13 @@ def sequential_turns(
     evaluations = 2 + (steps // cfg.eval_every if cfg.eval_every > 0 else 0)
     rounds = steps + evaluations * math.ceil(held_out / cfg.eval_concurrency)
     return SequentialTurns(
-        count=turns * rounds, per_game=turns, requests=2 if partner else 1,
+        count=turns * rounds,
+        per_game=turns,
+        requests=2 if partner else 1,
         tokens=cfg.max_tokens + (PARTNER_MAX_TOKENS if partner else 0),
-        concurrency=max(cfg.batch_size * cfg.group_size, min(held_out, cfg.eval_concurrency)), context=context,
-    )  # fmt: skip
+        concurrency=max(cfg.batch_size * cfg.group_size, min(held_out, cfg.eval_concurrency)),
+        context=context,
+    )
 
 
 def partner_tokens(budget: TokenBudget, partner: str, replies: int, reads: float) -> TokenBudget:
@@ -82,9 +91,11 @@ def partner_tokens(budget: TokenBudget, partner: str, replies: int, reads: float
 
     note = f"partner {partner}: one reply of at most {PARTNER_MAX_TOKENS} tokens per turn"
     return replace(
-        budget, prefill=round(budget.prefill + replies * reads),
-        sample=round(budget.sample + replies * PARTNER_MAX_TOKENS), notes=[*budget.notes, note],
-    )  # fmt: skip
+        budget,
+        prefill=round(budget.prefill + replies * reads),
+        sample=round(budget.sample + replies * PARTNER_MAX_TOKENS),
+        notes=[*budget.notes, note],
+    )
 
 
 def tinker_price(model_name: str, budget: TokenBudget) -> dict[str, Any]:
@@ -194,7 +205,10 @@ async def probe_rates(
     )
     produced = sum(len(r.sequences[0].tokens) for r in replies)
     rates["sample_tokens_per_s"] = produced / (time.monotonic() - started)
-    rates = {k: round(v, 1) for k, v in rates.items()} | {"probe_train_sequences": batch, "probe_length": length}
+    rates = {k: round(v, 1) for k, v in rates.items()} | {
+        "probe_train_sequences": batch,
+        "probe_length": length,
+    }
     if budget.turns is not None:
         rates |= await _turn_latency(sampler, rng, vocab, budget.turns)
     return rates
@@ -217,10 +231,12 @@ async def _turn_latency(
     async def one_round(max_tokens: int) -> tuple[float, int]:
         params = tinker.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0)
         started = time.monotonic()
-        replies = await asyncio.gather(*(
-            sampler.sample_async(prompt, num_samples=1, sampling_params=params)
-            for _ in range(max(1, min(turns.concurrency, PROBE_MAX_CONCURRENCY)))
-        ))  # fmt: skip
+        replies = await asyncio.gather(
+            *(
+                sampler.sample_async(prompt, num_samples=1, sampling_params=params)
+                for _ in range(max(1, min(turns.concurrency, PROBE_MAX_CONCURRENCY)))
+            )
+        )
         # The round lasts as long as its longest reply: that many decoding steps.
         return time.monotonic() - started, max(len(r.sequences[0].tokens) for r in replies)
 
@@ -256,7 +272,9 @@ def estimated_seconds(budget: TokenBudget, rates: dict[str, float]) -> float:
 def turns_seconds(turns: SequentialTurns, rates: dict[str, float]) -> float:
     """The turns played one after another: each turn's requests in a row, each paying a request's latency (its
     first token included) and then a decoding step for every further token."""
-    one_turn = turns.requests * rates["turn_request_s"] + (turns.tokens - turns.requests) * rates["turn_token_s"]
+    one_turn = (
+        turns.requests * rates["turn_request_s"] + (turns.tokens - turns.requests) * rates["turn_token_s"]
+    )
     return turns.count * one_turn
 
 
@@ -294,8 +312,10 @@ def _probe_shape(rates: dict[str, float]) -> str:
     """What the training rate was timed on, where the probe says (the run's steps are extrapolated from it)."""
     if "probe_train_sequences" not in rates:
         return ""
-    return (f"; training timed on {rates['probe_train_sequences']:.0f} sequences of {rates['probe_length']:.0f} "
-            "tokens, the run's steps extrapolated per token")  # fmt: skip
+    return (
+        f"; training timed on {rates['probe_train_sequences']:.0f} sequences of {rates['probe_length']:.0f} "
+        "tokens, the run's steps extrapolated per token"
+    )
 
 
 def _turn_rates(turns: dict[str, int] | None, rates: dict[str, float]) -> str:

@@ -103,9 +103,15 @@ def check_credentials(backend: Backend) -> list[str]:
 # (`get_server_capabilities`) always wins when it can be reached: models retire and arrive between cookbook
 # releases (2026-06: every Llama, Qwen3-32B, ...; added: Qwen3.5/3.6/3.8, Nemotron 3, Kimi-K2.6).
 _TABLE_FAMILIES = (
-    "get_qwen_info", "get_llama_info", "get_deepseek_info", "get_gpt_oss_info", "get_moonshot_info",
-    "get_zai_info", "get_nvidia_info", "get_thinkingmachines_info",
-)  # fmt: skip
+    "get_qwen_info",
+    "get_llama_info",
+    "get_deepseek_info",
+    "get_gpt_oss_info",
+    "get_moonshot_info",
+    "get_zai_info",
+    "get_nvidia_info",
+    "get_thinkingmachines_info",
+)
 
 
 def cookbook_models() -> dict[str, Any]:
@@ -183,19 +189,56 @@ _LLAMA3_FAMILIES = ("llama-3", "llama3")
 # against the cookbook, so a pin bump that drops one fails loudly). Listed rather than looked up because
 # importing the renderers pulls in torch (seconds), and settings are checked before that.
 BUILTIN_RENDERERS = (
-    "deepseekv3", "deepseekv3_disable_thinking", "deepseekv3_thinking", "deepseekv4_1",
-    "deepseekv4_1_disable_thinking", "deepseekv4_1_low_reasoning", "deepseekv4_1_max_reasoning",
-    "deepseekv4_1_preserve_thinking", "glm5_3_high_reasoning", "glm5_3_low_reasoning", "glm5_3_max_reasoning",
-    "gpt_oss_high_reasoning", "gpt_oss_low_reasoning", "gpt_oss_medium_reasoning", "gpt_oss_no_sysprompt",
-    "kimi_k2", "kimi_k25", "kimi_k25_disable_thinking", "kimi_k26", "kimi_k26_disable_thinking",
-    "kimi_k26_preserve_thinking", "kimi_k31_pro_disable_thinking", "kimi_k31_pro_high_reasoning",
-    "kimi_k31_pro_low_reasoning", "kimi_k31_pro_max_reasoning", "kimi_k31_pro_no_reasoning_effort", "llama3", "nemotron3", "nemotron3_disable_thinking", "nemotron3_low_thinking",
-    "nemotron3_preserve_thinking", "nemotron3_ultra", "nemotron3_ultra_disable_thinking",
-    "nemotron3_ultra_medium_thinking", "nemotron3_ultra_preserve_thinking", "qwen3", "qwen3_5",
-    "qwen3_5_disable_thinking", "qwen3_5_preserve_thinking", "qwen3_8_disable_thinking", "qwen3_8_low_reasoning",
-    "qwen3_8_medium_reasoning", "qwen3_8_xhigh_reasoning", "qwen3_disable_thinking", "qwen3_instruct", "qwen3_vl",
-    "qwen3_vl_instruct", "role_colon", "tml_v0",
-)  # fmt: skip
+    "deepseekv3",
+    "deepseekv3_disable_thinking",
+    "deepseekv3_thinking",
+    "deepseekv4_1",
+    "deepseekv4_1_disable_thinking",
+    "deepseekv4_1_low_reasoning",
+    "deepseekv4_1_max_reasoning",
+    "deepseekv4_1_preserve_thinking",
+    "glm5_3_high_reasoning",
+    "glm5_3_low_reasoning",
+    "glm5_3_max_reasoning",
+    "gpt_oss_high_reasoning",
+    "gpt_oss_low_reasoning",
+    "gpt_oss_medium_reasoning",
+    "gpt_oss_no_sysprompt",
+    "kimi_k2",
+    "kimi_k25",
+    "kimi_k25_disable_thinking",
+    "kimi_k26",
+    "kimi_k26_disable_thinking",
+    "kimi_k26_preserve_thinking",
+    "kimi_k31_pro_disable_thinking",
+    "kimi_k31_pro_high_reasoning",
+    "kimi_k31_pro_low_reasoning",
+    "kimi_k31_pro_max_reasoning",
+    "kimi_k31_pro_no_reasoning_effort",
+    "llama3",
+    "nemotron3",
+    "nemotron3_disable_thinking",
+    "nemotron3_low_thinking",
+    "nemotron3_preserve_thinking",
+    "nemotron3_ultra",
+    "nemotron3_ultra_disable_thinking",
+    "nemotron3_ultra_medium_thinking",
+    "nemotron3_ultra_preserve_thinking",
+    "qwen3",
+    "qwen3_5",
+    "qwen3_5_disable_thinking",
+    "qwen3_5_preserve_thinking",
+    "qwen3_8_disable_thinking",
+    "qwen3_8_low_reasoning",
+    "qwen3_8_medium_reasoning",
+    "qwen3_8_xhigh_reasoning",
+    "qwen3_disable_thinking",
+    "qwen3_instruct",
+    "qwen3_vl",
+    "qwen3_vl_instruct",
+    "role_colon",
+    "tml_v0",
+)
 
 
 def renderer_exists(name: str) -> bool:

@@ -87,7 +87,9 @@ def set_aside_damaged_checkpoint(log_path: Path, exc: BaseException, say: Callab
     if not saved or f"{records[saved[-1]]['state_path']} is damaged" not in str(exc):
         return False
     damaged = records.pop(saved[-1])
-    write_jsonl(log_path / "checkpoints_damaged.jsonl", [*_read(log_path / "checkpoints_damaged.jsonl"), damaged])
+    write_jsonl(
+        log_path / "checkpoints_damaged.jsonl", [*_read(log_path / "checkpoints_damaged.jsonl"), damaged]
+    )
     write_jsonl(file, records)
     reason = str(exc).split(" is damaged: ", 1)[1].split(" for self.request_id", 1)[0]
     before = f"checkpoint {records[saved[-2]]['name']}" if len(saved) > 1 else "the start"

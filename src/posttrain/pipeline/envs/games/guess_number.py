@@ -46,7 +46,11 @@ def cookbook_split() -> tuple[list[int], list[int]]:
 
 
 def _game(target: int) -> dict:
-    return {"question": f"guess the number in [0, {GUESS_NUMBER_UPPER_BOUND})", "answer": str(target), "target": target}
+    return {
+        "question": f"guess the number in [0, {GUESS_NUMBER_UPPER_BOUND})",
+        "answer": str(target),
+        "target": target,
+    }
 
 
 def _make_env(problem: dict, ctx: EnvContext) -> Env:
@@ -101,7 +105,9 @@ class GuessNumber:
         ]
         won = any(t.reward == 1.0 for t in transitions)
         last = str(transcript[-1]["player"]).removeprefix("Guess:").strip() if transcript else ""
-        record = RLExample(index, problem["question"], str(problem["answer"]), "", last, won, transcript=transcript)
+        record = RLExample(
+            index, problem["question"], str(problem["answer"]), "", last, won, transcript=transcript
+        )
         record.completion = "\n".join(str(t["player"]) for t in transcript)
         record.details = {"outcome": "win" if won else "loss"}
         return record

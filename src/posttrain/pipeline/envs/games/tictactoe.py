@@ -240,7 +240,9 @@ class TicTacToeEnv(TwoPlayerEnv):
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
         before = self.board()
         text = get_text_content(self.renderer.parse_response(action)[0])
-        if self.coordinator.game_done:  # self-play: the other seat ended the game before this seat's first move
+        if (
+            self.coordinator.game_done
+        ):  # self-play: the other seat ended the game before this seat's first move
             result = StepResult(
                 reward=self.compute_reward(),
                 episode_done=True,
@@ -322,10 +324,15 @@ class SelfPlayGames(EnvGroupBuilder):
             shared.reset(num_players=2, seed=int(self.game["opponent_seed"]))
             coordinator = ModelMoveCoordinator(shared, {0, 1})
             envs += [
-                TicTacToeEnv(player_id=seat, coordinator=coordinator, self_play=True, renderer=self.ctx.renderer,
-                             opponent_policy=None)
+                TicTacToeEnv(
+                    player_id=seat,
+                    coordinator=coordinator,
+                    self_play=True,
+                    renderer=self.ctx.renderer,
+                    opponent_policy=None,
+                )
                 for seat in (0, 1)
-            ]  # fmt: skip
+            ]
         return envs
 
     def logging_tags(self) -> list[str]:
@@ -376,7 +383,11 @@ def _self_play_games(n_train: int, n_eval: int, seed: int) -> ProblemSet:
     """Training games against itself (each group fills both seats); held-out games against the random opponent."""
     against_random = games(n_train, n_eval, seed, SELF_PLAY_EVAL_OPPONENT)
     train = [
-        {**g, "question": f"tic-tac-toe against itself, both seats, game seed {g['opponent_seed']}", "opponent": "self"}
+        {
+            **g,
+            "question": f"tic-tac-toe against itself, both seats, game seed {g['opponent_seed']}",
+            "opponent": "self",
+        }
         for g in against_random.train
     ]
     info = {
@@ -422,12 +433,18 @@ class TicTacToe:
         outcome = env.outcome()
         if outcome is None:
             raise RuntimeError(f"the game did not end within {MAX_MODEL_TURNS} turns")
-        record = RLExample(index, problem["question"], str(problem["answer"]), "", "", outcome == WIN, transcript=env.turns)
+        record = RLExample(
+            index, problem["question"], str(problem["answer"]), "", "", outcome == WIN, transcript=env.turns
+        )
         record.completion = "\n".join(t["player"] for t in env.turns)
         record.extracted_answer = " ".join(str(t["move"]) for t in env.turns if t["move"] is not None)
         record.reward = REWARDS[outcome]
-        record.details = {"outcome": outcome, "illegal_move": env.illegal(), "player": env.symbol,
-                          "opponent": problem["opponent"]}  # fmt: skip
+        record.details = {
+            "outcome": outcome,
+            "illegal_move": env.illegal(),
+            "player": env.symbol,
+            "opponent": problem["opponent"],
+        }
         return record
 
     def score(self, rows: Sequence[RLExample]) -> float:

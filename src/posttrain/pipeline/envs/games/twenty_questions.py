@@ -93,9 +93,12 @@ class TwentyQuestions:
         return ProblemSet(
             [_game(r["secret"]) for r in data.train],
             [_game(r["secret"]) for r in data.eval],
-            {"source": data.source, "eval_source": data.eval_source,
-             "score": f"win rate (the secret guessed within {MAX_QUESTIONS} questions)"},
-        )  # fmt: skip
+            {
+                "source": data.source,
+                "eval_source": data.eval_source,
+                "score": f"win rate (the secret guessed within {MAX_QUESTIONS} questions)",
+            },
+        )
 
     def prompt(self, problem: dict, ctx: EnvContext) -> list[Message]:
         from tinker_cookbook.recipes.multiplayer_rl.twenty_questions.env import PLAYER_SYSTEM_PROMPT
@@ -125,10 +128,21 @@ class TwentyQuestions:
         ]
         won = any(r == 1.0 for r in rewards)
         guesses = [q.removeprefix("Guess:").strip() for q in asked if q.startswith("Guess:")]
-        record = RLExample(index, problem["question"], problem["secret"], "\n".join(asked), guesses[-1] if guesses else None,
-                           won, transcript=transcript)  # fmt: skip
+        record = RLExample(
+            index,
+            problem["question"],
+            problem["secret"],
+            "\n".join(asked),
+            guesses[-1] if guesses else None,
+            won,
+            transcript=transcript,
+        )
         record.reward = 1.0 if won else 0.0
-        record.details = {"outcome": "win" if won else "loss", "questions": len(asked), "guesses": len(guesses)}
+        record.details = {
+            "outcome": "win" if won else "loss",
+            "questions": len(asked),
+            "guesses": len(guesses),
+        }
         return record
 
     def score(self, rows: Sequence[RLExample]) -> float:

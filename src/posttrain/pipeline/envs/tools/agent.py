@@ -92,7 +92,9 @@ def max_turns(spec: EnvSpec) -> int:
     """The `max_turns=N` option (the only one), checked."""
     unknown = set(spec.options) - {"max_turns"}
     if unknown:
-        raise ConfigError(f"env={spec}: unknown option {sorted(unknown)[0]!r}; the only option is max_turns=N")
+        raise ConfigError(
+            f"env={spec}: unknown option {sorted(unknown)[0]!r}; the only option is max_turns=N"
+        )
     value = spec.options.get("max_turns", DEFAULT_MAX_TURNS)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TURNS_LIMIT:
         raise ConfigError(f"env={spec}: max_turns={value!r} is not valid; expected 1 to {MAX_TURNS_LIMIT}")
@@ -275,7 +277,10 @@ class ToolUse:
             found = tools.user_problems(path, retriever or "chroma", data)
             return replace(found, info={**found.info, "max_turns": turns})
         eval_seed = cfg.seed + EVAL_SEED_OFFSET
-        train, held_out = tools.problems("train", n_train(cfg), cfg.seed), tools.problems("test", n_eval(cfg), eval_seed)
+        train, held_out = (
+            tools.problems("train", n_train(cfg), cfg.seed),
+            tools.problems("test", n_eval(cfg), eval_seed),
+        )
         info = {
             "source": f"{spec.variant}: {tools.SOURCE}",
             "eval_source": f"{len(held_out)} held-out problems (seed {eval_seed})",
@@ -316,15 +321,26 @@ class ToolUse:
         own: EpisodeTools | None = episode.env.episode_tools  # type: ignore[attr-defined]
         renderer = thread_safe(episode.renderer)
         transcript = [
-            {"turn": turn, "player": renderer.decode(t.ac.tokens), "env": _tool_replies(t.logs), "reward": t.reward,
-             **(own.turn_details(turn) if own is not None else {})}  # fmt: skip
+            {
+                "turn": turn,
+                "player": renderer.decode(t.ac.tokens),
+                "env": _tool_replies(t.logs),
+                "reward": t.reward,
+                **(own.turn_details(turn) if own is not None else {}),
+            }
             for turn, t in enumerate(episode.trajectory.transitions, 1)
         ]
-        record = RLExample(index, problem["question"], str(problem["answer"]), "", "", False, transcript=transcript)
-        calls = sum(1 for t in episode.trajectory.transitions for key in t.logs if key.startswith("tool_call_"))
+        record = RLExample(
+            index, problem["question"], str(problem["answer"]), "", "", False, transcript=transcript
+        )
+        calls = sum(
+            1 for t in episode.trajectory.transitions for key in t.logs if key.startswith("tool_call_")
+        )
         record.details = {"tool_calls": calls, "turns": len(transcript)}
         scored = reward.scored  # None: the episode ended without an answer (a malformed or cut-off turn)
-        record.completion = reward.answer_text if scored is not None else (transcript[-1]["player"] if transcript else "")
+        record.completion = (
+            reward.answer_text if scored is not None else (transcript[-1]["player"] if transcript else "")
+        )
         if scored is not None:
             record.extracted_answer, record.correct = scored.extracted, scored.correct
             # A graded fraction (token F1 over the user's corpus) is the score, as for single-turn rows.

@@ -30,9 +30,14 @@ class CalculatorError(ValueError):
 
 
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-}  # fmt: skip
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_EXPRESSION_CHARS = 200
 # Bounds that keep every result small: no exponent can build a number of millions of digits.
@@ -163,8 +168,6 @@ def problems(split: str, n: int, seed: int) -> list[dict]:
         question, answer = rng.choice(_WORD_PROBLEMS)(rng)
         out.append({"question": question, "answer": str(answer), "grader": "math"})
     return out
-
-
 
 
 @tool

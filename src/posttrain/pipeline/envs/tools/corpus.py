@@ -43,7 +43,7 @@ def checked(corpus: Path | None, data: LoadedData | None) -> Corpus:
     if corpus is None:
         raise ConfigError(
             "env=tools:search with dataset=: the questions need the corpus they are about (corpus=docs.jsonl, "
-            "JSONL rows with a \"text\" field); leave dataset= out to use the shipped corpus"
+            'JSONL rows with a "text" field); leave dataset= out to use the shipped corpus'
         )
     if data is None:
         raise ConfigError(f"corpus={corpus} needs the questions about it: dataset= with question/answer rows")
@@ -78,7 +78,7 @@ def load(path: Path) -> Corpus:
             seen[passage["id"]] = number
             passages.append(passage)
     if not passages:
-        raise DataError(f"corpus={path}: no passages (expected JSONL rows with a \"text\" field)")
+        raise DataError(f'corpus={path}: no passages (expected JSONL rows with a "text" field)')
     return Corpus(path, hashlib.sha256(data).hexdigest(), tuple(passages))
 
 
@@ -88,19 +88,19 @@ def _passage(line: str, where: str, number: int) -> dict:
     except ValueError as exc:
         raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with a \"text\" field")
+        raise DataError(f'{where}: expected a JSON object with a "text" field')
     text = row.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: no \"text\" (every passage needs a non-empty text)")
+        raise DataError(f'{where}: no "text" (every passage needs a non-empty text)')
     ident = row.get("id", number)
     # bool is an int subclass, never a meaningful id
     if isinstance(ident, bool) or not isinstance(ident, str | int) or not str(ident).strip():
-        raise DataError(f"{where}: \"id\" must be a non-empty string or an integer")
+        raise DataError(f'{where}: "id" must be a non-empty string or an integer')
     passage = {"id": str(ident), "text": text.strip()}
     title = row.get("title")
     if title is not None:
         if not isinstance(title, str):
-            raise DataError(f"{where}: \"title\" must be a string")
+            raise DataError(f'{where}: "title" must be a string')
         if title.strip():
             passage["title"] = title.strip()
     return passage

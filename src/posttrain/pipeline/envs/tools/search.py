@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 CORPUS_FILE = PACKAGE_DATA / "search_corpus.jsonl"
 SEARCH_RESULTS = 2
 SOURCE = "questions about a shipped corpus of 300 passages"
-INSTRUCTIONS = "Search for the facts you need with the search tool. Then give only the final answer after ####."
+INSTRUCTIONS = (
+    "Search for the facts you need with the search tool. Then give only the final answer after ####."
+)
 EXAMPLE = (
     "Who built the Olvenmark Tower?",
     {"query": "Olvenmark Tower"},
@@ -60,7 +62,7 @@ def problems(split: str, n: int, seed: int) -> list[dict]:
             "answer": q["answer"],
             "grader": "exact_match",
             "passage_id": p["id"],
-        }  # fmt: skip
+        }
         for p in load_corpus()
         if p["split"] == split
         for q in p["questions"]
@@ -141,9 +143,13 @@ class Search:
         self.retrieved: dict[int, list[str]] = {}
 
     @tool
-    async def search(self, query: Annotated[str, "what to look for, e.g. a name from the question"]) -> ToolResult:
+    async def search(
+        self, query: Annotated[str, "what to look for, e.g. a name from the question"]
+    ) -> ToolResult:
         """Search the document collection; returns the passages that match the query best."""
-        assert self.retriever is not None, "the module's TOOLS are the specification; episodes use episode_tools"
+        assert self.retriever is not None, (
+            "the module's TOOLS are the specification; episodes use episode_tools"
+        )
         hits = self.retriever.search(query, SEARCH_RESULTS)
         self.retrieved.setdefault(self.turn(), []).extend(p["id"] for p in hits)
         return simple_tool_result(reply(hits))
@@ -194,7 +200,9 @@ def user_problems(corpus: Path | None, kind: RetrieverName, data: LoadedData | N
         "grader_reason": "questions about the user's corpus: token F1 as the reward, exact match as correct",
         "score_label": GRADER_LABELS[USER_GRADER],
     }
-    train, held_out = ([{**p, **where} for p in qa_problems(rows, USER_GRADER)] for rows in (data.train, data.eval))
+    train, held_out = (
+        [{**p, **where} for p in qa_problems(rows, USER_GRADER)] for rows in (data.train, data.eval)
+    )
     return ProblemSet(train, held_out, info)
 
 

@@ -58,7 +58,9 @@ def embedding_model() -> Any:
 
 
 def embed(texts: list[str]) -> Any:
-    return embedding_model().encode(texts, batch_size=EMBED_BATCH, normalize_embeddings=True, show_progress_bar=False)
+    return embedding_model().encode(
+        texts, batch_size=EMBED_BATCH, normalize_embeddings=True, show_progress_bar=False
+    )
 
 
 def _client(path: Path) -> Any:
@@ -87,7 +89,9 @@ class VectorRetriever:
         building = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         try:
             client = _client(building)
-            collection = client.create_collection(COLLECTION, metadata={"hnsw:space": "cosine"}, embedding_function=None)
+            collection = client.create_collection(
+                COLLECTION, metadata={"hnsw:space": "cosine"}, embedding_function=None
+            )
             step = client.get_max_batch_size()
             for start in range(0, len(corpus.passages), step):
                 chunk = corpus.passages[start : start + step]

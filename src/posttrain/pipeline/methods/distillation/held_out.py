@@ -35,7 +35,9 @@ class HeldOut:
             self.traces = await self.pool.answers("eval", seed, "teacher: held-out")
             max_length = self.ctx.cfg.max_length
             self.datums = [
-                conversation_to_datum(r["messages"], self.ctx.renderer, max_length, TrainOnWhat.LAST_ASSISTANT_MESSAGE)
+                conversation_to_datum(
+                    r["messages"], self.ctx.renderer, max_length, TrainOnWhat.LAST_ASSISTANT_MESSAGE
+                )
                 for r in self.traces.rows
             ]
         return self.traces
@@ -57,7 +59,9 @@ class HeldOut:
             _, teacher = await self.pool.get(k)
             settings = SamplingSettings(cfg.max_tokens, 1.0, cfg.seed + offset, cfg.eval_concurrency)
             desc = f"{label} (teacher {k})" if self.pool.several else label
-            parts.append(await reverse_kl((client, teacher), self.ctx.renderer, share.prompts.eval, settings, desc))
+            parts.append(
+                await reverse_kl((client, teacher), self.ctx.renderer, share.prompts.eval, settings, desc)
+            )
             offset += len(share.prompts.eval)
         self.kl[label] = per_token(sum(t for t, _ in parts), sum(n for _, n in parts))
         self.kl_by_teacher[label] = [per_token(t, n) for t, n in parts]

@@ -37,7 +37,8 @@ class Distillation:
         # One dataset per teacher (config.check_teachers), in the same order.
         datasets = [data, *data.others] if data is not None else [None]
         self.shares = tuple(
-            Share(name, load_prompts(cfg, d, self.name)) for name, d in zip(teacher_models(cfg), datasets, strict=True)
+            Share(name, load_prompts(cfg, d, self.name))
+            for name, d in zip(teacher_models(cfg), datasets, strict=True)
         )
         self.prompts = pooled(self.shares)
         # A named teacher must be served next to the student; a checkpoint's base model is looked up later.
@@ -57,10 +58,16 @@ class Distillation:
         cfg = ctx.cfg
         self.pool = TeacherPool(ctx, self.shares)
         self.held_out = HeldOut(self.pool)
-        who = f"{len(self.shares)} teachers, each on its own dataset" if self.pool.several else f"teacher {self.teacher_model}"
+        who = (
+            f"{len(self.shares)} teachers, each on its own dataset"
+            if self.pool.several
+            else f"teacher {self.teacher_model}"
+        )
         ctx.say(f"distillation: {self.mode}, {who}")
         if self.mode == "on_policy":
-            self.total_steps = cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
+            self.total_steps = (
+                cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
+            )
         else:  # the supervised loop over the traces (a prompt the teacher leaves unanswered drops out)
             self.total_steps = off_policy.steps(len(self.prompts.train), cfg)
         # on_policy: each step's prompts from each teacher's dataset (the recipe's groups_per_batch).
@@ -78,7 +85,11 @@ class Distillation:
         if self.mode == "on_policy":
             await self.held_out.reverse_kl(client, label)
         for k, share in enumerate(self.shares if self.pool.several else ()):
-            kl = f", reverse KL {self.held_out.kl_by_teacher[label][k]:.4f}" if self.mode == "on_policy" else ""
+            kl = (
+                f", reverse KL {self.held_out.kl_by_teacher[label][k]:.4f}"
+                if self.mode == "on_policy"
+                else ""
+            )
             nll_k = self.held_out.nll_by_teacher[label][k]
             self.ctx.say(f"{label}: teacher {k} {share.teacher_model}: held-out NLL {nll_k:.4f}{kl}")
         if self.prompts.eval_problems:
@@ -100,7 +111,9 @@ class Distillation:
         ctx = EnvContext(spec, self.ctx.renderer, Scorer(), phase=label)
         problems = [{**p, "grader": "math"} for p in self.prompts.eval_problems]
         settings = SamplingSettings(cfg.max_tokens, cfg.eval_temperature, cfg.seed, cfg.eval_concurrency)
-        records, accuracy = await evaluate_episodes(client, Problems(registry.environment(spec), problems, ctx), settings)
+        records, accuracy = await evaluate_episodes(
+            client, Problems(registry.environment(spec), problems, ctx), settings
+        )
         self.task_accuracy[label] = accuracy
         write_jsonl(self.ctx.data_dir / f"task_{label.split()[0]}.jsonl", (r.to_dict() for r in records))
         self.ctx.say(f"{label}: task accuracy {accuracy:.1%} on {len(problems)} gradable held-out prompts")
@@ -117,7 +130,9 @@ class Distillation:
     async def _on_policy(self) -> None:
         cfg = self.ctx.cfg
         n_batches = cfg.max_steps or math.ceil(len(self.prompts.train) / cfg.batch_size) * cfg.num_epochs
-        teachers = [(share, (await self.pool.get(k))[0], self.per_step[k]) for k, share in enumerate(self.shares)]
+        teachers = [
+            (share, (await self.pool.get(k))[0], self.per_step[k]) for k, share in enumerate(self.shares)
+        ]
         await on_policy.train(self.ctx, teachers, n_batches)
 
     def token_budget(self) -> TokenBudget:

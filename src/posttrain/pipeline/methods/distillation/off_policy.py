@@ -31,17 +31,22 @@ def train(ctx: RunContext, recipe: str) -> Coroutine[Any, Any, Any]:
     cfg = ctx.cfg
     builder = ConversationFilesBuilder(
         common_config=ChatDatasetBuilderCommonConfig(
-            model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name, max_length=cfg.max_length,
-            batch_size=cfg.batch_size, train_on_what=TrainOnWhat(TRAIN_ON_WHAT[recipe]),
+            model_name_for_tokenizer=cfg.model_name,
+            renderer_name=ctx.renderer_name,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            train_on_what=TrainOnWhat(TRAIN_ON_WHAT[recipe]),
         ),
         train_file=str(ctx.data_dir / "teacher_train.jsonl"),
         eval_file=str(ctx.data_dir / "teacher_eval.jsonl") if cfg.eval_every > 0 else None,
         shuffle_seed=cfg.seed,
-    )  # fmt: skip
+    )
     config = sl_train.Config(
-        **ctx.loop_settings(), recipe_name=f"posttrain_{recipe}_off_policy", dataset_builder=builder,
+        **ctx.loop_settings(),
+        recipe_name=f"posttrain_{recipe}_off_policy",
+        dataset_builder=builder,
         **supervised_settings(cfg),
-    )  # fmt: skip
+    )
     return sl_train.main(config)
 
 

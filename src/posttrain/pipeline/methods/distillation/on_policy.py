@@ -31,7 +31,9 @@ class PromptListDataset(RLDataset):
     """The cookbook's reward-free `PromptOnlyEnv` over our prompts (earlier turns become its conversation
     prefix), `groups_per_batch` prompts per step."""
 
-    def __init__(self, prompts: list[Messages], renderer: renderers.Renderer, groups: tuple[int, int], tag: str):
+    def __init__(
+        self, prompts: list[Messages], renderer: renderers.Renderer, groups: tuple[int, int], tag: str
+    ):
         self.prompts, self.renderer = prompts, renderer
         self.groups_per_batch, self.group_size = groups
         self.tag = tag  # the env/<tag>/... metrics' name
@@ -40,7 +42,9 @@ class PromptListDataset(RLDataset):
         batch = self.prompts[index * self.groups_per_batch : (index + 1) * self.groups_per_batch]
         return [
             ProblemGroupBuilder(
-                env_thunk=partial(PromptOnlyEnv, p[-1]["content"], self.renderer, convo_prefix=p[:-1] or None),
+                env_thunk=partial(
+                    PromptOnlyEnv, p[-1]["content"], self.renderer, convo_prefix=p[:-1] or None
+                ),
                 num_envs=self.group_size,
                 dataset_name=self.tag,
             )
@@ -70,11 +74,17 @@ class PromptFileBuilder(RLDatasetBuilder):
         ordered: list[Messages] = []
         while len(ordered) < self.n_batches * self.groups_per_batch:
             ordered += rng.sample(prompts, len(prompts))
-        renderer = renderers.get_renderer(self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer))
-        return PromptListDataset(ordered, renderer, (self.groups_per_batch, self.group_size), self.dataset_name), None
+        renderer = renderers.get_renderer(
+            self.renderer_name, tokenizer=get_tokenizer(self.model_name_for_tokenizer)
+        )
+        return PromptListDataset(
+            ordered, renderer, (self.groups_per_batch, self.group_size), self.dataset_name
+        ), None
 
 
-def train(ctx: RunContext, teachers: Sequence[tuple[Share, Teacher, int]], n_batches: int) -> Coroutine[Any, Any, Any]:
+def train(
+    ctx: RunContext, teachers: Sequence[tuple[Share, Teacher, int]], n_batches: int
+) -> Coroutine[Any, Any, Any]:
     """The cookbook's on-policy loop over every (share, its resolved teacher, its prompts per step)."""
     cfg = ctx.cfg
     several = len(teachers) > 1
@@ -83,18 +93,31 @@ def train(ctx: RunContext, teachers: Sequence[tuple[Share, Teacher, int]], n_bat
         prompts_file = ctx.data_dir / (f"train_prompts_{k}.jsonl" if several else "train_prompts.jsonl")
         write_jsonl(prompts_file, ({"prompt": p} for p in share.prompts.train))
         builder = PromptFileBuilder(
-            rows_file=str(prompts_file), model_name_for_tokenizer=cfg.model_name, renderer_name=ctx.renderer_name,
-            groups_per_batch=per_step, group_size=cfg.group_size, n_batches=n_batches, seed=cfg.seed + k,
+            rows_file=str(prompts_file),
+            model_name_for_tokenizer=cfg.model_name,
+            renderer_name=ctx.renderer_name,
+            groups_per_batch=per_step,
+            group_size=cfg.group_size,
+            n_batches=n_batches,
+            seed=cfg.seed + k,
             dataset_name=f"teacher_{k}" if several else "prompts",
-        )  # fmt: skip
+        )
         teacher_config = TeacherConfig(base_model=teacher.base_model, load_checkpoint_path=teacher.checkpoint)
         dataset_configs.append(
-            DistillationDatasetConfig(dataset_builder=builder, teacher_config=teacher_config, groups_per_batch=per_step)
+            DistillationDatasetConfig(
+                dataset_builder=builder, teacher_config=teacher_config, groups_per_batch=per_step
+            )
         )
     config = train_on_policy.Config(
-        **ctx.loop_settings(), recipe_name="posttrain_distillation_on_policy", dataset_configs=dataset_configs,
-        max_tokens=cfg.max_tokens, temperature=cfg.temperature, kl_penalty_coef=ON_POLICY_KL_COEF if cfg.kl_penalty_coef is None else cfg.kl_penalty_coef,
-        kl_discount_factor=cfg.kl_discount_factor, num_substeps=cfg.num_substeps,
-        loss_fn=cfg.loss_fn, max_steps=n_batches,
-    )  # fmt: skip
+        **ctx.loop_settings(),
+        recipe_name="posttrain_distillation_on_policy",
+        dataset_configs=dataset_configs,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        kl_penalty_coef=ON_POLICY_KL_COEF if cfg.kl_penalty_coef is None else cfg.kl_penalty_coef,
+        kl_discount_factor=cfg.kl_discount_factor,
+        num_substeps=cfg.num_substeps,
+        loss_fn=cfg.loss_fn,
+        max_steps=n_batches,
+    )
     return train_on_policy.main(config)

@@ -36,8 +36,15 @@ class DistillationOptions:
 
 
 @chz.chz
-class DistillationConfig(RunSettings, SupervisedOptions, EvalSamplingOptions, TemperatureOptions, RolloutOptions,
-                         EnvOptions, DistillationOptions):  # fmt: skip
+class DistillationConfig(
+    RunSettings,
+    SupervisedOptions,
+    EvalSamplingOptions,
+    TemperatureOptions,
+    RolloutOptions,
+    EnvOptions,
+    DistillationOptions,
+):
     """Every setting of task=distillation (the rollout options: on-policy; env=: prompts from an environment)."""
 
     @staticmethod
@@ -99,19 +106,29 @@ def data_sources(cfg: Any) -> list[DataSource]:
     if n < 2:
         return [
             DataSource(
-                cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.eval_dataset, cfg.eval_split,
-                cfg.max_train_rows, cfg.max_eval_rows,
+                cfg.dataset,
+                cfg.dataset_config,
+                cfg.dataset_split,
+                cfg.eval_dataset,
+                cfg.eval_split,
+                cfg.max_train_rows,
+                cfg.max_eval_rows,
             )
-        ]  # fmt: skip
+        ]
     assert cfg.dataset is not None  # check_teachers guarantees one dataset per teacher
     options = {name: _per_dataset(getattr(cfg, name), n) for name in PER_DATASET_OPTIONS}
     return [
         DataSource(
-            dataset.strip(), options["dataset_config"][i], options["dataset_split"][i] or "train",
-            options["eval_dataset"][i], options["eval_split"][i], cfg.max_train_rows // n, cfg.max_eval_rows // n,
+            dataset.strip(),
+            options["dataset_config"][i],
+            options["dataset_split"][i] or "train",
+            options["eval_dataset"][i],
+            options["eval_split"][i],
+            cfg.max_train_rows // n,
+            cfg.max_eval_rows // n,
         )
         for i, dataset in enumerate(cfg.dataset.split(","))
-    ]  # fmt: skip
+    ]
 
 
 def _per_dataset(value: str | None, n: int) -> list[str | None]:

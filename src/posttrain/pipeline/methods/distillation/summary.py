@@ -30,6 +30,7 @@ class Distillation(Protocol):
     task_accuracy: dict[str, float]
     trace_counts: dict[str, list[int]]
 
+
 TRACES = ("teacher_train.jsonl", "teacher_eval.jsonl")
 
 
@@ -45,12 +46,20 @@ def token_budget(method: Distillation) -> TokenBudget:
         per_step = cfg.batch_size * cfg.group_size
     else:
         sampled = len(prompts.train) + n_eval  # the teacher's traces
-        prefilled, trained, per_step = sampled * prompt, method.total_steps * cfg.batch_size * full, cfg.batch_size
+        prefilled, trained, per_step = (
+            sampled * prompt,
+            method.total_steps * cfg.batch_size * full,
+            cfg.batch_size,
+        )
     return TokenBudget(
-        train=round(trained), prefill=round(prefilled + 2 * n_eval * full),  # + the NLL of base and trained model
-        sample=sampled * cfg.max_tokens, train_steps=method.total_steps, sequences_per_step=per_step,
-        mean_train_length=full, notes=[f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"],
-    )  # fmt: skip
+        train=round(trained),
+        prefill=round(prefilled + 2 * n_eval * full),  # + the NLL of base and trained model
+        sample=sampled * cfg.max_tokens,
+        train_steps=method.total_steps,
+        sequences_per_step=per_step,
+        mean_train_length=full,
+        notes=[f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"],
+    )
 
 
 def describe(method: Distillation) -> tuple[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]]:
@@ -60,9 +69,11 @@ def describe(method: Distillation) -> tuple[Mapping[str, Any], Mapping[str, int]
         dataset["train_on_what"] = str(off_policy.TRAIN_ON_WHAT[method.name])
     counts = {file: sum(method.trace_counts.get(file, [])) for file in TRACES}
     sizes = {
-        "train_prompts": len(prompts.train), "eval_prompts": len(prompts.eval),
-        "teacher_train_traces": counts["teacher_train.jsonl"], "teacher_eval_traces": counts["teacher_eval.jsonl"],
-    }  # fmt: skip
+        "train_prompts": len(prompts.train),
+        "eval_prompts": len(prompts.eval),
+        "teacher_train_traces": counts["teacher_train.jsonl"],
+        "teacher_eval_traces": counts["teacher_eval.jsonl"],
+    }
     extra: dict[str, Any] = {"teacher_traces": str(method.ctx.data_dir)}
     if method.task_accuracy:
         extra.update(
@@ -84,7 +95,9 @@ def describe(method: Distillation) -> tuple[Mapping[str, Any], Mapping[str, int]
     if several:
         extra["teachers"] = [_teacher(method, k) for k in range(len(method.shares))]
         on_policy = method.mode == "on_policy"
-        pooled = "baseline_nll/trained_nll" + (" and baseline_reverse_kl/trained_reverse_kl" if on_policy else "")
+        pooled = "baseline_nll/trained_nll" + (
+            " and baseline_reverse_kl/trained_reverse_kl" if on_policy else ""
+        )
         extra["teachers_definition"] = (
             "per teacher, on its own dataset's held-out prompts: the NLL of its completions under the student"
             + (" and the reverse KL to it" if on_policy else "")

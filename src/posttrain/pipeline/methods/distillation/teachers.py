@@ -101,8 +101,13 @@ async def resolve_teacher(ctx: RunContext, teacher_model: str) -> Teacher:
     renderer = (run.user_metadata or {}).get("renderer_name") or preflight.resolve_renderer(
         run.base_model, None
     )[0]
-    check_same_tokenizer(ctx.cfg.model_name, run.base_model, ctx.renderer_name, renderer,
-                         f"teacher_model={teacher_model} (a checkpoint of {run.base_model})")  # fmt: skip
+    check_same_tokenizer(
+        ctx.cfg.model_name,
+        run.base_model,
+        ctx.renderer_name,
+        renderer,
+        f"teacher_model={teacher_model} (a checkpoint of {run.base_model})",
+    )
     return Teacher(run.base_model, teacher_model)
 
 
@@ -129,7 +134,10 @@ async def sample_completions(
 
     async def one(i: int, prompt: Messages) -> str:
         params = tinker.SamplingParams(
-            max_tokens=settings.max_tokens, temperature=settings.temperature, stop=stop, seed=settings.seed + i
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            stop=stop,
+            seed=settings.seed + i,
         )
         try:
             out = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
@@ -165,7 +173,10 @@ async def reverse_kl(
     async def one(i: int, prompt: Messages) -> tuple[float, int]:
         model_input = renderer.build_generation_prompt(prompt)
         params = tinker.SamplingParams(
-            max_tokens=settings.max_tokens, temperature=1.0, stop=renderer.get_stop_sequences(), seed=settings.seed + i
+            max_tokens=settings.max_tokens,
+            temperature=1.0,
+            stop=renderer.get_stop_sequences(),
+            seed=settings.seed + i,
         )
         try:
             seq = (await student.sample_async(model_input, 1, params)).sequences[0]
@@ -215,8 +226,11 @@ class TeacherPool:
         if k not in self._resolved:
             spec = self.fixed or await resolve_teacher(self.ctx, self.shares[k].teacher_model)
             # The fixed teacher is the student's own base model, named by model_name=, not teacher_model=.
-            setting = (f"model_name={spec.base_model} (the teacher, with system_prompt=)" if self.fixed
-                       else f"teacher_model={self.shares[k].teacher_model}")  # fmt: skip
+            setting = (
+                f"model_name={spec.base_model} (the teacher, with system_prompt=)"
+                if self.fixed
+                else f"teacher_model={self.shares[k].teacher_model}"
+            )
             self._resolved[k] = spec, await teacher_client(self.ctx, spec, setting)
         return self._resolved[k]
 
@@ -239,12 +253,15 @@ class TeacherPool:
             # Prompt i of teacher k: other seeds than any other teacher's prompts.
             settings = SamplingSettings(cfg.max_tokens, cfg.temperature, seed + offset, cfg.eval_concurrency)
             label = f"{desc} (teacher {k})" if self.several else desc
-            completions = await sample_completions(client, self.ctx.renderer, [spec.messages(p) for p in prompts],
-                                                   settings, label)  # fmt: skip
+            completions = await sample_completions(
+                client, self.ctx.renderer, [spec.messages(p) for p in prompts], settings, label
+            )
             offset += len(prompts)
             answered = traces(prompts, completions)
             if not answered:
-                raise DataError(f"the teacher {share.teacher_model} answered none of the {len(prompts)} prompts ({desc})")
+                raise DataError(
+                    f"the teacher {share.teacher_model} answered none of the {len(prompts)} prompts ({desc})"
+                )
             rows += [{**r, "teacher": share.teacher_model} for r in answered] if self.several else answered
             owners += [k] * len(answered)
             counts.append(len(answered))

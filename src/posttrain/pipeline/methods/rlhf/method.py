@@ -67,7 +67,11 @@ class RLHF:
         epochs = len(train) // cfg.batch_size * cfg.num_epochs  # full batches, as the cookbook's datasets
         self.steps = {stage: min(epochs, cfg.max_steps) if cfg.max_steps else epochs for stage in STAGES}
         self.total_steps = sum(self.steps.values())
-        rates = {"sft": ctx.learning_rate, "reward_model": ctx.learning_rate, "rl": ctx.learning_rate * RL_LR_FACTOR}
+        rates = {
+            "sft": ctx.learning_rate,
+            "reward_model": ctx.learning_rate,
+            "rl": ctx.learning_rate * RL_LR_FACTOR,
+        }
         self.stages_ = Stages(ctx, self.data, self.steps, rates)
         data = ctx.data_dir
         write_jsonl(data / "sft_train.jsonl", ({"messages": chosen_conversation(r)} for r in train))
@@ -137,11 +141,14 @@ class RLHF:
         comparisons = ComparisonRendererFromChatRenderer(renderer)
         judged = _mean(
             comparisons.build_generation_prompt(
-                Comparison(r["prompt"], [{"role": "assistant", "content": r["chosen"]}],
-                           [{"role": "assistant", "content": r["rejected"]}])
+                Comparison(
+                    r["prompt"],
+                    [{"role": "assistant", "content": r["chosen"]}],
+                    [{"role": "assistant", "content": r["rejected"]}],
+                )
             ).length
             for r in rows
-        )  # fmt: skip
+        )
         rollouts = self.steps["rl"] * cfg.batch_size * cfg.group_size
         matchups = len(
             get_pairs_chunked(cfg.group_size, TournamentPattern.ALL_PAIRS_BOTH_WAYS, MATCHUP_GROUP_SIZE)
@@ -151,8 +158,11 @@ class RLHF:
         judged_rl = judged - 2 * (chosen - prompt) + 2 * cfg.max_tokens
         pairs = sum(self.held_out.token_counts())
         sequences = (self.steps["sft"] + self.steps["reward_model"]) * cfg.batch_size
-        train = round(self.steps["sft"] * cfg.batch_size * chosen + self.steps["reward_model"] * cfg.batch_size * judged
-                      + rollouts * (prompt + cfg.max_tokens))  # fmt: skip
+        train = round(
+            self.steps["sft"] * cfg.batch_size * chosen
+            + self.steps["reward_model"] * cfg.batch_size * judged
+            + rollouts * (prompt + cfg.max_tokens)
+        )
         task_samples = 2 * len(self.data.eval) if self.held_out.verifiable else 0
         return TokenBudget(
             train=train,

@@ -19,7 +19,9 @@ async def train(stages: Stages) -> None:
     cfg = stages.ctx.cfg
     preference_model = reward_model.model_builder(stages)
     dataset = preference_envs.PairwisePreferenceRLDatasetBuilder(
-        comparison_builder=ComparisonBuilderFromJsonl(train_path=str(stages.ctx.data_dir / "rl_prompts.jsonl")),
+        comparison_builder=ComparisonBuilderFromJsonl(
+            train_path=str(stages.ctx.data_dir / "rl_prompts.jsonl")
+        ),
         batch_size=cfg.batch_size,
         policy_renderer_name=stages.ctx.renderer_name,
         policy_model_name=cfg.model_name,
@@ -47,7 +49,8 @@ def _win_rate(stages: Stages, preference_model: Any) -> list[Any]:
 
     cfg = stages.ctx.cfg
     references = [
-        Comparison(row["prompt"], [{"role": "assistant", "content": row["chosen"]}], []) for row in stages.data.eval
+        Comparison(row["prompt"], [{"role": "assistant", "content": row["chosen"]}], [])
+        for row in stages.data.eval
     ]
 
     def win_rate() -> ComparisonEvaluator:

@@ -62,7 +62,9 @@ async def evaluate(stages: Stages) -> dict[str, Any]:
         verdicts = (await model(pair), -(await model(pair.swap())))
         return sum(v == -1.0 for v in verdicts), sum(v == 0.0 for v in verdicts)
 
-    judged = await bounded_gather(stages.data.eval, judge, ctx.cfg.eval_concurrency, "reward model: held-out pairs")
+    judged = await bounded_gather(
+        stages.data.eval, judge, ctx.cfg.eval_concurrency, "reward model: held-out pairs"
+    )
     total = 2 * len(judged)
     result = {
         "accuracy": sum(c for c, _ in judged) / total,
