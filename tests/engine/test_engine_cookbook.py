@@ -291,9 +291,8 @@ def test_default_model_answers_greedily(default_engine, services):
 
     service = services(base_url=default_engine.url)
     sampler = service.create_sampling_client(base_model=DEFAULT_MODEL).result()
-    tokenizer = AutoTokenizer.from_pretrained(
-        DEFAULT_MODEL
-    )  # offline: the engine linked it into the HF cache
+    # offline: the engine linked it into the HF cache
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt = tokenizer.encode(text, add_special_tokens=False)

@@ -122,9 +122,8 @@ def _rl_expected(name: str, config: dict, lp: np.ndarray, q: np.ndarray, adv: np
     if name == "importance_sampling":
         return -ratio * adv
     if name in ("ppo", "gspo"):
-        if (
-            name == "gspo"
-        ):  # GSPO-token: every token's ratio is the sequence's, exp(mean log-ratio over the mask)
+        # GSPO-token: every token's ratio is the sequence's, exp(mean log-ratio over the mask)
+        if name == "gspo":
             ratio = np.full_like(lp, np.exp(np.mean((lp - q)[GSPO_MASK_FROM:])))
         clipped = np.clip(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
         return -np.minimum(ratio * adv, clipped * adv)

@@ -561,7 +561,6 @@ def test_the_engines_thread_count_is_fixed_and_can_come_from_the_environment(mon
     monkeypatch.setenv(serve.THREADS_VARIABLE, "3")
     assert serve.build_parser().parse_args([]).threads == 3
     monkeypatch.delenv(serve.THREADS_VARIABLE)
-    assert (
-        serve.build_parser().parse_args([]).threads is None
-    )  # every processor, fixed (compute.ComputeThread)
+    # every processor, fixed (compute.ComputeThread)
+    assert serve.build_parser().parse_args([]).threads is None
     assert serve.build_parser().parse_args(["--threads", "0"]).threads == 0  # the adaptive policy, on request

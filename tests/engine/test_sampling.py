@@ -213,9 +213,8 @@ def test_prompt_logprobs_match_full_forward(
         GenerationRequest(prompts[1], 2, _greedy(4), prompt_logprobs=True),
         GenerationRequest(prompts[1], 1, _greedy(4)),  # same prompt, no prompt logprobs
         GenerationRequest(long_prompt, 1, _greedy(1), prompt_logprobs=True),
-        GenerationRequest(
-            prompts[3], 0, _greedy(1), prompt_logprobs=True
-        ),  # compute_logprobs-style, no samples
+        # compute_logprobs-style, no samples
+        GenerationRequest(prompts[3], 0, _greedy(1), prompt_logprobs=True),
         GenerationRequest(prompts[5], 1, _greedy(1), prompt_logprobs=True),  # a one-token prompt
     ]
     for chunk in (512, 7):  # 7: chunked prefill
@@ -269,9 +268,8 @@ def test_seed_reproducible_whatever_the_batch(
         GenerationRequest(
             prompts[2], 3, SamplingSpec(max_tokens=20, temperature=0.9, top_p=0.95, top_k=40, seed=12)
         ),
-        GenerationRequest(
-            prompts[0], 1, SamplingSpec(max_tokens=24, seed=77, stop_token_ids=[])
-        ),  # a lone row
+        # a lone row
+        GenerationRequest(prompts[0], 1, SamplingSpec(max_tokens=24, seed=77, stop_token_ids=[])),
         GenerationRequest(prompts[1], 2, SamplingSpec(max_tokens=16, temperature=0.5, top_p=0.8, seed=5)),
     ]
     alone = [_run(model, [t], tokenizer, compute_dtype=dtype)[0] for t in targets]
@@ -448,9 +446,8 @@ def test_stop_string_matcher_waits_for_complete_characters(tokenizer: PreTrained
     text = "the caf\u00e9 na\u00efve \u65e5\u672c \u00fcber world"
     tokens = tokenizer.encode(text)
     assert tokenizer.decode(tokens) == text
-    assert any(
-        "\ufffd" in tokenizer.decode(tokens[:k]) for k in range(len(tokens))
-    )  # partial characters occur
+    # partial characters occur
+    assert any("\ufffd" in tokenizer.decode(tokens[:k]) for k in range(len(tokens)))
     prompt = tokenizer.encode("hello")
     for stop in ["\u00e9", "\u65e5", "\u672c \u00fc", "na", "r w", "world"]:
         matcher = StopStringMatcher(tokenizer, prompt, ["never", stop])

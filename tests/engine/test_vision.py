@@ -196,9 +196,8 @@ def test_training_on_images_learns_which_label_goes_with_which_image(service: An
 
 
 def test_greedy_sampling_from_the_base_model_matches_forward(service: Any, renderer: Any):
-    tc = service.create_lora_training_client(
-        base_model=NAME, rank=8, seed=2
-    ).result()  # LoRA B = 0: the base model
+    # LoRA B = 0: the base model
+    tc = service.create_lora_training_client(base_model=NAME, rank=8, seed=2).result()
     sampler = service.create_sampling_client(base_model=NAME).result()
     params = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
     prompt = renderer.build_generation_prompt(question(square(RED)))

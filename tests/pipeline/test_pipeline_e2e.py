@@ -97,9 +97,8 @@ def test_sft_run_writes_complete_results(tmp_path: Path, tiny_model: str, sft_da
     proc2 = train(["dataset=/nonexistent/data.jsonl", "backend=local"], tmp_path)
     assert proc2.returncode == 2 and "Traceback" not in proc2.stderr
     assert "data.jsonl" in proc2.stderr and len(proc2.stderr.strip().splitlines()) == 1
-    assert (
-        json.loads((results / "summary.json").read_text())["run_name"] == "sft_e2e"
-    )  # bad input lost nothing
+    # bad input lost nothing
+    assert json.loads((results / "summary.json").read_text())["run_name"] == "sft_e2e"
 
 
 def test_a_run_that_regresses_on_its_guard_says_so(tmp_path: Path, tiny_model: str, sft_data: Path) -> None:

@@ -237,9 +237,8 @@ def test_online_verified_by_url(fake_api):
 
 def test_online_located_by_local_run_files(fake_api, offline, monkeypatch):
     log_dir = offline / "logs" / "loc"
-    _offline_run(
-        log_dir, "loc", [{"x": 1.0}]
-    )  # same on-disk layout as an online run (just a different dir prefix)
+    # same on-disk layout as an online run (just a different dir prefix)
+    _offline_run(log_dir, "loc", [{"x": 1.0}])
     (wandb_file,) = find_wandb_run_files(log_dir)
     run_id = wandb_file.stem.removeprefix("run-")
     monkeypatch.setenv("WANDB_ENTITY", "team")

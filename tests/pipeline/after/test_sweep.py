@@ -120,9 +120,8 @@ def test_seeds_make_an_axis_and_every_point_its_own_run(tmp_path: Path) -> None:
         "lr_schedule": ["linear", "cosine"],
         "seed": ["5", "6"],
     }
-    assert (
-        "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2" in grid.shared
-    )  # free text keeps its commas
+    # free text keeps its commas
+    assert "env=reasoning_gym:basic_arithmetic:min_terms=2,max_terms=2" in grid.shared
     assert len(grid.points) == 8 and len({p.id for p in grid.points}) == 8
     assert grid.points[0].argv() == ["learning_rate=1e-4", "lr_schedule=linear", "seed=5"]
     assert {p.setting for p in grid.points if p.values[-1] == ("seed", "6")} == {

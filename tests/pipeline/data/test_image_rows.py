@@ -118,9 +118,8 @@ def test_missing_and_undecodable_images_name_the_path(tmp_path: Path, pictures: 
     )
     (pictures / "text.png").write_text("not an image")
     whole = (pictures / "blue0.jpg").read_bytes()
-    (pictures / "cut.jpg").write_bytes(
-        whole[: len(whole) // 2]
-    )  # a truncated download: opens, does not decode
+    # a truncated download: opens, does not decode
+    (pictures / "cut.jpg").write_bytes(whole[: len(whole) // 2])
     for name in ("text.png", "cut.jpg"):
         data = write_jsonl(
             tmp_path / "bad.jsonl", [{"image": f"pics/{name}", "label": "red"}, *rows_for("pics")]

@@ -195,9 +195,8 @@ def test_the_env_runs_the_tool_then_rewards_the_final_answer(name: str, tiny_mod
         reward = env.answer
         observation, _ = await env.initial_observation()
         prompt = renderer.tokenizer.decode(observation.to_ints())
-        assert (
-            "<tools>" in prompt and problem["question"] in prompt
-        )  # the renderer's tool specs, the question
+        # the renderer's tool specs, the question
+        assert "<tools>" in prompt and problem["question"] in prompt
         first = await env.step(_turn(renderer, _call(name, **arguments)))
         assert not first.episode_done and first.reward == 0.0
         assert f"<tool_response>\n{expected}" in renderer.tokenizer.decode(first.next_observation.to_ints())

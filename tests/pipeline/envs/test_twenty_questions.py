@@ -101,9 +101,8 @@ def test_another_served_model_answers_secrets_from_the_users_data(
     held_out.write_text("".join(json.dumps({"secret": s}) + "\n" for s in ("harbor", "tiger")))
     args = [f"dataset={data}", f"eval_dataset={held_out}", f"partner_model={tiny_model_b}"]
     summary, base, trained, stdout = _run(tmp_path, keyed_engine.url, tiny_model, args)
-    assert (
-        summary["method"] == "rl" and summary["dataset"]["env"] == "game:twenty_questions"
-    )  # task=auto, from the data
+    # task=auto, from the data
+    assert summary["method"] == "rl" and summary["dataset"]["env"] == "game:twenty_questions"
     assert summary["partner_model"] == tiny_model_b and f"partner: {tiny_model_b}," in stdout
     assert [r["ground_truth"] for r in base] == ["harbor", "tiger"]
     first = base[0]["transcript"][0]

@@ -78,9 +78,8 @@ def test_rl_loop_settings_reach_the_config(tmp_path: Path, engine, tiny_model: s
     summary, config = _run(tmp_path, engine, tiny_model, [*RL, *tuned], "rl_tuned")
     assert (config["kl_penalty_coef"], config["kl_discount_factor"], config["num_substeps"]) == (0.05, 0.5, 2)
     assert config["remove_constant_reward_groups"] is True
-    assert (
-        config["kl_reference_config"]["base_model"] == tiny_model
-    )  # the penalty's reference: the base model
+    # the penalty's reference: the base model
+    assert config["kl_reference_config"]["base_model"] == tiny_model
     metrics = read_jsonl(tmp_path / summary["log_path"] / "metrics.jsonl")
     # The loop measured the policy's KL to the base model each step (it does only with a penalty and a reference).
     assert all("kl_policy_base" in m for m in metrics if "env/all/reward/total" in m), metrics[0].keys()

@@ -106,9 +106,8 @@ def test_choose_backend(monkeypatch):
         "Missing required environment variables: TINKER_API_KEY, WANDB_PROJECT (set them in .env" in message
     )
     assert "pass backend=local" in message and "\n" not in message
-    assert (
-        backend.choose_backend(TrainConfig(backend="local", model_name="Qwen/Qwen3-8B")) == "local"
-    )  # on purpose
+    # on purpose
+    assert backend.choose_backend(TrainConfig(backend="local", model_name="Qwen/Qwen3-8B")) == "local"
     assert backend.choose_backend(TrainConfig(base_url="https://tinker.example.com")) == "tinker"
     assert backend.choose_backend(TrainConfig(base_url="http://127.0.0.1:8000")) == "local"
     monkeypatch.setenv("TINKER_API_KEY", "tml-x")
@@ -123,9 +122,8 @@ def test_default_learning_rate_sources():
     lr_rl, source_rl = default_learning_rate("meta-llama/Llama-3.1-8B", "rl")
     assert lr_rl == pytest.approx(lr / 2) and source_rl.endswith("/ 2 for RL")
     assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "sft")[0] == 5e-4
-    assert (
-        default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 3e-4
-    )  # the gallery's DPO rate
+    # the gallery's DPO rate
+    assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 3e-4
 
 
 @pytest.mark.parametrize(

@@ -289,9 +289,8 @@ def test_a_judge_model_as_the_preference_model_served_beside_the_policy(
     assert summary["score_label"] == f"win rate against the base model's answers (judged by {tiny_model_b})"
     assert f"(judged by {tiny_model_b})" in summary["headline"]
     assert summary["grader_failed_comparisons"] == {"base model": 0, "trained model": 0}
-    assert summary["baseline_score"] == 0.5 and all(
-        r["reward"] == 0.5 for r in base
-    )  # itself: a tie, unjudged
+    # itself: a tie, unjudged
+    assert summary["baseline_score"] == 0.5 and all(r["reward"] == 0.5 for r in base)
     for row in trained:  # the judge's two readings make the reward: the trained answer as A, then as B
         assert row["details"]["score_kind"] == "judged" and row["details"]["grader"] == tiny_model_b
         verdicts = row["details"]["verdicts"]

@@ -217,9 +217,8 @@ def test_prompt_distillation_run(tmp_path: Path, tiny_model: str, prompts_file: 
         and summary["system_prompt"] == "Always answer in French."
     )
     assert 0 <= summary["trained_behaviour_agreement"] <= 1
-    assert (
-        summary["dataset"]["train_on_what"] == "all_assistant_messages"
-    )  # the cookbook's prompt_distillation
+    # the cookbook's prompt_distillation
+    assert summary["dataset"]["train_on_what"] == "all_assistant_messages"
     config = json.loads((tmp_path / "results" / "logs" / "prompt_e2e" / "config.json").read_text())
     assert config["dataset_builder"]["common_config"]["train_on_what"] == "all_assistant_messages"
     data = tmp_path / "results" / "logs" / "prompt_e2e" / "data"

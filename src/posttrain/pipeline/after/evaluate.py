@@ -211,9 +211,8 @@ async def _evaluate_models(train_config: Any, models: list[Model], out: Path) ->
     recipe = await asyncio.to_thread(choose_recipe, train_config, where, False)
     store = results.ResultsDir(out)
     state = RunState(recipe.cfg, "eval", where, recipe.task, store)
-    state.log_path.mkdir(
-        parents=True, exist_ok=True
-    )  # out/logs/eval: the engine's log, the data as evaluated
+    # out/logs/eval: the engine's log, the data as evaluated
+    state.log_path.mkdir(parents=True, exist_ok=True)
     say(
         f"eval: {', '.join(m.label for m in models)} on task={recipe.task} (backend {where}); results in {out}"
     )

@@ -62,9 +62,8 @@ class EnvContext:
     renderer: Renderer
     scorer: Scorer
     judge: Judge | None = None  # the rubric environment's grader model
-    partner: MessageCompleter | None = (
-        None  # a game's other player, a served model (twenty questions' answerer)
-    )
+    # a game's other player, a served model (twenty questions' answerer)
+    partner: MessageCompleter | None = None
     phase: str = "train"  # or the model evaluated ("base model"): a user verifier's errors are counted by it
 
     def for_phase(self, phase: str) -> EnvContext:

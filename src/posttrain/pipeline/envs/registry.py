@@ -22,9 +22,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Entry:
     path: str  # "module:attribute": the Environment (a class, or an instance)
-    shown: tuple[str, ...] | None = (
-        None  # how env= help and errors list it (None: by its key; (): not at all)
-    )
+    # how env= help and errors list it (None: by its key; (): not at all)
+    shown: tuple[str, ...] | None = None
     partner: bool = False  # a served model plays its other side (`partner_model=`, `EnvContext.partner`)
     # "module:function" in a light module: the environment's own inputs (files) checked before `path` is imported
     inputs: str | None = None

@@ -88,9 +88,8 @@ def _quiet_load() -> Iterator[None]:
     """Loading an environment, with what verifiers does on load kept off the user's terminal and out of the run's
     own signal handling."""
     vf_logger = logging.getLogger("verifiers")
-    if (
-        "VF_LOG_LEVEL" not in os.environ
-    ):  # its INFO lines (each load, each default arg) would flood the run's log
+    # its INFO lines (each load, each default arg) would flood the run's log
+    if "VF_LOG_LEVEL" not in os.environ:
         vf_logger.setLevel(logging.WARNING)
     level = vf_logger.level
     # A failed load is reported once, as our one line, not also as its logged traceback.

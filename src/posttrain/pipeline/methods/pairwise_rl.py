@@ -236,9 +236,8 @@ class PairwiseRL:
         self.ctx = ctx
         cfg = self.cfg
         self.errors_file = str(ctx.log_path / verifiers.ERRORS_FILE)
-        judge = (
-            self.judging.settings(ctx) if self.judging is not None else {}
-        )  # says which judge and renderer
+        # says which judge and renderer
+        judge = self.judging.settings(ctx) if self.judging is not None else {}
         self.builder = PreferenceModelBuilder(
             spec=self.spec,
             errors_file=self.errors_file,

@@ -331,17 +331,15 @@ class RL:
 
     def __init__(self, cfg: Any, data: LoadedData | None, judging: Judging | None = None):
         self.name = "rl" if judging is None else judging.method
-        self.cfg = (
-            cfg  # task=rubric's settings arrive as an RLConfig (`rubric.rubric`), not as the run's config
-        )
+        # task=rubric's settings arrive as an RLConfig (`rubric.rubric`), not as the run's config
+        self.cfg = cfg
         default = judging.env if judging is not None else registry.default_env(data.format if data else None)
         self.spec = registry.check(cfg.env or default)
         if cfg.reward_fn is not None:
             verifiers.load(cfg.reward_fn)  # a missing file or function is reported now, in one line
         self.judging = judging
-        registry.check_inputs(
-            self.spec, cfg, data
-        )  # before the environment's module: that import takes seconds
+        # before the environment's module: that import takes seconds
+        registry.check_inputs(self.spec, cfg, data)
         self.environment = registry.environment(self.spec)
         if getattr(cfg, "grader", None) is not None and registry.lookup(self.spec) != registry.DEFAULT:
             raise ConfigError(
@@ -359,9 +357,8 @@ class RL:
             self.extra_models = judging.extra_models(cfg)
         if self.partner is not None and self.partner != cfg.model_name:
             self.extra_models = (*self.extra_models, self.partner)
-        label = self.problems.info.get(
-            "score_label", self.environment.score_label
-        )  # e.g. the QA data's grader
+        # An environment's data may name its own score (e.g. the QA data's grader).
+        label = self.problems.info.get("score_label", self.environment.score_label)
         self.score_label = "mean reward (user verifier)" if cfg.reward_fn else label
         if judging is not None:
             self.score_label = f"{self.score_label} (judged by {judging.model})"
@@ -408,9 +405,8 @@ class RL:
         if "retriever" in self.problems.info:  # env=tools:search: which index, and whether it was reused
             ctx.say(f"retriever: {self.problems.info['retriever']}")
         self._plain = self._plain_context()
-        self.environment.prompt(
-            self.problems.eval[0], self._plain
-        )  # e.g. a renderer without tool calls: one line
+        # A prompt built now reports what cannot build one (e.g. a renderer without tool calls) in one line.
+        self.environment.prompt(self.problems.eval[0], self._plain)
         self.warm = warm_start.prepare(
             ctx, self.warm_start_steps, self.environment, self.problems.train, self._plain
         )
@@ -513,9 +509,8 @@ class RL:
         rollouts = self.total_steps * cfg.batch_size * cfg.group_size
         episodes = rollouts + 2 * len(self.problems.eval)
         notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
-        context = (
-            prompt + (turns - 1) * cfg.max_tokens
-        )  # what a turn reads, on average: midway through a game
+        # what a turn reads, on average: midway through a game
+        context = prompt + (turns - 1) * cfg.max_tokens
         in_a_row = None
         if turns > 1:
             in_a_row = sequential_turns(

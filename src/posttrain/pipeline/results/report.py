@@ -21,9 +21,8 @@ def _not_improved_warning(summary: Mapping[str, Any]) -> str:
     if summary.get("verdict") == "inconclusive":
         imp = summary.get("improvement") or {}
         needed = imp.get("examples_needed")
-        said = "would tell an effect this size" in str(
-            imp.get("verdict_text", "")
-        )  # the verdict says it already
+        # the verdict says it already
+        said = "would tell an effect this size" in str(imp.get("verdict_text", ""))
         more = f" (about {needed} would tell an effect this size)" if needed and not said else ""
         return (
             f"NOTE: the trained model scored better, but not by more than noise on {imp.get('n', 0)} held-out "

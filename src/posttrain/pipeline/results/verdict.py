@@ -111,9 +111,8 @@ def _bootstrap(deltas: Sequence[float]) -> tuple[float, float, float, str]:
         p = 1.0 if len(x) < MIN_GRADED_EXAMPLES or mean == 0 else 0.0
         return mean - wide, mean + wide, p, "paired_bootstrap"
     rng = np.random.default_rng(SEED)
-    with (
-        warnings.catch_warnings()
-    ):  # BCa on heavily tied data warns of degenerate resamples; the interval stands
+    # BCa on heavily tied data warns of degenerate resamples; the interval stands
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ci = bootstrap(
             (x,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES, method="BCa", rng=rng

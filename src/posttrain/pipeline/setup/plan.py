@@ -31,9 +31,8 @@ class SequentialTurns:
 
     count: int  # turns in a row over the whole run: turns per game x (training steps + evaluation rounds)
     per_game: int  # turns a game lasts, at most
-    requests: (
-        int  # sample requests in a row per turn: the policy's, then a partner's reply (twenty questions)
-    )
+    # sample requests in a row per turn: the policy's, then a partner's reply (twenty questions)
+    requests: int
     tokens: int  # tokens those requests sample in all, at most
     concurrency: int  # games played at once
     context: int  # tokens a turn's request reads, on average (the conversation so far)
@@ -56,9 +55,8 @@ class TokenBudget:
     sequences_per_step: int
     mean_train_length: float
     notes: list[str] = field(default_factory=list)
-    turns: SequentialTurns | None = (
-        None  # multi-turn episodes; None: one turn, where throughput sets the time
-    )
+    # multi-turn episodes; None: one turn, where throughput sets the time
+    turns: SequentialTurns | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

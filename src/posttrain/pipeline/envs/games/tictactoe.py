@@ -240,9 +240,8 @@ class TicTacToeEnv(TwoPlayerEnv):
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
         before = self.board()
         text = get_text_content(self.renderer.parse_response(action)[0])
-        if (
-            self.coordinator.game_done
-        ):  # self-play: the other seat ended the game before this seat's first move
+        # self-play: the other seat ended the game before this seat's first move
+        if self.coordinator.game_done:
             result = StepResult(
                 reward=self.compute_reward(),
                 episode_done=True,
