@@ -9,7 +9,7 @@ from pathlib import Path
 
 from runs import posttrain, read_jsonl
 
-from posttrain.gallery import EXAMPLES
+from posttrain.gallery.examples import EXAMPLES
 
 X86_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags util.processor records, where present
 

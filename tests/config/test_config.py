@@ -302,7 +302,7 @@ def test_enumerations_follow_the_cookbook_and_the_method_registry():
 
     from posttrain.config.checks import choices
     from posttrain.pipeline.methods import METHODS
-    from posttrain.pipeline.methods.rl import RLLossFn
+    from posttrain.pipeline.methods.options import RLLossFn
     from posttrain.pipeline.methods.sft import TrainOnWhatName
     from posttrain.pipeline.settings import TaskName
 

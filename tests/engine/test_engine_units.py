@@ -215,10 +215,8 @@ def test_forward_backward_request_round_trip_dense_sparse_and_config():
         request = decode_forward_backward(payload, encoding)
         assert (request.model_id, request.seq_id, request.loss_fn) == ("sess:train:0", 7, "cross_entropy")
         assert request.forward_only is False
-        assert request.loss_fn_config == {
-            "clip_low_threshold": 0.5,
-            "mode": "x",
-        }  # strings only in the v2 map
+        # strings only in the v2 map
+        assert request.loss_fn_config == {"clip_low_threshold": 0.5, "mode": "x"}
         assert [d.tokens for d in request.data] == [[1, 2, 3], [4, 5, 6]]
         first, second = request.data
         assert first.inputs["target_tokens"].dtype == torch.int64
@@ -547,9 +545,8 @@ def test_session_seed_tags_derive_stable_seeds_per_request():
     assert split_session("s1a2:train:0:sampler:5") == ("s1a2", "train:0:sampler:5")
     first, second = SampleSeeds(), SampleSeeds()
     a = [first.seed_for(7, "sA:sample:1", (p, None)) for p in ((1, 2), (3,), (1, 2))]
-    b = [
-        second.seed_for(7, "sB:sample:1", (p, None)) for p in ((3,), (1, 2), (1, 2))
-    ]  # another arrival order
+    # another arrival order
+    b = [second.seed_for(7, "sB:sample:1", (p, None)) for p in ((3,), (1, 2), (1, 2))]
     assert a[0] != a[2] and sorted(a) == sorted(b) and a[1] == b[0]
     second.forget_session("sB")
     assert second.seed_for(7, "sB:sample:1", ((1, 2), None)) == a[0]  # a finished session's counts are gone

@@ -130,9 +130,8 @@ def test_an_image_classifier_trains_and_is_evaluated_end_to_end(vision_runs: dic
     metrics = read_jsonl(log_dir / "metrics.jsonl")
     nll = [m["train_mean_nll"] for m in metrics if "train_mean_nll" in m]
     assert len(nll) == 15 and max(nll[-3:]) < 0.75 * nll[0]  # forward_backward on image chunks trains
-    held_out_nll = [
-        m["test/nll"] for m in metrics if "test/nll" in m
-    ]  # the cookbook's NLL on the held-out images
+    # the cookbook's NLL on the held-out images
+    held_out_nll = [m["test/nll"] for m in metrics if "test/nll" in m]
     assert len(held_out_nll) >= 3 and held_out_nll[-1] < 0.75 * held_out_nll[0]
     # Images never go into rows, the summary or the logs as bytes: only their paths. (report.html embeds its
     # charts as PNGs, so it is left out.)
@@ -145,9 +144,8 @@ def test_an_image_classifier_trains_and_is_evaluated_end_to_end(vision_runs: dic
 def test_the_local_engine_serves_the_vision_model(vision_runs: dict[str, Finished]) -> None:
     proc = vision_runs["local"]
     output = proc.stdout + proc.stderr
-    assert proc.returncode in FINISHED and "Traceback" not in output, output[
-        -6000:
-    ]  # 1: two steps did not improve
+    # 1: two steps did not improve
+    assert proc.returncode in FINISHED and "Traceback" not in output, output[-6000:]
     assert f"engine: starting the local engine with {VL_MODEL}" in proc.stdout
     results = proc.cwd / "results"
     summary = json.loads((results / "summary.json").read_text())

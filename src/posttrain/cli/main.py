@@ -192,7 +192,7 @@ def _dispatch(argv: list[str]) -> int:
 
         return serve_main(rest)
     if command == "examples":
-        from posttrain.gallery import examples_main
+        from posttrain.gallery.run import examples_main
 
         _stop_on_signals_like_ctrl_c()
         return examples_main(rest)

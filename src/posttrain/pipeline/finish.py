@@ -49,20 +49,7 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
         final.wandb_name if final else state.run_name,
         mode,
     )
-    facts = results.RunFacts(
-        method=state.method,
-        run_name=state.run_name,
-        tinker_run_id=state.tinker_run_id or "",
-        log_path=str(state.log_path),
-        wandb_url=verification.get("url_or_path") or "",
-        model=cfg.model_name,
-        backend=f"local ({cfg.base_url})" if state.backend == "local" and cfg.base_url else state.backend,
-        renderer=state.renderer_name,
-        renderer_source=state.renderer_source,
-        hyperparameters=settings_record(state),
-        durations=state.durations,
-        checkpoint_path=state.sampler_path,
-    )
+    facts = run_facts(state, verification)
     summary = results.build_summary(facts, outcome, verification, comparison)
     summary["tokens"] = token_record(state)
     if state.backend == "tinker" and state.budget is not None:
@@ -100,6 +87,25 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
         say("")
         say(warning)
     return summary
+
+
+def run_facts(state: RunState, verification: dict[str, Any]) -> results.RunFacts:
+    """What summary.json says of the run itself: names, where it ran, its settings, durations, checkpoint."""
+    cfg = state.cfg
+    return results.RunFacts(
+        method=state.method,
+        run_name=state.run_name,
+        tinker_run_id=state.tinker_run_id or "",
+        log_path=str(state.log_path),
+        wandb_url=verification.get("url_or_path") or "",
+        model=cfg.model_name,
+        backend=f"local ({cfg.base_url})" if state.backend == "local" and cfg.base_url else state.backend,
+        renderer=state.renderer_name,
+        renderer_source=state.renderer_source,
+        hyperparameters=settings_record(state),
+        durations=state.durations,
+        checkpoint_path=state.sampler_path,
+    )
 
 
 def write_rows(res: results.ResultsDir, outcome: results.Outcome) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from posttrain.gallery import PAIRS_FILE, _write_pairs
+from posttrain.gallery.examples import PAIRS_FILE, _write_pairs
 from posttrain.pipeline.data.pair_checks import form_confounds
 from posttrain.util import PACKAGE_DATA
 

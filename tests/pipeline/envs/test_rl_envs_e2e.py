@@ -102,9 +102,8 @@ def test_guess_number_game_reports_win_rate_and_transcripts(tmp_path: Path, engi
     )
     assert summary["score_label"] == "win rate" and 0 <= summary["trained_score"] <= 1
     assert "answer_instruction" not in summary  # the game's own prompt; no '####' is asked for
-    assert [r["ground_truth"] for r in base] == [
-        r["ground_truth"] for r in trained
-    ]  # the same held-out games
+    # the same held-out games
+    assert [r["ground_truth"] for r in base] == [r["ground_truth"] for r in trained]
     for row in base + trained:
         turns = row["transcript"]
         assert 1 <= len(turns) <= 10 and turns[0]["turn"] == 1
@@ -232,7 +231,7 @@ def test_factual_qa_is_graded_by_token_f1_and_the_rows_say_so(tmp_path: Path, en
 def test_the_grader_setting_belongs_to_question_answer_data(tmp_path: Path):
     proc = train_here(["env=arithmetic", "grader=f1", "backend=local"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: grader is only used with question/answer data (env=math), not env=arithmetic; leave it out"
+        "error: grader is only used by env=math, not env=arithmetic; leave it out"
     ), proc.stderr
     proc = train_here(["task=sft", "grader=f1", "backend=local"], tmp_path)
     assert (

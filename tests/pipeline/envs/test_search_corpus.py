@@ -128,9 +128,8 @@ def test_the_index_is_cached_by_the_corpus_hash_and_reused_without_embedding(
     assert first.embedded == len(PASSAGES) and sum(embedded) == len(PASSAGES)
     assert first.path.parent == cache / "search_index" and first.path.is_dir()
     assert first.path.name.startswith(corpus.load(docs).sha256[:24]) and "all-MiniLM-L6-v2" in first.path.name
-    assert [p.name for p in first.path.parent.iterdir()] == [
-        first.path.name
-    ]  # no building folder left behind
+    # no building folder left behind
+    assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]
 
     embedded.clear()
     again = vector_store.VectorRetriever(corpus.load(docs))  # a rerun: opens the index, embeds only its query

@@ -186,7 +186,7 @@ def test_the_partner_is_served_beside_the_policy_with_thinking_off():
     def partnered(**settings):
         method = RL(RLConfig(env="game:twenty_questions", batch_size=2, **settings), None)
         ctx = SimpleNamespace(cfg=method.cfg, renderer_name="qwen3_instruct", say=said.append)
-        return method, method._partner_settings(ctx)
+        return method, method.partner.settings(ctx)
 
     default, chosen = partnered()
     assert default.extra_models == () and chosen == {

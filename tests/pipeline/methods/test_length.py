@@ -122,11 +122,8 @@ def _write_pairs(path: Path, n: int = 240) -> Path:
     ("args", "steps", "warned"),
     [
         ([], "11 steps of 32 sequences", None),  # the default run: the default data, SFT
-        (
-            ["task=dpo", "dataset={pairs}"],
-            "26 steps of 32 sequences",
-            None,
-        ),  # 216 pairs: 2 passes of 13 of 16
+        # 216 pairs: 2 passes of 13 of 16
+        (["task=dpo", "dataset={pairs}"], "26 steps of 32 sequences", None),
         (
             ["task=dpo", "dataset={pairs}", "num_epochs=1", "batch_size=32"],
             "6 steps of 64 sequences",

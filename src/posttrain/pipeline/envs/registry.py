@@ -27,24 +27,41 @@ class Entry:
     partner: bool = False  # a served model plays its other side (`partner_model=`, `EnvContext.partner`)
     # "module:function" in a light module: the environment's own inputs (files) checked before `path` is imported
     inputs: str | None = None
+    # "module:Class" in light modules: its own settings (chz option groups, `envs.settings`), those that shape
+    # its problems (any method taking prompts from it), and those only used where it is played (task=rl)
+    options: tuple[str, ...] = ()
+    played_options: tuple[str, ...] = ()
 
 
 ENVIRONMENTS: dict[str, Entry] = {
-    "math": Entry("posttrain.pipeline.envs.qa:MATH"),
+    "math": Entry(
+        "posttrain.pipeline.envs.qa:MATH",
+        options=("posttrain.pipeline.envs.qa_settings:AnswerGraderOptions",),
+    ),
     "arithmetic": Entry("posttrain.pipeline.envs.qa:ARITHMETIC"),
     "reasoning_gym": Entry("posttrain.pipeline.envs.qa:REASONING_GYM", ("reasoning_gym:TASK",)),
     "code": Entry("posttrain.pipeline.envs.code:CODE", ("code", "code:harder", "code:humaneval")),
     "game:guess_number": Entry("posttrain.pipeline.envs.games.guess_number:GuessNumber"),
-    "game:tic_tac_toe": Entry("posttrain.pipeline.envs.games.tictactoe:TicTacToe"),
+    "game:tic_tac_toe": Entry(
+        "posttrain.pipeline.envs.games.tictactoe:TicTacToe",
+        options=("posttrain.pipeline.envs.games.tictactoe_settings:OpponentOptions",),
+    ),
     "game:twenty_questions": Entry(
-        "posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions", partner=True
+        "posttrain.pipeline.envs.games.twenty_questions:TwentyQuestions",
+        partner=True,
+        played_options=("posttrain.pipeline.envs.games.twenty_questions:PartnerOptions",),
     ),
     "tools:calculator": Entry("posttrain.pipeline.envs.tools.agent:ToolUse"),
     "tools:search": Entry(
         "posttrain.pipeline.envs.tools.agent:ToolUse",
         inputs="posttrain.pipeline.envs.tools.corpus:check_inputs",
+        played_options=("posttrain.pipeline.envs.tools.corpus:SearchOptions",),
     ),
-    "verifiers": Entry("posttrain.pipeline.envs.verifiers_env:VerifiersEnvironment", ("verifiers:NAME",)),
+    "verifiers": Entry(
+        "posttrain.pipeline.envs.verifiers_env:VerifiersEnvironment",
+        ("verifiers:NAME",),
+        options=("posttrain.pipeline.envs.verifiers_env:VerifiersOptions",),
+    ),
     "rubric": Entry("posttrain.pipeline.envs.rubric:RubricConversations", ()),  # task=rubric's rows
 }
 # What `env=` offers, for help and errors.
@@ -60,6 +77,11 @@ DEFAULT = "math"
 
 def default_env(data_format: str | None) -> str:
     return BY_DATA_FORMAT.get(data_format or "", DEFAULT)
+
+
+def data_defaults() -> set[str]:
+    """The environments a run without env= may get, by its data."""
+    return {DEFAULT, *BY_DATA_FORMAT.values()}
 
 
 def lookup(spec: EnvSpec) -> str:

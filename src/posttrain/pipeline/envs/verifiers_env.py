@@ -32,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import chz
+
 # Nothing here imports the Tinker SDK, the cookbook's renderers or verifiers at import time (torch and datasets
 # come with them: seconds): a missing or broken environment is refused before any of them is needed.
 from posttrain.errors import ConfigError
@@ -47,7 +49,17 @@ if TYPE_CHECKING:
     from posttrain.pipeline.envs.spec import EnvSpec
     from posttrain.pipeline.results import RLExample
 
+
 # A MultiTurnEnv without max_turns ends by its own stop conditions: the plan's token estimate assumes this many.
+@chz.chz
+class VerifiersOptions:
+    verifiers_args: str | None = chz.field(
+        default=None,
+        doc="env=verifiers:NAME: the arguments of its load_environment, key=value,... (values JSON where they "
+        "parse) or a JSON object",
+    )
+
+
 UNBOUNDED_TURNS_ESTIMATE = 10
 
 _LOADED: dict[tuple[str, str], Any] = {}

@@ -22,7 +22,7 @@ from posttrain.pipeline.data.pair_checks import form_confounds
 from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext
-from posttrain.pipeline.methods.rl import EvalSamplingOptions
+from posttrain.pipeline.methods.options import EvalSamplingOptions
 from posttrain.pipeline.methods.sft import SupervisedOptions, supervised_settings
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl

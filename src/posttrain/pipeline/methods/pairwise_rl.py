@@ -38,8 +38,7 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.distillation.prompts import Messages, load_prompts, prompt_text
-from posttrain.pipeline.methods.pairwise_judging import PairwiseJudging
-from posttrain.pipeline.methods.rl import (
+from posttrain.pipeline.methods.options import (
     EvalSamplingOptions,
     RLLoopOptions,
     RolloutOptions,
@@ -47,6 +46,7 @@ from posttrain.pipeline.methods.rl import (
     VerifierOptions,
     rollout_settings,
 )
+from posttrain.pipeline.methods.pairwise_judging import PairwiseJudging
 from posttrain.pipeline.methods.rubric import GraderOptions
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.setup.plan import TokenBudget

@@ -32,7 +32,7 @@ from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.distillation import summary
 from posttrain.pipeline.methods.distillation.prompts import Messages, Share, load_prompts
-from posttrain.pipeline.methods.rl import EvalSamplingOptions, TemperatureOptions, VerifierOptions
+from posttrain.pipeline.methods.options import EvalSamplingOptions, TemperatureOptions, VerifierOptions
 from posttrain.pipeline.methods.sft import SupervisedOptions
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.setup.plan import TokenBudget

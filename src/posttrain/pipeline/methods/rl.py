@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Coroutine, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import chz
 
-from posttrain.config.checks import at_least, between, not_blank
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.envs import registry
-from posttrain.pipeline.envs.spec import parse_env
+from posttrain.pipeline.envs.settings import EnvSettings, check_owned
 from posttrain.pipeline.methods import warm_start
 from posttrain.pipeline.methods.base import RunContext, TrainingStage
+from posttrain.pipeline.methods.options import (
+    EvalSamplingOptions,
+    RewardOptions,
+    RLLoopOptions,
+    RolloutOptions,
+    TemperatureOptions,
+    VerifierOptions,
+    rollout_settings,
+)
+from posttrain.pipeline.methods.partner import Partner
 from posttrain.pipeline.scoring import verifiers
 from posttrain.pipeline.scoring.grading import ANSWER_INSTRUCTION
-from posttrain.pipeline.setup.plan import TokenBudget, partner_tokens, sequential_turns
+from posttrain.pipeline.setup.plan import TokenBudget, episode_tokens
 from posttrain.util import write_jsonl
 
 if TYPE_CHECKING:
@@ -51,230 +59,6 @@ class Judging(Protocol):
     def summary(self) -> dict[str, Any]: ...
 
 
-# The RL losses both Tinker and the local engine implement that the RL loop takes (tinker.types.LossFnType,
-# less `custom`, which is client-side).
-RLLossFn = Literal["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
-# env=game:tic_tac_toe's opponent: a random free cell (seeded); win-or-block, else random; minimax; or the policy
-# itself in training (self-play; evaluated against the random opponent).
-GameOpponent = Literal["random", "blocker", "optimal", "self"]
-# How question/answer data is graded (scoring.GRADERS): the math grader, or for factual answers exact match / token F1.
-AnswerGrader = Literal["math", "exact_match", "f1"]
-# env=tools:search's retriever: embeddings in a Chroma index, or BM25 (no embedding model).
-SearchRetriever = Literal["chroma", "bm25"]
-
-
-@chz.chz
-class EvalSamplingOptions:
-    """How held-out answers are sampled (the same for the base and the trained model)."""
-
-    max_tokens: int = chz.field(default=256, doc="max sampled tokens per completion")
-    eval_temperature: float = chz.field(default=0.0, doc="sampling temperature for evaluation (0: greedy)")
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        at_least("max_tokens", cfg.max_tokens, 1)
-        between("eval_temperature", cfg.eval_temperature, 0, 2)
-
-
-@chz.chz
-class TemperatureOptions:
-    temperature: float = chz.field(
-        default=1.0, doc="sampling temperature of training rollouts (and of teachers)"
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        if not (isinstance(cfg.temperature, int | float) and 0 < cfg.temperature <= 2):
-            raise ConfigError(f"temperature={cfg.temperature!r} is not valid; expected a number in (0, 2]")
-
-
-@chz.chz
-class RolloutOptions:
-    """What the cookbook's `rl.train.Config` takes besides the run's settings."""
-
-    group_size: int = chz.field(default=8, doc="RL rollouts per problem")
-    loss_fn: RLLossFn = chz.field(
-        default="importance_sampling", doc="importance_sampling|ppo|cispo|dro|gspo|stable_reinforce"
-    )
-    kl_penalty_coef: float | None = chz.field(
-        default=None,
-        doc="KL penalty against the reference policy (None: the loop's own default, 0 for RL, 1 for on-policy "
-        "distillation, whose reward is that KL)",
-    )
-    kl_discount_factor: float = chz.field(default=0.0, doc="discount of the KL penalty over later tokens")
-    num_substeps: int = chz.field(default=1, doc="optimizer steps per batch of rollouts")
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size < 2:
-            raise ConfigError(
-                f"group_size={cfg.group_size!r} is not valid; expected an integer >= 2 (RL advantages compare "
-                "rollouts within a group)"
-            )
-        if cfg.kl_penalty_coef is not None:
-            at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
-        between("kl_discount_factor", cfg.kl_discount_factor, 0, 1)
-        at_least("num_substeps", cfg.num_substeps, 1)
-        if cfg.batch_size % cfg.num_substeps:
-            raise ConfigError(f"num_substeps={cfg.num_substeps} must divide batch_size={cfg.batch_size}")
-
-
-@chz.chz
-class RLLoopOptions:
-    """What only the cookbook's `rl.train.Config` takes (RL, rubrics, RLHF's RL stage; not on-policy distillation)."""
-
-    remove_constant_reward_groups: bool = chz.field(
-        default=False, doc="drop groups whose rollouts all got the same reward (no advantage to learn from)"
-    )
-    max_steps_off_policy: int | None = chz.field(
-        default=None,
-        doc="asynchronous RL (the cookbook's AsyncConfig): sample with weights up to this many steps old "
-        "(None: synchronous)",
-    )
-    num_minibatches: int | None = chz.field(
-        default=None,
-        doc="stream each batch to training in this many minibatches as its rollouts finish (the cookbook's "
-        "StreamMinibatchConfig; None: whole batches)",
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        if cfg.max_steps_off_policy is not None:
-            at_least("max_steps_off_policy", cfg.max_steps_off_policy, 0)
-        if cfg.num_minibatches is not None:
-            at_least("num_minibatches", cfg.num_minibatches, 1)
-            if cfg.batch_size % cfg.num_minibatches:
-                raise ConfigError(
-                    f"num_minibatches={cfg.num_minibatches} must divide batch_size={cfg.batch_size}"
-                )
-        if cfg.max_steps_off_policy is not None and cfg.num_minibatches is not None:
-            raise ConfigError("max_steps_off_policy and num_minibatches do not go together; choose one")
-
-
-@chz.chz
-class EnvOptions:
-    env: str | None = chz.field(
-        default=None, doc="RL environment: " + "|".join(registry.CHOICES) + " (tools: add :max_turns=N)"
-    )
-    game_opponent: GameOpponent | None = chz.field(
-        default=None,
-        doc="env=game:tic_tac_toe: the opponent, random|blocker|optimal, or self: the policy plays both seats in "
-        "training (the cookbook's text_arena self-play) and is evaluated against random (None: random)",
-    )
-    grader: AnswerGrader | None = chz.field(
-        default=None,
-        doc="question/answer data: math|exact_match|f1 (None: from the data: math when the answers are numbers, "
-        "expressions or LaTeX, else f1, the token F1 as the reward with exact match as `correct`)",
-    )
-    verifiers_args: str | None = chz.field(
-        default=None,
-        doc="env=verifiers:NAME: the arguments of its load_environment, key=value,... (values JSON where they "
-        "parse) or a JSON object",
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        not_blank(cfg, "env")
-        if cfg.env is not None:
-            registry.check(cfg.env)
-        # Its grammar is checked where the environment loads (`envs.verifiers_env`), still before anything starts.
-        if cfg.verifiers_args is not None and (cfg.env is None or parse_env(cfg.env).name != "verifiers"):
-            where = f", not env={cfg.env}" if cfg.env is not None else ""
-            raise ConfigError(f"verifiers_args is only used by env=verifiers:NAME{where}; leave it out")
-        if cfg.game_opponent is not None and cfg.env != "game:tic_tac_toe":
-            raise ConfigError(
-                f"game_opponent is only used by env=game:tic_tac_toe, not env={cfg.env}; leave it out"
-            )
-        if cfg.game_opponent == "self":
-            group_size = getattr(cfg, "group_size", None)
-            if group_size is None or getattr(cfg, "teacher_model", None) is not None:
-                raise ConfigError("game_opponent=self is only used by task=rl (self-play trains both seats)")
-            if group_size % 2:
-                raise ConfigError(
-                    f"game_opponent=self needs an even group_size (each game fills two seats), got {group_size}"
-                )
-
-
-@chz.chz
-class SearchOptions:
-    """Task=rl only: the search tool's corpus is what the policy searches while it trains and is evaluated;
-    distillation takes an environment's prompts, never its tools."""
-
-    corpus: str | None = chz.field(
-        default=None,
-        doc="env=tools:search: your passages, a JSONL file (text, optional id and title), searched to answer the "
-        "questions of dataset= (None: the shipped corpus and its own questions)",
-    )
-    retriever: SearchRetriever | None = chz.field(
-        default=None,
-        doc="env=tools:search: chroma (all-MiniLM-L6-v2 embeddings, index cached by the corpus's hash) or bm25 "
-        "(None: chroma with corpus=, else bm25)",
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        not_blank(cfg, "corpus")
-        for name in ("corpus", "retriever"):
-            if getattr(cfg, name) is not None and (
-                cfg.env is None or parse_env(cfg.env).key != "tools:search"
-            ):
-                where = f", not env={cfg.env}" if cfg.env is not None else ""
-                raise ConfigError(f"{name} is only used by env=tools:search{where}; leave it out")
-        if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
-            raise ConfigError(f"corpus={cfg.corpus}: no such file")
-
-    @staticmethod
-    def chosen(cfg: Any) -> dict[str, Any]:
-        """The retriever env=tools:search runs with when none is given (`settings.method_config` fills it in), so
-        that summary.json's hyperparameters record it rather than None."""
-        if cfg.retriever is None and cfg.env is not None and parse_env(cfg.env).key == "tools:search":
-            return {"retriever": "chroma" if cfg.corpus is not None else "bm25"}
-        return {}
-
-
-@chz.chz
-class PartnerOptions:
-    partner_model: str | None = chz.field(
-        default=None,
-        doc="env=game:twenty_questions: the answerer, a model the backend serves by name, never trained (None: the "
-        "base model itself)",
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        not_blank(cfg, "partner_model")
-        if cfg.partner_model is not None and cfg.partner_model.startswith("tinker://"):
-            raise ConfigError(
-                f"partner_model={cfg.partner_model}: the partner must be a model the backend serves by name, not a "
-                "checkpoint (the other player is never trained)"
-            )
-
-
-@chz.chz
-class RewardOptions:
-    reward_fn: str | None = chz.field(
-        default=None,
-        doc="RL: your own verifier, path/to/file.py:function (gets the problem row and the completion, returns a float)",
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        not_blank(cfg, "reward_fn")
-
-
-@chz.chz
-class VerifierOptions:
-    verifier_timeout: float = chz.field(
-        default=10.0, doc="seconds one call of your function may take; a slower call is stopped and scores 0"
-    )
-
-    @staticmethod
-    def check(cfg: Any) -> None:
-        timeout = cfg.verifier_timeout
-        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
-            raise ConfigError(f"verifier_timeout={timeout!r} is not valid; expected seconds in (0, 3600]")
-
-
 @chz.chz
 class RLConfig(
     RunSettings,
@@ -282,47 +66,12 @@ class RLConfig(
     TemperatureOptions,
     RolloutOptions,
     RLLoopOptions,
-    EnvOptions,
-    SearchOptions,
-    PartnerOptions,
     RewardOptions,
     VerifierOptions,
+    EnvSettings,
     warm_start.WarmStartOptions,
 ):
     """Every setting of task=rl."""
-
-
-def rollout_settings(cfg: Any, reference: str | None = None) -> dict[str, Any]:
-    """The sampling, loss and loop settings of an `rl.train` Config (RL, rubrics, RLHF's last stage). A KL
-    penalty is taken against the base model, or against `reference` (a sampler checkpoint of it)."""
-    from tinker_cookbook.rl.train import AsyncConfig, KLReferenceConfig, StreamMinibatchConfig
-
-    kl = cfg.kl_penalty_coef or 0.0
-    settings = dict(
-        max_tokens=cfg.max_tokens,
-        temperature=cfg.temperature,
-        loss_fn=cfg.loss_fn,
-        max_steps=cfg.max_steps,
-        kl_penalty_coef=kl,
-        kl_discount_factor=cfg.kl_discount_factor,
-        num_substeps=cfg.num_substeps,
-        remove_constant_reward_groups=cfg.remove_constant_reward_groups,
-    )
-    if kl > 0:
-        settings["kl_reference_config"] = KLReferenceConfig(
-            base_model=cfg.model_name, load_checkpoint_path=reference
-        )
-    if cfg.max_steps_off_policy is not None:
-        settings["async_config"] = AsyncConfig(
-            max_steps_off_policy=cfg.max_steps_off_policy,
-            groups_per_batch=cfg.batch_size,
-            loss_fn=cfg.loss_fn,
-        )
-    if cfg.num_minibatches is not None:
-        settings["stream_minibatch_config"] = StreamMinibatchConfig(
-            groups_per_batch=cfg.batch_size, num_minibatches=cfg.num_minibatches
-        )
-    return settings
 
 
 class RL:
@@ -340,14 +89,12 @@ class RL:
         self.judging = judging
         # before the environment's module: that import takes seconds
         registry.check_inputs(self.spec, cfg, data)
+        # env= left to the data: its settings are checked against the environment it chose
+        check_owned(cfg, self.spec)
         self.environment = registry.environment(self.spec)
-        if getattr(cfg, "grader", None) is not None and registry.lookup(self.spec) != registry.DEFAULT:
-            raise ConfigError(
-                f"grader is only used with question/answer data (env=math), not env={self.spec}; leave it out"
-            )
         if cfg.reward_fn is not None and not self.environment.takes_verifier:
             raise ConfigError(f"reward_fn= does not apply to env={self.spec}: the game decides the reward")
-        self.partner = self._partner(cfg)
+        self.partner = Partner.of(cfg, self.spec)
         self.warm_start_steps = warm_start.checked_steps(cfg, self.environment, self.spec)
         self.warm: warm_start.WarmStart | None = None
         self.problems: ProblemSet = self.environment.problems(self.spec, cfg, data)
@@ -355,8 +102,8 @@ class RL:
             raise ConfigError("RL needs at least one training and one evaluation problem")
         if judging is not None:
             self.extra_models = judging.extra_models(cfg)
-        if self.partner is not None and self.partner != cfg.model_name:
-            self.extra_models = (*self.extra_models, self.partner)
+        if self.partner is not None:
+            self.extra_models = (*self.extra_models, *self.partner.extra_models)
         # An environment's data may name its own score (e.g. the QA data's grader).
         label = self.problems.info.get("score_label", self.environment.score_label)
         self.score_label = "mean reward (user verifier)" if cfg.reward_fn else label
@@ -364,17 +111,6 @@ class RL:
             self.score_label = f"{self.score_label} (judged by {judging.model})"
         self.rows: dict[str, list[RLExample]] = {}
         self.extra_scores: dict[str, dict[str, float]] = {}
-
-    def _partner(self, cfg: Any) -> str | None:
-        """The model that plays the environment's other side (twenty questions' answerer), if it has one."""
-        given = getattr(cfg, "partner_model", None)
-        if not registry.takes_partner(self.spec):
-            if given is not None:
-                raise ConfigError(
-                    f"partner_model is only used by env=game:twenty_questions, not env={self.spec}; leave it out"
-                )
-            return None
-        return given or cfg.model_name
 
     def prepare(self, ctx: RunContext) -> None:
         from posttrain.pipeline.envs.dataset import EnvironmentDatasetBuilder
@@ -422,7 +158,7 @@ class RL:
 
         cfg = self.cfg
         judge = self.judging.settings(ctx) if self.judging is not None else {}
-        partner = self._partner_settings(ctx) if self.partner is not None else {}
+        partner = self.partner.settings(ctx) if self.partner is not None else {}
         return EpisodeSettings(
             env=str(self.spec),
             model_name_for_tokenizer=cfg.model_name,
@@ -434,18 +170,6 @@ class RL:
             **judge,
             **partner,
         )
-
-    def _partner_settings(self, ctx: RunContext) -> dict[str, Any]:
-        """The partner's model and renderer."""
-        from posttrain.pipeline.setup import preflight
-
-        assert self.partner is not None
-        policy = (self.cfg.model_name, ctx.renderer_name)
-        renderer, source = preflight.answering_renderer(self.partner, policy, "it answers in a few tokens")
-        same = " (the base model itself, never trained)" if self.partner == self.cfg.model_name else ""
-        ctx.say(f"partner: {self.partner}{same}, greedy, renderer {renderer} ({source})")
-        self.partner_renderer = renderer
-        return {"partner_model": self.partner, "partner_renderer_name": renderer}
 
     def _plain_context(self) -> EnvContext:
         """The run's renderer without a scorer's workers or a judge: for prompts and token counts."""
@@ -502,38 +226,9 @@ class RL:
             renderer.build_generation_prompt(self.environment.prompt(p, self._plain)).length for p in problems
         ]
         prompt = sum(prompts) / len(prompts)
-        # Multi-turn: at most max_turns turns, each re-reading the conversation so far; an environment's reply is
-        # counted like a turn of max_tokens. One turn: the single-turn formulas.
         turns = self.environment.max_turns(self.spec)
-        trajectory = prompt + (2 * turns - 1) * cfg.max_tokens
-        rollouts = self.total_steps * cfg.batch_size * cfg.group_size
-        episodes = rollouts + 2 * len(self.problems.eval)
-        notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
-        # what a turn reads, on average: midway through a game
-        context = prompt + (turns - 1) * cfg.max_tokens
-        in_a_row = None
-        if turns > 1:
-            in_a_row = sequential_turns(
-                cfg,
-                turns,
-                self.total_steps,
-                len(self.problems.eval),
-                self.partner is not None,
-                round(context),
-            )
-            notes += [f"upper bound: every episode counted at {turns} turns", in_a_row.note()]
-        budget = TokenBudget(
-            train=round(rollouts * trajectory),
-            prefill=round(episodes * turns * context),
-            sample=episodes * turns * cfg.max_tokens,
-            train_steps=self.total_steps,
-            sequences_per_step=cfg.batch_size * cfg.group_size,
-            mean_train_length=trajectory,
-            notes=notes,
-            turns=in_a_row,
-        )
-        if self.partner is not None:
-            budget = partner_tokens(budget, self.partner, episodes * turns, prompt + cfg.max_tokens)
+        partner = self.partner.model if self.partner is not None else None
+        budget = episode_tokens(cfg, prompt, turns, self.total_steps, len(self.problems.eval), partner)
         if self.warm is not None:
             budget = self.warm.add_tokens(budget)
         return self.judging.add_judge_tokens(budget, self.problems, prompt, cfg) if self.judging else budget
@@ -570,10 +265,7 @@ class RL:
         if cfg.reward_fn is not None:
             extra |= verifiers.summary(cfg.reward_fn, self.ctx.log_path / verifiers.ERRORS_FILE)
         if self.partner is not None:
-            extra |= {
-                "partner_model": self.partner,
-                "partner_renderer": getattr(self, "partner_renderer", None),
-            }
+            extra |= self.partner.summary()
         if self.warm is not None:
             extra["warm_start"] = self.warm.summary()
         return dataset, sizes, extra

@@ -18,14 +18,13 @@ from posttrain.config.parse import to_dict
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.methods.rl import (
-    RL,
+from posttrain.pipeline.methods.options import (
     EvalSamplingOptions,
-    RLConfig,
     RLLoopOptions,
     RolloutOptions,
     TemperatureOptions,
 )
+from posttrain.pipeline.methods.rl import RL, RLConfig
 from posttrain.pipeline.scoring.judge import GraderMode
 from posttrain.pipeline.setup.plan import TokenBudget
 

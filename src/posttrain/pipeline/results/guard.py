@@ -91,9 +91,8 @@ def _check(
         "p_value": v["p_value"],
         "n": v["n"],
         "regressed": worse,
-        "text": verdict_text(v, unit, scale).rsplit(": ", 1)[
-            0
-        ],  # the numbers; "regressed" is this check's word
+        # the numbers; "regressed" is this check's word
+        "text": verdict_text(v, unit, scale).rsplit(": ", 1)[0],
     }
 
 

@@ -82,6 +82,37 @@ def sequential_turns(
     )
 
 
+def episode_tokens(
+    cfg: Any, prompt: float, turns: int, steps: int, held_out: int, partner: str | None
+) -> TokenBudget:
+    """An RL run's tokens (`cfg`: its settings; `prompt`: the mean prompt's tokens): `steps` training steps of
+    rollouts and `held_out` problems played by each model. Multi-turn: at most `turns` turns, each re-reading the
+    conversation so far; an environment's reply is counted like a turn of max_tokens."""
+    trajectory = prompt + (2 * turns - 1) * cfg.max_tokens
+    rollouts = steps * cfg.batch_size * cfg.group_size
+    episodes = rollouts + 2 * held_out
+    notes = [f"upper bound: every completion counted at max_tokens={cfg.max_tokens}"]
+    # what a turn reads, on average: midway through a game
+    context = prompt + (turns - 1) * cfg.max_tokens
+    in_a_row = None
+    if turns > 1:
+        in_a_row = sequential_turns(cfg, turns, steps, held_out, partner is not None, round(context))
+        notes += [f"upper bound: every episode counted at {turns} turns", in_a_row.note()]
+    budget = TokenBudget(
+        train=round(rollouts * trajectory),
+        prefill=round(episodes * turns * context),
+        sample=episodes * turns * cfg.max_tokens,
+        train_steps=steps,
+        sequences_per_step=cfg.batch_size * cfg.group_size,
+        mean_train_length=trajectory,
+        notes=notes,
+        turns=in_a_row,
+    )
+    if partner is not None:
+        budget = partner_tokens(budget, partner, episodes * turns, prompt + cfg.max_tokens)
+    return budget
+
+
 def partner_tokens(budget: TokenBudget, partner: str, replies: int, reads: float) -> TokenBudget:
     """`budget` with a game partner's replies added: each reads `reads` tokens (its own prompt, counted as long as
     the policy's: both are the game's rules, and the policy's last turn) and writes a few."""

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import chz
+
+from posttrain.config.checks import not_blank
 from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, n_eval, n_train, problem_group
 
@@ -32,6 +35,25 @@ if TYPE_CHECKING:
     from posttrain.pipeline.envs.base import ProblemSettings
     from posttrain.pipeline.envs.spec import EnvSpec
     from posttrain.pipeline.results import RLExample
+
+
+@chz.chz
+class PartnerOptions:
+    partner_model: str | None = chz.field(
+        default=None,
+        doc="env=game:twenty_questions: the answerer, a model the backend serves by name, never trained (None: the "
+        "base model itself)",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "partner_model")
+        if cfg.partner_model is not None and cfg.partner_model.startswith("tinker://"):
+            raise ConfigError(
+                f"partner_model={cfg.partner_model}: the partner must be a model the backend serves by name, not a "
+                "checkpoint (the other player is never trained)"
+            )
+
 
 RECIPE = "tinker_cookbook.recipes.multiplayer_rl.twenty_questions"
 MAX_QUESTIONS = 20  # the recipe's turn limit (TwentyQuestionsEnv.step)

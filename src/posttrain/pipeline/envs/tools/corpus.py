@@ -9,13 +9,52 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+import chz
+
+from posttrain.config.checks import not_blank
 from posttrain.errors import ConfigError, DataError
+from posttrain.pipeline.envs.spec import parse_env
 
 if TYPE_CHECKING:
     from posttrain.pipeline.data import LoadedData
     from posttrain.pipeline.envs.spec import EnvSpec
+
+
+# env=tools:search's retriever: embeddings in a Chroma index, or BM25 (no embedding model).
+SearchRetriever = Literal["chroma", "bm25"]
+
+
+@chz.chz
+class SearchOptions:
+    """Task=rl only: the search tool's corpus is what the policy searches while it trains and is evaluated;
+    distillation takes an environment's prompts, never its tools."""
+
+    corpus: str | None = chz.field(
+        default=None,
+        doc="env=tools:search: your passages, a JSONL file (text, optional id and title), searched to answer the "
+        "questions of dataset= (None: the shipped corpus and its own questions)",
+    )
+    retriever: SearchRetriever | None = chz.field(
+        default=None,
+        doc="env=tools:search: chroma (all-MiniLM-L6-v2 embeddings, index cached by the corpus's hash) or bm25 "
+        "(None: chroma with corpus=, else bm25)",
+    )
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        not_blank(cfg, "corpus")
+        if cfg.corpus is not None and not Path(cfg.corpus).expanduser().is_file():
+            raise ConfigError(f"corpus={cfg.corpus}: no such file")
+
+    @staticmethod
+    def chosen(cfg: Any) -> dict[str, Any]:
+        """The retriever env=tools:search runs with when none is given (`settings.method_config` fills it in), so
+        that summary.json's hyperparameters record it rather than None."""
+        if cfg.retriever is None and cfg.env is not None and parse_env(cfg.env).key == "tools:search":
+            return {"retriever": "chroma" if cfg.corpus is not None else "bm25"}
+        return {}
 
 
 @dataclass(frozen=True)

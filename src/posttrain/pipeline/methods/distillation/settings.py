@@ -12,7 +12,8 @@ import chz
 from posttrain.config.checks import not_blank
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
-from posttrain.pipeline.methods.rl import EnvOptions, EvalSamplingOptions, RolloutOptions, TemperatureOptions
+from posttrain.pipeline.envs.settings import ProblemSettings
+from posttrain.pipeline.methods.options import EvalSamplingOptions, RolloutOptions, TemperatureOptions
 from posttrain.pipeline.methods.sft import SupervisedOptions
 
 DistillationMode = Literal["off_policy", "on_policy"]
@@ -42,7 +43,7 @@ class DistillationConfig(
     EvalSamplingOptions,
     TemperatureOptions,
     RolloutOptions,
-    EnvOptions,
+    ProblemSettings,
     DistillationOptions,
 ):
     """Every setting of task=distillation (the rollout options: on-policy; env=: prompts from an environment)."""

@@ -21,7 +21,7 @@ from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext, TrainingStage
 from posttrain.pipeline.methods.dpo import check_pairs, comparison_record, pairs_facts, pairs_score_text
-from posttrain.pipeline.methods.rl import (
+from posttrain.pipeline.methods.options import (
     EvalSamplingOptions,
     RLLoopOptions,
     RolloutOptions,

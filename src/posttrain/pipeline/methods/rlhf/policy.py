@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.pipeline.methods.rl import rollout_settings
+from posttrain.pipeline.methods.options import rollout_settings
 from posttrain.pipeline.methods.rlhf import reward_model
 from posttrain.pipeline.methods.rlhf.stages import Stages
 
