@@ -8,7 +8,6 @@ with `status: failed` and the error).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import shutil
 import tempfile
@@ -20,19 +19,14 @@ from typing import Any
 from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import finish, results, session, tracking
 from posttrain.pipeline.console import CONSOLE
-from posttrain.pipeline.data import DataRequest, LoadedData, load_data
+from posttrain.pipeline.data.sources import load_run_data
 from posttrain.pipeline.evaluation.guard import GuardSet, load_guard
 from posttrain.pipeline.methods import Method, length, method_class
 from posttrain.pipeline.methods.choice import choose_task
-from posttrain.pipeline.methods.distillation.settings import data_sources
 from posttrain.pipeline.settings import method_config
 from posttrain.pipeline.setup import backend, plan, preflight, resume
 from posttrain.pipeline.state import RunState
-from posttrain.util import PACKAGE_DATA
 
-DEFAULT_SFT_DATA = PACKAGE_DATA / "default_sft.jsonl"
-# The user's guide samples and splits with seed 42; `seed=` moves it, so seed=0 (the default) splits as the guide.
-SPLIT_SEED = 42
 say = CONSOLE.say
 
 
@@ -80,6 +74,13 @@ def choose_recipe(train_config: Any, where: preflight.Backend, for_training: boo
     """The data loaded, the method chosen and configured on it, the models it needs checked on the backend
     (`for_training=False`: for an evaluation only, which takes a given evaluation set whole)."""
     data = load_run_data(train_config, for_training)
+    for each in (data, *data.others) if data is not None else ():
+        say(
+            f"data: {each.source}: {each.format} format, {len(each.train):,} training rows, "
+            f"{len(each.eval):,} evaluation rows ({each.eval_source})"
+        )
+        for note in each.notes:
+            say(f"data: {note}")
     # The guard set (did training break something else?), checked now: a bad file stops the run before it costs.
     guard_set = load_guard(train_config, data.train if data is not None else [])
     if guard_set is not None:
@@ -95,10 +96,8 @@ def choose_recipe(train_config: Any, where: preflight.Backend, for_training: boo
         say(note)
     cfg = method_config(train_config, task)
     method = method_class(task)(cfg, data)
-    if url := backend.remote_url(cfg, where):
-        _check_service(cfg, where, url, [cfg.model_name, *method.extra_models])
-    elif where == "local":
-        backend.check_local_model(cfg)
+    if warning := backend.check_models(cfg, where, [cfg.model_name, *method.extra_models]):
+        say(f"plan: warning: {warning}; planning offline (nothing is spent either way)")
     return Recipe(cfg, task, method, run_length, guard_set)
 
 
@@ -129,21 +128,6 @@ def _train_and_write(state: RunState, method: Method, started: float) -> dict[st
             if one_line is not None:
                 raise one_line from None
             raise
-
-
-def _check_service(cfg: Any, where: preflight.Backend, url: str, models: list[str]) -> None:
-    """A service the run does not start must answer and offer every model the run needs (its own list). A Tinker
-    plan needs no service: offline, it checks the models against the cookbook's table and goes on."""
-    try:
-        preflight.check_reachable(url)
-    except PreflightError as exc:
-        if not (cfg.dry_run and where == "tinker"):
-            raise
-        say(f"plan: warning: {exc}; planning offline (nothing is spent either way)")
-        for name in dict.fromkeys(models):
-            preflight.check_model(name, "tinker", None)
-        return
-    backend.check_served_models(cfg.base_url, models, where)
 
 
 def _dry_run(
@@ -189,35 +173,6 @@ def _remove_all_but(root: Path, kept: Path | None) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
-
-
-def load_run_data(cfg: Any, for_training: bool = True) -> LoadedData | None:
-    if cfg.dataset is None and cfg.env:
-        return None  # the environment generates its own problems
-    # One dataset; with several distillation teachers, one per teacher (the first carries the others).
-    sources = data_sources(cfg)
-    loaded = []
-    for source in sources:
-        request = DataRequest(
-            source.dataset or str(DEFAULT_SFT_DATA),
-            source.dataset_config,
-            source.dataset_split,
-            source.eval_dataset,
-            source.eval_split,
-            source.max_train_rows,
-            source.max_eval_rows,
-            seed=SPLIT_SEED + cfg.seed,
-            for_training=for_training,
-        )
-        data = load_data(request)
-        say(
-            f"data: {data.source}: {data.format} format, {len(data.train):,} training rows, "
-            f"{len(data.eval):,} evaluation rows ({data.eval_source})"
-        )
-        for note in data.notes:
-            say(f"data: {note}")
-        loaded.append(data)
-    return dataclasses.replace(loaded[0], others=tuple(loaded[1:])) if len(loaded) > 1 else loaded[0]
 
 
 def make_run_name(cfg: Any, task: str) -> str:

@@ -16,8 +16,8 @@ from runs import read_jsonl, train_here
 from test_preference_distillation import TINY, _ok, _summary
 
 from posttrain.errors import ConfigError
+from posttrain.pipeline.data.sources import data_sources
 from posttrain.pipeline.methods.distillation.prompts import split_evenly
-from posttrain.pipeline.methods.distillation.settings import data_sources
 from posttrain.pipeline.results import SFTExample, validate_rows, validate_summary
 from posttrain.pipeline.settings import TrainConfig, parse_train_args
 

@@ -30,7 +30,8 @@ from posttrain.pipeline.after.sweep_grid import Grid, Point, parse_grid
 from posttrain.pipeline.console import CONSOLE
 from posttrain.pipeline.data import DataRequest, load_data
 from posttrain.pipeline.data.formats import CHAT_FORMATS
-from posttrain.pipeline.run import SPLIT_SEED, load_run_data, run
+from posttrain.pipeline.data.sources import SPLIT_SEED, load_run_data
+from posttrain.pipeline.run import run
 from posttrain.pipeline.settings import parse_train_args
 from posttrain.pipeline.setup import backend
 from posttrain.util import read_jsonl, write_jsonl

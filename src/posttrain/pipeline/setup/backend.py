@@ -203,6 +203,28 @@ def check_served_models(url: str | None, names: Sequence[str], backend: prefligh
         preflight.check_model(name, backend, available)
 
 
+def check_models(cfg: RunSettings, backend: preflight.Backend, models: list[str]) -> str | None:
+    """Every model the run needs, where it will run: a service the run does not start must answer and offer each;
+    a local engine the run starts must be able to load it. A Tinker plan needs no service: offline, the models
+    are checked against the cookbook's table and the reason is returned as a warning."""
+    url = remote_url(cfg, backend)
+    if url is None:
+        if backend == "local":
+            check_local_model(cfg)
+        return None
+    warning, available = None, None
+    try:
+        preflight.check_reachable(url)
+        available = service_models(cfg.base_url)
+    except PreflightError as exc:
+        if not (getattr(cfg, "dry_run", False) and backend == "tinker"):
+            raise
+        warning = str(exc)
+    for name in dict.fromkeys(models):
+        preflight.check_model(name, backend, available)
+    return warning
+
+
 def refused(exc: BaseException, log_file: Path) -> UserError | None:
     """A request the service (Tinker or the engine) refused, as one line; its traceback goes to `log_file` (the
     run's console.log). None when `exc` is not the SDK's."""

@@ -10,11 +10,12 @@ from typing import Any, ClassVar
 import tinker
 
 from posttrain.pipeline.data import LoadedData
+from posttrain.pipeline.data.sources import teacher_models
 from posttrain.pipeline.methods.base import RunContext
 from posttrain.pipeline.methods.distillation import off_policy, on_policy, summary
 from posttrain.pipeline.methods.distillation.held_out import HeldOut
 from posttrain.pipeline.methods.distillation.prompts import Share, load_prompts, pooled, split_evenly
-from posttrain.pipeline.methods.distillation.settings import DistillationConfig, teacher_models
+from posttrain.pipeline.methods.distillation.settings import DistillationConfig
 from posttrain.pipeline.methods.distillation.teachers import (
     TeacherPool,
     check_same_tokenizer,

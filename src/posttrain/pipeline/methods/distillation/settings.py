@@ -4,7 +4,6 @@ pairs them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import chz
@@ -12,6 +11,7 @@ import chz
 from posttrain.config.checks import not_blank
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
+from posttrain.pipeline.data.sources import PER_DATASET_OPTIONS, teacher_models
 from posttrain.pipeline.envs.settings import ProblemSettings
 from posttrain.pipeline.methods.options import EvalSamplingOptions, RolloutOptions, TemperatureOptions
 from posttrain.pipeline.methods.sft import SupervisedOptions
@@ -74,69 +74,6 @@ MODE_SETTINGS = {
 # --- distillation with several teachers ---------------------------------------------------------------------
 # The cookbook's multi-teacher recipe (recipes/distillation/on_policy_multi_teacher.py) pairs each prompt
 # dataset with its own teacher. Here: teacher_model=A,B with dataset=a,b, in the same order.
-
-# Data options that take one value for every dataset or one per dataset (comma-separated, in order).
-PER_DATASET_OPTIONS = ("dataset_config", "dataset_split", "eval_dataset", "eval_split")
-
-
-def teacher_models(cfg: Any) -> list[str]:
-    """The teachers teacher_model= names (comma-separated), in order; [] without one."""
-    if cfg.teacher_model is None:
-        return []
-    return [name.strip() for name in cfg.teacher_model.split(",")]
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """One dataset to load, with its own options (pipeline.data.load_data's arguments)."""
-
-    dataset: str | None
-    dataset_config: str | None
-    dataset_split: str
-    eval_dataset: str | None
-    eval_split: str | None
-    max_train_rows: int
-    max_eval_rows: int
-
-
-def data_sources(cfg: Any) -> list[DataSource]:
-    """The datasets a run loads: `dataset=` as given; with several teachers one per teacher, where each
-    per-dataset option is one value for all or one per dataset, and the row limits are shared out equally
-    (the run as a whole keeps to max_train_rows / max_eval_rows)."""
-    n = len(teacher_models(cfg))
-    if n < 2:
-        return [
-            DataSource(
-                cfg.dataset,
-                cfg.dataset_config,
-                cfg.dataset_split,
-                cfg.eval_dataset,
-                cfg.eval_split,
-                cfg.max_train_rows,
-                cfg.max_eval_rows,
-            )
-        ]
-    assert cfg.dataset is not None  # check_teachers guarantees one dataset per teacher
-    options = {name: _per_dataset(getattr(cfg, name), n) for name in PER_DATASET_OPTIONS}
-    return [
-        DataSource(
-            dataset.strip(),
-            options["dataset_config"][i],
-            options["dataset_split"][i] or "train",
-            options["eval_dataset"][i],
-            options["eval_split"][i],
-            cfg.max_train_rows // n,
-            cfg.max_eval_rows // n,
-        )
-        for i, dataset in enumerate(cfg.dataset.split(","))
-    ]
-
-
-def _per_dataset(value: str | None, n: int) -> list[str | None]:
-    if value is None:
-        return [None] * n
-    parts = [part.strip() for part in value.split(",")]
-    return parts * n if len(parts) == 1 else list(parts)
 
 
 def check_teachers(cfg: Any) -> None:
