@@ -367,7 +367,8 @@ def main() -> int:
     print(f"per-block ratios: {', '.join(f'{r:.2f}' for r in block_ratios)}")
     print(
         f"{dtype_name} matmul 2048^3: {peak:.0f} GFLOP/s (median of {len(peaks)}; fp32 {fp32_peak:.0f}); "
-        f"{flops_per_token / 1e6:.0f} MFLOP/token (4*{plain.n_matmul / 1e6:.1f}M + 6*{plain.n_lora / 1e6:.2f}M + attention)"
+        f"{flops_per_token / 1e6:.0f} MFLOP/token "
+        f"(4*{plain.n_matmul / 1e6:.1f}M + 6*{plain.n_lora / 1e6:.2f}M + attention)"
     )
     print(f"engine peak RSS (VmHWM): {engine_peak_rss} MB")
     print(f"load average before {load_before}, after {load_after}")

@@ -5,7 +5,8 @@ Public preference sets are not reachable here; this makes DPO data whose prefere
 goes through the Tinker SDK: against the local engine (started here, with the model) or any `base_url`.
 
     uv run python scripts/make_preference_pairs.py \
-        'task=basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+-,allow_parentheses=false,allow_negation=false' \
+        'task=basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1,operators=+-,'\
+'allow_parentheses=false,allow_negation=false' \
         n_problems=400 samples_per_problem=6 max_tokens=24 output=src/posttrain/data/preference_arithmetic.jsonl
 
 That command made the shipped src/posttrain/data/preference_arithmetic.jsonl: 164 pairs from 400 problems in

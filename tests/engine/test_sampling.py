@@ -704,10 +704,10 @@ def test_timing_batched_vs_sequential(tokenizer: PreTrainedTokenizerFast) -> Non
 
 _CACHE_API_CHANGED = (
     "transformers changed the cache API that posttrain.engine.sampling builds its ragged decode cache on: "
-    "RaggedLayer (engine/sampling/cache.py) subclasses the internal transformers.cache_utils.DynamicLayer, and ragged_cache installs "
-    "its layers in a DynamicCache, which is only known to work behind the transformers<=5.5.4 pin in "
-    "pyproject.toml. Re-check RaggedLayer, ragged_cache and prefill against transformers.cache_utils "
-    "before moving the pin. What changed:\n  - "
+    "RaggedLayer (engine/sampling/cache.py) subclasses the internal transformers.cache_utils.DynamicLayer, "
+    "and ragged_cache installs its layers in a DynamicCache, which is only known to work behind the "
+    "transformers<=5.5.4 pin in pyproject.toml. Re-check RaggedLayer, ragged_cache and prefill against "
+    "transformers.cache_utils before moving the pin. What changed:\n  - "
 )
 
 

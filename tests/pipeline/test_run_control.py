@@ -314,6 +314,7 @@ def test_a_request_the_service_refuses_is_one_line(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     console_log = tmp_path / "results" / "logs" / "refused" / "console.log"
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: the service refused a request: checkpoint {missing} not found (the full error: {console_log.relative_to(tmp_path)})"
+        f"error: the service refused a request: checkpoint {missing} not found "
+        f"(the full error: {console_log.relative_to(tmp_path)})"
     )
     assert "Traceback" in console_log.read_text()  # kept for whoever debugs it

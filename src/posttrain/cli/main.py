@@ -32,7 +32,8 @@ commands:
   cache [list|prune]    what posttrain keeps on disk (checkpoints by run, converted models); `cache prune
                         older_than=7d` or `run=ID` removes runs from the local checkpoint store
 
-`posttrain train --help` (and `chat --help`, `export --help`, `eval --help`, `sweep --help`, `serve-model --help`, `cache --help`) lists every setting.
+`posttrain train --help` (and `chat --help`, `export --help`, `eval --help`, `sweep --help`, `serve-model --help`,
+`cache --help`) lists every setting.
 """
 
 

@@ -81,7 +81,8 @@ def _from_hub(name: str) -> Path:
         except Exception:  # noqa: BLE001
             raise UserError(
                 f"--model {name}: not a local directory, not in the Hugging Face cache, and the Hub could not be "
-                f"reached ({short_error(first, 200)}). Pass a local model directory, or serve the default {DEFAULT_MODEL}."
+                f"reached ({short_error(first, 200)}). Pass a local model directory, "
+                f"or serve the default {DEFAULT_MODEL}."
             ) from None
 
 

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ[THREADS_VARIABLE]) if os.environ.get(THREADS_VARIABLE, "").isdigit() else None,
         help=f"torch compute threads (default: ${THREADS_VARIABLE} if set, else every processor this process may "
-        "use, so results do not depend on the machine's load; 0: adaptive, each job uses the processors other processes leave free, faster "
-        "beside other work but its bf16 results change with the thread count it picks)",
+        "use, so results do not depend on the machine's load; 0: adaptive, each job uses the processors other "
+        "processes leave free, faster beside other work but its bf16 results change with the thread count it picks)",
     )
     parser.add_argument("--api-key", default=None, help="refuse requests whose X-API-Key is not this value")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -81,7 +81,8 @@ def write_results(state: RunState, outcome: results.Outcome) -> dict[str, Any]:
     say(f"W&B ({verification['mode']}): {verified}: {facts.wandb_url}")
     guard_files = ", guard_*.jsonl" if outcome.guard is not None else ""
     say(
-        f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl{guard_files}, report.md, report.html)"
+        f"results: {res.path}/ (summary.json, base_model.jsonl, trained_model.jsonl{guard_files}, "
+        "report.md, report.html)"
     )
     if warning:
         say("")

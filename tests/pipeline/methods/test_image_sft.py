@@ -145,8 +145,8 @@ def test_an_image_that_cannot_be_fetched_fails_its_example_or_stops_training_in_
     validate_rows(records, "score", "rl")
     assert records[0].error is None and records[0].question == str(tmp_path / "red.png")
     assert (
-        records[1].error
-        == f"DataError: image {unreachable}: cannot be fetched (URLError: <urlopen error [Errno 111] Connection refused>)"
+        records[1].error == f"DataError: image {unreachable}: cannot be fetched "
+        "(URLError: <urlopen error [Errno 111] Connection refused>)"
     )
     assert records[1].correct is None and accuracy == float(records[0].correct) / 2
 

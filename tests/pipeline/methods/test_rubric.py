@@ -92,7 +92,8 @@ def test_example_data_is_rubric_rows_in_both_layouts(tmp_path: Path):
                 "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                 "rubric": ["x"],
             },
-            'must end with the user\'s turn (the policy writes the next reply), but the last message has role "assistant"',
+            "must end with the user's turn (the policy writes the next reply), "
+            'but the last message has role "assistant"',
         ),
     ],
 )

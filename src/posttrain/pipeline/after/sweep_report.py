@@ -165,7 +165,8 @@ def markdown(record: Mapping[str, Any]) -> list[str]:
             else "-"
         )
         lines.append(
-            f"| {_setting_text(s['setting'])} | {s['completed']}/{s['seeds']} | {_value(s['metric'], s['mean'])} | {spread} |"
+            f"| {_setting_text(s['setting'])} | {s['completed']}/{s['seeds']} "
+            f"| {_value(s['metric'], s['mean'])} | {spread} |"
         )
     lines += ["", *_chosen_lines(record)]
     return lines

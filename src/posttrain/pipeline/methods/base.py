@@ -88,7 +88,8 @@ class Method(Protocol):
     extra_models: Sequence[str]
 
     def prepare(self, ctx: RunContext) -> None:
-        """Keep `ctx`; write the data as trained on under ctx.data_dir and build the held-out set; say what was chosen."""
+        """Keep `ctx`; write the data as trained on under ctx.data_dir and build the held-out set; say what was
+        chosen."""
         ...
 
     # Optimizer steps the training loop will take (known after prepare), for the progress bar.

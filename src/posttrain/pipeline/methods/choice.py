@@ -45,7 +45,8 @@ def _auto(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
         if data.format in entry.formats:
             return name, f"{data.format} data"
     raise ConfigError(
-        f"{data.source}: no training method in posttrain takes {data.format} data yet (task= can be {', '.join(METHODS)})"
+        f"{data.source}: no training method in posttrain takes {data.format} data yet "
+        f"(task= can be {', '.join(METHODS)})"
     )
 
 

@@ -108,7 +108,8 @@ class RLLoopOptions:
 class RewardOptions:
     reward_fn: str | None = chz.field(
         default=None,
-        doc="RL: your own verifier, path/to/file.py:function (gets the problem row and the completion, returns a float)",
+        doc="RL: your own verifier, path/to/file.py:function (gets the problem row and the completion, "
+        "returns a float)",
     )
 
     @staticmethod

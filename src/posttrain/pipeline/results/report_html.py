@@ -72,7 +72,8 @@ def _transcript(turns: Any) -> str:
             f"<dt>{_e(k)}</dt><dd><pre>{_e(fmt_value(v))}</pre></dd>" for k, v in t.items() if k != "turn"
         )
         items.append(f"<li><b>turn {_e(t.get('turn', ''))}</b><dl>{cells}</dl></li>")
-    return f'<details class="transcript"><summary>transcript ({len(turns)} turns)</summary><ol>{"".join(items)}</ol></details>'
+    summary = f"<summary>transcript ({len(turns)} turns)</summary>"
+    return f'<details class="transcript">{summary}<ol>{"".join(items)}</ol></details>'
 
 
 def _score(row: dict, kind: MetricKind) -> str:

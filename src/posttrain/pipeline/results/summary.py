@@ -151,7 +151,8 @@ def judge_improvement(kind: MetricKind, comparison: Mapping[str, Any]) -> dict[s
 
 
 def headline(summary: Mapping[str, Any]) -> str:
-    """'Base NLL: 2.80 → Trained NLL: 1.90 (32.1% reduction)' / 'Base accuracy: 42.0% → Trained: 67.0% (+25.0 points)'."""
+    """'Base NLL: 2.80 → Trained NLL: 1.90 (32.1% reduction)' or
+    'Base accuracy: 42.0% → Trained: 67.0% (+25.0 points)'."""
     if summary_kind(summary) == "score":
         b, t = summary["baseline_score"], summary["trained_score"]
         label = summary.get("score_label") or "accuracy"

@@ -2,9 +2,10 @@
 cannot disagree): the user's verifier when `reward_fn=` is set, else the grader the problem names.
 
 A problem's `"grader"` is looked up in `GRADERS`, here and nowhere else: "math" (the cookbook's sympy grader),
-"exact_match" (after SQuAD's normalisation), "f1" (token F1 as the reward, exact match as `correct`), "reasoning_gym" (the task's own scorer), "code" (tests in the sandbox,
-the fraction passed), "code_stdio" (a whole program run on each test's stdin, the fraction of outputs matched)
-and "humaneval" (its `check` in the sandbox). A new grader is one entry.
+"exact_match" (after SQuAD's normalisation), "f1" (token F1 as the reward, exact match as `correct`),
+"reasoning_gym" (the task's own scorer), "code" (tests in the sandbox, the fraction passed), "code_stdio" (a
+whole program run on each test's stdin, the fraction of outputs matched) and "humaneval" (its `check` in the
+sandbox). A new grader is one entry.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`env=game:guess_number`: the cookbook's guess-the-number game (`tinker_cookbook.recipes.multiplayer_rl.guess_number`).
+"""`env=game:guess_number`: the cookbook's guess-the-number game
+(`tinker_cookbook.recipes.multiplayer_rl.guess_number`).
 
 The player guesses an integer in [0, 1024) and is told "Too low", "Too high" or "Correct", for at most 10 turns;
 reward 1 for the correct guess, -1 for a turn it cannot parse. Its `GuessNumberEnv` is used as it is, in training
@@ -75,7 +76,8 @@ class GuessNumber:
             [_game(t) for t in chosen],
             {
                 "source": "the cookbook's guess_number game (multiplayer_rl recipe): integers in [0, 1024), 10 turns",
-                "eval_source": f"{len(chosen)} held-out targets from the cookbook's test split, chosen by seed {cfg.seed + 1}",
+                "eval_source": f"{len(chosen)} held-out targets from the cookbook's test split, "
+                f"chosen by seed {cfg.seed + 1}",
                 "score": "win rate (the number guessed within 10 turns)",
             },
         )

@@ -1,5 +1,5 @@
-"""`env=game:twenty_questions`: the cookbook's twenty questions (`tinker_cookbook.recipes.multiplayer_rl.twenty_questions`),
-a model as the other player.
+"""`env=game:twenty_questions`: the cookbook's twenty questions
+(`tinker_cookbook.recipes.multiplayer_rl.twenty_questions`), a model as the other player.
 
 The policy asks yes/no questions and guesses with a line `Guess: <word>`; the answerer, a model the backend serves
 (`partner_model=`, default the base model itself, never trained), holds the secret and answers each question
@@ -99,7 +99,8 @@ class TwentyQuestions:
             train,
             [_game(w) for w in chosen],
             {
-                "source": f"the cookbook's twenty_questions words (multiplayer_rl recipe): {len(train_words)} for training",
+                "source": "the cookbook's twenty_questions words (multiplayer_rl recipe): "
+                f"{len(train_words)} for training",
                 "eval_source": f"{len(chosen)} of its {len(test_words)} held-out words, chosen by seed {cfg.seed + 1}",
                 "score": f"win rate (the secret guessed within {MAX_QUESTIONS} questions)",
             },

@@ -144,7 +144,8 @@ def _savings(r: random.Random) -> tuple[str, int]:
 def _books(r: random.Random) -> tuple[str, int]:
     a, b, c = r.randint(12, 99), r.randint(12, 99), r.randint(11, 299)
     return (
-        f"A library has {a} shelves with {b} books on each shelf. {c} new books arrive. How many books does it have now?",
+        f"A library has {a} shelves with {b} books on each shelf. {c} new books arrive. "
+        "How many books does it have now?",
         a * b + c,
     )
 

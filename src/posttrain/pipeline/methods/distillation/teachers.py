@@ -42,7 +42,8 @@ def check_teacher_found(teacher: str) -> None:
         except Exception:  # noqa: BLE001 - the Hub did not answer: the engine or the service judges later
             return
         raise ConfigError(
-            f"teacher_model={teacher}: not found: not a local directory, not a Tinker model, not on the Hugging Face Hub"
+            f"teacher_model={teacher}: not found: not a local directory, not a Tinker model, "
+            "not on the Hugging Face Hub"
         )
     raise ConfigError(
         f"teacher_model={teacher}: not found: not a local directory, not a Tinker model, and not in the Hugging Face "

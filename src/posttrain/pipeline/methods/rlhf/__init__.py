@@ -1,5 +1,5 @@
-"""task=rlhf: RLHF in the cookbook's three stages (tinker_cookbook/recipes/preference/rlhf), as one run on one data set of
-chosen/rejected pairs:
+"""task=rlhf: RLHF in the cookbook's three stages (tinker_cookbook/recipes/preference/rlhf), as one run on one data
+set of chosen/rejected pairs:
 
 1. sft: the policy is fine-tuned on the chosen answers (`supervised.train`);
 2. reward_model: a LoRA of the base model learns to name the preferred answer of a pair shown as
