@@ -96,7 +96,7 @@ def test_dpo_run(tmp_path: Path, tiny_model: str, keyed_engine) -> None:
     assert tuple(base[0]) == PREFERENCE_KEYS and len(base) == summary["sizes"]["eval_pairs"] == 3
     validate_rows(base, "score", "preference")
     assert base[0]["prompt"].startswith("user: Say ") and base[0]["rejected"] == "No."
-    metrics = read_jsonl(tmp_path / "results" / "logs" / "dpo_e2e" / "metrics.jsonl")
+    metrics = read_jsonl(tmp_path / "results" / "logs" / "dpo_e2e" / "dpo" / "metrics.jsonl")
     assert any("dpo_loss" in m for m in metrics)
     assert "Preference accuracy" in (tmp_path / "results" / "report.md").read_text()
 

@@ -1,4 +1,8 @@
-"""A warm start for RL (`warm_start_steps=N`, task=rl in an environment that can demonstrate its task: today
+"""A supervised warm start before a method's own loop: N steps of the cookbook's `supervised.train` on
+conversations, then the method's loop from that checkpoint in its own folder. DPO's SFT stage on the chosen answers
+(`dpo_sft_steps`, `methods.dpo`) is one; RL's is the other.
+
+RL's (`warm_start_steps=N`, task=rl in an environment that can demonstrate its task: today
 env=tools:search): N steps of the cookbook's `supervised.train` on worked answers the environment makes from its
 own training problems (the tool called with the question, the tool's real reply, the right answer), then RL from
 that checkpoint.
@@ -83,6 +87,9 @@ class WarmStart:
     demonstrations: int
     problems: int
     mean_length: float  # a worked answer's tokens (the whole conversation), for the token budget
+    train_on_what: str = TRAIN_ON_WHAT
+    trained_on: str = "the worked answer's tool calls and final answer"  # summary.json's words for it
+    main_stage: str = RL_STAGE  # the method's own loop, after the warm start
 
     @property
     def dir(self) -> Path:
@@ -94,9 +101,6 @@ class WarmStart:
     ) -> WarmStart:
         """The demonstrations (written to the run's data folder) and the stage's length and learning rate.
         `environment` is one `checked_steps` accepted: its `demonstration(problem, ctx)` is a worked answer or None."""
-        from tinker_cookbook.renderers import TrainOnWhat
-
-        from posttrain.pipeline.methods.choice import default_learning_rate
 
         made = [environment.demonstration(p, env_ctx) for p in problems]
         kept = [m for m in made if m is not None]
@@ -105,23 +109,36 @@ class WarmStart:
                 f"warm_start_steps={steps}: none of the {len(problems)} training problems has a worked answer "
                 "(the tool's reply to the question never held its answer)"
             )
-        write_jsonl(ctx.data_dir / TRAIN_FILE, ({"messages": [_jsonable(m) for m in c]} for c in kept))
-        lr, source = default_learning_rate(ctx.cfg.model_name, "sft")
-        sample = kept[:200]
-        length = sum(
-            ctx.renderer.build_supervised_example(c, TrainOnWhat(TRAIN_ON_WHAT))[0].length for c in sample
-        )
-        length /= len(sample)
-        warm = cls(
-            ctx, steps, min(ctx.cfg.batch_size, len(kept)), lr, source, len(kept), len(problems), length
-        )
+        warm = cls.of_conversations(ctx, steps, kept)
+        warm.problems = len(problems)
         missed = len(problems) - len(kept)
         left_out = f" ({missed} left out: the tool's reply did not hold the answer)" if missed else ""
         ctx.say(
             f"warm start: {len(kept)} worked answers from {len(problems)} training problems{left_out}, {steps} "
-            f"supervised steps of {warm.batch_size} at lr {lr:.3g}, then RL from them"
+            f"supervised steps of {warm.batch_size} at lr {warm.learning_rate:.3g}, then RL from them"
         )
         return warm
+
+    @classmethod
+    def of_conversations(
+        cls, ctx: RunContext, steps: int, conversations: list[list[dict]], **how: Any
+    ) -> WarmStart:
+        """A warm start on `conversations` (written to the run's data folder) at the supervised learning rate;
+        `how`: train_on_what, trained_on, main_stage where they are not RL's."""
+        from tinker_cookbook.renderers import TrainOnWhat
+
+        from posttrain.pipeline.methods.choice import default_learning_rate
+
+        train_on_what = how.get("train_on_what", TRAIN_ON_WHAT)
+        write_jsonl(
+            ctx.data_dir / TRAIN_FILE, ({"messages": [_jsonable(m) for m in c]} for c in conversations)
+        )
+        lr, source = default_learning_rate(ctx.cfg.model_name, "sft")
+        sample = conversations[:200]
+        what = TrainOnWhat(train_on_what)
+        length = sum(ctx.renderer.build_supervised_example(c, what)[0].length for c in sample) / len(sample)
+        batch = min(ctx.cfg.batch_size, len(conversations))
+        return cls(ctx, steps, batch, lr, source, len(conversations), len(conversations), length, **how)
 
     def train(self) -> Coroutine[Any, Any, Any]:
         """The cookbook's `supervised.train` on the demonstrations, in its own folder."""
@@ -137,7 +154,7 @@ class WarmStart:
             renderer_name=ctx.renderer_name,
             max_length=None,
             batch_size=self.batch_size,
-            train_on_what=TrainOnWhat(TRAIN_ON_WHAT),
+            train_on_what=TrainOnWhat(self.train_on_what),
         )
         builder = ConversationFilesBuilder(
             common_config=common, train_file=str(ctx.data_dir / TRAIN_FILE), shuffle_seed=cfg.seed
@@ -155,12 +172,12 @@ class WarmStart:
             sl_train.Config(**settings, recipe_name=f"posttrain_rl_{STAGE}", dataset_builder=builder)
         )
 
-    def stages(self, rl: Callable[[], Coroutine[Any, Any, Any]], rl_steps: int) -> list[TrainingStage]:
-        """The warm start's loop, then RL's (`rl`) in its own folder, from the warm start's checkpoint."""
-        run = self.ctx.run_name
+    def stages(self, main: Callable[[], Coroutine[Any, Any, Any]], steps: int) -> list[TrainingStage]:
+        """The warm start's loop, then the method's (`main`) in its own folder, from the warm start's checkpoint."""
+        run, name = self.ctx.run_name, self.main_stage
         return [
             TrainingStage(STAGE, self.dir, self.steps, self.train, f"{run}-{STAGE}"),
-            TrainingStage(RL_STAGE, self.ctx.log_path / RL_STAGE, rl_steps, rl, f"{run}-{RL_STAGE}"),
+            TrainingStage(name, self.ctx.log_path / name, steps, main, f"{run}-{name}"),
         ]
 
     def add_tokens(self, budget: TokenBudget) -> TokenBudget:
@@ -175,12 +192,12 @@ class WarmStart:
             mean_train_length=train / max(rollouts + sequences, 1),
             notes=[
                 *budget.notes,
-                f"warm start: {self.steps} supervised steps of {self.batch_size} worked answers",
+                f"warm start: {self.steps} supervised steps of {self.batch_size} conversations",
             ],
         )
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
-        """A stage's own folder and W&B name; RL starts from the warm start's checkpoint."""
+        """A stage's own folder and W&B name; the method's loop starts from the warm start's checkpoint."""
         shared = self.ctx.loop_settings()
         settings: dict[str, Any] = {
             "log_path": str(self.ctx.log_path / stage),
@@ -201,7 +218,7 @@ class WarmStart:
             "learning_rate_source": self.learning_rate_source,
             "demonstrations": self.demonstrations,
             "training_problems": self.problems,
-            "train_on_what": f"{TRAIN_ON_WHAT} (the worked answer's tool calls and final answer)",
+            "train_on_what": f"{self.train_on_what} ({self.trained_on})",
             "log_path": str(self.dir),
         }
 

@@ -20,7 +20,14 @@ from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
 from posttrain.pipeline.methods.base import RunContext, TrainingStage
-from posttrain.pipeline.methods.dpo import check_pairs, comparison_record, pairs_facts, pairs_score_text
+from posttrain.pipeline.methods.dpo import (
+    SFT_TRAIN_ON_WHAT,
+    check_pairs,
+    chosen_conversation,
+    comparison_record,
+    pairs_facts,
+    pairs_score_text,
+)
 from posttrain.pipeline.methods.options import (
     EvalSamplingOptions,
     RLLoopOptions,
@@ -28,7 +35,7 @@ from posttrain.pipeline.methods.options import (
     TemperatureOptions,
 )
 from posttrain.pipeline.methods.rlhf import policy, reward_model
-from posttrain.pipeline.methods.rlhf.stages import SFT_TRAIN_ON_WHAT, STAGES, Stages, chosen_conversation, sft
+from posttrain.pipeline.methods.rlhf.stages import STAGES, Stages, sft
 from posttrain.pipeline.methods.sft import SupervisedOptions
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl

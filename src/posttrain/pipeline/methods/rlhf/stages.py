@@ -10,11 +10,10 @@ from typing import Any
 
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods.base import RunContext, stage_checkpoint
+from posttrain.pipeline.methods.dpo import SFT_TRAIN_ON_WHAT
 from posttrain.pipeline.methods.sft import supervised_settings
 
 STAGES = ("sft", "reward_model", "rl")
-# The SFT stage trains on the chosen answer of each pair: a single-turn prompt -> response (the user's document).
-SFT_TRAIN_ON_WHAT = "last_assistant_message"
 
 
 @dataclass
@@ -69,10 +68,6 @@ class Stages:
     def checkpoint(self, stage: str, key: str) -> str:
         """The last checkpoint a finished stage saved (`state_path` or `sampler_path`)."""
         return stage_checkpoint(self.dir(stage), key, f"rlhf: the {stage} stage")
-
-
-def chosen_conversation(row: dict) -> list[dict[str, str]]:
-    return [*row["prompt"], {"role": "assistant", "content": row["chosen"]}]
 
 
 def sft(stages: Stages) -> Coroutine[Any, Any, Any]:
