@@ -14,7 +14,9 @@ from runs import REPO
 RESULTS = REPO / "benchmarks" / "results"
 PLACEHOLDER = "NAME"  # `--name NAME`, benchmarks/results/NAME.json: how to name a run, not a run
 # What a benchmark's result is named (its --name): a kind, then the run's own words.
-RESULT_NAME = re.compile(r"(?:memory|mem|sft|sampling|threads|fail_fast|engine_start)(?:_[A-Za-z0-9]+)*")
+RESULT_NAME = re.compile(
+    r"(?:memory|mem|sft|sampling|threads|fail_fast|engine_start|train_shapes)(?:_[A-Za-z0-9]+)*"
+)
 # "Base NLL: 2.41 → Trained NLL: 1.35 (44.0% reduction)", "2.41 -> 1.35 (44.0%)", "2.41 -> 1.35".
 QUOTED_NLL = re.compile(
     r"(\d\.\d\d) (?:→|->) (?:Trained NLL: )?(\d\.\d\d)(?: \((\d+\.\d)%(?: reduction)?\))?"

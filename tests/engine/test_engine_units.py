@@ -466,6 +466,12 @@ def test_micro_batches_pack_every_datum_once_into_few_repeating_shapes():
     assert {b.width for b in batches} == {192} and [len(b.packs) for b in batches] == [2, 2, 2, 2]
     assert all(len(pack) == 4 for b in batches for pack in b.packs)
     assert [len(b.packs) for b in micro_batches([250] * 5, budget=512)] == [2, 2, 1]
+    # Datums longer than a pack: the narrowest multiple of 64 that pads least, not the next multiple of 256
+    # (7 rollouts of 284 tokens: 7 packs of 320, where 512 computed 1.6x the tokens).
+    assert {b.width for b in micro_batches([284] * 7, budget=512)} == {320}
+    # ... unless a wider one pads less: two of 300 and two of 200 share two packs of 512 (1,024 tokens), where
+    # 320 would take four packs (1,280).
+    assert {b.width for b in micro_batches([300, 300, 200, 200], budget=512)} == {512}
     # Without packing (a model that cannot keep packed datums apart): one datum per sequence, the longest
     # rounded up to a multiple of 16.
     batches = micro_batches(short, budget=512, pack=False)

@@ -122,8 +122,10 @@ def test_default_learning_rate_sources():
     lr_rl, source_rl = default_learning_rate("meta-llama/Llama-3.1-8B", "rl")
     assert lr_rl == pytest.approx(lr / 2) and source_rl.endswith("/ 2 for RL")
     assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "sft")[0] == 5e-4
-    # the gallery's DPO rate
-    assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 3e-4
+    # DPO: a tenth of the supervised rate (after its SFT stage at the supervised rate)
+    lr_dpo, source_dpo = default_learning_rate("meta-llama/Llama-3.1-8B", "dpo")
+    assert lr_dpo == pytest.approx(lr / 10) and source_dpo.endswith("/ 10 for DPO")
+    assert default_learning_rate("HuggingFaceTB/SmolLM2-135M-Instruct", "dpo")[0] == 5e-5
 
 
 @pytest.mark.parametrize(
