@@ -1,7 +1,7 @@
 """A training step's throughput by the shape of its datums: the local engine from this tree vs from another
 (`--engine-src`, e.g. the commit before a change), through the unmodified tinker SDK, on the same datums.
 
-Shapes: RL rollouts (a batch of 8 problems x 8 rollouts, each 150-350 tokens, the importance-sampling loss), seven
+Shapes: RL rollouts (16 rollouts of 150-350 tokens, the importance-sampling loss), seven
 284-token rollouts (the RL plan's probe shape), and the default SFT run's 32 x 48 (cross-entropy). Each side runs
 in its own engine, one after the other, in interleaved blocks (A, B, B, A, ...), never at once; each block times
 every shape `--reps` times after a warm-up step and keeps the best. Token ids are random (the speed does not depend
@@ -28,7 +28,7 @@ from _common import default_threads, load_average, machine_info, markdown_table,
 API_KEY = "tml-benchmark"
 # (name, loss, datums, tokens per datum: a fixed length or a (low, high) range)
 SHAPES = [
-    ("rl_64x150-350", "importance_sampling", 64, (150, 350)),
+    ("rl_16x150-350", "importance_sampling", 16, (150, 350)),
     ("rl_7x284", "importance_sampling", 7, 284),
     ("sft_32x48", "cross_entropy", 32, 48),
 ]
@@ -67,7 +67,7 @@ def one_block(src: str | None, threads: int, reps: int) -> dict[str, float]:
     url = engine.start()
     try:
         service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
-        client = service.create_lora_training_client(base_model=resolve_model(None).name, rank=32)
+        client = service.create_lora_training_client(base_model=resolve_model(None).name, rank=32, seed=0)
         rates = {}
         for i, (name, loss, count, length) in enumerate(SHAPES):
             data = datums(loss, count, length, seed=i)
@@ -87,8 +87,8 @@ def one_block(src: str | None, threads: int, reps: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-src", required=True, help="the other tree's `src` directory (side B)")
-    parser.add_argument("--blocks", type=int, default=2, help="blocks per side, interleaved")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=1, help="blocks per side, interleaved")
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default="train_shapes")
     args = parser.parse_args()
