@@ -57,6 +57,7 @@ EXPECTED_FIELDS = {
     "resume",
     "verbose",
     "dpo_beta",
+    "dpo_sft_steps",  # task=dpo: supervised steps on the chosen answers before DPO (None: one pass)
     "teacher_model",
     "distillation_mode",
     "system_prompt",

@@ -122,10 +122,10 @@ def _write_pairs(path: Path, n: int = 240) -> Path:
     ("args", "steps", "warned"),
     [
         ([], "11 steps of 32 sequences", None),  # the default run: the default data, SFT
-        # 216 pairs: 2 passes of 13 of 16
-        (["task=dpo", "dataset={pairs}"], "26 steps of 32 sequences", None),
+        # 216 pairs: 2 passes of 13 of 16 (DPO's own steps: its SFT stage left out)
+        (["task=dpo", "dataset={pairs}", "dpo_sft_steps=0"], "26 steps of 32 sequences", None),
         (
-            ["task=dpo", "dataset={pairs}", "num_epochs=1", "batch_size=32"],
+            ["task=dpo", "dataset={pairs}", "dpo_sft_steps=0", "num_epochs=1", "batch_size=32"],
             "6 steps of 64 sequences",
             "raise num_epochs",
         ),
