@@ -305,3 +305,28 @@ def test_two_runs_in_one_process_each_write_their_own_verified_wandb_runs(
         assert summary["wandb_verification"]["verified"], (proc.stderr[-2000:], summary["wandb_verification"])
         files = find_wandb_run_files(tmp_path / name / "results" / "logs" / name)
         assert len(files) == 2  # the training loop's run and the evaluation summary's
+
+
+def test_a_wandb_run_left_open_by_a_run_that_stopped_is_finished_and_a_callers_own_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A loop that stopped part-way leaves its W&B run open; the next run in this process would get it back from
+    its own `wandb.init` and clash with its config. `own_service` finishes it (failed); a run the caller opened
+    before is not the run's to finish."""
+    import wandb
+
+    from posttrain.pipeline.tracking import own_service
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="stopped"), own_service():
+        wandb.init(project=PROJECT, name="stopped", dir=str(tmp_path))
+        raise RuntimeError("stopped part-way")
+    assert wandb.run is None
+    mine = wandb.init(project=PROJECT, name="the caller's", dir=str(tmp_path))
+    try:
+        with own_service():
+            pass
+        assert wandb.run is mine
+    finally:
+        mine.finish()

@@ -374,12 +374,23 @@ def own_service() -> Iterator[None]:
     directory against its own working directory, fixed when it started: a service left by earlier W&B use in this
     process (a run from Python in another directory) or inherited from a parent process would write the run files
     into directories that do not exist, and the run's W&B runs would be lost. One with a run still open is left
-    alone."""
+    alone. A W&B run a loop of this run opened and never finished (the run stopped part-way) is finished as failed:
+    left open, it would be the next run's in this process (the loop's `wandb.init` returns it, and its config
+    clashes with the next loop's)."""
+    before = _open_run()
     _end_idle_service()
     try:
         yield
     finally:
+        left = _open_run()
+        if left is not None and left is not before:
+            left.finish(exit_code=1)
         _end_idle_service()
+
+
+def _open_run() -> Any:
+    wandb = sys.modules.get("wandb")  # None: never imported here
+    return wandb.run if wandb is not None else None
 
 
 def _end_idle_service() -> None:
