@@ -384,7 +384,9 @@ def own_service() -> Iterator[None]:
     finally:
         left = _open_run()
         if left is not None and left is not before:
-            left.finish(exit_code=1)
+            # Never in the way of the run's own error (a full disk fails the footer W&B writes on finishing).
+            with contextlib.suppress(Exception):
+                left.finish(exit_code=1)
         _end_idle_service()
 
 
