@@ -63,11 +63,11 @@ async def sdk_runs(
     import tinker
 
     service = tinker.ServiceClient(base_url=url, api_key="tml-benchmark")
-    client = await service.create_sampling_client_async(base_model=model)
+    client = await service.create_sampling_client(base_model=model)
     params = tinker.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[], seed=1)
 
     async def one(tokens: list[int]) -> int:
-        result = await client.sample_async(
+        result = await client.sample(
             tinker.ModelInput.from_ints(tokens), num_samples=1, sampling_params=params
         )
         return len(result.sequences[0].tokens)

@@ -1,5 +1,5 @@
-"""The layout's numbers: module, function and class sizes, parameter counts, import cycles, and string comparisons
-with method or grader names outside their own module. `uv run python scripts/layout_metrics.py [--all]`.
+"""The layout's numbers: module, function and class sizes, parameter counts, import cycles and two-way ties
+between folders. `uv run python scripts/layout_metrics.py [--all]`.
 
 Counts source lines of each node (decorators and docstrings included, blank lines too); parameters exclude
 `self`/`cls` and count keyword-only ones. Import cycles are found over every module-level and function-level
@@ -100,6 +100,18 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def folder_ties(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Pairs of rooms that import each other, a room being a folder under a package (`pipeline/envs`, all of its
+    modules together) or a module beside them (`pipeline/settings.py`): a two-way tie between folders is a
+    circle of concepts even when no two modules form one."""
+
+    def room(name: str) -> str:
+        return ".".join(name.split(".")[:3])
+
+    edges = {(room(a), room(b)) for a, targets in graph.items() for b in targets if room(a) != room(b)}
+    return sorted((a, b) for a, b in edges if a < b and (b, a) in edges)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--all", action="store_true", help="list every module, not only the largest")
@@ -128,6 +140,8 @@ def main() -> int:
     }
     circles = cycles(graph)
     print(f"import circles: {len(circles)}", *(" <-> ".join(c) for c in circles), sep="\n  ")
+    ties = folder_ties(graph)
+    print(f"two-way folder ties: {len(ties)}", *(" <-> ".join(t) for t in ties), sep="\n  ")
     over = {
         "modules": [n for lines, n in rows if lines > LIMITS["module"]],
         "functions": [q for n, q, _ in functions if n > LIMITS["function"]],
@@ -136,7 +150,7 @@ def main() -> int:
     }
     for what, names in over.items():
         print(f"over the limit ({what}): {len(names)}", *names[:20], sep="\n  " if names else "")
-    return 0 if not any(over.values()) and not circles else 1
+    return 0 if not any(over.values()) and not circles and not ties else 1
 
 
 if __name__ == "__main__":

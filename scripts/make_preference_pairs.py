@@ -39,11 +39,11 @@ from tinker_cookbook import renderers  # noqa: E402
 from tinker_cookbook.tokenizer_utils import get_tokenizer  # noqa: E402
 from tqdm.asyncio import tqdm_asyncio  # noqa: E402
 
+from posttrain.config.renderers import resolve_renderer  # noqa: E402
 from posttrain.pipeline.envs.base import prompt_messages  # noqa: E402
 from posttrain.pipeline.envs.qa import reasoning_gym_problems  # noqa: E402
 from posttrain.pipeline.envs.spec import parse_env  # noqa: E402
 from posttrain.pipeline.scoring.grading import extract_answer, grade_reasoning_gym  # noqa: E402
-from posttrain.pipeline.setup import preflight  # noqa: E402
 
 
 @chz.chz
@@ -70,8 +70,8 @@ def _mean(logprobs: list[float] | None) -> float:
 
 async def make_pairs(cfg: Config, url: str) -> list[dict]:
     service = tinker.ServiceClient(base_url=url)
-    client = await service.create_sampling_client_async(base_model=cfg.model_name)
-    renderer_name, _ = preflight.resolve_renderer(cfg.model_name, None)
+    client = await service.create_sampling_client(base_model=cfg.model_name)
+    renderer_name, _ = resolve_renderer(cfg.model_name, None)
     renderer = renderers.get_renderer(renderer_name, tokenizer=get_tokenizer(cfg.model_name))
     problems = reasoning_gym_problems(parse_env(f"reasoning_gym:{cfg.task}"), cfg.n_problems, cfg.seed)
     semaphore = asyncio.Semaphore(cfg.concurrency)
@@ -85,7 +85,7 @@ async def make_pairs(cfg: Config, url: str) -> list[dict]:
             seed=cfg.seed * 1_000_003 + i,
         )
         async with semaphore:
-            result = await client.sample_async(
+            result = await client.sample(
                 renderer.build_generation_prompt(messages),
                 num_samples=cfg.samples_per_problem,
                 sampling_params=params,

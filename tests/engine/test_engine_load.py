@@ -33,18 +33,18 @@ def _datums(n: int = 4, length: int = 24) -> list[types.Datum]:
 async def _wave(
     service: tinker.ServiceClient, model: str, training: tinker.TrainingClient
 ) -> tuple[int, int]:
-    sampler = await service.create_sampling_client_async(base_model=model)
+    sampler = await service.create_sampling_client(base_model=model)
     params = types.SamplingParams(max_tokens=8, temperature=1.0)
 
     async def sample(i: int) -> int:
         prompt = types.ModelInput.from_ints([1, 504 + i % 50, 3458, 314, 260])
-        reply = await sampler.sample_async(prompt, num_samples=1, sampling_params=params)
+        reply = await sampler.sample(prompt, num_samples=1, sampling_params=params)
         return len(reply.sequences[0].tokens)
 
     async def train(steps: int) -> int:
         for _ in range(steps):
-            fwd = await training.forward_backward_async(_datums(), loss_fn="cross_entropy")
-            opt = await training.optim_step_async(types.AdamParams(learning_rate=1e-3))
+            fwd = training.forward_backward(_datums(), loss_fn="cross_entropy")
+            opt = training.optim_step(types.AdamParams(learning_rate=1e-3))
             await fwd.result_async()
             await opt.result_async()
         return steps

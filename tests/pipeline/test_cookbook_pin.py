@@ -141,7 +141,8 @@ def test_the_engine_implements_every_built_in_loss_of_the_sdk():
 
 
 def test_every_renderer_the_model_table_recommends_is_known_to_preflight():
-    from posttrain.pipeline.setup.preflight import BUILTIN_RENDERERS, cookbook_models, renderer_exists
+    from posttrain.config.renderers import BUILTIN_RENDERERS, renderer_exists
+    from posttrain.pipeline.setup.preflight import cookbook_models
 
     for name, attributes in cookbook_models().items():
         for renderer in attributes.recommended_renderers:

@@ -252,7 +252,7 @@ def test_an_evaluation_that_fails_on_every_example_stops_in_one_line(tiny_model:
     from posttrain.pipeline.scoring.scorer import Scorer
 
     class Refusing:
-        async def sample_async(self, *args, **kwargs):
+        async def sample(self, *args, **kwargs):
             raise RuntimeError("the batched sampler supports full-attention models only")
 
     spec = registry.check("arithmetic")

@@ -34,6 +34,14 @@ def at_least(name: str, value: Any, low: float, allow_none: bool = False) -> Non
         raise ConfigError(f"{name}={value!r} is not valid; expected a number >= {low:g}")
 
 
+def whole_number(name: str, value: Any, low: int, why: str = "", allow_none: bool = False) -> None:
+    """An integer setting (a count of steps, rollouts): not a bool, not a float, at least `low`."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r} is not valid; expected an integer >= {low}{why}")
+
+
 def between(name: str, value: Any, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (low <= value <= high):
         raise ConfigError(f"{name}={value!r} is not valid; expected a number from {low:g} to {high:g}")

@@ -5,7 +5,7 @@ method (`pipeline.methods.*`, beside the cookbook Config each drives)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 import chz
 
@@ -120,7 +120,7 @@ class RunSettings:
     )
 
 
-def check_run(cfg: Any) -> None:
+def check_run(cfg: RunSettings) -> None:
     """The run's own settings: enumerations, ranges, names; a one-line ConfigError on the first problem."""
     literals(cfg, RunSettings)
     not_blank(
@@ -141,7 +141,7 @@ def check_run(cfg: Any) -> None:
     _check_numbers(cfg)
 
 
-def _check_names(cfg: Any) -> None:
+def _check_names(cfg: RunSettings) -> None:
     if cfg.run_name is not None and (not _RUN_NAME.match(cfg.run_name) or ".." in cfg.run_name):
         raise ConfigError(
             f"run_name={cfg.run_name!r} is not valid; use letters, digits, '.', '_' and '-' (it names the folder "
@@ -174,7 +174,7 @@ def _check_names(cfg: Any) -> None:
         raise ConfigError(f"wandb_project={cfg.wandb_project!r} is not valid; a W&B project name has no '/'")
 
 
-def _check_numbers(cfg: Any) -> None:
+def _check_numbers(cfg: RunSettings) -> None:
     if cfg.learning_rate is not None and not (
         isinstance(cfg.learning_rate, int | float) and 0 < cfg.learning_rate < 1
     ):

@@ -20,8 +20,8 @@ def settings_record(state: RunState) -> dict[str, Any]:
     """Every setting as used: the configuration plus what was chosen for it."""
     return {
         **config_to_dict(state.cfg),
-        "learning_rate": state.learning_rate,
-        "learning_rate_source": state.lr_source,
+        "learning_rate": state.chosen.learning_rate if state.chosen else None,
+        "learning_rate_source": state.chosen.lr_source if state.chosen else "",
         **(
             {
                 "num_epochs_source": state.length.num_epochs_source,
@@ -96,16 +96,16 @@ def run_facts(state: RunState, verification: dict[str, Any]) -> results.RunFacts
     return results.RunFacts(
         method=state.method,
         run_name=state.run_name,
-        tinker_run_id=state.tinker_run_id or "",
+        tinker_run_id=state.checkpoint.tinker_run_id if state.checkpoint else "",
         log_path=str(state.log_path),
         wandb_url=verification.get("url_or_path") or "",
         model=cfg.model_name,
         backend=f"local ({cfg.base_url})" if state.backend == "local" and cfg.base_url else state.backend,
-        renderer=state.renderer_name,
-        renderer_source=state.renderer_source,
+        renderer=state.chosen.renderer if state.chosen else "",
+        renderer_source=state.chosen.renderer_source if state.chosen else "",
         hyperparameters=settings_record(state),
         durations=state.durations,
-        checkpoint_path=state.sampler_path,
+        checkpoint_path=state.checkpoint.sampler_path if state.checkpoint else None,
     )
 
 
@@ -134,7 +134,7 @@ def write_partial(state: RunState, exc: BaseException) -> None:
             "run_name": state.run_name,
             "status": "failed",
             "error": redact(f"{type(exc).__name__}: {exc}")[:2000],
-            "tinker_run_id": state.tinker_run_id,
+            "tinker_run_id": state.checkpoint.tinker_run_id if state.checkpoint else None,
             "log_path": str(state.log_path),
             "backend": state.backend,
             "baseline": state.baseline,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.run import RunSettings
 from posttrain.errors import PreflightError, UserError
 from posttrain.pipeline import finish, results, session, tracking
 from posttrain.pipeline.console import CONSOLE
@@ -30,7 +31,7 @@ from posttrain.pipeline.state import RunState
 say = CONSOLE.say
 
 
-def run(train_config: Any) -> dict[str, Any]:
+def run(train_config: RunSettings) -> dict[str, Any]:
     """A whole run of `train_config` (a checked TrainConfig); returns summary.json's content."""
     started = time.monotonic()
     CONSOLE.verbose = train_config.verbose
@@ -63,7 +64,7 @@ def run(train_config: Any) -> dict[str, Any]:
 class Recipe:
     """What the settings and the data came to: the method (which accepted both) and its own config."""
 
-    cfg: Any  # the method's own config (e.g. SFTConfig)
+    cfg: RunSettings  # the method's own config (e.g. SFTConfig)
     task: str
     method: Method
     length: length.Length
@@ -90,11 +91,11 @@ def choose_recipe(train_config: Any, where: preflight.Backend, for_training: boo
     task, why = choose_task(train_config, data)
     if train_config.task == "auto":
         say(f"task: {task} ({why})")
+    cfg = method_config(train_config, task)
     # num_epochs and batch_size not given: chosen for the data size and the method (recorded in summary.json).
-    train_config, run_length = length.resolve(train_config, task, data)
+    cfg, run_length = length.resolve(cfg, task, data)
     if note := run_length.note():
         say(note)
-    cfg = method_config(train_config, task)
     method = method_class(task)(cfg, data)
     if warning := backend.check_models(cfg, where, [cfg.model_name, *method.extra_models]):
         say(f"plan: warning: {warning}; planning offline (nothing is spent either way)")
@@ -131,7 +132,7 @@ def _train_and_write(state: RunState, method: Method, started: float) -> dict[st
 
 
 def _dry_run(
-    cfg: Any, where: preflight.Backend, task: str, method: Method, run_length: length.Length
+    cfg: RunSettings, where: preflight.Backend, task: str, method: Method, run_length: length.Length
 ) -> dict[str, Any]:
     """Everything up to training, then the plan: sizes, tokens, and the cost (Tinker) or time (local)."""
     # Logs of a dry run go beside, not into, results/: nothing there is moved or written. They are removed when
@@ -175,7 +176,7 @@ def _remove_all_but(root: Path, kept: Path | None) -> None:
             child.unlink(missing_ok=True)
 
 
-def make_run_name(cfg: Any, task: str) -> str:
+def make_run_name(cfg: RunSettings, task: str) -> str:
     if cfg.run_name:
         return cfg.run_name
     model = cfg.model_name.rstrip("/").rsplit("/", 1)[-1].lower().replace(".", "-")

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain.config.renderers import resolve_renderer
 from posttrain.errors import UserError
 from posttrain.lean_imports import skip_unused_sklearn
 from posttrain.pipeline import results, tracking
@@ -23,7 +24,7 @@ from posttrain.pipeline.methods import Method, RunContext, TrainingStage, traini
 from posttrain.pipeline.methods.choice import default_learning_rate
 from posttrain.pipeline.methods.length import too_short
 from posttrain.pipeline.setup import backend, plan, preflight, resume, template_check
-from posttrain.pipeline.state import RunState
+from posttrain.pipeline.state import Checkpoint, Chosen, RunState
 
 if TYPE_CHECKING:
     import tinker
@@ -156,7 +157,7 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         # A resumed run without a guard set has every base-model answer it needs already.
         base_client = None
         if base_rows is None or state.guard is not None:
-            base_client = await service.create_sampling_client_async(base_model=cfg.model_name)
+            base_client = await service.create_sampling_client(base_model=cfg.model_name)
         if base_rows is None:
             with state.phase("base_eval"):
                 base_rows, state.baseline = await method.evaluate(base_client, "base model")
@@ -168,8 +169,8 @@ async def train_and_evaluate(state: RunState, method: Method) -> results.Outcome
         with state.phase("training"), tracking.wandb_environment(tracking.wandb_mode(), group=state.run_name):
             for number, stage in enumerate(state.stages, 1):
                 await run_stage(state, stage, number)
-        record_final_checkpoint(state, state.stages[-1].log_path)
-        trained_client = await service.create_sampling_client_async(model_path=state.sampler_path)
+        state.checkpoint = final_checkpoint(state.stages[-1].log_path)
+        trained_client = await service.create_sampling_client(model_path=state.checkpoint.sampler_path)
 
         with state.phase("trained_eval"):
             trained_rows, state.trained = await method.evaluate(trained_client, "trained model")
@@ -248,14 +249,13 @@ def context(state: RunState, service: tinker.ServiceClient | None, url: str | No
     from tinker_cookbook import renderers
 
     cfg = state.cfg
-    renderer_name, renderer_source = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)
+    renderer_name, renderer_source = resolve_renderer(cfg.model_name, cfg.renderer_name)
     say(f"renderer: {renderer_name} ({renderer_source})")
-    state.renderer_name, state.renderer_source = renderer_name, renderer_source
     if cfg.learning_rate:
-        lr, state.lr_source = cfg.learning_rate, "explicit"
+        lr, lr_source = cfg.learning_rate, "explicit"
     else:
-        lr, state.lr_source = default_learning_rate(cfg.model_name, state.method)
-    state.learning_rate = lr
+        lr, lr_source = default_learning_rate(cfg.model_name, state.method)
+    state.chosen = Chosen(renderer_name, renderer_source, lr, lr_source)
     return RunContext(
         cfg=cfg,
         run_name=state.run_name,
@@ -270,7 +270,8 @@ def context(state: RunState, service: tinker.ServiceClient | None, url: str | No
     )
 
 
-def record_final_checkpoint(state: RunState, log_path: Path) -> None:
+def final_checkpoint(log_path: Path) -> Checkpoint:
+    """The last training loop's final sampler checkpoint: the trained model."""
     from tinker_cookbook import checkpoint_utils
 
     record = checkpoint_utils.get_last_checkpoint(str(log_path), required_key="sampler_path")
@@ -278,5 +279,4 @@ def record_final_checkpoint(state: RunState, log_path: Path) -> None:
         raise UserError(
             f"training finished without a final sampler checkpoint in {log_path}/checkpoints.jsonl"
         )
-    state.sampler_path = record.sampler_path
-    state.tinker_run_id = record.sampler_path[len("tinker://") :].split("/", 1)[0]
+    return Checkpoint(record.sampler_path)

@@ -15,9 +15,9 @@ import chz
 
 from posttrain.config.checks import literals
 from posttrain.config.parse import parse_args, to_dict
-from posttrain.config.run import check_run
-from posttrain.errors import ConfigError
+from posttrain.config.run import RunSettings, check_run
 from posttrain.pipeline.methods import METHODS, config_class
+from posttrain.pipeline.methods.choice import check_method_settings
 
 TaskName = Literal[("auto", *METHODS)]  # type: ignore[valid-type]  # the registry's names
 
@@ -38,7 +38,6 @@ def _assemble() -> type:
 
 
 TrainConfig: Any = _assemble()
-_DEFAULTS = TrainConfig()
 
 
 def parse_train_args(argv: list[str]) -> Any:
@@ -60,34 +59,13 @@ def validate(cfg: Any) -> None:
         check_method_settings(cfg, cfg.task)
 
 
-def given(cfg: Any) -> list[str]:
-    """The settings that differ from their defaults."""
-    return [name for name in chz.chz_fields(TrainConfig) if getattr(cfg, name) != getattr(_DEFAULTS, name)]
-
-
-def check_method_settings(cfg: Any, task: str) -> None:
-    """A setting given that the method does not take is refused: it would be accepted and ignored. Then what the
-    method itself requires of its settings (its config's `when_chosen`)."""
-    cls = config_class(task)
-    accepted = set(chz.chz_fields(cls)) | {"task"}
-    for name in given(cfg):
-        if name not in accepted:
-            owners = [m for m in METHODS if name in chz.chz_fields(config_class(m))]
-            if len(owners) == 1:
-                raise ConfigError(f"{name} is only used by task={owners[0]}, not task={task}; leave it out")
-            raise ConfigError(
-                f"{name} is not used by task={task} (only by task={', '.join(owners)}); leave it out"
-            )
-    when_chosen = getattr(cls, "when_chosen", None)
-    if when_chosen is not None:
-        when_chosen(cfg)
-
-
-def method_config(cfg: Any, task: str) -> Any:
+def method_config(cfg: RunSettings, task: str) -> RunSettings:
     """The method's own config: its settings' values from `cfg`, with those a setting group chooses when left out
-    (its `chosen(cfg)`: name -> value) filled in, so the method runs with, and summary.json records, what is used."""
+    (its `chosen(cfg)`: name -> value) filled in, so the method runs with, and summary.json records, what is used.
+    Values are taken as given (a munged setting left out stays left out), so a rule that fills one in later, as
+    `methods.length` does for num_epochs and batch_size, still tells given from not given."""
     cls = config_class(task)
-    values = to_dict(cfg, chz.chz_fields(cls))
+    values = {name: getattr(cfg, field.x_name) for name, field in chz.chz_fields(cls).items()}
     for group in cls.__mro__:
         chosen = group.__dict__.get("chosen")
         if isinstance(chosen, staticmethod):
@@ -95,6 +73,6 @@ def method_config(cfg: Any, task: str) -> Any:
     return cls(**values)
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
+def config_to_dict(cfg: RunSettings) -> dict[str, Any]:
     """A method's config as summary.json records it (every setting it takes, with the value used)."""
     return to_dict(cfg)

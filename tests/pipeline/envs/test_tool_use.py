@@ -253,7 +253,7 @@ def test_renderers_without_a_tool_call_format_are_the_ones_listed(tiny_model: st
     from tinker_cookbook import renderers
     from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-    from posttrain.pipeline.setup.preflight import BUILTIN_RENDERERS
+    from posttrain.config.renderers import BUILTIN_RENDERERS
 
     tokenizer = get_tokenizer(tiny_model)
     without = []

@@ -27,8 +27,8 @@ class WithoutLeadingNone:
     def __init__(self, client):
         self.client = client
 
-    async def compute_logprobs_async(self, prompt):
-        logprobs = await self.client.compute_logprobs_async(prompt)
+    async def compute_logprobs(self, prompt):
+        logprobs = await self.client.compute_logprobs(prompt)
         assert logprobs[0] is None
         return logprobs[1:]
 

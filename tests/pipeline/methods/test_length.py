@@ -88,10 +88,8 @@ def test_the_warning_names_the_setting_to_raise():
 
 
 def test_summary_records_where_epochs_and_batch_size_came_from(tmp_path: Path):
-    train_config, length = resolve(parse_train_args(["task=dpo"]), "dpo", _pairs_data(216))
-    state = RunState(
-        method_config(train_config, "dpo"), "r", "local", "dpo", results.ResultsDir(tmp_path), length=length
-    )
+    cfg, length = resolve(method_config(parse_train_args(["task=dpo"]), "dpo"), "dpo", _pairs_data(216))
+    state = RunState(cfg, "r", "local", "dpo", results.ResultsDir(tmp_path), length=length)
     record = finish.settings_record(state)
     assert (record["num_epochs"], record["batch_size"]) == (2, 16)
     assert record["num_epochs_source"].startswith("scaled to the data: 2 passes of 13 steps of 16")

@@ -315,9 +315,9 @@ def test_a_teacher_the_service_refuses_is_named_by_the_users_setting() -> None:
     async def no_run(path: str) -> None:
         raise RuntimeError("no such run")
 
-    rest = SimpleNamespace(get_training_run_by_tinker_path_async=no_run)
+    rest = SimpleNamespace(get_training_run_by_tinker_path=no_run)
     ctx = SimpleNamespace(
-        service=SimpleNamespace(create_sampling_client_async=not_served, create_rest_client=lambda: rest)
+        service=SimpleNamespace(create_sampling_client=not_served, create_rest_client=lambda: rest)
     )
     prompts = Prompts([], [], {})
 

@@ -252,11 +252,11 @@ def test_the_judge_reads_p_a_and_p_b_at_its_first_answer_token(engine, service, 
         verdict = await judge.compare(convo, "One.", "The number one.")
         renderer = judge.judge.renderer
         prompt = renderer.build_generation_prompt(prompt_messages)
-        client = await service.create_sampling_client_async(base_model=tiny_model)
+        client = await service.create_sampling_client(base_model=tiny_model)
         p_a, p_b = [
             math.exp(
                 (
-                    await client.compute_logprobs_async(
+                    await client.compute_logprobs(
                         prompt.append_int(renderer.tokenizer.encode(w, add_special_tokens=False)[0])
                     )
                 )[-1]

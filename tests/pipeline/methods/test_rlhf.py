@@ -188,7 +188,7 @@ def test_task_accuracy_samples_and_grades_each_held_out_prompt(service, tiny_mod
     ]
 
     async def go() -> float:
-        client = await service.create_sampling_client_async(base_model=tiny_model)
+        client = await service.create_sampling_client(base_model=tiny_model)
         return await evaluate_pair_answers(
             client,
             records,

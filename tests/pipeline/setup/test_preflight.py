@@ -4,15 +4,14 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.config.renderers import BUILTIN_RENDERERS, resolve_renderer
 from posttrain.errors import PreflightError
+from posttrain.pipeline.setup.backend import check_model
 from posttrain.pipeline.setup.preflight import (
-    BUILTIN_RENDERERS,
     REQUIRED_ENV_VARS,
     check_credentials,
-    check_model,
     cookbook_models,
     load_env,
-    resolve_renderer,
 )
 from posttrain.util import redact
 

@@ -108,7 +108,7 @@ def _read(interactive: bool) -> str | None:
 async def _answer(speaker: Speaker, renderer: Any, params: Any) -> str:
     prompt = renderer.build_generation_prompt(speaker.messages)
     try:
-        reply = await speaker.sampler.sample_async(prompt, num_samples=1, sampling_params=params)
+        reply = await speaker.sampler.sample(prompt, num_samples=1, sampling_params=params)
     except Exception as exc:  # noqa: BLE001 - one failed answer is shown, the conversation goes on
         speaker.messages.pop()
         return f"[no answer: {short_error(exc, 200)}]"

@@ -242,7 +242,7 @@ EVAL_FILE = "eval.json"
 async def _sampler(service: Any, model: Model) -> Any:
     """A sampling client of `model`; a checkpoint the service does not have is one line naming it."""
     if model.path is None:
-        return await service.create_sampling_client_async(base_model=model.base_model)
+        return await service.create_sampling_client(base_model=model.base_model)
     import tinker
 
     try:
@@ -253,7 +253,7 @@ async def _sampler(service: Any, model: Model) -> Any:
         ) from None
     if info.base_model != model.base_model:
         raise UserError(f"{model.label}: trained from {info.base_model}; give model_name={info.base_model}")
-    return await service.create_sampling_client_async(model_path=model.path)
+    return await service.create_sampling_client(model_path=model.path)
 
 
 def eval_record(recipe: Recipe, scored: list[tuple[Model, list[dict[str, Any]], float]], where: str) -> dict:

@@ -91,8 +91,8 @@ def renderer_for(run: FinishedRun) -> Any:
 async def sampler_for(service: Any, run: FinishedRun, base: bool = False) -> Any:
     """A sampling client of the run's final weights (`base`: of the model it started from)."""
     if base:
-        return await service.create_sampling_client_async(base_model=run.model)
-    return await service.create_sampling_client_async(model_path=run.sampler_path)
+        return await service.create_sampling_client(base_model=run.model)
+    return await service.create_sampling_client(model_path=run.sampler_path)
 
 
 def answer_text(renderer: Any, tokens: list[int]) -> str:

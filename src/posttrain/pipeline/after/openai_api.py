@@ -194,7 +194,7 @@ async def complete(served: Served, body: ChatRequest) -> Completion:
         stop=served.renderer.get_stop_sequences(),
     )
     try:
-        reply = await served.sampler.sample_async(prompt, num_samples=body.n or 1, sampling_params=params)
+        reply = await served.sampler.sample(prompt, num_samples=body.n or 1, sampling_params=params)
     except tinker.BadRequestError as exc:  # e.g. the prompt and max_tokens do not fit the model's context
         message = f"the sampler refused the request: {short_error(exc, 300)}"
         raise ApiError(400, message, "invalid_request_error") from None

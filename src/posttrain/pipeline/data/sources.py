@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
+from posttrain.config.run import RunSettings
 from posttrain.pipeline.data.load import DataRequest, LoadedData, load_data
 from posttrain.util import PACKAGE_DATA
 
@@ -19,7 +19,7 @@ SPLIT_SEED = 42
 PER_DATASET_OPTIONS = ("dataset_config", "dataset_split", "eval_dataset", "eval_split")
 
 
-def teacher_models(cfg: Any) -> list[str]:
+def teacher_models(cfg: RunSettings) -> list[str]:
     """The teachers teacher_model= names (comma-separated), in order; [] without one."""
     if cfg.teacher_model is None:
         return []
@@ -39,7 +39,7 @@ class DataSource:
     max_eval_rows: int
 
 
-def data_sources(cfg: Any) -> list[DataSource]:
+def data_sources(cfg: RunSettings) -> list[DataSource]:
     """The datasets a run loads: `dataset=` as given; with several teachers one per teacher, where each
     per-dataset option is one value for all or one per dataset, and the row limits are shared out equally
     (the run as a whole keeps to max_train_rows / max_eval_rows)."""
@@ -79,7 +79,7 @@ def _per_dataset(value: str | None, n: int) -> list[str | None]:
     return parts * n if len(parts) == 1 else list(parts)
 
 
-def load_run_data(cfg: Any, for_training: bool = True) -> LoadedData | None:
+def load_run_data(cfg: RunSettings, for_training: bool = True) -> LoadedData | None:
     """The run's data (`dataset=`, or the default chat data; None where an environment makes its problems)."""
     if cfg.dataset is None and cfg.env:
         return None  # the environment generates its own problems

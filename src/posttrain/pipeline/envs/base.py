@@ -124,9 +124,15 @@ class Environment(Protocol):
         """The held-out score of a model from its rows."""
         ...
 
+    # Optional capabilities: an environment that has them defines them; these defaults say it has not.
+
     def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
-        """Fields for summary.json from the evaluations by model label ({} for most)."""
-        ...
+        """Fields for summary.json from the evaluations by model label (none by default)."""
+        return {}
+
+    def demonstrates(self, spec: EnvSpec) -> bool:
+        """Whether it can make worked answers of its problems for a supervised warm start (`warm_start_steps`)."""
+        return False
 
 
 def prompt_messages(problem: dict, instruction: str = ANSWER_INSTRUCTION) -> list[Message]:

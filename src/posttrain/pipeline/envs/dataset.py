@@ -114,7 +114,7 @@ class EpisodeSettings:
 
         if self.partner_model is None or self.partner_renderer_name is None or service is None:
             return None
-        client = await service.create_sampling_client_async(base_model=self.partner_model)
+        client = await service.create_sampling_client(base_model=self.partner_model)
         renderer = renderers.get_renderer(
             self.partner_renderer_name, tokenizer=get_tokenizer(self.partner_model)
         )

@@ -14,7 +14,7 @@ import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import tinker
 from tinker_cookbook import renderers
@@ -25,6 +25,7 @@ from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import (
     EVAL_SEED_OFFSET,
     EnvContext,
+    Environment,
     Episode,
     ProblemSet,
     mean_score,
@@ -208,7 +209,7 @@ def make_qa_env(problem: dict, ctx: EnvContext) -> QAEnv:
 
 
 @dataclass(frozen=True)
-class SingleTurn:
+class SingleTurn(Environment):
     """A single-turn environment: its problems from `source`, everything else shared."""
 
     source: Source
@@ -256,9 +257,6 @@ class SingleTurn:
 
     def score(self, rows: Sequence[RLExample]) -> float:
         return mean_score(rows)
-
-    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
-        return {}
 
 
 # ------------------------------------------------------------------------------------------------ sources

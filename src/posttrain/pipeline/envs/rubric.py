@@ -18,7 +18,7 @@ from tinker_cookbook import renderers
 from tinker_cookbook.rl.types import Action, ActionExtra, Env, EnvGroupBuilder, StepResult
 
 from posttrain.errors import DataError
-from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, problem_group
+from posttrain.pipeline.envs.base import EnvContext, Environment, Episode, ProblemSet, problem_group
 from posttrain.pipeline.scoring.judge import ItemVerdict, rubric_text, weighted_score
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def make_env(row: dict, ctx: EnvContext) -> RubricEnv:
     return RubricEnv(row, ctx)
 
 
-class RubricConversations:
+class RubricConversations(Environment):
     tag = "train"
     score_label = "rubric score"
     noun = "conversations"

@@ -37,7 +37,15 @@ import chz
 # Nothing here imports the Tinker SDK, the cookbook's renderers or verifiers at import time (torch and datasets
 # come with them: seconds): a missing or broken environment is refused before any of them is needed.
 from posttrain.errors import ConfigError
-from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, mean_score, n_eval, problem_group
+from posttrain.pipeline.envs.base import (
+    EnvContext,
+    Environment,
+    Episode,
+    ProblemSet,
+    mean_score,
+    n_eval,
+    problem_group,
+)
 from posttrain.pipeline.envs.spec import key_values
 
 if TYPE_CHECKING:
@@ -248,7 +256,7 @@ def _make_env(problem: dict, ctx: EnvContext) -> Env:
     return VerifiersEnv(load(ctx.spec.variant, problem.get("verifiers_args") or {}), problem, ctx.renderer)
 
 
-class VerifiersEnvironment:
+class VerifiersEnvironment(Environment):
     tag = "verifiers"
     score_label = "mean reward (the environment's rubric)"
     noun = "problems"
@@ -321,6 +329,3 @@ class VerifiersEnvironment:
 
     def score(self, rows: Sequence[RLExample]) -> float:
         return mean_score(rows)
-
-    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
-        return {}

@@ -54,7 +54,7 @@ async def greedy_answers(
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         try:
             prompt = renderer.build_generation_prompt(messages[:last])
-            response = await client.sample_async(prompt, num_samples=1, sampling_params=params)
+            response = await client.sample(prompt, num_samples=1, sampling_params=params)
             message, _ = renderer.parse_response(response.sequences[0].tokens)
             return cookbook_renderers.get_text_content(message)
         except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the evaluation

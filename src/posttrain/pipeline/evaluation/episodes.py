@@ -40,7 +40,7 @@ class SeededPolicy(TokenCompleter):
             seed=self.settings.seed + 1000 * self.problem + self.turn,
         )
         self.turn += 1
-        response = await self.client.sample_async(model_input, num_samples=1, sampling_params=params)
+        response = await self.client.sample(model_input, num_samples=1, sampling_params=params)
         sequence = response.sequences[0]
         return TokensWithLogprobs(
             sequence.tokens, sequence.logprobs, sequence.stop_reason, sequence.sequence_id

@@ -14,8 +14,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from posttrain.config.run import RunSettings
 from posttrain.errors import DataError
 from posttrain.pipeline.data.readers import read_rows
 
@@ -42,7 +43,7 @@ def shipped_conversations() -> str:
     return str(resources.files("tinker_cookbook") / "example_data" / "conversations.jsonl")
 
 
-def load_guard(cfg: Any, training_rows: list[dict]) -> GuardSet | None:
+def load_guard(cfg: RunSettings, training_rows: list[dict]) -> GuardSet | None:
     """The run's guard set (None with guard=false): up to GUARD_ROWS conversations that are not training rows."""
     if not cfg.guard:
         return None

@@ -36,7 +36,7 @@ async def _completion_logprobs(client: tinker.SamplingClient, datum: tinker.Datu
     """
     target_tokens = datum.loss_fn_inputs["target_tokens"].data
     full_sequence = datum.model_input.append_int(int(target_tokens[-1]))
-    logprobs = await client.compute_logprobs_async(full_sequence)
+    logprobs = await client.compute_logprobs(full_sequence)
     return logprobs_after_first(logprobs, full_sequence.length)
 
 

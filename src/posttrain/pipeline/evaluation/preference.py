@@ -155,7 +155,7 @@ async def evaluate_pair_answers(
                 seed=settings.seed + i,
             )
             prompt = renderer.build_generation_prompt(rows[i]["prompt"])
-            response = await client.sample_async(prompt, num_samples=1, sampling_params=params)
+            response = await client.sample(prompt, num_samples=1, sampling_params=params)
             message, _ = renderer.parse_response(response.sequences[0].tokens)
             record.completion = renderers.get_text_content(message)
             record.extracted_answer = extract_answer(record.completion)

@@ -115,6 +115,11 @@ class Method(Protocol):
         """(dataset facts, sizes, extra summary fields) for summary.json."""
         ...
 
+    # Optional: a method made of several loops defines it; by default a method is its one loop, `train`.
+    def stages(self) -> list[TrainingStage] | None:
+        """The training loops, in order, each a phase with its own log folder (None: the one loop `train`)."""
+        return None
+
 
 @dataclass(frozen=True)
 class TrainingStage:
@@ -143,9 +148,9 @@ def stage_checkpoint(log_path: Path, key: str, stage: str) -> str:
 
 def training_stages(method: Method, ctx: RunContext) -> list[TrainingStage]:
     """The method's `stages()` when it has several loops, else its one loop (`train`) in the run's log folder."""
-    stages = getattr(method, "stages", None)
-    if callable(stages):
-        return list(stages())
+    stages = method.stages()
+    if stages is not None:
+        return list(stages)
     return [TrainingStage("training", ctx.log_path, method.total_steps, method.train, ctx.run_name)]
 
 

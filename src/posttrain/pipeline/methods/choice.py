@@ -3,19 +3,21 @@
 `task=auto`: the first method (in registry order) whose own choosing settings are given (a teacher means
 distillation, a system prompt prompt distillation, a grader rubric RL, `env=` RL, a preference model pairwise
 RL), preferring one that takes every setting given (a grader with a preference model is pairwise RL's judge);
-else the first that trains on the data's format; no data at all means the default SFT data.
+else the first that trains on the data's format; no data at all means the default SFT data. Once the method is
+known, a setting given that it does not take is refused in one line naming both (`check_method_settings`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import chz
 
+from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods import METHODS, config_class
-from posttrain.pipeline.settings import check_method_settings, given
 
 
 def choose_task(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
@@ -27,7 +29,7 @@ def choose_task(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
     return task, why
 
 
-def _auto(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
+def _auto(cfg: RunSettings, data: LoadedData | None) -> tuple[str, str]:
     settings = set(given(cfg))
     chosen = {name: [s for s in entry.chosen_by if s in settings] for name, entry in METHODS.items()}
     candidates = [name for name, by in chosen.items() if by]
@@ -48,6 +50,35 @@ def _auto(cfg: Any, data: LoadedData | None) -> tuple[str, str]:
         f"{data.source}: no training method in posttrain takes {data.format} data yet "
         f"(task= can be {', '.join(METHODS)})"
     )
+
+
+def given(cfg: RunSettings) -> list[str]:
+    """The settings that differ from their defaults."""
+    defaults = _defaults(type(cfg))
+    return [name for name in chz.chz_fields(type(cfg)) if getattr(cfg, name) != getattr(defaults, name)]
+
+
+@functools.cache
+def _defaults(cls: type) -> Any:
+    return cls()
+
+
+def check_method_settings(cfg: RunSettings, task: str) -> None:
+    """A setting given that the method does not take is refused: it would be accepted and ignored. Then what the
+    method itself requires of its settings (its config's `when_chosen`)."""
+    cls = config_class(task)
+    accepted = set(chz.chz_fields(cls)) | {"task"}
+    for name in given(cfg):
+        if name not in accepted:
+            owners = [m for m in METHODS if name in chz.chz_fields(config_class(m))]
+            if len(owners) == 1:
+                raise ConfigError(f"{name} is only used by task={owners[0]}, not task={task}; leave it out")
+            raise ConfigError(
+                f"{name} is not used by task={task} (only by task={', '.join(owners)}); leave it out"
+            )
+    when_chosen = getattr(cls, "when_chosen", None)
+    if when_chosen is not None:
+        when_chosen(cfg)
 
 
 def default_learning_rate(model_name: str, task: str) -> tuple[float, str]:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import chz
 
+from posttrain.config.checks import whole_number
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.data.pair_checks import form_confounds
 from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
-from posttrain.pipeline.methods.base import RunContext, TrainingStage
+from posttrain.pipeline.methods.base import Method, RunContext, TrainingStage
 from posttrain.pipeline.methods.options import EvalSamplingOptions
 from posttrain.pipeline.methods.sft import SupervisedOptions, supervised_settings
 from posttrain.pipeline.methods.warm_start import WarmStart
@@ -56,9 +57,7 @@ class DPOOptions:
     def check(cfg: Any) -> None:
         if cfg.dpo_beta is not None and not (isinstance(cfg.dpo_beta, int | float) and cfg.dpo_beta > 0):
             raise ConfigError(f"dpo_beta={cfg.dpo_beta!r} is not valid; expected a number > 0")
-        steps = cfg.dpo_sft_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-            raise ConfigError(f"dpo_sft_steps={steps!r} is not valid; expected an integer >= 0")
+        whole_number("dpo_sft_steps", cfg.dpo_sft_steps, 0, allow_none=True)
 
 
 @chz.chz
@@ -109,7 +108,7 @@ def check_pairs(data: LoadedData | None, task: str) -> LoadedData:
     return data
 
 
-class DPO:
+class DPO(Method):
     name: ClassVar[str] = "dpo"
     metric: ClassVar = "score"
     score_label: ClassVar[str] = "preference accuracy"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.data import LoadedData, default_train_on_what, images
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.base import Method, RunContext
 from posttrain.pipeline.methods.sft import SFTConfig, supervised_settings
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
@@ -53,7 +53,7 @@ def check_vision_model(model_name: str, source: str) -> None:
     raise ConfigError(f"{source}: image rows need a vision-language model; {model_name} is text-only{known}")
 
 
-class ImageSFT:
+class ImageSFT(Method):
     name: ClassVar[str] = "sft"
     metric: ClassVar = "score"
     score_label: ClassVar[str] = "accuracy"

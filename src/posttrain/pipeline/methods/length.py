@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import chz
 
-from posttrain.config.run import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
+from posttrain.config.run import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, RunSettings
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.methods import METHODS, Steps
+
+C = TypeVar("C", bound=RunSettings)
 
 # batch_size not given: at most this fraction of the training rows per step (one pass >= this many steps).
 MIN_STEPS_PER_EPOCH = 8
@@ -96,8 +98,8 @@ def _batch(rows: int | None, rule: Steps | None, given: int | None, min_batch: i
     )
 
 
-def resolve(cfg: Any, task: str, data: LoadedData | None) -> tuple[Any, Length]:
-    """`cfg` (a TrainConfig) with num_epochs and batch_size as the run will use them, and their length."""
+def resolve(cfg: C, task: str, data: LoadedData | None) -> tuple[C, Length]:
+    """`cfg` (the method's config) with num_epochs and batch_size as the run will use them, and their length."""
     datasets = [data, *data.others] if data is not None else []
     length = choose_length(
         sum(len(d.train) for d in datasets) if datasets else None,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import chz
 
-from posttrain.config.checks import at_least, between, not_blank
+from posttrain.config.checks import at_least, between, not_blank, whole_number
 from posttrain.errors import ConfigError
 
 # The RL losses both Tinker and the local engine implement that the RL loop takes (tinker.types.LossFnType,
@@ -59,11 +59,7 @@ class RolloutOptions:
 
     @staticmethod
     def check(cfg: Any) -> None:
-        if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or cfg.group_size < 2:
-            raise ConfigError(
-                f"group_size={cfg.group_size!r} is not valid; expected an integer >= 2 (RL advantages compare "
-                "rollouts within a group)"
-            )
+        whole_number("group_size", cfg.group_size, 2, " (RL advantages compare rollouts within a group)")
         if cfg.kl_penalty_coef is not None:
             at_least("kl_penalty_coef", cfg.kl_penalty_coef, 0)
         between("kl_discount_factor", cfg.kl_discount_factor, 0, 1)

@@ -36,7 +36,7 @@ from posttrain.config.checks import not_blank
 from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.base import Method, RunContext
 from posttrain.pipeline.methods.distillation.prompts import Messages, load_prompts, prompt_text
 from posttrain.pipeline.methods.options import (
     EvalSamplingOptions,
@@ -212,7 +212,7 @@ class PreferenceModelBuilder:
         return Model()
 
 
-class PairwiseRL:
+class PairwiseRL(Method):
     name: ClassVar[str] = "pairwise_rl"
     metric: ClassVar = "score"
     extra_models: tuple[str, ...] = ()
@@ -299,7 +299,7 @@ class PairwiseRL:
         base = self.answers.get(BASE_LABEL)
         if base is None:  # a resumed run kept the base model's rows: its greedy answers are sampled again
             base = self.answers[BASE_LABEL] = await self._answers(
-                await self.ctx.service.create_sampling_client_async(base_model=self.cfg.model_name),
+                await self.ctx.service.create_sampling_client(base_model=self.cfg.model_name),
                 BASE_LABEL,
             )
 
@@ -358,7 +358,7 @@ class PairwiseRL:
 
         async def answer(i: int, prompt: Messages) -> str | Exception:
             try:
-                response = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
+                response = await client.sample(renderer.build_generation_prompt(prompt), 1, params)
             except Exception as exc:  # noqa: BLE001 - one failed example is recorded, not the end of the evaluation
                 return exc
             return get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])

@@ -33,10 +33,10 @@ class Partner:
 
     def settings(self, ctx: RunContext) -> dict[str, Any]:
         """The episodes' partner fields: its model and renderer."""
-        from posttrain.pipeline.setup import preflight
+        from posttrain.config.renderers import answering_renderer
 
         policy = (self.policy_model, ctx.renderer_name)
-        self.renderer, source = preflight.answering_renderer(self.model, policy, "it answers in a few tokens")
+        self.renderer, source = answering_renderer(self.model, policy, "it answers in a few tokens")
         same = " (the base model itself, never trained)" if self.model == self.policy_model else ""
         ctx.say(f"partner: {self.model}{same}, greedy, renderer {self.renderer} ({source})")
         return {"partner_model": self.model, "partner_renderer_name": self.renderer}

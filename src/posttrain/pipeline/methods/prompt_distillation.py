@@ -29,7 +29,7 @@ from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.evaluation.common import SamplingSettings
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.base import Method, RunContext
 from posttrain.pipeline.methods.distillation import summary
 from posttrain.pipeline.methods.distillation.prompts import Messages, Share, load_prompts
 from posttrain.pipeline.methods.options import EvalSamplingOptions, TemperatureOptions, VerifierOptions
@@ -95,7 +95,7 @@ def first_words(text: str, n: int = BEHAVIOUR_WORDS) -> tuple[str, ...]:
     return tuple(re.findall(r"\w+", text.lower())[:n])
 
 
-class PromptDistillation:
+class PromptDistillation(Method):
     name: ClassVar[str] = "prompt_distillation"
     metric: ClassVar = "nll"
     score_label: str = "NLL of the teacher's completions"

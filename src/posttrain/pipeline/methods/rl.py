@@ -20,7 +20,7 @@ from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.envs import registry
 from posttrain.pipeline.envs.settings import EnvSettings, check_owned
 from posttrain.pipeline.methods import warm_start
-from posttrain.pipeline.methods.base import RunContext, TrainingStage
+from posttrain.pipeline.methods.base import Method, RunContext, TrainingStage
 from posttrain.pipeline.methods.options import (
     EvalSamplingOptions,
     RewardOptions,
@@ -74,7 +74,7 @@ class RLConfig(
     """Every setting of task=rl."""
 
 
-class RL:
+class RL(Method):
     metric: ClassVar = "score"
     extra_models: tuple[str, ...] = ()
 

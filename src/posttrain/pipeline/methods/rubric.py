@@ -96,13 +96,11 @@ class Judging:
 
     def settings(self, ctx: RunContext) -> dict[str, Any]:
         """The judge's part of the episode settings; says which judge, scoring and renderer."""
-        from posttrain.pipeline.setup import preflight
+        from posttrain.config.renderers import answering_renderer
 
         # P(Yes) is read at the reply's first token: a thinking judge would start with <think> there.
         why = "the reply starts with the answer" if self.mode == "probability" else None
-        renderer, source = preflight.answering_renderer(
-            self.model, (ctx.cfg.model_name, ctx.renderer_name), why
-        )
+        renderer, source = answering_renderer(self.model, (ctx.cfg.model_name, ctx.renderer_name), why)
         self.renderer = renderer
         same = " (the base model itself)" if self.model == ctx.cfg.model_name else ""
         ctx.say(f"grader: {self.model}{same}, {self.mode} scoring, renderer {renderer} ({source})")

@@ -18,7 +18,7 @@ from posttrain.config.run import RunSettings
 from posttrain.errors import ConfigError
 from posttrain.pipeline.data import LoadedData, default_train_on_what
 from posttrain.pipeline.data.formats import CHAT_FORMATS
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.base import Method, RunContext
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
@@ -93,7 +93,7 @@ class SFTConfig(RunSettings, SupervisedOptions, SFTOptions):
     """Every setting of task=sft."""
 
 
-class SFT:
+class SFT(Method):
     name: ClassVar[str] = "sft"
     metric: ClassVar = "nll"
     score_label: ClassVar[str] = "NLL"

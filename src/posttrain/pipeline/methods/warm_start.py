@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import chz
 
-from posttrain.config.checks import at_least
+from posttrain.config.checks import whole_number
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline.methods.base import RunContext, TrainingStage, stage_checkpoint
 from posttrain.util import write_jsonl
@@ -50,19 +50,14 @@ class WarmStartOptions:
 
     @staticmethod
     def check(cfg: Any) -> None:
-        if isinstance(cfg.warm_start_steps, bool) or not isinstance(cfg.warm_start_steps, int):
-            raise ConfigError(
-                f"warm_start_steps={cfg.warm_start_steps!r} is not valid; expected an integer >= 0"
-            )
-        at_least("warm_start_steps", cfg.warm_start_steps, 0)
+        whole_number("warm_start_steps", cfg.warm_start_steps, 0)
 
 
 def checked_steps(cfg: Any, environment: Any, spec: Any) -> int:
     """The run's warm_start_steps (task=rubric's settings have none), refused where the environment has no worked
     answers to show, before anything starts."""
     steps: int = getattr(cfg, "warm_start_steps", 0)
-    demonstrates = getattr(environment, "demonstrates", None)
-    if steps and not (demonstrates is not None and demonstrates(spec)):
+    if steps and not environment.demonstrates(spec):
         raise ConfigError(
             f"warm_start_steps is only used by an environment that can demonstrate its task (env=tools:search), "
             f"not env={spec}; leave it out"

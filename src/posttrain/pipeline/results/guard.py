@@ -92,8 +92,14 @@ def _check(
         "n": v["n"],
         "regressed": worse,
         # the numbers; "regressed" is this check's word
-        "text": verdict_text(v, unit, scale).rsplit(": ", 1)[0],
+        "text": f"{_mean(base, metric)} -> {_mean(trained, metric)}, "
+        + verdict_text(v, unit, scale).rsplit(": ", 1)[0],
     }
+
+
+def _mean(value: float, metric: str) -> str:
+    """A model's mean as the text shows it: an NLL in nats, a score in percent."""
+    return f"{value:.3f}" if metric == "nll" else f"{value * 100:.1f}%"
 
 
 def _paired(base: Sequence[Any], trained: Sequence[Any], value: Any) -> list[tuple[Any, Any]]:
@@ -122,7 +128,7 @@ def _model_written(rows: Sequence[Any]) -> bool:
 
 
 def guard_text(checks: Sequence[Mapping[str, Any]], length: Mapping[str, Any] | None) -> str:
-    """'no regression on the guard (general chat NLL +0.012 nats ...)' or 'REGRESSED on ...'."""
+    """'no regression on the guard (general chat NLL 1.523 -> 1.511, +0.012 nats ...)' or 'REGRESSED on ...'."""
     if not checks and not length:
         return "no guard evaluation (guard=false)"
     regressed = [c for c in checks if c["regressed"]]

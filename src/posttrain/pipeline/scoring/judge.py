@@ -120,8 +120,8 @@ class Judge:
 
     async def _odds(self, prompt: tinker.ModelInput, first: int, second: int) -> tuple[float, float]:
         one, other = await asyncio.gather(
-            self.client.compute_logprobs_async(prompt.append_int(first)),
-            self.client.compute_logprobs_async(prompt.append_int(second)),
+            self.client.compute_logprobs(prompt.append_int(first)),
+            self.client.compute_logprobs(prompt.append_int(second)),
         )
         p_one, p_other = (math.exp(lp[-1]) if lp[-1] is not None else 0.0 for lp in (one, other))
         return p_one, p_other
@@ -139,7 +139,7 @@ class Judge:
         params = tinker.SamplingParams(
             max_tokens=SAMPLED_MAX_TOKENS, temperature=0.0, stop=self.renderer.get_stop_sequences()
         )
-        out = await self.client.sample_async(prompt, num_samples=1, sampling_params=params)
+        out = await self.client.sample(prompt, num_samples=1, sampling_params=params)
         text = renderers.get_text_content(self.renderer.parse_response(out.sequences[0].tokens)[0])
         return min(1.0, max(0.0, Rubric(criterion).extract_score(text))), text
 
@@ -151,6 +151,6 @@ async def make_judge(
     from tinker_cookbook.tokenizer_utils import get_tokenizer
 
     # base_model only, never a model_path: the grader is the untrained model it names.
-    client = await service.create_sampling_client_async(base_model=model)
+    client = await service.create_sampling_client(base_model=model)
     renderer = renderers.get_renderer(renderer_name, tokenizer=get_tokenizer(model))
     return Judge(client, renderer, mode, concurrency, model)

@@ -145,7 +145,7 @@ class _EngineWatcher:
     """A thread that interrupts the run when the engine process exits.
 
     A thread, not an asyncio task: some SDK and cookbook calls block the event loop while they retry (seen: 6
-    minutes inside create_lora_training_client_async after the engine died). It interrupts the way Ctrl-C does
+    minutes inside create_lora_training_client after the engine died). It interrupts the way Ctrl-C does
     (SIGINT: asyncio cancels the run; again, while the run has not noticed, raises KeyboardInterrupt inside a
     blocking call), and `service_url` turns that into `EngineDied`.
     """
@@ -178,6 +178,38 @@ class _EngineWatcher:
 CAPABILITIES_TIMEOUT_SECONDS = 30.0
 
 
+def check_model(model_name: str, backend: preflight.Backend, available: list[str] | None) -> None:
+    """Raise `PreflightError` unless `backend` can train `model_name`.
+
+    tinker: the model must be in `available` (the service's own list) when the service answered; with
+    `available=None` (the service could not be asked) in the pinned cookbook's model table.
+    local: the model must be in `available` (what the engine serves); with `available=None` there is nothing
+    to check against and the engine itself is the judge.
+    """
+    if backend == "tinker":
+        pool = list(available) if available is not None else list(preflight.cookbook_models())
+        source = "the Tinker service" if available is not None else _cookbook_table_name()
+    elif backend == "local":
+        if available is None:
+            return
+        pool = list(available)
+        source = "the local engine"
+    else:
+        raise ValueError(f"backend must be 'tinker' or 'local', got {backend!r}")
+    if model_name in pool:
+        return
+    listed = ", ".join(pool) if pool else "(none)"
+    hint = " (or use backend=local for a model of your own)" if backend == "tinker" else ""
+    raise PreflightError(f"Model {model_name!r} is not available on {source}{hint}. Available: {listed}")
+
+
+def _cookbook_table_name() -> str:
+    from importlib import metadata
+
+    version = metadata.version("tinker-cookbook")
+    return f"tinker-cookbook {version}'s model table (the Tinker service could not be asked for its list)"
+
+
 def service_models(url: str | None) -> list[str]:
     """The models the service at `url` (None: the SDK's default Tinker URL) offers: its own
     `get_server_capabilities` list. Raises `PreflightError` (one line) when it does not answer."""
@@ -200,7 +232,7 @@ def check_served_models(url: str | None, names: Sequence[str], backend: prefligh
     """Every model the run needs (the one it trains, a teacher, a grader) must be one the service offers."""
     available = service_models(url)
     for name in dict.fromkeys(names):
-        preflight.check_model(name, backend, available)
+        check_model(name, backend, available)
 
 
 def check_models(cfg: RunSettings, backend: preflight.Backend, models: list[str]) -> str | None:
@@ -221,7 +253,7 @@ def check_models(cfg: RunSettings, backend: preflight.Backend, models: list[str]
             raise
         warning = str(exc)
     for name in dict.fromkeys(models):
-        preflight.check_model(name, backend, available)
+        check_model(name, backend, available)
     return warning
 
 

@@ -203,15 +203,15 @@ async def probe_rates(
     # length can exceed a small model's context window, which the probe's random sequence must fit in.
     length = min(PROBE_MAX_LENGTH, max(8, round(budget.mean_train_length)))
     batch = max(1, min(budget.sequences_per_step, PROBE_TRAIN_TOKENS // length))
-    training = await service.create_lora_training_client_async(base_model=model_name, rank=lora_rank)
+    training = await service.create_lora_training_client(base_model=model_name, rank=lora_rank)
     vocab = training.get_tokenizer().vocab_size
     datums = [_random_datum(rng, vocab, length) for _ in range(batch)]
     adam = tinker.AdamParams(learning_rate=1e-6)
     rates: dict[str, float] = {}
 
     async def step() -> None:
-        fwd = await training.forward_backward_async(datums, loss_fn="cross_entropy")
-        opt = await training.optim_step_async(adam)
+        fwd = training.forward_backward(datums, loss_fn="cross_entropy")
+        opt = training.optim_step(adam)  # submitted before waiting: the service runs it right after
         await fwd.result_async()
         await opt.result_async()
 
@@ -220,17 +220,17 @@ async def probe_rates(
     await step()
     rates["train_tokens_per_s"] = batch * length / (time.monotonic() - started)
 
-    sampler = await service.create_sampling_client_async(base_model=model_name)
+    sampler = await service.create_sampling_client(base_model=model_name)
     prompt = tinker.ModelInput.from_ints([rng.randrange(vocab) for _ in range(length)])
     started = time.monotonic()
-    await asyncio.gather(*(sampler.compute_logprobs_async(prompt) for _ in range(8)))
+    await asyncio.gather(*(sampler.compute_logprobs(prompt) for _ in range(8)))
     rates["prefill_tokens_per_s"] = 8 * length / (time.monotonic() - started)
 
     new_tokens = 16
     params = tinker.SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0)
     started = time.monotonic()
     replies = await asyncio.gather(
-        *(sampler.sample_async(prompt, num_samples=1, sampling_params=params) for _ in range(16))
+        *(sampler.sample(prompt, num_samples=1, sampling_params=params) for _ in range(16))
     )
     produced = sum(len(r.sequences[0].tokens) for r in replies)
     rates["sample_tokens_per_s"] = produced / (time.monotonic() - started)
@@ -262,7 +262,7 @@ async def _turn_latency(
         started = time.monotonic()
         replies = await asyncio.gather(
             *(
-                sampler.sample_async(prompt, num_samples=1, sampling_params=params)
+                sampler.sample(prompt, num_samples=1, sampling_params=params)
                 for _ in range(max(1, min(turns.concurrency, PROBE_MAX_CONCURRENCY)))
             )
         )

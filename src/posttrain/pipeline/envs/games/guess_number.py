@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from posttrain.pipeline.envs.base import (
     EnvContext,
+    Environment,
     Episode,
     ProblemSet,
     n_eval,
@@ -60,7 +61,7 @@ def _make_env(problem: dict, ctx: EnvContext) -> Env:
     return GuessNumberEnv(int(problem["target"]), ctx.renderer)
 
 
-class GuessNumber:
+class GuessNumber(Environment):
     tag = "guess_number"
     score_label = "win rate"
     noun = "games"
@@ -116,6 +117,3 @@ class GuessNumber:
 
     def score(self, rows: Sequence[RLExample]) -> float:
         return sum(1 for r in rows if r.correct) / len(rows) if rows else float("nan")
-
-    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
-        return {}

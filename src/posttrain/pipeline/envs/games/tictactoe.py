@@ -53,6 +53,7 @@ from tinker_cookbook.rl.types import Action, ActionExtra, EnvGroupBuilder, StepR
 
 from posttrain.pipeline.envs.base import (
     EnvContext,
+    Environment,
     Episode,
     ProblemSet,
     n_eval,
@@ -399,7 +400,7 @@ def _self_play_games(n_train: int, n_eval: int, seed: int) -> ProblemSet:
     return ProblemSet(train, against_random.eval, info)
 
 
-class TicTacToe:
+class TicTacToe(Environment):
     tag = "tic_tac_toe"
     score_label = "win rate"
     noun = "games"
@@ -448,6 +449,3 @@ class TicTacToe:
 
     def score(self, rows: Sequence[RLExample]) -> float:
         return sum(1 for r in rows if r.correct) / len(rows) if rows else float("nan")
-
-    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
-        return {}

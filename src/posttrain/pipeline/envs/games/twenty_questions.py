@@ -25,7 +25,15 @@ import chz
 
 from posttrain.config.checks import not_blank
 from posttrain.errors import ConfigError
-from posttrain.pipeline.envs.base import EnvContext, Episode, ProblemSet, n_eval, n_train, problem_group
+from posttrain.pipeline.envs.base import (
+    EnvContext,
+    Environment,
+    Episode,
+    ProblemSet,
+    n_eval,
+    n_train,
+    problem_group,
+)
 
 if TYPE_CHECKING:
     from tinker_cookbook.renderers import Message
@@ -82,7 +90,7 @@ def _make_env(problem: dict, ctx: EnvContext) -> Env:
     return TwentyQuestionsEnv(ctx.partner, problem["secret"], ctx.renderer)
 
 
-class TwentyQuestions:
+class TwentyQuestions(Environment):
     tag = "twenty_questions"
     score_label = "win rate"
     noun = "games"

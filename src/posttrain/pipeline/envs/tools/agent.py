@@ -38,10 +38,12 @@ from tinker_cookbook.renderers.base import ToolCall
 from tinker_cookbook.rl.types import Env, EnvGroupBuilder
 from tinker_cookbook.tool_use import build_agent_tool_env
 
+from posttrain.config.renderers import resolve_renderer
 from posttrain.errors import ConfigError
 from posttrain.pipeline.envs.base import (
     EVAL_SEED_OFFSET,
     EnvContext,
+    Environment,
     Episode,
     ProblemSet,
     mean_score,
@@ -257,20 +259,18 @@ def make_env(problem: dict, ctx: EnvContext) -> Env:
     return env
 
 
-class ToolUse:
+class ToolUse(Environment):
     tag = "tools"
     score_label = "accuracy"
     noun = "problems"
     takes_verifier = True
 
     def problems(self, spec: EnvSpec, cfg: ProblemSettings, data: LoadedData | None) -> ProblemSet:
-        from posttrain.pipeline.setup import preflight
-
         corpus, retriever = getattr(cfg, "corpus", None), getattr(cfg, "retriever", None)
         if spec.variant != "search" and data is not None:
             raise ConfigError(f"env={spec} makes its own problems; leave dataset= out")
         # A renderer with no tool-call format is refused now, before the engine starts.
-        check_renderer(preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0], spec)
+        check_renderer(resolve_renderer(cfg.model_name, cfg.renderer_name)[0], spec)
         turns, tools = max_turns(spec), tool_set(spec)
         if corpus is not None or data is not None:  # env=tools:search over the user's corpus
             path = Path(corpus).expanduser().resolve() if corpus is not None else None
@@ -351,9 +351,6 @@ class ToolUse:
 
     def score(self, rows: Sequence[RLExample]) -> float:
         return mean_score(rows)
-
-    def summary(self, rows: dict[str, list[RLExample]]) -> dict[str, Any]:
-        return {}
 
 
 def _tool_replies(logs: dict[str, Any]) -> str:

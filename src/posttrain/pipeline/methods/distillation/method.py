@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 
 import tinker
 
+from posttrain.config.renderers import resolve_renderer
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.data.sources import teacher_models
-from posttrain.pipeline.methods.base import RunContext
+from posttrain.pipeline.methods.base import Method, RunContext
 from posttrain.pipeline.methods.distillation import off_policy, on_policy, summary
 from posttrain.pipeline.methods.distillation.held_out import HeldOut
 from posttrain.pipeline.methods.distillation.prompts import Share, load_prompts, pooled, split_evenly
@@ -21,12 +22,11 @@ from posttrain.pipeline.methods.distillation.teachers import (
     check_same_tokenizer,
     check_teacher_found,
 )
-from posttrain.pipeline.setup import preflight
 from posttrain.pipeline.setup.plan import TokenBudget
 from posttrain.util import write_jsonl
 
 
-class Distillation:
+class Distillation(Method):
     name: ClassVar[str] = "distillation"
     metric: ClassVar = "nll"
     score_label: str = "NLL of the teacher's completions"
@@ -48,8 +48,8 @@ class Distillation:
         for teacher in named:
             check_teacher_found(teacher)
             # An explicit renderer_name is the chat format of all; otherwise each model's recommended one.
-            student_renderer = preflight.resolve_renderer(cfg.model_name, cfg.renderer_name)[0]
-            teacher_renderer = cfg.renderer_name or preflight.resolve_renderer(teacher, None)[0]
+            student_renderer = resolve_renderer(cfg.model_name, cfg.renderer_name)[0]
+            teacher_renderer = cfg.renderer_name or resolve_renderer(teacher, None)[0]
             check_same_tokenizer(cfg.model_name, teacher, student_renderer, teacher_renderer)
         self.task_accuracy: dict[str, float] = {}
         self.trace_counts: dict[str, list[int]] = {}

@@ -12,6 +12,7 @@ import tinker
 from tinker_cookbook import renderers
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
+from posttrain.config.renderers import resolve_renderer
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline.evaluation.common import SamplingSettings, bounded_gather
 from posttrain.pipeline.methods.base import RunContext
@@ -94,14 +95,12 @@ async def resolve_teacher(ctx: RunContext, teacher_model: str) -> Teacher:
         return Teacher(teacher_model, None)
     rest = ctx.service.create_rest_client()
     try:
-        run = await rest.get_training_run_by_tinker_path_async(teacher_model)
+        run = await rest.get_training_run_by_tinker_path(teacher_model)
     except Exception as exc:  # noqa: BLE001 - unknown path, malformed path, service error: one line
         raise ConfigError(
             f"teacher_model={teacher_model}: cannot find this checkpoint ({short_error(exc)})"
         ) from None
-    renderer = (run.user_metadata or {}).get("renderer_name") or preflight.resolve_renderer(
-        run.base_model, None
-    )[0]
+    renderer = (run.user_metadata or {}).get("renderer_name") or resolve_renderer(run.base_model, None)[0]
     check_same_tokenizer(
         ctx.cfg.model_name,
         run.base_model,
@@ -115,7 +114,7 @@ async def resolve_teacher(ctx: RunContext, teacher_model: str) -> Teacher:
 async def teacher_client(ctx: RunContext, teacher: Teacher, setting: str) -> tinker.SamplingClient:
     """The teacher's sampling client; `setting` is how the user named the teacher, for a one-line refusal."""
     try:
-        return await ctx.service.create_sampling_client_async(
+        return await ctx.service.create_sampling_client(
             base_model=teacher.base_model, model_path=teacher.checkpoint
         )
     except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint of a model this engine does not serve
@@ -141,7 +140,7 @@ async def sample_completions(
             seed=settings.seed + i,
         )
         try:
-            out = await client.sample_async(renderer.build_generation_prompt(prompt), 1, params)
+            out = await client.sample(renderer.build_generation_prompt(prompt), 1, params)
         except Exception:  # noqa: BLE001 - a failed prompt is dropped from the traces, not the run
             return ""
         return renderers.get_text_content(renderer.parse_response(out.sequences[0].tokens)[0]).strip()
@@ -180,13 +179,13 @@ async def reverse_kl(
             seed=settings.seed + i,
         )
         try:
-            seq = (await student.sample_async(model_input, 1, params)).sequences[0]
+            seq = (await student.sample(model_input, 1, params)).sequences[0]
             if not seq.tokens or seq.logprobs is None:
                 return 0.0, 0
             full = model_input
             for token in seq.tokens:
                 full = full.append_int(token)
-            teacher_lp = (await teacher.compute_logprobs_async(full))[-len(seq.tokens) :]
+            teacher_lp = (await teacher.compute_logprobs(full))[-len(seq.tokens) :]
             diff = np.array(seq.logprobs, dtype=np.float64) - np.array(teacher_lp, dtype=np.float64)
             return float(diff.sum()), len(seq.tokens)
         except Exception:  # noqa: BLE001 - a failed prompt is left out of the estimate

@@ -19,7 +19,7 @@ from posttrain.config.run import RunSettings
 from posttrain.pipeline.data import LoadedData
 from posttrain.pipeline.evaluation.common import SamplingSettings
 from posttrain.pipeline.evaluation.preference import PreferenceEvaluation
-from posttrain.pipeline.methods.base import RunContext, TrainingStage
+from posttrain.pipeline.methods.base import Method, RunContext, TrainingStage
 from posttrain.pipeline.methods.dpo import (
     SFT_TRAIN_ON_WHAT,
     check_pairs,
@@ -56,7 +56,7 @@ class RLHFConfig(
     """Every setting of task=rlhf: its SFT and reward-model stages' and its RL stage's."""
 
 
-class RLHF:
+class RLHF(Method):
     name: ClassVar[str] = "rlhf"
     metric: ClassVar = "score"
     score_label: ClassVar[str] = "preference accuracy"

@@ -49,7 +49,7 @@ async def evaluate(stages: Stages) -> dict[str, Any]:
 
     ctx = stages.ctx
     path = stages.checkpoint("reward_model", "sampler_path")
-    client = await ctx.service.create_sampling_client_async(model_path=path)
+    client = await ctx.service.create_sampling_client(model_path=path)
     model = PreferenceModelFromChatRenderer(ctx.renderer, client)
 
     async def judge(i: int, row: dict) -> tuple[int, int]:
