@@ -1,4 +1,4 @@
-"""Checks before any compute is spent: credentials (.env), model availability, renderer choice, redaction.
+"""Checks before any compute is spent: credentials (.env), the cookbook's model table, the tokenizer, reachability.
 
 - `load_env(dotenv_path)` loads `.env` (never overriding a variable the environment already sets to a non-empty
   value) and reports which of the three spec variables are set -- booleans, never values.
